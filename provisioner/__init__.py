@@ -1,0 +1,1 @@
+"""provisioner: hardened Debian servers for Node.js apps, deployed and rolled back safely."""
