@@ -1,0 +1,1 @@
+"""Invoke namespace: thin tasks that parse flags and call the engine; `tasks.py` exposes it."""

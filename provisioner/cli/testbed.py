@@ -1,0 +1,97 @@
+"""`invoke testbed.*`: local Debian test servers (see provisioner/testbed)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from invoke import Collection, Exit, task
+
+from provisioner import testbed as tb
+
+
+def _guard(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except tb.TestbedError as e:
+        raise Exit(f"testbed: {e}", code=e.exit_code) from None
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@task(help={"count": "extra benchmark servers bench01..benchNN (default 0)"})
+def up(c, count=0):
+    """Build (once) and boot the local test servers; a second run changes nothing."""
+    r = _guard(tb.up, int(count), log=_say)
+    what = (f"created {', '.join(r.created)}" if r.created else "no server created") + "; " + \
+           (f"started {', '.join(r.started)}" if r.started else "all servers already running")
+    print(f"testbed up in {r.seconds:.1f} s ({what})")
+    _print_status()
+
+
+@task
+def down(c):
+    """Stop and remove every test server, the proxies and the bridge (idempotent)."""
+    done = _guard(tb.down, log=_say)
+    print("\n".join(done) if done else "testbed already down")
+
+
+def _print_status() -> None:
+    rows = _guard(tb.status)
+    print(f"{'server':<10} {'address':<15} {'state':<8} {'ssh':<4} {'memory':>9}  network")
+    for r in rows:
+        mem = f"{r.memory_mib:.0f} MiB" if r.memory_mib else "-"
+        print(f"{r.name:<10} {r.address:<15} {r.state:<8} {'yes' if r.ssh else 'no':<4} {mem:>9}  "
+              f"{'CUT' if r.cut else 'ok'}")
+    print(f"ssh: ssh -i {tb.key_path()} -o UserKnownHostsFile={tb.known_hosts_path()} "
+          "-o StrictHostKeyChecking=yes root@ADDRESS")
+
+
+@task
+def status(c):
+    """One line per test server: address, state, SSH answering, memory, network."""
+    _print_status()
+
+
+@task(help={"name": "server name, e.g. web1", "command": "run this instead of a login shell"})
+def ssh(c, name, command=""):
+    """A root shell inside a server without SSH (nsenter): works after hardening closed root login."""
+    argv = _guard(tb.shell_argv, name, ["/bin/bash", "-lc", command] if command else None)
+    os.execvp(argv[0], argv)
+
+
+@task(help={"name": "server name"})
+def stop(c, name):
+    """Shut one server down cleanly (its disk stays)."""
+    print(f"stopped {name}" if _guard(tb.stop, name) else f"{name} was not running")
+
+
+@task(help={"name": "server name"})
+def start(c, name):
+    """Boot a stopped server again and wait for its sshd."""
+    print(f"started {name}" if _guard(tb.start, name) else f"{name} was already running")
+
+
+@task(help={"name": "server name"})
+def reset(c, name):
+    """Replace one server with a fresh, never-provisioned one (new host keys)."""
+    _guard(tb.reset, name, log=_say)
+    print(f"{name} is fresh")
+
+
+@task(help={"name": "server name"})
+def cut(c, name):
+    """Drop a server's network (fault tests); `testbed.heal` restores it."""
+    _guard(tb.cut, name)
+    print(f"{name}: network cut")
+
+
+@task(help={"name": "server name"})
+def heal(c, name):
+    """Restore a server's network after `testbed.cut`."""
+    _guard(tb.heal, name)
+    print(f"{name}: network restored")
+
+
+ns = Collection("testbed", up, down, status, ssh, stop, start, reset, cut, heal)

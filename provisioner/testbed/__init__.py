@@ -1,0 +1,251 @@
+"""Local test servers: real Debian 12 with systemd as PID 1, each with its own address and sshd,
+booted with systemd-nspawn on a host bridge. See shared/TESTBED-NOTES.md for the checked facts.
+
+    up(count)      base image (cached), bridge, proxies, servers; twice is a no-op
+    down()         stops what the testbed started (by PID), removes servers and interfaces
+    status()       one row per server
+    stop/start/reset/cut/heal(name), shell(name)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import base as base_image
+from . import network, servers
+from .config import CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
+
+__all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cut", "heal",
+           "shell_argv", "key_path", "known_hosts_path"]
+
+TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
+         "nsenter": "util-linux", "setpriv": "util-linux", "ssh-keygen": "openssh-client",
+         "tinyproxy": "tinyproxy", "apt-cacher-ng": "apt-cacher-ng", "mount": "mount"}
+MIN_FREE_GIB = 2
+
+
+def key_path():
+    return STATE_DIR / "id_ed25519"
+
+
+def known_hosts_path():
+    return STATE_DIR / "known_hosts"
+
+
+def preflight(lay: Layout) -> None:
+    """Everything that can be checked before anything is created."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("the testbed needs root (it mounts overlays, makes a bridge, boots "
+                        "containers): run it as root, e.g. `sudo invoke testbed.up`")
+    missing = sorted({pkg for tool, pkg in TOOLS.items()
+                      if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}")})
+    if missing:
+        problems.append(f"missing tools; install them with `apt-get install -y {' '.join(missing)}`")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True) if os.geteuid() == 0 else None
+    probe = CACHE_DIR if CACHE_DIR.exists() else CACHE_DIR.parent
+    free = shutil.disk_usage(probe).free / 2**30
+    if free < MIN_FREE_GIB:
+        problems.append(f"only {free:.1f} GiB free at {probe}; the testbed needs {MIN_FREE_GIB} GiB "
+                        "(free space or set PROVISIONER_TESTBED_CACHE to a larger disk)")
+    if not problems:
+        network.check_subnet(lay)
+    if problems:
+        raise TestbedError("cannot start the testbed:\n  - " + "\n  - ".join(problems))
+
+
+def _ensure_key() -> str:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    if not key_path().exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "provisioner-testbed",
+                        "-f", str(key_path())], check=True)
+    return key_path().with_suffix(".pub").read_text()
+
+
+def _registry_settings() -> dict:
+    """The npm registry and pip index this machine is configured with, read at run time."""
+    out = {}
+    if shutil.which("npm"):
+        r = subprocess.run(["npm", "config", "get", "registry"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip().startswith("http"):
+            out["npm_registry"] = r.stdout.strip()
+    index = os.environ.get("PIP_INDEX_URL")
+    if not index:
+        r = subprocess.run(["python3", "-m", "pip", "config", "get", "global.index-url"],
+                           capture_output=True, text=True)
+        index = r.stdout.strip() if r.returncode == 0 else ""
+    if index.startswith("http"):
+        out["pip_index"] = index
+    return out
+
+
+def _write_known_hosts(lay: Layout) -> None:
+    lines = [f"{s.address} {key}" for s in lay.servers if servers.server_dir(s.name).exists()
+             for key in servers.host_keys(s.name)]
+    tmp = known_hosts_path().with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(known_hosts_path())
+
+
+def _save_layout(lay: Layout) -> None:
+    (STATE_DIR / "layout.json").write_text(json.dumps(
+        {"subnet": str(lay.subnet), "gateway": lay.gateway,
+         "servers": [{"name": s.name, "address": s.address} for s in lay.servers]}, indent=1) + "\n")
+
+
+def current_layout(count: int | None = None) -> Layout:
+    """The layout of the running testbed (bench servers included) or, if none, the default."""
+    if count is None:
+        try:
+            saved = json.loads((STATE_DIR / "layout.json").read_text())
+            count = sum(1 for s in saved["servers"] if s["name"].startswith("bench"))
+        except (OSError, ValueError, KeyError):
+            count = 0
+    return layout(count)
+
+
+@dataclass
+class UpReport:
+    created: list[str]
+    started: list[str]
+    seconds: float
+    base_seconds: float
+
+
+def up(count: int = 0, log=print) -> UpReport:
+    t0 = time.monotonic()
+    lay = layout(count)
+    preflight(lay)
+    pub = _ensure_key()
+    base = base_image.ensure_base(log)
+    base_seconds = time.monotonic() - t0
+    network.bridge_up(lay)
+    network.proxies_up(lay)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    wanted = {s.name for s in lay.servers}
+    for name in servers.existing():              # bench servers no longer asked for
+        if name not in wanted:
+            servers.destroy(name)
+    todo = [s for s in lay.servers if not servers.is_created(s, base)]
+    registry = _registry_settings() if todo else {}
+    with ThreadPoolExecutor(max_workers=8) as pool:   # host keys: CPU-bound ssh-keygen
+        list(pool.map(lambda s: servers.create(s, lay, base, pub, registry), todo))
+    _write_known_hosts(lay)
+    _save_layout(lay)
+    started = [s.name for s in lay.servers if servers.start(s.name, base)]
+    late = servers.wait_ssh(list(lay.servers), timeout=90)
+    if late:
+        raise TestbedError(f"servers did not answer on SSH within 90 s: {', '.join(late)}; "
+                           f"see {RUN_DIR}/<name>/console.log")
+    base_image.prune_bases(base)
+    return UpReport([s.name for s in todo], started, time.monotonic() - t0, base_seconds)
+
+
+def down(log=print) -> list[str]:
+    """Stop and remove every server, the proxies and the bridge. Idempotent."""
+    done = []
+    names = servers.existing()
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(names)))) as pool:
+        for name, stopped in zip(names, pool.map(servers.stop, names)):
+            done.append(f"stopped {name}" if stopped else f"removed {name}")
+    for name in names:
+        servers.destroy(name)
+    done += [f"stopped {p}" for p in network.proxies_down()]
+    if network.bridge_down():
+        done.append(f"removed bridge {network.BRIDGE}")
+    (STATE_DIR / "layout.json").unlink(missing_ok=True)
+    return done
+
+
+@dataclass
+class ServerStatus:
+    name: str
+    address: str
+    state: str           # running / stopped / absent
+    ssh: bool
+    memory_mib: float | None
+    cut: bool
+
+
+def status() -> list[ServerStatus]:
+    lay = current_layout()
+    rows = []
+    answering = set(s.name for s in lay.servers) - set(servers.wait_ssh(list(lay.servers), 0))
+    for s in lay.servers:
+        if not servers.server_dir(s.name).exists():
+            rows.append(ServerStatus(s.name, s.address, "absent", False, None, False))
+            continue
+        running = servers.supervisor_pid(s.name) is not None
+        mem = servers.memory_kib(s.name) if running else None
+        rows.append(ServerStatus(s.name, s.address, "running" if running else "stopped",
+                                 s.name in answering, mem / 1024 if mem else None, _is_cut(s.name)))
+    return rows
+
+
+def _server(name: str) -> ServerSpec:
+    return current_layout().server(name)
+
+
+def stop(name: str) -> bool:
+    _server(name)
+    return servers.stop(name)
+
+
+def start(name: str) -> bool:
+    spec = _server(name)
+    base = base_image.base_path()
+    if not servers.is_created(spec, base):
+        raise TestbedError(f"{name} does not exist yet (or is outdated): run `invoke testbed.up`")
+    started = servers.start(name, base)
+    if servers.wait_ssh([spec], timeout=60):
+        raise TestbedError(f"{name} did not answer on SSH within 60 s; see {servers.server_dir(name)}/console.log")
+    return started
+
+
+def reset(name: str, log=print) -> None:
+    """Replace one server with a never-provisioned one (new host keys too)."""
+    lay = current_layout()
+    spec = lay.server(name)
+    base = base_image.ensure_base(log)
+    servers.destroy(name)
+    servers.create(spec, lay, base, _ensure_key(), _registry_settings())
+    _write_known_hosts(lay)
+    servers.start(name, base)
+    if servers.wait_ssh([spec], timeout=60):
+        raise TestbedError(f"{name} did not answer on SSH within 60 s after reset")
+
+
+def _is_cut(name: str) -> bool:
+    r = network.ip("-j", "link", "show", servers.host_interface(name), check=False)
+    return r.returncode == 0 and json.loads(r.stdout)[0].get("master") != network.BRIDGE
+
+
+def _running_iface(name: str) -> str:
+    _server(name)
+    if servers.init_pid(name) is None:
+        raise TestbedError(f"{name} is not running: `invoke testbed.start {name}`")
+    return servers.host_interface(name)
+
+
+def cut(name: str) -> None:
+    """Take the server off the bridge: packets to and from it are dropped, as on a pulled cable,
+    while its own link and address stay up so that `heal` restores it exactly."""
+    network.ip("link", "set", _running_iface(name), "nomaster")
+
+
+def heal(name: str) -> None:
+    network.ip("link", "set", _running_iface(name), "master", network.BRIDGE)
+
+
+def shell_argv(name: str, command: list[str] | None = None) -> list[str]:
+    """A root shell inside the server without SSH (works after hardening closed root login)."""
+    _server(name)
+    pid = servers.init_pid(name)
+    if pid is None:
+        raise TestbedError(f"{name} is not running: `invoke testbed.start {name}`")
+    return ["nsenter", "-t", str(pid), "-a", "--", *(command or ["/bin/bash", "-l"])]

@@ -1,0 +1,126 @@
+"""The base root file system every test server is an overlay of: built once, cached by recipe.
+
+The recipe's hash names the cache folder, so changing the package list (or the host's CA bundle,
+which the servers must trust) builds a new base and never reuses a stale one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .config import CACHE_DIR, TestbedError
+
+SUITE = "bookworm"
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo",
+            "ca-certificates", "iproute2")
+RECIPE_VERSION = 3   # bump when the post-build configuration below changes
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def host_apt_sources() -> list[dict[str, str]]:
+    """The host's own deb822 apt sources: the mirrors this machine is configured to use."""
+    stanzas = []
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for block in re.split(r"\n\s*\n", f.read_text()):
+            fields = {}
+            for line in block.splitlines():
+                m = re.match(r"^([A-Za-z-]+):\s*(.*)$", line)
+                if m:
+                    fields[m.group(1)] = m.group(2).strip()
+            if fields.get("Types") and fields.get("URIs") and fields.get("Enabled", "yes") != "no":
+                stanzas.append(fields)
+    return stanzas
+
+
+def mirror() -> str:
+    for s in host_apt_sources():
+        if SUITE in s.get("Suites", "").split() and "main" in s.get("Components", "").split():
+            return s["URIs"].split()[0]
+    raise TestbedError("no Debian mirror for 'bookworm main' in /etc/apt/sources.list.d/*.sources; "
+                       "configure this machine's apt first (the testbed reads its mirror there)")
+
+
+def recipe() -> dict:
+    ca = HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.exists() else b""
+    return {"suite": SUITE, "variant": "minbase", "packages": PACKAGES,
+            "version": RECIPE_VERSION, "host_ca": hashlib.sha256(ca).hexdigest()}
+
+
+def base_path() -> Path:
+    digest = hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+    return CACHE_DIR / f"base-{digest}"
+
+
+def ensure_base(log) -> Path:
+    """Return the cached base, building it first if its recipe is new. Crash-safe: a half-built
+    base is a `.tmp` folder that is thrown away, never used."""
+    final = base_path()
+    marker = final.with_name(final.name + ".recipe.json")
+    if marker.exists() and final.is_dir():
+        return final
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.monotonic()
+    log(f"building the base image (debootstrap {SUITE}, once; about a minute) in {final}")
+    cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, str(tmp), mirror()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TestbedError(f"debootstrap failed (exit {proc.returncode}):\n{tail}")
+    _configure(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    marker.write_text(json.dumps(recipe(), indent=1) + "\n")
+    log(f"base image built in {time.monotonic() - started:.0f} s")
+    return final
+
+
+def prune_bases(keep: Path) -> None:
+    """Drop bases of older recipes, once no server is an overlay of them any more."""
+    for old in CACHE_DIR.glob("base-*"):
+        if not old.name.startswith(keep.name):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _configure(root: Path) -> None:
+    """Make the tree a neutral template; per-server identity is written into each overlay."""
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()                       # every server gets its own host keys
+    (root / "etc/machine-id").write_text("")
+    (root / "etc/hostname").write_text("debian\n")
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("# no DNS on the test network: packages go through the proxy\n")
+    # systemd-networkd reads the address file each server gets, before and after reboots.
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    unit = root / "lib/systemd/system/systemd-networkd.service"
+    (wants / "systemd-networkd.service").symlink_to("/lib/systemd/system/systemd-networkd.service")
+    if not unit.exists():
+        raise TestbedError("the base has no systemd-networkd.service; the recipe needs updating")
+    # The host's apt sources, so servers use the same mirrors as this machine (through the proxy).
+    (root / "etc/apt/sources.list").write_text("")
+    for f in Path("/etc/apt/sources.list.d").glob("*.sources"):
+        shutil.copy(f, root / "etc/apt/sources.list.d" / f.name)
+    # Local CAs this machine trusts but Debian's bundle does not: HTTPS to the registries is
+    # re-signed by one here, and npm/pip fail without it.
+    own = {c for f in (root / "usr/share/ca-certificates").rglob("*.crt") for c in _certs(f.read_text())}
+    extra = [c for c in _certs(HOST_CA_BUNDLE.read_text())
+             if c not in own] if HOST_CA_BUNDLE.exists() else []
+    local = root / "usr/local/share/ca-certificates"
+    local.mkdir(parents=True, exist_ok=True)
+    for i, cert in enumerate(extra):
+        (local / f"testbed-host-{i}.crt").write_text(cert)
+    if extra:
+        subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
+    subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True, capture_output=True)
+
+
+def _certs(bundle: str) -> list[str]:
+    return [c + "\n" for c in re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", bundle, re.S)]

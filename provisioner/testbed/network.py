@@ -1,0 +1,129 @@
+"""The test network: one host bridge and the two package proxies listening on its host side.
+
+No NAT and no forwarding: servers reach the package registries only through the proxies.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import time
+
+from . import procs
+from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, STATE_DIR, Layout, TestbedError
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise TestbedError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+def interfaces() -> list[dict]:
+    return json.loads(ip("-j", "addr", "show").stdout)
+
+
+def check_subnet(lay: Layout) -> None:
+    """Refuse a subnet that overlaps an address this machine already uses (other than ours)."""
+    for iface in interfaces():
+        if iface["ifname"] == BRIDGE:
+            continue
+        for a in iface.get("addr_info", []):
+            if a.get("family") != "inet":
+                continue
+            net = ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+            if net.overlaps(lay.subnet):
+                raise TestbedError(
+                    f"the test subnet {lay.subnet} clashes with {a['local']}/{a['prefixlen']} on "
+                    f"{iface['ifname']}; move the hosts of inventories/local.yml to a free private "
+                    "/24 (for example 10.77.0.0/24) and run again")
+
+
+def bridge_up(lay: Layout) -> None:
+    cidr = f"{lay.gateway}/{lay.subnet.prefixlen}"
+    if ip("link", "show", BRIDGE, check=False).returncode != 0:
+        ip("link", "add", BRIDGE, "type", "bridge")
+    addrs = {f"{a['local']}/{a['prefixlen']}" for i in interfaces() if i["ifname"] == BRIDGE
+             for a in i.get("addr_info", []) if a.get("family") == "inet"}
+    for stale in addrs - {cidr}:          # a crashed run with another subnet
+        ip("addr", "del", stale, "dev", BRIDGE)
+    if cidr not in addrs:
+        ip("addr", "add", cidr, "dev", BRIDGE)
+    ip("link", "set", BRIDGE, "up")
+
+
+def bridge_down() -> bool:
+    if ip("link", "show", BRIDGE, check=False).returncode != 0:
+        return False
+    ip("link", "del", BRIDGE)
+    return True
+
+
+def _wait_port(host: str, port: int, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{what} did not start listening on {host}:{port}; "
+                                   f"see {STATE_DIR / 'logs'}") from None
+            time.sleep(0.05)
+
+
+def proxies_up(lay: Layout) -> None:
+    run = STATE_DIR / "run"
+    logs = STATE_DIR / "logs"
+    run.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+
+    conf = run / "tinyproxy.conf"
+    conf.write_text("\n".join([
+        "User nobody", "Group nogroup",
+        f"Port {PROXY_PORT}", f"Listen {lay.gateway}", "Timeout 600",
+        f"Allow {lay.subnet}",
+        "ConnectPort 443",
+        "MaxClients 200",
+        "LogLevel Warning",
+        f"LogFile \"/tmp/provisioner-testbed-tinyproxy-{BRIDGE}.log\"",   # must be writable by nobody
+        "DisableViaHeader Yes", ""]))
+    pidfile = run / "tinyproxy.pid"
+    if procs.running(pidfile, str(conf)) is None:
+        procs.spawn(["tinyproxy", "-d", "-c", str(conf)], logs / "tinyproxy.log", pidfile)
+    _wait_port(lay.gateway, PROXY_PORT, "tinyproxy")
+
+    # apt-cacher-ng keeps downloaded .debs under the shared cache, across runs and checkouts.
+    cache = CACHE_DIR / "apt-cacher-ng"
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(cache)], check=True)
+    acng_logs = run / "apt-cacher-ng-logs"
+    acng_logs.mkdir(exist_ok=True)
+    subprocess.run(["chown", "nobody:nogroup", str(acng_logs)], check=True)
+    # Its own config folder: Debian's holds a root-only security.conf, and clients name the full
+    # mirror URL (proxy mode), so no backend remapping is needed.
+    acng_conf = run / "apt-cacher-ng-conf"
+    acng_conf.mkdir(exist_ok=True)
+    (acng_conf / "acng.conf").write_text("# settings are passed on the command line\n")
+    pidfile = run / "apt-cacher-ng.pid"
+    marker = f"BindAddress={lay.gateway}"
+    if procs.running(pidfile, marker) is None:
+        procs.spawn(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                     "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
+                     marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
+                     "SocketPath=", "ReportPage=", "ExThreshold=0",
+                     # Pass HTTPS through unchanged (CONNECT) instead of refusing it.
+                     "PassThroughPattern=.*"],
+                    logs / "apt-cacher-ng.log", pidfile)
+    _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng")
+
+
+def proxies_down() -> list[str]:
+    run = STATE_DIR / "run"
+    stopped = []
+    for name, marker in (("tinyproxy", "tinyproxy.conf"), ("apt-cacher-ng", "BindAddress=")):
+        if procs.stop(run / f"{name}.pid", marker):
+            stopped.append(name)
+    return stopped

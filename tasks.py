@@ -1,0 +1,7 @@
+"""provisioner's command line: `invoke --list` shows every task."""
+from invoke import Collection
+
+from provisioner.cli import testbed
+
+ns = Collection()
+ns.add_collection(testbed.ns)
