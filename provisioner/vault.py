@@ -85,13 +85,25 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ENV_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 
 
-class VaultError(Exception):
+try:
+    from provisioner.errors import InputError as _BadInput
+except ImportError:             # pragma: no cover - keeps this module usable on its own
+    class _BadInput(Exception):  # type: ignore[no-redef]
+        exit_code = 2
+
+
+class VaultError(_BadInput):
     """Bad input around a vault: wrong password, modified or unreadable file, no password.
 
-    The message is meant for the user as is; it never contains a secret value.
+    An ``InputError`` (exit code 2). The message is meant for the user as is; it never
+    contains a secret value.
     """
 
     exit_code = 2            # EXIT_BAD_INPUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 # --- KDFs --------------------------------------------------------------------------------
