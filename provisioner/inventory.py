@@ -1,0 +1,998 @@
+"""Inventories: `inventories/<env>.yml` -> a validated `Inventory`.
+
+Format
+------
+```yaml
+env: local                         # required; must equal the file's stem (local.yml -> local)
+known_hosts: ../.testbed/known_hosts   # required; relative to this file. Host keys are checked
+                                       # strictly against it, never accepted on first sight.
+ssh:                               # required; connection defaults for every host
+  user: root                       # required; the login user
+  bootstrap_user: null             # tried only while `user` cannot log in yet (fresh VM: root)
+  key: ../.testbed/id_ed25519      # private key, relative to this file; optional (agent/default keys)
+  port: 22                         # 1-65535
+  jump: null                       # bastion: {address: .., port: 22, user: ..} (user defaults to ssh.user)
+  connect_timeout: 10              # seconds, > 0
+  command_timeout: 900             # seconds, > 0
+  sudo_password: null              # null or a vault reference: !vault sudo_password (never plain text)
+vars: {}                           # env-level vars
+hosts:                             # required, at least one; name -> host, in the order runs use
+  web1: {address: 10.77.0.11}      # address: IP or DNS name. Optional: port, user, bootstrap_user, vars
+  db1: {address: 10.77.0.13, vars: {postgresql_max_connections: 200}}
+groups:                            # required; name -> group
+  app:
+    hosts: [web1]                  # required; names from `hosts:`
+    roles: [base]                  # applied in this order; names of folders in roles/
+    vars: {}
+```
+Names of hosts and groups: letters, digits, `.`, `_`, `-` (a host and a group may not share a
+name: `--limit` takes either). Every host must be in at least one group. Two hosts may not share
+address and port.
+
+Vars
+----
+Every var must be declared in the `defaults.yml` of some available role (any role: one group's
+role may read vars set for another, e.g. the app reading `postgresql_port`), and its value must
+have the YAML type of that default (int, float, str, bool, list, mapping; an int is accepted
+where a float is expected; a `null` default accepts anything). Precedence, lowest first:
+
+    role defaults (of the host's roles) < env `vars` < group `vars` (groups in file order,
+    later groups win) < host `vars`
+
+Merging replaces whole values per top-level var: a list or mapping var is never merged key by key.
+A host's roles are the roles of its groups, in group file order, de-duplicated keeping the
+first occurrence.
+
+Secrets
+-------
+`!vault NAME` (in vars, at any depth, or as `ssh.sudo_password`) loads as `VaultRef(NAME)`.
+`Inventory.vault_refs()` names what the vault must provide; `Inventory.resolve(secrets)` returns a
+new Inventory where every VaultRef is replaced by `secrets[NAME]`. A `!vault` reference is
+accepted wherever a var's default is a string.
+
+YAML
+----
+Plain YAML 1.1 as PyYAML reads it (anchors, aliases and `<<` merge keys work), except that a
+duplicated mapping key is an error instead of silently keeping the last one. Remember that
+YAML 1.1 reads unquoted yes/no/on/off as booleans.
+
+Errors
+------
+Every problem found is reported together in one `InputError`, each with file:line, key path
+(`groups.app.hosts[1]`), what was expected and how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import types
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Mapping, Union, get_args, get_origin
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from provisioner.errors import InputError, Problem, display_path
+from provisioner.roles import REPO_ROOT, RoleInfo, Roots, discover_roles
+
+__all__ = [
+    "VaultRef", "Jump", "Host", "Group", "Inventory", "load_inventory", "load_inventory_file",
+    "available_envs", "read_yaml", "YamlDoc",
+]
+
+ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+VAULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Vault references
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VaultRef:
+    """`!vault NAME`: a secret the vault must provide. Equal by name; the rest says where it is."""
+
+    name: str
+    file: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)
+    key: str | None = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return f"!vault {self.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------------
+
+KeyPath = tuple  # of str (mapping keys) and int (sequence indexes)
+
+_TAG = "tag:yaml.org,2002:"
+_MERGE, _MAP, _SEQ = _TAG + "merge", _TAG + "map", _TAG + "seq"
+
+
+def format_path(path: Iterable) -> str:
+    """('groups', 'app', 'hosts', 1) -> 'groups.app.hosts[1]'."""
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and re.match(r"^[A-Za-z0-9_-]+$", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+@dataclass
+class YamlDoc:
+    """A YAML file as plain data, plus the line (1-based) of every key path in it."""
+
+    path: Path
+    data: Any
+    lines: dict[KeyPath, int]
+
+    def line(self, path: Iterable) -> int | None:
+        """Line of `path`, or of its nearest ancestor present in the file."""
+        path = tuple(path)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+
+class _Builder:
+    """Turns a composed node tree into plain data, recording lines and reporting duplicates."""
+
+    def __init__(self, path: Path, loader: yaml.SafeLoader, problems: list[Problem]):
+        self.path = path
+        self.loader = loader
+        self.problems = problems
+        self.lines: dict[KeyPath, int] = {}
+
+    def problem(self, node: Node, keypath: KeyPath, message: str, fix: str) -> None:
+        self.problems.append(Problem(self.path, node.start_mark.line + 1,
+                                     format_path(keypath) or None, message, fix))
+
+    def value(self, node: Node, keypath: KeyPath, active: set[int]) -> Any:
+        if id(node) in active:
+            self.problem(node, keypath, "an alias refers to a value that contains it",
+                         "remove the recursive alias")
+            return None
+        if node.tag == "!vault":
+            return self.vault(node, keypath)
+        if isinstance(node, ScalarNode):
+            try:
+                return self.loader.construct_object(node)
+            except yaml.YAMLError:
+                self.problem(node, keypath, f"unknown YAML tag '{node.tag}'",
+                             "remove the tag; the only custom tag is `!vault NAME`")
+                return None
+        if node.tag not in (_MAP, _SEQ):
+            self.problem(node, keypath, f"unsupported YAML tag '{node.tag}'",
+                         "remove the tag; the only custom tag is `!vault NAME`")
+            return None
+        active.add(id(node))
+        try:
+            if isinstance(node, SequenceNode):
+                out = []
+                for i, item in enumerate(node.value):
+                    self.lines[keypath + (i,)] = item.start_mark.line + 1
+                    out.append(self.value(item, keypath + (i,), active))
+                return out
+            return self.mapping(node, keypath, active)
+        finally:
+            active.discard(id(node))
+
+    def vault(self, node: Node, keypath: KeyPath) -> VaultRef | None:
+        name = node.value.strip() if isinstance(node, ScalarNode) else ""
+        if not VAULT_NAME_RE.match(name):
+            self.problem(node, keypath, "`!vault` needs the name of a secret",
+                         "write `!vault NAME`, e.g. `!vault postgresql_password` (letters, digits, "
+                         "'_', '.', '-')")
+            return None
+        return VaultRef(name, str(self.path), node.start_mark.line + 1, format_path(keypath))
+
+    def mapping(self, node: MappingNode, keypath: KeyPath, active: set[int]) -> dict:
+        explicit: list[tuple[Any, Node, Node]] = []
+        merges: list[Node] = []
+        for knode, vnode in node.value:
+            if knode.tag == _MERGE:
+                sources = vnode.value if isinstance(vnode, SequenceNode) else [vnode]
+                if not all(isinstance(s, MappingNode) for s in sources):
+                    self.problem(knode, keypath, "`<<` must merge a mapping or a list of mappings",
+                                 "write `<<: *anchor` where the anchor is a mapping")
+                    continue
+                merges.extend(sources)
+                continue
+            if not isinstance(knode, ScalarNode) or knode.tag == "!vault":
+                self.problem(knode, keypath, "a key must be a plain name",
+                             "write `name: value`; keys cannot be lists, mappings or tags")
+                continue
+            try:
+                key = self.loader.construct_object(knode)
+                hash(key)
+            except (yaml.YAMLError, TypeError):
+                self.problem(knode, keypath, f"unusable key '{knode.value}'", "write a plain name")
+                continue
+            explicit.append((key, knode, vnode))
+        out: dict = {}
+        # Merged mappings first, earlier sources winning over later ones; explicit keys win over all.
+        for source in reversed(merges):
+            out.update(self.value(source, keypath, active) or {})
+        seen: dict[Any, int] = {}
+        for key, knode, vnode in explicit:
+            line = knode.start_mark.line + 1
+            if key in seen:
+                self.problem(knode, keypath + (key,),
+                             f"duplicate key '{key}' (first at line {seen[key]})",
+                             "remove or rename one of them; YAML would silently keep only the last")
+            else:
+                seen[key] = line
+            self.lines[keypath + (key,)] = line
+            out[key] = self.value(vnode, keypath + (key,), active)
+        return out
+
+
+def read_yaml(path: Path, problems: list[Problem]) -> YamlDoc | None:
+    """Read one YAML document as plain data with line numbers; `!vault NAME` -> VaultRef.
+
+    Problems (syntax, duplicate keys, unknown tags) are appended to `problems`. Returns None when
+    the file cannot be read or parsed at all; `data` is None for an empty file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(Problem(path, None, None, f"cannot read the file: {e}",
+                                "check that it exists, is readable and is UTF-8 text"))
+        return None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        problems.append(Problem(path, mark.line + 1 if mark else None, None,
+                                f"invalid YAML: {what}",
+                                "fix the syntax near that line (indentation uses spaces, not tabs; "
+                                "quote values containing ': ' or starting with special characters)"))
+        return None
+    except yaml.YAMLError as e:
+        problems.append(Problem(path, None, None, f"invalid YAML: {e}", "fix the syntax"))
+        return None
+    finally:
+        loader.dispose()
+    if root is None:
+        return YamlDoc(path, None, {(): 1})
+    builder = _Builder(path, loader, problems)
+    builder.lines[()] = root.start_mark.line + 1
+    data = builder.value(root, (), set())
+    return YamlDoc(path, data, builder.lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The typed spec (what the file must look like)
+# --------------------------------------------------------------------------------------------
+
+def _custom(kind: str, message: str, fix: str) -> PydanticCustomError:
+    # The message travels in the context: braces in user values are never read as template fields.
+    return PydanticCustomError(kind, "{message}", {"message": message, "fix": fix})
+
+
+def is_valid_address(value: str) -> bool:
+    """An IPv4/IPv6 address or a DNS name (RFC 1123 labels; the last label not all digits)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    labels = name.split(".")
+    return (0 < len(name) <= 253 and all(DNS_LABEL_RE.match(label) for label in labels)
+            and not labels[-1].isdigit())
+
+
+def _check_address(value: str) -> str:
+    if is_valid_address(value):
+        return value
+    fix = "write an IP address (10.0.0.5, 2001:db8::5) or a DNS name (web1.example.com)"
+    head, _, tail = value.rpartition(":")
+    if tail.isdigit() and head and is_valid_address(head.strip("[]")):
+        fix = f"write `address: {head.strip('[]')}` and put the port in `port: {tail}`"
+    elif "://" in value or "/" in value:
+        fix += "; no scheme or path"
+    elif value.startswith("[") and value.endswith("]"):
+        fix = f"write the IPv6 address without brackets: {value[1:-1]}"
+    raise _custom("address", f"'{value}' is not an IP address or a DNS name", fix)
+
+
+def _check_user(value: str) -> str:
+    if USER_RE.match(value):
+        return value
+    raise _custom("user", f"'{value}' is not a valid Linux user name",
+                  "use lowercase letters, digits, '_' and '-', starting with a letter or '_' "
+                  "(at most 32 characters)")
+
+
+def _check_name(value: str) -> str:
+    if NAME_RE.match(value):
+        return value
+    raise _custom("name", f"invalid name '{value}'",
+                  "use letters, digits, '.', '_' and '-' (no spaces or commas: names are used "
+                  "in --limit)")
+
+
+def _vault_only(value: Any) -> VaultRef:
+    if isinstance(value, VaultRef):
+        return value
+    raise _custom("vault_only", f"expected a vault reference, got {describe(value)}",
+                  "write `sudo_password: !vault NAME` and store the password in the vault; "
+                  "passwords never go into the inventory as plain text")
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+User = Annotated[str, AfterValidator(_check_user)]
+Name = Annotated[str, AfterValidator(_check_name)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+PathStr = Annotated[str, Field(min_length=1)]
+Vars = dict[str, Any]
+SecretRef = Annotated[VaultRef, PlainValidator(_vault_only)]
+
+
+def _f(default: Any = ..., *, expect: str, example: str, **kw: Any) -> Any:
+    return Field(default, description=expect, examples=[example], **kw)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class JumpSpec(_Spec):
+    address: Address = _f(expect="the bastion's IP address or DNS name",
+                          example="bastion.example.com")
+    port: Port = _f(22, expect="a TCP port (1-65535)", example="22")
+    user: User | None = _f(None, expect="a user name on the bastion (default: ssh.user)",
+                           example="jump")
+
+
+class SshSpec(_Spec):
+    user: User = _f(expect="the login user name", example="root")
+    bootstrap_user: User | None = _f(None, expect="a user name, or null",
+                                     example="root")
+    key: PathStr | None = _f(None, expect="a path to a private key file, relative to the inventory",
+                             example="../.testbed/id_ed25519")
+    port: Port = _f(22, expect="a TCP port (1-65535)", example="22")
+    jump: JumpSpec | None = _f(None, expect="a mapping {address, port, user}, or null",
+                               example="{address: bastion.example.com, port: 22, user: jump}")
+    connect_timeout: Seconds = _f(10, expect="a number of seconds (> 0)", example="10")
+    command_timeout: Seconds = _f(900, expect="a number of seconds (> 0)", example="900")
+    sudo_password: SecretRef | None = _f(None, expect="a vault reference `!vault NAME`, or null",
+                                         example="!vault sudo_password")
+
+
+class HostSpec(_Spec):
+    address: Address = _f(expect="the host's IP address or DNS name", example="10.0.0.5")
+    port: Port | None = _f(None, expect="a TCP port (1-65535)", example="22")
+    user: User | None = _f(None, expect="a user name (default: ssh.user)", example="admin")
+    bootstrap_user: User | None = _f(None, expect="a user name (default: ssh.bootstrap_user)",
+                                     example="root")
+    vars: Vars = _f(default_factory=dict, expect="a mapping of vars",
+                    example="{base_timezone: UTC}")
+
+
+class GroupSpec(_Spec):
+    hosts: list[str] = _f(expect="a list of host names", example="[web1, web2]")
+    roles: list[str] = _f(default_factory=list, expect="a list of role names",
+                          example="[base]")
+    vars: Vars = _f(default_factory=dict, expect="a mapping of vars",
+                    example="{base_timezone: UTC}")
+
+
+class InventorySpec(_Spec):
+    env: str = _f(expect="the environment name (the file name without .yml)", example="local")
+    known_hosts: PathStr = _f(expect="a path to the known_hosts file, relative to the inventory",
+                              example="known_hosts/prod")
+    ssh: SshSpec = _f(expect="a mapping of SSH settings", example="{user: root}")
+    vars: Vars = _f(default_factory=dict, expect="a mapping of vars",
+                    example="{base_timezone: UTC}")
+    hosts: dict[Name, HostSpec] = _f(expect="a mapping of host names to hosts (at least one)",
+                                     example="{web1: {address: 10.0.0.5}}", min_length=1)
+    groups: dict[Name, GroupSpec] = _f(expect="a mapping of group names to groups",
+                                       example="{app: {hosts: [web1], roles: [base]}}")
+
+
+# --- pydantic errors -> problems -------------------------------------------------------------
+
+_TYPE_EXPECT = {
+    "string_type": "a string", "int_type": "an integer", "float_type": "a number",
+    "bool_type": "true or false", "dict_type": "a mapping", "model_type": "a mapping",
+    "model_attributes_type": "a mapping", "list_type": "a list",
+}
+
+
+def describe(value: Any) -> str:
+    """How a YAML value reads to a user: "the string 'abc'", "an integer 5", ..."""
+    if value is None:
+        return "an empty value (null)"
+    if isinstance(value, VaultRef):
+        return f"a vault reference ({value})"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__} ({value!r})"
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _spec_at(path: KeyPath) -> tuple[Any, Any]:
+    """(FieldInfo or None, type) of the spec at `path` (mapping keys and list indexes skipped)."""
+    tp: Any = InventorySpec
+    info = None
+    for part in path:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            info = tp.model_fields.get(part) if isinstance(part, str) else None
+            if info is None:
+                return None, None
+            tp = info.annotation
+        elif get_origin(tp) in (dict, list):
+            tp = get_args(tp)[-1]
+            info = None
+        else:
+            return None, None
+    return info, _unwrap(tp)
+
+
+def _leaf(path: KeyPath) -> str:
+    return str(path[-1]) if path else "the file"
+
+
+def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Problem]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        is_key = bool(loc) and loc[-1] == "[key]"
+        path = loc[:-1] if is_key else loc
+        kind, value, ctx = e["type"], e.get("input"), e.get("ctx") or {}
+        info, tp = _spec_at(path)
+        expect = info.description if info is not None else None
+        example = info.examples[0] if info is not None and info.examples else None
+        leaf = _leaf(path)
+        parent = format_path(path[:-1]) or "the top level"
+
+        if kind == "missing":
+            message = f"missing required key '{leaf}'"
+            fix = f"add `{leaf}: {example}` under {parent}" if example else f"add `{leaf}:` under {parent}"
+            if expect:
+                fix += f" ({expect})"
+        elif kind == "extra_forbidden":
+            _, parent_tp = _spec_at(path[:-1])
+            allowed = list(parent_tp.model_fields) if isinstance(parent_tp, type) and \
+                issubclass(parent_tp, BaseModel) else []
+            message = f"unknown key '{leaf}'"
+            close = difflib.get_close_matches(str(leaf), allowed, n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'? " if close else ""
+            fix += f"allowed keys under {parent}: {', '.join(allowed)}"
+        elif "fix" in ctx:                       # our own validators explain themselves
+            message, fix = e["msg"], ctx["fix"]
+        elif is_key:
+            message = f"expected a name (a string), got {describe(value)}"
+            fix = "quote the name, or use letters, digits, '.', '_' and '-'"
+        else:
+            expect = expect or _TYPE_EXPECT.get(kind) or e["msg"].lower()
+            message = f"expected {expect}, got {describe(value)}"
+            if kind == "too_short" and isinstance(value, (dict, list)):
+                message = f"expected {expect}, got an empty {'list' if isinstance(value, list) else 'mapping'}"
+            if value is None:
+                fix = (f"give it a value, e.g. `{leaf}: {example}`; if the lines below belong "
+                       "to it, indent them" if example else "give it a value")
+            elif isinstance(value, VaultRef):
+                fix = ("`!vault` is only allowed in vars and ssh.sudo_password; "
+                       f"write the value itself{f', e.g. `{leaf}: {example}`' if example else ''}")
+            elif isinstance(value, bool) and kind == "string_type":
+                fix = (f"quote it: `{leaf}: \"{str(value).lower()}\"`? YAML reads unquoted "
+                       "yes/no/on/off/true/false as booleans")
+            elif example is not None:
+                fix = f"write e.g. `{leaf}: {example}`"
+            else:
+                fix = f"write {expect}"
+        out.append(Problem(doc.path, doc.line(path), format_path(path) or None, message, fix))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checks across the file (names, references, vars) on the raw data, so they run even when
+# other parts failed the typed spec.
+# --------------------------------------------------------------------------------------------
+
+_KIND_TEXT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+              "list": "a list", "dict": "a mapping", "secret": "a vault reference (!vault NAME)"}
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, VaultRef):
+        return "secret"
+    for kind, tp in (("bool", bool), ("int", int), ("float", float), ("str", str),
+                     ("list", list), ("dict", dict)):
+        if isinstance(value, tp):
+            return kind
+    return type(value).__name__
+
+
+def _type_fits(default: Any, value: Any) -> bool:
+    want, got = _kind(default), _kind(value)
+    return (want is None or want == got or (want == "str" and got == "secret")
+            or (want == "float" and got == "int"))
+
+
+def _type_fix(key: str, default: Any, value: Any) -> str:
+    want = _kind(default)
+    if want == "str" and _kind(value) in ("int", "float", "bool"):
+        shown = str(value).lower() if isinstance(value, bool) else value
+        return f"quote it to make it a string: `{key}: \"{shown}\"`"
+    if want == "list":
+        return f"write a list: `{key}: [a, b]`, or one `- item` per line below it"
+    if want == "dict":
+        return f"write a mapping: `{key}: {{name: value}}`, or indented `name: value` lines"
+    if want == "secret":
+        return (f"write `{key}: !vault NAME` and store the value in the vault; secrets never go "
+                "into the inventory as plain text")
+    if want == "bool":
+        return f"write `{key}: true` or `{key}: false`, without quotes"
+    if want in ("int", "float"):
+        return f"write a number without quotes, e.g. `{key}: {default}`"
+    return f"write {_KIND_TEXT.get(want, want)}, like the default"
+
+
+class _Checker:
+    def __init__(self, doc: YamlDoc, env: str, roles: dict[str, RoleInfo],
+                 problems: list[Problem]):
+        self.doc, self.env, self.roles, self.problems = doc, env, roles, problems
+        self.declared: dict[str, RoleInfo] = {
+            var: role for role in roles.values() for var in role.defaults}
+
+    def add(self, path: KeyPath, message: str, fix: str) -> None:
+        self.problems.append(Problem(self.doc.path, self.doc.line(path), format_path(path),
+                                     message, fix))
+
+    def run(self) -> None:
+        data = self.doc.data
+        env = data.get("env")
+        if isinstance(env, str) and env != self.env:
+            self.add(("env",), f"env '{env}' does not match the file name {self.doc.path.name}",
+                     f"write `env: {self.env}`, or rename the file to {env}.yml")
+        hosts = _mapping(data.get("hosts"))
+        groups = _mapping(data.get("groups"))
+        self.check_vars(data.get("vars"), ("vars",))
+        used: set = set()
+        for gname, group in groups.items():
+            if gname in hosts:
+                self.add(("groups", gname), f"group '{gname}' has the same name as a host",
+                         "rename the group or the host: --limit takes both kinds of names")
+            group = _mapping(group)
+            self.check_group_hosts(gname, group.get("hosts"), hosts, used)
+            self.check_group_roles(gname, group.get("roles"))
+            self.check_vars(group.get("vars"), ("groups", gname, "vars"))
+        for hname, host in hosts.items():
+            if hname not in used and isinstance(hname, str):
+                self.add(("hosts", hname), f"host '{hname}' is in no group",
+                         "add it to the `hosts:` list of a group (a host no group uses is "
+                         "almost always a typo), or remove it")
+            self.check_vars(_mapping(host).get("vars"), ("hosts", hname, "vars"))
+        self.check_addresses(hosts, _mapping(data.get("ssh")).get("port"))
+
+    def check_group_hosts(self, gname: str, listed: Any, hosts: dict, used: set) -> None:
+        if not isinstance(listed, list):
+            return
+        first: dict[str, int] = {}
+        for i, hname in enumerate(listed):
+            if not isinstance(hname, str):
+                continue
+            path = ("groups", gname, "hosts", i)
+            if hname in first:
+                self.add(path, f"host '{hname}' is listed twice in group '{gname}' "
+                               f"(first at line {self.doc.line(path[:-1] + (first[hname],))})",
+                         "remove one of them")
+                continue
+            first[hname] = i
+            if hname in hosts:
+                used.add(hname)
+                continue
+            known = [h for h in hosts if isinstance(h, str)]
+            close = difflib.get_close_matches(hname, known, n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'? " if close else ""
+            fix += f"define '{hname}' under `hosts:`, or use a defined host: {', '.join(known)}"
+            self.add(path, f"unknown host '{hname}' in group '{gname}'", fix)
+
+    def check_group_roles(self, gname: str, listed: Any) -> None:
+        if not isinstance(listed, list):
+            return
+        seen: set[str] = set()
+        for i, rname in enumerate(listed):
+            if not isinstance(rname, str):
+                continue
+            path = ("groups", gname, "roles", i)
+            if rname in seen:
+                self.add(path, f"role '{rname}' is listed twice in group '{gname}'",
+                         "remove the second one: a role is applied once per host")
+                continue
+            seen.add(rname)
+            if rname in self.roles:
+                continue
+            close = difflib.get_close_matches(rname, list(self.roles), n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'? " if close else ""
+            fix += (f"available roles: {', '.join(self.roles)}" if self.roles else
+                    "no roles were found (a role is a folder roles/<name>/ with a defaults.yml)")
+            self.add(path, f"unknown role '{rname}'", fix)
+
+    def check_vars(self, vars_: Any, path: KeyPath) -> None:
+        if not isinstance(vars_, dict):
+            return
+        for key, value in vars_.items():
+            if not isinstance(key, str):
+                continue
+            role = self.declared.get(key)
+            if role is None:
+                self.add(path + (key,), f"unknown var '{key}'", self.unknown_var_fix(key))
+                continue
+            default = role.defaults[key]
+            if not _type_fits(default, value):
+                where = display_path(role.defaults_file)
+                if key in role.lines:
+                    where += f":{role.lines[key]}"
+                shown = "!vault " + default.name if isinstance(default, VaultRef) else repr(default)
+                self.add(path + (key,),
+                         f"'{key}' must be {_KIND_TEXT.get(_kind(default), _kind(default))} "
+                         f"(its default in {where} is {shown}), got {describe(value)}",
+                         _type_fix(key, default, value))
+
+    def unknown_var_fix(self, key: str) -> str:
+        close = difflib.get_close_matches(key, list(self.declared), n=1, cutoff=0.6)
+        fix = f"did you mean '{close[0]}'? " if close else ""
+        owner = next((r for r in sorted(self.roles, key=len, reverse=True)
+                      if key.startswith(r + "_")), None)
+        if owner is not None:
+            fix += (f"role '{owner}' declares: {', '.join(self.roles[owner].defaults) or 'nothing'}; ")
+        fix += ("every var must be declared, with its default, in the defaults.yml of a role "
+                "(roles/<role>/defaults.yml, prefixed <role>_)")
+        return fix
+
+    def check_addresses(self, hosts: dict, default_port: Any) -> None:
+        if not _is_int(default_port):
+            default_port = 22
+        seen: dict[tuple, str] = {}
+        for hname, host in hosts.items():
+            host = _mapping(host)
+            address, port = host.get("address"), host.get("port", default_port)
+            if not isinstance(address, str) or not is_valid_address(address) or not _is_int(port):
+                continue
+            if port is None:
+                port = default_port
+            key = (_normal_address(address), port)
+            if key in seen:
+                other = seen[key]
+                self.add(("hosts", hname, "address"),
+                         f"host '{hname}' has the same address and port as '{other}' "
+                         f"({address}:{port}, line {self.doc.line(('hosts', other))})",
+                         "each entry must be a distinct server: fix the address or port, or "
+                         "remove the duplicate and list the one host in several groups")
+            else:
+                seen[key] = hname
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _normal_address(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address.lower().rstrip(".")
+
+
+# --------------------------------------------------------------------------------------------
+# The Inventory the rest of the tool uses
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Jump:
+    """A bastion to connect through. Host-like: same key and timeouts as the hosts behind it."""
+
+    address: str
+    port: int
+    user: str
+    key: Path | None
+    connect_timeout: float
+
+    @property
+    def name(self) -> str:
+        return f"jump {self.address}"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    port: int
+    user: str
+    bootstrap_user: str | None
+    key: Path | None
+    jump: Jump | None
+    connect_timeout: float
+    command_timeout: float
+    sudo_password: Any = field(default=None, compare=False, repr=False)  # VaultRef, Secret, None
+    groups: tuple[str, ...] = ()                                          # file order
+    vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # own vars only
+    line: int | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    hosts: tuple[str, ...]
+    roles: tuple[str, ...]
+    vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _tree_map(value: Any, fn) -> Any:
+    """Copy dicts/lists/tuples, applying fn to every other value."""
+    if isinstance(value, dict):
+        return {k: _tree_map(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_map(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_tree_map(v, fn) for v in value)
+    return fn(value)
+
+
+def _refs_in(value: Any, out: list[VaultRef]) -> None:
+    _tree_map(value, lambda v: out.append(v) if isinstance(v, VaultRef) else None)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    env: str
+    path: Path
+    known_hosts: Path
+    hosts: dict[str, Host]              # file order
+    groups: dict[str, Group]            # file order
+    vars: dict[str, Any]                # env-level vars
+    roles: dict[str, RoleInfo]          # the roles the groups use
+
+    def _host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise KeyError(f"no host '{name}' in {display_path(self.path)}") from None
+
+    def roles_for(self, name: str) -> list[str]:
+        """The host's roles: its groups' roles in group file order, first occurrence kept."""
+        host = self._host(name)
+        out: list[str] = []
+        for gname in host.groups:
+            out += [r for r in self.groups[gname].roles if r not in out]
+        return out
+
+    def hostvars(self, name: str) -> dict[str, Any]:
+        """Merged vars: role defaults < env vars < group vars (file order) < host vars. A copy."""
+        host = self._host(name)
+        merged: dict[str, Any] = {}
+        for role in self.roles_for(name):
+            merged.update(self.roles[role].defaults)
+        merged.update(self.vars)
+        for gname in host.groups:
+            merged.update(self.groups[gname].vars)
+        merged.update(host.vars)
+        return _tree_map(merged, lambda v: v)
+
+    def hosts_in(self, group: str) -> list[Host]:
+        """The hosts of a group, in the group's list order."""
+        if group not in self.groups:
+            raise InputError(self._unknown([group], "group", list(self.groups)))
+        return [self.hosts[h] for h in self.groups[group].hosts]
+
+    def select(self, limit: str | None) -> list[Host]:
+        """Hosts named by `limit` (comma-separated host and group names), in file order.
+
+        None selects every host. An empty limit is an error rather than "everything", so an
+        empty variable in a script never widens a run to all hosts.
+        """
+        if limit is None:
+            return list(self.hosts.values())
+        names = [n.strip() for n in limit.split(",") if n.strip()]
+        if not names:
+            raise InputError(Problem(None, None, "--limit", "the limit is empty",
+                                     "name hosts or groups (comma-separated), or leave out "
+                                     "--limit to run on every host"))
+        unknown = [n for n in names if n not in self.hosts and n not in self.groups]
+        if unknown:
+            raise InputError(self._unknown(unknown, "host or group",
+                                           list(self.hosts) + list(self.groups)))
+        chosen: set[str] = set()
+        for n in names:
+            chosen.update(self.groups[n].hosts if n in self.groups else [n])
+        return [h for name, h in self.hosts.items() if name in chosen]
+
+    def _unknown(self, names: list[str], what: str, known: list[str]) -> list[Problem]:
+        out = []
+        for n in names:
+            close = difflib.get_close_matches(n, known, n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'? " if close else ""
+            fix += (f"hosts: {', '.join(self.hosts)}; groups: {', '.join(self.groups)}")
+            out.append(Problem(self.path, None, "--limit" if "host" in what else None,
+                               f"no {what} named '{n}' in env '{self.env}'", fix))
+        return out
+
+    def vault_refs(self) -> set[str]:
+        """Names of every secret referenced by the inventory (and the defaults of its roles)."""
+        return {ref.name for ref in self._refs()}
+
+    def _refs(self) -> list[VaultRef]:
+        refs: list[VaultRef] = []
+        _refs_in(self.vars, refs)
+        for g in self.groups.values():
+            _refs_in(g.vars, refs)
+        for h in self.hosts.values():
+            _refs_in(h.vars, refs)
+            _refs_in(h.sudo_password, refs)
+        for r in self.roles.values():
+            _refs_in(r.defaults, refs)
+        return refs
+
+    def resolve(self, secrets: Mapping[str, object]) -> Inventory:
+        """A new Inventory with every VaultRef replaced by `secrets[name]`.
+
+        Raises InputError naming each secret the vault does not hold (with where it is used).
+        """
+        missing: dict[str, list[VaultRef]] = {}
+        for ref in self._refs():
+            if ref.name not in secrets:
+                missing.setdefault(ref.name, []).append(ref)
+        if missing:
+            problems = []
+            for name, refs in sorted(missing.items()):
+                first = refs[0]
+                also = f" (used {len(refs)} times)" if len(refs) > 1 else ""
+                problems.append(Problem(
+                    first.file, first.line, first.key,
+                    f"secret '{name}' is not in the vault of env '{self.env}'{also}",
+                    f"add '{name}' to the {self.env} vault, or correct the name after !vault"))
+            raise InputError(problems)
+
+        def sub(value: Any) -> Any:
+            return _tree_map(value, lambda v: secrets[v.name] if isinstance(v, VaultRef) else v)
+
+        return replace(
+            self,
+            vars=sub(self.vars),
+            groups={n: replace(g, vars=sub(g.vars)) for n, g in self.groups.items()},
+            hosts={n: replace(h, vars=sub(h.vars), sudo_password=sub(h.sudo_password))
+                   for n, h in self.hosts.items()},
+            roles={n: replace(r, defaults=sub(r.defaults)) for n, r in self.roles.items()},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def available_envs(root: Path | None = None) -> list[str]:
+    inv_dir = Path(root or REPO_ROOT) / "inventories"
+    return sorted(p.stem for p in inv_dir.glob("*.yml")) if inv_dir.is_dir() else []
+
+
+def load_inventory(env: str, root: Path | None = None, roles_root: Roots = None) -> Inventory:
+    """Load and validate `<root>/inventories/<env>.yml` (root: the repo; roles: `<root>/roles`)."""
+    root = Path(root) if root is not None else REPO_ROOT
+    if not isinstance(env, str) or not ENV_RE.match(env):
+        raise InputError(Problem(None, None, "--env", f"invalid env name {env!r}",
+                                 f"use one of: {', '.join(available_envs(root)) or '(none)'}"))
+    path = root / "inventories" / f"{env}.yml"
+    if not path.is_file():
+        envs = available_envs(root)
+        close = difflib.get_close_matches(env, envs, n=1, cutoff=0.6)
+        fix = f"did you mean '{close[0]}'? " if close else ""
+        if path.with_suffix(".yaml").is_file():
+            fix += f"rename {display_path(path.with_suffix('.yaml'))} to {path.name}; "
+        fix += (f"existing envs: {', '.join(envs)}" if envs else
+                f"no inventories found in {display_path(path.parent)}")
+        raise InputError(Problem(path, None, "--env",
+                                 f"no inventory for env '{env}': {display_path(path)} does not exist",
+                                 fix))
+    return load_inventory_file(path, roles_root if roles_root is not None else root / "roles")
+
+
+def load_inventory_file(path: Path, roles_root: Roots = None) -> Inventory:
+    """Load and validate one inventory file; its env is the file's stem."""
+    path = Path(path).absolute()
+    problems: list[Problem] = []
+    roles = discover_roles(roles_root, problems)
+    doc = read_yaml(path, problems)
+    if doc is not None and not isinstance(doc.data, dict):
+        problems.append(Problem(path, doc.line(()), None,
+                                "expected a mapping with env, known_hosts, ssh, hosts and groups, "
+                                f"got {'an empty file' if doc.data is None else describe(doc.data)}",
+                                "see the format in provisioner/inventory.py or inventories/local.yml"))
+    if doc is None or not isinstance(doc.data, dict):
+        raise InputError(problems)
+    spec = None
+    try:
+        spec = InventorySpec.model_validate(doc.data)
+    except ValidationError as e:
+        problems.extend(_problems_from_validation(e, doc))
+    _Checker(doc, path.stem, roles, problems).run()
+    if problems or spec is None:
+        raise InputError(list(dict.fromkeys(problems)))
+    return _build(spec, doc, roles)
+
+
+def _rel(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inventory:
+    base = doc.path.parent
+    ssh = spec.ssh
+    key = _rel(base, ssh.key) if ssh.key else None
+    jump = None
+    if ssh.jump is not None:
+        jump = Jump(ssh.jump.address, ssh.jump.port, ssh.jump.user or ssh.user, key,
+                    ssh.connect_timeout)
+    groups = {name: Group(name, tuple(g.hosts), tuple(g.roles), dict(g.vars))
+              for name, g in spec.groups.items()}
+    hosts = {}
+    for name, h in spec.hosts.items():
+        hosts[name] = Host(
+            name=name, address=h.address,
+            port=h.port if h.port is not None else ssh.port,
+            user=h.user or ssh.user,
+            bootstrap_user=h.bootstrap_user or ssh.bootstrap_user,
+            key=key, jump=jump,
+            connect_timeout=ssh.connect_timeout, command_timeout=ssh.command_timeout,
+            sudo_password=ssh.sudo_password,
+            groups=tuple(g for g in groups if name in groups[g].hosts),
+            vars=dict(h.vars), line=doc.lines.get(("hosts", name)))
+    used_roles = {r for g in groups.values() for r in g.roles}
+    return Inventory(
+        env=spec.env, path=doc.path, known_hosts=_rel(base, spec.known_hosts),
+        hosts=hosts, groups=groups, vars=dict(spec.vars),
+        roles={n: r for n, r in roles.items() if n in used_roles})

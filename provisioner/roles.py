@@ -1,0 +1,117 @@
+"""Role discovery: a role is a folder `roles/<name>/` holding a `defaults.yml`.
+
+`defaults.yml` is a flat mapping of the role's variables and their default values. Every key is
+prefixed with the role name (`base_timezone` in role `base`), so vars never collide between roles
+and an inventory var names the role it configures. A default's YAML type is the var's type: the
+inventory loader rejects a value of another type (a `null` default accepts any type; a `!vault`
+default only accepts a `!vault` reference, so a secret never lands in a file as plain text).
+
+Folders without a `defaults.yml` (and names starting with `.` or `_`, like `__pycache__`) are not
+roles. Role code (the steps a role applies) lives beside `defaults.yml`; this module only reads
+the defaults.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from provisioner.errors import InputError, Problem
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ROLES_ROOT = REPO_ROOT / "roles"
+
+ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+Roots = Path | str | Iterable[Path | str] | None
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    name: str
+    path: Path                                   # the role folder
+    defaults: dict[str, Any]                     # var -> default value, file order
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def defaults_file(self) -> Path:
+        return self.path / "defaults.yml"
+
+
+def _root_list(roots: Roots) -> list[Path]:
+    if roots is None:
+        return [DEFAULT_ROLES_ROOT]
+    if isinstance(roots, (str, Path)):
+        return [Path(roots)]
+    return [Path(r) for r in roots]
+
+
+def discover_roles(roots: Roots, problems: list[Problem]) -> dict[str, RoleInfo]:
+    """Like `available_roles`, but appends problems to `problems` instead of raising.
+
+    Roles come back sorted by name. When several roots hold the same role name, the first root
+    wins (a search path).
+    """
+    from provisioner.inventory import read_yaml   # the shared YAML reader (marks, !vault)
+
+    found: dict[str, RoleInfo] = {}
+    declared_by: dict[str, str] = {}
+    for root in _root_list(roots):
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            name = folder.name
+            defaults_file = folder / "defaults.yml"
+            if name.startswith((".", "_")) or not defaults_file.is_file() or name in found:
+                continue
+            if not ROLE_NAME_RE.match(name):
+                problems.append(Problem(
+                    folder, None, None,
+                    f"invalid role name '{name}'",
+                    "rename the folder: lowercase letters, digits and '_', starting with a letter "
+                    "(the name prefixes every var of the role)"))
+                continue
+            doc = read_yaml(defaults_file, problems)
+            defaults: dict[str, Any] = {}
+            lines: dict[str, int] = {}
+            if doc is not None and doc.data is not None and not isinstance(doc.data, dict):
+                problems.append(Problem(
+                    defaults_file, doc.line(()), None,
+                    f"expected a mapping of {name}_* vars to their defaults, "
+                    f"got {type(doc.data).__name__}",
+                    f"write one `{name}_<var>: <default>` per line"))
+            elif doc is not None and doc.data:
+                for key, value in doc.data.items():
+                    line = doc.line((key,))
+                    if not isinstance(key, str) or not key.startswith(f"{name}_") \
+                            or len(key) == len(name) + 1:
+                        problems.append(Problem(
+                            defaults_file, line, str(key),
+                            f"var '{key}' is not prefixed with the role name '{name}_'",
+                            f"rename it to '{name}_{key}' (and its uses in the role), so vars of "
+                            "different roles never collide"))
+                        continue
+                    if key in declared_by:
+                        problems.append(Problem(
+                            defaults_file, line, key,
+                            f"var '{key}' is also declared by role '{declared_by[key]}'",
+                            "rename one of them: a var must belong to exactly one role"))
+                        continue
+                    declared_by[key] = name
+                    defaults[key] = value
+                    lines[key] = line
+            found[name] = RoleInfo(name, folder, defaults, lines)
+    return dict(sorted(found.items()))
+
+
+def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:
+    """Roles found under `roots` (default: the repo's `roles/`), by name.
+
+    Raises InputError listing every problem in every `defaults.yml` (file:line, fix).
+    """
+    problems: list[Problem] = []
+    roles = discover_roles(roots, problems)
+    if problems:
+        raise InputError(problems)
+    return roles
