@@ -44,8 +44,7 @@ def _print_status() -> None:
         mem = f"{r.memory_mib:.0f} MiB" if r.memory_mib else "-"
         print(f"{r.name:<10} {r.address:<15} {r.state:<8} {'yes' if r.ssh else 'no':<4} {mem:>9}  "
               f"{'CUT' if r.cut else 'ok'}")
-    print(f"ssh: ssh -i {tb.key_path()} -o UserKnownHostsFile={tb.known_hosts_path()} "
-          "-o StrictHostKeyChecking=yes root@ADDRESS")
+    print(f"ssh with strict host keys: ssh -F {tb.ssh_config_path()} NAME")
 
 
 @task

@@ -21,7 +21,7 @@ from . import network, servers
 from .config import CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
 
 __all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cut", "heal",
-           "shell_argv", "key_path", "known_hosts_path"]
+           "shell_argv", "key_path", "known_hosts_path", "ssh_config_path"]
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
          "nsenter": "util-linux", "setpriv": "util-linux", "ssh-keygen": "openssh-client",
@@ -92,6 +92,19 @@ def _write_known_hosts(lay: Layout) -> None:
     tmp.replace(known_hosts_path())
 
 
+def ssh_config_path():
+    return STATE_DIR / "ssh_config"
+
+
+def _write_ssh_config(lay: Layout) -> None:
+    """`ssh -F .testbed/ssh_config web1`: the same strict settings the engine and tests use."""
+    blocks = [f"Host {s.name} {s.address}\n  HostName {s.address}\n" for s in lay.servers]
+    common = (f"Host *\n  User root\n  IdentityFile {key_path()}\n  IdentitiesOnly yes\n"
+              f"  UserKnownHostsFile {known_hosts_path()}\n  StrictHostKeyChecking yes\n"
+              "  BatchMode yes\n  ConnectTimeout 5\n")
+    ssh_config_path().write_text("".join(blocks) + common)
+
+
 def _save_layout(lay: Layout) -> None:
     (STATE_DIR / "layout.json").write_text(json.dumps(
         {"subnet": str(lay.subnet), "gateway": lay.gateway,
@@ -136,6 +149,7 @@ def up(count: int = 0, log=print) -> UpReport:
     with ThreadPoolExecutor(max_workers=8) as pool:   # host keys: CPU-bound ssh-keygen
         list(pool.map(lambda s: servers.create(s, lay, base, pub, registry), todo))
     _write_known_hosts(lay)
+    _write_ssh_config(lay)
     _save_layout(lay)
     started = [s.name for s in lay.servers if servers.start(s.name, base)]
     late = servers.wait_ssh(list(lay.servers), timeout=90)

@@ -125,6 +125,7 @@ def init_pid(name: str) -> int | None:
 def start(name: str, base: Path) -> bool:
     if supervisor_pid(name):
         return False
+    _kill_orphans(name)         # a crashed run's server still holds its overlay
     _mount(name, base)
     sup, nsp = _pidfiles(name)
     procs.spawn([sys.executable, "-m", SUPERVISOR, name, str(merged(name)), BRIDGE, str(nsp)],
@@ -137,7 +138,41 @@ def stop(name: str) -> bool:
     sup, nsp = _pidfiles(name)
     was = procs.stop(sup, SUPERVISOR, timeout=20)
     procs.stop(nsp, "systemd-nspawn", timeout=5)     # only if the supervisor died uncleanly
+    _kill_orphans(name)
     return was
+
+
+def _kill_orphans(name: str) -> None:
+    """After a crash (nspawn killed), the server's systemd lives on in its own mount namespace,
+    rooted in this server's overlay. Killing a PID namespace's init ends every process in it."""
+    upper = f"upperdir={server_dir(name) / 'upper'},"
+    deadline = time.monotonic() + 5
+    while (pids := _processes_on(upper)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def _processes_on(upper: str) -> list[int]:
+    own_ns = os.readlink("/proc/self/ns/mnt")
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if os.readlink(p / "ns/mnt") == own_ns:
+                continue
+            for line in (p / "mountinfo").read_text().splitlines():
+                fields = line.split()
+                if fields[4] == "/" and upper in line:
+                    found.append(int(p.name))
+                    break
+        except (OSError, IndexError):
+            continue
+    return found
 
 
 def destroy(name: str) -> None:
