@@ -69,7 +69,7 @@ import re
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Iterable, Mapping, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -138,6 +138,7 @@ class YamlDoc:
     path: Path
     data: Any
     lines: dict[KeyPath, int]
+    raw_bools: dict[KeyPath, str] = field(default_factory=dict)  # source text of yes/no/on/off...
 
     def line(self, path: Iterable) -> int | None:
         """Line of `path`, or of its nearest ancestor present in the file."""
@@ -157,6 +158,7 @@ class _Builder:
         self.loader = loader
         self.problems = problems
         self.lines: dict[KeyPath, int] = {}
+        self.raw_bools: dict[KeyPath, str] = {}
 
     def problem(self, node: Node, keypath: KeyPath, message: str, fix: str) -> None:
         self.problems.append(Problem(self.path, node.start_mark.line + 1,
@@ -171,7 +173,10 @@ class _Builder:
             return self.vault(node, keypath)
         if isinstance(node, ScalarNode):
             try:
-                return self.loader.construct_object(node)
+                value = self.loader.construct_object(node)
+                if isinstance(value, bool):
+                    self.raw_bools[keypath] = node.value
+                return value
             except yaml.YAMLError:
                 self.problem(node, keypath, f"unknown YAML tag '{node.tag}'",
                              "remove the tag; the only custom tag is `!vault NAME`")
@@ -198,7 +203,7 @@ class _Builder:
             self.problem(node, keypath, "`!vault` needs the name of a secret",
                          "write `!vault NAME`, e.g. `!vault postgresql_password` (letters, digits, "
                          "'_', '.', '-')")
-            return None
+            # Still a reference, so the checks downstream do not report a second problem here.
         return VaultRef(name, str(self.path), node.start_mark.line + 1, format_path(keypath))
 
     def mapping(self, node: MappingNode, keypath: KeyPath, active: set[int]) -> dict:
@@ -260,7 +265,9 @@ def read_yaml(path: Path, problems: list[Problem]) -> YamlDoc | None:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        what = e.problem or e.context or str(e)
+        if e.context and e.context_mark is not None:
+            what += f" ({e.context} at line {e.context_mark.line + 1})"
         problems.append(Problem(path, mark.line + 1 if mark else None, None,
                                 f"invalid YAML: {what}",
                                 "fix the syntax near that line (indentation uses spaces, not tabs; "
@@ -276,7 +283,7 @@ def read_yaml(path: Path, problems: list[Problem]) -> YamlDoc | None:
     builder = _Builder(path, loader, problems)
     builder.lines[()] = root.start_mark.line + 1
     data = builder.value(root, (), set())
-    return YamlDoc(path, data, builder.lines)
+    return YamlDoc(path, data, builder.lines, builder.raw_bools)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +341,8 @@ def _check_name(value: str) -> str:
 def _vault_only(value: Any) -> VaultRef:
     if isinstance(value, VaultRef):
         return value
-    raise _custom("vault_only", f"expected a vault reference, got {describe(value)}",
+    # Never echo the value: it is probably the password itself.
+    raise _custom("vault_only", f"expected a vault reference, got {describe(value, reveal=False)}",
                   "write `sudo_password: !vault NAME` and store the password in the vault; "
                   "passwords never go into the inventory as plain text")
 
@@ -355,9 +363,11 @@ def _f(default: Any = ..., *, expect: str, example: str, **kw: Any) -> Any:
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    example: ClassVar[str] = "{}"
 
 
 class JumpSpec(_Spec):
+    example: ClassVar[str] = "{address: bastion.example.com, user: jump}"
     address: Address = _f(expect="the bastion's IP address or DNS name",
                           example="bastion.example.com")
     port: Port = _f(22, expect="a TCP port (1-65535)", example="22")
@@ -366,6 +376,7 @@ class JumpSpec(_Spec):
 
 
 class SshSpec(_Spec):
+    example: ClassVar[str] = "{user: root}"
     user: User = _f(expect="the login user name", example="root")
     bootstrap_user: User | None = _f(None, expect="a user name, or null",
                                      example="root")
@@ -381,6 +392,7 @@ class SshSpec(_Spec):
 
 
 class HostSpec(_Spec):
+    example: ClassVar[str] = "{address: 10.0.0.5}"
     address: Address = _f(expect="the host's IP address or DNS name", example="10.0.0.5")
     port: Port | None = _f(None, expect="a TCP port (1-65535)", example="22")
     user: User | None = _f(None, expect="a user name (default: ssh.user)", example="admin")
@@ -391,6 +403,7 @@ class HostSpec(_Spec):
 
 
 class GroupSpec(_Spec):
+    example: ClassVar[str] = "{hosts: [web1], roles: [base]}"
     hosts: list[str] = _f(expect="a list of host names", example="[web1, web2]")
     roles: list[str] = _f(default_factory=list, expect="a list of role names",
                           example="[base]")
@@ -420,8 +433,15 @@ _TYPE_EXPECT = {
 }
 
 
-def describe(value: Any) -> str:
-    """How a YAML value reads to a user: "the string 'abc'", "an integer 5", ..."""
+def describe(value: Any, reveal: bool = True) -> str:
+    """How a YAML value reads to a user: "the string 'abc'", "the integer 5", ...
+
+    reveal=False names only the type, for values that may be secrets.
+    """
+    if not reveal and value is not None and not isinstance(value, VaultRef):
+        kind = {"str": "string", "int": "number", "float": "number", "bool": "boolean",
+                "list": "list", "dict": "mapping"}.get(_kind(value), "value")
+        return f"a plain {kind} (not shown)"
     if value is None:
         return "an empty value (null)"
     if isinstance(value, VaultRef):
@@ -488,6 +508,9 @@ def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Proble
         info, tp = _spec_at(path)
         expect = info.description if info is not None else None
         example = info.examples[0] if info is not None and info.examples else None
+        if info is None and isinstance(tp, type) and issubclass(tp, _Spec):
+            expect = f"a mapping with keys {', '.join(tp.model_fields)}"
+            example = tp.example
         leaf = _leaf(path)
         parent = format_path(path[:-1]) or "the top level"
 
@@ -521,12 +544,15 @@ def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Proble
                 fix = ("`!vault` is only allowed in vars and ssh.sudo_password; "
                        f"write the value itself{f', e.g. `{leaf}: {example}`' if example else ''}")
             elif isinstance(value, bool) and kind == "string_type":
-                fix = (f"quote it: `{leaf}: \"{str(value).lower()}\"`? YAML reads unquoted "
-                       "yes/no/on/off/true/false as booleans")
+                raw = doc.raw_bools.get(path, str(value).lower())
+                fix = (f"quote it: `{leaf}: \"{raw}\"` (YAML reads unquoted yes/no/on/off/"
+                       "true/false as booleans)")
             elif example is not None:
                 fix = f"write e.g. `{leaf}: {example}`"
             else:
                 fix = f"write {expect}"
+        if value is None and kind != "missing" and example is None:
+            fix = "give it a value; if the lines below belong to it, indent them"
         out.append(Problem(doc.path, doc.line(path), format_path(path) or None, message, fix))
     return out
 
@@ -537,7 +563,7 @@ def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Proble
 # --------------------------------------------------------------------------------------------
 
 _KIND_TEXT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-              "list": "a list", "dict": "a mapping", "secret": "a vault reference (!vault NAME)"}
+              "list": "a list", "dict": "a mapping", "secret": "a vault reference `!vault NAME`"}
 
 
 def _kind(value: Any) -> str | None:
@@ -558,10 +584,10 @@ def _type_fits(default: Any, value: Any) -> bool:
             or (want == "float" and got == "int"))
 
 
-def _type_fix(key: str, default: Any, value: Any) -> str:
+def _type_fix(key: str, default: Any, value: Any, raw: str | None) -> str:
     want = _kind(default)
     if want == "str" and _kind(value) in ("int", "float", "bool"):
-        shown = str(value).lower() if isinstance(value, bool) else value
+        shown = raw or (str(value).lower() if isinstance(value, bool) else value)
         return f"quote it to make it a string: `{key}: \"{shown}\"`"
     if want == "list":
         return f"write a list: `{key}: [a, b]`, or one `- item` per line below it"
@@ -676,8 +702,9 @@ class _Checker:
                 shown = "!vault " + default.name if isinstance(default, VaultRef) else repr(default)
                 self.add(path + (key,),
                          f"'{key}' must be {_KIND_TEXT.get(_kind(default), _kind(default))} "
-                         f"(its default in {where} is {shown}), got {describe(value)}",
-                         _type_fix(key, default, value))
+                         f"(its default in {where} is {shown}), "
+                         f"got {describe(value, reveal=_kind(default) != 'secret')}",
+                         _type_fix(key, default, value, self.doc.raw_bools.get(path + (key,))))
 
     def unknown_var_fix(self, key: str) -> str:
         close = difflib.get_close_matches(key, list(self.declared), n=1, cutoff=0.6)
