@@ -139,6 +139,7 @@ class YamlDoc:
     data: Any
     lines: dict[KeyPath, int]
     raw_bools: dict[KeyPath, str] = field(default_factory=dict)  # source text of yes/no/on/off...
+    broken: set[KeyPath] = field(default_factory=set)  # values already reported (bad tag...)
 
     def line(self, path: Iterable) -> int | None:
         """Line of `path`, or of its nearest ancestor present in the file."""
@@ -159,8 +160,10 @@ class _Builder:
         self.problems = problems
         self.lines: dict[KeyPath, int] = {}
         self.raw_bools: dict[KeyPath, str] = {}
+        self.broken: set[KeyPath] = set()
 
     def problem(self, node: Node, keypath: KeyPath, message: str, fix: str) -> None:
+        self.broken.add(keypath)
         self.problems.append(Problem(self.path, node.start_mark.line + 1,
                                      format_path(keypath) or None, message, fix))
 
@@ -283,7 +286,7 @@ def read_yaml(path: Path, problems: list[Problem]) -> YamlDoc | None:
     builder = _Builder(path, loader, problems)
     builder.lines[()] = root.start_mark.line + 1
     data = builder.value(root, (), set())
-    return YamlDoc(path, data, builder.lines, builder.raw_bools)
+    return YamlDoc(path, data, builder.lines, builder.raw_bools, builder.broken)
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +507,8 @@ def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Proble
         loc = tuple(e["loc"])
         is_key = bool(loc) and loc[-1] == "[key]"
         path = loc[:-1] if is_key else loc
+        if path in doc.broken:          # already reported while reading the YAML
+            continue
         kind, value, ctx = e["type"], e.get("input"), e.get("ctx") or {}
         info, tp = _spec_at(path)
         expect = info.description if info is not None else None
@@ -611,6 +616,8 @@ class _Checker:
             var: role for role in roles.values() for var in role.defaults}
 
     def add(self, path: KeyPath, message: str, fix: str) -> None:
+        if path in self.doc.broken:     # already reported while reading the YAML
+            return
         self.problems.append(Problem(self.doc.path, self.doc.line(path), format_path(path),
                                      message, fix))
 
@@ -718,7 +725,7 @@ class _Checker:
         return fix
 
     def check_addresses(self, hosts: dict, default_port: Any) -> None:
-        if not _is_int(default_port):
+        if default_port is None or not _is_int(default_port):
             default_port = 22
         seen: dict[tuple, str] = {}
         for hname, host in hosts.items():
