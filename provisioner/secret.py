@@ -247,11 +247,12 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, redactor: Redactor | None = None) -> None:
         super().__init__()
-        self.redactor = redactor or REDACTOR
+        self.redactor = redactor           # None: the process-wide REDACTOR
 
     def filter(self, record: logging.LogRecord) -> bool:
+        redactor = self.redactor if self.redactor is not None else REDACTOR
         message = record.getMessage()
-        redacted = self.redactor.redact(message)
+        redacted = redactor.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True

@@ -10,12 +10,19 @@ import traceback
 import jinja2
 import pytest
 
+from provisioner import secret as secret_mod
 from provisioner.secret import (
-    MASK, REDACTOR, RedactingFilter, Redactor, Secret, install_jinja, json_default, redact,
+    MASK, RedactingFilter, Redactor, Secret, install_jinja, json_default, redact,
     reveal, secrets_in,
 )
 
 VALUE = "s3cr3t-Value-For-Tests-9f1c"
+
+
+@pytest.fixture(autouse=True)
+def private_redactor(monkeypatch):
+    """Secrets made here register with a throwaway registry, not the process-wide one."""
+    monkeypatch.setattr(secret_mod, "REDACTOR", Redactor())
 
 
 @pytest.fixture
@@ -175,10 +182,10 @@ def test_redactor_registry():
 def test_secrets_register_with_the_process_wide_redactor():
     value = "auto-registered-7c2e91"
     Secret(value)
-    assert REDACTOR.redact(f"echo {value}") == "echo ***"
+    assert secret_mod.REDACTOR.redact(f"echo {value}") == "echo ***"
     unregistered = "not-registered-51ab03"
     Secret(unregistered, register=False)
-    assert REDACTOR.redact(unregistered) == unregistered
+    assert secret_mod.REDACTOR.redact(unregistered) == unregistered
 
 
 def test_redacting_log_filter_masks_revealed_values(caplog):
