@@ -101,7 +101,7 @@ def _write_ssh_config(lay: Layout) -> None:
     blocks = [f"Host {s.name} {s.address}\n  HostName {s.address}\n" for s in lay.servers]
     common = (f"Host *\n  User root\n  IdentityFile {key_path()}\n  IdentitiesOnly yes\n"
               f"  UserKnownHostsFile {known_hosts_path()}\n  StrictHostKeyChecking yes\n"
-              "  BatchMode yes\n  ConnectTimeout 5\n")
+              f"  BatchMode yes\n  ConnectTimeout 5\n  BindAddress {lay.gateway}\n")
     ssh_config_path().write_text("".join(blocks) + common)
 
 
@@ -152,7 +152,7 @@ def up(count: int = 0, log=print) -> UpReport:
     _write_ssh_config(lay)
     _save_layout(lay)
     started = [s.name for s in lay.servers if servers.start(s.name, base)]
-    late = servers.wait_ssh(list(lay.servers), timeout=90)
+    late = servers.wait_ssh(list(lay.servers), lay.gateway, timeout=90)
     if late:
         raise TestbedError(f"servers did not answer on SSH within 90 s: {', '.join(late)}; "
                            f"see {RUN_DIR}/<name>/console.log")
@@ -189,7 +189,7 @@ class ServerStatus:
 def status() -> list[ServerStatus]:
     lay = current_layout()
     rows = []
-    answering = set(s.name for s in lay.servers) - set(servers.wait_ssh(list(lay.servers), 0))
+    answering = set(s.name for s in lay.servers) - set(servers.wait_ssh(list(lay.servers), lay.gateway, 0))
     for s in lay.servers:
         if not servers.server_dir(s.name).exists():
             rows.append(ServerStatus(s.name, s.address, "absent", False, None, False))
@@ -211,12 +211,13 @@ def stop(name: str) -> bool:
 
 
 def start(name: str) -> bool:
-    spec = _server(name)
+    lay = current_layout()
+    spec = lay.server(name)
     base = base_image.base_path()
     if not servers.is_created(spec, base):
         raise TestbedError(f"{name} does not exist yet (or is outdated): run `invoke testbed.up`")
     started = servers.start(name, base)
-    if servers.wait_ssh([spec], timeout=60):
+    if servers.wait_ssh([spec], lay.gateway, timeout=60):
         raise TestbedError(f"{name} did not answer on SSH within 60 s; see {servers.server_dir(name)}/console.log")
     return started
 
@@ -230,7 +231,7 @@ def reset(name: str, log=print) -> None:
     servers.create(spec, lay, base, _ensure_key(), _registry_settings())
     _write_known_hosts(lay)
     servers.start(name, base)
-    if servers.wait_ssh([spec], timeout=60):
+    if servers.wait_ssh([spec], lay.gateway, timeout=60):
         raise TestbedError(f"{name} did not answer on SSH within 60 s after reset")
 
 

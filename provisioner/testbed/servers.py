@@ -182,14 +182,17 @@ def destroy(name: str) -> None:
         shutil.rmtree(server_dir(name))
 
 
-def wait_ssh(specs: list[ServerSpec], timeout: float = 60.0) -> list[str]:
-    """Wait until every server's sshd sends its banner; return the names that never did."""
+def wait_ssh(specs: list[ServerSpec], gateway: str, timeout: float = 60.0) -> list[str]:
+    """Wait until every server's sshd sends its banner; return the names that never did.
+    Probes leave from the bridge's own address: with the testbed down, binding fails and no
+    packet can take the default route to whatever else answers for these addresses."""
     pending = {s.name: s.address for s in specs}
     deadline = time.monotonic() + timeout
     while True:
         for name, addr in list(pending.items()):
             try:
-                with socket.create_connection((addr, 22), timeout=0.3) as sock:
+                with socket.create_connection((addr, 22), timeout=0.3,
+                                              source_address=(gateway, 0)) as sock:
                     sock.settimeout(2)
                     if sock.recv(4).startswith(b"SSH-"):
                         del pending[name]

@@ -1,0 +1,230 @@
+"""The testbed: real Debian 12 servers, reachable over SSH with strict host keys, isolated from
+the outside, and cleaned up completely."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from conftest import REPO, invoke
+from provisioner.testbed import config
+
+SERVERS = config.inventory_servers()
+
+
+def ssh(tb, name: str, command: str, check: bool = True, known_hosts: Path | None = None):
+    argv = ["ssh", "-F", str(tb.ssh_config_path())]
+    if known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    proc = subprocess.run([*argv, name, command], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ssh {name} {command!r} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def host(tb, name: str):
+    return testinfra.get_host(f"ssh://{name}", ssh_config=str(tb.ssh_config_path()))
+
+
+def boot_id(tb, name: str) -> str:
+    return ssh(tb, name, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+
+def test_local_inventory_hosts_are_the_testbed_servers(testbed):
+    rows = {r.name: r for r in testbed.status()}
+    for spec in SERVERS:
+        assert rows[spec.name].address == spec.address
+        assert rows[spec.name].state == "running" and rows[spec.name].ssh
+
+
+@pytest.mark.parametrize("name", [s.name for s in SERVERS])
+def test_server_is_a_booted_debian_12_with_systemd(testbed, name):
+    h = host(testbed, name)
+    assert h.system_info.distribution == "debian" and h.system_info.release.startswith("12")
+    assert h.check_output("systemctl is-system-running --wait") == "running"
+    assert h.check_output("ps -o comm= -p 1") == "systemd"
+    assert h.check_output("hostname") == name
+    assert h.service("ssh").is_running
+    # every server has its own identity
+    assert h.file("/etc/machine-id").content_string.strip()
+
+
+def test_each_server_has_its_own_host_keys_known_before_first_contact(testbed):
+    lines = testbed.known_hosts_path().read_text().splitlines()
+    by_addr = {}
+    for line in lines:
+        addr, kind, key = line.split()
+        by_addr.setdefault(addr, set()).add(key)
+    assert set(by_addr) == {s.address for s in SERVERS}
+    ed25519 = [line.split()[2] for line in lines if " ssh-ed25519 " in line]
+    assert len(set(ed25519)) == len(SERVERS), "two servers share a host key"
+
+
+def test_changed_host_key_is_refused(testbed, tmp_path):
+    web1, web2 = SERVERS[0], SERVERS[1]
+    # web1's address with web2's keys: exactly what a man in the middle would present
+    wrong = [f"{web1.address} {line.split(' ', 1)[1]}"
+             for line in testbed.known_hosts_path().read_text().splitlines()
+             if line.startswith(web2.address + " ")]
+    bad = tmp_path / "known_hosts"
+    bad.write_text("\n".join(wrong) + "\n")
+    proc = ssh(testbed, web1.name, "true", check=False, known_hosts=bad)
+    assert proc.returncode == 255
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    proc = ssh(testbed, web1.name, "true", check=False, known_hosts=empty)
+    assert proc.returncode == 255 and "Host key verification failed" in proc.stderr
+
+
+def test_servers_reach_each_other_and_the_host(testbed):
+    web1 = SERVERS[0].name
+    for other in SERVERS[1:]:
+        banner = ssh(testbed, web1, f"exec 3<>/dev/tcp/{other.address}/22 && head -c 4 <&3").stdout
+        assert banner == "SSH-"
+    gateway = config.layout().gateway
+    assert ssh(testbed, web1, f"exec 3<>/dev/tcp/{gateway}/{config.PROXY_PORT} && echo open").stdout.strip() == "open"
+
+
+def _host_addresses() -> list[str]:
+    out = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True).stdout)
+    return [a["local"] for i in out for a in i.get("addr_info", [])
+            if a.get("family") == "inet" and i["ifname"] not in ("lo", config.BRIDGE)]
+
+
+def test_servers_have_no_route_outside(testbed):
+    # `ip route get` asks the routing table only: no packet leaves.
+    outside = ["203.0.113.10", "198.51.100.7", "8.8.8.8", *_host_addresses()]
+    h = host(testbed, SERVERS[0].name)
+    assert "default" not in h.check_output("ip route")
+    for addr in outside:
+        r = h.run(f"ip route get {addr}")
+        assert r.rc != 0 and "unreachable" in r.stderr, f"{addr} is routable: {r.stdout}"
+
+
+def test_packages_come_through_the_proxies(testbed):
+    h = host(testbed, SERVERS[0].name)
+    r = h.run("apt-get update -qq")
+    assert r.rc == 0, r.stderr
+    assert "Acquire::http::Proxy" in h.file("/etc/apt/apt.conf.d/01testbed-proxy").content_string
+    # HTTPS through tinyproxy to the npm registry the host uses, trusting the host's CA.
+    script = ("import urllib.request,re;"
+              "reg=re.search(r'^registry=(.*)$',open('/etc/npmrc').read(),re.M);"
+              "url=(reg.group(1) if reg else 'https://registry.npmjs.org/').rstrip('/')+'/is-number';"
+              "print(urllib.request.urlopen(url,timeout=30).status)")
+    r = h.run(f"set -a; . /etc/environment; python3 -c \"{script}\"")
+    assert r.rc == 0 and r.stdout.strip() == "200", r.stderr
+
+
+def test_up_again_changes_nothing(testbed):
+    before = {s.name: boot_id(testbed, s.name) for s in SERVERS}
+    out = invoke("testbed.up").stdout
+    assert "no server created; all servers already running" in out
+    assert {s.name: boot_id(testbed, s.name) for s in SERVERS} == before
+
+
+def test_server_rebooting_itself_comes_back_with_its_address(testbed):
+    name = SERVERS[1].name
+    before = boot_id(testbed, name)
+    ssh(testbed, name, "systemctl reboot", check=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = ssh(testbed, name, "systemctl is-system-running --wait; cat /proc/sys/kernel/random/boot_id",
+                check=False)
+        if r.returncode == 0 and before not in r.stdout:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"{name} did not come back within 60 s after rebooting itself")
+    assert r.stdout.split()[0] == "running"
+
+
+def test_stop_and_start(testbed):
+    name = SERVERS[2].name
+    invoke("testbed.stop", name)
+    row = {r.name: r for r in testbed.status()}[name]
+    assert row.state == "stopped" and not row.ssh
+    assert ssh(testbed, name, "true", check=False).returncode == 255
+    invoke("testbed.start", name)
+    assert host(testbed, name).check_output("systemctl is-system-running --wait") == "running"
+
+
+def _tcp_open(addr: str, port: int = 22, timeout: float = 1.0) -> bool:
+    try:
+        socket.create_connection((addr, port), timeout=timeout,
+                                 source_address=(config.layout().gateway, 0)).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_cut_and_heal(testbed):
+    spec = SERVERS[3]
+    invoke("testbed.cut", spec.name)
+    try:
+        assert not _tcp_open(spec.address)
+        assert {r.name: r for r in testbed.status()}[spec.name].cut
+    finally:
+        invoke("testbed.heal", spec.name)
+    assert _tcp_open(spec.address)
+    assert ssh(testbed, spec.name, "hostname").stdout.strip() == spec.name
+
+
+def test_reset_gives_a_fresh_server_with_new_host_keys(testbed):
+    spec = SERVERS[1]
+    ssh(testbed, spec.name, "touch /root/provisioned-marker")
+    keys_before = testbed.known_hosts_path().read_text()
+    invoke("testbed.reset", spec.name)
+    assert testbed.known_hosts_path().read_text() != keys_before
+    assert ssh(testbed, spec.name, "test -e /root/provisioned-marker", check=False).returncode == 1
+
+
+def test_up_recovers_after_a_crash(testbed):
+    """nspawn and its supervisor killed hard: the server's systemd lives on as an orphan."""
+    name = SERVERS[0].name
+    d = config.RUN_DIR / name
+    for pidfile in ("supervisor.pid", "nspawn.pid"):
+        os.kill(int((d / pidfile).read_text()), 9)
+    r = invoke("testbed.up")
+    assert f"started {name}" in r.stdout
+    assert host(testbed, name).check_output("systemctl is-system-running --wait") == "running"
+    # exactly one systemd per server: the orphan is gone
+    inits = subprocess.run(["pgrep", "-f", f"supervise {name} "], capture_output=True, text=True).stdout.split()
+    assert len(inits) == 1
+
+
+def test_ssh_task_opens_a_shell_without_ssh(testbed):
+    r = invoke("testbed.ssh", SERVERS[2].name, "--command", "hostname; id -u")
+    assert r.stdout.split() == [SERVERS[2].name, "0"]
+
+
+def _leftovers() -> list[str]:
+    found = []
+    links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout)
+    found += [l["ifname"] for l in links if l["ifname"] == config.BRIDGE or l["ifname"].startswith("vb-")]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
+                                      str(REPO / ".testbed"), f"BindAddress=")):
+                found.append(f"pid {p.name}: {cmd[:80]}")
+    mounts = Path("/proc/mounts").read_text()
+    found += [line.split()[1] for line in mounts.splitlines() if str(config.RUN_DIR) in line]
+    return found
+
+
+@pytest.mark.testbed_teardown
+def test_down_leaves_nothing_behind_and_is_idempotent(testbed):
+    first = invoke("testbed.down").stdout
+    assert "removed bridge" in first
+    assert _leftovers() == []
+    assert invoke("testbed.down").stdout.strip() == "testbed already down"

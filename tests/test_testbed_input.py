@@ -1,0 +1,73 @@
+"""Bad testbed input is refused with a message naming the fix, before anything is created."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from provisioner import testbed as tb
+from provisioner.testbed import config, network
+
+
+def _inventory(tmp_path, hosts: str):
+    p = tmp_path / "local.yml"
+    p.write_text("hosts:\n" + hosts)
+    return p
+
+
+def test_hosts_off_one_subnet_are_refused(tmp_path):
+    inv = _inventory(tmp_path, "  a: {address: 10.77.0.11}\n  b: {address: 10.78.0.12}\n")
+    with pytest.raises(config.TestbedError, match=r"host b has address 10.78.0.12, outside the testbed subnet 10.77.0.0/24"):
+        config.layout(inventory=inv)
+
+
+def test_reserved_addresses_are_refused(tmp_path):
+    inv = _inventory(tmp_path, "  a: {address: 10.77.0.1}\n")
+    with pytest.raises(config.TestbedError, match=r"\.1 is the host side"):
+        config.layout(inventory=inv)
+
+
+def test_count_out_of_range_is_refused():
+    with pytest.raises(config.TestbedError, match="--count 500"):
+        config.layout(count=500)
+
+
+def test_bench_servers_follow_the_inventory_hosts():
+    lay = config.layout(count=20)
+    names = [s.name for s in lay.servers]
+    assert names[-20:] == [f"bench{i:02d}" for i in range(1, 21)]
+    assert len({s.address for s in lay.servers}) == len(lay.servers)
+    assert all(s.address.startswith("10.77.0.") for s in lay.servers)
+
+
+def test_subnet_clashing_with_a_host_interface_is_refused(tmp_path):
+    used = [a["local"] for i in network.interfaces() for a in i.get("addr_info", [])
+            if a.get("family") == "inet" and i["ifname"] not in ("lo", config.BRIDGE)]
+    if not used:
+        pytest.skip("this machine has no IPv4 address outside loopback to clash with")
+    prefix = used[0].rsplit(".", 1)[0]
+    inv = _inventory(tmp_path, f"  a: {{address: {prefix}.50}}\n")
+    with pytest.raises(config.TestbedError, match=rf"clashes with {used[0]}.*move the hosts of inventories/local.yml"):
+        network.check_subnet(config.layout(inventory=inv))
+
+
+def test_missing_inventory_names_the_file(tmp_path):
+    with pytest.raises(config.TestbedError, match="missing"):
+        config.layout(inventory=tmp_path / "nope.yml")
+
+
+def test_missing_tool_names_the_package(monkeypatch):
+    monkeypatch.setitem(tb.TOOLS, "no-such-tool-xyz", "no-such-package")
+    with pytest.raises(config.TestbedError) as e:
+        tb.preflight(config.layout())
+    assert "apt-get install -y" in str(e.value) and "no-such-package" in str(e.value)
+
+
+def test_not_root_is_refused_before_anything_is_created(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    created = []
+    monkeypatch.setattr(tb, "_ensure_key", lambda: created.append("key"))
+    monkeypatch.setattr(tb.network, "bridge_up", lambda lay: created.append("bridge"))
+    with pytest.raises(config.TestbedError, match="needs root"):
+        tb.up()
+    assert created == []
