@@ -541,7 +541,8 @@ def _problems_from_validation(err: ValidationError, doc: YamlDoc) -> list[Proble
             expect = expect or _TYPE_EXPECT.get(kind) or e["msg"].lower()
             message = f"expected {expect}, got {describe(value)}"
             if kind == "too_short" and isinstance(value, (dict, list)):
-                message = f"expected {expect}, got an empty {'list' if isinstance(value, list) else 'mapping'}"
+                empty = "list" if isinstance(value, list) else "mapping"
+                message = f"expected {expect}, got an empty {empty}"
             if value is None:
                 fix = (f"give it a value, e.g. `{leaf}: {example}`; if the lines below belong "
                        "to it, indent them" if example else "give it a value")
