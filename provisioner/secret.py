@@ -20,20 +20,22 @@ How it behaves:
   so the output layer and exception handler mask it even where someone revealed it by mistake
   (e.g. a failing command that echoed it). Pass ``register=False`` to opt out (tests).
 
-Jinja2: the template renderer must get the real value into the file, and nothing else may.
-Call :func:`install_jinja` on the ``jinja2.Environment``: it sets a ``finalize`` hook so that
-``{{ db_password }}`` writes the value, and adds a ``reveal`` filter for templates that must
-transform a secret (``{{ db_password | reveal | urlencode }}``); any other filter given a Secret
-raises ``TemplateRuntimeError`` instead of silently writing ``***`` into the file. Not caught:
-``~`` concatenation and ``%`` inside a template, which call ``str()`` and write ``***``; reveal
-first there too. We do not implement ``__html__``: markupsafe calls it from ``escape()`` anywhere in the
-process, which would turn every escaped rendering (not only the template op's) into a leak.
-The rendered text then holds secrets; before a diff or event leaves the op, pass it through
-``redact(text, secrets_in(context))`` (or the registry, which already knows every Secret).
+Jinja2: ``provisioner/templating.py`` (the template op's renderer) reveals secrets itself
+(it duck-types on ``.reveal()``) and masks them in diffs. For any other ``jinja2.Environment``
+that must write real values, :func:`install_jinja` sets a ``finalize`` hook so that
+``{{ db_password }}`` writes the value, and adds a ``reveal`` filter for templates that
+transform a secret (``{{ db_password | reveal | urlencode }}``); any other filter given a
+Secret raises ``TemplateRuntimeError`` instead of silently writing ``***`` into the file (not
+caught: ``~`` and ``%`` inside a template, which call ``str()``). Without either, a template
+shows ``***``. We do not implement ``__html__``: markupsafe's ``escape()`` calls it anywhere in
+the process, which would turn every escaped rendering into a leak. Redact rendered text before
+it goes into a diff or an event: ``redact(text, secrets_in(context))``, or the registry.
 
 Redaction replaces every occurrence of a secret's value with ``***`` — also its JSON-escaped
 and percent-encoded forms, the ways a value most often reappears in output. Overlapping or
-adjacent matches are merged into one ``***``. Short values are *not* ignored: a one-character
+adjacent matches are merged into one ``***``. Each line (of 4 or more characters) of a
+multi-line value is also masked on its own, since output is redacted line by line. Short
+values are *not* ignored: a one-character
 secret masks every occurrence of that character. Readable output is worth less than a leak, and
 a one-character secret is a bug to fix in the vault. Only the empty value is skipped: it has
 nothing to hide and would match between every two characters.
@@ -149,6 +151,10 @@ def _forms(value: str) -> set[str]:
              json.dumps(value, ensure_ascii=False)[1:-1],
              urllib.parse.quote(value, safe=""),            # in a URL / DSN
              urllib.parse.quote_plus(value, safe="")}
+    if "\n" in value:
+        # output is redacted line by line: each line of a multi-line secret (a PEM key) is a
+        # needle of its own; lines shorter than 4 characters ("{", "}") would mask too much
+        forms |= {line.strip() for line in value.splitlines() if len(line.strip()) >= 4}
     forms.discard("")
     return forms
 

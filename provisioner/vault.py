@@ -81,8 +81,11 @@ _KEY_BYTES = 32
 _PAD_TO = 256
 _LINE = 64
 _MAX_MEMORY = 4 * 1024**3          # bytes a KDF read from a file may ask for
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_ENV_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+# the same rules as inventory.py's `!vault NAME` and environment names, so that whatever an
+# inventory can reference, the vault can hold (kept here: the vault does not import inventory)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_ENV_RE = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
 
 
 try:
@@ -190,16 +193,16 @@ def default_kdf() -> KdfParams:
 # --- names -------------------------------------------------------------------------------
 
 def validate_name(name: str) -> str:
-    """Secret names are identifiers, so templates can use them as variables."""
+    """Secret names follow the inventory's `!vault NAME` rule."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise VaultError(f"invalid secret name {name!r}: use letters, digits and _, "
-                         "not starting with a digit")
+        raise VaultError(f"invalid secret name {name!r}: use {_NAME_RULE}")
     return name
 
 
 def validate_env(env: str) -> str:
     if not isinstance(env, str) or not _ENV_RE.match(env):
-        raise VaultError(f"invalid environment name {env!r}: use letters, digits, - and _")
+        raise VaultError(f"invalid environment name {env!r}: use lowercase letters, digits, "
+                         "'-' and '_'")
     return env
 
 
@@ -207,8 +210,7 @@ def _check_mapping(data: Mapping, where: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in data.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise VaultError(f"{where}: invalid secret name {name!r}: use letters, digits and _, "
-                             "not starting with a digit")
+            raise VaultError(f"{where}: invalid secret name {name!r}: use {_NAME_RULE}")
         if isinstance(value, Secret):
             value = value.reveal()
         if not isinstance(value, str):

@@ -167,6 +167,15 @@ def test_redact_accepts_secrets_and_encoded_forms(s):
         "postgres://u:***@db/x"
 
 
+def test_redact_multiline_secrets_line_by_line():
+    key = "-----BEGIN KEY-----\nMIIEvQIBADANBgkq\nhkiG9w0BAQEFAASC\n}\n-----END KEY-----\n"
+    r = Redactor()
+    r.register(Secret(key, register=False))
+    lines = [r.redact(line) for line in f"loaded:\n{key}done }}".splitlines()]
+    assert lines == ["loaded:", "***", "***", "***", "}", "***", "done }"]
+    assert r.redact(f"x{key}y") == "x***y"
+
+
 def test_redactor_registry():
     r = Redactor()
     assert r.redact("x hunter2") == "x hunter2"

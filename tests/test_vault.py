@@ -95,15 +95,17 @@ def test_defaults_are_strong_and_reading_follows_the_file(monkeypatch):
     assert decrypt(blob, PW) == {"k": "v"}
 
 
-def test_names_are_identifiers(root):
-    with pytest.raises(VaultError, match="invalid secret name"):
-        save_vault(vault_path("prod", root), {"bad-name": "x"}, PW)
+def test_names_follow_the_inventory_rule(root):
+    for bad in ("bad name", "-x", "_x", "a/b", ""):
+        with pytest.raises(VaultError, match="invalid secret name"):
+            save_vault(vault_path("prod", root), {bad: "x"}, PW)
+    save_vault(vault_path("prod", root), {"db.password": "x", "api-key_2": "y"}, PW)
     with pytest.raises(VaultError, match="must be a string"):
         save_vault(vault_path("prod", root), {"n": 1}, PW)      # type: ignore[dict-item]
 
 
 def test_env_names_cannot_escape_inventories(root):
-    for env in ("../etc", "a/b", "", ".hidden"):
+    for env in ("../etc", "a/b", "", ".hidden", "Prod"):
         with pytest.raises(VaultError, match="invalid environment name"):
             vault_path(env, root)
 
@@ -395,7 +397,7 @@ def test_cli_errors_are_one_line_exit_2(run, root, monkeypatch):
     monkeypatch.setenv(vault.PASSWORD_ENV, PW)
     code, _, err = run("vault.set", "db_password", "--env", "prod", stdin="")
     assert code == 2 and "empty value" in err
-    code, _, err = run("vault.set", "bad-name", "--env", "prod", stdin="x")
+    code, _, err = run("vault.set", "bad/name", "--env", "prod", stdin="x")
     assert code == 2 and "invalid secret name" in err
     assert load_vault(vault_path("prod", root), PW)["db_password"].reveal() == VALUE
 

@@ -6,7 +6,8 @@
     printf %s "$VALUE" | invoke vault.set db_password --env prod  # or a no-echo prompt
     invoke vault.unset db_password --env prod
     invoke vault.edit --env prod                 # $VISUAL / $EDITOR on a private temp file
-    invoke vault.rekey --env prod                # new password (twice, or PROVISIONER_NEW_VAULT_PASSWORD)
+    invoke vault.rekey --env prod                # new password, asked twice
+                                                 # (or PROVISIONER_NEW_VAULT_PASSWORD)
 
 Values are never taken from the command line (shell history, ``ps``). Errors end the task
 with a one-line message and exit code 2, never a traceback.
@@ -160,7 +161,7 @@ def _read_value(name: str) -> str:
 
 
 @task(name="set", positional=["name"],
-      help={"env": ENV_HELP, "name": "the secret's name (letters, digits, _)"})
+      help={"env": ENV_HELP, "name": "the secret's name (letters, digits, _ . -)"})
 def set_(c, name, env="local"):
     """Set one secret; the value comes from stdin or a no-echo prompt, never the command line."""
     with _errors():
