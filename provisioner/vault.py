@@ -434,8 +434,9 @@ def _git_ignored(path: Path, root: Path) -> bool | None:
     return None if not (root / ".git").exists() else False
 
 
-def configured_password(env: str, root: Path) -> str | None:
+def configured_password(env: str, root: str | os.PathLike) -> str | None:
     """The password from the environment or a password file, or None if none is configured."""
+    root = Path(root)
     if PASSWORD_ENV in os.environ:
         value = os.environ[PASSWORD_ENV]
         if not value:
