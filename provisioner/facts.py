@@ -1,0 +1,170 @@
+"""Facts: what resources ask the agent for, and small pure accessors over its answer.
+
+A resource's .facts() returns a request fragment such as {"files": ["/etc/x"]};
+merge_requests() unions the fragments of a role into ONE request for the agent (see
+provisioner/agent.py for the formats). Facts wraps the answer; the ops read it only through
+these accessors. Asking for a fact that was not gathered is a programming error (KeyError
+naming the missing fact), never a silent "absent".
+
+Facts.overlay() returns new Facts with part of the answer replaced: ops.plan_all() uses it to
+let a resource see what earlier resources of the same role will have done (a file written
+before a line is edited in it, a group created before a user joins it).
+"""
+from __future__ import annotations
+
+import copy
+import shlex
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+LIST_KINDS = ("files", "packages", "package_candidates", "services", "users", "groups",
+              "sysctl", "checks")
+
+
+def check_key(argv: Iterable[str]) -> str:
+    """Key of an `unless` check in the agent's answer (same as remote/agent.py check_key)."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def merge_requests(fragments: Iterable[Mapping[str, Any]]) -> dict:
+    """Union of request fragments: lists deduplicated in first-seen order; os always on."""
+    out: dict[str, list] = {}
+    seen: dict[str, set] = {}
+    for frag in fragments:
+        for kind, keys in (frag or {}).items():
+            if kind == "os":
+                continue
+            if kind not in LIST_KINDS:
+                raise ValueError(f"unknown fact kind {kind!r}")
+            bucket = out.setdefault(kind, [])
+            s = seen.setdefault(kind, set())
+            for k in keys:
+                marker = tuple(k) if isinstance(k, (list, tuple)) else k
+                if marker not in s:
+                    s.add(marker)
+                    bucket.append(list(k) if isinstance(k, (list, tuple)) else k)
+    return {"os": True, **out}
+
+
+@dataclass(frozen=True)
+class FileFact:
+    path: str
+    exists: bool
+    type: str | None = None        # file | dir | link | other
+    mode: str | None = None        # "0644"
+    owner: str | None = None
+    group: str | None = None
+    sha256: str | None = None
+    content: str | None = None     # UTF-8 text up to 256 KiB, else None
+    target: str | None = None      # for links
+    size: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, path: str, d: Mapping | None) -> "FileFact":
+        d = d or {"exists": False}
+        if d.get("exists") is None:
+            raise FactError(f"cannot read {path} on the server: {d.get('error')}")
+        return cls(path=path, exists=bool(d.get("exists")), type=d.get("type"),
+                   mode=d.get("mode"), owner=d.get("owner"), group=d.get("group"),
+                   sha256=d.get("sha256"), content=d.get("content"), target=d.get("target"),
+                   size=d.get("size"), error=d.get("error"))
+
+    def describe(self) -> str:
+        if not self.exists:
+            return "absent"
+        if self.type == "link":
+            return f"a symlink to {self.target}"
+        return {"file": "a file", "dir": "a directory"}.get(self.type or "", "a special file")
+
+
+class FactError(RuntimeError):
+    """A fact the plan needs could not be read on the server."""
+
+
+def _merged(base: Mapping, over: Mapping) -> dict:
+    """`over` merged into a copy of `base`; only the touched paths are copied. A mapping
+    value merges into a mapping; anything else (including a file fact's full dict given as
+    a leaf by the ops) replaces."""
+    new = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), Mapping) and not v.get("__replace__"):
+            new[k] = _merged(base[k], v)
+        else:
+            new[k] = copy.deepcopy({a: b for a, b in v.items() if a != "__replace__"}
+                                   if isinstance(v, Mapping) else v)
+    return new
+
+
+class Facts:
+    """Read-only view over the agent's facts answer (the value of its "facts" key)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self._d = data
+
+    @property
+    def raw(self) -> Mapping[str, Any]:
+        return self._d
+
+    def _kind(self, kind: str) -> Mapping[str, Any]:
+        v = self._d.get(kind)
+        if v is None:
+            err = (self._d.get("errors") or {}).get(kind)
+            if err:
+                raise FactError(f"the agent could not gather {kind}: {err}")
+            raise KeyError(f"facts of kind {kind!r} were not gathered (missing from .facts())")
+        return v
+
+    def _get(self, kind: str, key: str, container: Mapping | None = None) -> Any:
+        c = self._kind(kind) if container is None else container
+        if key not in c:
+            raise KeyError(f"fact not gathered: {kind} {key!r} (missing from .facts())")
+        return c[key]
+
+    # --- accessors ----------------------------------------------------------------------
+    @property
+    def os(self) -> Mapping[str, Any]:
+        return self._d.get("os") or {}
+
+    def file(self, path: str) -> FileFact:
+        return FileFact.from_json(path, self._get("files", path))
+
+    def package(self, name: str) -> str | None:
+        """Installed version, or None when not installed."""
+        pk = self._kind("packages")
+        return self._get("packages", name, pk.get("installed") or {})
+
+    @property
+    def apt_lists_age(self) -> int | None:
+        """Seconds since apt's package lists were last refreshed; None if never."""
+        return self._kind("packages").get("lists_age")
+
+    def candidate(self, name: str) -> str | None:
+        return self._get("package_candidates", name)
+
+    def service(self, unit: str) -> Mapping[str, Any] | None:
+        s = self._get("services", unit)
+        if s and s.get("error"):
+            raise FactError(f"cannot read the state of {unit}: {s['error']}")
+        return s
+
+    def user(self, name: str) -> Mapping[str, Any] | None:
+        return self._get("users", name)
+
+    def group(self, name: str) -> Mapping[str, Any] | None:
+        return self._get("groups", name)
+
+    def sysctl(self, key: str) -> Mapping[str, Any]:
+        return self._get("sysctl", key)
+
+    def check(self, argv: Iterable[str]) -> int:
+        return self._get("checks", check_key(argv))
+
+    # --- prediction -----------------------------------------------------------------------
+    def overlay(self, fragment: Mapping[str, Any] | None) -> "Facts":
+        """New Facts with `fragment` merged over this answer (this one is unchanged).
+        A mapping carrying "__replace__": True replaces instead of merging (a predicted file
+        fact must not keep the old "target" of the link it replaced)."""
+        if not fragment:
+            return self
+        return Facts(_merged(self._d, fragment))

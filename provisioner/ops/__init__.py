@@ -1,0 +1,41 @@
+"""Operations: one module per resource (apt, files, templates, lines, links, users, systemd,
+sysctl, commands). Each constructor returns a frozen dataclass with .id, .facts(),
+.plan(facts) (pure) and .expect(facts); see provisioner/ops/_base.py.
+
+A role's flow, per host:
+    req = request(resources)                         # one facts exec
+    facts = Facts(agent.parse(out)["facts"])
+    planned = plan_all(resources, facts)             # pure, threads predicted facts
+    changes = [c for _, result in planned for c in result]
+    agent.apply_request(changes, handlers)           # one apply exec (handlers included)
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from provisioner.change import Change, Noop
+from provisioner.facts import Facts, merge_requests
+from provisioner.ops._base import PlanError
+
+__all__ = ["PlanError", "request", "plan_all"]
+
+
+def request(resources: Iterable[Any]) -> dict:
+    """The one facts request for these resources."""
+    return merge_requests(r.facts() for r in resources)
+
+
+def plan_all(resources: Iterable[Any], facts: Facts) -> list[tuple[Any, list[Change | Noop]]]:
+    """Plan each resource in order. After a resource that changes something, the facts the
+    next ones see are overlaid with its .expect(): a line edited in a file written just
+    before, a user joining a group created just before, are planned against that future
+    state, not the stale one. PlanError propagates (nothing of the role is applied)."""
+    out = []
+    for r in resources:
+        result = r.plan(facts)
+        out.append((r, result))
+        if any(isinstance(c, Change) for c in result):
+            expect = getattr(r, "expect", None)
+            if expect is not None:
+                facts = facts.overlay(expect(facts))
+    return out

@@ -1,0 +1,1 @@
+"""Code that runs on the server (stdlib only). See agent.py."""

@@ -1,0 +1,784 @@
+"""The remote agent: gathers facts and applies changes ON THE SERVER.
+
+Runs under the server's own python3 (Debian 11+: Python 3.9+). Standard library only, and no
+imports from the provisioner package: the local side sends this file's source on stdin and the
+bootstrap command (provisioner/agent.py) exec()s it with the request in the global REQ:
+
+    {"v": 1, "op": "facts" | "apply", "code": <this source>, "request": {...}}
+
+The answer is ONE JSON document on stdout, after a marker line (shell start-up files may print
+before us). Nothing a child process prints reaches our stdout: children get pipes, and stdin
+from /dev/null unless a step gives one.
+
+This module is also imported locally (the pure helpers, e.g. edit_lines, are shared with the
+ops so that plan and apply agree); main() only runs when exec'd by the bootstrap.
+
+Request and response formats are documented in provisioner/agent.py.
+"""
+from __future__ import annotations
+
+import base64
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import time
+import traceback
+
+VERSION = 1
+MARKER = "\n--provisioner-agent-v1--\n"
+TEXT_LIMIT = 256 * 1024      # file content is returned for UTF-8 files up to this size
+TAIL = 4000                  # characters of output kept per change / handler
+CHECK_TIMEOUT = 60           # seconds for one `unless` guard
+BASE_ENV = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+SYSCTL_DIRS = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d",
+               "/lib/sysctl.d")
+
+STATS = {"commands": 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    path = env.get("PATH") or "/usr/bin:/bin"
+    for d in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
+        if d not in path.split(":"):
+            path = path + ":" + d
+    env["PATH"] = path
+    if extra:
+        env.update({str(k): str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(argv, stdin=None, env=None, timeout=None):
+    """Run argv (no shell). Returns (rc, output) with stderr merged; rc 127 if not found."""
+    STATS["commands"] += 1
+    try:
+        p = subprocess.run(
+            [str(a) for a in argv],
+            input=stdin.encode() if isinstance(stdin, str) else stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=_env(env), timeout=timeout)
+    except FileNotFoundError as e:
+        return 127, "command not found: %s" % (e.filename or argv[0])
+    except PermissionError as e:
+        return 126, "permission denied: %s" % (e.filename or argv[0])
+    except subprocess.TimeoutExpired as e:
+        out = e.output.decode("utf-8", "replace") if e.output else ""
+        return 124, out + "\ntimed out after %ss" % timeout
+    return p.returncode, p.stdout.decode("utf-8", "replace")
+
+
+def _run_split(argv, timeout=None):
+    """Run argv, keep stdout and stderr apart. Returns (rc, stdout, stderr)."""
+    STATS["commands"] += 1
+    try:
+        p = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                           timeout=timeout)
+    except FileNotFoundError:
+        return 127, "", "command not found: %s" % argv[0]
+    except subprocess.TimeoutExpired:
+        return 124, "", "timed out"
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+def _tail(text, n=TAIL):
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def _cmdline(argv):
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid):
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _uid(owner):
+    if owner is None:
+        return None
+    if str(owner).isdigit():
+        return int(owner)
+    return pwd.getpwnam(owner).pw_uid          # KeyError -> reported as "no such user"
+
+
+def _gid(group):
+    if group is None:
+        return None
+    if str(group).isdigit():
+        return int(group)
+    return grp.getgrnam(group).gr_gid
+
+
+def _mode(mode):
+    if mode is None:
+        return None
+    if isinstance(mode, int):
+        return mode
+    return int(str(mode), 8)
+
+
+class StepError(Exception):
+    def __init__(self, message, rc=None, output=""):
+        Exception.__init__(self, message)
+        self.rc = rc
+        self.output = output
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers shared with the local ops (imported by provisioner/ops/lines.py)
+
+def edit_lines(text, line, regexp=None, state="present", insert_after=None):
+    """lineinfile semantics on a text (None = file absent). Returns the new text.
+
+    present, regexp given: the LAST line matching regexp is replaced by `line`; if none matches
+      and `line` is not already there, `line` is inserted after the last line matching
+      insert_after (or appended at the end).
+    present, no regexp: `line` is added as above unless an identical line exists.
+    absent: every line matching regexp (or equal to `line` when no regexp) is removed.
+    """
+    lines = [] if text is None else text.splitlines()
+    rx = re.compile(regexp) if regexp else None
+    if state == "absent":
+        if rx is not None:
+            kept = [x for x in lines if not rx.search(x)]
+        else:
+            kept = [x for x in lines if x != line]
+        if text is None or len(kept) == len(lines):
+            return text
+        return "\n".join(kept) + ("\n" if kept else "")
+    if state != "present":
+        raise ValueError("state must be present or absent")
+    if rx is not None:
+        hits = [i for i, x in enumerate(lines) if rx.search(x)]
+        if hits:
+            if lines[hits[-1]] == line:
+                return text
+            lines[hits[-1]] = line
+            return "\n".join(lines) + "\n"
+    if line in lines:
+        return text
+    pos = len(lines)
+    if insert_after:
+        arx = re.compile(insert_after)
+        hits = [i for i, x in enumerate(lines) if arx.search(x)]
+        if hits:
+            pos = hits[-1] + 1
+    lines.insert(pos, line)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# facts
+
+def fact_os(_req):
+    info = {}
+    try:
+        with open("/etc/os-release") as f:
+            for raw in f:
+                if "=" in raw:
+                    k, v = raw.rstrip("\n").split("=", 1)
+                    info[k] = v.strip().strip('"').strip("'")
+    except OSError:
+        pass
+    rc, out, _ = _run_split(["systemd-detect-virt"])
+    virt = out.strip() or "none"
+    if rc == 127:
+        virt = None
+    try:
+        with open("/proc/1/comm") as f:
+            pid1 = f.read().strip()
+    except OSError:
+        pid1 = None
+    machine = os.uname().machine
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf", "i686": "i386",
+            "ppc64le": "ppc64el", "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
+    return {
+        "id": info.get("ID"), "version_id": info.get("VERSION_ID"),
+        "codename": info.get("VERSION_CODENAME"), "pretty_name": info.get("PRETTY_NAME"),
+        "virt": virt, "hostname": socket.gethostname(), "pid1": pid1,
+        "systemd": pid1 == "systemd", "arch": arch, "machine": machine,
+        "python": "%d.%d.%d" % sys.version_info[:3], "uid": os.geteuid(),
+    }
+
+
+def file_fact(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"exists": False}
+    except NotADirectoryError:
+        return {"exists": False}
+    except OSError as e:
+        return {"exists": None, "error": str(e)}
+    fact = {
+        "exists": True, "mode": "%04o" % stat.S_IMODE(st.st_mode),
+        "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid),
+        "size": st.st_size,
+    }
+    if stat.S_ISLNK(st.st_mode):
+        fact["type"] = "link"
+        fact["target"] = os.readlink(path)
+    elif stat.S_ISDIR(st.st_mode):
+        fact["type"] = "dir"
+    elif stat.S_ISREG(st.st_mode):
+        fact["type"] = "file"
+        h = hashlib.sha256()
+        head = b""
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    if len(head) <= TEXT_LIMIT:
+                        head += chunk
+        except OSError as e:
+            fact["error"] = str(e)
+            fact["sha256"] = None
+            fact["content"] = None
+            return fact
+        fact["sha256"] = h.hexdigest()
+        content = None
+        if st.st_size <= TEXT_LIMIT and b"\0" not in head:
+            try:
+                content = head.decode("utf-8")
+            except UnicodeDecodeError:
+                content = None
+        fact["content"] = content
+    else:
+        fact["type"] = "other"
+    return fact
+
+
+def fact_files(paths):
+    return {p: file_fact(p) for p in paths}
+
+
+def apt_lists_age():
+    """Seconds since the newest file in /var/lib/apt/lists was written; None if never."""
+    newest = None
+    try:
+        for e in os.scandir("/var/lib/apt/lists"):
+            if e.name in ("lock", "partial", "auxfiles") or not e.is_file():
+                continue
+            m = e.stat().st_mtime
+            newest = m if newest is None or m > newest else newest
+    except OSError:
+        return None
+    if newest is None:
+        return None
+    return max(0, int(time.time() - newest))
+
+
+def fact_packages(names):
+    installed = {n: None for n in names}
+    if names:
+        plain = [n.split("=", 1)[0] for n in names]
+        rc, out, _ = _run_split(["dpkg-query", "-W",
+                                 "-f=${Package}\t${Architecture}\t${db:Status-Abbrev}\t${Version}\n",
+                                 "--"] + plain)
+        found = {}
+        for row in out.splitlines():
+            parts = row.split("\t")
+            if len(parts) != 4:
+                continue
+            pkg, arch, abbrev, version = parts
+            for key in (pkg, pkg + ":" + arch):
+                # second letter of the abbreviation is the status: "i" = installed
+                # ("ii ", "hi "); "rc " (config-files only) and others are not installed
+                if abbrev[1:2] == "i":
+                    found[key] = version
+                else:
+                    found.setdefault(key, None)
+        for n, p in zip(names, plain):
+            installed[n] = found.get(p)
+    return {"installed": installed, "lists_age": apt_lists_age()}
+
+
+def fact_package_candidates(names):
+    cands = {n: None for n in names}
+    if not names:
+        return cands
+    plain = [n.split("=", 1)[0] for n in names]
+    rc, out, _ = _run_split(["apt-cache", "policy", "--"] + plain)
+    current = None
+    for row in out.splitlines():
+        if row and not row[0].isspace() and row.rstrip().endswith(":"):
+            current = row.rstrip()[:-1]
+        elif current and row.strip().startswith("Candidate:"):
+            v = row.split(":", 1)[1].strip()
+            for n, p in zip(names, plain):
+                if p == current or p == current.split(":")[0]:
+                    cands[n] = None if v == "(none)" else v
+    return cands
+
+
+def _unit(name):
+    return name if "." in name.rsplit("/", 1)[-1] else name + ".service"
+
+
+def fact_services(units):
+    result = {u: None for u in units}
+    if not units:
+        return result
+    names = [_unit(u) for u in units]
+    rc, out, err = _run_split(["systemctl", "show", "--no-pager",
+                               "--property=Id,LoadState,ActiveState,SubState,UnitFileState",
+                               "--"] + names)
+    if rc != 0 and not out.strip():
+        msg = (err.strip() or out.strip() or "systemctl failed (rc %d)" % rc).splitlines()[-1]
+        return {u: {"error": msg} for u in units}
+    blocks = []
+    cur = {}
+    for row in out.splitlines():
+        if not row.strip():
+            if cur:
+                blocks.append(cur)
+            cur = {}
+            continue
+        k, _, v = row.partition("=")
+        cur[k] = v
+    if cur:
+        blocks.append(cur)
+    for u, n, b in zip(units, names, blocks):
+        result[u] = {
+            "unit": b.get("Id") or n, "load": b.get("LoadState") or None,
+            "active": b.get("ActiveState") or None, "sub": b.get("SubState") or None,
+            "enabled": b.get("UnitFileState") or None,
+        }
+    return result
+
+
+def fact_users(names):
+    out = {}
+    for n in names:
+        try:
+            pw = pwd.getpwnam(n)
+        except KeyError:
+            out[n] = None
+            continue
+        groups = sorted(g.gr_name for g in grp.getgrall() if n in g.gr_mem)
+        ssh_dir = os.path.join(pw.pw_dir, ".ssh")
+        out[n] = {
+            "uid": pw.pw_uid, "gid": pw.pw_gid, "group": _group_name(pw.pw_gid),
+            "home": pw.pw_dir, "shell": pw.pw_shell, "groups": groups,
+            "ssh_dir": file_fact(ssh_dir),
+            "authorized_keys": file_fact(os.path.join(ssh_dir, "authorized_keys")),
+        }
+    return out
+
+
+def fact_groups(names):
+    out = {}
+    for n in names:
+        try:
+            g = grp.getgrnam(n)
+        except KeyError:
+            out[n] = None
+            continue
+        out[n] = {"gid": g.gr_gid, "members": list(g.gr_mem)}
+    return out
+
+
+def _sysctl_files():
+    """The sysctl.d files systemd-sysctl reads, in the order it applies them."""
+    by_name = {}
+    for d in SYSCTL_DIRS:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if n.endswith(".conf") and n not in by_name:
+                by_name[n] = os.path.join(d, n)
+    return [by_name[n] for n in sorted(by_name)]
+
+
+def _parse_sysctl_conf(text):
+    values = {}
+    for raw in text.splitlines():
+        s = raw.strip()
+        if not s or s[0] in "#;" or "=" not in s:
+            continue
+        k, v = s.split("=", 1)
+        k = k.strip().lstrip("-").replace("/", ".")
+        values[k] = " ".join(v.split())
+    return values
+
+
+def fact_sysctl(keys):
+    parsed = []
+    for path in _sysctl_files():
+        try:
+            with open(path) as f:
+                parsed.append((path, _parse_sysctl_conf(f.read())))
+        except OSError:
+            continue
+    out = {}
+    for key in keys:
+        proc = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(proc) as f:
+                value = " ".join(f.read().split())
+        except OSError:
+            value = None
+        out[key] = {
+            "value": value,
+            "persisted": [[p, vals[key]] for p, vals in parsed if key in vals],
+        }
+    return out
+
+
+def check_key(argv):
+    return _cmdline(argv)
+
+
+def fact_checks(argvs):
+    out = {}
+    for argv in argvs:
+        rc, _ = _run(argv, timeout=CHECK_TIMEOUT)
+        out[check_key(argv)] = rc
+    return out
+
+
+FACTS = {
+    "files": fact_files, "packages": fact_packages,
+    "package_candidates": fact_package_candidates, "services": fact_services,
+    "users": fact_users, "groups": fact_groups, "sysctl": fact_sysctl, "checks": fact_checks,
+}
+
+
+def gather(request):
+    result = {"os": fact_os(None)}
+    errors = {}
+    for kind, keys in request.items():
+        if kind == "os":
+            continue
+        fn = FACTS.get(kind)
+        if fn is None:
+            errors[kind] = "unknown fact kind"
+            continue
+        try:
+            result[kind] = fn(list(keys or ()))
+        except Exception as e:  # a broken fact must not hide the others
+            errors[kind] = "%s: %s" % (type(e).__name__, e)
+            result[kind] = None
+    if errors:
+        result["errors"] = errors
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# apply: steps
+
+def _attrs(st_exists, mode, owner, group, default_mode):
+    """Resolve the (mode, uid, gid) to set: None keeps the existing value or uses a default."""
+    uid = _uid(owner)
+    gid = _gid(group)
+    if st_exists is not None:
+        m = _mode(mode) if mode is not None else stat.S_IMODE(st_exists.st_mode)
+        uid = st_exists.st_uid if uid is None else uid
+        gid = st_exists.st_gid if gid is None else gid
+    else:
+        m = _mode(mode) if mode is not None else default_mode
+        if uid is None:
+            uid = os.geteuid()
+        if gid is None:
+            gid = pwd.getpwuid(uid).pw_gid if owner is not None else os.getegid()
+    return m, uid, gid
+
+
+def _validate_argv(validate, tmp):
+    argv = shlex.split(validate) if isinstance(validate, str) else list(validate)
+    if not any("{path}" in a for a in argv):
+        argv.append(tmp)
+    return [a.replace("{path}", tmp) for a in argv]
+
+
+def _run_after(after, log):
+    for argv in after or ():
+        rc, out = _run(argv)
+        log.append("$ %s\n%s" % (_cmdline(argv), out))
+        if rc != 0:
+            raise StepError("after-command failed (exit %d): %s" % (rc, _cmdline(argv)), rc)
+
+
+def write_file(path, data, mode=None, owner=None, group=None, validate=None, log=None):
+    """Atomic write: temp file beside the target, owner+mode set, validated, renamed."""
+    log = [] if log is None else log
+    d = os.path.dirname(path) or "."
+    if not os.path.isdir(d):
+        raise StepError("directory %s does not exist" % d)
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise StepError("%s is a directory" % path)
+    if old is not None and stat.S_ISLNK(old.st_mode):
+        old = None          # a link is replaced by the file; do not copy the link's attributes
+    try:
+        m, uid, gid = _attrs(old, mode, owner, group, 0o644)
+    except KeyError as e:
+        raise StepError("no such user or group: %s" % e)
+    tmp = os.path.join(d, ".%s.provisioner-%d-%s" % (os.path.basename(path), os.getpid(),
+                                                    os.urandom(4).hex()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fchown(fd, uid, gid)      # chown first: it may clear setuid/setgid bits
+            os.fchmod(fd, m)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if validate:
+            argv = _validate_argv(validate, tmp)
+            rc, out = _run(argv)
+            log.append("$ %s\n%s" % (_cmdline(argv), out))
+            if rc != 0:
+                raise StepError("validation failed (exit %d): %s\n%s"
+                                % (rc, _cmdline(argv), _tail(out, 2000)), rc)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def step_write(step, log):
+    data = base64.b64decode(step.get("b64") or "")
+    write_file(step["write"], data, step.get("mode"), step.get("owner"), step.get("group"),
+               step.get("validate"), log)
+    log.append("wrote %s (%d bytes)" % (step["write"], len(data)))
+    _run_after(step.get("after"), log)
+    return 0
+
+
+def step_line(step, log):
+    path = step["line"]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        text = None
+    except UnicodeDecodeError:
+        raise StepError("%s is not UTF-8 text" % path)
+    new = edit_lines(text, step["text"], step.get("regexp"), step.get("state", "present"),
+                     step.get("insert_after"))
+    if new == text:
+        log.append("%s: line already as wanted" % path)
+        return 0
+    if text is None and not step.get("create", True):
+        raise StepError("%s does not exist" % path)
+    write_file(path, new.encode("utf-8"), step.get("mode"), step.get("owner"),
+               step.get("group"), step.get("validate"), log)
+    log.append("edited %s" % path)
+    _run_after(step.get("after"), log)
+    return 0
+
+
+def step_dir(step, log):
+    path = step["dir"]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise StepError("%s exists and is not a directory" % path)
+    try:
+        m, uid, gid = _attrs(st, step.get("mode"), step.get("owner"), step.get("group"),
+                             0o755)
+    except KeyError as e:
+        raise StepError("no such user or group: %s" % e)
+    if st is None:
+        os.makedirs(path, 0o755, exist_ok=True)
+        log.append("created %s" % path)
+    os.chown(path, uid, gid, follow_symlinks=False)
+    os.chmod(path, m)
+    return 0
+
+
+def step_attrs(step, log):
+    path = step["attrs"]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StepError("%s does not exist" % path)
+    if stat.S_ISLNK(st.st_mode):
+        raise StepError("%s is a symlink; refusing to change attributes through it" % path)
+    try:
+        m, uid, gid = _attrs(st, step.get("mode"), step.get("owner"), step.get("group"),
+                             0o644)
+    except KeyError as e:
+        raise StepError("no such user or group: %s" % e)
+    os.chown(path, uid, gid, follow_symlinks=False)
+    os.chmod(path, m)
+    log.append("%s: mode %04o owner %s:%s" % (path, m, _user_name(uid), _group_name(gid)))
+    return 0
+
+
+def step_fetch(step, log):
+    """Download a URL (stdlib urllib, honours *_proxy env) into a file, atomically."""
+    import urllib.request
+    url = step["fetch"]
+    try:
+        with urllib.request.urlopen(url, timeout=step.get("timeout", 60)) as r:
+            data = r.read()
+    except Exception as e:
+        raise StepError("download of %s failed: %s" % (url, e))
+    want = step.get("sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise StepError("download of %s: sha256 %s != expected %s"
+                        % (url, hashlib.sha256(data).hexdigest(), want))
+    write_file(step["path"], data, step.get("mode"), step.get("owner"), step.get("group"),
+               step.get("validate"), log)
+    log.append("fetched %s -> %s (%d bytes)" % (url, step["path"], len(data)))
+    return 0
+
+
+def step_run(step, log):
+    argv = step["run"]
+    ok = step.get("ok") or [0]
+    rc, out = _run(argv, step.get("stdin"), step.get("env"), step.get("timeout"))
+    log.append("$ %s\n%s" % (_cmdline(argv), out))
+    if rc not in ok:
+        raise StepError("exit %d: %s" % (rc, _cmdline(argv)), rc)
+    return rc
+
+
+STEPS = (("run", step_run), ("write", step_write), ("line", step_line), ("dir", step_dir),
+         ("attrs", step_attrs), ("fetch", step_fetch))
+
+
+def run_steps(steps):
+    """Run steps in order; stop at the first failure. Returns a result dict (no id)."""
+    log = []
+    rc = 0
+    for i, step in enumerate(steps):
+        kind = next((k for k, _ in STEPS if k in step), None)
+        try:
+            if kind is None:
+                raise StepError("unknown step type: %s" % sorted(step))
+            rc = dict(STEPS)[kind](step, log)
+        except StepError as e:
+            return {"status": "failed", "rc": e.rc, "error": "step %d (%s): %s" % (i + 1, kind, e),
+                    "output": _tail("\n".join(log)), "step": i}
+        except Exception as e:
+            return {"status": "failed", "rc": None,
+                    "error": "step %d (%s): %s: %s" % (i + 1, kind, type(e).__name__, e),
+                    "output": _tail("\n".join(log)), "step": i}
+    return {"status": "ok", "rc": rc, "error": None, "output": _tail("\n".join(log))}
+
+
+def apply(request):
+    """Run changes in order, stop at the first failure, then the notified handlers.
+
+    Handlers: every handler notified by a change that SUCCEEDED runs once, in the order the
+    handlers are defined, even when a later change failed (request "handlers_on_failure",
+    default true). Reason: the changed file is already in place, so the next run will find it
+    converged and never notify again; skipping the handler would leave the service running on
+    the old configuration indefinitely. Files are validated before they replace the old ones,
+    so a handler never loads an unvalidated file. With "handlers_on_failure": false the
+    notified handlers are reported as not_run instead. A failing handler does not stop the
+    other handlers.
+    """
+    changes = request.get("changes") or []
+    handlers = request.get("handlers") or {}
+    results = []
+    notified = set()
+    failed = False
+    for ch in changes:
+        if failed:
+            results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
+                            "error": None, "output": ""})
+            continue
+        r = run_steps(ch.get("steps") or [])
+        r["id"] = ch.get("id")
+        results.append(r)
+        if r["status"] == "ok":
+            notified.update(ch.get("notify") or ())
+        else:
+            failed = True
+    hres = []
+    unknown = sorted(n for n in notified if n not in handlers)
+    for name in unknown:
+        hres.append({"name": name, "status": "failed", "error": "no such handler", "output": ""})
+    run_handlers = request.get("handlers_on_failure", True) or not failed
+    for name, steps in handlers.items():
+        if name not in notified:
+            continue
+        if not run_handlers:
+            hres.append({"name": name, "status": "not_run", "output": "",
+                         "error": "skipped because a change failed (handlers_on_failure=false)"})
+            continue
+        r = run_steps(steps or [])
+        hres.append({"name": name, "status": r["status"], "error": r["error"],
+                     "output": r["output"], "rc": r["rc"]})
+    ok = not failed and all(h["status"] == "ok" for h in hres)
+    return {"ok": ok, "results": results, "handlers": hres}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(req):
+    started = time.time()
+    try:
+        op = req.get("op")
+        if op == "facts":
+            body = {"facts": gather(req.get("request") or {})}
+        elif op == "apply":
+            body = apply(req.get("request") or {})
+        elif op == "ping":
+            body = {"pong": True}
+        else:
+            body = {"error": "unknown op %r" % (op,)}
+    except Exception:
+        body = {"error": "agent crashed", "traceback": traceback.format_exc()}
+    body["agent"] = {"version": VERSION, "op": req.get("op"), "commands": STATS["commands"],
+                     "seconds": round(time.time() - started, 3)}
+    out = MARKER + json.dumps(body, separators=(",", ":")) + "\n"
+    sys.stdout.write(out)
+    sys.stdout.flush()
+
+
+if __name__ == "__provisioner_agent__":
+    main(REQ)  # noqa: F821  (REQ is injected by the bootstrap command)

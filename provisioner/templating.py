@@ -1,0 +1,169 @@
+"""Jinja2 rendering over the repository's templates/ folder, with secrets kept out of diffs.
+
+render() renders a template TWICE:
+  1. for the file: every secret (any object with .reveal(), e.g. provisioner.secret.Secret)
+     is replaced by its real value;
+  2. for people: every secret is replaced by a unique sentinel, which becomes "***".
+If replacing the sentinels by the real values does not give exactly the first rendering (a
+filter or test transformed a secret: `{{ pw | upper }}`, `{% if pw|length > 8 %}`), the
+display is withheld entirely rather than guessed. A secret value with a newline in it also
+withholds the display (line-wise masking cannot follow it).
+
+The second rendering also says which LINES carry a secret (e.g. `password = ***`): the diff
+masks any line of the OLD file content matching such a line's shape, so a rotated secret
+(whose old value we no longer know) is not shown either. As a last resort every known secret
+value is replaced by *** in the final diff text.
+
+Secrets are found in the vars themselves and inside dicts/lists/tuples (replaced before
+rendering), and on output of any `{{ expression }}` (Jinja's finalize hook: covers secrets
+reached through attributes of other objects).
+"""
+from __future__ import annotations
+
+import contextvars
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import jinja2
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+MASK = "***"
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000\\d+\ue001")
+_registry: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_registry", default=None)
+
+
+def is_secret(value: Any) -> bool:
+    return callable(getattr(value, "reveal", None))
+
+
+def reveal(value: Any) -> Any:
+    return value.reveal() if is_secret(value) else value
+
+
+def _sentinel_for(value: Any) -> str:
+    reg = _registry.get()
+    real = str(value.reveal())
+    if reg is None:          # outside render(): never leak
+        return MASK
+    if real not in reg:
+        reg[real] = _SENTINEL.format(len(reg))
+    return reg[real]
+
+
+def _walk(value: Any, fn) -> Any:
+    if is_secret(value):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _walk(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_walk(v, fn) for v in value)
+    return value
+
+
+def _finalize_real(value: Any) -> Any:
+    return str(value.reveal()) if is_secret(value) else value
+
+
+def _finalize_mask(value: Any) -> Any:
+    return _sentinel_for(value) if is_secret(value) else value
+
+
+@lru_cache(maxsize=8)
+def environment(root: str | None = None, masked: bool = False) -> jinja2.Environment:
+    """The Jinja2 environment over `root` (default: the repository's templates/)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(root or TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        finalize=_finalize_mask if masked else _finalize_real,
+    )
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """File content plus what may be shown of it.
+
+    text     the real content (secrets revealed): goes into the file, never printed
+    display  the content as users may see it (secrets as ***), or None when withheld
+    hidden   why the display is withheld (None when it is not)
+    patterns regexes (full line) of lines that carry a secret, and their display form
+    secrets  revealed secret values, for last-resort redaction
+    """
+    text: str = field(repr=False)
+    display: str | None = field(repr=False, default=None)
+    hidden: str | None = None
+    patterns: tuple[tuple[str, str], ...] = field(repr=False, default=())
+    secrets: tuple[str, ...] = field(repr=False, default=())
+
+    @classmethod
+    def plain(cls, text: str) -> "Rendered":
+        return cls(text=text, display=text)
+
+    @classmethod
+    def of(cls, value: Any) -> "Rendered":
+        """Content given directly: str (shown), a secret (withheld)."""
+        if isinstance(value, Rendered):
+            return value
+        if is_secret(value):
+            real = str(value.reveal())
+            return cls(text=real, display=None, hidden="the content is a secret",
+                       secrets=(real,) if real else ())
+        if isinstance(value, str):
+            return cls.plain(value)
+        raise TypeError(f"file content must be str or a secret, not {type(value).__name__}")
+
+    @property
+    def has_secrets(self) -> bool:
+        return bool(self.secrets) or self.hidden is not None
+
+    def redact(self, text: str) -> str:
+        for s in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(s, MASK)
+        return text
+
+    def mask_line(self, line: str) -> str:
+        """A line as it may be shown: lines shaped like a secret-bearing line are masked."""
+        for rx, shown in self.patterns:
+            if re.fullmatch(rx, line, flags=re.S):
+                return shown
+        return self.redact(line)
+
+
+def render(src: str, vars: Mapping[str, Any] | None = None, *, root: str | Path | None = None
+           ) -> Rendered:
+    """Render templates/<src> with `vars`: the real content and its safe display."""
+    vars = dict(vars or {})
+    root_s = str(root) if root else None
+    real = environment(root_s, False).get_template(src).render(
+        _walk(vars, lambda s: str(s.reveal())))
+    reg: dict[str, str] = {}
+    token = _registry.set(reg)
+    try:
+        masked = environment(root_s, True).get_template(src).render(_walk(vars, _sentinel_for))
+    finally:
+        _registry.reset(token)
+    secrets = tuple(v for v in reg if v)
+    rebuilt = masked
+    for value, sentinel in reg.items():
+        rebuilt = rebuilt.replace(sentinel, value)
+    if rebuilt != real:
+        return Rendered(text=real, display=None, secrets=secrets,
+                        hidden="a template filter or test transforms a secret value")
+    if any("\n" in v or "\r" in v for v in secrets):
+        return Rendered(text=real, display=None, secrets=secrets,
+                        hidden="the file contains a multi-line secret")
+    patterns = []
+    for line in masked.splitlines():
+        if _SENTINEL_RE.search(line):
+            parts = _SENTINEL_RE.split(line)
+            rx = "(.*)".join(re.escape(p) for p in parts)
+            patterns.append((rx, _SENTINEL_RE.sub(MASK, line)))
+    display = _SENTINEL_RE.sub(MASK, masked)
+    return Rendered(text=real, display=display, secrets=secrets, patterns=tuple(patterns))
