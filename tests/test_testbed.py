@@ -13,7 +13,7 @@ import pytest
 import testinfra
 
 from conftest import REPO, invoke
-from provisioner.testbed import config
+from provisioner.testbed import config, supervise
 
 SERVERS = config.inventory_servers()
 
@@ -53,6 +53,19 @@ def test_server_is_a_booted_debian_12_with_systemd(testbed, name):
     assert h.service("ssh").is_running
     # every server has its own identity
     assert h.file("/etc/machine-id").content_string.strip()
+
+
+def test_servers_do_not_share_units(testbed):
+    """Each server's systemd owns its own cgroup: stopping a unit on one leaves the others'."""
+    a, b = SERVERS[0].name, SERVERS[1].name
+    for name in (a, b):
+        ssh(testbed, name, "systemd-run --unit=tb-probe sleep 600")
+    try:
+        ssh(testbed, a, "systemctl stop tb-probe")
+        assert ssh(testbed, b, "systemctl is-active tb-probe", check=False).stdout.strip() == "active"
+    finally:
+        for name in (a, b):
+            ssh(testbed, name, "systemctl stop tb-probe", check=False)
 
 
 def test_each_server_has_its_own_host_keys_known_before_first_contact(testbed):
@@ -217,6 +230,8 @@ def _leftovers() -> list[str]:
             if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
                                       str(REPO / ".testbed"), f"BindAddress=")):
                 found.append(f"pid {p.name}: {cmd[:80]}")
+    for root in supervise.cgroup_roots():
+        found += [str(p) for p in (root / "provisioner-testbed").glob(f"{config.RUN_DIR.name}-*")]
     mounts = Path("/proc/mounts").read_text()
     found += [line.split()[1] for line in mounts.splitlines() if str(config.RUN_DIR) in line]
     return found

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import procs
+from . import procs, supervise
 from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec, TestbedError
 
 SUPERVISOR = "provisioner.testbed.supervise"
@@ -128,7 +128,7 @@ def start(name: str, base: Path) -> bool:
     _kill_orphans(name)         # a crashed run's server still holds its overlay
     _mount(name, base)
     sup, nsp = _pidfiles(name)
-    procs.spawn([sys.executable, "-m", SUPERVISOR, name, str(merged(name)), BRIDGE, str(nsp)],
+    procs.spawn([sys.executable, "-m", SUPERVISOR, name, str(merged(name)), BRIDGE, str(nsp), cgroup(name)],
                 server_dir(name) / "console.log", sup,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
     return True
@@ -139,7 +139,12 @@ def stop(name: str) -> bool:
     was = procs.stop(sup, SUPERVISOR, timeout=20)
     procs.stop(nsp, "systemd-nspawn", timeout=5)     # only if the supervisor died uncleanly
     _kill_orphans(name)
+    supervise.remove_cgroup(cgroup(name))
     return was
+
+
+def cgroup(name: str) -> str:
+    return f"{RUN_DIR.name}-{name}"
 
 
 def _kill_orphans(name: str) -> None:
