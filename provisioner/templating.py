@@ -14,6 +14,10 @@ masks any line of the OLD file content matching such a line's shape, so a rotate
 (whose old value we no longer know) is not shown either. As a last resort every known secret
 value is replaced by *** in the final diff text.
 
+The environment: StrictUndefined (a missing variable is an error, not an empty string),
+keep_trailing_newline, trim_blocks + lstrip_blocks (block tags on their own lines leave no
+blank lines, as in Ansible), no autoescaping (these are config files, not HTML).
+
 Secrets are found in the vars themselves and inside dicts/lists/tuples (replaced before
 rendering), and on output of any `{{ expression }}` (Jinja's finalize hook: covers secrets
 reached through attributes of other objects).
@@ -74,16 +78,39 @@ def _finalize_mask(value: Any) -> Any:
     return _sentinel_for(value) if is_secret(value) else value
 
 
+def _wrap_filter(func, convert):
+    """A filter given a secret (reached through an attribute) sees `convert(secret)`."""
+    def wrapped(*args, **kwargs):
+        return func(*(convert(a) if is_secret(a) else a for a in args),
+                    **{k: convert(v) if is_secret(v) else v for k, v in kwargs.items()})
+    if hasattr(func, "jinja_pass_arg"):
+        wrapped.jinja_pass_arg = func.jinja_pass_arg
+    return wrapped
+
+
 @lru_cache(maxsize=8)
 def environment(root: str | None = None, masked: bool = False) -> jinja2.Environment:
-    """The Jinja2 environment over `root` (default: the repository's templates/)."""
-    return jinja2.Environment(
+    """The Jinja2 environment over `root` (default: the repository's templates/).
+
+    masked=False writes real secret values; masked=True writes sentinels (see render()).
+    Filters reveal (or mask) a secret argument, so `{{ obj.pw | urlencode }}` writes the
+    real value into the file (the display is then withheld: a filter transformed a secret).
+    A `reveal` filter exists for templates written for provisioner.secret.install_jinja.
+    """
+    convert = _sentinel_for if masked else (lambda s: str(s.reveal()))
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root or TEMPLATES)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        trim_blocks=True,            # a {% block %} line leaves no blank line (as Ansible)
+        lstrip_blocks=True,
         autoescape=False,
         finalize=_finalize_mask if masked else _finalize_real,
     )
+    for name, func in list(env.filters.items()):
+        env.filters[name] = _wrap_filter(func, convert)
+    env.filters["reveal"] = lambda v: convert(v) if is_secret(v) else v
+    return env
 
 
 @dataclass(frozen=True)
@@ -124,9 +151,15 @@ class Rendered:
         return bool(self.secrets) or self.hidden is not None
 
     def redact(self, text: str) -> str:
-        for s in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(s, MASK)
-        return text
+        if not self.secrets:
+            return text
+        try:
+            from provisioner.secret import redact      # also JSON/percent-encoded forms
+        except ImportError:                              # pragma: no cover
+            for s in sorted(self.secrets, key=len, reverse=True):
+                text = text.replace(s, MASK)
+            return text
+        return redact(text, self.secrets)
 
     def mask_line(self, line: str) -> str:
         """A line as it may be shown: lines shaped like a secret-bearing line are masked."""

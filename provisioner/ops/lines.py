@@ -125,7 +125,10 @@ def line(path: str, line: Any, *, regexp: str | None = None, state: str = "prese
         raise ValueError("line must be a single line of text")
     for rx in (regexp, insert_after):
         if rx is not None:
-            re.compile(rx)          # bad input fails here, not on the server
+            try:
+                re.compile(rx)      # bad input fails here, not on the server
+            except re.error as e:
+                raise ValueError(f"bad regular expression {rx!r}: {e}") from None
     return Line(path=b.abs_path(path), line=line, regexp=regexp, state=state,
                 insert_after=insert_after, mode=b.norm_mode(mode),
                 owner=b.check_name(owner, "user"), group=b.check_name(group, "group"),
