@@ -115,3 +115,30 @@ def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:
     if problems:
         raise InputError(problems)
     return roles
+
+
+@dataclass(frozen=True)
+class RoleCode:
+    """What a role does: `resources(v, ctx)` yields the resources it wants, in order, from its
+    validated vars `v` and a context (host, inventory, os facts, check mode); `handlers(v)`
+    maps handler names to steps, run once at the end of the role when a change notifies them."""
+    name: str
+    resources: Any
+    handlers: Any
+
+
+def load_role(info: RoleInfo) -> RoleCode:
+    import importlib.util
+
+    init = info.path / "__init__.py"
+    if not init.exists():
+        raise InputError([Problem(str(init), None, info.name, "the role has defaults but no code",
+                                  f"create {init} with a `resources(v, ctx)` generator")])
+    spec = importlib.util.spec_from_file_location(f"provisioner_roles.{info.name}", init,
+                                                  submodule_search_locations=[str(info.path)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "resources", None)):
+        raise InputError([Problem(str(init), None, info.name, "no `resources(v, ctx)` function",
+                                  "define it: it yields the role's resources in order")])
+    return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v: {}))

@@ -1,0 +1,202 @@
+"""SSH connections on Fabric, made strict: one per host for the whole run.
+
+Fabric accepts unknown host keys by default (AutoAddPolicy) and reads ~/.ssh/config and
+~/.ssh/known_hosts; here only the environment's own known_hosts counts, unknown keys are rejected
+and a changed key is refused with both fingerprints. Commands are argv lists; their data (agent
+source, file contents, secrets) travels on stdin, never on the command line.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import select
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection as FabricConnection
+
+from provisioner.secret import Secret
+
+RETRIES = 2              # extra connection attempts on transient network errors
+RETRY_DELAY = 1.0
+
+
+class Unreachable(Exception):
+    """The host could not be reached or refused us: the message says why and what to do."""
+
+
+class HostKeyError(Unreachable):
+    """Unknown or changed host key: never connect, say how to check and trust it."""
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_host_name(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+class _Reject(paramiko.MissingHostKeyPolicy):
+    def __init__(self, label: str, known_hosts: Path):
+        self.label, self.known_hosts = label, known_hosts
+
+    def missing_host_key(self, client, hostname, key):
+        raise HostKeyError(
+            f"{self.label}: unknown host key ({key.get_name()} {fingerprint(key)}), not in "
+            f"{self.known_hosts}. Check the fingerprint with the server's provider or console "
+            f"(`ssh-keygen -lf /etc/ssh/ssh_host_{key.get_name().split('-')[-1]}_key.pub`), then "
+            "run `invoke hosts.trust --env ENV` to record it.")
+
+
+def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
+    client = conn.client
+    client._system_host_keys = paramiko.HostKeys()      # ignore ~/.ssh/known_hosts
+    client._host_keys = paramiko.HostKeys()
+    if known_hosts.exists():
+        client._host_keys.load(str(known_hosts))
+    client.set_missing_host_key_policy(_Reject(label, known_hosts))
+
+
+class Connection:
+    """One SSH connection to one host, opened lazily and reused; counts remote commands."""
+
+    def __init__(self, host, known_hosts: Path, sudo_password: Secret | None = None,
+                 user: str | None = None):
+        self.host = host
+        self.user = user or host.user
+        self.known_hosts = Path(known_hosts)
+        self.sudo_password = sudo_password
+        self.commands = 0
+        self._conn: FabricConnection | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.host.name} ({self.user}@{self.host.address}:{self.host.port})"
+
+    def _fabric(self, address, port, user, key, timeout, gateway=None) -> FabricConnection:
+        kwargs = {"look_for_keys": key is None, "allow_agent": True,
+                  "banner_timeout": timeout, "auth_timeout": timeout}
+        if key:
+            kwargs["key_filename"] = [str(key)]
+        config = Config(overrides={"load_ssh_configs": False})
+        conn = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
+                                connect_timeout=timeout, connect_kwargs=kwargs)
+        return conn
+
+    def open(self) -> None:
+        if self._conn is not None and self._conn.is_connected:
+            return
+        h = self.host
+        gateway = None
+        if h.jump:
+            j = h.jump
+            gateway = self._fabric(j.address, j.port, j.user, getattr(j, "key", None) or h.key,
+                                   getattr(j, "connect_timeout", h.connect_timeout))
+            _strict_client(gateway, self.known_hosts, f"jump host {j.address}")
+        conn = self._fabric(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
+        _strict_client(conn, self.known_hosts, self.label)
+        last: Exception | None = None
+        for attempt in range(RETRIES + 1):
+            try:
+                conn.open()
+                conn.transport.set_keepalive(15)
+                self._conn = conn
+                return
+            except HostKeyError:
+                raise
+            except paramiko.BadHostKeyException as e:
+                raise HostKeyError(
+                    f"{self.label}: HOST KEY CHANGED. known_hosts ({self.known_hosts}) has "
+                    f"{e.expected_key.get_name()} {fingerprint(e.expected_key)}, the server now "
+                    f"presents {e.key.get_name()} {fingerprint(e.key)}. This is what a "
+                    "man-in-the-middle looks like; if the server was really rebuilt, remove its "
+                    "old line from known_hosts and run `invoke hosts.trust --env ENV`.") from None
+            except paramiko.AuthenticationException as e:
+                raise Unreachable(f"{self.label}: authentication failed ({e}); check the user and "
+                                  "key in the inventory's `ssh` settings") from None
+            except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
+                last = e
+                if attempt < RETRIES:
+                    time.sleep(RETRY_DELAY * (attempt + 1))
+        raise Unreachable(f"{self.label}: cannot connect: {last or 'no answer'}")
+
+    def run(self, argv: list[str], stdin: bytes | None = None, sudo: bool = True,
+            timeout: float | None = None) -> Result:
+        """Run argv (as root through sudo unless the login user is root), feeding stdin."""
+        self.open()
+        data = stdin or b""
+        if sudo and self.user != "root":
+            if self.sudo_password is not None:
+                # -k: ignore a cached timestamp, so sudo always reads exactly one line first
+                argv = ["sudo", "-k", "-S", "-p", "", "--", *argv]
+                data = self.sudo_password.reveal().encode() + b"\n" + data
+            else:
+                argv = ["sudo", "-n", "--", *argv]
+        timeout = timeout or self.host.command_timeout
+        started = time.monotonic()
+        self.commands += 1
+        try:
+            chan = self._conn.transport.open_session(timeout=self.host.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError):
+            self.close()                      # dropped: one fresh connection, then the command
+            self.open()
+            chan = self._conn.transport.open_session(timeout=self.host.connect_timeout)
+        try:
+            return self._exec(chan, shlex.join(argv), data, timeout, started)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.close()
+            raise Unreachable(f"{self.label}: connection lost during a command: {e}") from None
+
+    def _exec(self, chan, command: str, data: bytes, timeout: float, started: float) -> Result:
+        chan.exec_command(command)
+        chan.sendall(data)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            elif chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            elif chan.exit_status_ready() and chan.eof_received:
+                break
+            else:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    chan.close()
+                    return Result(124, bytes(out), bytes(err) + f"\ntimed out after {timeout:.0f} s".encode(),
+                                  time.monotonic() - started)
+                select.select([chan], [], [], min(left, 1.0))   # wakes on data, EOF or exit
+        rc = chan.recv_exit_status()
+        chan.close()
+        return Result(rc, bytes(out), bytes(err), time.monotonic() - started)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

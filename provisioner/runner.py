@@ -1,0 +1,220 @@
+"""Roles x hosts: hosts in parallel (in `--serial` batches), per role one facts exec, a pure
+plan, and one apply exec that also runs the role's notified handlers.
+
+A host's failure is reported while the others finish. In check mode nothing is written on any
+server: no lock, no apply, no audit line; only the read-only facts execs run.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from provisioner import agent, lock, ops
+from provisioner.change import Change, Noop
+from provisioner.connection import Connection, Unreachable
+from provisioner.facts import Facts
+from provisioner.inventory import Host, Inventory
+from provisioner.roles import REPO_ROOT, RoleCode, load_role
+
+
+@dataclass
+class Options:
+    task: str = "provision"
+    check: bool = False
+    diff: bool = False
+    serial: int = 0                   # hosts per batch; 0 = all at once
+    forks: int = 50
+    max_fail_percentage: float = 0.0  # a batch failing more than this stops later batches
+    roles: list[str] | None = None    # only these roles (in inventory order)
+
+
+@dataclass
+class RoleContext:
+    """What a role may look at besides its vars."""
+    host: Host
+    inventory: Inventory
+    os: dict                           # the host's os facts (id, version_id, virt, ...)
+    check: bool
+
+
+@dataclass
+class HostResult:
+    host: str
+    status: str = "ok"                 # ok / changed / failed / unreachable / skipped
+    changed: int = 0
+    failed: int = 0
+    remote_commands: int = 0
+    error: str | None = None
+    roles_done: list[str] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, inventory: Inventory, events, options: Options,
+                 connect: Callable[[Host], Connection] | None = None):
+        self.inv = inventory
+        self.events = events
+        self.opts = options
+        self.connect = connect or (lambda h: Connection(h, inventory.known_hosts, h.sudo_password))
+        self._roles: dict[str, RoleCode] = {}
+
+    def role(self, name: str) -> RoleCode:
+        if name not in self._roles:
+            self._roles[name] = load_role(self.inv.roles[name])
+        return self._roles[name]
+
+    def roles_for(self, host: Host) -> list[str]:
+        names = self.inv.roles_for(host.name)
+        if self.opts.roles is not None:
+            names = [r for r in names if r in self.opts.roles]
+        return names
+
+    def run(self, hosts: list[Host]) -> list[HostResult]:
+        for h in hosts:                            # load every role before touching any server
+            for r in self.roles_for(h):
+                self.role(r)
+        size = self.opts.serial or len(hosts) or 1
+        batches = [hosts[i:i + size] for i in range(0, len(hosts), size)]
+        results: list[HostResult] = []
+        for n, batch in enumerate(batches):
+            with ThreadPoolExecutor(max_workers=max(1, min(self.opts.forks, len(batch)))) as pool:
+                done = list(pool.map(self.run_host, batch))
+            results += done
+            bad = sum(1 for r in done if r.status in ("failed", "unreachable"))
+            if bad and 100.0 * bad / len(batch) > self.opts.max_fail_percentage and n + 1 < len(batches):
+                for rest in batches[n + 1:]:
+                    for h in rest:
+                        self.events.step(host=h.name, role="-", resource="host", status="skipped",
+                                         reason=f"not started: {bad} of {len(batch)} hosts of the "
+                                                f"previous batch failed (max {self.opts.max_fail_percentage:g}%)",
+                                         seconds=0.0)
+                        self.events.host_done(h.name, remote_commands=0, seconds=0.0)
+                        results.append(HostResult(h.name, status="skipped"))
+                break
+        return results
+
+    # --- one host -------------------------------------------------------------------------
+
+    def run_host(self, host: Host) -> HostResult:
+        started = time.monotonic()
+        res = HostResult(host.name)
+        conn = None
+        try:
+            conn = self._open(host)
+            os_facts = self._facts(conn, {})["os"]
+            owner = None
+            if not self.opts.check:
+                owner = lock.owner(self.events.run_id, self.opts.task, self.inv.env)
+                took = lock.acquire(conn, owner)
+                if took.get("stale"):
+                    self.events.warn(f"took over a stale run lock: {lock.describe(took['stale'], 0)}",
+                                     host=host.name)
+            try:
+                ctx = RoleContext(host, self.inv, os_facts, self.opts.check)
+                for name in self.roles_for(host):
+                    self._run_role(conn, host, name, ctx, res)
+                    if res.failed:
+                        break
+                    res.roles_done.append(name)
+            finally:
+                if owner is not None:
+                    audit = None
+                    if res.changed or res.failed:
+                        audit = lock.audit_line(owner, REPO_ROOT, "failed" if res.failed else "changed",
+                                                res.changed, res.failed)
+                    lock.finish(conn, owner["run_id"], audit)
+        except Unreachable as e:
+            res.status, res.error = "unreachable", str(e)
+            self.events.step(host=host.name, role="-", resource="connection", status="unreachable",
+                             reason=str(e), seconds=time.monotonic() - started)
+        except lock.LockHeld as e:
+            res.status, res.error = "locked", str(e)
+            self.events.step(host=host.name, role="-", resource="run lock", status="failed",
+                             reason=str(e), seconds=time.monotonic() - started)
+        except Exception as e:  # one host's bug or broken server must not stop the others
+            res.failed += 1
+            res.error = f"{type(e).__name__}: {e}"
+            self.events.step(host=host.name, role="-", resource="host", status="failed",
+                             reason=res.error, seconds=time.monotonic() - started)
+        finally:
+            if conn is not None:
+                res.remote_commands = conn.commands
+                conn.close()
+        if res.status == "ok":
+            res.status = "failed" if res.failed else ("changed" if res.changed else "ok")
+        self.events.host_done(host.name, remote_commands=res.remote_commands,
+                              seconds=time.monotonic() - started, error=res.error)
+        return res
+
+    def _open(self, host: Host) -> Connection:
+        """Connect as the inventory's user; while that user cannot log in yet (a fresh VM before
+        hardening created it), fall back to `bootstrap_user`."""
+        conn = self.connect(host)
+        try:
+            conn.open()
+            return conn
+        except Unreachable as e:
+            if not host.bootstrap_user or "authentication failed" not in str(e):
+                raise
+        boot = Connection(host, self.inv.known_hosts, host.sudo_password, user=host.bootstrap_user)
+        boot.open()
+        boot.commands += conn.commands
+        return boot
+
+    def _facts(self, conn: Connection, request: dict) -> dict:
+        r = conn.run(agent.command(), stdin=agent.payload("facts", request))
+        return agent.parse(r.stdout, r.stderr, r.rc)["facts"]
+
+    def _run_role(self, conn: Connection, host: Host, name: str, ctx: RoleContext, res: HostResult) -> None:
+        t0 = time.monotonic()
+        code = self.role(name)
+        v = self.inv.hostvars(host.name)
+
+        def step(resource: str, status: str, reason: str, diff=None, output=None):
+            self.events.step(host=host.name, role=name, resource=resource, status=status,
+                             reason=reason, seconds=time.monotonic() - t0, diff=diff, output=output)
+
+        try:
+            resources = list(code.resources(v, ctx))
+            handlers = dict(code.handlers(v) or {})
+            facts = Facts(self._facts(conn, ops.request(resources)))
+            planned = ops.plan_all(resources, facts)
+        except (ops.PlanError, ValueError, TypeError, KeyError) as e:
+            res.failed += 1
+            step("plan", "failed", f"{type(e).__name__}: {e}")
+            return
+        changes: list[Change] = []
+        for resource, result in planned:
+            for item in result:
+                if isinstance(item, Noop):
+                    step(item.resource, "ok", item.why)
+                else:
+                    changes.append(item)
+        if not changes:
+            return
+        if self.opts.check:
+            for c in changes:
+                res.changed += 1
+                step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
+            return
+        r = conn.run(agent.command(), stdin=agent.payload("apply", agent.apply_request(changes, handlers)))
+        answer = agent.parse(r.stdout, r.stderr, r.rc)
+        by_id = {x["id"]: x for x in answer["results"]}
+        for i, c in enumerate(changes):
+            out = by_id.get(str(i), {"status": "not_run"})
+            if out["status"] == "ok":
+                res.changed += 1
+                step(c.resource, "changed", f"{c.action}: {c.why}", diff=c.diff)
+            elif out["status"] == "failed":
+                res.failed += 1
+                step(c.resource, "failed", f"{c.action} failed: {out.get('error') or 'exit ' + str(out.get('rc'))}",
+                     diff=c.diff, output=out.get("output"))
+            else:
+                step(c.resource, "skipped", "not run: an earlier change of this role failed")
+        for h in answer.get("handlers", []):
+            if h["status"] == "ok":
+                step(f"handler {h['name']}", "changed", "notified")
+            elif h["status"] == "failed":
+                res.failed += 1
+                step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
