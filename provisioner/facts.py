@@ -59,6 +59,7 @@ class FileFact:
     target: str | None = None      # for links
     size: int | None = None
     error: str | None = None
+    predicted: bool = False        # from an earlier change's .expect(), not read on the server
 
     @classmethod
     def from_json(cls, path: str, d: Mapping | None) -> "FileFact":
@@ -68,7 +69,8 @@ class FileFact:
         return cls(path=path, exists=bool(d.get("exists")), type=d.get("type"),
                    mode=d.get("mode"), owner=d.get("owner"), group=d.get("group"),
                    sha256=d.get("sha256"), content=d.get("content"), target=d.get("target"),
-                   size=d.get("size"), error=d.get("error"))
+                   size=d.get("size"), error=d.get("error"),
+                   predicted=bool(d.get("predicted")))
 
     def describe(self) -> str:
         if not self.exists:

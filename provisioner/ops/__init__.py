@@ -27,9 +27,15 @@ def request(resources: Iterable[Any]) -> dict:
 
 def plan_all(resources: Iterable[Any], facts: Facts) -> list[tuple[Any, list[Change | Noop]]]:
     """Plan each resource in order. After a resource that changes something, the facts the
-    next ones see are overlaid with its .expect(): a line edited in a file written just
-    before, a user joining a group created just before, are planned against that future
-    state, not the stale one. PlanError propagates (nothing of the role is applied)."""
+    next ones see are overlaid with its .expect(): a line edited in a file a package install
+    just changed, a user joining a group created just before, are planned against that
+    future state, not the stale one. PlanError propagates (nothing of the role is applied).
+
+    A role that fights itself is refused up front (PlanError): a file whose whole content a
+    resource manages and that another resource also writes or edits lines in would change
+    on every run."""
+    resources = list(resources)
+    check_conflicts(resources)
     out = []
     for r in resources:
         result = r.plan(facts)
@@ -39,3 +45,20 @@ def plan_all(resources: Iterable[Any], facts: Facts) -> list[tuple[Any, list[Cha
             if expect is not None:
                 facts = facts.overlay(expect(facts))
     return out
+
+
+def check_conflicts(resources: Iterable[Any]) -> None:
+    from provisioner.ops.files import File
+    from provisioner.ops.lines import Line
+
+    whole: dict[str, Any] = {}
+    for r in resources:
+        path = getattr(r, "path", None)
+        if isinstance(r, (File, Line)) and path in whole:
+            first = whole[path]
+            if not (isinstance(r, File) and r.content.text == first.content.text):
+                raise PlanError(f"{r.id} conflicts with {first.id}: that resource manages the "
+                                f"whole content of {path}, so they would undo each other on "
+                                "every run; put the line into the file's content instead")
+        if isinstance(r, File):
+            whole.setdefault(path, r)

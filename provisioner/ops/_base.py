@@ -157,6 +157,9 @@ def file_diff(path: str, old: FileFact, new: Rendered) -> str:
     """Unified diff old -> new as users may see it: secrets as ***, or a note instead."""
     if new.display is None:
         return f"--- {path}\n+++ {path}\n(diff hidden: {new.hidden})\n"
+    if old.predicted and old.content is None:
+        return (f"--- {path}\n+++ {path}\n(old content not known yet: an earlier change of "
+                f"this role creates the file)\n")
     if old.exists and old.type == "file" and old.content is None:
         return (f"--- {path}\n+++ {path}\n(old content not shown: binary or larger than "
                 f"256 KiB; new content {len(new.text.encode())} bytes)\n")

@@ -70,7 +70,7 @@ class Command:
     def expect(self, facts: Facts) -> dict:
         if self.creates:
             return {"files": {self.creates: {"__replace__": True, "exists": True,
-                                             "type": "file"}}}
+                                             "type": None, "predicted": True}}}
         if self.unless:
             from provisioner.facts import check_key
             return {"checks": {check_key(self.unless): 0}}

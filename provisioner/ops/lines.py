@@ -79,6 +79,9 @@ class Line:
                                    " (create=False: an earlier change must create it)")
             return [Change(self.id, "create" if self.create else "edit", why, (self._step(),),
                            b.file_diff(self.path, f, self._shown(new)), self.notify)]
+        if f.predicted and f.content is None:
+            return [Change(self.id, "edit", "file to be created by an earlier change: edited "
+                           "on the server once it exists", (self._step(),), None, self.notify)]
         if f.type != "file":
             raise b.PlanError(f"{self.path} is {f.describe()}, not a file")
         if f.content is None:
