@@ -15,6 +15,7 @@ from . import procs, supervise
 from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec, TestbedError
 
 SUPERVISOR = "provisioner.testbed.supervise"
+SERVER_RECIPE = 2     # bump when create() writes something new: existing servers are rebuilt
 
 
 def server_dir(name: str) -> Path:
@@ -35,7 +36,8 @@ def _meta(name: str) -> dict | None:
 def is_created(spec: ServerSpec, base: Path) -> bool:
     """Complete and current: made for this address on this base (else it is rebuilt)."""
     meta = _meta(spec.name)
-    return bool(meta) and meta.get("address") == spec.address and meta.get("base") == str(base)
+    return bool(meta) and meta.get("address") == spec.address and meta.get("base") == str(base) \
+        and meta.get("recipe") == SERVER_RECIPE
 
 
 def existing() -> list[str]:
@@ -77,7 +79,9 @@ def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy
         "LinkLocalAddressing=no\nIPv6AcceptRA=no\n")
     put("/etc/apt/apt.conf.d/01testbed-proxy",
         f'Acquire::http::Proxy "http://{gw}:{APT_CACHE_PORT}";\n'
-        f'Acquire::https::Proxy "http://{gw}:{PROXY_PORT}";\n')
+        f'Acquire::https::Proxy "http://{gw}:{PROXY_PORT}";\n'
+        # repositories the tests serve on the host side of the bridge are reached directly
+        f'Acquire::http::Proxy::{gw} "DIRECT";\n')
     proxy = f"http://{gw}:{PROXY_PORT}"
     put("/etc/environment", f"http_proxy={proxy}\nhttps_proxy={proxy}\nHTTP_PROXY={proxy}\n"
         f"HTTPS_PROXY={proxy}\nno_proxy=localhost,127.0.0.1,{lay.subnet}\n")
@@ -93,7 +97,8 @@ def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy
     os.chmod(root / "root/.ssh", 0o700)
     subprocess.run(["ssh-keygen", "-A", "-f", str(root)], check=True, capture_output=True)
     (server_dir(spec.name) / "server.json").write_text(
-        json.dumps({"name": spec.name, "address": spec.address, "base": str(base)}) + "\n")
+        json.dumps({"name": spec.name, "address": spec.address, "base": str(base),
+                    "recipe": SERVER_RECIPE}) + "\n")
 
 
 def host_keys(name: str) -> list[str]:
