@@ -64,7 +64,7 @@ class FileFact:
     @classmethod
     def from_json(cls, path: str, d: Mapping | None) -> "FileFact":
         d = d or {"exists": False}
-        if d.get("exists") is None:
+        if d.get("exists") is None or (d.get("exists") and d.get("error")):
             raise FactError(f"cannot read {path} on the server: {d.get('error')}")
         return cls(path=path, exists=bool(d.get("exists")), type=d.get("type"),
                    mode=d.get("mode"), owner=d.get("owner"), group=d.get("group"),

@@ -66,7 +66,7 @@ def test_overlay_does_not_touch_the_original():
 
 
 def test_plan_all_threads_predictions_group_then_user():
-    facts = Facts({"groups": {"deployers": None}, "users": {"deploy": None}})
+    facts = Facts({"groups": {"deployers": None, "deploy": None}, "users": {"deploy": None}})
     res = [users.group("deployers"), users.user("deploy", ["deployers"])]
     planned = plan_all(res, facts)
     assert [type(c).__name__ for _, r in planned for c in r] == ["Change", "Change"]

@@ -41,8 +41,13 @@ KEYRINGS = "/etc/apt/keyrings"
 SOURCES = "/etc/apt/sources.list.d"
 
 
-def update_step() -> dict:
-    return b.run([*APT_GET, "update"])
+STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"   # remote/agent.py APT_STAMP
+
+
+def update_steps() -> tuple[dict, ...]:
+    """apt-get update, then our stamp: apt leaves unchanged lists' mtimes alone, so without it
+    the lists of a quiet repository would look stale forever (see agent apt_lists_age)."""
+    return (b.run([*APT_GET, "update"]), b.run(["touch", STAMP], ok=(0, 1)))
 
 
 def _age(seconds: int | None) -> str:
@@ -96,7 +101,7 @@ class Packages:
                            (b.run(argv),))]
         if self.state == "latest":
             if self._stale(facts):
-                steps = (update_step(), self._install([n.split("=")[0] for n in self.names]))
+                steps = update_steps() + (self._install([n.split("=")[0] for n in self.names]),)
                 return [Change(self.id, "upgrade",
                                f"package lists are {_age(facts.apt_lists_age)} (max "
                                f"{self.update_cache_max_age} s): refresh, then install or "
@@ -127,7 +132,7 @@ class Packages:
         if not todo:
             return [Noop(self.id, "already present: " + ", ".join(
                 f"{n.split('=')[0]} {have[n]}" for n in self.names))]
-        steps = ((update_step(),) if self._stale(facts) else ()) + (self._install(todo),)
+        steps = (update_steps() if self._stale(facts) else ()) + (self._install(todo),)
         why_s = ", ".join(why)
         if self._stale(facts):
             why_s += f" (package lists {_age(facts.apt_lists_age)}: refreshing first)"
@@ -256,7 +261,7 @@ class Repository:
             why.append(f"legacy {self.legacy_path} present")
         if not steps:
             return [Noop(self.id, f"up to date: {self.sources_path}, {self.keyring}")]
-        steps.append(update_step())
+        steps.extend(update_steps())
         return [Change(self.id, "configure", "; ".join(why), tuple(steps), diff)]
 
     def expect(self, facts: Facts) -> dict:

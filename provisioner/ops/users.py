@@ -41,7 +41,7 @@ class User:
         return f"user {self.name}"
 
     def facts(self) -> dict:
-        return {"users": [self.name]}
+        return {"users": [self.name], "groups": [self.name]}
 
     def _home(self, u: dict | None) -> str:
         return self.home or (u or {}).get("home") or f"/home/{self.name}"
@@ -70,7 +70,12 @@ class User:
                 argv += ["--shell", self.shell]
             if self.groups:
                 argv += ["--groups", ",".join(self.groups)]
-            argv += ["--user-group", "--", self.name]
+            # A group of the user's name that exists (or an earlier resource creates) becomes
+            # the primary group: useradd --user-group refuses to reuse it.
+            if facts.group(self.name) is not None:
+                argv += ["--gid", self.name, "--", self.name]
+            else:
+                argv += ["--user-group", "--", self.name]
             out.append(Change(self.id, "create", "absent", (b.run(argv),)))
         else:
             if self.uid is not None and u["uid"] != self.uid:
@@ -151,7 +156,10 @@ class User:
                               "group": new["group"]}
             new["authorized_keys"] = b.file_fact("", self._keys_text(), "0600", self.name,
                                                  new["group"], None)
-        return {"users": {self.name: {"__replace__": True, **new}}}
+        frag: dict = {"users": {self.name: {"__replace__": True, **new}}}
+        if u is None and facts.group(self.name) is None:
+            frag["groups"] = {self.name: {"gid": None, "members": []}}   # --user-group
+        return frag
 
 
 def user(name: str, groups: Sequence[str] | str = (), *, shell: str | None = None,

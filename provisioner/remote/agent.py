@@ -278,19 +278,35 @@ def fact_files(paths):
     return {p: file_fact(p) for p in paths}
 
 
+APT_STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"
+
+
 def apt_lists_age():
-    """Seconds since the newest file in /var/lib/apt/lists was written; None if never."""
+    """Seconds since `apt-get update` last ran; None if the lists were never fetched.
+
+    The mtimes of the list files are the REPOSITORY's Last-Modified times (apt keeps them, and
+    does not touch unchanged lists), so they only bound the answer. apt writes into
+    lists/partial on every update, and our update step touches APT_STAMP: the newest of all
+    these is the last update."""
     newest = None
+    have_lists = False
     try:
         for e in os.scandir("/var/lib/apt/lists"):
             if e.name in ("lock", "partial", "auxfiles") or not e.is_file():
                 continue
+            have_lists = True
             m = e.stat().st_mtime
             newest = m if newest is None or m > newest else newest
     except OSError:
         return None
-    if newest is None:
+    if not have_lists:
         return None
+    for extra in ("/var/lib/apt/lists/partial", APT_STAMP):
+        try:
+            m = os.stat(extra).st_mtime
+        except OSError:
+            continue
+        newest = m if newest is None or m > newest else newest
     return max(0, int(time.time() - newest))
 
 
@@ -364,7 +380,12 @@ def fact_services(units):
         cur[k] = v
     if cur:
         blocks.append(cur)
+    if len(blocks) != len(names):
+        by_id = {b.get("Id"): b for b in blocks}
+        blocks = [by_id.get(n, {}) for n in names]
     for u, n, b in zip(units, names, blocks):
+        if not b:
+            continue
         result[u] = {
             "unit": b.get("Id") or n, "load": b.get("LoadState") or None,
             "active": b.get("ActiveState") or None, "sub": b.get("SubState") or None,
