@@ -7,9 +7,24 @@ the runner ships the steps of a role's changes to the remote agent in one exec.
 Steps are plain JSON-able dicts so the agent (provisioner/remote/agent.py, run by python3 on the
 server) needs nothing from this package:
   {"run": [argv...], "stdin": str | None, "env": {..}, "ok": [0]}
+       (optional "timeout": seconds; DEBIAN_FRONTEND=noninteractive, LC_ALL=C.UTF-8 are set)
   {"write": path, "b64": content, "mode": "0644", "owner": "root", "group": "root",
-   "validate": "sshd -t -f {path}" | None}     # temp file beside target, validate, rename
-A step never carries a secret on a command line: secrets travel in "stdin" or "b64".
+   "validate": "sshd -t -f {path}" | [argv with "{path}"] | None,
+   "after": [[argv...]..]}                      # temp file beside target, validate, rename,
+                                                # then the "after" commands
+Added by the ops/agent work (same rules, all handled by the agent itself):
+  {"line": path, "text": str, "regexp": str | None, "state": "present" | "absent",
+   "insert_after": str | None, "create": bool, "mode", "owner", "group", "validate", "after"}
+                                                # lineinfile edit done on the server at apply
+                                                # time, written like "write" when it changes
+  {"dir": path, "mode", "owner", "group"}       # mkdir -p, then chown/chmod
+  {"attrs": path, "mode", "owner", "group"}     # chown/chmod an existing path (not a symlink)
+  {"fetch": url, "path": path, "sha256": hex | None, "mode", "owner", "group"}
+                                                # download (stdlib urllib), check, write
+mode/owner/group None = keep the existing value (new files: 0644 / dirs 0755, the agent's
+user; owner given and group None: the owner's primary group).
+A step never carries a secret on a command line: secrets travel in "stdin", "env", "b64" or
+"text", all inside the request on the agent's stdin.
 """
 from __future__ import annotations
 
