@@ -182,3 +182,16 @@ def test_change_and_noop_types():
     assert isinstance(out[0], Change)
     out = files.absent("/srv/x").plan(Facts({"files": {"/srv/x": {"exists": False}}}))
     assert isinstance(out[0], Noop) and out[0].why == "already absent"
+
+
+def test_conflicts_in_any_order_and_identical_duplicates_allowed():
+    from provisioner.ops import check_conflicts, links
+    check_conflicts([files.file("/etc/a", "x"), files.file("/etc/a", "x"),
+                     lines.line("/etc/b", "1"), lines.line("/etc/b", "2")])
+    for pair in ([lines.line("/etc/a", "1"), files.file("/etc/a", "x")],
+                 [files.absent("/etc/a"), files.file("/etc/a", "x")],
+                 [files.directory("/srv/a"), files.directory("/srv/a", mode="0700")],
+                 [links.link("/srv/cur", "r1"), links.link("/srv/cur", "r2")],
+                 [sysctl.sysctl("vm.swappiness", 1), files.file(sysctl.DEFAULT_FILE, "")]):
+        with pytest.raises(PlanError, match="conflicts with"):
+            check_conflicts(pair)

@@ -48,17 +48,27 @@ def plan_all(resources: Iterable[Any], facts: Facts) -> list[tuple[Any, list[Cha
 
 
 def check_conflicts(resources: Iterable[Any]) -> None:
-    from provisioner.ops.files import File
+    """Refuse a role whose resources would undo each other on every run: a path managed as a
+    whole (file, template, directory, link, absent) by one resource and also managed by a
+    different one, either as a whole or by lines (lines.line, sysctl's file)."""
+    from provisioner.ops.files import Absent, Directory, File
     from provisioner.ops.lines import Line
+    from provisioner.ops.links import Link
+    from provisioner.ops.sysctl import Sysctl
 
     whole: dict[str, Any] = {}
+    partial: dict[str, Any] = {}
     for r in resources:
-        path = getattr(r, "path", None)
-        if isinstance(r, (File, Line)) and path in whole:
-            first = whole[path]
-            if not (isinstance(r, File) and r.content.text == first.content.text):
-                raise PlanError(f"{r.id} conflicts with {first.id}: that resource manages the "
-                                f"whole content of {path}, so they would undo each other on "
-                                "every run; put the line into the file's content instead")
-        if isinstance(r, File):
-            whole.setdefault(path, r)
+        if isinstance(r, (File, Directory, Link, Absent)):
+            first = whole.get(r.path)
+            if first is not None and first != r:
+                raise PlanError(f"{r.id} conflicts with {first.id}: both manage {r.path} and "
+                                "would undo each other on every run")
+            whole.setdefault(r.path, r)
+        elif isinstance(r, (Line, Sysctl)):
+            partial.setdefault(r.path if isinstance(r, Line) else r.file, r)
+    for path, r in partial.items():
+        if path in whole:
+            raise PlanError(f"{r.id} conflicts with {whole[path].id}: that resource manages "
+                            f"the whole of {path}, so they would undo each other on every "
+                            "run; put the line into the file's content instead")
