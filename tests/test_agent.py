@@ -499,3 +499,10 @@ def test_edit_lines_semantics():
     assert e("#x\n#y\nz\n", "", regexp="^#", state="absent") == "z\n"
     assert e(None, "a", state="absent") is None
     assert e("a\n", "a", state="absent") == ""
+
+
+def test_bootstrap_quotes_cleanly_for_a_remote_shell():
+    import shlex
+    argv = agent.command()
+    assert "'" not in argv[2]                       # shlex.quote wraps it in single quotes
+    assert shlex.split(shlex.join(argv)) == argv

@@ -12,7 +12,7 @@ user). `content` is a str or a secret (then the diff is withheld). `validate` is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from provisioner.change import Change, Noop
