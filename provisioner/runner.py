@@ -14,7 +14,7 @@ from typing import Any, Callable
 from provisioner import agent, lock, ops
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
-from provisioner.facts import Facts
+from provisioner.facts import FactError, Facts
 from provisioner.inventory import Host, Inventory
 from provisioner.roles import REPO_ROOT, RoleCode, load_role
 
@@ -180,7 +180,7 @@ class Runner:
             handlers = dict(code.handlers(v) or {})
             facts = Facts(self._facts(conn, ops.request(resources)))
             planned = ops.plan_all(resources, facts)
-        except (ops.PlanError, ValueError, TypeError, KeyError) as e:
+        except (ops.PlanError, FactError, agent.AgentError, ValueError, TypeError, KeyError) as e:
             res.failed += 1
             step("plan", "failed", f"{type(e).__name__}: {e}")
             return
@@ -199,7 +199,12 @@ class Runner:
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
             return
         r = conn.run(agent.command(), stdin=agent.payload("apply", agent.apply_request(changes, handlers)))
-        answer = agent.parse(r.stdout, r.stderr, r.rc)
+        try:
+            answer = agent.parse(r.stdout, r.stderr, r.rc)
+        except agent.AgentError as e:       # e.g. the connection's user lost sudo mid-run
+            res.failed += 1
+            step("apply", "failed", str(e))
+            return
         by_id = {x["id"]: x for x in answer["results"]}
         for i, c in enumerate(changes):
             out = by_id.get(str(i), {"status": "not_run"})
