@@ -1,8 +1,9 @@
 """provisioner's command line: `invoke --list` shows every task."""
 from invoke import Collection
 
-from provisioner.cli import testbed, vault
+from provisioner.cli import provision, testbed, vault
 
-ns = Collection()
+ns = Collection(provision.provision, provision.check)
+ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)

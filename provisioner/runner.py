@@ -85,7 +85,7 @@ class Runner:
             if bad and 100.0 * bad / len(batch) > self.opts.max_fail_percentage and n + 1 < len(batches):
                 for rest in batches[n + 1:]:
                     for h in rest:
-                        self.events.step(host=h.name, role="-", resource="host", status="skipped",
+                        self.events.step(host=h.name, role=None, resource="host", status="skipped",
                                          reason=f"not started: {bad} of {len(batch)} hosts of the "
                                                 f"previous batch failed (max {self.opts.max_fail_percentage:g}%)",
                                          seconds=0.0)
@@ -126,16 +126,16 @@ class Runner:
                     lock.finish(conn, owner["run_id"], audit)
         except Unreachable as e:
             res.status, res.error = "unreachable", str(e)
-            self.events.step(host=host.name, role="-", resource="connection", status="unreachable",
+            self.events.step(host=host.name, role=None, resource="connection", status="unreachable",
                              reason=str(e), seconds=time.monotonic() - started)
         except lock.LockHeld as e:
             res.status, res.error = "locked", str(e)
-            self.events.step(host=host.name, role="-", resource="run lock", status="skipped",
+            self.events.step(host=host.name, role=None, resource="run lock", status="skipped",
                              reason=str(e), seconds=time.monotonic() - started)
         except Exception as e:  # one host's bug or broken server must not stop the others
             res.failed += 1
             res.error = f"{type(e).__name__}: {e}"
-            self.events.step(host=host.name, role="-", resource="host", status="failed",
+            self.events.step(host=host.name, role=None, resource="host", status="failed",
                              reason=res.error, seconds=time.monotonic() - started)
         finally:
             if conn is not None:
@@ -143,8 +143,10 @@ class Runner:
                 conn.close()
         if res.status == "ok":
             res.status = "failed" if res.failed else ("changed" if res.changed else "ok")
+        # a held lock is a skip with its reason already reported, not a host error
         self.events.host_done(host.name, remote_commands=res.remote_commands,
-                              seconds=time.monotonic() - started, error=res.error)
+                              seconds=time.monotonic() - started,
+                              error=None if res.status == "locked" else res.error)
         return res
 
     def _open(self, host: Host) -> Connection:

@@ -1,0 +1,86 @@
+"""Helpers for the engine's tests over SSH: an inventory aimed at testbed servers with the test
+roles, a run through the real runner and event stream, and state snapshots."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+from provisioner.events import Events
+from provisioner.inventory import load_inventory_file
+from provisioner.runner import Options, Runner
+from provisioner.testbed import config
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_ROLES = REPO / "tests" / "roles"
+ADDRESSES = {s.name: s.address for s in config.inventory_servers()}
+
+
+def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict | None = None,
+              host_vars: dict | None = None, ssh: dict | None = None, name: str = "enginetest"):
+    ssh_doc = {"user": "root", "key": str(REPO / ".testbed" / "id_ed25519"), "connect_timeout": 5,
+               **(ssh or {})}
+    doc = {
+        "env": name,
+        "known_hosts": str(REPO / ".testbed" / "known_hosts"),
+        "ssh": ssh_doc,
+        "vars": vars or {},
+        "hosts": {h: {"address": ADDRESSES[h], **({"vars": host_vars[h]} if host_vars and h in host_vars else {})}
+                  for h in hosts},
+        "groups": {"all": {"hosts": hosts, "roles": roles}},
+    }
+    path = tmp_path / f"{name}.yml"
+    path.write_text(json.dumps(doc, indent=1))          # JSON is YAML
+    return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+
+
+class Run:
+    """One run through Runner + Events in JSON mode; events parsed back for assertions."""
+
+    def __init__(self, inv, *, check=False, diff=False, verbose=0, serial=0, limit=None,
+                 max_fail_percentage=0.0, task="provision"):
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.events = Events(task=task, env=inv.env, json_out=True, verbose=verbose, diff=diff,
+                             check=check, stream_out=self.out, stream_err=self.err)
+        hosts = inv.select(limit)
+        self.events.start([h.name for h in hosts])
+        self.results = Runner(inv, self.events, Options(task=task, check=check, diff=diff, serial=serial,
+                                                         max_fail_percentage=max_fail_percentage)).run(hosts)
+        self.recap = self.events.recap()
+        self.exit_code = self.events.exit_code(detailed=check)
+        self.lines = [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def steps(self, host=None, status=None):
+        return [e for e in self.lines if e["event"] == "step"
+                and (host is None or e["host"] == host) and (status is None or e["status"] == status)]
+
+    def host(self, name):
+        return self.recap["hosts"][name]
+
+
+def sh(name: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A root command inside a test server without SSH (also works after hardening)."""
+    from provisioner import testbed
+    proc = subprocess.run(testbed.shell_argv(name, ["/bin/sh", "-c", command]), capture_output=True,
+                          text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name}: {command!r} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+SNAPSHOT = r"""
+find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /dev -o -path /tmp \
+  -o -path /var/log/journal -o -path /var/tmp -o -path /var/cache/apt -o -path /var/lib/systemd \
+  -o -path /root/.cache \) -prune -o -printf '%p %y %m %u %g %s %T@\n' | sort | sha256sum;
+systemctl is-system-running --wait >/dev/null;
+systemctl list-units --all --no-legend --plain | awk '{print $1, $3, $4}' \
+  | grep -v -e '^session-' -e '^user' | sort | sha256sum;
+sysctl -a 2>/dev/null | grep -v -e '^net.netfilter' -e 'random' -e 'fs\.' -e 'kernel\.ns_last_pid' | sort | sha256sum
+"""
+
+
+def snapshot(name: str) -> str:
+    """A digest of what a run could change: every file's metadata (mtime included), units, sysctls.
+    SSH logins' own session and user units are left out: any connection makes them."""
+    return sh(name, SNAPSHOT).stdout

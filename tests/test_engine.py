@@ -1,0 +1,233 @@
+"""The engine against real test servers over SSH: every op applied twice, check mode, failures,
+unreachable hosts, host keys, locks, audit, secrets, sudo, jump hosts."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import testinfra
+
+from conftest import invoke
+from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, inventory, sh, snapshot
+from provisioner.connection import Connection, HostKeyError
+from provisioner.inventory import load_inventory_file
+from provisioner.secret import Secret
+
+pytestmark = pytest.mark.usefixtures("testbed")
+
+
+def th(name):
+    return testinfra.get_host(f"ssh://{name}", ssh_config=str(REPO / ".testbed" / "ssh_config"))
+
+
+@pytest.fixture
+def fresh_web2(testbed):
+    """web2 as a never-provisioned server."""
+    invoke("testbed.reset", "web2")
+    return "web2"
+
+
+def test_every_op_applies_then_a_second_run_changes_nothing(tmp_path, fresh_web2):
+    inv = inventory(tmp_path, [fresh_web2], ["opsdemo"])
+    first = Run(inv)
+    assert first.exit_code == 0, first.err.getvalue()
+    assert first.host("web2")["changed"] >= 14 and first.host("web2")["failed"] == 0
+    second = Run(inv)
+    assert second.host("web2")["changed"] == 0, second.steps(status="changed")
+    assert second.exit_code == 0
+    # what a user would check on the server
+    h = th("web2")
+    assert h.package("hello").is_installed
+    assert h.user("opsdemo").exists and "opsdemo" in h.user("opsdemo").groups
+    assert h.file("/srv/opsdemo").mode == 0o750 and h.file("/srv/opsdemo").user == "opsdemo"
+    assert h.file("/srv/opsdemo/current").linked_to == "/srv/opsdemo/releases/1"
+    assert h.file("/srv/opsdemo/message").content_string == "hello from provisioner\n"
+    assert h.file("/srv/opsdemo/message").mode == 0o640
+    assert h.file("/etc/opsdemo.conf").mode == 0o600
+    assert "max_clients = 10" in h.file("/etc/default/opsdemo").content_string
+    assert h.service("opsdemo").is_running and h.service("opsdemo").is_enabled
+    assert h.sysctl("net.ipv4.conf.all.log_martians") == 1
+    assert h.file("/srv/opsdemo/created").exists
+    assert len(h.file("/srv/opsdemo/once.log").content_string.splitlines()) == 1
+    # a converged run costs a small constant number of execs per host, not one per op
+    assert second.host("web2")["remote_commands"] <= 4
+
+
+def test_drift_is_repaired_and_reported(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1"], ["opsdemo"])
+    Run(inv)
+    sh("web1", "chmod 0644 /srv/opsdemo/message; echo tampered > /etc/opsdemo.conf; systemctl stop opsdemo")
+    run = Run(inv, diff=True)
+    changed = {e["resource"]: e for e in run.steps(status="changed")}
+    assert "mode 0644 != 0640" in changed["file /srv/opsdemo/message"]["reason"]
+    assert "-tampered" in changed["template /etc/opsdemo.conf"]["diff"]
+    assert "service opsdemo.service" in changed
+    assert Run(inv).host("web1")["changed"] == 0
+
+
+def test_check_mode_changes_nothing_on_the_server(tmp_path, fresh_web2):
+    inv = inventory(tmp_path, [fresh_web2], ["opsdemo", "base"])
+    before = snapshot(fresh_web2)
+    run = Run(inv, check=True, diff=True)
+    assert run.host("web2")["changed"] >= 14           # it reports what it would do ...
+    assert all(e["check"] for e in run.steps(status="changed"))
+    assert run.exit_code == 5                           # ... as pending, under --detailed-exitcode
+    assert snapshot(fresh_web2) == before               # ... and did nothing
+    assert sh(fresh_web2, "test -e /var/lib/provisioner || test -e /var/log/provisioner/audit.log",
+              check=False).returncode == 1
+    Run(inv)                                            # the snapshot does see a real run
+    assert snapshot(fresh_web2) != before
+
+
+def test_a_failing_step_stops_its_host_and_reports_output_while_others_finish(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1", "db1"], ["opsdemo"], host_vars={"web1": {"opsdemo_fail": True}})
+    run = Run(inv)
+    assert run.exit_code == 1
+    failed = run.steps(host="web1", status="failed")
+    assert [e["resource"] for e in failed] == ["command failing step"]
+    assert "exit 3" in failed[0]["reason"]
+    assert run.host("db1")["failed"] == 0 and run.host("db1")["unreachable"] == 0
+
+
+def test_serial_batches_stop_after_a_failed_batch(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1", "db1", "vault"], ["opsdemo"], host_vars={"web1": {"opsdemo_fail": True}})
+    run = Run(inv, serial=1)
+    assert run.host("web1")["failed"] == 1
+    for name in ("db1", "vault"):
+        assert run.host(name)["skipped"] == 1 and run.host(name)["remote_commands"] == 0
+
+
+def test_a_stopped_server_is_unreachable_while_the_others_complete(testbed):
+    invoke("testbed.stop", "vault")
+    try:
+        r = invoke("provision", "--env", "local", "--json", "--yes", check=False)
+    finally:
+        invoke("testbed.start", "vault")
+    assert r.returncode == 3, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    recap = events[-1]
+    assert recap["event"] == "recap"
+    assert recap["hosts"]["vault"]["unreachable"] == 1
+    assert all(recap["hosts"][h]["failed"] == 0 and recap["hosts"][h]["unreachable"] == 0
+               for h in ("web1", "web2", "db1"))
+    unreachable = [e for e in events if e.get("status") == "unreachable"]
+    assert "vault" in unreachable[0]["reason"] and "cannot connect" in unreachable[0]["reason"]
+
+
+def test_unknown_and_changed_host_keys_are_refused(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1"], ["base"])
+    host = inv.hosts["web1"]
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError, match=r"unknown host key \(ssh-ed25519 SHA256:.*hosts.trust"):
+        Connection(host, empty).open()
+    known = (REPO / ".testbed" / "known_hosts").read_text().splitlines()
+    web2_keys = [line.split(" ", 1)[1] for line in known if line.startswith(ADDRESSES["web2"] + " ")]
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text("".join(f"{ADDRESSES['web1']} {k}\n" for k in web2_keys))
+    with pytest.raises(HostKeyError, match=r"HOST KEY CHANGED.*has \S+ SHA256:\S+, the server now presents \S+ SHA256:\S+"):
+        Connection(host, wrong).open()
+
+
+def test_hosts_trust_records_fingerprints(tmp_path, testbed, monkeypatch):
+    from provisioner.cli import provision
+    inv_path = tmp_path / "trusttest.yml"
+    inv_path.write_text(json.dumps({
+        "env": "trusttest", "known_hosts": "kh", "ssh": {"user": "root"},
+        "hosts": {"web1": {"address": ADDRESSES["web1"]}}, "groups": {"g": {"hosts": ["web1"], "roles": ["base"]}}}))
+    inv = load_inventory_file(inv_path)
+    monkeypatch.setattr(provision, "load", lambda env, interactive: inv)
+    provision.trust.body(None, env="trusttest", yes=True)
+    recorded = (tmp_path / "kh").read_text()
+    expected = [line.split(" ", 1)[1] for line in (REPO / ".testbed" / "known_hosts").read_text().splitlines()
+                if line.startswith(ADDRESSES["web1"] + " ")]
+    assert recorded.startswith(ADDRESSES["web1"] + " ")
+    assert recorded.split(" ", 1)[1].strip() in expected
+    provision.trust.body(None, env="trusttest", yes=True)      # a second run records nothing new
+    assert (tmp_path / "kh").read_text() == recorded
+
+
+def test_a_held_run_lock_is_exit_4_naming_the_holder(testbed):
+    owner = {"run_id": "other", "who": "alice", "from": "laptop", "pid": 4242, "ci_job": None,
+             "task": "deploy", "env": "local", "started": "2026-01-01T00:00:00+00:00",
+             "started_epoch": 4102444800, "ttl": 3600}
+    sh("db1", "mkdir -p /var/lib/provisioner/run.lock && cat > /var/lib/provisioner/run.lock/owner.json <<'EOF'\n"
+       + json.dumps(owner) + "\nEOF")
+    try:
+        r = invoke("provision", "--env", "local", "--limit", "db1", "--yes", check=False)
+    finally:
+        sh("db1", "rm -rf /var/lib/provisioner/run.lock")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "alice@laptop" in r.stdout + r.stderr and "deploy" in r.stdout + r.stderr
+
+
+def test_changes_are_audited_and_check_runs_are_not(tmp_path, fresh_web2):
+    inv = inventory(tmp_path, [fresh_web2], ["base"])
+    Run(inv, check=True)
+    assert sh(fresh_web2, "test -e /var/log/provisioner/audit.log", check=False).returncode == 1
+    Run(inv)
+    Run(inv)            # converged: nothing to audit
+    lines = sh(fresh_web2, "cat /var/log/provisioner/audit.log").stdout.splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["task"] == "provision" and entry["env"] == "enginetest" and entry["result"] == "changed"
+    assert entry["who"] and entry["from"] and entry["config"] != "unknown"
+    assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+
+
+def test_secrets_never_appear_in_output_events_diffs_or_the_journal(tmp_path, testbed):
+    value = "pw-7Hq2-never-print-me"
+    path = tmp_path / "secrettest.yml"
+    path.write_text(f"""env: secrettest
+known_hosts: {REPO}/.testbed/known_hosts
+ssh: {{user: root, key: {REPO}/.testbed/id_ed25519}}
+hosts:
+  web1:
+    address: {ADDRESSES['web1']}
+    vars: {{opsdemo_fail: true, opsdemo_secret: !vault demo_token}}
+groups:
+  all: {{hosts: [web1], roles: [opsdemo]}}
+""")
+    inv = load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"]).resolve(
+        {"demo_token": Secret(value)})
+    sh("web1", "rm -f /etc/opsdemo.conf")                   # so the diff shows the secret's line
+    run = Run(inv, diff=True, verbose=3)
+    assert run.exit_code == 1                               # a verbose, failing run
+    assert value in sh("web1", "cat /etc/opsdemo.conf").stdout   # the file does get the real value
+    everything = run.out.getvalue() + run.err.getvalue()
+    assert "token = ***" in everything                      # the diff was shown, masked
+    assert value not in everything
+    journal = sh("web1", "journalctl --no-pager -o cat --since -5min").stdout
+    assert value not in journal
+
+
+def test_sudo_with_a_nopasswd_user(tmp_path, fresh_web2):
+    key = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip()
+    sh(fresh_web2, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
+       f"echo '{key}' > ~ops/.ssh/authorized_keys && chown -R ops: ~ops/.ssh && "
+       "echo 'ops ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
+    inv = inventory(tmp_path, [fresh_web2], ["base"], ssh={"user": "ops"})
+    run = Run(inv)
+    assert run.exit_code == 0, run.lines
+    assert th(fresh_web2).file("/var/log/provisioner").user == "root"
+    assert Run(inv).host("web2")["changed"] == 0
+
+
+def test_a_jump_host_carries_the_connection(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web2"], ["base"],
+                    ssh={"jump": {"address": ADDRESSES["web1"], "user": "root"}})
+    run = Run(inv)
+    assert run.exit_code == 0, run.lines
+    log = sh("web2", "journalctl -u ssh --no-pager -o cat --since -2min").stdout
+    assert f"from {ADDRESSES['web1']}" in log
+
+
+def test_bad_input_is_exit_2_before_any_server_is_touched(testbed):
+    r = invoke("provision", "--env", "nosuchenv", "--yes", check=False)
+    assert r.returncode == 2
+    assert "nosuchenv" in r.stderr and "local" in r.stderr
+    r = invoke("provision", "--env", "local", "--limit", "nosuchhost", "--yes", check=False)
+    assert r.returncode == 2 and "nosuchhost" in r.stderr
+    r = invoke("provision", "--env", "local", "--roles", "nosuchrole", "--yes", check=False)
+    assert r.returncode == 2 and "nosuchrole" in r.stderr
