@@ -231,3 +231,55 @@ def test_bad_input_is_exit_2_before_any_server_is_touched(testbed):
     assert r.returncode == 2 and "nosuchhost" in r.stderr
     r = invoke("provision", "--env", "local", "--roles", "nosuchrole", "--yes", check=False)
     assert r.returncode == 2 and "nosuchrole" in r.stderr
+
+
+def test_signed_apt_repository_then_latest_upgrade(tmp_path, fresh_web2):
+    """The apt-repository op against a real signed repository served on the host side."""
+    from aptrepo import build_repo, serve
+    from provisioner.testbed import config
+    repo = build_repo(tmp_path / "repo", version="1.0")
+    with serve(repo, config.layout().gateway) as url:
+        spec = {"uri": url, "suite": repo.suite, "key_b64": repo.key_b64, "package": repo.package}
+        inv = inventory(tmp_path, [fresh_web2], ["opsdemo"], vars={"opsdemo_repo": spec})
+        first = Run(inv)
+        assert first.exit_code == 0, first.steps(status="failed")
+        h = th(fresh_web2)
+        assert h.package(repo.package).version == "1.0"
+        assert h.run("provisioner-hello").stdout.strip() == "provisioner-hello 1.0"
+        sources = [f for f in h.check_output("ls /etc/apt/sources.list.d").split() if "opsdemo" in f]
+        assert sources and "Signed-By:" in h.file(f"/etc/apt/sources.list.d/{sources[0]}").content_string
+        assert Run(inv).host("web2")["changed"] == 0
+        # a key that does not sign the repository is refused by apt, and the run says so
+        other = build_repo(tmp_path / "other")
+        bad = inventory(tmp_path, [fresh_web2], ["opsdemo"],
+                        vars={"opsdemo_repo": dict(spec, key_b64=other.key_b64)}, name="badkey")
+        run = Run(bad)
+        assert run.exit_code == 1
+        assert any("NO_PUBKEY" in (e.get("output") or "") + e["reason"] or "not signed" in
+                   (e.get("output") or "") + e["reason"] for e in run.steps(status="failed"))
+
+
+def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
+    password = "sudo-Pw-83kd-secret"
+    key = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip()
+    sh(fresh_web2, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
+       f"echo '{key}' > ~ops/.ssh/authorized_keys && chown -R ops: ~ops/.ssh && "
+       f"echo 'ops:{password}' | chpasswd && "
+       "echo 'ops ALL=(ALL) ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
+    path = tmp_path / "sudotest.yml"
+    path.write_text(f"""env: sudotest
+known_hosts: {REPO}/.testbed/known_hosts
+ssh: {{user: ops, key: {REPO}/.testbed/id_ed25519, sudo_password: !vault ops_sudo}}
+hosts:
+  web2: {{address: {ADDRESSES['web2']}}}
+groups:
+  all: {{hosts: [web2], roles: [base]}}
+""")
+    inv = load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+    run = Run(inv.resolve({"ops_sudo": Secret(password)}), verbose=3)
+    assert run.exit_code == 0, run.lines
+    assert th(fresh_web2).file("/var/log/provisioner").user == "root"
+    assert password not in run.out.getvalue() + run.err.getvalue()
+    assert password not in sh(fresh_web2, "journalctl --no-pager -o cat").stdout
+    wrong = Run(inv.resolve({"ops_sudo": Secret("not-the-password")}))
+    assert wrong.exit_code == 1

@@ -47,7 +47,10 @@ STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"   # remote/agent.py APT
 def update_steps() -> tuple[dict, ...]:
     """apt-get update, then our stamp: apt leaves unchanged lists' mtimes alone, so without it
     the lists of a quiet repository would look stale forever (see agent apt_lists_age)."""
-    return (b.run([*APT_GET, "update"]), b.run(["touch", STAMP], ok=(0, 1)))
+    # --error-on=any: a source that fails to update (a key that does not verify its signature,
+    # an unreachable repository) fails the step instead of a warning apt exits 0 after, which
+    # would leave the host on the previous, stale index files.
+    return (b.run([*APT_GET, "update", "--error-on=any"]), b.run(["touch", STAMP], ok=(0, 1)))
 
 
 def _age(seconds: int | None) -> str:
