@@ -38,14 +38,15 @@ def testbed():
     if reason:
         pytest.skip(reason)
     from provisioner import testbed as tb
-    # One test session at a time owns the testbed: another session's teardown would take the
-    # servers away mid-test. A second session waits here until the first is done.
+    # A session that will take the testbed down owns it alone: it waits for the others and they
+    # wait for it. Sessions that keep it (PROVISIONER_KEEP_TESTBED=1) may share it.
+    keep = os.environ.get("PROVISIONER_KEEP_TESTBED") == "1"
     tb.STATE_DIR.mkdir(parents=True, exist_ok=True)
     with open(tb.STATE_DIR / "pytest-session.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_SH if keep else fcntl.LOCK_EX)
         invoke("testbed.up")
         yield tb
-        if os.environ.get("PROVISIONER_KEEP_TESTBED") != "1":
+        if not keep:
             tb.down()
 
 

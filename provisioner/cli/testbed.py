@@ -20,10 +20,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@task(help={"count": "extra benchmark servers bench01..benchNN (default 0)"})
-def up(c, count=0):
+@task(help={"count": "benchmark servers bench01..benchNN besides the inventory's "
+                      "(default: keep as many as are up; 0 removes them)"})
+def up(c, count=None):
     """Build (once) and boot the local test servers; a second run changes nothing."""
-    r = _guard(tb.up, int(count), log=_say)
+    r = _guard(tb.up, None if count is None else int(count), log=_say)
     what = (f"created {', '.join(r.created)}" if r.created else "no server created") + "; " + \
            (f"started {', '.join(r.started)}" if r.started else "all servers already running")
     print(f"testbed up in {r.seconds:.1f} s ({what})")

@@ -130,9 +130,10 @@ class UpReport:
     base_seconds: float
 
 
-def up(count: int = 0, log=print) -> UpReport:
+def up(count: int | None = None, log=print) -> UpReport:
+    """count: benchmark servers wanted; None keeps as many as are up (0 on a first run)."""
     t0 = time.monotonic()
-    lay = layout(count)
+    lay = current_layout(count)
     preflight(lay)
     pub = _ensure_key()
     base = base_image.ensure_base(log)
