@@ -121,10 +121,12 @@ def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:
 class RoleCode:
     """What a role does: `resources(v, ctx)` yields the resources it wants, in order, from its
     validated vars `v` and a context (host, inventory, os facts, check mode); `handlers(v)`
-    maps handler names to steps, run once at the end of the role when a change notifies them."""
+    maps handler names to steps, run once at the end of the role when a change notifies them;
+    `guards(v, ctx)` lists runner.Guard safety nets (a fresh SSH login after an sshd change)."""
     name: str
     resources: Any
     handlers: Any
+    guards: Any = None
 
 
 def load_role(info: RoleInfo) -> RoleCode:
@@ -141,4 +143,5 @@ def load_role(info: RoleInfo) -> RoleCode:
     if not callable(getattr(module, "resources", None)):
         raise InputError([Problem(str(init), None, info.name, "no `resources(v, ctx)` function",
                                   "define it: it yields the role's resources in order")])
-    return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v: {}))
+    return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v: {}),
+                    getattr(module, "guards", lambda v, ctx: []))

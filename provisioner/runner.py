@@ -16,6 +16,7 @@ from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import FactError, Facts
 from provisioner.inventory import Host, Inventory
+from provisioner.ops._base import run as run_step, write as write_step
 from provisioner.roles import REPO_ROOT, RoleCode, load_role
 
 
@@ -37,6 +38,21 @@ class RoleContext:
     inventory: Inventory
     os: dict                           # the host's os facts (id, version_id, virt, ...)
     check: bool
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A safety net for changes that can cut the controller off (sshd, firewall).
+
+    When a change to one of `files` has been applied (handlers included, e.g. sshd reloaded),
+    `check(host)` runs on the controller, typically opening a brand-new SSH connection. If it
+    raises, each file goes back to what it was before the run (content, mode, owner; or
+    removed if it did not exist), `after_rollback` steps run (e.g. reload sshd), over the
+    connection still open, and the role fails with the check's error."""
+    name: str
+    files: tuple[str, ...]
+    check: Callable[[Host], None]
+    after_rollback: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -180,7 +196,13 @@ class Runner:
         try:
             resources = list(code.resources(v, ctx))
             handlers = dict(code.handlers(v) or {})
-            facts = Facts(self._facts(conn, ops.request(resources)))
+            guards = list(code.guards(v, ctx) or [])
+            request = ops.request(resources)
+            guarded = sorted({f for g in guards for f in g.files})
+            if guarded:                       # their state before the run, to restore it
+                request.setdefault("files", [])
+                request["files"] = sorted(set(request["files"]) | set(guarded))
+            facts = Facts(self._facts(conn, request))
             planned = ops.plan_all(resources, facts)
         except (ops.PlanError, FactError, agent.AgentError, ValueError, TypeError, KeyError) as e:
             res.failed += 1
@@ -225,3 +247,36 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
+        applied = {c.resource.split(" ", 1)[-1] for i, c in enumerate(changes)
+                   if by_id.get(str(i), {}).get("status") == "ok"}
+        for g in guards:
+            if applied & set(g.files):
+                self._guard(conn, host, g, facts, res, step)
+
+    def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step) -> None:
+        try:
+            g.check(host)
+            step(f"guard {g.name}", "ok", "passed after the change")
+            return
+        except Exception as e:  # any failure of the check means: undo
+            error = f"{type(e).__name__}: {e}"
+        steps = []
+        for path in g.files:
+            old = before.file(path)
+            if old.exists and old.type == "file" and old.content is not None:
+                steps.append(write_step(path, old.content, old.mode, old.owner, old.group))
+            elif not old.exists:
+                steps.append(run_step(["rm", "-f", "--", path]))
+        steps += list(g.after_rollback)
+        r = conn.run(agent.command(), stdin=agent.payload(
+            "apply", {"changes": [{"id": "0", "resource": f"rollback {g.name}", "steps": steps, "notify": []}],
+                      "handlers": {}, "handlers_on_failure": False}))
+        try:
+            restored = agent.parse(r.stdout, r.stderr, r.rc)["results"][0]["status"] == "ok"
+        except (agent.AgentError, KeyError, IndexError):
+            restored = False
+        res.failed += 1
+        what = ", ".join(g.files)
+        step(f"guard {g.name}", "failed",
+             f"{error}; " + (f"restored the previous {what}" if restored else
+                             f"COULD NOT restore {what}: fix it through the open session or the console"))

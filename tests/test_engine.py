@@ -283,3 +283,19 @@ groups:
     assert password not in sh(fresh_web2, "journalctl --no-pager -o cat").stdout
     wrong = Run(inv.resolve({"ops_sudo": Secret("not-the-password")}))
     assert wrong.exit_code == 1
+
+
+def test_a_failed_guard_restores_the_files_it_watches(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1"], ["opsdemo"])
+    assert Run(inv).host("web1")["failed"] == 0
+    before = sh("web1", "stat -c '%a %U %G' /srv/opsdemo/message; cat /srv/opsdemo/message").stdout
+    bad = inventory(tmp_path, ["web1"], ["opsdemo"], vars={"opsdemo_message": "goodbye"}, name="guardtest")
+    run = Run(bad)
+    assert run.exit_code == 1
+    failed = run.steps(status="failed")
+    assert [e["resource"] for e in failed] == ["guard greeting kept"]
+    assert "lost its greeting" in failed[0]["reason"] and "restored the previous" in failed[0]["reason"]
+    assert sh("web1", "stat -c '%a %U %G' /srv/opsdemo/message; cat /srv/opsdemo/message").stdout == before
+    ok = Run(inv)               # the restored file needs nothing; the template also used the message
+    assert ok.exit_code == 0
+    assert "file /srv/opsdemo/message" not in {e["resource"] for e in ok.steps(status="changed")}

@@ -1,7 +1,9 @@
 """Every operation, once: applied twice, the second run must change nothing."""
 from pathlib import Path
 
+from provisioner.connection import Connection
 from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd, templates, users
+from provisioner.runner import Guard
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 UNIT = """[Unit]
@@ -46,3 +48,12 @@ def resources(v, ctx):
 
 def handlers(v):
     return {"restart opsdemo": systemd.handler("restart", "opsdemo")}
+
+
+def guards(v, ctx):
+    """A guard checked over a brand-new SSH connection, like the sshd lockout check."""
+    def check(host):
+        with Connection(host, ctx.inventory.known_hosts) as c:
+            if c.run(["grep", "-q", "hello", "/srv/opsdemo/message"]).rc != 0:
+                raise RuntimeError("the message lost its greeting")
+    return [Guard("greeting kept", ("/srv/opsdemo/message",), check)]
