@@ -6,7 +6,8 @@ Per host and role the runner makes two execs, each `conn.run(command(), stdin=pa
 1. facts:  payload("facts", merge_requests(r.facts() for r in resources))
    request  {"files": [path..], "packages": [name..], "package_candidates": [name..],
              "services": [unit..], "users": [name..], "groups": [name..],
-             "sysctl": [key..], "checks": [[argv..]..]}          (every kind optional)
+             "sysctl": [key..], "checks": [[argv..] | {"argv": [..], "stdin": str}..]}
+                                                          (every kind optional)
    answer   {"facts": {"os": {id, version_id, codename, virt, hostname, pid1, systemd, arch,..},
                        "files": {path: {exists, type, mode, owner, group, size, sha256,
                                         content, target} },

@@ -29,7 +29,7 @@ def check_key(argv: Iterable[str]) -> str:
 def merge_requests(fragments: Iterable[Mapping[str, Any]]) -> dict:
     """Union of request fragments: lists deduplicated in first-seen order; os always on."""
     out: dict[str, list] = {}
-    seen: dict[str, set] = {}
+    seen: dict[str, dict] = {}
     for frag in fragments:
         for kind, keys in (frag or {}).items():
             if kind == "os":
@@ -37,12 +37,21 @@ def merge_requests(fragments: Iterable[Mapping[str, Any]]) -> dict:
             if kind not in LIST_KINDS:
                 raise ValueError(f"unknown fact kind {kind!r}")
             bucket = out.setdefault(kind, [])
-            s = seen.setdefault(kind, set())
+            s = seen.setdefault(kind, {})
             for k in keys:
-                marker = tuple(k) if isinstance(k, (list, tuple)) else k
+                if isinstance(k, Mapping):       # a check with input: {"argv": [..], "stdin": str}
+                    argv = list(k["argv"])
+                    item = argv if k.get("stdin") is None else {"argv": argv, "stdin": k["stdin"]}
+                    marker = tuple(argv)
+                else:
+                    item = list(k) if isinstance(k, (list, tuple)) else k
+                    marker = tuple(k) if isinstance(k, (list, tuple)) else k
                 if marker not in s:
-                    s.add(marker)
-                    bucket.append(list(k) if isinstance(k, (list, tuple)) else k)
+                    s[marker] = item
+                    bucket.append(item)
+                elif s[marker] != item:          # answers are keyed by argv alone
+                    raise ValueError(f"two {kind} run `{check_key(marker)}` with different "
+                                     "stdin; give them different argv")
     return {"os": True, **out}
 
 

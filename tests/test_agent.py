@@ -154,6 +154,14 @@ def test_facts_os_users_groups_packages_checks_sysctl():
     assert facts.check(["false"]) == 1
 
 
+def test_checks_may_read_stdin():
+    f = facts_of({"checks": [{"argv": ["grep", "-qx", "hunter2"], "stdin": "hunter2\n"},
+                             {"argv": ["grep", "-qx", "other"], "stdin": "hunter2\n"},
+                             ["grep", "-q", "x"]]})
+    # a check without stdin reads /dev/null, never the agent's own input
+    assert f["checks"] == {"grep -qx hunter2": 0, "grep -qx other": 1, "grep -q x": 1}
+
+
 def test_facts_services_are_explicit_when_systemd_is_absent():
     f = facts_of({"services": ["ssh", "nginx.service"]})
     assert set(f["services"]) == {"ssh", "nginx.service"}

@@ -9,7 +9,7 @@ import pytest
 
 from provisioner.change import Change, Noop
 from provisioner.facts import Facts, FactError, merge_requests
-from provisioner.ops import PlanError, apt, files, lines, plan_all, request, sysctl, systemd, users
+from provisioner.ops import PlanError, apt, commands, files, lines, plan_all, request, sysctl, systemd, users
 from provisioner.secret import Secret
 from provisioner import templating
 
@@ -25,6 +25,30 @@ def test_merge_requests_unions_and_dedupes_in_order():
                    "checks": [["true"], ["false"]]}
     with pytest.raises(ValueError, match="unknown fact kind"):
         merge_requests([{"nonsense": []}])
+
+
+def test_checks_with_stdin_keep_the_input_off_argv_and_refuse_ambiguity():
+    cmd = commands.command(["psql", "-f", "-"], stdin=S("ALTER ..."), name="set password",
+                           unless=["pw-matches", "app"], unless_stdin=S("hunter2-pw"))
+    req = request([cmd, commands.command(["true"], unless=["pw-matches", "app"],
+                                         unless_stdin=S("hunter2-pw"))])
+    assert req["checks"] == [{"argv": ["pw-matches", "app"], "stdin": "hunter2-pw"}]
+    assert "hunter2" not in repr(cmd) and "hunter2" not in cmd.id
+    f = Facts({"checks": {"pw-matches app": 0}})
+    assert cmd.plan(f) == [Noop("command set password", "`pw-matches app` succeeded")]
+    changed = cmd.plan(Facts({"checks": {"pw-matches app": 1}}))
+    assert changed[0].steps[0]["stdin"] == "ALTER ..." and changed[0].steps[0]["run"][0] == "psql"
+    # same argv, other input: the answer (keyed by argv) could not tell them apart
+    with pytest.raises(ValueError, match="different stdin"):
+        merge_requests([{"checks": [{"argv": ["x"], "stdin": "a"}]},
+                        {"checks": [{"argv": ["x"], "stdin": "b"}]}])
+    with pytest.raises(ValueError, match="different stdin"):
+        merge_requests([{"checks": [["x"]]}, {"checks": [{"argv": ["x"], "stdin": "b"}]}])
+    assert merge_requests([{"checks": [{"argv": ["x"], "stdin": None}, ["x"]]}])["checks"] == [["x"]]
+    with pytest.raises(ValueError, match="needs an unless"):
+        commands.command(["true"], unless_stdin="x")
+    with pytest.raises(TypeError, match="unless_stdin"):
+        commands.command(["true"], unless=["true"], unless_stdin=b"x")
 
 
 def test_request_of_resources():

@@ -479,10 +479,15 @@ def check_key(argv):
 
 
 def fact_checks(argvs):
+    """Exit code of each check. A check is an argv list, or {"argv": [...], "stdin": str} for
+    one that needs input kept off its command line (e.g. a password to compare)."""
     out = {}
-    for argv in argvs:
-        rc, _ = _run(argv, timeout=CHECK_TIMEOUT)
-        out[check_key(argv)] = rc
+    for item in argvs:
+        stdin = None
+        if isinstance(item, dict):
+            item, stdin = item["argv"], item.get("stdin")
+        rc, _ = _run(item, stdin=stdin, timeout=CHECK_TIMEOUT)
+        out[check_key(item)] = rc
     return out
 
 
