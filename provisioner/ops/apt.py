@@ -3,7 +3,7 @@
     apt.packages(names, state="present", update_cache_max_age=3600,
                  install_recommends=False, purge=False)
     apt.repository(name, uri, suites, components=("main",), key_b64=None, key_url=None,
-                   key_sha256=None, arch=None, types=("deb",))
+                   key_sha256=None, arch=None, types=("deb",), update=True)
 
 packages: ONE apt-get call for all the names of a resource; non-interactive, waits for the
 dpkg lock (DPkg::Lock::Timeout=300) instead of failing, keeps locally changed conffiles
@@ -15,7 +15,10 @@ refresh-then-upgrade change, since the candidate cannot be known without it.
 
 repository: a deb822 file /etc/apt/sources.list.d/<name>.sources whose Signed-By points at
 /etc/apt/keyrings/<name>.asc (armored key) or .gpg (binary key), which this op also writes. A
-legacy /etc/apt/sources.list.d/<name>.list is removed. Any change ends with apt-get update.
+legacy /etc/apt/sources.list.d/<name>.list is removed. Any change ends with apt-get update,
+unless update=False: for a repository set up ahead of its use (nothing installed from it in this
+run, e.g. its host is not reachable yet); apt.packages then refreshes the lists itself when they
+are stale (give it update_cache_max_age=0 to refresh whenever it installs).
 key_b64 is compared by content; key_url is fetched on the server (stdlib urllib) and, unless
 key_sha256 pins it, an existing keyring is trusted as is.
 """
@@ -196,6 +199,7 @@ class Repository:
     arch: tuple[str, ...] = ()
     types: tuple[str, ...] = ("deb",)
     keyring: str = ""
+    update: bool = True               # apt-get update after a change
 
     @property
     def id(self) -> str:
@@ -264,7 +268,8 @@ class Repository:
             why.append(f"legacy {self.legacy_path} present")
         if not steps:
             return [Noop(self.id, f"up to date: {self.sources_path}, {self.keyring}")]
-        steps.extend(update_steps())
+        if self.update:
+            steps.extend(update_steps())
         return [Change(self.id, "configure", "; ".join(why), tuple(steps), diff)]
 
     def expect(self, facts: Facts) -> dict:
@@ -273,14 +278,17 @@ class Repository:
         kfact = b.file_fact(self.keyring, key, "0644", "root", "root", old_key)
         if key is None:
             kfact["sha256"] = self.key_sha256 or old_key.sha256
-        return {"files": {
+        frag: dict = {"files": {
             self.keyring: kfact,
             self.sources_path: b.file_fact(self.sources_path, self.sources(), "0644", "root",
                                            "root", facts.file(self.sources_path)),
             self.legacy_path: {"__replace__": True, "exists": False},
             KEYRINGS: b.file_fact(KEYRINGS, None, "0755", "root", "root",
                                   facts.file(KEYRINGS), "dir"),
-        }, "packages": {"lists_age": 0}}
+        }}
+        if self.update:
+            frag["packages"] = {"lists_age": 0}
+        return frag
 
 
 def _words(v: Sequence[str] | str, what: str) -> tuple[str, ...]:
@@ -296,8 +304,8 @@ def _words(v: Sequence[str] | str, what: str) -> tuple[str, ...]:
 def repository(name: str, uri: str, suites: Sequence[str] | str,
                components: Sequence[str] | str = ("main",), *, key_b64: str | None = None,
                key_url: str | None = None, key_sha256: str | None = None,
-               arch: Sequence[str] | str = (), types: Sequence[str] | str = ("deb",)
-               ) -> Repository:
+               arch: Sequence[str] | str = (), types: Sequence[str] | str = ("deb",),
+               update: bool = True) -> Repository:
     if not isinstance(name, str) or not REPO_NAME_RE.match(name):
         raise ValueError(f"bad repository name {name!r}")
     if not isinstance(uri, str) or not re.match(r"^(https?|file|cdrom|mirror\+\w+)://\S+$", uri):
@@ -325,4 +333,4 @@ def repository(name: str, uri: str, suites: Sequence[str] | str,
     return Repository(name=name, uri=uri, suites=suites_t,
                       components=_words(components, "component"), key_b64=key_b64,
                       key_url=key_url, key_sha256=key_sha256, arch=_words(arch, "arch"),
-                      types=types_t, keyring=f"{KEYRINGS}/{name}{ext}")
+                      types=types_t, keyring=f"{KEYRINGS}/{name}{ext}", update=bool(update))
