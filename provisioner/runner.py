@@ -56,6 +56,21 @@ class Guard:
 
 
 @dataclass
+class PreparedRole:
+    name: str
+    resources: list
+    handlers: dict
+    guards: list
+    request: dict
+
+
+@dataclass
+class RoleError(Exception):
+    name: str
+    error: str
+
+
+@dataclass
 class HostResult:
     host: str
     status: str = "ok"                 # ok / changed / failed / unreachable / skipped
@@ -113,33 +128,47 @@ class Runner:
     # --- one host -------------------------------------------------------------------------
 
     def run_host(self, host: Host) -> HostResult:
+        """Execs on a converged host: one for os facts (+ the run lock), one for every role's
+        facts, one to release the lock; a role's facts are gathered again only when an earlier
+        role changed this host, so later roles always plan against what earlier ones did."""
         started = time.monotonic()
         res = HostResult(host.name)
         conn = None
         try:
             conn = self._open(host)
-            os_facts = self._facts(conn, {})["os"]
             owner = None
+            hello: dict = {}
             if not self.opts.check:
                 owner = lock.owner(self.events.run_id, self.opts.task, self.inv.env)
-                took = lock.acquire(conn, owner)
+                hello["run_lock"] = lock.request(owner)
+            first = self._facts(conn, hello)
+            if owner is not None:
+                took = lock.check(host.name, first["run_lock"])
                 if took.get("stale"):
                     self.events.warn(f"took over a stale run lock: {lock.describe(took['stale'], 0)}",
                                      host=host.name)
             try:
-                ctx = RoleContext(host, self.inv, os_facts, self.opts.check)
-                for name in self.roles_for(host):
-                    self._run_role(conn, host, name, ctx, res)
+                ctx = RoleContext(host, self.inv, first["os"], self.opts.check)
+                plans = [self._prepare(host, name, ctx) for name in self.roles_for(host)]
+                merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
+                shared = Facts(self._facts(conn, merged)) if plans else None
+                for p in plans:
+                    changed_before = res.changed
+                    self._run_role(conn, host, p, shared, res)
                     if res.failed:
                         break
-                    res.roles_done.append(name)
+                    res.roles_done.append(p.name)
+                    if res.changed != changed_before:
+                        shared = None          # stale now: the next role gathers its own
             finally:
                 if owner is not None:
                     audit = None
                     if res.changed or res.failed:
                         audit = lock.audit_line(owner, REPO_ROOT, "failed" if res.failed else "changed",
                                                 res.changed, res.failed)
-                    lock.finish(conn, owner["run_id"], audit)
+                    r = conn.run(agent.command(), stdin=agent.payload(
+                        "finish", lock.finish_request(owner["run_id"], audit)))
+                    agent.parse(r.stdout, r.stderr, r.rc)
         except Unreachable as e:
             res.status, res.error = "unreachable", str(e)
             self.events.step(host=host.name, role=None, resource="connection", status="unreachable",
@@ -184,25 +213,36 @@ class Runner:
         r = conn.run(agent.command(), stdin=agent.payload("facts", request))
         return agent.parse(r.stdout, r.stderr, r.rc)["facts"]
 
-    def _run_role(self, conn: Connection, host: Host, name: str, ctx: RoleContext, res: HostResult) -> None:
-        t0 = time.monotonic()
+    def _prepare(self, host: Host, name: str, ctx: RoleContext):
+        """A role's resources, handlers, guards and facts request; or the error that stops it."""
         code = self.role(name)
         v = self.inv.hostvars(host.name)
+        try:
+            resources = list(code.resources(v, ctx))
+            guards = list(code.guards(v, ctx) or [])
+            request = ops.request(resources)
+            guarded = sorted({f for g in guards for f in g.files})
+            if guarded:                       # their state before the run, to restore it
+                request["files"] = sorted(set(request.get("files", [])) | set(guarded))
+            return PreparedRole(name, resources, dict(code.handlers(v) or {}), guards, request)
+        except (ops.PlanError, ValueError, TypeError, KeyError) as e:
+            return RoleError(name, f"{type(e).__name__}: {e}")
+
+    def _run_role(self, conn: Connection, host: Host, p, shared: Facts | None, res: HostResult) -> None:
+        t0 = time.monotonic()
+        name = p.name
 
         def step(resource: str, status: str, reason: str, diff=None, output=None):
             self.events.step(host=host.name, role=name, resource=resource, status=status,
                              reason=reason, seconds=time.monotonic() - t0, diff=diff, output=output)
 
+        if isinstance(p, RoleError):
+            res.failed += 1
+            step("plan", "failed", p.error)
+            return
+        resources, handlers, guards = p.resources, p.handlers, p.guards
         try:
-            resources = list(code.resources(v, ctx))
-            handlers = dict(code.handlers(v) or {})
-            guards = list(code.guards(v, ctx) or [])
-            request = ops.request(resources)
-            guarded = sorted({f for g in guards for f in g.files})
-            if guarded:                       # their state before the run, to restore it
-                request.setdefault("files", [])
-                request["files"] = sorted(set(request["files"]) | set(guarded))
-            facts = Facts(self._facts(conn, request))
+            facts = shared if shared is not None else Facts(self._facts(conn, p.request))
             planned = ops.plan_all(resources, facts)
         except (ops.PlanError, FactError, agent.AgentError, ValueError, TypeError, KeyError) as e:
             res.failed += 1

@@ -27,6 +27,7 @@ import re
 import shlex
 import socket
 import stat
+import shutil
 import subprocess
 import sys
 import time
@@ -498,11 +499,69 @@ FACTS = {
 }
 
 
+def run_lock(req):
+    """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock older
+    than its TTL is stale: it is taken over and the old owner reported. The runner asks for this
+    only outside check mode: check mode writes nothing."""
+    d = req["dir"]
+    owner = req["owner"]
+    os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
+
+    def take():
+        os.mkdir(d, 0o700)
+        with open(os.path.join(d, "owner.json"), "w") as f:
+            json.dump(owner, f)
+        return {"acquired": True}
+
+    try:
+        return take()
+    except FileExistsError:
+        pass
+    try:
+        with open(os.path.join(d, "owner.json")) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        holder = {"started_epoch": os.stat(d).st_mtime, "ttl": owner["ttl"], "who": "unknown (no owner.json)"}
+    age = time.time() - holder.get("started_epoch", 0)
+    if age <= holder.get("ttl", 0):
+        return {"acquired": False, "holder": holder, "age": age}
+    shutil.rmtree(d, ignore_errors=True)
+    out = take()
+    out["stale"] = holder
+    return out
+
+
+def finish(req):
+    """Append the audit line (when the run changed something) and release our run lock."""
+    if req.get("audit"):
+        log = req["audit_log"]
+        os.makedirs(os.path.dirname(log), mode=0o750, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, (json.dumps(req["audit"], sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    d = req["dir"]
+    try:
+        with open(os.path.join(d, "owner.json")) as f:
+            mine = json.load(f).get("run_id") == req["run_id"]
+    except (OSError, ValueError):
+        mine = False
+    if mine:
+        os.unlink(os.path.join(d, "owner.json"))
+        os.rmdir(d)
+    return {"released": mine}
+
+
 def gather(request):
     result = {"os": fact_os(None)}
     errors = {}
     for kind, keys in request.items():
         if kind == "os":
+            continue
+        if kind == "run_lock":
+            result["run_lock"] = run_lock(keys)
             continue
         fn = FACTS.get(kind)
         if fn is None:
@@ -793,6 +852,8 @@ def main(req):
             body = {"facts": gather(req.get("request") or {})}
         elif op == "apply":
             body = apply(req.get("request") or {})
+        elif op == "finish":
+            body = finish(req.get("request") or {})
         elif op == "ping":
             body = {"pong": True}
         else:

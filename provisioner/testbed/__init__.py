@@ -59,6 +59,23 @@ def preflight(lay: Layout) -> None:
         raise TestbedError("cannot start the testbed:\n  - " + "\n  - ".join(problems))
 
 
+# Every server's systemd, journald, networkd, logind... takes inotify instances, all counted
+# against root on this machine: the kernel's default of 128 stalls the boot of the ~20th server
+# ("Failed to create inotify object: Too many open files", every job left waiting).
+SYSCTL_FLOORS = {"fs.inotify.max_user_instances": 8192, "fs.inotify.max_user_watches": 524288}
+
+
+def _raise_sysctl_floors(log) -> None:
+    for key, floor in SYSCTL_FLOORS.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        with open(path) as f:
+            have = int(f.read().split()[0])
+        if have < floor:
+            with open(path, "w") as f:
+                f.write(str(floor))
+            log(f"raised {key} from {have} to {floor} (many servers' systemd need it)")
+
+
 def _ensure_key() -> str:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     if not key_path().exists():
@@ -136,6 +153,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     lay = current_layout(count)
     preflight(lay)
     pub = _ensure_key()
+    _raise_sysctl_floors(log)
     base = base_image.ensure_base(log)
     base_seconds = time.monotonic() - t0
     network.bridge_up(lay)
