@@ -74,9 +74,10 @@ def test_each_server_has_its_own_host_keys_known_before_first_contact(testbed):
     for line in lines:
         addr, kind, key = line.split()
         by_addr.setdefault(addr, set()).add(key)
-    assert set(by_addr) == {s.address for s in SERVERS}
+    servers = testbed.current_layout().servers       # bench servers too, when some are up
+    assert set(by_addr) == {s.address for s in servers}
     ed25519 = [line.split()[2] for line in lines if " ssh-ed25519 " in line]
-    assert len(set(ed25519)) == len(SERVERS), "two servers share a host key"
+    assert len(set(ed25519)) == len(servers), "two servers share a host key"
 
 
 def test_changed_host_key_is_refused(testbed, tmp_path):
@@ -238,6 +239,8 @@ def _leftovers() -> list[str]:
 
 
 @pytest.mark.testbed_teardown
+@pytest.mark.skipif(os.environ.get("PROVISIONER_KEEP_TESTBED") == "1",
+                    reason="PROVISIONER_KEEP_TESTBED=1: this session keeps the testbed up")
 def test_down_leaves_nothing_behind_and_is_idempotent(testbed):
     first = invoke("testbed.down").stdout
     assert "removed bridge" in first
