@@ -26,7 +26,10 @@ def test_server(default: str) -> str:
 
 
 def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict | None = None,
-              host_vars: dict | None = None, ssh: dict | None = None, name: str = "enginetest"):
+              host_vars: dict | None = None, ssh: dict | None = None, name: str = "enginetest",
+              groups: dict | None = None):
+    """`groups` ({name: {"hosts": [..], "roles": [..], "vars"?: {..}}}) replaces the one group
+    "all" (every host, `roles`), e.g. for a role that reads another group's hosts."""
     ssh_doc = {"user": "root", "key": str(REPO / ".testbed" / "id_ed25519"), "connect_timeout": 5,
                **(ssh or {})}
     doc = {
@@ -36,7 +39,7 @@ def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict 
         "vars": vars or {},
         "hosts": {h: {"address": ADDRESSES[h], **({"vars": host_vars[h]} if host_vars and h in host_vars else {})}
                   for h in hosts},
-        "groups": {"all": {"hosts": hosts, "roles": roles}},
+        "groups": groups if groups is not None else {"all": {"hosts": hosts, "roles": roles}},
     }
     path = tmp_path / f"{name}.yml"
     path.write_text(json.dumps(doc, indent=1))          # JSON is YAML
