@@ -1,0 +1,316 @@
+"""PostgreSQL from Debian: listen on localhost and the private address, pg_hba rules for the app
+servers only (scram-sha-256, TLS), login roles with passwords from the vault, databases with
+CONNECT granted to their users only, tuning in a conf.d drop-in.
+
+Idempotent passwords: `ALTER ROLE ... PASSWORD` cannot tell whether it changed anything, so each
+role's command is guarded by `pgtool.py password ROLE` (a read-only check fed the wanted password
+on stdin) that recomputes SCRAM-SHA-256 with the STORED salt and iterations and compares. The
+new password is sent as a SCRAM verifier computed here (like psql's \\password): the plain
+password never reaches the server's SQL text or logs.
+
+Config changes: one handler checks pg_hba.conf (pg_hba_file_rules has no error rows), reloads,
+then restarts only when a setting in the files needs it (pg_file_settings: "could not be
+applied"), so a work_mem change does not drop connections and a listen_addresses change does
+restart. A pg_hba.conf that PostgreSQL rejects is rolled back by a guard.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import runpy
+from pathlib import Path
+
+from provisioner.connection import Connection, Unreachable
+from provisioner.ops import apt, commands, files, systemd, templates
+from provisioner.ops import _base as b
+from provisioner.runner import Guard
+from provisioner.secret import Secret
+from provisioner.templating import is_secret
+
+HERE = Path(__file__).resolve().parent
+TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
+pgtool = runpy.run_path(str(HERE / "pgtool.py"), run_name="pgtool")     # SCRAM code, shared
+TOOL_DIR = "/usr/local/lib/provisioner"
+TOOL = f"{TOOL_DIR}/pgtool.py"
+HANDLER = "reload postgresql"
+
+IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)$")
+SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+HBA_KEYWORDS = {"all", "sameuser", "samerole", "samegroup", "replication", "public"}
+NOT_MANAGED = {"postgres", "template0", "template1"}
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+
+
+def _ident(name, what: str) -> str:
+    if not isinstance(name, str) or not IDENT_RE.match(name) or name.startswith("pg_") \
+            or name in HBA_KEYWORDS:
+        raise ValueError(f"{what}: {name!r} is not a usable name; use lowercase letters, digits "
+                         "and '_' (not starting with a digit or 'pg_', at most 63 characters, "
+                         f"not one of {sorted(HBA_KEYWORDS)})")
+    return name
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _network(value, what: str) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value), strict=True))
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not an IP address or CIDR (like 10.0.0.5 or "
+                         "10.0.5.0/24; DNS names are not allowed: pg_hba.conf would resolve "
+                         "them on every connection)") from None
+
+
+def _conf_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str) and "\n" not in value and "\0" not in value:
+        return _quote_literal(value)
+    raise ValueError(f"a postgresql.conf value must be a number, bool or one-line string, "
+                     f"not {value!r}")
+
+
+def config(v: dict, ctx) -> dict:
+    """The role's vars, validated (ValueError naming the var and the fix), plus what is
+    derived from the inventory: listen address and client addresses."""
+    version = str(v["postgresql_version"])
+    if not re.fullmatch(r"[0-9]{2,3}", version):
+        raise ValueError(f"postgresql_version: {version!r} is not a major version like '15'")
+    cluster = v["postgresql_cluster"]
+    if not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", cluster):
+        raise ValueError(f"postgresql_cluster: {cluster!r} is not a cluster name like 'main'")
+    port = v["postgresql_port"]
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"postgresql_port: {port!r} is not a port (1-65535)")
+    maxconn = v["postgresql_max_connections"]
+    if not isinstance(maxconn, int) or isinstance(maxconn, bool) or not 1 <= maxconn <= 262143:
+        raise ValueError(f"postgresql_max_connections: {maxconn!r} is not in 1..262143")
+    for key in ("shared_buffers", "effective_cache_size", "work_mem"):
+        value = v[f"postgresql_{key}"]
+        if not isinstance(value, str) or not MEMORY_RE.match(value):
+            raise ValueError(f"postgresql_{key}: {value!r} is not a size like 128MB "
+                             "(units B, kB, MB, GB, TB; no space, case as written)")
+
+    listen = v["postgresql_listen_address"] or ctx.host.address
+    try:
+        listen = str(ipaddress.ip_address(listen))
+    except ValueError:
+        raise ValueError(f"postgresql_listen_address: {listen!r} is not an IP address; set "
+                         "postgresql_listen_address to the server's private IP address") from None
+
+    sources: list[tuple[str, str]] = []           # (CIDR, where it comes from)
+    group = v["postgresql_client_group"]
+    if group:
+        if group not in ctx.inventory.groups:
+            raise ValueError(f"postgresql_client_group: no group {group!r} in the inventory "
+                             f"(groups: {', '.join(ctx.inventory.groups)}); name the app "
+                             "servers' group, or set it to \"\" and list addresses in "
+                             "postgresql_allowed_sources")
+        for h in ctx.inventory.hosts_in(group):
+            sources.append((_network(h.address, f"host {h.name} of postgresql_client_group "
+                                                f"{group!r}"), f"{h.name} (group {group})"))
+    for s in v["postgresql_allowed_sources"] or []:
+        sources.append((_network(s, "postgresql_allowed_sources"), "postgresql_allowed_sources"))
+    sources = list({cidr: (cidr, why) for cidr, why in reversed(sources)}.values())[::-1]
+
+    databases = []
+    users = []
+    for i, u in enumerate(v["postgresql_users"] or []):
+        what = f"postgresql_users[{i}]"
+        if not isinstance(u, dict) or set(u) - {"name", "password", "databases"} \
+                or "name" not in u or "password" not in u:
+            raise ValueError(f"{what}: write {{name: app, password: !vault NAME, databases: "
+                             f"[app]}} (keys: name, password, databases)")
+        name = _ident(u["name"], f"{what}.name")
+        if name == "postgres":
+            raise ValueError(f"{what}: postgres is the superuser, kept to local peer login")
+        pw = u["password"]
+        if not is_secret(pw):
+            raise ValueError(f"{what}.password: must come from the vault (`password: !vault "
+                             "NAME`), never plain text in the inventory")
+        if not pw.reveal() or not pw.reveal().isascii():
+            raise ValueError(f"{what}.password: the vault value must be non-empty ASCII "
+                             "(non-ASCII passwords need SASLprep, which is not implemented)")
+        dbs = u.get("databases") or []
+        if not isinstance(dbs, list):
+            raise ValueError(f"{what}.databases: a list of database names")
+        users.append({"name": name, "password": pw,
+                      "databases": [_ident(d, f"{what}.databases") for d in dbs]})
+    if len({u["name"] for u in users}) != len(users):
+        raise ValueError("postgresql_users: a name appears twice")
+    for i, d in enumerate(v["postgresql_databases"] or []):
+        what = f"postgresql_databases[{i}]"
+        if not isinstance(d, dict) or set(d) - {"name", "owner", "encoding", "locale"} \
+                or "name" not in d or "owner" not in d:
+            raise ValueError(f"{what}: write {{name: app, owner: app}} (keys: name, owner, "
+                             "encoding, locale)")
+        name = _ident(d["name"], f"{what}.name")
+        if name in NOT_MANAGED:
+            raise ValueError(f"{what}.name: {name} is PostgreSQL's own database")
+        owner = d["owner"]
+        if owner != "postgres" and owner not in {u["name"] for u in users}:
+            raise ValueError(f"{what}.owner: {owner!r} is neither postgres nor one of "
+                             "postgresql_users; add the user first")
+        encoding = d.get("encoding", "UTF8")
+        locale = d.get("locale", "C.UTF-8")
+        if not isinstance(encoding, str) or not re.fullmatch(r"[A-Za-z0-9_]+", encoding):
+            raise ValueError(f"{what}.encoding: {encoding!r} is not an encoding name like UTF8")
+        if not isinstance(locale, str) or not LOCALE_RE.match(locale):
+            raise ValueError(f"{what}.locale: {locale!r} is not a locale name like C.UTF-8")
+        databases.append({"name": name, "owner": owner, "encoding": encoding, "locale": locale,
+                          "users": sorted(u["name"] for u in users
+                                          if name in u["databases"] and u["name"] != owner)})
+    if len({d["name"] for d in databases}) != len(databases):
+        raise ValueError("postgresql_databases: a name appears twice")
+    known = {d["name"] for d in databases}
+    for i, u in enumerate(users):
+        for d in u["databases"]:
+            if d not in known:
+                raise ValueError(f"postgresql_users[{i}].databases: {d!r} is not in "
+                                 "postgresql_databases; declare it there (name, owner)")
+
+    settings = {"listen_addresses": ",".join(["localhost", listen]), "port": port,
+                "max_connections": maxconn, "shared_buffers": v["postgresql_shared_buffers"],
+                "effective_cache_size": v["postgresql_effective_cache_size"],
+                "work_mem": v["postgresql_work_mem"], "password_encryption": "scram-sha-256",
+                "ssl": bool(v["postgresql_ssl"])}
+    for key, value in (v["postgresql_settings"] or {}).items():
+        if not isinstance(key, str) or not SETTING_RE.match(key):
+            raise ValueError(f"postgresql_settings: {key!r} is not a setting name")
+        if key in settings:
+            raise ValueError(f"postgresql_settings: {key} has its own var or is managed by "
+                             "the role; use that var")
+        settings[key] = value
+    lines = [f"{k} = {_conf_value(val)}" for k, val in settings.items()]
+
+    extra = v["postgresql_hba_extra"] or []
+    if not isinstance(extra, list) or any(not isinstance(x, str) or "\n" in x for x in extra):
+        raise ValueError("postgresql_hba_extra: a list of one-line strings")
+
+    rules = []
+    kind = "hostssl" if v["postgresql_ssl"] else "host"
+    for cidr, why in sources:
+        for u in users:
+            if u["databases"]:
+                rules.append({"type": kind, "database": ",".join(u["databases"]),
+                              "user": u["name"], "address": cidr, "why": why})
+    return {"version": version, "cluster": cluster, "cluster_id": f"{version}/{cluster}",
+            "unit": f"postgresql@{version}-{cluster}",
+            "etc": f"/etc/postgresql/{version}/{cluster}",
+            "data": f"/var/lib/postgresql/{version}/{cluster}",
+            "listen": listen, "port": port, "settings": lines, "rules": rules,
+            "hba_extra": list(extra), "users": users, "databases": databases,
+            "sources": sources}
+
+
+def _tool(cmd: str, cluster_id: str, *args: str) -> list[str]:
+    return ["python3", TOOL, cmd, "--cluster", cluster_id, *args]
+
+
+def user_sql(name: str, verifier: str) -> str:
+    return (f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+            f"{_quote_literal(name)}) THEN CREATE ROLE {_quote_ident(name)}; END IF; END$$;\n"
+            f"ALTER ROLE {_quote_ident(name)} WITH LOGIN PASSWORD {_quote_literal(verifier)};\n")
+
+
+def database_sql(d: dict) -> str:
+    name, q, lit = d["name"], _quote_ident(d["name"]), _quote_literal(d["name"])
+    create = (f"CREATE DATABASE {q} OWNER {_quote_ident(d['owner'])} TEMPLATE template0 "
+              f"ENCODING {_quote_literal(d['encoding'])} LOCALE {_quote_literal(d['locale'])}")
+    keep = ", ".join(_quote_literal(u) for u in d["users"])
+    sql = [
+        f"SELECT {_quote_literal(create)} WHERE NOT EXISTS "
+        f"(SELECT FROM pg_database WHERE datname = {lit})",
+        "\\gexec",
+        f"ALTER DATABASE {q} OWNER TO {_quote_ident(d['owner'])};",
+        f"REVOKE CONNECT, TEMPORARY ON DATABASE {q} FROM PUBLIC;",
+        # users no longer listed lose CONNECT; the list is the whole truth
+        "DO $$DECLARE r name; BEGIN FOR r IN SELECT g.rolname FROM pg_database d "
+        "CROSS JOIN LATERAL aclexplode(d.datacl) a JOIN pg_roles g ON g.oid = a.grantee "
+        f"WHERE d.datname = {lit} AND a.privilege_type = 'CONNECT' AND a.grantee <> d.datdba "
+        f"AND g.rolname <> ALL (ARRAY[{keep}]::name[]) LOOP EXECUTE format("
+        f"'REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM %I', {lit}, r); END LOOP; END$$;",
+    ]
+    if d["users"]:
+        sql.append(f"GRANT CONNECT, TEMPORARY ON DATABASE {q} TO "
+                   + ", ".join(_quote_ident(u) for u in d["users"]) + ";")
+    return "\n".join(sql) + "\n"
+
+
+def resources(v, ctx):
+    c = config(v, ctx)
+    cid = c["cluster_id"]
+    yield apt.packages([f"postgresql-{c['version']}"])
+    yield files.directory(TOOL_DIR, mode="0755")
+    yield files.file(TOOL, TOOL_SOURCE, mode="0644")
+    # the drop-in is checked by PostgreSQL itself (unknown names, bad values, ranges)
+    yield templates.template(
+        f"{c['etc']}/conf.d/50-provisioner.conf", "postgresql/provisioner.conf.j2",
+        {"settings": c["settings"]}, mode="0644", owner="postgres", group="postgres",
+        validate=["runuser", "-u", "postgres", "--", f"/usr/lib/postgresql/{c['version']}/bin/postgres",
+                  "-D", c["data"], "--config-file={path}", "-C", "max_connections"],
+        notify=HANDLER)
+    yield templates.template(
+        f"{c['etc']}/pg_hba.conf", "postgresql/pg_hba.conf.j2",
+        {"rules": c["rules"], "extra": c["hba_extra"], "group": v["postgresql_client_group"]},
+        mode="0640", owner="postgres", group="postgres", notify=HANDLER)
+    yield systemd.service("postgresql", enabled=True, running=True)
+    yield systemd.service(c["unit"], running=True)
+    sql = _tool("sql", cid)
+    for u in c["users"]:
+        # a fresh salt each run; only sent when the check says the password differs
+        verifier = Secret(pgtool["scram_verifier"](u["password"].reveal()))
+        yield commands.command(sql, stdin=Secret(user_sql(u["name"], verifier.reveal())),
+                               unless=_tool("password", cid, u["name"]),
+                               unless_stdin=u["password"], name=f"postgresql role {u['name']}")
+    for d in c["databases"]:
+        yield commands.command(sql, stdin=database_sql(d),
+                               unless=_tool("database", cid, d["name"], d["owner"], *d["users"]),
+                               name=f"postgresql database {d['name']}")
+
+
+def handlers(v):
+    cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
+    unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
+    return {HANDLER: [b.run(_tool("hba", cid)),                 # never load a broken pg_hba.conf
+                      *systemd.handler("reload", unit),
+                      b.run(_tool("settle", cid, unit))]}      # restart if a setting needs it
+
+
+def _connection(host, inventory) -> Connection:
+    conn = Connection(host, inventory.known_hosts, host.sudo_password)
+    try:
+        conn.open()
+        return conn
+    except Unreachable as e:              # a first run that came in as the bootstrap user
+        if not host.bootstrap_user or "authentication failed" not in str(e):
+            raise
+    conn = Connection(host, inventory.known_hosts, host.sudo_password, user=host.bootstrap_user)
+    conn.open()
+    return conn
+
+
+def guards(v, ctx):
+    """pg_hba.conf has no offline validator: after the change, PostgreSQL's pg_hba_file_rules
+    must show no error rows, or the previous file comes back (and is reloaded)."""
+    cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
+    unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
+    path = f"/etc/postgresql/{v['postgresql_version']}/{v['postgresql_cluster']}/pg_hba.conf"
+
+    def check(host):
+        with _connection(host, ctx.inventory) as conn:
+            r = conn.run(_tool("hba", cid))
+        if r.rc != 0:
+            out = (r.stdout + r.stderr).decode("utf-8", "replace").strip()
+            raise RuntimeError(f"PostgreSQL rejects pg_hba.conf: {out or 'exit %d' % r.rc}")
+    return [Guard("pg_hba.conf accepted by PostgreSQL", (path,), check,
+                  after_rollback=tuple(systemd.handler("reload", unit)))]
