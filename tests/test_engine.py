@@ -299,3 +299,19 @@ def test_a_failed_guard_restores_the_files_it_watches(tmp_path, testbed):
     ok = Run(inv)               # the restored file needs nothing; the template also used the message
     assert ok.exit_code == 0
     assert "file /srv/opsdemo/message" not in {e["resource"] for e in ok.steps(status="changed")}
+
+
+def test_a_dropped_connection_is_reopened_for_the_next_command(tmp_path, testbed):
+    inv = inventory(tmp_path, ["web1"], ["base"])
+    with Connection(inv.hosts["web1"], inv.known_hosts) as c:
+        first = c.run(["sh", "-c", "echo $PPID"])      # sshd's process for this connection (root@notty)
+        assert first.ok
+        transport = c._conn.transport
+        # kill this connection's sshd on the server side: the transport drops under us
+        pid = first.stdout.decode().strip()
+        assert "@notty" in sh("web1", f"ps -o cmd= -p {pid}").stdout
+        sh("web1", f"kill {pid}")
+        again = c.run(["hostname"])
+        assert again.ok and again.stdout.decode().strip() == "web1"
+        assert c._conn.transport is not transport and not transport.is_active()   # a new connection
+        assert c.commands == 2
