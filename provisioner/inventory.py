@@ -174,6 +174,8 @@ class _Builder:
             return None
         if node.tag == "!vault":
             return self.vault(node, keypath)
+        if node.tag == "!file":
+            return self.file(node, keypath)
         if isinstance(node, ScalarNode):
             try:
                 value = self.loader.construct_object(node)
@@ -182,11 +184,11 @@ class _Builder:
                 return value
             except yaml.YAMLError:
                 self.problem(node, keypath, f"unknown YAML tag '{node.tag}'",
-                             "remove the tag; the only custom tag is `!vault NAME`")
+                             "remove the tag; the custom tags are `!vault NAME` and `!file PATH`")
                 return None
         if node.tag not in (_MAP, _SEQ):
             self.problem(node, keypath, f"unsupported YAML tag '{node.tag}'",
-                         "remove the tag; the only custom tag is `!vault NAME`")
+                         "remove the tag; the custom tags are `!vault NAME` and `!file PATH`")
             return None
         active.add(id(node))
         try:
@@ -208,6 +210,20 @@ class _Builder:
                          "'_', '.', '-')")
             # Still a reference, so the checks downstream do not report a second problem here.
         return VaultRef(name, str(self.path), node.start_mark.line + 1, format_path(keypath))
+
+    def file(self, node: Node, keypath: KeyPath) -> str | None:
+        """`!file PATH`: the text of a file on the controller (e.g. a public key), relative to
+        this YAML file; read at load time, trailing whitespace stripped. Not for secrets: those
+        belong in the vault, where they stay encrypted."""
+        rel = node.value.strip() if isinstance(node, ScalarNode) else ""
+        target = (self.path.parent / Path(rel).expanduser()) if rel else None
+        try:
+            return target.read_text().rstrip() if target else None
+        except OSError as e:
+            self.problem(node, keypath, f"`!file {rel}`: cannot read {target} ({e.strerror or e})",
+                         "fix the path (relative to this file) or create the file" if rel else
+                         "write `!file PATH`, e.g. `!file ../.testbed/id_ed25519.pub`")
+            return None
 
     def mapping(self, node: MappingNode, keypath: KeyPath, active: set[int]) -> dict:
         explicit: list[tuple[Any, Node, Node]] = []

@@ -623,3 +623,17 @@ def test_load_inventory_file_directly(root: Path) -> None:
     path = write(root, GOOD)
     inv = load_inventory_file(path, roles_root=root / "roles")
     assert inv.env == "test" and inv.path == path
+
+
+def test_file_tag_reads_a_controller_file_relative_to_the_inventory(root: Path) -> None:
+    (root / "inventories" / "keys").mkdir()
+    (root / "inventories" / "keys" / "deploy.pub").write_text("ssh-ed25519 AAAAC3Nza deploy@laptop\n\n")
+    inv = load(root, edit("node_port: 3001", "node_port: 3001\n  node_version: !file keys/deploy.pub"))
+    assert inv.hostvars("web1")["node_version"] == "ssh-ed25519 AAAAC3Nza deploy@laptop"
+
+
+def test_file_tag_with_a_missing_file_names_the_line_and_the_path(root: Path) -> None:
+    text = edit("node_port: 3001", "node_port: 3001\n  node_version: !file keys/nope.pub")
+    p = only(fail(root, text), "vars.node_version")
+    assert "cannot read" in p.message and "nope.pub" in p.message
+    assert p.line == line_of(text, "!file keys/nope.pub")
