@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import base as base_image
 from . import network, servers
+from .secrets import ensure_local_vault
 from .config import CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
 
 __all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cut", "heal",
@@ -153,6 +154,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     lay = current_layout(count)
     preflight(lay)
     pub = _ensure_key()
+    ensure_local_vault(log)
     _raise_sysctl_floors(log)
     base = base_image.ensure_base(log)
     base_seconds = time.monotonic() - t0
