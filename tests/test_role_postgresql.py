@@ -18,7 +18,8 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, Run, inventory, sh, test_server
+from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
+from engine_helpers import test_server as server_for
 from provisioner import ops, testbed as tb
 from provisioner.facts import Facts
 from provisioner.inventory import load_inventory_file
@@ -30,7 +31,7 @@ ROLE = load_role(available_roles()["postgresql"])
 G = ROLE.resources.__globals__            # the role module's namespace
 PGTOOL = G["pgtool"]
 
-DB, APP, OTHER = (test_server("db1,web1,vault").split(",") + ["web1", "vault"])[:3]
+DB, APP, OTHER = (server_for("db1,web1,vault").split(",") + ["web1", "vault"])[:3]
 PASSWORDS = {"pg_app": "app-Pw-0001-correct", "pg_report": "report-Pw-0002-correct"}
 TIMES: dict[str, float] = {}
 
@@ -319,7 +320,7 @@ def test_invalid_setting_is_refused_before_it_replaces_the_drop_in(provisioned):
 
 def test_hba_line_postgresql_rejects_is_rolled_back(provisioned):
     good = sh(DB, "cat /etc/postgresql/15/main/pg_hba.conf").stdout
-    inv = pg_inventory(provisioned["tmp"],
+    inv = pg_inventory(provisioned["tmp"], postgresql_shared_buffers="96MB",
                        postgresql_hba_extra=["host all all 10.0.0.300/32 scram-sha-256"])
     run = provision(inv)
     assert run.exit_code == 1
@@ -329,4 +330,9 @@ def test_hba_line_postgresql_rejects_is_rolled_back(provisioned):
     assert "handler reload postgresql" in failed                # it never reloaded the bad file
     assert sh(DB, "cat /etc/postgresql/15/main/pg_hba.conf").stdout == good
     assert client(APP, PASSWORDS["pg_app"]).returncode == 0   # still serving, same rules
+    # the other change of that run still took effect (restart after the rollback)
+    show = "cd / && runuser -u postgres -- psql -XAtc 'SHOW shared_buffers'"
+    assert sh(DB, show).stdout.strip() == "96MB"
+    back = provision(provisioned["inv"])                      # the drop-in back to 128MB
+    assert back.exit_code == 0 and back.host(DB)["failed"] == 0
     assert provision(provisioned["inv"]).host(DB)["changed"] == 0

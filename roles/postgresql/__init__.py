@@ -8,10 +8,11 @@ on stdin) that recomputes SCRAM-SHA-256 with the STORED salt and iterations and 
 new password is sent as a SCRAM verifier computed here (like psql's \\password): the plain
 password never reaches the server's SQL text or logs.
 
-Config changes: one handler checks pg_hba.conf (pg_hba_file_rules has no error rows), reloads,
+Config changes: one handler reloads, checks pg_hba.conf (pg_hba_file_rules has no error rows),
 then restarts only when a setting in the files needs it (pg_file_settings: "could not be
 applied"), so a work_mem change does not drop connections and a listen_addresses change does
-restart. A pg_hba.conf that PostgreSQL rejects is rolled back by a guard.
+restart. A pg_hba.conf that PostgreSQL rejects is rolled back by a guard (then reload + restart
+if needed run again, so the other settings of the run still take effect).
 """
 from __future__ import annotations
 
@@ -281,9 +282,15 @@ def resources(v, ctx):
 def handlers(v):
     cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
     unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
-    return {HANDLER: [b.run(_tool("hba", cid)),                 # never load a broken pg_hba.conf
-                      *systemd.handler("reload", unit),
-                      b.run(_tool("settle", cid, unit))]}      # restart if a setting needs it
+    # A reload never loads a pg_hba.conf PostgreSQL rejects (it keeps the old rules) but does
+    # apply the other settings; a restart with such a file would not come back up, hence the
+    # check before `settle` (restart only if a setting needs it). If the check fails, the guard
+    # restores the file and runs the reload and settle again.
+    return {HANDLER: _apply(cid, unit)[:1] + [b.run(_tool("hba", cid))] + _apply(cid, unit)[1:]}
+
+
+def _apply(cid: str, unit: str) -> list[dict]:
+    return [*systemd.handler("reload", unit), b.run(_tool("settle", cid, unit))]
 
 
 def _connection(host, inventory) -> Connection:
@@ -313,4 +320,4 @@ def guards(v, ctx):
             out = (r.stdout + r.stderr).decode("utf-8", "replace").strip()
             raise RuntimeError(f"PostgreSQL rejects pg_hba.conf: {out or 'exit %d' % r.rc}")
     return [Guard("pg_hba.conf accepted by PostgreSQL", (path,), check,
-                  after_rollback=tuple(systemd.handler("reload", unit)))]
+                  after_rollback=tuple(_apply(cid, unit)))]
