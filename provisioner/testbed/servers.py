@@ -131,6 +131,8 @@ def start(name: str, base: Path) -> bool:
     if supervisor_pid(name):
         return False
     _kill_orphans(name)         # a crashed run's server still holds its overlay
+    # a veth left behind by a crashed run makes nspawn fail with "File exists"
+    subprocess.run(["ip", "link", "del", host_interface(name)], capture_output=True)
     _mount(name, base)
     sup, nsp = _pidfiles(name)
     procs.spawn([sys.executable, "-m", SUPERVISOR, name, str(merged(name)), BRIDGE, str(nsp), cgroup(name)],
