@@ -1,0 +1,40 @@
+'use strict';
+// A tiny HTTP app: GET /health answers {"status": "ok", "version": ...}. No dependencies.
+// PORT comes from the environment (pm2's ecosystem file sets it); APP_VERSION overrides the
+// version from package.json (a deploy can stamp its release id there).
+const http = require('http');
+const { version } = require('./package.json');
+
+const port = Number(process.env.PORT || 3000);
+const host = process.env.HOST || '0.0.0.0';
+const appVersion = process.env.APP_VERSION || version;
+
+const server = http.createServer((req, res) => {
+  const path = req.url.split('?')[0];
+  if (req.method === 'GET' && path === '/health') {
+    const body = JSON.stringify({ status: 'ok', version: appVersion });
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Cache-Control': 'no-store' });
+    res.end(body + '\n');
+    return;
+  }
+  if (req.method === 'GET' && path === '/') {
+    res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' });
+    res.end(`sample-app ${appVersion}\n`);
+    return;
+  }
+  res.writeHead(404, { 'Content-Type': 'application/json' });
+  res.end(JSON.stringify({ error: 'not found' }) + '\n');
+});
+
+server.listen(port, host, () => {
+  console.log(`sample-app ${appVersion} listening on ${host}:${port} (pid ${process.pid})`);
+});
+
+// pm2 sends SIGINT on stop/reload: finish the requests in flight, then exit.
+function shutdown(signal) {
+  console.log(`sample-app: ${signal}, closing`);
+  server.close(() => process.exit(0));
+  setTimeout(() => process.exit(0), 5000).unref();
+}
+process.on('SIGINT', () => shutdown('SIGINT'));
+process.on('SIGTERM', () => shutdown('SIGTERM'));
