@@ -386,6 +386,10 @@ def resources(v, ctx):
     else:
         for key, value in KERNEL_SYSCTLS.items():
             yield sysctl.sysctl(key, value, file=SYSCTL_FILE)
+    yield files.directory("/etc/systemd/coredump.conf.d")
+    yield files.file("/etc/systemd/coredump.conf.d/50-harden.conf",
+                     "# Managed by provisioner (role harden): no core dumps (they can hold secrets)\n"
+                     "[Coredump]\nStorage=none\nProcessSizeMax=0\n")
     yield files.file("/etc/security/limits.d/50-harden.conf",
                      "# Managed by provisioner (role harden): no core dumps (they can hold secrets)\n"
                      "* hard core 0\n* soft core 0\n")
@@ -435,10 +439,17 @@ def resources(v, ctx):
     # 10. smaller things auditors ask for
     yield files.file("/etc/issue", v["harden_banner"].strip() + "\n")
     yield files.file("/etc/issue.net", v["harden_banner"].strip() + "\n")
-    yield files.file("/etc/profile.d/50-harden-timeout.sh",
-                     "# Managed by provisioner (role harden): idle interactive shells log out\n"
+    yield files.file("/etc/profile.d/50-harden.sh",
+                     "# Managed by provisioner (role harden): no core dumps from login shells"
+                     + ("; idle interactive shells log out" if v["harden_shell_timeout"] else "")
+                     + "\nulimit -c 0\n"
                      + (f"TMOUT={v['harden_shell_timeout']}\nreadonly TMOUT\nexport TMOUT\n"
                         if v["harden_shell_timeout"] else ""))
+    # password settings for the day someone sets one: strong hashing, no immediate re-change.
+    # (No maximum age: a key-only user whose never-set password "expired" could not log in.)
+    for key, value in (("SHA_CRYPT_MIN_ROUNDS", 65536), ("SHA_CRYPT_MAX_ROUNDS", 262144),
+                       ("PASS_MIN_DAYS", 1)):
+        yield lines.line("/etc/login.defs", f"{key} {value}", regexp=rf"^#?\s*{key}\s")
     if "needrestart" in v["harden_packages"]:
         yield files.directory("/etc/needrestart/conf.d")
         yield files.file("/etc/needrestart/conf.d/50-harden.conf",

@@ -1,0 +1,514 @@
+"""Role `harden`: pure checks of its vars and templates, then end to end on real test servers.
+
+Live tests work on one server (CI: web1; while developing PROVISIONER_TEST_SERVER=benchNN) and
+attack it from a second one (CI: db1; while developing PROVISIONER_TEST_SERVER2=benchMM). The
+inventory logs in as `deploy` with `bootstrap_user: root`, like a real first run on a fresh VM:
+run 1 comes in as root and closes root logins, run 2 comes in as deploy with no inventory change.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import paramiko
+import pytest
+import testinfra
+
+from conftest import invoke
+import engine_helpers
+from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
+from provisioner import templating
+from provisioner.facts import Facts
+from provisioner.inventory import Host
+from provisioner.ops import ufw
+from provisioner.roles import available_roles, load_role
+
+ROLE = load_role(available_roles()["harden"])
+HARDEN = ROLE.resources.__globals__               # the role module's namespace
+DEFAULTS = available_roles()["harden"].defaults
+PUBKEY = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip() if (REPO / ".testbed" / "id_ed25519.pub").exists() \
+    else "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTVjmFyJ8ajpm7R1CX0VrFOo1sOqcXNnfUKudZ+Ndz test"
+CONTROLLER = "10.77.0.1"                          # the testbed's gateway: where tests and the engine come from
+SSH_AUDIT_INSTALL = "python3 -m pip install -q ssh-audit"
+LYNIS_TARGET = 80
+
+
+# --- pure: vars, templates, plans ---------------------------------------------------------------
+
+def _host(**kw):
+    base = dict(name="h1", address="192.0.2.10", port=22, user="deploy", bootstrap_user="root",
+                key=None, jump=None, connect_timeout=5.0, command_timeout=60.0)
+    return Host(**{**base, **kw})
+
+
+def _ctx(virt="systemd-nspawn", **host):
+    return SimpleNamespace(host=_host(**host), inventory=SimpleNamespace(known_hosts=Path("/nonexistent")),
+                           os={"virt": virt}, check=False)
+
+
+def _vars(**over):
+    return {**DEFAULTS, "harden_deploy_keys": [PUBKEY], **over}
+
+
+def _resources(virt="systemd-nspawn", host=None, **over):
+    return list(ROLE.resources(_vars(**over), _ctx(virt, **(host or {}))))
+
+
+def test_defaults_render_a_sshd_config_with_the_hardened_settings():
+    text = next(r for r in _resources() if r.id == "template /etc/ssh/sshd_config").content.text
+    for line in ("PermitRootLogin no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                 "AuthenticationMethods publickey", "AllowGroups sshusers", "MaxAuthTries 3",
+                 "LoginGraceTime 30", "ClientAliveInterval 300", "ClientAliveCountMax 2",
+                 "X11Forwarding no", "AllowTcpForwarding no", "Port 22", "LogLevel VERBOSE"):
+        assert f"\n{line}\n" in text, line
+    algos = [l for l in text.splitlines() if l.split(" ", 1)[0] in ("KexAlgorithms", "MACs", "HostKeyAlgorithms", "Ciphers")]
+    assert len(algos) == 4
+    assert not any(re.search(r"nistp|sha1|ecdsa|cbc", l) for l in algos), algos
+    assert "HostKey /etc/ssh/ssh_host_ecdsa_key" not in text and "Include" not in text
+
+
+def test_bastions_get_tcp_forwarding_and_a_custom_port():
+    text = next(r for r in _resources(harden_ssh_allow_tcp_forwarding=True, harden_ssh_port=2222)
+                if r.id == "template /etc/ssh/sshd_config").content.text
+    assert "\nAllowTcpForwarding yes\n" in text and "\nPort 2222\n" in text
+
+
+@pytest.mark.parametrize("over, host, match", [
+    ({"harden_deploy_keys": []}, None, r"harden_deploy_keys: no SSH public key"),
+    ({}, {"user": "root"}, r"ssh.user: .*as root.*bootstrap_user: root"),
+    ({"harden_deploy_user": "root"}, None, r"harden_deploy_user: root cannot be used"),
+    ({"harden_ssh_ciphers": ["aes256-gcm@openssh.com", "AES 256"]}, None, r"harden_ssh_ciphers: .*not a list of algorithm names"),
+    ({"harden_ssh_port": 70000}, None, r"harden_ssh_port: 70000 is out of range"),
+    ({"harden_trusted_sources": ["10.77.0.1/24"]}, None, r"harden_trusted_sources: .*network address"),
+    ({"harden_allowed_ports": [{"port": 443}, {"port": "443", "proto": "tcp"}]}, None, r"harden_allowed_ports: two ufw rules"),
+    ({"harden_allowed_ports": [{"port": "80:70", "proto": "tcp"}]}, None, r"harden_allowed_ports\[0\]: bad port"),
+    ({"harden_unattended_reboot_time": "4am"}, None, r"harden_unattended_reboot_time: .*HH:MM"),
+    ({"harden_fail2ban_bantime": "one hour"}, None, r"harden_fail2ban_bantime: .*fail2ban time"),
+    ({"harden_admin_users": [{"name": "alice"}]}, None, r"harden_admin_users\[0\].keys: no SSH public key"),
+    ({"harden_admin_users": [{"name": "deploy", "keys": [PUBKEY]}]}, None, r"is the deploy user"),
+])
+def test_bad_vars_are_refused_naming_the_var_and_the_fix(over, host, match):
+    with pytest.raises(ValueError, match=match):
+        _resources(host=host, **over)
+
+
+def test_small_rsa_keys_are_refused_before_sshd_would_refuse_them():
+    key = paramiko.RSAKey.generate(2048)
+    line = f"ssh-rsa {key.get_base64()} small"
+    with pytest.raises(ValueError, match=r"harden_admin_users\[0\].keys: an RSA key of 2048 bits"):
+        _resources(harden_admin_users=[{"name": "alice", "keys": [line]}])
+    assert _resources(harden_admin_users=[{"name": "alice", "keys": [line]}], harden_ssh_required_rsa_size=2048)
+
+
+def test_the_inventory_key_must_be_among_the_deploy_keys(tmp_path):
+    key = paramiko.Ed25519Key.from_private_key_file(str(REPO / ".testbed" / "id_ed25519")) \
+        if (REPO / ".testbed" / "id_ed25519").exists() else None
+    if key is None:
+        pytest.skip("no testbed key yet (invoke testbed.up writes .testbed/id_ed25519)")
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTVjmFyJ8ajpm7R1CX0VrFOo1sOqcXNnfUKudZ+Ndz other"
+    with pytest.raises(ValueError, match=r"harden_deploy_keys: does not hold the public key of the inventory's ssh.key"):
+        _resources(host={"key": REPO / ".testbed" / "id_ed25519"}, harden_deploy_keys=[other])
+
+
+def test_ufw_rules_trusted_sources_come_before_the_ssh_rate_limit():
+    fw = next(r for r in _resources(harden_trusted_sources=["10.77.0.1", "198.51.100.0/24"],
+                                    harden_allowed_ports=[{"port": 443}, {"port": 5432, "from": "10.77.0.0/24"}])
+              if r.id == "ufw")
+    assert [(r.action, r.port, r.src) for r in fw.rules] == [
+        ("allow", "22", "10.77.0.1"), ("allow", "22", "198.51.100.0/24"), ("limit", "22", "any"),
+        ("allow", "443", "any"), ("allow", "5432", "10.77.0.0/24")]
+    assert fw.incoming == "deny" and fw.outgoing == "allow"
+
+
+def test_moving_the_ssh_port_keeps_the_old_one_open_until_the_inventory_follows():
+    rs = _resources(harden_trusted_sources=["10.77.0.1"], harden_ssh_port=2222)
+    fw = next(r for r in rs if r.id == "ufw")
+    assert [(r.action, r.port) for r in fw.rules] == [("allow", "2222"), ("limit", "2222"), ("allow", "22"), ("limit", "22")]
+    jail = next(r for r in rs if r.id == "template /etc/fail2ban/jail.local").content.text
+    assert "port = 2222,22" in jail
+    fw = next(r for r in _resources(harden_ssh_port=2222, host={"port": 2222}) if r.id == "ufw")
+    assert [(r.action, r.port) for r in fw.rules] == [("limit", "2222")]
+
+
+def test_fail2ban_ignores_trusted_sources_and_reads_the_journal():
+    rs = _resources(harden_trusted_sources=["10.77.0.1"])
+    jail = next(r for r in rs if r.id == "template /etc/fail2ban/jail.local").content.text
+    assert "ignoreip = 127.0.0.1/8 ::1 10.77.0.1\n" in jail
+    assert "backend = systemd" in jail and "_SYSTEMD_UNIT=ssh.service" in jail
+    assert "nginx" not in jail
+    jail = next(r for r in _resources(harden_fail2ban_nginx=True)
+                if r.id == "template /etc/fail2ban/jail.local").content.text
+    assert "[nginx-http-auth]" in jail and "[nginx-botsearch]" in jail
+
+
+def test_containers_skip_what_they_cannot_have_with_the_reason():
+    rs = _resources("systemd-nspawn")
+    skips = {r.id: r.plan(Facts({}))[0].why for r in rs if r.id.startswith("skip ")}
+    assert set(skips) == {"skip kernel sysctls", "skip systemd-timesyncd running", "skip auditd"}
+    assert all(w.startswith("skipped in a container (systemd-detect-virt: systemd-nspawn): ") for w in skips.values())
+    ids = {r.id for r in rs}
+    assert "sysctl kernel.kptr_restrict" not in ids and "service auditd.service" not in ids
+    assert "sysctl net.ipv4.conf.all.log_martians" in ids and "service systemd-timesyncd.service" in ids
+    # a VM or bare metal gets all of it
+    ids = {r.id for r in _resources("kvm")}
+    assert {"sysctl kernel.kptr_restrict", "sysctl kernel.yama.ptrace_scope", "service auditd.service",
+            "template /etc/audit/rules.d/50-harden.rules"} <= ids
+    assert not any(i.startswith("skip ") for i in ids)
+    apt_ = next(r for r in _resources("kvm") if r.id.startswith("apt "))
+    assert "auditd" in apt_.names
+
+
+def test_sudoers_gives_deploy_nopasswd_and_logs_to_a_file():
+    rs = _resources(harden_admin_users=[{"name": "alice", "keys": [PUBKEY]}], harden_admin_sudo_nopasswd=False)
+    sudo = next(r for r in rs if r.id == "template /etc/sudoers.d/50-harden")
+    assert sudo.validate == "visudo -cf {path}" and sudo.mode == "0440"
+    text = sudo.content.text
+    assert "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n" in text and "alice ALL=(ALL:ALL) ALL\n" in text
+    assert 'Defaults logfile="/var/log/sudo.log"' in text
+    users_ = {r.name: r for r in rs if r.id.startswith("user ")}
+    assert users_["deploy"].groups == ("sshusers",) and users_["alice"].groups == ("sshusers",)
+
+
+def test_the_guard_watches_the_lockout_files_and_checks_on_the_new_port():
+    (g,) = ROLE.guards(_vars(harden_ssh_port=2222), _ctx())
+    assert g.files == ("/etc/ssh/sshd_config", "/etc/sudoers.d/50-harden")
+    assert "deploy" in g.name and "2222" in g.name
+    assert g.after_rollback[-1]["run"] == ["systemctl", "reload", "--", "ssh.service"]
+
+
+def test_known_hosts_on_a_new_port_reuse_the_verified_keys(tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text("192.0.2.10 ssh-ed25519 AAAAkey1\n192.0.2.11 ssh-ed25519 AAAAother\n")
+    assert HARDEN["_known_hosts_for"](kh, "192.0.2.10", 22) == kh
+    moved = HARDEN["_known_hosts_for"](kh, "192.0.2.10", 2222)
+    try:
+        assert "[192.0.2.10]:2222 ssh-ed25519 AAAAkey1\n" in moved.read_text()
+        assert "[192.0.2.11]:2222" not in moved.read_text()
+    finally:
+        moved.unlink()
+
+
+# --- live: one server provisioned, attacked from another ----------------------------------------
+
+SERVER = engine_helpers.test_server("web1")
+
+
+def _second() -> str | None:
+    if os.environ.get("PROVISIONER_TEST_SERVER2"):
+        return os.environ["PROVISIONER_TEST_SERVER2"]
+    return None if os.environ.get("PROVISIONER_TEST_SERVER") else "db1"
+
+
+def _inv(tmp_path, name="hardentest", port=22, known_hosts=None, **vars):
+    inv = inventory(tmp_path, [SERVER], ["harden"], name=name,
+                    vars={"harden_deploy_keys": [PUBKEY], "harden_trusted_sources": [CONTROLLER], **vars},
+                    ssh={"user": "deploy", "bootstrap_user": "root", "port": port})
+    return dataclasses.replace(inv, known_hosts=known_hosts) if known_hosts else inv
+
+
+def _deploy_host(port=22):
+    return testinfra.get_host(f"ssh://deploy@{SERVER}:{port}", ssh_config=str(REPO / ".testbed" / "ssh_config"),
+                              sudo=True)
+
+
+def _login_as(user, port=22, key=None):
+    """A fresh paramiko login with strict host keys; returns the client (caller closes)."""
+    c = paramiko.SSHClient()
+    c.load_host_keys(str(REPO / ".testbed" / "known_hosts"))
+    c.set_missing_host_key_policy(paramiko.RejectPolicy())
+    if key is None:
+        key = paramiko.Ed25519Key.from_private_key_file(str(REPO / ".testbed" / "id_ed25519"))
+    c.connect(ADDRESSES[SERVER], port=port, username=user, pkey=key, look_for_keys=False,
+              allow_agent=False, timeout=10, banner_timeout=10, auth_timeout=10)
+    return c
+
+
+def _failed(run):
+    return [(e["resource"], e["reason"]) for e in run.steps(status="failed")]
+
+
+@pytest.fixture(scope="module")
+def hardened(testbed, tmp_path_factory):
+    """A fresh server, provisioned twice with the same inventory (user deploy, bootstrap root)."""
+    invoke("testbed.reset", SERVER)
+    tmp = tmp_path_factory.mktemp("harden")
+    inv = _inv(tmp)
+    t0 = time.monotonic()
+    first = Run(inv)
+    t1 = time.monotonic()
+    second = Run(inv)
+    t2 = time.monotonic()
+    print(f"\nharden on {SERVER}: fresh provision {t1 - t0:.1f} s ({first.host(SERVER)['changed']} changed, "
+          f"{first.host(SERVER)['remote_commands']} execs); converged run {t2 - t1:.1f} s "
+          f"({second.host(SERVER)['changed']} changed, {second.host(SERVER)['remote_commands']} execs)")
+    return SimpleNamespace(inv=inv, first=first, second=second, tmp=tmp)
+
+
+def test_first_run_as_root_then_as_deploy_with_no_inventory_change(hardened):
+    first, second = hardened.first, hardened.second
+    assert first.exit_code == 0 and not _failed(first), _failed(first)
+    assert first.host(SERVER)["changed"] >= 30
+    guard = [e for e in first.steps() if e["resource"].startswith("guard ")]
+    assert [(e["status"], e["reason"]) for e in guard] == [("ok", "passed after the change")]
+    assert second.exit_code == 0 and second.host(SERVER)["changed"] == 0, second.steps(status="changed")
+    assert second.host(SERVER)["remote_commands"] <= 4
+    log = sh(SERVER, "journalctl -u ssh --no-pager -o cat").stdout
+    accepted = re.findall(r"Accepted publickey for (\S+) from " + re.escape(CONTROLLER), log)
+    assert accepted[0] == "root"                   # run 1: deploy did not exist yet, root did
+    assert accepted[-1] == "deploy"                # run 2: deploy, and root is closed by then
+    assert "authentication failed" not in json.dumps(second.lines)
+
+
+def test_what_cannot_run_in_a_container_is_reported_skipped_with_the_reason(hardened):
+    skips = {e["resource"]: e["reason"] for e in hardened.second.steps() if e["resource"].startswith("skip ")}
+    virt = sh(SERVER, "systemd-detect-virt", check=False).stdout.strip()
+    assert set(skips) == {"skip kernel sysctls", "skip systemd-timesyncd running", "skip auditd"}
+    for reason in skips.values():
+        assert reason.startswith(f"skipped in a container (systemd-detect-virt: {virt}): ")
+    h = _deploy_host()
+    assert h.service("systemd-timesyncd").is_enabled           # configured for when it can run
+    assert h.file("/etc/systemd/timesyncd.conf.d/50-harden.conf").exists
+    assert not h.service("systemd-timesyncd").is_running        # and, in a container, it does not
+
+
+def test_sshd_T_shows_the_hardened_settings(hardened):
+    effective = dict(line.split(" ", 1) for line in sh(SERVER, "sshd -T").stdout.splitlines() if " " in line)
+    assert effective["permitrootlogin"] == "no"
+    assert effective["passwordauthentication"] == "no"
+    assert effective["kbdinteractiveauthentication"] == "no"
+    assert effective["pubkeyauthentication"] == "yes"
+    assert effective["allowgroups"] == "sshusers"
+    assert effective["maxauthtries"] == "3" and effective["logingracetime"] == "30"
+    assert effective["clientaliveinterval"] == "300" and effective["clientalivecountmax"] == "2"
+    assert effective["x11forwarding"] == "no" and effective["allowtcpforwarding"] == "no"
+    assert "nistp" not in effective["kexalgorithms"] and "sha1" not in effective["macs"]
+    assert effective["ciphers"] == ",".join(DEFAULTS["harden_ssh_ciphers"])
+    assert "ecdsa" not in effective["hostkeyalgorithms"]
+    sizes = [int(l.split()[4]) for l in sh(SERVER, "grep -v '^#' /etc/ssh/moduli").stdout.splitlines()]
+    assert sizes and min(sizes) >= 3071                          # moduli lists bits - 1
+
+
+def test_root_and_password_logins_are_refused_over_real_ssh(hardened):
+    with pytest.raises(paramiko.AuthenticationException):
+        _login_as("root").close()
+    # password authentication is not even offered
+    sock = socket.create_connection((ADDRESSES[SERVER], 22), timeout=10)
+    t = paramiko.Transport(sock)
+    try:
+        t.start_client(timeout=10)
+        with pytest.raises(paramiko.BadAuthenticationType) as info:
+            t.auth_password("deploy", "any password")
+        assert info.value.allowed_types == ["publickey"]
+    finally:
+        t.close()
+    ok = _login_as("deploy")                       # while the deploy user's key works
+    ok.close()
+
+
+def test_ufw_is_active_with_the_trusted_source_before_the_rate_limit(hardened):
+    h = _deploy_host()
+    status = h.check_output("ufw status verbose")
+    assert "Status: active" in status
+    assert "Default: deny (incoming), allow (outgoing)" in status
+    rules = [l for l in status.splitlines() if " IN " in l]
+    assert re.match(rf"22/tcp\s+ALLOW IN\s+{re.escape(CONTROLLER)}\s+# trusted source", rules[0]), rules
+    assert re.match(r"22/tcp\s+LIMIT IN\s+Anywhere\s+# ssh", rules[1]), rules
+    assert len(rules) == 3 and "(v6)" in rules[2]
+    assert h.service("ufw").is_enabled
+    # ufw re-applies OUR sysctl file when it starts, not its own (log_martians=0)
+    assert "IPT_SYSCTL=/etc/sysctl.d/60-harden.conf" in h.file("/etc/default/ufw").content_string
+    assert h.sysctl("net.ipv4.conf.all.log_martians") == 1
+
+
+def test_network_sysctls_are_live_and_persisted(hardened):
+    h = _deploy_host()
+    for key, value in {**HARDEN["NET_SYSCTLS"], "net.ipv4.conf.all.rp_filter": 1}.items():
+        assert h.sysctl(key) == value, key
+    assert "net.ipv4.conf.all.send_redirects = 0" in h.file("/etc/sysctl.d/60-harden.conf").content_string
+
+
+def test_unattended_security_upgrades_are_enabled(hardened):
+    h = _deploy_host()
+    dump = h.check_output("apt-config dump")
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in dump
+    assert 'APT::Periodic::Update-Package-Lists "1";' in dump
+    assert 'Unattended-Upgrade::Automatic-Reboot "false";' in dump
+    for timer in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        assert h.service(timer).is_enabled and h.service(timer).is_running
+    out = h.run("unattended-upgrade --dry-run --debug 2>&1 | head -20").stdout
+    assert "Allowed origins are: origin=Debian,codename=bookworm-security,label=Debian-Security" in out
+
+
+def test_the_journal_is_persistent_and_logins_and_sudo_are_recorded(hardened):
+    c = _login_as("deploy")
+    try:
+        _, out, _ = c.exec_command("sudo -n true && echo sudo-ok")
+        assert out.read().decode().strip() == "sudo-ok"
+    finally:
+        c.close()
+    h = _deploy_host()
+    assert h.file("/var/log/journal").is_directory
+    assert "Storage=persistent" in h.file("/etc/systemd/journald.conf.d/50-harden.conf").content_string
+    assert h.run("find /var/log/journal -name 'system*.journal' | grep -q .").rc == 0
+    logins = h.check_output("journalctl _COMM=sshd --no-pager -o cat --since -5min")
+    assert f"Accepted publickey for deploy from {CONTROLLER}" in logins
+    sudo_log = h.file("/var/log/sudo.log")
+    assert sudo_log.mode == 0o600 and sudo_log.user == "root"
+    assert re.search(r"deploy : .*USER=root ; COMMAND=/usr/bin/true", sudo_log.content_string)
+    assert "COMMAND=/usr/bin/true" in h.check_output("journalctl _COMM=sudo --no-pager -o cat --since -5min")
+
+
+def test_fail2ban_bans_an_attacker_and_never_the_trusted_source(hardened):
+    attacker = _second()
+    if attacker is None:
+        pytest.skip("needs a second server to attack from: set PROVISIONER_TEST_SERVER2 (it is reset)")
+    invoke("testbed.reset", attacker)
+    target, source = ADDRESSES[SERVER], ADDRESSES[attacker]
+    h = _deploy_host()
+    assert h.service("fail2ban").is_enabled and h.service("fail2ban").is_running
+    jail = h.check_output("fail2ban-client status sshd")
+    assert "_SYSTEMD_UNIT=ssh.service" in jail
+    assert CONTROLLER in h.check_output("fail2ban-client get sshd ignoreip")
+    # the trusted source fails more often than maxretry: never banned, not even counted
+    wrong = paramiko.Ed25519Key.from_private_key_file(str(_throwaway_key(hardened.tmp)))
+    for _ in range(DEFAULTS["harden_fail2ban_maxretry"] + 2):
+        with pytest.raises(paramiko.AuthenticationException):
+            _login_as("deploy", key=wrong).close()
+    try:
+        # the attacker: wrong keys for deploy, one connection after the other (bounded: 8)
+        sh(attacker, "for i in 1 2 3; do ssh-keygen -q -t ed25519 -N '' -f /tmp/k$i; done")
+        attempt = (f"ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                   f"-o ConnectTimeout=3 -o IdentitiesOnly=yes -i /tmp/k1 -i /tmp/k2 -i /tmp/k3 deploy@{target} true")
+        banned = False
+        for n in range(8):
+            sh(attacker, attempt, check=False)
+            status = h.check_output("fail2ban-client status sshd")
+            if source in _banned(status):
+                banned = True
+                break
+            time.sleep(1)
+        print(f"\n{attacker} ({source}) banned after {n + 1} failed connections")
+        assert banned, status
+        assert CONTROLLER not in _banned(status)
+        # the ban holds: the attacker's packets are dropped now
+        r = sh(attacker, attempt, check=False)
+        assert r.returncode == 255 and "timed out" in r.stderr, r.stderr
+        _login_as("deploy").close()                  # and the controller still gets in
+    finally:
+        sh(SERVER, f"fail2ban-client set sshd unbanip {source}", check=False)
+
+
+def _banned(status: str) -> set[str]:
+    return set(status.split("Banned IP list:", 1)[1].split())
+
+
+def _throwaway_key(tmp):
+    path = Path(tmp) / "wrong_ed25519"
+    if not path.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def _ssh_audit(address):
+    exe = shutil.which("ssh-audit")
+    if exe is None:
+        pytest.skip(f"ssh-audit (the PyPI release) is not installed: {SSH_AUDIT_INSTALL}")
+    r = subprocess.run([exe, "--no-colors", address], capture_output=True, text=True, timeout=180)
+    return [l for l in r.stdout.splitlines() if "[fail]" in l]
+
+
+def test_ssh_audit_finds_nothing_to_fail_after_hardening(hardened):
+    fails = _ssh_audit(ADDRESSES[SERVER])
+    second = _second()
+    if second:
+        invoke("testbed.reset", second)
+        fresh = _ssh_audit(ADDRESSES[second])
+        print(f"\nssh-audit [fail] lines: fresh {second}: {len(fresh)}, hardened {SERVER}: {len(fails)}")
+        assert len(fresh) >= 1
+    assert fails == []
+
+
+def _lynis(name):
+    sh(name, "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends lynis >/dev/null 2>&1 "
+             "|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+             "--no-install-recommends lynis >/dev/null)")
+    out = sh(name, "lynis audit system --quick --no-colors 2>&1", check=False).stdout
+    m = re.search(r"Hardening index : (\d+)", out)
+    assert m, out[-2000:]
+    return int(m.group(1))
+
+
+def test_lynis_hardening_index(hardened, request):
+    second = _second()
+    fresh = None
+    if second:
+        invoke("testbed.reset", second)
+        fresh = _lynis(second)
+    provisioned = _lynis(SERVER)
+    print(f"\nlynis hardening index: fresh {second}: {fresh}, provisioned {SERVER}: {provisioned} "
+          f"(target >= {LYNIS_TARGET})")
+    if fresh is not None:
+        assert provisioned > fresh
+    assert provisioned >= LYNIS_TARGET
+
+
+def test_an_unknown_cipher_fails_the_run_and_the_old_config_stays(hardened):
+    before = sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout
+    bad = _inv(hardened.tmp, name="badcipher",
+               harden_ssh_ciphers=DEFAULTS["harden_ssh_ciphers"] + ["aes512-gcm@openssh.com"])
+    run = Run(bad)
+    assert run.exit_code == 1
+    failed = _failed(run)
+    assert failed[0][0] == "template /etc/ssh/sshd_config"
+    assert "validation failed" in failed[0][1] and "sshd -t -f" in failed[0][1]
+    assert "aes512-gcm@openssh.com" in (run.steps(status="failed")[0].get("output") or "")
+    assert sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout == before
+    _login_as("deploy").close()                      # still reachable, as deploy
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+def test_a_config_that_locks_the_deploy_user_out_is_rolled_back(hardened):
+    before = sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout
+    locked = _inv(hardened.tmp, name="lockout", harden_ssh_allow_groups=["wheel"])
+    run = Run(locked)
+    assert run.exit_code == 1
+    failed = run.steps(status="failed")
+    assert [e["resource"] for e in failed] == ["guard fresh SSH login as deploy with sudo on port 22"]
+    assert "authentication failed" in failed[0]["reason"]
+    assert "restored the previous /etc/ssh/sshd_config, /etc/sudoers.d/50-harden" in failed[0]["reason"]
+    assert sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout == before
+    assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout            # the running sshd too
+    _login_as("deploy").close()
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+def test_a_custom_ssh_port(hardened, tmp_path):
+    """Last: it re-provisions the server on port 2222. Run 1 connects on 22 and moves sshd; the
+    guard logs in on 2222; run 2 uses port 2222 in the inventory and closes 22 in ufw too."""
+    invoke("testbed.reset", SERVER)
+    kh = tmp_path / "known_hosts"
+    base = (REPO / ".testbed" / "known_hosts").read_text()
+    addr = ADDRESSES[SERVER]
+    kh.write_text(base + "".join(f"[{addr}]:2222 {l.split(' ', 1)[1]}\n" for l in base.splitlines()
+                                 if l.split(" ", 1)[0] == addr))
+    first = Run(_inv(tmp_path, name="port22", known_hosts=kh, harden_ssh_port=2222))
+    assert first.exit_code == 0, _failed(first)
+    assert [e["resource"] for e in first.steps(status="ok") if e["resource"].startswith("guard ")] == [
+        "guard fresh SSH login as deploy with sudo on port 2222"]
+    moved = _inv(tmp_path, name="port2222", port=2222, known_hosts=kh, harden_ssh_port=2222)
+    second = Run(moved)
+    changed = {e["resource"] for e in second.steps(status="changed")}
+    assert second.exit_code == 0 and "ufw" in changed, _failed(second)
+    assert changed <= {"ufw", "template /etc/fail2ban/jail.local", "handler restart fail2ban"}, changed
+    assert Run(moved).host(SERVER)["changed"] == 0
+    assert "port 2222" in sh(SERVER, "sshd -T").stdout
+    status = sh(SERVER, "ufw status").stdout
+    assert "2222/tcp" in status and not re.search(r"^22/tcp", status, re.M)
+    with pytest.raises(OSError):                     # refused or dropped (NoValidConnectionsError, timeout)
+        _login_as("deploy", port=22).close()
