@@ -193,11 +193,16 @@ def servers(testbed):
 def provisioned(servers, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pg")
     inv = pg_inventory(tmp)
+    check = Run(inv, limit=DB, check=True)                  # a fresh server can be planned
+    assert check.exit_code == 5 and check.host(DB)["failed"] == 0, check.err.getvalue()
+    assert sh(DB, "test -e /etc/postgresql", check=False).returncode == 1
     t0 = time.monotonic()
     first = provision(inv)
     TIMES["fresh"] = time.monotonic() - t0
     assert first.exit_code == 0, first.err.getvalue()
     assert first.host(DB)["failed"] == 0 and first.host(DB)["changed"] >= 8
+    handler = [e for e in first.steps(host=DB) if e["resource"] == "handler reload postgresql"]
+    assert handler and handler[0]["status"] == "changed"
     t0 = time.monotonic()
     second = provision(inv)
     TIMES["converged"] = time.monotonic() - t0
