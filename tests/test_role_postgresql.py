@@ -99,7 +99,8 @@ def test_scram_matches_what_postgresql_stores():
 
 
 def test_hba_allows_the_app_group_and_sources_only(tmp_path):
-    v, ctx = ctx_for(tmp_path, postgresql_allowed_sources=["10.9.0.0/24", "10.9.0.0/24"])
+    v, ctx = ctx_for(tmp_path, postgresql_allowed_sources=["10.9.0.0/24", ADDRESSES[APP],
+                                                           "10.9.0.0/24"])
     c = G["config"](v, ctx)
     assert c["listen"] == ADDRESSES[DB]
     assert f"listen_addresses = 'localhost,{ADDRESSES[DB]}'" in c["settings"]

@@ -121,7 +121,8 @@ def config(v: dict, ctx) -> dict:
                                                 f"{group!r}"), f"{h.name} (group {group})"))
     for s in v["postgresql_allowed_sources"] or []:
         sources.append((_network(s, "postgresql_allowed_sources"), "postgresql_allowed_sources"))
-    sources = list({cidr: (cidr, why) for cidr, why in reversed(sources)}.values())[::-1]
+    seen: set[str] = set()
+    sources = [s for s in sources if not (s[0] in seen or seen.add(s[0]))]   # first one wins
 
     databases = []
     users = []
