@@ -247,7 +247,11 @@ def hardened(testbed, tmp_path_factory):
     print(f"\nharden on {SERVER}: fresh provision {t1 - t0:.1f} s ({first.host(SERVER)['changed']} changed, "
           f"{first.host(SERVER)['remote_commands']} execs); converged run {t2 - t1:.1f} s "
           f"({second.host(SERVER)['changed']} changed, {second.host(SERVER)['remote_commands']} execs)")
-    return SimpleNamespace(inv=inv, first=first, second=second, tmp=tmp)
+    yield SimpleNamespace(inv=inv, first=first, second=second, tmp=tmp)
+    # Other tests log in to these servers as root on port 22: leave them fresh.
+    invoke("testbed.reset", SERVER)
+    if _second():
+        invoke("testbed.reset", _second())
 
 
 def test_first_run_as_root_then_as_deploy_with_no_inventory_change(hardened):
