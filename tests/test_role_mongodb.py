@@ -169,6 +169,8 @@ def test_mongod_conf_defaults_and_ipv6():
         {"name": "u", "indexes": [{"keys": {"a": 2}}]}]}]}, "mongodb_init", "1, -1, text"),
     ({"mongodb_init": [{"db": "shop"}, {"db": "shop"}]}, "mongodb_init", "appears twice"),
     ({"mongodb_init": [{"db": "local"}]}, "mongodb_init", "not admin, local"),
+    ({"mongodb_packages": ["mongodb-org-server"]}, "mongodb_packages", "provides mongosh"),
+    ({"mongodb_packages": ["mongodb-mongosh"]}, "mongodb_packages", "provides mongod"),
 ])
 def test_bad_vars_are_refused_naming_the_var_and_a_fix(over, var, words):
     with pytest.raises(ValueError) as e:

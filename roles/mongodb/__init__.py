@@ -366,6 +366,22 @@ def read_deb(path: Path) -> Deb:
                architecture=fields.get("Architecture", ""), size=size)
 
 
+SERVER_PACKAGES = ("mongodb-org-server", "mongodb-org", "mongodb-enterprise-server",
+                   "mongodb-enterprise")
+MONGOSH_PACKAGES = ("mongodb-mongosh", "mongodb-mongosh-shared-openssl3",
+                    "mongodb-mongosh-shared-openssl11", "mongodb-org", "mongodb-enterprise")
+
+
+def check_server_packages(names: tuple[str, ...], where: str) -> None:
+    """A server needs mongod, and mongosh for the users and the init."""
+    plain = {n.split("=")[0] for n in names}
+    for wanted, what in ((SERVER_PACKAGES, "mongod"), (MONGOSH_PACKAGES, "mongosh")):
+        if not plain & set(wanted):
+            raise _bad("mongodb_packages", f"none of {sorted(plain)} {where} provides {what}",
+                       f"add one of {', '.join(wanted)} (the role runs mongod and sets up "
+                       "users and the init with mongosh), or set mongodb_server: false")
+
+
 def debs_in(folder: Path, wanted: tuple[str, ...]) -> tuple[Deb, ...]:
     found = sorted(folder.glob("*.deb"))
     if not found:
@@ -715,6 +731,7 @@ def resources(v, ctx):
     if not s.server:
         return
     # check everything that can be wrong before anything is planned
+    check_server_packages(s.packages, "(mongodb_packages)")
     users = users_script(v, ctx, s)
     inits = init_scripts(v, ctx, s)
     yield templates.template("/etc/mongosh.conf", "mongodb/mongosh.conf.j2", {}, mode="0644")
