@@ -20,7 +20,6 @@ download site are unreachable: TESTBED-NOTES "What does not exist here"). So:
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ import yaml
 from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for_tests
-from provisioner.change import Change, Noop
+from provisioner.change import Noop
 from provisioner.facts import Facts
 from provisioner.roles import available_roles, load_role
 from provisioner.secret import Secret
@@ -248,7 +247,8 @@ def test_users_script_runs_when_its_marker_differs_and_passwords_change_the_dige
         assert ADMIN_PW not in text and APP_PW not in text
     # a new app password, a new app role: a new digest; an unrelated var: the same
     digest = users.digest
-    assert M.users_script(role_vars(mongodb_app_password=Secret("rotated")), ctx(),
+    rotated = Secret("rotated-app-pw-5k2", register=False)     # register=False: the process-wide
+    assert M.users_script(role_vars(mongodb_app_password=rotated), ctx(),   # redactor stays as is
                           M.settings(v, ctx())).digest != digest
     assert M.users_script(role_vars(mongodb_app_roles=["readWrite", "dbAdmin"]), ctx(),
                           M.settings(v, ctx())).digest != digest
@@ -287,7 +287,7 @@ def render_scripts(port=27017, wait=60):
     v = role_vars(mongodb_init=init_entry())
     spec = M.users_spec(v)
     users = M.render_users_js(spec, port, v["mongodb_admin_password"], v["mongodb_app_password"],
-                              Secret("old-admin-pw"), wait_seconds=wait)
+                              Secret("old-admin-pw", register=False), wait_seconds=wait)
     (init,) = M.init_specs(v, ctx())
     init_js = M.render_init_js(init, port, "admin", v["mongodb_admin_password"], wait_seconds=wait)
     return users, init_js, init
@@ -308,7 +308,8 @@ def test_users_script_text():
                    '"127.0.0.1:" + PORT', "const PORT = 27017;", "const WAIT_MS = 60000;"):
         assert needle in users, needle
     assert users.rstrip().endswith("main();")
-    no_previous = M.render_users_js(M.users_spec(role_vars()), 27017, Secret("a"), Secret("b"))
+    no_previous = M.render_users_js(M.users_spec(role_vars()), 27017, Secret("admin-pw-x9", register=False),
+                                    Secret("app-pw-x9", register=False))
     assert "const ADMIN_PREVIOUS_PWD = null;" in no_previous
 
 
