@@ -13,6 +13,7 @@ the defaults.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -139,6 +140,8 @@ def load_role(info: RoleInfo) -> RoleCode:
     spec = importlib.util.spec_from_file_location(f"provisioner_roles.{info.name}", init,
                                                   submodule_search_locations=[str(info.path)])
     module = importlib.util.module_from_spec(spec)
+    # registered before it runs: dataclasses (and pickling) look their module up by name
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     if not callable(getattr(module, "resources", None)):
         raise InputError([Problem(str(init), None, info.name, "no `resources(v, ctx)` function",
