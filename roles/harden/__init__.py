@@ -140,9 +140,17 @@ def _int(var: str, value, lo: int, hi: int) -> int:
 
 
 def _public_key_of(path) -> str | None:
-    """'type base64' of the inventory's private key, when it can be read without a passphrase."""
+    """'type base64' of the inventory's private key: from its .pub beside it, or from the key
+    itself when it has no passphrase; None when neither can be read."""
     if path is None:
         return None
+    pub = Path(str(path) + ".pub")
+    try:
+        parts = pub.read_text().split()
+        if len(parts) >= 2 and parts[0] in KEY_TYPES:
+            return f"{parts[0]} {parts[1]}"
+    except OSError:
+        pass
     try:
         import paramiko
         key = paramiko.PKey.from_path(str(path))
@@ -169,15 +177,26 @@ def check_vars(v: dict, ctx) -> Settings:
     """Every role var the inventory's type check cannot judge; ValueError names the var and the fix."""
     min_rsa = _int("harden_ssh_required_rsa_size", v["harden_ssh_required_rsa_size"], 1024, 16384)
     deploy = _name("harden_deploy_user", v["harden_deploy_user"])
-    deploy_keys = _keys("harden_deploy_keys", v["harden_deploy_keys"], min_rsa)
     if ctx.host.user == "root":
         raise _bad("ssh.user", f"the inventory logs in to {ctx.host.name} as root, and this role "
                    "closes root logins", f"set ssh.user: {deploy} and ssh.bootstrap_user: root "
                    "(root is then used only until the deploy user can log in)")
+    listed = v["harden_deploy_keys"]
+    if not isinstance(listed, list):
+        raise _bad("harden_deploy_keys", f"{listed!r} is not a list", "list SSH public key lines")
     mine = _public_key_of(ctx.host.key)
-    if mine and mine not in {" ".join(k.split()[:2]) for k in deploy_keys} and ctx.host.user == deploy:
+    listed_blobs = {" ".join(str(k).split()[:2]) for k in listed}
+    if v["harden_deploy_inventory_key"]:
+        if mine is None and not listed:
+            raise _bad("harden_deploy_keys", "no SSH public key, and the inventory's ssh.key "
+                       f"({ctx.host.key or 'not set: agent keys'}) cannot be read to take its public half",
+                       "list the public key the provisioner logs in with")
+        if mine and mine not in listed_blobs:
+            listed = list(listed) + [f"{mine} provisioner"]
+    elif mine and mine not in listed_blobs and ctx.host.user == deploy:
         raise _bad("harden_deploy_keys", f"does not hold the public key of the inventory's ssh.key "
                    f"({ctx.host.key}): the next run could not log in", f"add `{mine}`")
+    deploy_keys = _keys("harden_deploy_keys", listed, min_rsa)
     admins = []
     for i, a in enumerate(v["harden_admin_users"] or []):
         var = f"harden_admin_users[{i}]"
@@ -361,6 +380,10 @@ def resources(v, ctx):
         yield files.directory("/var/log/nginx", mode="0755", owner="root", group="adm")
         for log in ("/var/log/nginx/access.log", "/var/log/nginx/error.log"):
             yield commands.command(["touch", log], creates=log)
+    yield files.file("/etc/fail2ban/fail2ban.local",
+                     "# Managed by provisioner (role harden)\n[Definition]\n"
+                     "# said explicitly: without it fail2ban 1.0 warns on every start\nallowipv6 = auto\n",
+                     notify="restart fail2ban")
     yield templates.template("/etc/fail2ban/jail.local", "harden/jail.local.j2", {
         "ignoreip": ["127.0.0.1/8", "::1"] + s.trusted, "bantime": v["harden_fail2ban_bantime"],
         "findtime": v["harden_fail2ban_findtime"], "maxretry": v["harden_fail2ban_maxretry"],
