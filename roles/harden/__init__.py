@@ -405,7 +405,8 @@ def resources(v, ctx):
         yield sysctl.sysctl(key, value, file=SYSCTL_FILE)
     if container:
         yield Skip("kernel sysctls", _container_reason(
-            ctx, "kernel.*, fs.* and dev.* sysctls are read-only there (" + ", ".join(KERNEL_SYSCTLS) + ")"))
+            ctx, "kernel-wide sysctls are read-only there (only net.* ones belong to the container's "
+                 "network namespace): " + ", ".join(KERNEL_SYSCTLS)))
     else:
         for key, value in KERNEL_SYSCTLS.items():
             yield sysctl.sysctl(key, value, file=SYSCTL_FILE)
