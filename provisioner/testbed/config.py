@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("PROVISIONER_TESTBED_STATE", REPO / ".testbed"))
 # Outside the work tree: the base image is shared by every checkout on this machine.
@@ -55,15 +53,19 @@ class TestbedError(Exception):
 
 
 def inventory_servers(path: Path = LOCAL_INVENTORY) -> list[ServerSpec]:
+    from provisioner.inventory import read_yaml   # the inventory's own reader: it knows !vault
+
+    if not path.exists():
+        raise TestbedError(f"{path} is missing: the testbed builds the hosts it lists")
+    problems: list = []
+    doc = read_yaml(path, problems)
     try:
-        doc = yaml.safe_load(path.read_text())
-        hosts = doc["hosts"]
+        hosts = doc.data["hosts"]
         return [ServerSpec(name, str(h["address"])) for name, h in hosts.items()]
-    except FileNotFoundError:
-        raise TestbedError(f"{path} is missing: the testbed builds the hosts it lists") from None
-    except (KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
-        raise TestbedError(f"{path}: cannot read hosts and their addresses ({e}); "
-                           "fix the file or run `invoke check --env local` for details") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        detail = "; ".join(str(p) for p in problems) or f"no {e}"
+        raise TestbedError(f"{path}: cannot read hosts and their addresses ({detail}); "
+                           "fix the file, `invoke check --env local` lists every problem") from None
 
 
 def layout(count: int = 0, inventory: Path = LOCAL_INVENTORY) -> Layout:
