@@ -16,6 +16,7 @@ user with sudo) runs pm2 as that user with runuser/sudo -u, which exec the comma
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from urllib.parse import urlsplit
 
@@ -63,6 +64,17 @@ def _check_apps(names) -> list[str]:
     return names
 
 
+def _check_user(v) -> None:
+    user, home, shell = v["node_app_user"], v["node_app_home"], v["node_app_shell"]
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user):
+        raise ValueError(f"node_app_user: {user!r} is not a user name; use lowercase letters, "
+                         "digits, '_' and '-' (up to 32), e.g. app")
+    for key, path in (("node_app_home", home), ("node_app_shell", shell)):
+        if not path.startswith("/") or path != posixpath.normpath(path) or path == "/":
+            raise ValueError(f"{key}: {path!r} must be an absolute, normalised path "
+                             f"(e.g. {'/home/app' if key == 'node_app_home' else '/usr/sbin/nologin'})")
+
+
 def _debian_major(ctx) -> int | None:
     os_facts = getattr(ctx, "os", None) or {}
     if os_facts.get("id") != "debian":
@@ -99,6 +111,7 @@ def nodesource_resources(v, major: int):
 def resources(v, ctx):
     major = _major(v)
     apps = _check_apps(v["node_apps"])
+    _check_user(v)
     user, home = v["node_app_user"], v["node_app_home"]
     if major is None:
         debian = _debian_major(ctx)

@@ -30,7 +30,7 @@ Needs the `node` role on the same host (before it): Node.js, npm and the app use
   deploys. An app whose script does not exist yet (no release deployed) is not started.
 
 An app: {name, script, cwd, args, instances, exec_mode, max_memory_restart, env}
-  name                letters, digits, '.', '_', '-' (required)
+  name                lowercase letters, digits, '.', '_', '-' (required; /srv/<name>)
   script              file to run, relative to cwd or absolute (required)
   cwd                 default /srv/<name>/current
   args                arguments for the script (a string), optional
@@ -58,7 +58,7 @@ PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
 PATH = f"{PREFIX}/bin:/usr/bin:/bin"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")      # as node_apps: /srv/<name>
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MEMORY_RE = re.compile(r"^\d+[KMG]?$")
 APP_KEYS = ("name", "script", "cwd", "args", "instances", "exec_mode", "max_memory_restart", "env")
@@ -352,7 +352,7 @@ def check_app(app: Any, index: int) -> dict:
             raise ValueError(f"{where}: {key} must not be a secret (only env values may be `!vault`)")
     name = app.get("name")
     if not isinstance(name, str) or not APP_NAME_RE.match(name):
-        raise ValueError(f"{where}: name {name!r}: use letters, digits, '.', '_', '-' "
+        raise ValueError(f"{where}: name {name!r}: use lowercase letters, digits, '.', '_', '-' "
                          "(up to 64; it becomes /srv/<name>)")
     where = f"pm2_apps {name}"
     script = app.get("script")
