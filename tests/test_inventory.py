@@ -128,11 +128,14 @@ def test_local_inventory_targets_the_testbed() -> None:
         "web1": "10.77.0.11", "web2": "10.77.0.12", "db1": "10.77.0.13", "vault": "10.77.0.14"}
     assert inv.known_hosts == REPO / ".testbed" / "known_hosts"
     web1 = inv.hosts["web1"]
-    assert (web1.user, web1.port, web1.key, web1.jump) == ("root", 22, REPO / ".testbed" / "id_ed25519", None)
+    assert (web1.user, web1.bootstrap_user, web1.port, web1.key, web1.jump) == (
+        "deploy", "root", 22, REPO / ".testbed" / "id_ed25519", None)
     assert [h.name for h in inv.hosts_in("app")] == ["web1", "web2"]
     assert [h.name for h in inv.hosts_in("db")] == ["db1"]
     assert [h.name for h in inv.hosts_in("backup")] == ["vault"]
-    assert all(inv.roles_for(n) == ["base"] for n in inv.hosts)
+    assert inv.roles_for("web1") == ["base", "harden", "node", "pm2"]
+    assert inv.roles_for("db1") == ["base", "harden", "postgresql", "redis"]
+    assert inv.roles_for("vault") == ["base", "harden"]
 
 
 def test_prod_goes_through_the_bastion_and_needs_the_sudo_secret() -> None:
