@@ -53,3 +53,14 @@ def testbed():
 def pytest_collection_modifyitems(config, items):
     # Tests that take the testbed down must come after every test that uses it.
     items.sort(key=lambda item: item.get_closest_marker("testbed_teardown") is not None)
+
+
+@pytest.fixture(scope="module")
+def fresh_servers(testbed):
+    """The local inventory's servers, never provisioned: other modules harden them (root login
+    closed, firewall up), and these tests log in as root like on a fresh cloud VM."""
+    from provisioner.testbed import config
+    names = [s.name for s in config.inventory_servers()]
+    for name in names:
+        invoke("testbed.reset", name)
+    return names

@@ -14,7 +14,7 @@ from provisioner.connection import Connection, HostKeyError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
 
-pytestmark = pytest.mark.usefixtures("testbed")
+pytestmark = pytest.mark.usefixtures("testbed", "fresh_servers")
 
 
 def th(name):

@@ -16,6 +16,7 @@ from conftest import REPO, invoke
 from provisioner.testbed import config, supervise
 
 SERVERS = config.inventory_servers()
+pytestmark = pytest.mark.usefixtures("fresh_servers")
 
 
 def ssh(tb, name: str, command: str, check: bool = True, known_hosts: Path | None = None):

@@ -1,0 +1,163 @@
+"""Acceptance: `invoke provision --env local` takes four fresh servers to hardened app, database
+and backup servers; the second run changes nothing; then what a user would check, over real SSH
+as the deploy user (root login is closed by then)."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import paramiko
+import pytest
+import testinfra
+
+from conftest import invoke
+from engine_helpers import ADDRESSES, REPO, sh
+
+HOSTS = ["web1", "web2", "db1", "vault"]
+SSH_CONFIG = str(REPO / ".testbed" / "ssh_config")
+KEY = str(REPO / ".testbed" / "id_ed25519")
+
+
+def deploy(name: str):
+    """testinfra over SSH as the deploy user, with sudo: the way an operator looks after hardening."""
+    return testinfra.get_host(f"ssh://deploy@{name}", ssh_config=SSH_CONFIG, sudo=True)
+
+
+def provision(*args: str):
+    r = invoke("provision", "--env", "local", "--json", "--yes", *args, check=False, timeout=3000)
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, events
+
+
+@pytest.fixture(scope="module")
+def provisioned(testbed):
+    for name in HOSTS:
+        invoke("testbed.reset", name)
+    t0 = time.monotonic()
+    first, first_events = provision()
+    first_seconds = time.monotonic() - t0
+    t0 = time.monotonic()
+    second, second_events = provision()
+    second_seconds = time.monotonic() - t0
+    print(f"\nfresh provision of {len(HOSTS)} servers in parallel: {first_seconds:.0f} s; "
+          f"converged run: {second_seconds:.1f} s")
+    return {"first": (first, first_events), "second": (second, second_events)}
+
+
+def test_first_run_provisions_every_host_without_failures(provisioned):
+    r, events = provisioned["first"]
+    recap = events[-1]
+    assert r.returncode == 0, [e for e in events if e.get("status") in ("failed", "unreachable")]
+    assert recap["event"] == "recap" and recap["failed"] == 0 and recap["unreachable"] == 0
+    assert all(recap["hosts"][h]["changed"] > 0 for h in HOSTS)
+
+
+def test_second_run_changes_nothing_in_three_execs_per_host(provisioned):
+    r, events = provisioned["second"]
+    recap = events[-1]
+    assert r.returncode == 0
+    assert recap["changed"] == 0 and recap["failed"] == 0, \
+        [e for e in events if e.get("status") in ("changed", "failed")]
+    assert {recap["hosts"][h]["remote_commands"] for h in HOSTS} == {3}
+
+
+def test_check_mode_on_the_converged_env_reports_nothing_pending(provisioned):
+    r, events = provision("--check", "--detailed-exitcode")
+    assert r.returncode == 0, [e for e in events if e.get("status") == "changed"]
+
+
+def test_root_and_password_logins_are_refused(provisioned):
+    for name in HOSTS:
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(REPO / ".testbed" / "known_hosts"))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        with pytest.raises(paramiko.AuthenticationException):
+            client.connect(ADDRESSES[name], username="root", key_filename=KEY, look_for_keys=False,
+                           allow_agent=False, timeout=10)
+        client.close()
+        t = paramiko.Transport((ADDRESSES[name], 22))
+        t.start_client(timeout=10)
+        try:
+            allowed = t.auth_none("deploy")
+        except paramiko.BadAuthenticationType as e:
+            allowed = e.allowed_types
+        finally:
+            t.close()
+        assert allowed == ["publickey"], f"{name} offers {allowed}"
+
+
+def test_sshd_runs_the_hardened_settings(provisioned):
+    for name in HOSTS:
+        t = dict(line.split(" ", 1) for line in
+                 deploy(name).check_output("sshd -T").splitlines() if " " in line)
+        assert t["permitrootlogin"] == "no"
+        assert t["passwordauthentication"] == "no"
+        assert t["kbdinteractiveauthentication"] == "no"
+        assert "sshusers" in t["allowgroups"].split()
+        assert not any("sha1" in m for m in t["macs"].split(","))
+        assert not any("nistp" in k for k in t["kexalgorithms"].split(","))
+
+
+def test_firewall_fail2ban_and_updates_are_on(provisioned):
+    for name in HOSTS:
+        h = deploy(name)
+        ufw = h.check_output("ufw status verbose")
+        assert "Status: active" in ufw and "Default: deny (incoming)" in ufw
+        assert "10.77.0.1" in ufw and "LIMIT" in ufw
+        assert "Status for the jail: sshd" in h.check_output("fail2ban-client status sshd")
+        assert h.service("fail2ban").is_running and h.service("fail2ban").is_enabled
+        assert h.service("unattended-upgrades").is_enabled
+        assert 'APT::Periodic::Unattended-Upgrade "1"' in h.check_output("apt-config dump APT::Periodic")
+
+
+def _listening(h) -> set[str]:
+    return {line.split()[3] for line in h.check_output("ss -Htln").splitlines()}
+
+
+def test_ports_listen_only_where_intended(provisioned):
+    db = _listening(deploy("db1"))
+    assert {"127.0.0.1:5432", f"{ADDRESSES['db1']}:5432", "127.0.0.1:6379", f"{ADDRESSES['db1']}:6379"} <= db
+    assert not any(a.startswith(("0.0.0.0:", "*:", "[::]:")) and not a.endswith(":22") for a in db), db
+    for name in ("web1", "web2", "vault"):
+        ports = {a.rsplit(":", 1)[1] for a in _listening(deploy(name)) if not a.startswith(("127.", "[::1]"))}
+        assert ports <= {"22", "3000"}, f"{name} listens on {ports}"
+
+
+def test_app_servers_have_node_and_pm2_as_the_app_user(provisioned):
+    for name in ("web1", "web2"):
+        h = deploy(name)
+        major = int(h.check_output("node --version").lstrip("v").split(".")[0])
+        assert major >= 18
+        assert h.service("pm2-app").is_running and h.service("pm2-app").is_enabled
+        owners = {line.split()[0] for line in h.check_output("ps -eo user:20=,args=").splitlines()
+                  if "God Daemon" in line}
+        assert owners == {"app"}
+
+
+def test_the_firewall_lets_app_servers_reach_the_database(provisioned):
+    # PostgreSQL's and Redis' own rules (pg_hba, passwords) are the postgresql/redis role tests
+    probe = ("import socket,sys; s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3); "
+             "s.close(); print('open')")
+    for port in (5432, 6379):
+        assert sh("web1", f"python3 -c \"{probe}\" {ADDRESSES['db1']} {port}").stdout.strip() == "open"
+
+
+def test_pm2_comes_back_after_a_reboot(provisioned):
+    invoke("testbed.stop", "web2")
+    invoke("testbed.start", "web2")
+    h = deploy("web2")
+    deadline = time.monotonic() + 60
+    while not h.service("pm2-app").is_running and time.monotonic() < deadline:
+        time.sleep(1)
+    assert h.service("pm2-app").is_running
+    assert h.check_output("ufw status | head -1") == "Status: active"
+
+
+def test_the_controller_is_never_banned(provisioned):
+    """Many fresh connections from the controller (a trusted source) within the rate limit's window."""
+    for _ in range(10):
+        with socket.create_connection((ADDRESSES["vault"], 22), timeout=5,
+                                      source_address=("10.77.0.1", 0)) as s:
+            assert s.recv(4) == b"SSH-"
+    assert "10.77.0.1" not in deploy("vault").check_output("fail2ban-client status sshd")
