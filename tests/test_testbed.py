@@ -214,6 +214,19 @@ def test_up_recovers_after_a_crash(testbed):
     assert len(inits) == 1
 
 
+def test_a_second_checkout_cannot_take_over_the_bridge(testbed):
+    from provisioner.testbed import network
+    owner = network._owner_file()
+    mine = owner.read_text()
+    owner.write_text("/srv/another/checkout\n")
+    try:
+        r = invoke("testbed.up", check=False)
+        assert r.returncode == 2
+        assert "belongs to the testbed of the checkout at /srv/another/checkout" in r.stderr
+    finally:
+        owner.write_text(mine)
+
+
 def test_ssh_task_opens_a_shell_without_ssh(testbed):
     r = invoke("testbed.ssh", SERVERS[2].name, "--command", "hostname; id -u")
     assert r.stdout.split() == [SERVERS[2].name, "0"]

@@ -55,6 +55,7 @@ def preflight(lay: Layout) -> None:
         problems.append(f"only {free:.1f} GiB free at {probe}; the testbed needs {MIN_FREE_GIB} GiB "
                         "(free space or set PROVISIONER_TESTBED_CACHE to a larger disk)")
     if not problems:
+        network.check_owner()
         network.check_subnet(lay)
     if problems:
         raise TestbedError("cannot start the testbed:\n  - " + "\n  - ".join(problems))

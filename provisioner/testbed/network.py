@@ -9,9 +9,10 @@ import json
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from . import procs
-from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, STATE_DIR, Layout, TestbedError
+from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, REPO, STATE_DIR, Layout, TestbedError
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -41,7 +42,31 @@ def check_subnet(lay: Layout) -> None:
                     "/24 (for example 10.77.0.0/24) and run again")
 
 
+OWNERS = Path("/run/provisioner-testbed")     # tmpfs: gone after a reboot, like the bridge
+
+
+def _owner_file() -> Path:
+    return OWNERS / f"{BRIDGE}.owner"
+
+
+def check_owner() -> None:
+    """One testbed per bridge: another checkout's servers would clash with ours on the same
+    addresses, and its teardown would cut ours off."""
+    try:
+        owner = _owner_file().read_text().strip()
+    except OSError:
+        return
+    if owner != str(REPO) and ip("link", "show", BRIDGE, check=False).returncode == 0:
+        raise TestbedError(
+            f"the bridge {BRIDGE} belongs to the testbed of the checkout at {owner}; run "
+            f"`invoke testbed.down` there first, or give this checkout its own bridge and subnet "
+            f"(PROVISIONER_TESTBED_BRIDGE and the addresses in inventories/local.yml)")
+
+
 def bridge_up(lay: Layout) -> None:
+    check_owner()
+    OWNERS.mkdir(parents=True, exist_ok=True)
+    _owner_file().write_text(f"{REPO}\n")
     cidr = f"{lay.gateway}/{lay.subnet.prefixlen}"
     if ip("link", "show", BRIDGE, check=False).returncode != 0:
         ip("link", "add", BRIDGE, "type", "bridge")
@@ -55,6 +80,12 @@ def bridge_up(lay: Layout) -> None:
 
 
 def bridge_down() -> bool:
+    """Remove our bridge; another checkout's is left alone (its servers are on it)."""
+    try:
+        check_owner()
+    except TestbedError:
+        return False
+    _owner_file().unlink(missing_ok=True)
     if ip("link", "show", BRIDGE, check=False).returncode != 0:
         return False
     ip("link", "del", BRIDGE)

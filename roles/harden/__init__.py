@@ -28,6 +28,7 @@ from pathlib import Path
 
 from provisioner.change import Noop
 from provisioner.connection import Connection
+from provisioner.inventory import USER_RE     # one rule for Linux user names
 from provisioner.ops._base import run as run_step
 from provisioner.ops import apt, commands, files, lines, sysctl, systemd, templates, ufw, users
 from provisioner.runner import Guard
@@ -39,7 +40,6 @@ SSHD_CONFIG = "/etc/ssh/sshd_config"
 SYSCTL_FILE = "/etc/sysctl.d/60-harden.conf"
 BASE_PACKAGES = ["openssh-server", "sudo", "ufw", "nftables", "fail2ban", "python3-systemd",
                  "unattended-upgrades", "logrotate"]
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ALGO_RE = re.compile(r"^[a-z0-9][a-z0-9@.+-]*$")
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
              "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
@@ -119,7 +119,7 @@ def _keys(var: str, keys, min_rsa: int) -> list[str]:
 
 
 def _name(var: str, value) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not USER_RE.match(value):
         raise _bad(var, f"{value!r} is not a user/group name", "use lowercase letters, digits, '_' and '-'")
     if value == "root":
         raise _bad(var, "root cannot be used", "name a personal user; root logins are closed by this role")
