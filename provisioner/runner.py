@@ -158,7 +158,7 @@ class Runner:
                     if res.failed:
                         break
                     res.roles_done.append(p.name)
-                    if res.changed != changed_before:
+                    if res.changed != changed_before and not self.opts.check:
                         shared = None          # stale now: the next role gathers its own
             finally:
                 if owner is not None:
