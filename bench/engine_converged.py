@@ -35,7 +35,7 @@ def timed(inv, limit=None, cpu=None):
     if cpu is not None:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu.append((machine_cpu() - c0, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime))
-    if run.recap["failed"] or run.recap["unreachable"]:
+    if run.recap["failed"] or run.recap["unreachable"] or run.recap["skipped"]:
         raise SystemExit(f"run failed: {[e for e in run.lines if e.get('status') in ('failed', 'unreachable')]}")
     return seconds, run
 

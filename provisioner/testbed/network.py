@@ -145,6 +145,10 @@ def proxies_up(lay: Layout) -> None:
                      "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
                      marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
                      "SocketPath=", "ReportPage=", "ExThreshold=0",
+                     # Index files count as fresh for 5 min: servers booted together otherwise all
+                     # refresh the same InRelease in the same second, and apt-cacher-ng's rename
+                     # race ("Failure to move file ... File exists") fails all but one of them.
+                     "FreshIndexMaxAge=300",
                      # Pass HTTPS through unchanged (CONNECT) instead of refusing it.
                      "PassThroughPattern=.*"],
                     logs / "apt-cacher-ng.log", pidfile)

@@ -15,7 +15,7 @@ from . import procs, supervise
 from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec, TestbedError
 
 SUPERVISOR = "provisioner.testbed.supervise"
-SERVER_RECIPE = 2     # bump when create() writes something new: existing servers are rebuilt
+SERVER_RECIPE = 3     # bump when create() writes something new: existing servers are rebuilt
 
 
 def server_dir(name: str) -> Path:
@@ -81,7 +81,8 @@ def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy
         f'Acquire::http::Proxy "http://{gw}:{APT_CACHE_PORT}";\n'
         f'Acquire::https::Proxy "http://{gw}:{PROXY_PORT}";\n'
         # repositories the tests serve on the host side of the bridge are reached directly
-        f'Acquire::http::Proxy::{gw} "DIRECT";\n')
+        f'Acquire::http::Proxy::{gw} "DIRECT";\n'
+        'Acquire::Retries "3";\n')
     proxy = f"http://{gw}:{PROXY_PORT}"
     put("/etc/environment", f"http_proxy={proxy}\nhttps_proxy={proxy}\nHTTP_PROXY={proxy}\n"
         f"HTTPS_PROXY={proxy}\nno_proxy=localhost,127.0.0.1,{lay.subnet}\n")
