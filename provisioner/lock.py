@@ -9,6 +9,7 @@ this module builds the requests and reads the answers.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import socket
@@ -25,6 +26,7 @@ class LockHeld(Exception):
     exit_code = 4
 
 
+@functools.lru_cache(maxsize=None)       # once per run, not once per host
 def _git_sha(repo: Path) -> str:
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
