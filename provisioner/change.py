@@ -28,7 +28,7 @@ A step never carries a secret on a command line: secrets travel in "stdin", "env
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

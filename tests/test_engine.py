@@ -3,7 +3,6 @@ unreachable hosts, host keys, locks, audit, secrets, sudo, jump hosts."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import testinfra

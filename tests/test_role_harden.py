@@ -23,10 +23,8 @@ import testinfra
 from conftest import invoke
 import engine_helpers
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
-from provisioner import templating
 from provisioner.facts import Facts
 from provisioner.inventory import Host
-from provisioner.ops import ufw
 from provisioner.roles import discover_roles, load_role
 
 INFO = discover_roles(REPO / "roles", [])["harden"]  # (problems of other roles are theirs)

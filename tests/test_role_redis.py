@@ -16,7 +16,6 @@ from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for
 from provisioner import testbed as tb
-from provisioner.inventory import load_inventory_file
 from provisioner.roles import available_roles, load_role
 from provisioner.runner import RoleContext
 from provisioner.secret import Secret

@@ -243,7 +243,7 @@ def _leftovers() -> list[str]:
             except OSError:
                 continue
             if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
-                                      str(REPO / ".testbed"), f"BindAddress=")):
+                                      str(REPO / ".testbed"), "BindAddress=")):
                 found.append(f"pid {p.name}: {cmd[:80]}")
     for root in supervise.cgroup_roots():
         found += [str(p) for p in (root / "provisioner-testbed").glob(f"{config.RUN_DIR.name}-*")]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import procs, supervise
-from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec, TestbedError
+from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec
 
 SUPERVISOR = "provisioner.testbed.supervise"
 SERVER_RECIPE = 3     # bump when create() writes something new: existing servers are rebuilt

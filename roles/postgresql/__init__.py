@@ -225,7 +225,7 @@ def user_sql(name: str, verifier: str) -> str:
 
 
 def database_sql(d: dict) -> str:
-    name, q, lit = d["name"], _quote_ident(d["name"]), _quote_literal(d["name"])
+    q, lit = _quote_ident(d["name"]), _quote_literal(d["name"])
     create = (f"CREATE DATABASE {q} OWNER {_quote_ident(d['owner'])} TEMPLATE template0 "
               f"ENCODING {_quote_literal(d['encoding'])} LOCALE {_quote_literal(d['locale'])}")
     keep = ", ".join(_quote_literal(u) for u in d["users"])
