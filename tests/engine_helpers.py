@@ -46,6 +46,20 @@ def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict 
     return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
 
 
+def report(events: list[dict], *statuses: str) -> str:
+    """The steps with these statuses, whole (reason and command output), as an assertion
+    message. Also printed: pytest cuts long assertion messages, never captured output."""
+    lines = []
+    for e in events:
+        if e.get("status") in statuses:
+            lines.append(f"{e.get('host')} {e.get('role')} {e.get('resource')}: {e['status']}: "
+                         f"{e.get('reason')}")
+            lines += ["    " + line for line in (e.get("output") or "").splitlines()]
+    text = "\n".join(lines) or f"no step {' or '.join(statuses)}"
+    print(text)
+    return text
+
+
 class Run:
     """One run through Runner + Events in JSON mode; events parsed back for assertions."""
 
@@ -65,6 +79,9 @@ class Run:
     def steps(self, host=None, status=None):
         return [e for e in self.lines if e["event"] == "step"
                 and (host is None or e["host"] == host) and (status is None or e["status"] == status)]
+
+    def report(self, *statuses: str) -> str:
+        return report(self.lines, *statuses)
 
     def host(self, name):
         return self.recap["hosts"][name]

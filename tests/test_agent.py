@@ -253,6 +253,30 @@ def test_run_step_stdin_env_ok_codes(tmp_path):
     assert res["results"][1]["rc"] == 3
 
 
+def test_run_step_timeout_kills_what_the_command_started(tmp_path):
+    pidfile = tmp_path / "child"
+    res = call("apply", {"changes": [change("a", run(
+        "sh", "-c", 'sleep 60 & echo $! > "$0"; wait', str(pidfile), timeout=1))]})
+    result = res["results"][0]
+    assert result["status"] == "failed" and result["rc"] == 124
+    assert "timed out after 1s" in result["output"]
+    child = int(pidfile.read_text())
+    state = Path(f"/proc/{child}/stat").read_text().split(")")[1].split()[0] \
+        if Path(f"/proc/{child}").exists() else "gone"
+    assert state in ("gone", "Z"), f"the command's child {child} outlived the timeout"
+
+
+def test_run_step_attempts_until_one_succeeds(tmp_path):
+    marker = tmp_path / "tried"
+    script = 'if [ -e "$0" ]; then echo second; else touch "$0"; echo first; exit 1; fi'
+    res = call("apply", {"changes": [change("a", run("sh", "-c", script, str(marker), attempts=2))]})
+    assert res["ok"], res
+    out = res["results"][0]["output"]
+    assert out.index("\nfirst\n") < out.index("exit 1: trying again (1 more)") < out.index("\nsecond\n")
+    res = call("apply", {"changes": [change("b", run("sh", "-c", "echo no; exit 5", attempts=2))]})
+    assert res["results"][0]["rc"] == 5 and res["results"][0]["output"].count("no\n") == 2
+
+
 def test_run_step_gets_no_stdin_by_default():
     res = call("apply", {"changes": [change("a", run("sh", "-c", "cat; echo done"))]})
     assert res["ok"] and res["results"][0]["output"].endswith("done\n")

@@ -242,7 +242,7 @@ def test_signed_apt_repository_then_latest_upgrade(tmp_path, fresh_web2):
         spec = {"uri": url, "suite": repo.suite, "key_b64": repo.key_b64, "package": repo.package}
         inv = inventory(tmp_path, [fresh_web2], ["opsdemo"], vars={"opsdemo_repo": spec})
         first = Run(inv)
-        assert first.exit_code == 0, first.steps(status="failed")
+        assert first.exit_code == 0, first.report("failed")
         h = th(fresh_web2)
         assert h.package(repo.package).version == "1.0"
         assert h.run("provisioner-hello").stdout.strip() == "provisioner-hello 1.0"

@@ -12,7 +12,7 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, sh
+from engine_helpers import ADDRESSES, REPO, report, sh
 
 HOSTS = ["web1", "web2", "db1", "vault"]
 SSH_CONFIG = str(REPO / ".testbed" / "ssh_config")
@@ -48,7 +48,7 @@ def provisioned(testbed):
 def test_first_run_provisions_every_host_without_failures(provisioned):
     r, events = provisioned["first"]
     recap = events[-1]
-    assert r.returncode == 0, [e for e in events if e.get("status") in ("failed", "unreachable")]
+    assert r.returncode == 0, report(events, "failed", "unreachable")
     assert recap["event"] == "recap" and recap["failed"] == 0 and recap["unreachable"] == 0
     assert all(recap["hosts"][h]["changed"] > 0 for h in HOSTS)
 
@@ -57,14 +57,13 @@ def test_second_run_changes_nothing_in_three_execs_per_host(provisioned):
     r, events = provisioned["second"]
     recap = events[-1]
     assert r.returncode == 0
-    assert recap["changed"] == 0 and recap["failed"] == 0, \
-        [e for e in events if e.get("status") in ("changed", "failed")]
+    assert recap["changed"] == 0 and recap["failed"] == 0, report(events, "changed", "failed")
     assert {recap["hosts"][h]["remote_commands"] for h in HOSTS} == {3}
 
 
 def test_check_mode_on_the_converged_env_reports_nothing_pending(provisioned):
     r, events = provision("--check", "--detailed-exitcode")
-    assert r.returncode == 0, [e for e in events if e.get("status") == "changed"]
+    assert r.returncode == 0, report(events, "changed", "failed")
 
 
 def test_root_and_password_logins_are_refused(provisioned):

@@ -466,7 +466,7 @@ def test_repository_and_key_are_set_up_without_installing(tmp_path, fresh):
     lists_before = sh(fresh, "ls /var/lib/apt/lists; stat -c %Y " + stamp + " 2>/dev/null || true").stdout
     inv = live_inventory(tmp_path, {"mongodb_install": False, "mongodb_repo_key_b64": repo.key_b64})
     first = Run(inv)
-    assert first.exit_code == 0, first.steps(status="failed")
+    assert first.exit_code == 0, first.report("failed")
     assert first.host(fresh)["changed"] == 1
     second = Run(inv)
     assert second.exit_code == 0 and second.host(fresh)["changed"] == 0, second.steps(status="changed")
@@ -490,7 +490,7 @@ def test_repository_and_key_are_set_up_without_installing(tmp_path, fresh):
     inv8 = live_inventory(tmp_path, {"mongodb_install": False, "mongodb_version": "8.0",
                                      "mongodb_repo_key_b64": repo.key_b64}, name="mongo8")
     run = Run(inv8)
-    assert run.exit_code == 0, run.steps(status="failed")
+    assert run.exit_code == 0, run.report("failed")
     removed = [e for e in run.steps(status="changed") if e["resource"] == "mongodb repositories of other series"]
     assert removed and SOURCES.format(v="7.0") in removed[0]["reason"]
     assert not h.file(SOURCES.format(v="7.0")).exists and not h.file(KEYRING.format(v="7.0")).exists
@@ -545,7 +545,7 @@ def test_packages_from_a_signed_repository(tmp_path, fresh):
                                         "mongodb_server": False,
                                         "mongodb_packages": [repo.package]})
         first = Run(inv)
-        assert first.exit_code == 0, first.steps(status="failed")
+        assert first.exit_code == 0, first.report("failed")
         h = th(fresh)
         assert h.package(repo.package).version == "1.0"
         assert f"Suites: {repo.suite}" in h.file(SOURCES.format(v="7.0")).content_string
@@ -560,7 +560,7 @@ def test_packages_from_a_folder_of_debs_are_uploaded_installed_and_upgraded(tmp_
              "mongodb_server": False, "mongodb_packages": ["provisioner-stand-in"]}
     inv = live_inventory(tmp_path, vars_)
     first = Run(inv)
-    assert first.exit_code == 0, first.steps(status="failed")
+    assert first.exit_code == 0, first.report("failed")
     h = th(fresh)
     assert h.package("provisioner-stand-in").version == "1.0"
     assert h.file("/usr/share/provisioner-stand-in/VERSION").content_string == "1.0\n"
@@ -573,7 +573,7 @@ def test_packages_from_a_folder_of_debs_are_uploaded_installed_and_upgraded(tmp_
     (folder / "provisioner-stand-in_1.0_all.deb").unlink()
     build_deb(folder, "provisioner-stand-in", "1.1")
     third = Run(inv)
-    assert third.exit_code == 0, third.steps(status="failed")
+    assert third.exit_code == 0, third.report("failed")
     (ch,) = third.steps(status="changed")
     assert "provisioner-stand-in 1.0 != 1.1" in ch["reason"]
     assert h.package("provisioner-stand-in").version == "1.1"
@@ -612,7 +612,7 @@ def test_mongod_users_and_init_live(tmp_path, fresh):
              "mongodb_init": init_entry()}
     inv = live_inventory(tmp_path, vars_)
     first = Run(inv)
-    assert first.exit_code == 0, first.steps(status="failed")
+    assert first.exit_code == 0, first.report("failed")
     second = Run(inv)
     assert second.exit_code == 0 and second.host(fresh)["changed"] == 0, second.steps(status="changed")
     h = th(fresh)

@@ -372,9 +372,9 @@ def provisioned(testbed, tmp_path_factory):
 class TestLive:
     def test_fresh_then_a_second_run_changes_nothing(self, provisioned, capsys):
         first, second = provisioned.first, provisioned.second
-        assert first.exit_code == 0, first.steps(status="failed")
+        assert first.exit_code == 0, first.report("failed")
         assert first.host(SERVER)["failed"] == 0 and first.host(SERVER)["changed"] >= 12
-        assert second.exit_code == 0, second.steps(status="failed")
+        assert second.exit_code == 0, second.report("failed")
         assert second.host(SERVER)["changed"] == 0, second.steps(status="changed")
         assert second.host(SERVER)["remote_commands"] <= 4
         with capsys.disabled():

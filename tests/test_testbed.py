@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -128,11 +129,13 @@ def test_packages_come_through_the_proxies(testbed):
     r = h.run("apt-get update -qq")
     assert r.rc == 0, r.stderr
     assert "Acquire::http::Proxy" in h.file("/etc/apt/apt.conf.d/01testbed-proxy").content_string
-    # HTTPS through tinyproxy to the npm registry the host uses, trusting the host's CA.
+    # HTTPS through the CONNECT proxy to the npm registry the host uses, trusting the host's CA.
+    if not re.search(r"^registry=", h.file("/etc/npmrc").content_string, re.M):
+        pytest.skip("this machine has no npm to read its registry from, so the servers' npmrc "
+                    "names none")
     script = ("import urllib.request,re;"
               "reg=re.search(r'^registry=(.*)$',open('/etc/npmrc').read(),re.M);"
-              "url=(reg.group(1) if reg else 'https://registry.npmjs.org/').rstrip('/')+'/is-number';"
-              "print(urllib.request.urlopen(url,timeout=30).status)")
+              "print(urllib.request.urlopen(reg.group(1).rstrip('/')+'/is-number',timeout=30).status)")
     r = h.run(f"set -a; . /etc/environment; python3 -c \"{script}\"")
     assert r.rc == 0 and r.stdout.strip() == "200", r.stderr
 

@@ -83,8 +83,15 @@ def names(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
 # --- steps -------------------------------------------------------------------------------------
 
 def run(argv: Sequence[Any], stdin: str | None = None, env: dict | None = None,
-        ok: Sequence[int] = (0,)) -> dict:
-    return {"run": check_argv(argv), "stdin": stdin, "env": dict(env or {}), "ok": list(ok)}
+        ok: Sequence[int] = (0,), timeout: float | None = None, attempts: int = 1) -> dict:
+    """A command. timeout: seconds before it is killed, with what it started; attempts: runs
+    until one exits with an ok code (for commands that are safe to repeat)."""
+    step = {"run": check_argv(argv), "stdin": stdin, "env": dict(env or {}), "ok": list(ok)}
+    if timeout is not None:
+        step["timeout"] = timeout
+    if attempts > 1:
+        step["attempts"] = attempts
+    return step
 
 
 def write(path: str, data: str | bytes, mode: str | None, owner: str | None,

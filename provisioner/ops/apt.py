@@ -45,6 +45,7 @@ SOURCES = "/etc/apt/sources.list.d"
 
 
 STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"   # remote/agent.py APT_STAMP
+UPDATE_TIMEOUT = 420     # seconds: the 300 s lock wait plus a slow mirror
 
 
 def update_steps() -> tuple[dict, ...]:
@@ -53,7 +54,10 @@ def update_steps() -> tuple[dict, ...]:
     # --error-on=any: a source that fails to update (a key that does not verify its signature,
     # an unreachable repository) fails the step instead of a warning apt exits 0 after, which
     # would leave the host on the previous, stale index files.
-    return (b.run([*APT_GET, "update", "--error-on=any"]), b.run(["touch", STAMP], ok=(0, 1)))
+    # A timeout and a second attempt: an http method that loses its proxy's connection
+    # mid-file can wait forever (seen behind apt-cacher-ng). Longer than the lock wait above.
+    return (b.run([*APT_GET, "update", "--error-on=any"], timeout=UPDATE_TIMEOUT, attempts=2),
+            b.run(["touch", STAMP], ok=(0, 1)))
 
 
 def _age(seconds: int | None) -> str:

@@ -65,20 +65,26 @@ def _run(argv, stdin=None, env=None, timeout=None):
     """Run argv (no shell). Returns (rc, output) with stderr merged; rc 127 if not found."""
     STATS["commands"] += 1
     try:
-        p = subprocess.run(
+        # its own process group, so that a timeout kills what it started too (apt's methods)
+        p = subprocess.Popen(
             [str(a) for a in argv],
-            input=stdin.encode() if isinstance(stdin, str) else stdin,
-            stdin=None if stdin is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=_env(env), timeout=timeout)
+            env=_env(env), start_new_session=True)
     except FileNotFoundError as e:
         return 127, "command not found: %s" % (e.filename or argv[0])
     except PermissionError as e:
         return 126, "permission denied: %s" % (e.filename or argv[0])
-    except subprocess.TimeoutExpired as e:
-        out = e.output.decode("utf-8", "replace") if e.output else ""
-        return 124, out + "\ntimed out after %ss" % timeout
-    return p.returncode, p.stdout.decode("utf-8", "replace")
+    try:
+        out, _ = p.communicate(stdin.encode() if isinstance(stdin, str) else stdin, timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, 9)
+        except OSError:
+            pass
+        out, _ = p.communicate()
+        return 124, out.decode("utf-8", "replace") + "\ntimed out after %ss" % timeout
+    return p.returncode, out.decode("utf-8", "replace")
 
 
 def _run_split(argv, timeout=None):
@@ -763,8 +769,14 @@ def step_fetch(step, log):
 def step_run(step, log):
     argv = step["run"]
     ok = step.get("ok") or [0]
-    rc, out = _run(argv, step.get("stdin"), step.get("env"), step.get("timeout"))
-    log.append("$ %s\n%s" % (_cmdline(argv), out))
+    for attempt in range(step.get("attempts") or 1, 0, -1):
+        rc, out = _run(argv, step.get("stdin"), step.get("env"), step.get("timeout"))
+        log.append("$ %s\n%s" % (_cmdline(argv), out))
+        if rc in ok:
+            break
+        if attempt > 1:
+            log.append("exit %d: trying again (%d more)" % (rc, attempt - 1))
+            time.sleep(2)
     if rc not in ok:
         raise StepError("exit %d: %s" % (rc, _cmdline(argv)), rc)
     return rc

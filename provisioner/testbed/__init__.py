@@ -26,7 +26,7 @@ __all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cu
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
          "nsenter": "util-linux", "setpriv": "util-linux", "ssh-keygen": "openssh-client",
-         "tinyproxy": "tinyproxy", "apt-cacher-ng": "apt-cacher-ng", "mount": "mount"}
+         "apt-cacher-ng": "apt-cacher-ng", "mount": "mount"}
 MIN_FREE_GIB = 2
 
 

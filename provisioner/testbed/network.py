@@ -8,11 +8,14 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from . import procs
 from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, REPO, STATE_DIR, Layout, TestbedError
+
+CONNECT_PROXY = str(Path(__file__).with_name("connect_proxy.py"))
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -111,20 +114,13 @@ def proxies_up(lay: Layout) -> None:
     run.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
 
-    conf = run / "tinyproxy.conf"
-    conf.write_text("\n".join([
-        "User nobody", "Group nogroup",
-        f"Port {PROXY_PORT}", f"Listen {lay.gateway}", "Timeout 600",
-        f"Allow {lay.subnet}",
-        "ConnectPort 443",
-        "MaxClients 200",
-        "LogLevel Warning",
-        f"LogFile \"/tmp/provisioner-testbed-tinyproxy-{BRIDGE}.log\"",   # must be writable by nobody
-        "DisableViaHeader Yes", ""]))
-    pidfile = run / "tinyproxy.pid"
-    if procs.running(pidfile, str(conf)) is None:
-        procs.spawn(["tinyproxy", "-d", "-c", str(conf)], logs / "tinyproxy.log", pidfile)
-    _wait_port(lay.gateway, PROXY_PORT, "tinyproxy")
+    pidfile = run / "connect-proxy.pid"
+    if procs.running(pidfile, CONNECT_PROXY) is None:
+        procs.spawn([sys.executable, CONNECT_PROXY, "--listen", str(lay.gateway), "--port",
+                     str(PROXY_PORT), "--allow", str(lay.subnet), "--port-allowed", "443",
+                     "--user", "nobody"],
+                    logs / "connect-proxy.log", pidfile)
+    _wait_port(lay.gateway, PROXY_PORT, "the HTTPS proxy")
 
     # apt-cacher-ng keeps downloaded .debs under the shared cache, across runs and checkouts.
     cache = CACHE_DIR / "apt-cacher-ng"
@@ -145,10 +141,11 @@ def proxies_up(lay: Layout) -> None:
                      "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
                      marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
                      "SocketPath=", "ReportPage=", "ExThreshold=0",
-                     # Index files count as fresh for 5 min: servers booted together otherwise all
-                     # refresh the same InRelease in the same second, and apt-cacher-ng's rename
-                     # race ("Failure to move file ... File exists") fails all but one of them.
-                     "FreshIndexMaxAge=300",
+                     # Index files (dists/) pass through uncached: servers that refresh the same
+                     # InRelease in the same second hit apt-cacher-ng's rename race ("Failure to
+                     # move file ... File exists"), which sent one of them a truncated file that
+                     # hung its apt-get update. Only pool/ files (.debs, immutable) are cached.
+                     "DontCacheRequested=/dists/",
                      # Pass HTTPS through unchanged (CONNECT) instead of refusing it.
                      "PassThroughPattern=.*"],
                     logs / "apt-cacher-ng.log", pidfile)
@@ -158,7 +155,7 @@ def proxies_up(lay: Layout) -> None:
 def proxies_down() -> list[str]:
     run = STATE_DIR / "run"
     stopped = []
-    for name, marker in (("tinyproxy", "tinyproxy.conf"), ("apt-cacher-ng", "BindAddress=")):
+    for name, marker in (("connect-proxy", CONNECT_PROXY), ("apt-cacher-ng", "BindAddress=")):
         if procs.stop(run / f"{name}.pid", marker):
             stopped.append(name)
     return stopped
