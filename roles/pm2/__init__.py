@@ -62,6 +62,7 @@ APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")      # as node_apps: /s
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MEMORY_RE = re.compile(r"^\d+[KMG]?$")
 APP_KEYS = ("name", "script", "cwd", "args", "instances", "exec_mode", "max_memory_restart", "env")
+NPM_TIMEOUT = 900        # seconds for one npm install (npm's own retries included)
 START_WAIT = 30          # seconds an app may take to be online after `pm2 start`
 MIN_UPTIME = 2           # ... and stay online, so that a crash at start-up is not taken for a start
 
@@ -120,9 +121,12 @@ class NpmGlobal:
                f"{self.package} absent" if not f.exists else f"{self.manifest} unreadable")
         argv = ["npm", "install", "--global", f"--prefix={self.prefix}", "--no-audit",
                 "--no-fund", "--no-update-notifier", f"{self.package}@{self.version}"]
-        # HOME: npm's cache goes to root's home, also when the agent runs under sudo
-        return [Change(self.id, "install", why, (b.run(argv, env={"HOME": "/root"}),), None,
-                       self.notify)]
+        # HOME: npm's cache goes to root's home, also when the agent runs under sudo.
+        # Attempts: a registry that drops a connection mid-install fails npm; a second install
+        # of the same version is safe and reuses what the cache already holds.
+        return [Change(self.id, "install", why, (b.run(argv, env={"HOME": "/root"},
+                                                       timeout=NPM_TIMEOUT, attempts=2),),
+                       None, self.notify)]
 
     def expect(self, facts) -> dict:
         content = json.dumps({"name": self.package, "version": self.version})
@@ -169,7 +173,7 @@ class Pm2Module:
             why = f"{self.name} {have} != {self.version}" if have else f"{self.name} absent"
             out.append(Change(self.id, "install", why, (b.run(pm2_argv(
                 self.user, self.home, "install", f"{self.name}@{self.version}",
-                clean_env=False)),)))
+                clean_env=False), timeout=NPM_TIMEOUT, attempts=2),)))
         c = facts.file(self.conf)
         current: dict = {}
         if c.exists and c.content:
