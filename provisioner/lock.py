@@ -6,6 +6,11 @@ takeover is reported. A run from a systemd timer and one from a laptop therefore
 changes to the same host at once; the second stops with exit code 4 and says who holds it.
 The remote side is in the agent (run_lock in the first facts exec, finish in the last exec);
 this module builds the requests and reads the answers.
+
+A run that was killed (kill -9, a closed laptop lid, a cancelled CI job) leaves its lock behind.
+When the holder ran on this same machine, in this same process namespace since the same boot,
+and its process is gone (or its PID now belongs to a younger process), no one holds the lock:
+it is taken over at once, reported, instead of blocking every run until the TTL.
 """
 from __future__ import annotations
 
@@ -45,26 +50,70 @@ def _ci_job() -> str | None:
     return None
 
 
+def _pid_space() -> str | None:
+    """Where a PID means one process: this boot of the kernel and this PID namespace (two
+    containers share a kernel, and may share a hostname and a machine-id)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): tells a reused PID from ours."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def owner(run_id: str, task: str, env: str, ttl: int = DEFAULT_TTL) -> dict:
     now = time.time()
+    pid = os.getpid()
     return {"run_id": run_id, "who": getpass.getuser(), "from": socket.gethostname(),
-            "pid": os.getpid(), "ci_job": _ci_job(), "task": task, "env": env,
+            "pid": pid, "pid_space": _pid_space(), "pid_start": _start_ticks(pid),
+            "ci_job": _ci_job(), "task": task, "env": env,
             "started": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "started_epoch": now, "ttl": ttl}
 
 
-def describe(holder: dict, age: float) -> str:
+def dead_here(holder: dict) -> bool:
+    """True when the holder's run was on this machine and its process no longer exists."""
+    space, pid = holder.get("pid_space"), holder.get("pid")
+    if not space or space != _pid_space() or not isinstance(pid, int) or pid <= 0:
+        return False
+    start = _start_ticks(pid)
+    return start is None or start != holder.get("pid_start")
+
+
+def holder_text(holder: dict) -> str:
     job = f", CI job {holder['ci_job']}" if holder.get("ci_job") else ""
-    return (f"held by {holder.get('who', '?')}@{holder.get('from', '?')} (pid {holder.get('pid', '?')}"
+    return (f"{holder.get('who', '?')}@{holder.get('from', '?')} (pid {holder.get('pid', '?')}"
             f"{job}), task {holder.get('task', '?')} on env {holder.get('env', '?')}, started "
-            f"{holder.get('started', '?')} ({age / 60:.0f} min ago; stale after "
+            f"{holder.get('started', '?')}")
+
+
+def describe(holder: dict, age: float) -> str:
+    return (f"held by {holder_text(holder)} ({age / 60:.0f} min ago; stale after "
             f"{holder.get('ttl', 0) / 60:.0f} min). Wait for it to finish; if that run is dead, "
             f"remove {LOCK_DIR} on the host")
 
 
-def request(owner_doc: dict) -> dict:
-    """The `run_lock` fact request: the agent takes the lock while it gathers facts."""
-    return {"dir": LOCK_DIR, "owner": owner_doc}
+def request(owner_doc: dict, take_from: str | None = None) -> dict:
+    """The `run_lock` fact request: the agent takes the lock while it gathers facts.
+    take_from: the run id of a dead holder (dead_here) whose lock is taken over."""
+    req = {"dir": LOCK_DIR, "owner": owner_doc}
+    if take_from:
+        req["take_from"] = take_from
+    return req
+
+
+def dead_holder(answer: dict) -> dict | None:
+    """The holder of a lock we did not get, when its run is dead (see dead_here)."""
+    holder = answer.get("holder") or {}
+    return holder if not answer.get("acquired") and holder.get("run_id") and dead_here(holder) \
+        else None
 
 
 def check(host_name: str, answer: dict) -> dict:

@@ -143,19 +143,27 @@ class Runner:
                 hello["run_lock"] = lock.request(owner)
             first = self._facts(conn, hello)
             if owner is not None:
+                dead = lock.dead_holder(first["run_lock"])
+                if dead:         # one more exec, only to recover from a killed run of ours
+                    first = self._facts(conn, {"run_lock": lock.request(owner, dead["run_id"])})
                 took = lock.check(host.name, first["run_lock"])
                 if took.get("stale"):
-                    self.events.warn(f"took over a stale run lock: {lock.describe(took['stale'], 0)}",
-                                     host=host.name)
+                    why = "its run's process is gone" if took.get("dead") else "older than its TTL"
+                    self.events.warn(f"took over the run lock of {lock.holder_text(took['stale'])}: "
+                                     f"{why}", host=host.name)
             try:
                 ctx = RoleContext(host, self.inv, first["os"], self.opts.check)
                 plans = [self._prepare(host, name, ctx) for name in self.roles_for(host)]
                 merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
                 shared = Facts(self._facts(conn, merged)) if plans else None
-                for p in plans:
+                for i, p in enumerate(plans):
                     changed_before = res.changed
                     self._run_role(conn, host, p, shared, res)
                     if res.failed:
+                        for later in plans[i + 1:]:      # said, so that no one takes them as done
+                            self.events.step(host=host.name, role=later.name, resource="role",
+                                             status="skipped",
+                                             reason=f"not run: role {p.name} failed before it")
                         break
                     res.roles_done.append(p.name)
                     if res.changed != changed_before and not self.opts.check:

@@ -3,6 +3,10 @@ unreachable hosts, host keys, locks, audit, secrets, sudo, jump hosts."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import testinfra
@@ -80,12 +84,17 @@ def test_check_mode_changes_nothing_on_the_server(tmp_path, fresh_web2):
 
 
 def test_a_failing_step_stops_its_host_and_reports_output_while_others_finish(tmp_path, testbed):
-    inv = inventory(tmp_path, ["web1", "db1"], ["opsdemo"], host_vars={"web1": {"opsdemo_fail": True}})
+    inv = inventory(tmp_path, ["web1", "db1"], ["opsdemo"], host_vars={"web1": {"opsdemo_fail": True}},
+                    groups={"app": {"hosts": ["web1"], "roles": ["opsdemo", "base"]},
+                            "db": {"hosts": ["db1"], "roles": ["opsdemo"]}})
     run = Run(inv)
     assert run.exit_code == 1
     failed = run.steps(host="web1", status="failed")
     assert [e["resource"] for e in failed] == ["command failing step"]
     assert "exit 3" in failed[0]["reason"]
+    # the role after the failed one is reported as not run, not silently left out
+    assert [(e["role"], e["reason"]) for e in run.steps(host="web1", status="skipped")
+            if e["resource"] == "role"] == [("base", "not run: role opsdemo failed before it")]
     assert run.host("db1")["failed"] == 0 and run.host("db1")["unreachable"] == 0
 
 
@@ -160,6 +169,44 @@ def test_a_held_run_lock_is_exit_4_naming_the_holder(testbed):
         sh("db1", "rm -rf /var/lib/provisioner/run.lock")
     assert r.returncode == 4, r.stdout + r.stderr
     assert "alice@laptop" in r.stdout + r.stderr and "deploy" in r.stdout + r.stderr
+
+
+def test_the_lock_of_a_killed_run_from_this_machine_is_taken_over(tmp_path, testbed):
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, pathlib; sys.path.insert(0, sys.argv[1]);"
+         "from engine_helpers import inventory, Run;"
+         "Run(inventory(pathlib.Path(sys.argv[2]), ['db1'], ['opsdemo'], vars={'opsdemo_pause': 120}))",
+         str(REPO / "tests"), str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while sh("db1", "pgrep -x sleep", check=False).returncode != 0:      # mid-run, lock held
+            assert time.monotonic() < deadline and child.poll() is None, "the run never paused"
+            time.sleep(0.5)
+    finally:
+        child.kill()                                   # as kill -9 or a closed laptop lid would
+        child.wait()
+    held = json.loads(sh("db1", "cat /var/lib/provisioner/run.lock/owner.json").stdout)
+    assert held["pid"] == child.pid
+    sh("db1", "pkill -x sleep", check=False)
+    run = Run(inventory(tmp_path, ["db1"], ["opsdemo"]))
+    assert run.exit_code == 0, run.err.getvalue()
+    assert "took over the run lock of" in run.err.getvalue()
+    assert f"(pid {child.pid})" in run.err.getvalue() and "its run's process is gone" in run.err.getvalue()
+    assert run.host("db1")["remote_commands"] <= 5     # one exec more than usual, no more
+    assert sh("db1", "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+
+
+def test_a_live_holder_on_this_machine_keeps_its_lock(testbed):
+    from provisioner import lock
+    owner = lock.owner("live-run", "provision", "local")      # this test process: alive
+    sh("db1", "mkdir -p /var/lib/provisioner/run.lock && cat > /var/lib/provisioner/run.lock/owner.json <<'EOF'\n"
+       + json.dumps(owner) + "\nEOF")
+    try:
+        r = invoke("provision", "--env", "local", "--limit", "db1", "--roles", "base", "--yes", check=False)
+    finally:
+        sh("db1", "rm -rf /var/lib/provisioner/run.lock")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert f"(pid {os.getpid()})" in r.stdout + r.stderr
 
 
 def test_changes_are_audited_and_check_runs_are_not(tmp_path, fresh_web2):

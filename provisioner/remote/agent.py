@@ -507,8 +507,9 @@ FACTS = {
 
 def run_lock(req):
     """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock older
-    than its TTL is stale: it is taken over and the old owner reported. The runner asks for this
-    only outside check mode: check mode writes nothing."""
+    than its TTL is stale, and so is one whose run id is take_from (its process is gone): it
+    is taken over and the old owner reported. The runner asks for this only outside check
+    mode: check mode writes nothing."""
     d = req["dir"]
     owner = req["owner"]
     os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
@@ -529,11 +530,14 @@ def run_lock(req):
     except (OSError, ValueError):
         holder = {"started_epoch": os.stat(d).st_mtime, "ttl": owner["ttl"], "who": "unknown (no owner.json)"}
     age = time.time() - holder.get("started_epoch", 0)
-    if age <= holder.get("ttl", 0):
+    # take_from: the controller found this holder's process dead on its own machine
+    dead = req.get("take_from") is not None and holder.get("run_id") == req["take_from"]
+    if age <= holder.get("ttl", 0) and not dead:
         return {"acquired": False, "holder": holder, "age": age}
     shutil.rmtree(d, ignore_errors=True)
     out = take()
     out["stale"] = holder
+    out["dead"] = dead
     return out
 
 

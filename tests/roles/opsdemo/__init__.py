@@ -42,6 +42,8 @@ def resources(v, ctx):
     yield commands.command(["touch", "/srv/opsdemo/created"], creates="/srv/opsdemo/created")
     yield commands.command(["sh", "-c", "date >> /srv/opsdemo/once.log"],
                            unless=["test", "-s", "/srv/opsdemo/once.log"])
+    if v["opsdemo_pause"]:
+        yield commands.command(["sleep", str(v["opsdemo_pause"])], name="pause")
     if v["opsdemo_fail"]:
         yield commands.command(["sh", "-c", "echo 'about to fail' >&2; exit 3"], name="failing step")
 
