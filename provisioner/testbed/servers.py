@@ -85,7 +85,9 @@ def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy
         'Acquire::Retries "3";\n')
     proxy = f"http://{gw}:{PROXY_PORT}"
     put("/etc/environment", f"http_proxy={proxy}\nhttps_proxy={proxy}\nHTTP_PROXY={proxy}\n"
-        f"HTTPS_PROXY={proxy}\nno_proxy=localhost,127.0.0.1,{lay.subnet}\n")
+        # the gateway by address too: Python's urllib matches no_proxy by name suffix, not CIDR,
+        # and the proxy serves only CONNECT to port 443 (tests serve files on the gateway)
+        f"HTTPS_PROXY={proxy}\nno_proxy=localhost,127.0.0.1,{gw},{lay.subnet}\n")
     npmrc = [f"proxy={proxy}", f"https-proxy={proxy}", "cafile=/etc/ssl/certs/ca-certificates.crt"]
     if proxy_env.get("npm_registry"):
         npmrc.append(f"registry={proxy_env['npm_registry']}")
