@@ -163,7 +163,8 @@ class Runner:
                         for later in plans[i + 1:]:      # said, so that no one takes them as done
                             self.events.step(host=host.name, role=later.name, resource="role",
                                              status="skipped",
-                                             reason=f"not run: role {p.name} failed before it")
+                                             reason=f"not run: role {p.name} failed before it",
+                                             seconds=0.0)
                         break
                     res.roles_done.append(p.name)
                     if res.changed != changed_before and not self.opts.check:

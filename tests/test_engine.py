@@ -179,15 +179,16 @@ def test_the_lock_of_a_killed_run_from_this_machine_is_taken_over(tmp_path, test
          str(REPO / "tests"), str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while sh("db1", "pgrep -x sleep", check=False).returncode != 0:      # mid-run, lock held
+        # mid-run, lock held (opsdemo.service runs a `sleep infinity` of its own)
+        while sh("db1", "pgrep -fx 'sleep 120'", check=False).returncode != 0:
             assert time.monotonic() < deadline and child.poll() is None, "the run never paused"
             time.sleep(0.5)
     finally:
         child.kill()                                   # as kill -9 or a closed laptop lid would
         child.wait()
+        sh("db1", "pkill -fx 'sleep 120'", check=False)
     held = json.loads(sh("db1", "cat /var/lib/provisioner/run.lock/owner.json").stdout)
     assert held["pid"] == child.pid
-    sh("db1", "pkill -x sleep", check=False)
     run = Run(inventory(tmp_path, ["db1"], ["opsdemo"]))
     assert run.exit_code == 0, run.err.getvalue()
     assert "took over the run lock of" in run.err.getvalue()
