@@ -80,11 +80,12 @@ def owner(run_id: str, task: str, env: str, ttl: int = DEFAULT_TTL) -> dict:
 
 def dead_here(holder: dict) -> bool:
     """True when the holder's run was on this machine and its process no longer exists."""
-    space, pid = holder.get("pid_space"), holder.get("pid")
-    if not space or space != _pid_space() or not isinstance(pid, int) or pid <= 0:
+    space, pid, began = holder.get("pid_space"), holder.get("pid"), holder.get("pid_start")
+    if not space or space != _pid_space() or not isinstance(pid, int) or pid <= 0 \
+            or not isinstance(began, int):
         return False
     start = _start_ticks(pid)
-    return start is None or start != holder.get("pid_start")
+    return start is None or start != began
 
 
 def holder_text(holder: dict) -> str:

@@ -36,6 +36,8 @@ def test_holders_from_elsewhere_or_older_versions_are_never_judged_here():
               if k not in ("pid_space", "pid_start")}
     legacy["pid"] = 2 ** 22 + 1
     assert not lock.dead_here(legacy)
+    unknown_start = {**lock.owner("r7", "provision", "local"), "pid_start": None}
+    assert not lock.dead_here(unknown_start)
 
 
 def test_dead_holder_needs_a_run_id_and_a_lock_we_did_not_get():
