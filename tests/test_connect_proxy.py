@@ -44,19 +44,26 @@ def echo_port():
     srv.close()
 
 
-@pytest.fixture(scope="module")
-def proxy(echo_port):
+def _start_proxy(allow: str, echo_port: int) -> tuple[subprocess.Popen, int]:
+    """The proxy on a free loopback port, once it accepts connections."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, CONNECT_PROXY, "--listen", "127.0.0.1", "--port",
-                             str(port), "--allow", "127.0.0.0/8", "--port-allowed", str(echo_port)],
-                            stderr=subprocess.PIPE, text=True)
+                             str(port), "--allow", allow, "--port-allowed", str(echo_port)])
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return proc, port
         except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def proxy(echo_port):
+    proc, port = _start_proxy("127.0.0.0/8", echo_port)
     yield port
     proc.terminate()
     proc.wait(timeout=10)
@@ -104,20 +111,12 @@ def test_unknown_name_is_a_502_naming_it(proxy, echo_port):
 
 
 def test_clients_outside_the_allowed_subnet_get_nothing(echo_port):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, CONNECT_PROXY, "--listen", "127.0.0.1", "--port",
-                             str(port), "--allow", "10.255.255.0/24", "--port-allowed",
-                             str(echo_port)])
+    proc, port = _start_proxy("10.255.255.0/24", echo_port)
     try:
-        for _ in range(200):
-            try:
-                reply = _request(port, f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n\r\n".encode())
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-            except ConnectionResetError:       # closed with the request unread
-                reply = b""
-                break
+        try:
+            reply = _request(port, f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n\r\n".encode())
+        except ConnectionResetError:       # closed with the request unread
+            reply = b""
         assert reply == b""
     finally:
         proc.terminate()
