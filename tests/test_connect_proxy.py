@@ -44,11 +44,15 @@ def echo_port():
     srv.close()
 
 
+ALLOWED_HOSTS = ("127.0.0.1", "localhost", "no-such-host.invalid")
+
+
 def _start_proxy(allow: str, echo_port: int) -> tuple[subprocess.Popen, int]:
     """The proxy on a free loopback port, once it accepts connections."""
     port = _free_port()
+    hosts = [a for h in ALLOWED_HOSTS for a in ("--allow-host", h)]
     proc = subprocess.Popen([sys.executable, CONNECT_PROXY, "--listen", "127.0.0.1", "--port",
-                             str(port), "--allow", allow, "--port-allowed", str(echo_port)])
+                             str(port), "--allow", allow, "--port-allowed", str(echo_port), *hosts])
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -103,6 +107,13 @@ def test_plain_http_and_other_ports_are_refused(proxy, echo_port):
     other = _free_port()
     reply = _request(proxy, f"CONNECT 127.0.0.1:{other} HTTP/1.1\r\n\r\n".encode())
     assert reply.startswith(b"HTTP/1.1 403 ") and str(other).encode() in reply
+
+
+def test_hosts_that_are_not_registries_are_refused(proxy, echo_port):
+    reply = _request(proxy, f"CONNECT 127.0.0.2:{echo_port} HTTP/1.1\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 403 ") and b"127.0.0.2 is not one of the package" in reply
+    reply = _request(proxy, f"CONNECT LOCALHOST:{echo_port} HTTP/1.1\r\n\r\n".encode(), then=b"x")
+    assert reply.startswith(b"HTTP/1.1 200 ")          # names are matched without case
 
 
 def test_unknown_name_is_a_502_naming_it(proxy, echo_port):

@@ -138,6 +138,12 @@ def test_packages_come_through_the_proxies(testbed):
               "print(urllib.request.urlopen(reg.group(1).rstrip('/')+'/is-number',timeout=30).status)")
     r = h.run(f"set -a; . /etc/environment; python3 -c \"{script}\"")
     assert r.rc == 0 and r.stdout.strip() == "200", r.stderr
+    # ... and to nothing else: refused by name, before any lookup (.invalid never resolves, so
+    # even a proxy without the check would send nothing anywhere)
+    gateway = config.layout().gateway
+    reply = h.check_output(f"exec 3<>/dev/tcp/{gateway}/{config.PROXY_PORT}; printf "
+                           "'CONNECT not-a-registry.invalid:443 HTTP/1.1\\r\\n\\r\\n' >&3; head -c 12 <&3")
+    assert reply == "HTTP/1.1 403"
 
 
 def test_up_again_changes_nothing(testbed):

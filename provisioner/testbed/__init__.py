@@ -8,11 +8,13 @@ booted with systemd-nspawn on a host bridge. See shared/TESTBED-NOTES.md for the
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -86,6 +88,7 @@ def _ensure_key() -> str:
     return key_path().with_suffix(".pub").read_text()
 
 
+@functools.lru_cache(maxsize=None)
 def _registry_settings() -> dict:
     """The npm registry and pip index this machine is configured with, read at run time."""
     out = {}
@@ -101,6 +104,11 @@ def _registry_settings() -> dict:
     if index.startswith("http"):
         out["pip_index"] = index
     return out
+
+
+def _registry_hosts() -> list[str]:
+    return sorted({urllib.parse.urlsplit(url).hostname for url in _registry_settings().values()
+                   if urllib.parse.urlsplit(url).hostname})
 
 
 def _write_known_hosts(lay: Layout) -> None:
@@ -160,7 +168,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     base = base_image.ensure_base(log)
     base_seconds = time.monotonic() - t0
     network.bridge_up(lay)
-    network.proxies_up(lay)
+    network.proxies_up(lay, _registry_hosts)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     wanted = {s.name for s in lay.servers}
     for name in servers.existing():              # bench servers no longer asked for

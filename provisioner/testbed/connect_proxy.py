@@ -1,4 +1,5 @@
-"""The testbed's HTTPS proxy: CONNECT tunnels from the test subnet to port 443, nothing else.
+"""The testbed's HTTPS proxy: CONNECT tunnels from the test subnet to the package registries
+(the hosts given with --allow-host) on port 443, nothing else.
 
 It replaces tinyproxy because of name lookups. npm opens a tunnel per request in bursts of
 dozens, tinyproxy resolves the registry's name for each one, and this machine's resolver
@@ -66,9 +67,11 @@ class Resolver:
 
 
 class Proxy:
-    def __init__(self, allow: ipaddress.IPv4Network, ports: set[int]) -> None:
+    def __init__(self, allow: ipaddress.IPv4Network, ports: set[int],
+                 hosts: set[str] | None) -> None:
         self.allow = allow
         self.ports = ports
+        self.hosts = hosts          # None: any host (only for tests on loopback)
         self.resolver = Resolver()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -89,6 +92,10 @@ class Proxy:
             port = int(port_text)
             if port not in self.ports:
                 return await self.refuse(writer, 403, f"port {port} is not allowed")
+            if self.hosts is not None and host.lower() not in self.hosts:
+                log(f"{peer[0]} CONNECT {host}:{port}: refused, not a registry")
+                return await self.refuse(writer, 403, f"{host} is not one of the package "
+                                                      "registries this proxy serves")
             try:
                 upstream = await self.open(host, port)
             except (LookupError, OSError, asyncio.TimeoutError) as exc:
@@ -144,7 +151,8 @@ class Proxy:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    proxy = Proxy(ipaddress.ip_network(args.allow), set(args.port_allowed))
+    hosts = None if args.allow_any_host else {h.lower() for h in args.allow_host}
+    proxy = Proxy(ipaddress.ip_network(args.allow), set(args.port_allowed), hosts)
     server = await asyncio.start_server(proxy.handle, args.listen, args.port, limit=HEAD_LIMIT,
                                         backlog=512)
     if args.user:
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow", required=True, help="client subnet, e.g. 10.77.0.0/24")
     p.add_argument("--port-allowed", type=int, action="append", default=[],
                    help="destination port a tunnel may reach (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[],
+                   help="host name a tunnel may reach (repeatable); none given: no host")
+    p.add_argument("--allow-any-host", action="store_true",
+                   help="any host name (for tests on loopback only)")
     p.add_argument("--user", help="run as this user once listening")
     asyncio.run(serve(p.parse_args(argv)))
 

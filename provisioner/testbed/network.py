@@ -108,7 +108,9 @@ def _wait_port(host: str, port: int, what: str, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def proxies_up(lay: Layout) -> None:
+def proxies_up(lay: Layout, registry_hosts) -> None:
+    """registry_hosts(): the host names of the registries servers may reach over HTTPS (read
+    from this machine's configuration only when the CONNECT proxy must be started)."""
     run = STATE_DIR / "run"
     logs = STATE_DIR / "logs"
     run.mkdir(parents=True, exist_ok=True)
@@ -116,9 +118,10 @@ def proxies_up(lay: Layout) -> None:
 
     pidfile = run / "connect-proxy.pid"
     if procs.running(pidfile, CONNECT_PROXY) is None:
+        hosts = [a for h in registry_hosts() for a in ("--allow-host", h)]
         procs.spawn([sys.executable, CONNECT_PROXY, "--listen", str(lay.gateway), "--port",
                      str(PROXY_PORT), "--allow", str(lay.subnet), "--port-allowed", "443",
-                     "--user", "nobody"],
+                     *hosts, "--user", "nobody"],
                     logs / "connect-proxy.log", pidfile)
     _wait_port(lay.gateway, PROXY_PORT, "the HTTPS proxy")
 
