@@ -71,3 +71,20 @@ def test_not_root_is_refused_before_anything_is_created(monkeypatch):
     with pytest.raises(config.TestbedError, match="needs root"):
         tb.up()
     assert created == []
+
+
+def test_a_port_held_by_another_process_is_refused_naming_it(tmp_path):
+    import socket
+    import subprocess
+    holder = socket.create_server(("127.0.0.1", 0))        # what answers instead of ours
+    port = holder.getsockname()[1]
+    ours = subprocess.Popen(["sleep", "0"])                  # our proxy, which failed to bind
+    ours.wait()
+    pidfile = tmp_path / "proxy.pid"
+    pidfile.write_text(f"{ours.pid}\n")
+    try:
+        with pytest.raises(config.TestbedError, match=f"127.0.0.1:{port} answers, but not the "
+                                                      "HTTPS proxy, which exited"):
+            network._wait_port("127.0.0.1", port, "the HTTPS proxy", pidfile, "sleep", timeout=2)
+    finally:
+        holder.close()

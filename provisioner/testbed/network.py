@@ -95,11 +95,18 @@ def bridge_down() -> bool:
     return True
 
 
-def _wait_port(host: str, port: int, what: str, timeout: float = 10.0) -> None:
+def _wait_port(host: str, port: int, what: str, pidfile: Path, marker: str,
+               timeout: float = 10.0) -> None:
+    """Until the port answers, and it is our process that answers it (not one that held the
+    port before ours started, which then failed to bind)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             socket.create_connection((host, port), timeout=0.5).close()
+            if procs.running(pidfile, marker) is None:
+                raise TestbedError(f"{host}:{port} answers, but not {what}, which exited; "
+                                   f"see {STATE_DIR / 'logs'}. Stop what listens there "
+                                   f"(`ss -ltnp 'sport = :{port}'`) and run again")
             return
         except OSError:
             if time.monotonic() > deadline:
@@ -123,7 +130,7 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
                      str(PROXY_PORT), "--allow", str(lay.subnet), "--port-allowed", "443",
                      *hosts, "--user", "nobody"],
                     logs / "connect-proxy.log", pidfile)
-    _wait_port(lay.gateway, PROXY_PORT, "the HTTPS proxy")
+    _wait_port(lay.gateway, PROXY_PORT, "the HTTPS proxy", pidfile, CONNECT_PROXY)
 
     # apt-cacher-ng keeps downloaded .debs under the shared cache, across runs and checkouts.
     cache = CACHE_DIR / "apt-cacher-ng"
@@ -152,13 +159,15 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
                      # Pass HTTPS through unchanged (CONNECT) instead of refusing it.
                      "PassThroughPattern=.*"],
                     logs / "apt-cacher-ng.log", pidfile)
-    _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng")
+    _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng", pidfile, marker)
 
 
 def proxies_down() -> list[str]:
     run = STATE_DIR / "run"
     stopped = []
-    for name, marker in (("connect-proxy", CONNECT_PROXY), ("apt-cacher-ng", "BindAddress=")):
+    # tinyproxy: what testbeds started before connect_proxy.py replaced it
+    for name, marker in (("connect-proxy", CONNECT_PROXY), ("apt-cacher-ng", "BindAddress="),
+                         ("tinyproxy", "tinyproxy.conf")):
         if procs.stop(run / f"{name}.pid", marker):
             stopped.append(name)
     return stopped
