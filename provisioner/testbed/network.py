@@ -156,8 +156,9 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
                      # move file ... File exists"), which sent one of them a truncated file that
                      # hung its apt-get update. Only pool/ files (.debs, immutable) are cached.
                      "DontCacheRequested=/dists/",
-                     # Pass HTTPS through unchanged (CONNECT) instead of refusing it.
-                     "PassThroughPattern=.*"],
+                     # No PassThroughPattern: CONNECT is refused here. HTTPS goes through
+                     # connect_proxy.py, which tunnels to the registries only.
+                     ],
                     logs / "apt-cacher-ng.log", pidfile)
     _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng", pidfile, marker)
 
