@@ -88,3 +88,20 @@ def test_a_port_held_by_another_process_is_refused_naming_it(tmp_path):
             network._wait_port("127.0.0.1", port, "the HTTPS proxy", pidfile, "sleep", timeout=2)
     finally:
         holder.close()
+
+
+def test_a_helper_process_is_restarted_only_when_its_command_line_changed(tmp_path):
+    from provisioner.testbed import procs
+    pidfile, log = tmp_path / "helper.pid", tmp_path / "helper.log"
+    marker = f"{tmp_path}/marker"
+    try:
+        assert procs.ensure(["sleep", "300", marker], log, pidfile, marker)       # started
+        first = procs.running(pidfile, marker)
+        assert not procs.ensure(["sleep", "300", marker], log, pidfile, marker)   # same: kept
+        assert procs.running(pidfile, marker) == first
+        assert procs.ensure(["sleep", "301", marker], log, pidfile, marker)       # new settings
+        second = procs.running(pidfile, marker)
+        assert second and second != first
+        assert procs.cmdline(first) == []           # the old one is gone (or an unreaped zombie)
+    finally:
+        procs.stop(pidfile, marker)

@@ -146,20 +146,19 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
     (acng_conf / "acng.conf").write_text("# settings are passed on the command line\n")
     pidfile = run / "apt-cacher-ng.pid"
     marker = f"BindAddress={lay.gateway}"
-    if procs.running(pidfile, marker) is None:
-        procs.spawn(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                     "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
-                     marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
-                     "SocketPath=", "ReportPage=", "ExThreshold=0",
-                     # Index files (dists/) pass through uncached: servers that refresh the same
-                     # InRelease in the same second hit apt-cacher-ng's rename race ("Failure to
-                     # move file ... File exists"), which sent one of them a truncated file that
-                     # hung its apt-get update. Only pool/ files (.debs, immutable) are cached.
-                     "DontCacheRequested=/dists/",
-                     # No PassThroughPattern: CONNECT is refused here. HTTPS goes through
-                     # connect_proxy.py, which tunnels to the registries only.
-                     ],
-                    logs / "apt-cacher-ng.log", pidfile)
+    procs.ensure(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
+                 marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
+                 "SocketPath=", "ReportPage=", "ExThreshold=0",
+                 # Index files (dists/) pass through uncached: servers that refresh the same
+                 # InRelease in the same second hit apt-cacher-ng's rename race ("Failure to
+                 # move file ... File exists"), which sent one of them a truncated file that
+                 # hung its apt-get update. Only pool/ files (.debs, immutable) are cached.
+                 "DontCacheRequested=/dists/",
+                 # No PassThroughPattern: CONNECT is refused here. HTTPS goes through
+                 # connect_proxy.py, which tunnels to the registries only.
+                 ],
+                 logs / "apt-cacher-ng.log", pidfile, marker)
     _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng", pidfile, marker)
 
 

@@ -2,6 +2,7 @@
 signal, so a recycled PID never gets a process we did not start killed."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,14 +35,30 @@ def running(pidfile: Path, marker: str) -> int | None:
 
 
 def spawn(argv: list[str], log: Path, pidfile: Path | None = None, env=None) -> int:
-    """Start a detached process (own session, no stdin) and record its PID."""
+    """Start a detached process (own session, no stdin) and record its PID, and the command
+    line it was started with (which `ensure` compares)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=env)
     if pidfile:
-        pidfile.write_text(f"{proc.pid}\n")
+        pidfile.write_text(f"{proc.pid}\n{json.dumps([str(a) for a in argv])}\n")
     return proc.pid
+
+
+def ensure(argv: list[str], log: Path, pidfile: Path, marker: str) -> bool:
+    """Start argv unless it already runs with this very command line. One started with other
+    arguments (settings of an older checkout) is stopped first. True when it was started."""
+    if running(pidfile, marker) is not None:
+        try:
+            started_with = json.loads(pidfile.read_text().split("\n", 1)[1])
+        except (OSError, ValueError, IndexError):
+            started_with = None
+        if started_with == [str(a) for a in argv]:
+            return False
+        stop(pidfile, marker)
+    spawn(argv, log, pidfile)
+    return True
 
 
 def stop(pidfile: Path, marker: str, timeout: float = 15.0) -> bool:
