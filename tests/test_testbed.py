@@ -14,7 +14,7 @@ import pytest
 import testinfra
 
 from conftest import REPO, invoke
-from provisioner.testbed import config, supervise
+from provisioner.testbed import config, procs, supervise
 
 SERVERS = config.inventory_servers()
 pytestmark = pytest.mark.usefixtures("fresh_servers")
@@ -215,7 +215,7 @@ def test_up_recovers_after_a_crash(testbed):
     name = SERVERS[0].name
     d = config.RUN_DIR / name
     for pidfile in ("supervisor.pid", "nspawn.pid"):
-        os.kill(int((d / pidfile).read_text()), 9)
+        os.kill(procs.recorded(d / pidfile), 9)
     r = invoke("testbed.up")
     assert f"started {name}" in r.stdout
     assert host(testbed, name).check_output("systemctl is-system-running --wait") == "running"

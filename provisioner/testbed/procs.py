@@ -18,11 +18,18 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def recorded(pidfile: Path) -> int | None:
+    """The PID a pidfile records (its first line), alive or not."""
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def running(pidfile: Path, marker: str) -> int | None:
     """The PID in pidfile if that process is alive and its command line contains marker."""
-    try:
-        pid = int(pidfile.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    pid = recorded(pidfile)
+    if pid is None:
         return None
     args = cmdline(pid)
     if not any(marker in a for a in args):
