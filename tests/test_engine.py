@@ -157,16 +157,21 @@ def test_hosts_trust_records_fingerprints(tmp_path, testbed, monkeypatch):
     assert (tmp_path / "kh").read_text() == recorded
 
 
-def test_a_held_run_lock_is_exit_4_naming_the_holder(testbed):
-    owner = {"run_id": "other", "who": "alice", "from": "laptop", "pid": 4242, "ci_job": None,
-             "task": "deploy", "env": "local", "started": "2026-01-01T00:00:00+00:00",
-             "started_epoch": 4102444800, "ttl": 3600}
+def _provision_db1_while_locked_by(owner: dict):
+    """`invoke provision` of db1 while its run lock holds owner.json = owner."""
     sh("db1", "mkdir -p /var/lib/provisioner/run.lock && cat > /var/lib/provisioner/run.lock/owner.json <<'EOF'\n"
        + json.dumps(owner) + "\nEOF")
     try:
-        r = invoke("provision", "--env", "local", "--limit", "db1", "--roles", "base", "--yes", check=False)
+        return invoke("provision", "--env", "local", "--limit", "db1", "--roles", "base", "--yes", check=False)
     finally:
         sh("db1", "rm -rf /var/lib/provisioner/run.lock")
+
+
+def test_a_held_run_lock_is_exit_4_naming_the_holder(testbed):
+    r = _provision_db1_while_locked_by(
+        {"run_id": "other", "who": "alice", "from": "laptop", "pid": 4242, "ci_job": None,
+         "task": "deploy", "env": "local", "started": "2026-01-01T00:00:00+00:00",
+         "started_epoch": 4102444800, "ttl": 3600})
     assert r.returncode == 4, r.stdout + r.stderr
     assert "alice@laptop" in r.stdout + r.stderr and "deploy" in r.stdout + r.stderr
 
@@ -199,13 +204,8 @@ def test_the_lock_of_a_killed_run_from_this_machine_is_taken_over(tmp_path, test
 
 def test_a_live_holder_on_this_machine_keeps_its_lock(testbed):
     from provisioner import lock
-    owner = lock.owner("live-run", "provision", "local")      # this test process: alive
-    sh("db1", "mkdir -p /var/lib/provisioner/run.lock && cat > /var/lib/provisioner/run.lock/owner.json <<'EOF'\n"
-       + json.dumps(owner) + "\nEOF")
-    try:
-        r = invoke("provision", "--env", "local", "--limit", "db1", "--roles", "base", "--yes", check=False)
-    finally:
-        sh("db1", "rm -rf /var/lib/provisioner/run.lock")
+    # this test process holds it: alive
+    r = _provision_db1_while_locked_by(lock.owner("live-run", "provision", "local"))
     assert r.returncode == 4, r.stdout + r.stderr
     assert f"(pid {os.getpid()})" in r.stdout + r.stderr
 
