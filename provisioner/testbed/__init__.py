@@ -27,8 +27,8 @@ __all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cu
            "shell_argv", "key_path", "known_hosts_path", "ssh_config_path"]
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
-         "nsenter": "util-linux", "setpriv": "util-linux", "ssh-keygen": "openssh-client",
-         "apt-cacher-ng": "apt-cacher-ng", "mount": "mount"}
+         "nsenter": "util-linux", "ssh-keygen": "openssh-client",
+         "mount": "mount"}
 MIN_FREE_GIB = 2
 
 

@@ -20,8 +20,8 @@ CACHE_DIR = Path(os.environ.get("PROVISIONER_TESTBED_CACHE", "/var/cache/provisi
 RUN_DIR = Path(os.environ.get("PROVISIONER_TESTBED_RUN", "/var/lib/provisioner-testbed")) / (
     hashlib.sha256(str(REPO).encode()).hexdigest()[:10])
 BRIDGE = os.environ.get("PROVISIONER_TESTBED_BRIDGE", "pvtb0")
-PROXY_PORT = 8888        # connect_proxy.py: HTTPS CONNECT for npm and pip
-APT_CACHE_PORT = 3142    # apt-cacher-ng: plain-HTTP apt, .debs cached across runs
+PROXY_PORT = 8888        # package_proxy.py: HTTPS CONNECT for npm and pip
+APT_CACHE_PORT = 3142    # package_proxy.py: plain-HTTP apt, .debs cached across runs
 BENCH_FIRST_HOST = 101   # bench01 gets .101 of the subnet
 LOCAL_INVENTORY = REPO / "inventories" / "local.yml"
 

@@ -1,4 +1,4 @@
-"""The test network: one host bridge and the two package proxies listening on its host side.
+"""The test network: one host bridge and the package proxy listening on its host side.
 
 No NAT and no forwarding: servers reach the package registries only through the proxies.
 """
@@ -10,12 +10,18 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from . import procs
 from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, REPO, STATE_DIR, Layout, TestbedError
 
-CONNECT_PROXY = str(Path(__file__).with_name("connect_proxy.py"))
+PACKAGE_PROXY = str(Path(__file__).with_name("package_proxy.py"))
+APT_CACHE = CACHE_DIR / "apt-files"     # .debs and by-hash indexes, shared by every checkout
+# What testbeds of earlier versions started, by pidfile name and command-line marker: stopped
+# before ours binds their ports, and by `down`.
+LEGACY = (("connect-proxy", "connect_proxy.py"), ("apt-cacher-ng", "BindAddress="),
+          ("tinyproxy", "tinyproxy.conf"))
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -115,59 +121,42 @@ def _wait_port(host: str, port: int, what: str, pidfile: Path, marker: str,
             time.sleep(0.05)
 
 
+def apt_origins() -> list[str]:
+    """host:port of every plain-HTTP mirror this machine's apt uses (the servers use the same)."""
+    from .base import host_apt_sources
+    found = set()
+    for stanza in host_apt_sources():
+        for uri in stanza["URIs"].split():
+            u = urllib.parse.urlsplit(uri)
+            if u.scheme == "http" and u.hostname:
+                found.add(f"{u.hostname.lower()}:{u.port or 80}")
+    return sorted(found)
+
+
 def proxies_up(lay: Layout, registry_hosts) -> None:
-    """registry_hosts(): the host names of the registries servers may reach over HTTPS (read
-    from this machine's configuration only when the CONNECT proxy must be started)."""
+    """registry_hosts(): the host names of the registries servers may reach over HTTPS. A proxy
+    that runs with other settings (this machine's configuration changed) is restarted."""
     run = STATE_DIR / "run"
     logs = STATE_DIR / "logs"
     run.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-
-    pidfile = run / "connect-proxy.pid"
-    if procs.running(pidfile, CONNECT_PROXY) is None:
-        hosts = [a for h in registry_hosts() for a in ("--allow-host", h)]
-        procs.spawn([sys.executable, CONNECT_PROXY, "--listen", str(lay.gateway), "--port",
-                     str(PROXY_PORT), "--allow", str(lay.subnet), "--port-allowed", "443",
-                     *hosts, "--user", "nobody"],
-                    logs / "connect-proxy.log", pidfile)
-    _wait_port(lay.gateway, PROXY_PORT, "the HTTPS proxy", pidfile, CONNECT_PROXY)
-
-    # apt-cacher-ng keeps downloaded .debs under the shared cache, across runs and checkouts.
-    cache = CACHE_DIR / "apt-cacher-ng"
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["chown", "-R", "nobody:nogroup", str(cache)], check=True)
-    acng_logs = run / "apt-cacher-ng-logs"
-    acng_logs.mkdir(exist_ok=True)
-    subprocess.run(["chown", "nobody:nogroup", str(acng_logs)], check=True)
-    # Its own config folder: Debian's holds a root-only security.conf, and clients name the full
-    # mirror URL (proxy mode), so no backend remapping is needed.
-    acng_conf = run / "apt-cacher-ng-conf"
-    acng_conf.mkdir(exist_ok=True)
-    (acng_conf / "acng.conf").write_text("# settings are passed on the command line\n")
-    pidfile = run / "apt-cacher-ng.pid"
-    marker = f"BindAddress={lay.gateway}"
-    procs.ensure(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                 "/usr/sbin/apt-cacher-ng", "-c", str(acng_conf), "ForeGround=1",
-                 marker, f"Port={APT_CACHE_PORT}", f"CacheDir={cache}", f"LogDir={acng_logs}",
-                 "SocketPath=", "ReportPage=", "ExThreshold=0",
-                 # Index files (dists/) pass through uncached: servers that refresh the same
-                 # InRelease in the same second hit apt-cacher-ng's rename race ("Failure to
-                 # move file ... File exists"), which sent one of them a truncated file that
-                 # hung its apt-get update. Only pool/ files (.debs, immutable) are cached.
-                 "DontCacheRequested=/dists/",
-                 # No PassThroughPattern: CONNECT is refused here. HTTPS goes through
-                 # connect_proxy.py, which tunnels to the registries only.
-                 ],
-                 logs / "apt-cacher-ng.log", pidfile, marker)
-    _wait_port(lay.gateway, APT_CACHE_PORT, "apt-cacher-ng", pidfile, marker)
+    for name, marker in LEGACY:
+        procs.stop(run / f"{name}.pid", marker)
+    APT_CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(APT_CACHE)], check=True)
+    pidfile = run / "package-proxy.pid"
+    argv = [sys.executable, PACKAGE_PROXY, "--listen", str(lay.gateway),
+            "--allow", str(lay.subnet), "--user", "nobody",
+            "--port", str(PROXY_PORT), "--port-allowed", "443",
+            *(a for h in registry_hosts() for a in ("--allow-host", h)),
+            "--apt-port", str(APT_CACHE_PORT), "--apt-cache", str(APT_CACHE),
+            *(a for o in apt_origins() for a in ("--apt-origin", o))]
+    procs.ensure(argv, logs / "package-proxy.log", pidfile, PACKAGE_PROXY)
+    _wait_port(lay.gateway, PROXY_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
+    _wait_port(lay.gateway, APT_CACHE_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
 
 
 def proxies_down() -> list[str]:
     run = STATE_DIR / "run"
-    stopped = []
-    # tinyproxy: what testbeds started before connect_proxy.py replaced it
-    for name, marker in (("connect-proxy", CONNECT_PROXY), ("apt-cacher-ng", "BindAddress="),
-                         ("tinyproxy", "tinyproxy.conf")):
-        if procs.stop(run / f"{name}.pid", marker):
-            stopped.append(name)
-    return stopped
+    return [name for name, marker in (("package-proxy", PACKAGE_PROXY), *LEGACY)
+            if procs.stop(run / f"{name}.pid", marker)]
