@@ -14,7 +14,8 @@ import pytest
 import testinfra
 
 from conftest import REPO, invoke
-from provisioner.testbed import config, procs, supervise
+from provisioner.testbed import base as base_image
+from provisioner.testbed import config, network, procs, supervise
 
 SERVERS = config.inventory_servers()
 pytestmark = pytest.mark.usefixtures("fresh_servers")
@@ -141,10 +142,92 @@ def test_packages_come_through_the_proxies(testbed):
     # ... and to nothing else: refused by name, before any lookup (.invalid never resolves, so
     # even a proxy without the check would send nothing anywhere)
     gateway = config.layout().gateway
-    for port in (config.PROXY_PORT, config.APT_CACHE_PORT):      # apt's proxy tunnels nothing
+    # (403: not a registry; 405: apt's proxy tunnels nothing)
+    for port, refusal in ((config.PROXY_PORT, "HTTP/1.1 403"), (config.APT_CACHE_PORT, "HTTP/1.1 405")):
         reply = h.check_output(f"exec 3<>/dev/tcp/{gateway}/{port}; printf 'CONNECT "
                                "not-a-registry.invalid:443 HTTP/1.1\\r\\n\\r\\n' >&3; head -c 12 <&3")
-        assert reply in ("HTTP/1.0 403", "HTTP/1.1 403"), f"port {port}: {reply!r}"
+        assert reply == refusal, f"port {port}: {reply!r}"
+
+
+def _in_server(tb, name: str, script: str) -> subprocess.Popen:
+    """A root shell command inside a server without SSH, started now, output collected."""
+    return subprocess.Popen(tb.shell_argv(name, ["/bin/bash", "-c", script]), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_every_server_refreshing_at_once_gets_whole_signed_indexes(testbed):
+    """Index refreshes broke twice through the old cache: a rename race when servers refreshed
+    the same InRelease in the same second (truncated file, hung apt), then 400 for every index
+    in its uncached mode. Each round forgets the lists, so every index is really fetched."""
+    suites = sum(len(s.get("Suites", "").split()) for s in base_image.host_apt_sources())
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    script = ("rm -rf /var/lib/apt/lists/*; apt-get update -q --error-on=any; rc=$?; "
+              "for f in /var/lib/apt/lists/*_InRelease; do "
+              f"gpgv --keyring {keyring} \"$f\" >/dev/null 2>&1 && echo \"SIGNED $f\" || echo \"BAD $f\"; "
+              "done; exit $rc")
+    for round_ in range(3):
+        started = {s.name: _in_server(testbed, s.name, script) for s in SERVERS}
+        for name, proc in started.items():
+            out = proc.communicate(timeout=300)[0]
+            where = f"round {round_ + 1}, {name}:\n{out}"
+            assert proc.returncode == 0, where
+            assert not re.search(r"^(E|W|Err):", out, re.M) and "BAD " not in out, where
+            assert out.count("SIGNED ") == suites, where
+
+
+def test_a_server_with_day_old_apt_lists_refreshes_them_and_provisions(testbed):
+    """The base image's lists are those of its build: a day later every new server refreshes
+    them before installing (apt.packages, max age 1 h), through the proxy."""
+    name = SERVERS[-1].name
+    age = ("touch -d '2 days ago' /var/lib/apt/lists/* /var/lib/apt/lists/partial; "
+           "rm -f /var/lib/apt/periodic/provisioner-update-stamp")
+    assert _in_server(testbed, name, age).wait(timeout=60) == 0
+    try:
+        r = invoke("provision", "--env", "local", "--limit", name, "--json", "--yes", check=False,
+                   timeout=900)
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        failed = [e for e in events if e.get("status") in ("failed", "unreachable")]
+        assert r.returncode == 0 and not failed, f"{failed}\n{r.stderr[-3000:]}"
+        refreshed = [e for e in events if e["event"] == "step" and e["status"] == "changed"
+                     and "refreshing first" in e["reason"]]
+        assert refreshed, "no step refreshed the day-old package lists"
+        stamp = _in_server(testbed, name, "echo $(( $(date +%s) - $(stat -c %Y "
+                           "/var/lib/apt/periodic/provisioner-update-stamp) ))")
+        assert int(stamp.communicate(timeout=60)[0]) < 900
+    finally:
+        invoke("testbed.reset", name)             # the next tests log in as root
+
+
+def test_up_leaves_the_base_alone_while_servers_run_on_it(testbed):
+    stamp = base_image.lists_stamp(base_image.base_path())
+    before = stamp.stat().st_mtime if stamp.exists() else None
+    old = time.time() - 2 * 86400
+    stamp.touch()
+    os.utime(stamp, (old, old))
+    try:
+        err = invoke("testbed.up").stderr
+        assert "base image apt lists are 48 h old; not refreshed while" in err
+        assert all(s.name in err for s in SERVERS)
+        assert stamp.stat().st_mtime == old
+    finally:
+        if before is None:
+            stamp.unlink()
+        else:
+            os.utime(stamp, (before, before))
+
+
+def test_status_checks_the_package_path(testbed):
+    out = invoke("testbed.status").stdout
+    lines = [line for line in out.splitlines() if line.startswith("package path:")]
+    assert [line.split()[2] for line in lines][:2] == ["apt", "apt"]
+    assert len(lines) >= 2 and all(line.endswith(" ok") for line in lines), out
+    pidfile = config.STATE_DIR / "run" / "package-proxy.pid"
+    procs.stop(pidfile, network.PACKAGE_PROXY)       # a proxy that died
+    try:
+        r = invoke("testbed.status", check=False)
+        assert r.returncode == 1 and "FAILED: " in r.stdout and "testbed.up` restarts" in r.stdout
+    finally:
+        invoke("testbed.up")
 
 
 def test_up_again_changes_nothing(testbed):
@@ -253,7 +336,7 @@ def _leftovers() -> list[str]:
             except OSError:
                 continue
             if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
-                                      str(REPO / ".testbed"), "BindAddress=")):
+                                      str(REPO / ".testbed"), network.PACKAGE_PROXY)):
                 found.append(f"pid {p.name}: {cmd[:80]}")
     for root in supervise.cgroup_roots():
         found += [str(p) for p in (root / "provisioner-testbed").glob(f"{config.RUN_DIR.name}-*")]
@@ -270,3 +353,25 @@ def test_down_leaves_nothing_behind_and_is_idempotent(testbed):
     assert "removed bridge" in first
     assert _leftovers() == []
     assert invoke("testbed.down").stdout.strip() == "testbed already down"
+
+
+@pytest.mark.testbed_teardown
+@pytest.mark.skipif(os.environ.get("PROVISIONER_KEEP_TESTBED") == "1",
+                    reason="PROVISIONER_KEEP_TESTBED=1: this session keeps the testbed up")
+def test_up_refreshes_a_day_old_base_in_place_when_no_server_uses_it(testbed):
+    """After the test above took the testbed down: no server is mounted on the base."""
+    base = base_image.base_path()
+    stamp = base_image.lists_stamp(base)
+    old = time.time() - 2 * 86400
+    stamp.touch()
+    os.utime(stamp, (old, old))
+    try:
+        err = invoke("testbed.up").stderr
+        assert "base image apt lists were 48 h old: refreshed in place" in err, err
+        assert time.time() - stamp.stat().st_mtime < 600
+        # apt keeps the mirror's Last-Modified as a list's mtime, but writes into partial/ on
+        # every update
+        assert (base / "var/lib/apt/lists/partial").stat().st_mtime > time.time() - 600
+    finally:
+        invoke("testbed.down")
+    assert _leftovers() == []

@@ -29,6 +29,7 @@ def up(c, count=None):
            (f"started {', '.join(r.started)}" if r.started else "all servers already running")
     print(f"testbed up in {r.seconds:.1f} s ({what})")
     _print_status()
+    _print_package_path()
 
 
 @task
@@ -48,10 +49,24 @@ def _print_status() -> None:
     print(f"ssh with strict host keys: ssh -F {tb.ssh_config_path()} NAME")
 
 
+def _print_package_path() -> bool:
+    checks = _guard(tb.package_path)
+    for what, error in checks:
+        print(f"package path: {what:<28} {'ok' if error is None else 'FAILED: ' + error}")
+    healthy = all(error is None for _, error in checks)
+    if not healthy:
+        print(f"the proxy's log: {tb.STATE_DIR / 'logs' / 'package-proxy.log'}; "
+              "`invoke testbed.up` restarts a proxy that stopped")
+    return healthy
+
+
 @task
 def status(c):
-    """One line per test server: address, state, SSH answering, memory, network."""
+    """One line per test server (address, state, SSH answering, memory, network), then the
+    package path servers use (apt index, .deb, HTTPS registries): exit 1 when any part fails."""
     _print_status()
+    if not _print_package_path():
+        raise Exit(code=1)
 
 
 @task(help={"name": "server name, e.g. web1", "command": "run this instead of a login shell"})

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from . import base as base_image
 from . import network, servers
 from .secrets import ensure_local_vault
-from .config import CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
+from .config import APT_CACHE_PORT, CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
 
-__all__ = ["TestbedError", "up", "down", "status", "stop", "start", "reset", "cut", "heal",
+__all__ = ["TestbedError", "up", "down", "status", "package_path", "stop", "start", "reset", "cut", "heal",
            "shell_argv", "key_path", "known_hosts_path", "ssh_config_path"]
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
@@ -169,6 +169,10 @@ def up(count: int | None = None, log=print) -> UpReport:
     base_seconds = time.monotonic() - t0
     network.bridge_up(lay)
     network.proxies_up(lay, _registry_hosts)
+    said = base_image.refresh_lists(base, f"http://{lay.gateway}:{APT_CACHE_PORT}",
+                                    servers.mounted_on(base))
+    if said:
+        log(said)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     wanted = {s.name for s in lay.servers}
     for name in servers.existing():              # bench servers no longer asked for
@@ -231,6 +235,15 @@ def status() -> list[ServerStatus]:
         rows.append(ServerStatus(s.name, s.address, "running" if running else "stopped",
                                  s.name in answering, mem / 1024 if mem else None, _is_cut(s.name)))
     return rows
+
+
+def package_path() -> list[tuple[str, str | None]]:
+    """The proxies' health: (what, None or the error); see network.package_path."""
+    lay = current_layout()
+    base = base_image.base_path()
+    if not base.is_dir():
+        return [("packages", "no base image yet: `invoke testbed.up` builds it")]
+    return network.package_path(lay, base, list(_registry_settings().values()))
 
 
 def _server(name: str) -> ServerSpec:

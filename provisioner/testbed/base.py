@@ -78,8 +78,53 @@ def ensure_base(log) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     marker.write_text(json.dumps(recipe(), indent=1) + "\n")
+    lists_stamp(final).touch()
     log(f"base image built in {time.monotonic() - started:.0f} s")
     return final
+
+
+# A base's apt lists are those of its build. Servers refresh their own when they install and the
+# lists are older than an hour (apt.packages), so old lists still work; refreshing the base once
+# saves every new server that refresh, and keeps the lists from drifting far behind the mirror.
+LISTS_MAX_AGE = 24 * 3600
+
+
+def lists_stamp(base: Path) -> Path:
+    """When the base's lists were last fetched (beside the base, outside what servers see)."""
+    return base.with_name(base.name + ".lists-fetched")
+
+
+def lists_age(base: Path) -> float:
+    """Seconds since the base's apt lists were fetched (its build, or the last refresh)."""
+    for f in (lists_stamp(base), base.with_name(base.name + ".recipe.json")):
+        try:
+            return max(0.0, time.time() - f.stat().st_mtime)
+        except OSError:
+            continue
+    return float("inf")
+
+
+def refresh_lists(base: Path, apt_proxy: str, users: list[str]) -> str | None:
+    """Refresh the base's apt lists in place when they are older than LISTS_MAX_AGE, unless
+    servers run on it (an overlay's lower layer must not change under a mounted server).
+    Returns what was done, for the output; None when the lists are fresh."""
+    age = lists_age(base)
+    if age <= LISTS_MAX_AGE:
+        return None
+    hours = "never recorded" if age == float("inf") else f"{age / 3600:.0f} h old"
+    if users:
+        return (f"base image apt lists are {hours}; not refreshed while {', '.join(users)} "
+                "run on it (servers refresh their own lists before installing)")
+    started = time.monotonic()
+    proc = subprocess.run(["chroot", str(base), "apt-get", "-q", "-o", f"Acquire::http::Proxy={apt_proxy}",
+                           "-o", "Acquire::Retries=3", "update", "--error-on=any"],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-10:])
+        raise TestbedError(f"refreshing the base image's apt lists failed (exit {proc.returncode}):"
+                           f"\n{tail}\n`invoke testbed.status` checks the package path")
+    lists_stamp(base).touch()
+    return f"base image apt lists were {hours}: refreshed in place ({time.monotonic() - started:.0f} s)"
 
 
 def prune_bases(keep: Path) -> None:
@@ -124,3 +169,15 @@ def _configure(root: Path) -> None:
 
 def _certs(bundle: str) -> list[str]:
     return [c + "\n" for c in re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", bundle, re.S)]
+
+
+def a_pool_file(base: Path, mirror_uri: str) -> str | None:
+    """The path under mirror_uri of one .deb that the base's lists of SUITE name there (for a
+    check of the package path)."""
+    prefix = mirror_uri.split("://", 1)[-1].rstrip("/").replace("/", "_") + f"_dists_{SUITE}_"
+    for lst in sorted((base / "var/lib/apt/lists").glob(f"{prefix}*_binary-*_Packages")):
+        with open(lst, errors="replace") as f:
+            for line in f:
+                if line.startswith("Filename: "):
+                    return line.split(None, 1)[1].strip()
+    return None

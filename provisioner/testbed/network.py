@@ -4,9 +4,12 @@ No NAT and no forwarding: servers reach the package registries only through the 
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -121,6 +124,14 @@ def _wait_port(host: str, port: int, what: str, pidfile: Path, marker: str,
             time.sleep(0.05)
 
 
+def _drop_old_apt_cache() -> None:
+    """apt-cacher-ng's cache of earlier testbeds, once no checkout's apt-cacher-ng uses it."""
+    old = CACHE_DIR / "apt-cacher-ng"
+    if old.is_dir() and not any(f"CacheDir={old}" in arg for p in Path("/proc").iterdir()
+                                if p.name.isdigit() for arg in procs.cmdline(int(p.name))):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def apt_origins() -> list[str]:
     """host:port of every plain-HTTP mirror this machine's apt uses (the servers use the same)."""
     from .base import host_apt_sources
@@ -142,6 +153,7 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     for name, marker in LEGACY:
         procs.stop(run / f"{name}.pid", marker)
+    _drop_old_apt_cache()
     APT_CACHE.mkdir(parents=True, exist_ok=True)
     subprocess.run(["chown", "-R", "nobody:nogroup", str(APT_CACHE)], check=True)
     pidfile = run / "package-proxy.pid"
@@ -160,3 +172,68 @@ def proxies_down() -> list[str]:
     run = STATE_DIR / "run"
     return [name for name, marker in (("package-proxy", PACKAGE_PROXY), *LEGACY)
             if procs.stop(run / f"{name}.pid", marker)]
+
+
+def _through(proxy: tuple[str, int], method: str, url: str) -> tuple[int, bytes]:
+    """One request through one of our proxies, leaving from the bridge's own address (so that
+    nothing can take the default route off this machine)."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme == "https":
+        conn = http.client.HTTPSConnection(*proxy, timeout=15, source_address=(proxy[0], 0),
+                                           context=ssl.create_default_context())
+        conn.set_tunnel(u.hostname, u.port or 443)
+        target = u.path or "/"
+    else:
+        conn = http.client.HTTPConnection(*proxy, timeout=15, source_address=(proxy[0], 0))
+        target = url
+    try:
+        conn.request(method, target)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def package_path(lay: Layout, base: Path, registry_urls: list[str]) -> list[tuple[str, str | None]]:
+    """What servers fetch packages through, checked from the host side of the bridge: an apt
+    index and a .deb through the apt proxy, each registry over HTTPS through the tunnel.
+    (what, None when it works or the error)."""
+    from .base import SUITE, a_pool_file, host_apt_sources
+    # Nothing is sent unless our bridge and proxy are up: with no bridge, the gateway address
+    # would be routed off this machine.
+    if procs.running(STATE_DIR / "run" / "package-proxy.pid", PACKAGE_PROXY) is None \
+            or not any(i["ifname"] == BRIDGE and any(a.get("local") == lay.gateway
+                                                     for a in i.get("addr_info", []))
+                       for i in interfaces()):
+        return [("proxy", "the package proxy or the bridge is not up: `invoke testbed.up` "
+                          "starts them")]
+    checks: list[tuple[str, str | None]] = []
+    apt = (lay.gateway, APT_CACHE_PORT)
+    mirror = next((s["URIs"].split()[0].rstrip("/") for s in host_apt_sources()
+                   if s["URIs"].startswith("http://") and SUITE in s.get("Suites", "").split()),
+                  None)
+    if mirror is None:
+        checks.append(("apt", f"no plain-HTTP mirror for {SUITE} in this machine's apt sources"))
+    else:
+        for what, method, url, ok in (
+                ("apt index", "GET", f"{mirror}/dists/{SUITE}/InRelease",
+                 lambda body: body.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")),
+                ("apt .deb", "HEAD", f"{mirror}/{a_pool_file(base, mirror) or ''}", lambda body: True)):
+            if url.endswith("/"):
+                checks.append((what, "the base image's package lists name no .deb to try"))
+                continue
+            try:
+                status, body = _through(apt, method, url)
+                checks.append((what, None if status == 200 and ok(body) else
+                               f"HTTP {status} for {url}: {body[:200].decode(errors='replace').strip()}"))
+            except OSError as exc:
+                checks.append((what, f"{url}: {exc}"))
+    for url in registry_urls:
+        what = f"https {urllib.parse.urlsplit(url).hostname}"
+        try:
+            status, _ = _through((lay.gateway, PROXY_PORT), "HEAD", url)
+            # any answer of the registry's own proves the tunnel and the TLS trust
+            checks.append((what, None if status < 500 else f"HTTP {status} from {url}"))
+        except (OSError, ValueError) as exc:
+            checks.append((what, f"{url}: {exc}"))
+    return checks

@@ -399,12 +399,20 @@ class AptProxy:
             except OSError as exc:                  # served all the same, just not kept
                 log(f"cannot cache {target}: {exc}")
         writer.write(self.head(up.status, up.reason, headers, keep))
+        body = up.body()
         try:
-            async for data in up.body():
+            while True:
+                try:
+                    data = await body.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+                    log(f"{peer} GET {req.host}{req.path}: from the mirror: {exc!r}")
+                    raise ConnectionError(str(exc)) from None   # the client sees a short answer
                 writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 if part:
                     part[0].write(data)
-                await writer.drain()
+                await writer.drain()                 # a client that left ends it here, quietly
             if chunked:
                 writer.write(b"0\r\n\r\n")
             await writer.drain()
@@ -412,9 +420,6 @@ class AptProxy:
                 part[0].close()
                 os.replace(part[1], target)        # whole, or not there at all
                 part = None
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
-            log(f"{peer} GET {req.host}{req.path}: {exc!r}")
-            raise ConnectionError(str(exc)) from None   # the client sees a short answer
         finally:
             if part:
                 part[0].close()

@@ -40,6 +40,12 @@ def is_created(spec: ServerSpec, base: Path) -> bool:
         and meta.get("recipe") == SERVER_RECIPE
 
 
+def mounted_on(base: Path) -> list[str]:
+    """Servers whose overlay of base is mounted (running or not): base must not change then."""
+    return [n for n in existing() if (_meta(n) or {}).get("base") == str(base)
+            and os.path.ismount(merged(n))]
+
+
 def existing() -> list[str]:
     return sorted(p.name for p in RUN_DIR.glob("*") if p.is_dir()) if RUN_DIR.exists() else []
 
