@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
 
@@ -94,13 +96,24 @@ def test_a_helper_process_is_restarted_only_when_its_command_line_changed(tmp_pa
     from provisioner.testbed import procs
     pidfile, log = tmp_path / "helper.pid", tmp_path / "helper.log"
     marker = f"{tmp_path}/marker"
+
+    def helper(seconds):     # stays up, with the marker on its command line (`sleep 300 PATH`
+        # would reject PATH and exit at once, so the test would race its exit)
+        return [sys.executable, "-c", f"import time; time.sleep({seconds})", marker]
+
+    def started():           # /proc/PID/cmdline reads empty for a moment after the spawn
+        deadline = time.monotonic() + 5
+        while not procs.running(pidfile, marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return procs.running(pidfile, marker)
     try:
-        assert procs.ensure(["sleep", "300", marker], log, pidfile, marker)       # started
-        first = procs.running(pidfile, marker)
-        assert not procs.ensure(["sleep", "300", marker], log, pidfile, marker)   # same: kept
+        assert procs.ensure(helper(300), log, pidfile, marker)       # started
+        first = started()
+        assert first
+        assert not procs.ensure(helper(300), log, pidfile, marker)   # same: kept
         assert procs.running(pidfile, marker) == first
-        assert procs.ensure(["sleep", "301", marker], log, pidfile, marker)       # new settings
-        second = procs.running(pidfile, marker)
+        assert procs.ensure(helper(301), log, pidfile, marker)       # new settings
+        second = started()
         assert second and second != first
         assert procs.cmdline(first) == []           # the old one is gone (or an unreaped zombie)
     finally:
