@@ -91,9 +91,14 @@ def test_overlay_does_not_touch_the_original():
 
 def test_plan_all_threads_predictions_group_then_user():
     facts = Facts({"groups": {"deployers": None, "deploy": None}, "users": {"deploy": None}})
-    res = [users.group("deployers"), users.user("deploy", ["deployers"])]
-    planned = plan_all(res, facts)
-    assert [type(c).__name__ for _, r in planned for c in r] == ["Change", "Change"]
+    res = [users.group("deploy"), users.group("deploy"), users.user("deploy", ["deployers"]),
+           users.user("deploy", ["deployers"])]
+    planned = [r for _, result in plan_all(res, facts) for r in result]
+    # the second group sees the first one's group created; the user sees its group of the
+    # same name (useradd --user-group would refuse it), then the second user the first
+    assert [type(c).__name__ for c in planned] == ["Change", "Noop", "Change", "Noop"]
+    useradd = planned[2].steps[0]["run"]
+    assert useradd[-4:] == ["--gid", "deploy", "--", "deploy"] and "--user-group" not in useradd
 
 
 def test_plan_all_two_sysctl_keys_in_one_file():
