@@ -225,6 +225,20 @@ def test_write_false_validator_and_missing_directory(tmp_path):
     assert "does not exist" in res["results"][0]["error"]
 
 
+def test_validate_must_name_the_file_and_sees_its_extension(tmp_path):
+    target = tmp_path / "app.timer"
+    target.write_text("keep")
+    # a command that does not read the new file would pass anything: refused, not guessed
+    res = call("apply", {"changes": [change("v", {"write": str(target), "b64": b64("new"),
+                                                  "validate": ["true", "-c", "/etc/x.conf"]})]})
+    assert "does not name the file" in res["results"][0]["error"] and target.read_text() == "keep"
+    ext = "import sys; sys.exit(0 if sys.argv[1].endswith('.timer') else 3)"
+    res = call("apply", {"changes": [change("v", {"write": str(target), "b64": b64("new"),
+                                                  "validate": ["python3", "-c", ext, "{path}"]})]})
+    assert res["ok"], res
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["app.timer"]
+
+
 def test_write_keeps_unmanaged_attributes_and_replaces_a_symlink(tmp_path):
     target = tmp_path / "keep"
     target.write_text("a")

@@ -25,11 +25,23 @@ _PROTECTED = {"/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt"
 
 
 def _validate_arg(validate: str | Sequence[str] | None) -> str | list[str] | None:
-    if validate is None or isinstance(validate, str):
-        if isinstance(validate, str) and not validate.strip():
+    """A command that checks the new file before it replaces the old one; `{path}` stands for
+    the temp file. Required: a command that does not read the new file (`nginx -t -c
+    /etc/nginx/nginx.conf` checks the old configuration) would pass anything."""
+    if validate is None:
+        return None
+    if isinstance(validate, str):
+        if not validate.strip():
             raise ValueError("validate must not be empty")
-        return validate
-    return b.check_argv(validate, "validate")
+        argv = validate.split()
+    else:
+        argv = validate = b.check_argv(validate, "validate")
+    if not any("{path}" in a for a in argv):
+        raise ValueError(f"validate {validate!r} does not name the new file: put {{path}} where "
+                         "the command takes the file to check (e.g. ['sshd', '-t', '-f', "
+                         "'{path}']); a command that checks a whole configuration in place "
+                         "(nginx -t) belongs in a file group")
+    return validate
 
 
 @dataclass(frozen=True)

@@ -609,8 +609,8 @@ def _attrs(st_exists, mode, owner, group, default_mode):
 
 def _validate_argv(validate, tmp):
     argv = shlex.split(validate) if isinstance(validate, str) else list(validate)
-    if not any("{path}" in a for a in argv):
-        argv.append(tmp)
+    if not any("{path}" in a for a in argv):       # the ops refuse it too: never guess where
+        raise StepError("validate command %s does not name the file ({path})" % _cmdline(argv))
     return [a.replace("{path}", tmp) for a in argv]
 
 
@@ -640,8 +640,10 @@ def write_file(path, data, mode=None, owner=None, group=None, validate=None, log
         m, uid, gid = _attrs(old, mode, owner, group, 0o644)
     except KeyError as e:
         raise StepError("no such user or group: %s" % e)
-    tmp = os.path.join(d, ".%s.provisioner-%d-%s" % (os.path.basename(path), os.getpid(),
-                                                    os.urandom(4).hex()))
+    # the temp file keeps the extension: some validators go by it (systemd-analyze verify)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(d, ".%s.provisioner-%d-%s%s" % (stem, os.getpid(), os.urandom(4).hex(),
+                                                      ext))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         try:
