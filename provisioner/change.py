@@ -7,7 +7,8 @@ the runner ships the steps of a role's changes to the remote agent in one exec.
 Steps are plain JSON-able dicts so the agent (provisioner/remote/agent.py, run by python3 on the
 server) needs nothing from this package:
   {"run": [argv...], "stdin": str | None, "env": {..}, "ok": [0]}
-       (optional "timeout": seconds; DEBIAN_FRONTEND=noninteractive, LC_ALL=C.UTF-8 are set)
+       (optional "timeout": seconds; "attempts": n, "delay": seconds between them (2);
+        DEBIAN_FRONTEND=noninteractive, LC_ALL=C.UTF-8 are set)
   {"write": path, "b64": content, "mode": "0644", "owner": "root", "group": "root",
    "validate": "sshd -t -f {path}" | [argv with "{path}"] | None,
    "after": [[argv...]..]}                      # temp file beside target, validate, rename,

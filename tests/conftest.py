@@ -51,6 +51,12 @@ def testbed():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The live tier is every test that needs the testbed, found by its fixture (directly or
+    # through another fixture) so that no test can forget its marker: `-m "not live"` runs
+    # the pure tier, which touches no server.
+    for item in items:
+        if "testbed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.live)
     # Tests that take the testbed down must come after every test that uses it.
     items.sort(key=lambda item: item.get_closest_marker("testbed_teardown") is not None)
 

@@ -283,11 +283,11 @@ def test_run_step_timeout_kills_what_the_command_started(tmp_path):
 def test_run_step_attempts_until_one_succeeds(tmp_path):
     marker = tmp_path / "tried"
     script = 'if [ -e "$0" ]; then echo second; else touch "$0"; echo first; exit 1; fi'
-    res = call("apply", {"changes": [change("a", run("sh", "-c", script, str(marker), attempts=2))]})
+    res = call("apply", {"changes": [change("a", run("sh", "-c", script, str(marker), attempts=2, delay=0))]})
     assert res["ok"], res
     out = res["results"][0]["output"]
     assert out.index("\nfirst\n") < out.index("exit 1: trying again (1 more)") < out.index("\nsecond\n")
-    res = call("apply", {"changes": [change("b", run("sh", "-c", "echo no; exit 5", attempts=2))]})
+    res = call("apply", {"changes": [change("b", run("sh", "-c", "echo no; exit 5", attempts=2, delay=0))]})
     assert res["results"][0]["rc"] == 5 and res["results"][0]["output"].count("no\n") == 2
 
 

@@ -363,8 +363,8 @@ class ChoppyStream(io.StringIO):
 
 
 @pytest.mark.parametrize("json_out", [True, False])
-def test_fifty_threads_of_two_hundred_steps_count_exactly_and_never_interleave(json_out):
-    threads_n, per_thread = 50, 200
+def test_fifty_threads_of_forty_steps_count_exactly_and_never_interleave(json_out):
+    threads_n, per_thread = 50, 40
     out, err = ChoppyStream(), ChoppyStream()
     ev = Events(task="provision", env="local", json_out=json_out, verbose=1, diff=False,
                 check=False, stream_out=out, stream_err=err, tty=False)

@@ -782,7 +782,7 @@ def step_run(step, log):
             break
         if attempt > 1:
             log.append("exit %d: trying again (%d more)" % (rc, attempt - 1))
-            time.sleep(2)
+            time.sleep(step.get("delay", 2))
     if rc not in ok:
         raise StepError("exit %d: %s" % (rc, _cmdline(argv)), rc)
     return rc
