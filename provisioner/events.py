@@ -256,7 +256,9 @@ class Events:
         exception's ``exit_code`` if it has one, else 1). The exception still propagates."""
         if exc is not None and not self._recapped:
             code = getattr(exc, "exit_code", None)
-            if not isinstance(code, int) or code == EXIT_OK:
+            if isinstance(exc, KeyboardInterrupt):
+                code = 130                           # as a shell reports SIGINT
+            elif not isinstance(code, int) or code == EXIT_OK:
                 code = EXIT_FAILED
             if isinstance(exc, KeyboardInterrupt):
                 message = "interrupted"

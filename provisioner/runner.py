@@ -15,6 +15,7 @@ from provisioner import agent, lock, ops
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import FactError, Facts
+from provisioner.interrupt import Stop
 from provisioner.inventory import Host, Inventory
 from provisioner.ops._base import run as run_step, write as write_step
 from provisioner.roles import REPO_ROOT, RoleCode, load_role
@@ -83,10 +84,11 @@ class HostResult:
 
 class Runner:
     def __init__(self, inventory: Inventory, events, options: Options,
-                 connect: Callable[[Host], Connection] | None = None):
+                 connect: Callable[[Host], Connection] | None = None, stop: Stop | None = None):
         self.inv = inventory
         self.events = events
         self.opts = options
+        self.stop = stop if stop is not None else Stop()   # read before each host and role
         self.connect = connect or (lambda h: Connection(h, inventory.known_hosts, h.sudo_password))
         self._roles: dict[str, RoleCode] = {}
 
@@ -113,17 +115,22 @@ class Runner:
                 done = list(pool.map(self.run_host, batch))
             results += done
             bad = sum(1 for r in done if r.status in ("failed", "unreachable"))
-            if bad and 100.0 * bad / len(batch) > self.opts.max_fail_percentage and n + 1 < len(batches):
-                for rest in batches[n + 1:]:
-                    for h in rest:
-                        self.events.step(host=h.name, role=None, resource="host", status="skipped",
-                                         reason=f"not started: {bad} of {len(batch)} hosts of the "
-                                                f"previous batch failed (max {self.opts.max_fail_percentage:g}%)",
-                                         seconds=0.0)
-                        self.events.host_done(h.name, remote_commands=0, seconds=0.0)
-                        results.append(HostResult(h.name, status="skipped"))
+            later = [h for rest in batches[n + 1:] for h in rest]
+            if self.stop and later:
+                results += [self._not_started(h, self.stop.reason) for h in later]
+                break
+            if bad and 100.0 * bad / len(batch) > self.opts.max_fail_percentage and later:
+                why = (f"{bad} of {len(batch)} hosts of the previous batch failed "
+                       f"(max {self.opts.max_fail_percentage:g}%)")
+                results += [self._not_started(h, why) for h in later]
                 break
         return results
+
+    def _not_started(self, host: Host, why: str) -> HostResult:
+        self.events.step(host=host.name, role=None, resource="host", status="skipped",
+                         reason=f"not started: {why}", seconds=0.0)
+        self.events.host_done(host.name, remote_commands=0, seconds=0.0)
+        return HostResult(host.name, status="skipped")
 
     # --- one host -------------------------------------------------------------------------
 
@@ -131,6 +138,8 @@ class Runner:
         """Execs on a converged host: one for os facts (+ the run lock), one for every role's
         facts, one to release the lock; a role's facts are gathered again only when an earlier
         role changed this host, so later roles always plan against what earlier ones did."""
+        if self.stop:                      # a host of this batch still waiting for a fork
+            return self._not_started(host, self.stop.reason)
         started = time.monotonic()
         res = HostResult(host.name)
         conn = None
@@ -157,14 +166,13 @@ class Runner:
                 merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
                 shared = Facts(self._facts(conn, merged)) if plans else None
                 for i, p in enumerate(plans):
+                    if self.stop:
+                        self._skip_roles(host, plans[i:], f"not run: {self.stop.reason}")
+                        break
                     changed_before = res.changed
                     self._run_role(conn, host, p, shared, res)
-                    if res.failed:
-                        for later in plans[i + 1:]:      # said, so that no one takes them as done
-                            self.events.step(host=host.name, role=later.name, resource="role",
-                                             status="skipped",
-                                             reason=f"not run: role {p.name} failed before it",
-                                             seconds=0.0)
+                    if res.failed:                       # said, so that no one takes them as done
+                        self._skip_roles(host, plans[i + 1:], f"not run: role {p.name} failed before it")
                         break
                     res.roles_done.append(p.name)
                     if res.changed != changed_before and not self.opts.check:
@@ -202,6 +210,11 @@ class Runner:
                               seconds=time.monotonic() - started,
                               error=None if res.status == "locked" else res.error)
         return res
+
+    def _skip_roles(self, host: Host, plans: list, why: str) -> None:
+        for p in plans:
+            self.events.step(host=host.name, role=p.name, resource="role", status="skipped",
+                             reason=why, seconds=0.0)
 
     def _open(self, host: Host) -> Connection:
         """Connect as the inventory's user; while that user cannot log in yet (a fresh VM before

@@ -363,3 +363,45 @@ def test_a_dropped_connection_is_reopened_for_the_next_command(tmp_path, testbed
         assert again.ok and again.stdout.decode().strip() == "web1"
         assert c._conn.transport is not transport and not transport.is_active()   # a new connection
         assert c.commands == 2
+
+
+INTERRUPTED_RUN = """
+import sys, pathlib
+sys.path.insert(0, sys.argv[1])
+from invoke import Exit
+from engine_helpers import inventory
+from provisioner.cli import common
+inv = inventory(pathlib.Path(sys.argv[2]), ['db1'], ['opsdemo', 'base'], vars={'opsdemo_pause': 20})
+common.load = lambda env, interactive: inv          # the task as a user runs it, on this inventory
+try:
+    common.run_task('provision', env=inv.env, limit='', check=False, diff=False, json=True,
+                    yes=True, serial=0, forks=1, verbose=0)
+except Exit as e:
+    sys.exit(e.code)
+"""
+
+
+def test_sigterm_mid_apply_lets_the_apply_finish_and_ends_on_a_recap(tmp_path, testbed):
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_RUN, str(REPO / "tests"),
+                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while sh("db1", "pgrep -fx 'sleep 20'", check=False).returncode != 0:   # mid-apply
+            assert time.monotonic() < deadline and child.poll() is None, "the run never paused"
+            time.sleep(0.5)
+        child.terminate()                                # SIGTERM, as systemd or CI would
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        sh("db1", "pkill -fx 'sleep 20'", check=False)
+    assert child.returncode == 143, out + err
+    lines = [json.loads(x) for x in out.splitlines()]
+    steps = {(e["role"], e["resource"]): e for e in lines if e["event"] == "step"}
+    assert steps[("opsdemo", "command pause")]["status"] == "changed"     # finished, reported
+    assert steps[("base", "role")]["status"] == "skipped"
+    assert "interrupted (SIGTERM)" in steps[("base", "role")]["reason"]
+    assert [e["event"] for e in lines[-2:]] == ["error", "recap"] and lines[-2]["code"] == 143
+    # the lock was released by the run's last exec, as after any run
+    assert sh("db1", "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1

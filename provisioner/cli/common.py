@@ -8,6 +8,7 @@ from invoke import Exit
 
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem
 from provisioner.events import Events
+from provisioner.interrupt import Stop, on_signals
 from provisioner.inventory import Inventory, load_inventory
 from provisioner.roles import REPO_ROOT
 from provisioner.runner import Options, Runner
@@ -61,6 +62,18 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
     interactive = not yes and sys.stdin.isatty()
     events = Events(task=task, env=env, json_out=bool(json), verbose=int(verbose or 0),
                     diff=bool(diff), check=bool(check))
+    stop = Stop()
+    with events:             # whatever escapes still ends the output with an error and a recap
+        code = _run(events, stop, task=task, env=env, limit=limit, check=check, diff=diff,
+                    interactive=interactive, serial=serial, forks=forks,
+                    detailed_exitcode=detailed_exitcode, roles=roles,
+                    max_fail_percentage=max_fail_percentage)
+    if code:
+        raise Exit(code=code)
+
+
+def _run(events: Events, stop: Stop, *, task, env, limit, check, diff, interactive, serial, forks,
+         detailed_exitcode, roles, max_fail_percentage) -> int:
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)
@@ -80,21 +93,22 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
         opts = Options(task=task, check=bool(check), diff=bool(diff), serial=serial_n,
                        forks=min(forks_n, 50), roles=role_list,
                        max_fail_percentage=float(max_fail_percentage or 0))
-        runner = Runner(inv, events, opts)
+        runner = Runner(inv, events, opts, stop=stop)
         for h in hosts:                                 # role code errors before any server
             for r in runner.roles_for(h):
                 runner.role(r)
     except InputError as e:
         # JSON consumers still get an error event and a recap; nothing was touched
-        raise Exit(code=events.fail_run(EXIT_BAD_INPUT, e)) from None
+        return events.fail_run(EXIT_BAD_INPUT, e)
     events.start([h.name for h in hosts])
-    results = runner.run(hosts)
+    with on_signals(stop):
+        results = runner.run(hosts)
     locked = [r.error for r in results if r.status == "locked"]
+    if stop:
+        return events.fail_run(stop.code, f"{stop.reason}: no host or role was started after "
+                                          "it; what was already sent to a server finished")
     if locked:
         # the most specific answer: someone else is working on these hosts
-        code = events.fail_run(EXIT_LOCKED, "; ".join(locked))
-    else:
-        events.recap()
-        code = events.exit_code(detailed=bool(detailed_exitcode))
-    if code:
-        raise Exit(code=code)
+        return events.fail_run(EXIT_LOCKED, "; ".join(locked))
+    events.recap()
+    return events.exit_code(detailed=bool(detailed_exitcode))

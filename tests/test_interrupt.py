@@ -1,0 +1,136 @@
+"""Ctrl-C / SIGTERM during a run, without servers: a fake connection answers the agent's
+requests, and the signal comes while an apply is in flight."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from provisioner import agent
+from provisioner.events import Events
+from provisioner.interrupt import Stop, on_signals
+from provisioner.inventory import load_inventory_file
+from provisioner.runner import Options, Runner
+
+ROLE = '''from provisioner.ops import files
+
+
+def resources(v, ctx):
+    yield files.file("/etc/{name}.conf", "{name}\\n")
+'''
+
+
+class FakeConn:
+    """Answers like the agent on a server where nothing exists yet; `during_apply` runs while
+    an apply is 'on the server'."""
+
+    def __init__(self, host, log, during_apply=lambda: None):
+        self.host, self.log, self.during_apply, self.commands = host, log, during_apply, 0
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def run(self, argv, stdin=None):
+        self.commands += 1
+        doc = json.loads(stdin)
+        op, req = doc["op"], doc["request"]
+        self.log.append((self.host.name, op))
+        if op == "facts":
+            body = {"facts": {"os": {"id": "debian"},
+                              "files": {p: {"exists": False} for p in req.get("files", [])},
+                              **({"run_lock": {"acquired": True}} if "run_lock" in req else {})}}
+        elif op == "apply":
+            self.during_apply()
+            body = {"ok": True, "handlers": [],
+                    "results": [{"id": c["id"], "status": "ok"} for c in req["changes"]]}
+        else:
+            body = {"released": True}
+        body["agent"] = {"version": agent.PROTOCOL}
+        out = agent.MARKER + json.dumps(body).encode()
+        return SimpleNamespace(stdout=out, stderr=b"", rc=0)
+
+
+@pytest.fixture
+def inv(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / "roles" / name).mkdir(parents=True)
+        (tmp_path / "roles" / name / "defaults.yml").write_text(f"{name}_x: 1\n")
+        (tmp_path / "roles" / name / "__init__.py").write_text(ROLE.replace("{name}", name))
+    doc = {"env": "stoptest", "known_hosts": str(tmp_path / "known_hosts"),
+           "ssh": {"user": "root"},
+           "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
+           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
+    (tmp_path / "stoptest.yml").write_text(json.dumps(doc))
+    return load_inventory_file(tmp_path / "stoptest.yml", roles_root=[tmp_path / "roles"])
+
+
+def test_a_stop_during_an_apply_lets_it_finish_and_starts_nothing_more(inv):
+    out = io.StringIO()
+    events = Events(task="provision", env=inv.env, json_out=True, verbose=0, diff=False,
+                    check=False, stream_out=out, stream_err=io.StringIO())
+    stop, log = Stop(), []
+    runner = Runner(inv, events, Options(serial=1), stop=stop,
+                    connect=lambda h: FakeConn(h, log, lambda: stop.request(signal.SIGTERM)))
+    events.start(["web1", "web2"])
+    runner.run(inv.select(None))
+    assert events.fail_run(stop.code, stop.reason) == 143
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    steps = {(e["host"], e["role"], e["resource"]): (e["status"], e["reason"])
+             for e in lines if e["event"] == "step"}
+    # the apply in flight finished and is reported; the lock was released (finish)
+    assert steps[("web1", "one", "file /etc/one.conf")][0] == "changed"
+    assert log == [("web1", "facts"), ("web1", "facts"), ("web1", "apply"), ("web1", "finish")]
+    assert steps[("web1", "two", "role")] == ("skipped", "not run: the run was interrupted (SIGTERM)")
+    assert steps[("web2", "", "host")] == ("skipped",
+                                             "not started: the run was interrupted (SIGTERM)")
+    assert [e["event"] for e in lines[-2:]] == ["error", "recap"]
+    assert lines[-2]["code"] == 143 and lines[-1]["skipped"] == 2
+
+
+def test_signals_set_the_stop_and_the_old_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    stop = Stop()
+    with on_signals(stop):
+        os.kill(os.getpid(), signal.SIGINT)        # delivered before kill() returns
+        assert stop and stop.code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    stop = Stop()
+    with on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop and stop.code == 143 and "SIGTERM" in stop.reason
+
+
+def test_ctrl_c_during_invoke_provision_ends_json_with_error_and_recap(inv, monkeypatch, capsys):
+    from invoke import Exit
+
+    from provisioner.cli import common
+
+    class SignalledRunner(Runner):          # Ctrl-C arrives while web1's apply is on the server
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw, connect=lambda h: FakeConn(h, [], self.ctrl_c))
+
+        def ctrl_c(self):                   # the apply lasts until the main thread took it
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not self.stop and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(common, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(common, "Runner", SignalledRunner)
+    with pytest.raises(Exit) as e:
+        common.run_task("provision", env=inv.env, limit="", check=False, diff=False, json=True,
+                        yes=True, serial=1, forks=1, verbose=0)
+    assert e.value.code == 130
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["event"] for x in lines] == ["start", "step", "step", "host", "step", "host",
+                                           "error", "recap"]
+    assert "SIGINT" in lines[-2]["message"] and lines[-1]["changed"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
