@@ -20,16 +20,10 @@ How it behaves:
   so the output layer and exception handler mask it even where someone revealed it by mistake
   (e.g. a failing command that echoed it). Pass ``register=False`` to opt out (tests).
 
-Jinja2: ``provisioner/templating.py`` (the template op's renderer) reveals secrets itself
-(it duck-types on ``.reveal()``) and masks them in diffs. For any other ``jinja2.Environment``
-that must write real values, :func:`install_jinja` sets a ``finalize`` hook so that
-``{{ db_password }}`` writes the value, and adds a ``reveal`` filter for templates that
-transform a secret (``{{ db_password | reveal | urlencode }}``); any other filter given a
-Secret raises ``TemplateRuntimeError`` instead of silently writing ``***`` into the file (not
-caught: ``~`` and ``%`` inside a template, which call ``str()``). Without either, a template
-shows ``***``. We do not implement ``__html__``: markupsafe's ``escape()`` calls it anywhere in
-the process, which would turn every escaped rendering into a leak. Redact rendered text before
-it goes into a diff or an event: ``redact(text, secrets_in(context))``, or the registry.
+Templates: ``provisioner/templating.py`` is the one place secrets meet Jinja2; its docstring
+holds the policy. Outside it a template shows ``***`` (``str()`` of a Secret). We do not
+implement ``__html__``: markupsafe's ``escape()`` calls it anywhere in the process, which would
+turn every escaped rendering into a leak.
 
 Redaction replaces every occurrence of a secret's value with ``***`` — also its JSON-escaped
 and percent-encoded forms, the ways a value most often reappears in output. Overlapping or
@@ -44,16 +38,12 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import threading
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = [
-    "MASK", "Secret", "reveal", "json_default", "redact", "Redactor", "REDACTOR",
-    "RedactingFilter", "jinja_finalize", "install_jinja", "secrets_in",
-]
+__all__ = ["MASK", "Secret", "reveal", "json_default", "redact", "Redactor", "REDACTOR"]
 
 MASK = "***"
 
@@ -242,102 +232,3 @@ class Redactor:
 
 #: The process-wide registry; every Secret registers itself here unless told not to.
 REDACTOR = Redactor()
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that formats the record and masks registered secrets in it.
-
-    ``logging.getLogger().addFilter(...)`` does not reach child loggers' records; attach it
-    to the handlers: ``handler.addFilter(RedactingFilter())``.
-    """
-
-    def __init__(self, redactor: Redactor | None = None) -> None:
-        super().__init__()
-        self.redactor = redactor           # None: the process-wide REDACTOR
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        redactor = self.redactor if self.redactor is not None else REDACTOR
-        message = record.getMessage()
-        redacted = redactor.redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-# --- Jinja2 ------------------------------------------------------------------------------
-
-def jinja_finalize(value: Any) -> Any:
-    """A Jinja2 ``finalize`` function: ``{{ secret }}`` writes the real value."""
-    return value.reveal() if isinstance(value, Secret) else value
-
-
-def install_jinja(env: Any) -> Any:
-    """Let a ``jinja2.Environment`` write secrets into what it renders, on purpose.
-
-    Sets ``env.finalize`` (chaining any finalize already set) and registers a ``reveal``
-    filter. Returns ``env``. Rendered output then contains the values: redact it before it
-    goes into a diff or an event.
-    """
-    previous = env.finalize
-
-    if previous is None:
-        finalize = jinja_finalize
-    else:
-        # keep whatever pass_context/pass_environment marker the previous finalize carried
-        def finalize(*args: Any) -> Any:
-            *head, value = args
-            return previous(*head, jinja_finalize(value))
-        for marker in ("jinja_pass_arg",):
-            if hasattr(previous, marker):
-                setattr(finalize, marker, getattr(previous, marker))
-    env.finalize = finalize
-    for name, func in list(env.filters.items()):
-        if name not in _PASS_THROUGH_FILTERS:
-            env.filters[name] = _refusing_secrets(name, func)
-    env.filters["reveal"] = reveal
-    return env
-
-
-# filters that hand the value back untouched (finalize then reveals it): safe with a Secret
-_PASS_THROUGH_FILTERS = frozenset({"default", "d"})
-
-
-def _refusing_secrets(name: str, func: Any) -> Any:
-    """Wrap a Jinja2 filter so a Secret argument is an error rather than a silent ``***``
-    (``{{ pw | upper }}`` would otherwise write ``***`` into the file)."""
-    if getattr(func, "_refuses_secrets", False):
-        return func
-
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        if any(isinstance(a, Secret) for a in (*args, *kwargs.values())):
-            import jinja2
-            raise jinja2.TemplateRuntimeError(
-                f"a secret was passed to the filter {name!r}, which would see '***'; "
-                f"reveal it first on purpose: {{{{ value | reveal | {name} }}}}")
-        return func(*args, **kwargs)
-
-    for attr in ("jinja_pass_arg", "__name__", "__doc__"):
-        if hasattr(func, attr):
-            setattr(checked, attr, getattr(func, attr))
-    checked._refuses_secrets = True  # type: ignore[attr-defined]
-    return checked
-
-
-def secrets_in(obj: Any, _seen: set[int] | None = None) -> list[Secret]:
-    """Every Secret inside ``obj`` (nested mappings, lists, tuples, sets): what to redact
-    from the output of a template rendered with ``obj`` as its context."""
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen:
-        return []
-    found: list[Secret] = []
-    if isinstance(obj, Secret):
-        return [obj]
-    if isinstance(obj, Mapping):
-        seen.add(id(obj))
-        for k, v in obj.items():
-            found += secrets_in(k, seen) + secrets_in(v, seen)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        seen.add(id(obj))
-        for v in obj:
-            found += secrets_in(v, seen)
-    return found

@@ -1,13 +1,20 @@
-"""Jinja2 rendering over the repository's templates/ folder, with secrets kept out of diffs.
+"""Jinja2 rendering over the repository's templates/ folder, and the one policy for secrets
+in templates.
 
-render() renders a template TWICE:
-  1. for the file: every secret (any object with .reveal(), e.g. provisioner.secret.Secret)
-     is replaced by its real value;
+The policy: a secret (any object with .reveal(), e.g. provisioner.secret.Secret) renders as its
+REAL value into the file, wherever the template reaches it (a var, inside a dict or list, an
+attribute of an object) and whatever filter or test it goes through (`{{ pw | urlencode }}`
+writes the encoded real value). People never see it: the display (diffs, events) shows `***`
+in its place, and when a filter or test transformed a secret, or a secret spans lines, the
+display is withheld entirely ("diff hidden") rather than guessed. There is no `reveal` filter
+and nothing to opt into. One trap: `~` and `%` call str() on a secret reached through an
+attribute, which is `***`; pass such values as vars (or dict items) instead.
+
+How: render() renders a template TWICE:
+  1. for the file: every secret is replaced by its real value;
   2. for people: every secret is replaced by a unique sentinel, which becomes "***".
 If replacing the sentinels by the real values does not give exactly the first rendering (a
-filter or test transformed a secret: `{{ pw | upper }}`, `{% if pw|length > 8 %}`), the
-display is withheld entirely rather than guessed. A secret value with a newline in it also
-withholds the display (line-wise masking cannot follow it).
+filter or test transformed a secret), the display is withheld.
 
 The second rendering also says which LINES carry a secret (e.g. `password = ***`): the diff
 masks any line of the OLD file content matching such a line's shape, so a rotated secret
@@ -17,10 +24,6 @@ value is replaced by *** in the final diff text.
 The environment: StrictUndefined (a missing variable is an error, not an empty string),
 keep_trailing_newline, trim_blocks + lstrip_blocks (block tags on their own lines leave no
 blank lines, as in Ansible), no autoescaping (these are config files, not HTML).
-
-Secrets are found in the vars themselves and inside dicts/lists/tuples (replaced before
-rendering), and on output of any `{{ expression }}` (Jinja's finalize hook: covers secrets
-reached through attributes of other objects).
 """
 from __future__ import annotations
 
@@ -93,9 +96,8 @@ def environment(root: str | None = None, masked: bool = False) -> jinja2.Environ
     """The Jinja2 environment over `root` (default: the repository's templates/).
 
     masked=False writes real secret values; masked=True writes sentinels (see render()).
-    Filters reveal (or mask) a secret argument, so `{{ obj.pw | urlencode }}` writes the
-    real value into the file (the display is then withheld: a filter transformed a secret).
-    A `reveal` filter exists for templates written for provisioner.secret.install_jinja.
+    Filters get a secret argument revealed (or masked), so `{{ obj.pw | urlencode }}` writes
+    the real value into the file (the display is then withheld: a filter transformed it).
     """
     convert = _sentinel_for if masked else (lambda s: str(s.reveal()))
     env = jinja2.Environment(
@@ -109,7 +111,6 @@ def environment(root: str | None = None, masked: bool = False) -> jinja2.Environ
     )
     for name, func in list(env.filters.items()):
         env.filters[name] = _wrap_filter(func, convert)
-    env.filters["reveal"] = lambda v: convert(v) if is_secret(v) else v
     return env
 
 

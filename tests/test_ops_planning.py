@@ -153,9 +153,10 @@ def test_render_filters_on_secrets_write_the_real_value_and_hide_the_diff(tmp_pa
     assert r.display is None and "transforms a secret" in r.hidden
 
 
-def test_render_reveal_filter_and_multiline_secret(tmp_path):
-    (tmp_path / "r.j2").write_text("{{ pw | reveal }}\n")
-    assert templating.render("r.j2", {"pw": S("x1")}, root=tmp_path).display == "***\n"
+def test_render_multiline_secret_hides_the_diff_and_there_is_no_reveal_filter(tmp_path):
+    (tmp_path / "r.j2").write_text("{{ pw | reveal }}\n")     # one policy: nothing to opt into
+    with pytest.raises(Exception, match="reveal"):
+        templating.render("r.j2", {"pw": S("x1")}, root=tmp_path)
     (tmp_path / "k.j2").write_text("{{ key }}")
     r = templating.render("k.j2", {"key": S("-----BEGIN KEY-----\nabc\n-----END KEY-----\n")},
                           root=tmp_path)

@@ -12,8 +12,7 @@ import pytest
 
 from provisioner import secret as secret_mod
 from provisioner.secret import (
-    MASK, RedactingFilter, Redactor, Secret, install_jinja, json_default, redact,
-    reveal, secrets_in,
+    MASK, Redactor, Secret, json_default, redact, reveal,
 )
 
 VALUE = "s3cr3t-Value-For-Tests-9f1c"
@@ -197,59 +196,6 @@ def test_secrets_register_with_the_process_wide_redactor():
     assert secret_mod.REDACTOR.redact(unregistered) == unregistered
 
 
-def test_redacting_log_filter_masks_revealed_values(caplog):
-    r = Redactor()
-    r.register("leaked-by-mistake")
-    log = logging.getLogger("test.secret.filter")
-    log.addFilter(RedactingFilter(r))
-    try:
-        with caplog.at_level(logging.INFO, logger="test.secret.filter"):
-            log.info("command failed: mysql -p%s", "leaked-by-mistake")
-    finally:
-        log.filters.clear()
-    assert "leaked-by-mistake" not in caplog.text
-    assert "mysql -p***" in caplog.text
-
-
-# --- Jinja2 ------------------------------------------------------------------------------
-
-def _env(**kw):
-    return install_jinja(jinja2.Environment(undefined=jinja2.StrictUndefined, **kw))
-
-
-def test_jinja_renders_the_real_value_on_purpose(s):
-    env = _env()
-    ctx = {"db": {"password": s}, "user": "app"}
-    out = env.from_string("user={{ user }} pw={{ db.password }}\n"
-                          "url={{ db.password | reveal | urlencode }}\n"
-                          "opt={{ missing_var | default(db.password) }}").render(ctx)
-    assert f"pw={VALUE}" in out and f"opt={VALUE}" in out
-    # the rendered file is redacted before it goes into a diff or an event
-    shown = redact(out, secrets_in(ctx))
-    assert VALUE not in shown and "pw=***" in shown
-
-
-def test_jinja_filter_on_a_secret_fails_instead_of_writing_stars(s):
-    with pytest.raises(jinja2.TemplateRuntimeError) as e:
-        _env().from_string("{{ pw | upper }}").render(pw=s)
-    assert VALUE not in str(e.value)
-    assert "reveal" in str(e.value)
-
-
-def test_jinja_stays_strict_and_keeps_an_existing_finalize(s):
-    with pytest.raises(jinja2.UndefinedError):
-        _env().from_string("{{ nope }}").render()
-    env = _env(finalize=lambda v: "" if v is None else v)
-    assert env.from_string("[{{ n }}][{{ pw }}]").render(n=None, pw=s) == f"[][{VALUE}]"
-
-
-def test_without_install_jinja_a_template_shows_stars(s):
+def test_a_template_outside_provisioner_templating_shows_stars(s):
     out = jinja2.Environment().from_string("{{ pw }}").render(pw=s)
     assert out == "***"
-
-
-def test_secrets_in_walks_nested_context(s):
-    other = Secret("x", register=False)
-    ctx = {"a": [1, {"b": s}], "c": (other,), "d": "plain"}
-    ctx["self"] = ctx                       # cycles do not loop
-    assert set(secrets_in(ctx)) == {s, other}
