@@ -847,6 +847,7 @@ class Inventory:
     groups: dict[str, Group]            # file order
     vars: dict[str, Any]                # env-level vars
     roles: dict[str, RoleInfo]          # the roles the groups use
+    lines: dict = field(default_factory=dict, compare=False, repr=False)  # key path -> line
 
     def _host(self, name: str) -> Host:
         try:
@@ -873,6 +874,30 @@ class Inventory:
             merged.update(self.groups[gname].vars)
         merged.update(host.vars)
         return _tree_map(merged, lambda v: v)
+
+    def where(self, host: str, key: str) -> tuple[Path, int | None, str]:
+        """Where the value of `key` that `host` gets was set: (file, line, key path). `key` is a
+        var (or a path into one, "harden_admin_users[0].name": the var is its first word), or
+        an inventory key path ("ssh.user")."""
+        var = re.match(r"[A-Za-z0-9_]*", key).group()
+        h = self._host(host)
+        places = [("hosts", host, "vars", var)]
+        places += [("groups", g, "vars", var) for g in reversed(h.groups)] + [("vars", var)]
+        for path in places:
+            scope = self._scope(path)
+            if var in scope:
+                return self.path, self.lines.get(path), ".".join(path[:-1] + (key,))
+        for role in self.roles_for(host):
+            info = self.roles[role]
+            if var in info.defaults:
+                return info.defaults_file, info.lines.get(var), key
+        path = tuple(key.split("."))
+        return self.path, self.lines.get(("hosts", host) + path, self.lines.get(path)), key
+
+    def _scope(self, path: tuple) -> dict:
+        if path[0] == "hosts":
+            return self.hosts[path[1]].vars
+        return self.groups[path[1]].vars if path[0] == "groups" else self.vars
 
     def hosts_in(self, group: str) -> list[Host]:
         """The hosts of a group, in the group's list order."""
@@ -1046,4 +1071,4 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
     return Inventory(
         env=spec.env, path=doc.path, known_hosts=_rel(base, spec.known_hosts),
         hosts=hosts, groups=groups, vars=dict(spec.vars),
-        roles={n: r for n, r in roles.items() if n in used_roles})
+        roles={n: r for n, r in roles.items() if n in used_roles}, lines=dict(doc.lines))

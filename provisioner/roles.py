@@ -120,31 +120,65 @@ def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:
 
 @dataclass(frozen=True)
 class RoleCode:
-    """What a role does: `resources(v, ctx)` yields the resources it wants, in order, from its
-    validated vars `v` and a context (host, inventory, os facts, check mode); `handlers(v)`
-    maps handler names to steps, run once at the end of the role when a change notifies them;
-    `guards(v, ctx)` lists runner.Guard safety nets (a fresh SSH login after an sshd change)."""
+    """What a role does (the contract is in provisioner/api.py): `check(v, ctx)` judges its
+    vars before any server is touched, `resources(v, ctx)` yields its resources in order,
+    `handlers(v)` maps handler names to steps, `guards(v, ctx)` lists Guards."""
     name: str
     resources: Any
     handlers: Any
     guards: Any = None
+    check: Any = None
+    module: Any = field(default=None, compare=False, repr=False)
 
 
-def load_role(info: RoleInfo) -> RoleCode:
+def role_module(info: RoleInfo):
+    """The role's code as the module `roles.<name>`: the one a test gets with
+    `import roles.<name>` when the role lives in the repository's roles/."""
     import importlib.util
 
     init = info.path / "__init__.py"
     if not init.exists():
         raise InputError([Problem(str(init), None, info.name, "the role has defaults but no code",
                                   f"create {init} with a `resources(v, ctx)` generator")])
-    spec = importlib.util.spec_from_file_location(f"provisioner_roles.{info.name}", init,
+    package = _roles_package()
+    name = f"roles.{info.name}"
+    module = sys.modules.get(name)
+    if module is not None and Path(getattr(module, "__file__", "") or "").resolve() == init.resolve():
+        return module
+    spec = importlib.util.spec_from_file_location(name, init,
                                                   submodule_search_locations=[str(info.path)])
     module = importlib.util.module_from_spec(spec)
     # registered before it runs: dataclasses (and pickling) look their module up by name
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    setattr(package, info.name, module)        # `roles.<name>` as an import would leave it
+    return module
+
+
+def _roles_package():
+    """The package `roles` (the repository's roles/), imported once, wherever we run from."""
+    import importlib.util
+
+    if "roles" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "roles", DEFAULT_ROLES_ROOT / "__init__.py",
+            submodule_search_locations=[str(DEFAULT_ROLES_ROOT)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["roles"] = package
+        spec.loader.exec_module(package)
+    return sys.modules["roles"]
+
+
+def load_role(info: RoleInfo) -> RoleCode:
+    module = role_module(info)
+    init = info.path / "__init__.py"
     if not callable(getattr(module, "resources", None)):
         raise InputError([Problem(str(init), None, info.name, "no `resources(v, ctx)` function",
                                   "define it: it yields the role's resources in order")])
     return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v: {}),
-                    getattr(module, "guards", lambda v, ctx: []))
+                    getattr(module, "guards", lambda v, ctx: []), getattr(module, "check", None),
+                    module)

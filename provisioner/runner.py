@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from provisioner import agent, lock, ops
+from provisioner.api import Guard, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import FactError, Facts
@@ -30,30 +31,6 @@ class Options:
     forks: int = 50
     max_fail_percentage: float = 0.0  # a batch failing more than this stops later batches
     roles: list[str] | None = None    # only these roles (in inventory order)
-
-
-@dataclass
-class RoleContext:
-    """What a role may look at besides its vars."""
-    host: Host
-    inventory: Inventory
-    os: dict                           # the host's os facts (id, version_id, virt, ...)
-    check: bool
-
-
-@dataclass(frozen=True)
-class Guard:
-    """A safety net for changes that can cut the controller off (sshd, firewall).
-
-    When a change to one of `files` has been applied (handlers included, e.g. sshd reloaded),
-    `check(host)` runs on the controller, typically opening a brand-new SSH connection. If it
-    raises, each file goes back to what it was before the run (content, mode, owner; or
-    removed if it did not exist), `after_rollback` steps run (e.g. reload sshd), over the
-    connection still open, and the role fails with the check's error."""
-    name: str
-    files: tuple[str, ...]
-    check: Callable[[Host], None]
-    after_rollback: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -240,7 +217,7 @@ class Runner:
         code = self.role(name)
         v = self.inv.hostvars(host.name)
         try:
-            resources = list(code.resources(v, ctx))
+            resources = resource_list(code, v, ctx)
             guards = list(code.guards(v, ctx) or [])
             request = ops.request(resources)
             guarded = sorted({f for g in guards for f in g.files})
@@ -342,3 +319,17 @@ class Runner:
         step(f"guard {g.name}", "failed",
              f"{error}; " + (f"restored the previous {what}" if restored else
                              f"COULD NOT restore {what}: fix it through the open session or the console"))
+
+
+def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:
+    """The role's resources; anything else it yields is a TypeError naming the line."""
+    out = []
+    gen = code.resources(v, ctx)
+    for item in gen:
+        why = not_a_resource(item)
+        if why:
+            frame = getattr(gen, "gi_frame", None)
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else code.name
+            raise TypeError(f"{where}: role {code.name} yielded {why}")
+        out.append(item)
+    return out

@@ -20,6 +20,7 @@ import paramiko
 import pytest
 import testinfra
 
+import roles.harden
 from conftest import invoke
 import engine_helpers
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
@@ -29,7 +30,7 @@ from provisioner.roles import discover_roles, load_role
 
 INFO = discover_roles(REPO / "roles", [])["harden"]  # (problems of other roles are theirs)
 ROLE = load_role(INFO)
-HARDEN = ROLE.resources.__globals__               # the role module's namespace
+HARDEN = roles.harden
 DEFAULTS = INFO.defaults
 PUBKEY = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip() if (REPO / ".testbed" / "id_ed25519.pub").exists() \
     else "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTVjmFyJ8ajpm7R1CX0VrFOo1sOqcXNnfUKudZ+Ndz test"
@@ -189,8 +190,8 @@ def test_the_guard_watches_the_lockout_files_and_checks_on_the_new_port():
 def test_known_hosts_on_a_new_port_reuse_the_verified_keys(tmp_path):
     kh = tmp_path / "known_hosts"
     kh.write_text("192.0.2.10 ssh-ed25519 AAAAkey1\n192.0.2.11 ssh-ed25519 AAAAother\n")
-    assert HARDEN["_known_hosts_for"](kh, "192.0.2.10", 22) == kh
-    moved = HARDEN["_known_hosts_for"](kh, "192.0.2.10", 2222)
+    assert HARDEN._known_hosts_for(kh, "192.0.2.10", 22) == kh
+    moved = HARDEN._known_hosts_for(kh, "192.0.2.10", 2222)
     try:
         assert "[192.0.2.10]:2222 ssh-ed25519 AAAAkey1\n" in moved.read_text()
         assert "[192.0.2.11]:2222" not in moved.read_text()
@@ -336,7 +337,7 @@ def test_ufw_is_active_with_the_trusted_source_before_the_rate_limit(hardened):
 
 def test_network_sysctls_are_live_and_persisted(hardened):
     h = _deploy_host()
-    for key, value in {**HARDEN["NET_SYSCTLS"], "net.ipv4.conf.all.rp_filter": 1}.items():
+    for key, value in {**HARDEN.NET_SYSCTLS, "net.ipv4.conf.all.rp_filter": 1}.items():
         assert h.sysctl(key) == value, key
     assert "net.ipv4.conf.all.send_redirects = 0" in h.file("/etc/sysctl.d/60-harden.conf").content_string
 

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import roles.mongodb
 from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for_tests
@@ -52,7 +53,7 @@ NO_MONGOD = ("no MongoDB server package is reachable from the test servers (not 
 
 ROLE_INFO = available_roles()["mongodb"]
 ROLE = load_role(ROLE_INFO)
-M = SimpleNamespace(**ROLE.resources.__globals__)       # the role module's functions
+M = roles.mongodb
 
 
 def role_vars(**over) -> dict:

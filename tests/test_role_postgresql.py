@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
+import roles.postgresql
 from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for
@@ -24,12 +25,11 @@ from provisioner import ops, testbed as tb
 from provisioner.facts import Facts
 from provisioner.inventory import load_inventory_file
 from provisioner.roles import available_roles, load_role
-from provisioner.runner import RoleContext
+from provisioner.api import RoleContext
 from provisioner.secret import Secret
 
 ROLE = load_role(available_roles()["postgresql"])
-G = ROLE.resources.__globals__            # the role module's namespace
-PGTOOL = G["pgtool"]
+PGTOOL = roles.postgresql.pgtool
 
 DB, APP, OTHER = (server_for("db1,web1,vault").split(",") + ["web1", "vault"])[:3]
 PASSWORDS = {"pg_app": "app-Pw-0001-correct", "pg_report": "report-Pw-0002-correct"}
@@ -101,7 +101,7 @@ def test_scram_matches_what_postgresql_stores():
 def test_hba_allows_the_app_group_and_sources_only(tmp_path):
     v, ctx = ctx_for(tmp_path, postgresql_allowed_sources=["10.9.0.0/24", ADDRESSES[APP],
                                                            "10.9.0.0/24"])
-    c = G["config"](v, ctx)
+    c = roles.postgresql.config(v, ctx)
     assert c["listen"] == ADDRESSES[DB]
     assert f"listen_addresses = 'localhost,{ADDRESSES[DB]}'" in c["settings"]
     hba = [r for r in ROLE.resources(v, ctx) if r.id.endswith("pg_hba.conf")][0]

@@ -12,16 +12,16 @@ import time
 import pytest
 import testinfra
 
+import roles.redis
 from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for
 from provisioner import testbed as tb
 from provisioner.roles import available_roles, load_role
-from provisioner.runner import RoleContext
+from provisioner.api import RoleContext
 from provisioner.secret import Secret
 
 ROLE = load_role(available_roles()["redis"])
-G = ROLE.resources.__globals__
 SERVER = server_for("db1").split(",")[0]
 PASSWORD = "redis-Pw-000000001-correct"
 TIMES: dict[str, float] = {}
@@ -62,7 +62,7 @@ def test_rendered_config_binds_privately_and_hides_the_password(tmp_path):
 
 def test_loopback_bind_address_means_localhost_only(tmp_path):
     v, ctx = ctx_for(tmp_path, redis_bind_address="127.0.0.1")
-    assert G["config"](v, ctx)["bind"] == "127.0.0.1 -::1"
+    assert roles.redis.config(v, ctx)["bind"] == "127.0.0.1 -::1"
 
 
 @pytest.mark.parametrize("var,value,match", [

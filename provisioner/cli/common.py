@@ -13,6 +13,7 @@ from provisioner.inventory import Inventory, load_inventory
 from provisioner.roles import REPO_ROOT
 from provisioner.runner import Options, Runner
 from provisioner.secret import REDACTOR
+from provisioner.varchecks import check_vars
 
 FLAG_HELP = {
     "env": "environment: inventories/<env>.yml (default local)",
@@ -97,6 +98,7 @@ def _run(events: Events, stop: Stop, *, task, env, limit, check, diff, interacti
         for h in hosts:                                 # role code errors before any server
             for r in runner.roles_for(h):
                 runner.role(r)
+        check_vars(inv, hosts, runner.role, runner.roles_for)      # and bad role vars
     except InputError as e:
         # JSON consumers still get an error event and a recap; nothing was touched
         return events.fail_run(EXIT_BAD_INPUT, e)

@@ -9,6 +9,8 @@ from invoke import Collection, Exit, task
 from provisioner.cli.common import FLAG_HELP, fail_input, load, run_task
 from provisioner.connection import fingerprint, known_host_name
 from provisioner.errors import EXIT_UNREACHABLE, InputError
+from provisioner.roles import load_role
+from provisioner.varchecks import check_vars
 
 PROVISION_HELP = {**FLAG_HELP, "roles": "only these roles, comma-separated (in inventory order)"}
 
@@ -27,6 +29,7 @@ def check(c, env="local"):
     """Validate an inventory (and its roles' vars) without touching any server."""
     try:
         inv = load(env, interactive=sys.stdin.isatty())
+        check_vars(inv, inv.hosts.values(), lambda role: load_role(inv.roles[role]))
     except InputError as e:
         raise fail_input(str(e)) from None
     print(f"{inv.path}: ok ({len(inv.hosts)} hosts, {len(inv.groups)} groups, "

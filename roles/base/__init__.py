@@ -1,5 +1,5 @@
 """Role `base`: what every server shares: timezone, extra packages, provisioner's own folders."""
-from provisioner.ops import apt, files, links
+from provisioner.api import apt, files, links
 
 
 def resources(v, ctx):

@@ -26,12 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.change import Noop
-from provisioner.connection import Connection
-from provisioner.inventory import USER_RE     # one rule for Linux user names
-from provisioner.ops._base import run as run_step
-from provisioner.ops import apt, commands, files, lines, sysctl, systemd, templates, ufw, users
-from provisioner.runner import Guard
+from provisioner.api import (USER_RE, Connection, Guard, Noop, VarError, abs_path, apt, commands,
+                             files, lines, run_step, sysctl, systemd, templates, ufw, users)
 
 CONTAINERS = {"systemd-nspawn", "lxc", "lxc-libvirt", "docker", "podman", "rkt", "openvz", "wsl",
               "proot", "pouch", "container-other"}
@@ -67,6 +63,9 @@ class Skip:
     def plan(self, facts) -> list:
         return [Noop(self.id, self.reason)]
 
+    def expect(self, facts) -> dict:
+        return {}
+
 
 def in_container(ctx) -> bool:
     return (ctx.os or {}).get("virt") in CONTAINERS
@@ -78,8 +77,8 @@ def _container_reason(ctx, what: str) -> str:
 
 # --- input checks the type check cannot do -----------------------------------------------------
 
-def _bad(var: str, problem: str, fix: str) -> ValueError:
-    return ValueError(f"{var}: {problem}; {fix}")
+def _bad(var: str, problem: str, fix: str) -> VarError:
+    return VarError(var, problem, fix)
 
 
 def _rsa_bits(blob_b64: str) -> int | None:
@@ -173,8 +172,9 @@ class Settings:
     rules: list                       # ufw rules, in order
 
 
-def check_vars(v: dict, ctx) -> Settings:
-    """Every role var the inventory's type check cannot judge; ValueError names the var and the fix."""
+def check(v: dict, ctx) -> Settings:
+    """Every role var the inventory's type check cannot judge (VarError names the var and the
+    fix); pure, run before any server is touched."""
     min_rsa = _int("harden_ssh_required_rsa_size", v["harden_ssh_required_rsa_size"], 1024, 16384)
     deploy = _name("harden_deploy_user", v["harden_deploy_user"])
     if ctx.host.user == "root":
@@ -220,8 +220,13 @@ def check_vars(v: dict, ctx) -> Settings:
     for var in ("harden_ssh_kex", "harden_ssh_ciphers", "harden_ssh_macs", "harden_ssh_host_key_algorithms"):
         _algos(var, v[var])
     for p in v["harden_ssh_host_keys"]:
-        if not isinstance(p, str) or not p.startswith("/etc/ssh/"):
-            raise _bad("harden_ssh_host_keys", f"{p!r} is not a key file under /etc/ssh/", "list host key paths")
+        try:      # normalised: no '..' out of /etc/ssh, no newline that would add a directive
+            under = isinstance(p, str) and abs_path(p).startswith("/etc/ssh/")
+        except ValueError:
+            under = False
+        if not under:
+            raise _bad("harden_ssh_host_keys", f"{p!r} is not a key file under /etc/ssh/",
+                       "list normalised host key paths such as /etc/ssh/ssh_host_ed25519_key")
     _int("harden_ssh_moduli_min_bits", v["harden_ssh_moduli_min_bits"], 2048, 8192)
     _int("harden_ssh_max_auth_tries", v["harden_ssh_max_auth_tries"], 1, 10)
     _int("harden_ssh_max_sessions", v["harden_ssh_max_sessions"], 1, 100)
@@ -341,7 +346,7 @@ def sshd_vars(v: dict, s: Settings) -> dict:
 
 
 def resources(v, ctx):
-    s = check_vars(v, ctx)
+    s = check(v, ctx)
     container = in_container(ctx)
     packages = list(BASE_PACKAGES) + [v["harden_time_sync"]] + list(v["harden_packages"])
     if not container:

@@ -58,12 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner import templating
-from provisioner.change import Change, Noop
-from provisioner.facts import Facts
-from provisioner.ops import _base as b
-from provisioner.ops import apt, files, systemd, templates
-from provisioner.templating import is_secret
+from provisioner.api import (Change, Facts, Noop, abs_path, apt, directory_step, file_fact, files,
+                             is_secret, render, run_step, systemd, templates, write_step)
 
 MONGOSH = ("mongosh", "--quiet", "--nodb", "--norc", "--file", "/dev/stdin")
 STAGING = "/var/lib/provisioner/mongodb-debs"
@@ -188,7 +184,7 @@ def settings(v, ctx) -> Settings:
     for var in ("mongodb_db_path", "mongodb_log_path"):
         value = v[var]
         try:
-            b.abs_path(value)
+            abs_path(value)
         except ValueError:
             raise _bad(var, f"{value!r} is not an absolute, normalised path",
                        "e.g. /var/lib/mongodb") from None
@@ -286,7 +282,7 @@ class OtherSeries:
         if not present:
             return [Noop(self.id, f"none: only {self.version} is configured")]
         return [Change(self.id, "remove", "present: " + ", ".join(present),
-                       (b.run(["rm", "-f", "--", *present]),))]
+                       (run_step(["rm", "-f", "--", *present]),))]
 
     def expect(self, facts: Facts) -> dict:
         return {"files": {p: {"__replace__": True, "exists": False} for p in self.paths}}
@@ -431,19 +427,19 @@ class DebInstall:
         if not todo:
             return [Noop(self.id, "already installed from " + self.folder + ": " + ", ".join(
                 f"{d.package} {d.version}" for d in self.debs))]
-        steps: list[dict] = [b.run(["rm", "-rf", "--", STAGING]),
-                             b.directory(STAGING, "0755", "root", "root")]
+        steps: list[dict] = [run_step(["rm", "-rf", "--", STAGING]),
+                             directory_step(STAGING, "0755", "root", "root")]
         remote = []
         for d in todo:
             target = f"{STAGING}/{d.path.name}"
             remote.append(target)
-            steps.append(b.write(target, d.path.read_bytes(), "0644", "root", "root"))
+            steps.append(write_step(target, d.path.read_bytes(), "0644", "root", "root"))
         stale = facts.apt_lists_age is None or facts.apt_lists_age > 3600
         if self.update and stale:
             steps.extend(apt.update_steps())
-        steps.append(b.run([*apt.APT_GET, *apt.CONFFILES, "install", "--no-install-recommends",
+        steps.append(run_step([*apt.APT_GET, *apt.CONFFILES, "install", "--no-install-recommends",
                             *remote]))
-        steps.append(b.run(["rm", "-rf", "--", STAGING]))
+        steps.append(run_step(["rm", "-rf", "--", STAGING]))
         size = sum(d.size for d in todo)
         return [Change(self.id, "install",
                        "; ".join(why) + f" (uploading {len(todo)} .deb(s), "
@@ -481,12 +477,12 @@ class MongoScript:
             return [Noop(self.id, f"up to date: {self.marker} matches {self.describe}")]
         why = (f"{self.marker} absent: never run on this data directory" if not f.exists
                else f"{self.describe} changed since the last run ({self.marker} differs)")
-        steps = (b.run(list(MONGOSH), stdin=self.script),
-                 b.write(self.marker, self.digest + "\n", "0600", "root", "root"))
+        steps = (run_step(list(MONGOSH), stdin=self.script),
+                 write_step(self.marker, self.digest + "\n", "0600", "root", "root"))
         return [Change(self.id, "run", why, steps)]
 
     def expect(self, facts: Facts) -> dict:
-        return {"files": {self.marker: b.file_fact(self.marker, self.digest + "\n", "0600",
+        return {"files": {self.marker: file_fact(self.marker, self.digest + "\n", "0600",
                                                    "root", "root", facts.file(self.marker))}}
 
 
@@ -545,7 +541,7 @@ def users_script(v, ctx, s: Settings) -> MongoScript:
 
 def render_users_js(spec: dict, port: int, admin_pw, app_pw, previous=None,
                     wait_seconds: int = WAIT_SECONDS) -> str:
-    return templating.render("mongodb/users.js.j2", {
+    return render("mongodb/users.js.j2", {
         "port": port, "wait_seconds": wait_seconds, "spec_json": json.dumps(spec),
         "admin_password": admin_pw, "app_password": app_pw,
         "admin_password_previous": previous}).text
@@ -682,7 +678,7 @@ def init_specs(v, ctx) -> list[dict]:
 def render_init_js(spec: dict, port: int, admin_user: str, admin_pw,
                    wait_seconds: int = WAIT_SECONDS) -> str:
     public = {k: spec[k] for k in ("db", "sha256", "collections", "seeds")}
-    return templating.render("mongodb/init.js.j2", {
+    return render("mongodb/init.js.j2", {
         "port": port, "wait_seconds": wait_seconds, "db": spec["db"],
         "admin_user": admin_user, "admin_password": admin_pw,
         "spec_json": json.dumps(public), "seed_texts_json": json.dumps(spec["seed_texts"]),
@@ -708,7 +704,7 @@ def config_vars(s: Settings) -> dict:
 
 
 def render_config(s: Settings) -> str:
-    return templating.render("mongodb/mongod.conf.j2", config_vars(s)).text
+    return render("mongodb/mongod.conf.j2", config_vars(s)).text
 
 
 # --- the role -----------------------------------------------------------------------------------

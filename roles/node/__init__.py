@@ -20,7 +20,7 @@ import posixpath
 import re
 from urllib.parse import urlsplit
 
-from provisioner.ops import apt, commands, files, templates, users
+from provisioner.api import apt, commands, files, templates, users
 
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PREFERENCES = "/etc/apt/preferences.d/nodesource.pref"

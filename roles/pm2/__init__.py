@@ -48,11 +48,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.change import Change, Noop
-from provisioner.ops import _base as b
-from provisioner.ops import files, systemd, templates
-from provisioner.secret import Secret
-from provisioner.templating import is_secret
+from provisioner.api import (Change, Noop, Secret, abs_path, check_key, file_fact, files, is_secret,
+                             render, run_step, sha256, systemd, templates, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -124,13 +121,13 @@ class NpmGlobal:
         # HOME: npm's cache goes to root's home, also when the agent runs under sudo.
         # Attempts: a registry that drops a connection mid-install fails npm; a second install
         # of the same version is safe and reuses what the cache already holds.
-        return [Change(self.id, "install", why, (b.run(argv, env={"HOME": "/root"},
+        return [Change(self.id, "install", why, (run_step(argv, env={"HOME": "/root"},
                                                        timeout=NPM_TIMEOUT, attempts=2),),
                        None, self.notify)]
 
     def expect(self, facts) -> dict:
         content = json.dumps({"name": self.package, "version": self.version})
-        return {"files": {self.manifest: b.file_fact(self.manifest, content, "0644", "root",
+        return {"files": {self.manifest: file_fact(self.manifest, content, "0644", "root",
                                                      "root", facts.file(self.manifest))}}
 
 
@@ -171,7 +168,7 @@ class Pm2Module:
         have = _package_version(f.content) if f.exists else None
         if have != self.version:
             why = f"{self.name} {have} != {self.version}" if have else f"{self.name} absent"
-            out.append(Change(self.id, "install", why, (b.run(pm2_argv(
+            out.append(Change(self.id, "install", why, (run_step(pm2_argv(
                 self.user, self.home, "install", f"{self.name}@{self.version}",
                 clean_env=False), timeout=NPM_TIMEOUT, attempts=2),)))
         c = facts.file(self.conf)
@@ -186,7 +183,7 @@ class Pm2Module:
         for key, want in self.options:
             got = current.get(key)
             if got is None or _conf_text(got) != want:
-                steps.append(b.run(pm2_argv(self.user, self.home, "set", f"{self.name}:{key}", want)))
+                steps.append(run_step(pm2_argv(self.user, self.home, "set", f"{self.name}:{key}", want)))
                 why.append(f"{key} {_conf_text(got) if got is not None else 'unset'} != {want}")
         if steps:
             out.append(Change(f"{self.id} options", "configure", "; ".join(why), tuple(steps)))
@@ -307,17 +304,16 @@ class Pm2App:
         if not why:
             return [Noop(self.id, f"online, started from the current {self.ecosystem}")]
         steps = (
-            b.run(pm2_argv(self.user, self.home, "delete", self.name), ok=(0, 1)),
-            b.run(pm2_argv(self.user, self.home, "start", self.ecosystem)),
-            b.run(self.status_argv(START_WAIT, MIN_UPTIME)),   # fails unless it comes up
-            b.run(pm2_argv(self.user, self.home, "save")),      # then a reboot brings it back
-            b.write(self.stamp, self.ecosystem_sha256 + "\n", "0600", self.user, self.user),
+            run_step(pm2_argv(self.user, self.home, "delete", self.name), ok=(0, 1)),
+            run_step(pm2_argv(self.user, self.home, "start", self.ecosystem)),
+            run_step(self.status_argv(START_WAIT, MIN_UPTIME)),   # fails unless it comes up
+            run_step(pm2_argv(self.user, self.home, "save")),      # then a reboot brings it back
+            write_step(self.stamp, self.ecosystem_sha256 + "\n", "0600", self.user, self.user),
         )
         return [Change(self.id, "start", "; ".join(why), steps)]
 
     def expect(self, facts) -> dict:
-        from provisioner.facts import check_key
-        return {"files": {self.stamp: b.file_fact(self.stamp, self.ecosystem_sha256 + "\n", "0600",
+        return {"files": {self.stamp: file_fact(self.stamp, self.ecosystem_sha256 + "\n", "0600",
                                                   self.user, self.user, facts.file(self.stamp))},
                 "checks": {check_key(self.status_argv()): 0}}
 
@@ -364,7 +360,7 @@ def check_app(app: Any, index: int) -> dict:
         raise ValueError(f"{where}: script: the file to run is required, e.g. `script: server.js`")
     cwd = app.get("cwd") or f"/srv/{name}/current"
     try:
-        b.abs_path(cwd)
+        abs_path(cwd)
     except ValueError:
         raise ValueError(f"{where}: cwd {cwd!r} must be an absolute, normalised path") from None
     path = script if script.startswith("/") else posixpath.join(cwd, script)
@@ -422,7 +418,6 @@ def _check_vars(v) -> None:
 
 def ecosystem(app: dict, user: str):
     """The rendered ecosystem file of one checked app (a provisioner.templating.Rendered)."""
-    from provisioner import templating
     fields = [("name", app["name"]), ("script", app["script"])]
     if app["args"]:
         fields.append(("args", app["args"]))
@@ -431,7 +426,7 @@ def ecosystem(app: dict, user: str):
     if app["max_memory_restart"]:
         fields.append(("max_memory_restart", app["max_memory_restart"]))
     fields += [("merge_logs", True), ("autorestart", True)]
-    return templating.render("pm2/ecosystem.config.js.j2", {
+    return render("pm2/ecosystem.config.js.j2", {
         "name": app["name"], "user": user,
         "fields": [(k, _js(val)) for k, val in fields],
         "env": [(json.dumps(k), _js(val)) for k, val in app["env"].items()],
@@ -474,7 +469,7 @@ def resources(v, ctx):
         yield files.directory(folder, mode="0750", owner=user, group=user)
         yield dataclasses.replace(files.file(path, rendered, mode="0600", owner=user, group=user),
                                   kind="template", src="pm2/ecosystem.config.js.j2")
-        yield Pm2App(app["name"], user, home, path, b.sha256(rendered.text), app["script_path"],
+        yield Pm2App(app["name"], user, home, path, sha256(rendered.text), app["script_path"],
                      str(app["instances"]))
 
 

@@ -21,12 +21,8 @@ import re
 import runpy
 from pathlib import Path
 
-from provisioner.connection import Connection, Unreachable
-from provisioner.ops import apt, commands, files, systemd, templates
-from provisioner.ops import _base as b
-from provisioner.runner import Guard
-from provisioner.secret import Secret
-from provisioner.templating import is_secret
+from provisioner.api import (Connection, Guard, Secret, Unreachable, apt, commands, files, is_secret,
+                             run_step, systemd, templates)
 
 HERE = Path(__file__).resolve().parent
 TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
@@ -287,11 +283,11 @@ def handlers(v):
     # apply the other settings; a restart with such a file would not come back up, hence the
     # check before `settle` (restart only if a setting needs it). If the check fails, the guard
     # restores the file and runs the reload and settle again.
-    return {HANDLER: _apply(cid, unit)[:1] + [b.run(_tool("hba", cid))] + _apply(cid, unit)[1:]}
+    return {HANDLER: _apply(cid, unit)[:1] + [run_step(_tool("hba", cid))] + _apply(cid, unit)[1:]}
 
 
 def _apply(cid: str, unit: str) -> list[dict]:
-    return [*systemd.handler("reload", unit), b.run(_tool("settle", cid, unit))]
+    return [*systemd.handler("reload", unit), run_step(_tool("settle", cid, unit))]
 
 
 def _connection(host, inventory) -> Connection:

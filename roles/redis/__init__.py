@@ -9,8 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from provisioner.ops import apt, systemd, templates
-from provisioner.templating import is_secret
+from provisioner.api import apt, is_secret, systemd, templates
 
 HANDLER = "restart redis"
 POLICIES = ("noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",

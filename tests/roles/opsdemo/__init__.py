@@ -1,9 +1,8 @@
 """Every operation, once: applied twice, the second run must change nothing."""
 from pathlib import Path
 
-from provisioner.connection import Connection
-from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd, templates, users
-from provisioner.runner import Guard
+from provisioner.api import (Connection, Guard, apt, commands, files, lines, links, sysctl, systemd,
+                             templates, users)
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 UNIT = """[Unit]

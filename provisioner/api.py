@@ -1,0 +1,113 @@
+"""The one module a role imports: what a role may use, and the contract it keeps.
+
+A role is `roles/<name>/` (`defaults.yml` + `__init__.py`, importable as `roles.<name>`) with:
+
+    def check(v, ctx) -> Any           optional, PURE: judges the vars the type check cannot
+                                       (paths, ranges, what must not hold a newline) and calls
+                                       reject() on the first bad one. ctx: a VarContext (host
+                                       and inventory, nothing from the server). Runs for every
+                                       host in `invoke check` and before any connection; what it
+                                       returns is the role's own (e.g. settings derived from v).
+    def resources(v, ctx)              yields Resources, in order. ctx: a RoleContext (also the
+                                       server's os facts and check mode). Call check(v, ctx)
+                                       first if you need what it derives.
+    def handlers(v) -> dict            optional: handler name -> steps (see `handler`).
+    def guards(v, ctx) -> list         optional: Guards (a safety net after risky changes).
+
+docs/roles.md is the guide; provisioner/ops/_base.py documents the step and drift helpers.
+Nothing else from `provisioner` is a role's business: tests/test_role_api.py fails when a
+role imports anything but this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from provisioner.change import Change, Noop
+from provisioner.connection import Connection, Unreachable
+from provisioner.facts import Facts, FileFact, check_key
+from provisioner.inventory import USER_RE, Host, Inventory
+from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd, templates, ufw, users
+from provisioner.ops._base import (PlanError, abs_path, directory as directory_step, file_fact,
+                                   run as run_step, sha256, write as write_step)
+from provisioner.secret import Secret
+from provisioner.templating import Rendered, is_secret, render
+
+handler = systemd.handler          # steps for a handler: optional validate, then the action
+
+__all__ = [
+    "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "Noop",
+    "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE", "Unreachable",
+    "VarContext", "VarError", "abs_path", "apt", "check_key", "commands", "directory_step",
+    "file_fact", "files", "handler", "is_secret", "lines", "links", "reject", "render",
+    "run_step", "sha256", "sysctl", "systemd", "templates", "ufw", "users", "write_step",
+]
+
+
+@runtime_checkable
+class Resource(Protocol):
+    """What `resources()` yields. `id` names it in every report ("file /etc/x"); facts() is
+    its fragment of the role's one facts request ({"files": ["/etc/x"]}); plan(facts) is PURE
+    and returns Changes (what to do, why, the steps) or a Noop with its reason; expect(facts)
+    returns the facts as they will be after its changes, so later resources of the role plan
+    against that ({} when it changes nothing another resource reads)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def facts(self) -> dict: ...
+
+    def plan(self, facts: Facts) -> list[Change | Noop]: ...
+
+    def expect(self, facts: Facts) -> dict: ...
+
+
+@dataclass(frozen=True)
+class VarContext:
+    """What a var check may look at besides the vars: the host as the inventory has it."""
+    host: Host
+    inventory: Inventory
+
+
+@dataclass(frozen=True)
+class RoleContext(VarContext):
+    """What resources() may look at besides the vars."""
+    os: dict                           # the host's os facts (id, version_id, virt, ...)
+    check: bool                        # check mode: nothing will be applied
+
+
+class VarError(ValueError):
+    """A role var the role cannot use: reported as bad input (exit 2) with where it was set."""
+
+    def __init__(self, var: str, problem: str, fix: str):
+        super().__init__(f"{var}: {problem}; {fix}")
+        self.var, self.problem, self.fix = var, problem, fix
+
+
+def reject(var: str, problem: str, fix: str) -> VarError:
+    """Refuse a var: `var` is its name (or a path in it: "harden_admin_users[0].name"),
+    `problem` what is wrong with the value, `fix` what to write instead. Raises."""
+    raise VarError(var, problem, fix)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A safety net for changes that can cut the controller off (sshd, firewall).
+
+    When a change to one of `files` has been applied (handlers included, e.g. sshd reloaded),
+    `check(host)` runs on the controller, typically opening a brand-new SSH connection. If it
+    raises, each file goes back to what it was before the run (content, mode, owner; or
+    removed if it did not exist), `after_rollback` steps run (e.g. reload sshd), over the
+    connection still open, and the role fails with the check's error."""
+    name: str
+    files: tuple[str, ...]
+    check: Callable[[Host], None]
+    after_rollback: tuple[dict, ...] = ()
+
+
+def not_a_resource(item: Any) -> str | None:
+    """Why `item` is not a Resource (None when it is)."""
+    if isinstance(item, Resource):
+        return None
+    missing = [a for a in ("id", "facts", "plan", "expect") if not hasattr(item, a)]
+    return f"{type(item).__name__} is not a Resource (no {', '.join(missing)})"

@@ -1,0 +1,126 @@
+"""The role API (provisioner/api.py): roles import nothing else from provisioner, bad role vars
+are refused before any server is touched (exit 2, where the var was set, the fix), a role
+yielding something that is not a Resource is refused naming its line."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from invoke import Context, Exit
+
+from provisioner import api
+from provisioner.cli import provision as provision_cli
+from provisioner.inventory import load_inventory_file
+from provisioner.roles import available_roles, load_role
+from provisioner.runner import resource_list
+
+REPO = Path(__file__).resolve().parents[1]
+PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTVjmFyJ8ajpm7R1CX0VrFOo1sOqcXNnfUKudZ+Ndz test"
+
+
+def _provisioner_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "provisioner" and name not in ("provisioner.api",) \
+                    and not name.startswith("provisioner.api."):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
+    return found
+
+
+def test_roles_import_only_the_role_api():
+    files = sorted((REPO / "roles").rglob("*.py")) + sorted((REPO / "tests" / "roles").rglob("*.py"))
+    assert files
+    assert [bad for f in files for bad in _provisioner_imports(f)] == []
+
+
+def test_the_import_scan_sees_every_form_of_import(tmp_path):
+    role = REPO / "roles" / "zz_scan_probe.py"          # must sit under REPO for the path
+    try:
+        role.write_text("import provisioner.runner\nfrom provisioner import ops\n"
+                        "from provisioner.api import apt\n"
+                        "def f():\n    from provisioner.ops import _base\n")
+        assert [x.split(": ", 1)[1] for x in _provisioner_imports(role)] == [
+            "provisioner.runner", "provisioner", "provisioner.ops", "provisioner.ops",
+            "provisioner.ops._base"]
+    finally:
+        role.unlink()
+
+
+def test_roles_are_importable_modules_and_the_runner_loads_the_same_module():
+    import roles.harden
+    assert load_role(available_roles()["harden"]).module is roles.harden
+    assert callable(roles.harden.check) and callable(roles.harden.resources)
+
+
+def _inventory(tmp_path, **host_vars):
+    doc = {"env": "apitest", "known_hosts": "known_hosts",
+           "ssh": {"user": "deploy", "bootstrap_user": "root"},
+           "vars": {"harden_deploy_keys": [PUBKEY]},
+           "hosts": {"web1": {"address": "192.0.2.11", "vars": host_vars},
+                     "web2": {"address": "192.0.2.12"}},
+           "groups": {"app": {"hosts": ["web1", "web2"], "roles": ["harden"]}}}
+    path = tmp_path / "apitest.yml"
+    path.write_text(json.dumps(doc, indent=1))           # JSON is YAML: one key per line
+    return load_inventory_file(path, roles_root=REPO / "roles")
+
+
+@pytest.mark.parametrize("keys", [["/etc/ssh/../../root/x"],
+                                  ["/etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes"]])
+def test_invoke_check_refuses_a_bad_role_var_with_where_it_was_set(tmp_path, monkeypatch, capsys,
+                                                                   keys):
+    inv = _inventory(tmp_path, harden_ssh_host_keys=keys)
+    monkeypatch.setattr(provision_cli, "load", lambda env, interactive: inv)
+    with pytest.raises(Exit) as e:
+        provision_cli.check(Context(), env="apitest")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    line = next(i for i, text in enumerate(inv.path.read_text().splitlines(), 1)
+                if '"harden_ssh_host_keys"' in text)
+    assert f"apitest.yml:{line}: hosts.web1.vars.harden_ssh_host_keys:" in err
+    assert "is not a key file under /etc/ssh/ (for web1)" in err and "fix: list normalised" in err
+
+
+def test_invoke_check_passes_good_vars(tmp_path, monkeypatch, capsys):
+    inv = _inventory(tmp_path, harden_ssh_host_keys=["/etc/ssh/ssh_host_ed25519_key"])
+    monkeypatch.setattr(provision_cli, "load", lambda env, interactive: inv)
+    provision_cli.check(Context(), env="apitest")
+    assert ": ok (2 hosts" in capsys.readouterr().out
+
+
+def test_a_var_from_the_env_level_is_reported_there_once_for_all_its_hosts(tmp_path):
+    from provisioner.errors import InputError
+    from provisioner.varchecks import check_vars
+    inv = _inventory(tmp_path)
+    inv.vars["harden_ssh_port"] = 0
+    with pytest.raises(InputError) as e:
+        check_vars(inv, inv.hosts.values(), lambda r: load_role(inv.roles[r]))
+    [problem] = e.value.problems
+    assert problem.key == "vars.harden_ssh_port" and "(for web1, web2)" in problem.message
+
+
+def test_a_role_yielding_something_else_is_refused_naming_the_line(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "defaults.yml").write_text("bad_x: 1\n")
+    (tmp_path / "bad" / "__init__.py").write_text(
+        "from provisioner.api import files\n\n\ndef resources(v, ctx):\n"
+        "    yield files.file('/etc/x', 'x')\n    yield 'not a resource'\n")
+    from provisioner.roles import discover_roles
+    code = load_role(discover_roles(tmp_path, [])["bad"])
+    with pytest.raises(TypeError, match=r"bad/__init__.py:6: role bad yielded str is not a "
+                                        r"Resource \(no id, facts, plan, expect\)"):
+        resource_list(code, {}, None)
+
+
+def test_every_resource_the_ops_make_keeps_the_protocol():
+    from provisioner.api import apt, files, users
+    for r in (apt.packages(["nginx"]), files.file("/etc/x", "y"), users.group("g")):
+        assert api.not_a_resource(r) is None
