@@ -124,3 +124,22 @@ def test_every_resource_the_ops_make_keeps_the_protocol():
     from provisioner.api import apt, files, users
     for r in (apt.packages(["nginx"]), files.file("/etc/x", "y"), users.group("g")):
         assert api.not_a_resource(r) is None
+
+
+def test_every_role_checks_its_vars_before_any_server(tmp_path):
+    from provisioner.errors import InputError
+    from provisioner.varchecks import check_vars
+    for name, info in available_roles().items():
+        assert callable(load_role(info).check), f"role {name} has no check(v, ctx)"
+    doc = {"env": "apitest", "known_hosts": "known_hosts", "ssh": {"user": "root"},
+           "hosts": {"db1": {"address": "192.0.2.21",
+                             "vars": {"base_timezone": "../../etc/shadow"}}},
+           "groups": {"db": {"hosts": ["db1"], "roles": ["base", "redis"],
+                             "vars": {"redis_port": 0}}}}
+    (tmp_path / "apitest.yml").write_text(json.dumps(doc, indent=1))
+    inv = load_inventory_file(tmp_path / "apitest.yml", roles_root=REPO / "roles")
+    with pytest.raises(InputError) as e:
+        check_vars(inv, inv.hosts.values(), lambda r: load_role(inv.roles[r]))
+    assert sorted(p.key for p in e.value.problems) == ["groups.db.vars.redis_port",
+                                                        "hosts.db1.vars.base_timezone"]
+    assert all(p.line for p in e.value.problems)

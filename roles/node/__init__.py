@@ -108,10 +108,18 @@ def nodesource_resources(v, major: int):
         name=f"nodejs {major}.x from NodeSource replaces another major")
 
 
-def resources(v, ctx):
+def check(v, ctx) -> tuple[int | None, list[str]]:
+    """The role's vars judged (ValueError naming the var): the NodeSource major, the apps."""
     major = _major(v)
+    if major is not None:
+        nodesource_uri(v, major)
     apps = _check_apps(v["node_apps"])
     _check_user(v)
+    return major, apps
+
+
+def resources(v, ctx):
+    major, apps = check(v, ctx)
     user, home = v["node_app_user"], v["node_app_home"]
     if major is None:
         debian = _debian_major(ctx)

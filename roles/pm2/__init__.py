@@ -433,16 +433,22 @@ def ecosystem(app: dict, user: str):
     })
 
 
-def resources(v, ctx):
+def check(v, ctx) -> list[dict]:
+    """The role's vars judged (ValueError naming the var); the apps with defaults filled in."""
     if "node_app_user" not in v or "node_app_home" not in v:
         raise ValueError("pm2: the node role must run on this host too (it installs Node.js and "
                          "creates node_app_user): list `node` before `pm2` in the group's roles")
     _check_vars(v)
-    user, home = v["node_app_user"], v["node_app_home"]
     apps = [check_app(a, i) for i, a in enumerate(v["pm2_apps"])]
     names = [a["name"] for a in apps]
     if len(set(names)) != len(names):
         raise ValueError("pm2_apps: two apps have the same name")
+    return apps
+
+
+def resources(v, ctx):
+    apps = check(v, ctx)
+    user, home = v["node_app_user"], v["node_app_home"]
     unit = unit_name(user)
     restart = f"restart {unit}"
 
