@@ -28,6 +28,7 @@ from provisioner.connection import Connection, Unreachable
 from provisioner.facts import Facts, FileFact, check_key
 from provisioner.inventory import USER_RE, Host, Inventory
 from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd, templates, ufw, users
+from provisioner.ops.groups import group as file_group
 from provisioner.ops._base import (PlanError, abs_path, directory as directory_step, file_fact,
                                    run as run_step, sha256, write as write_step)
 from provisioner.secret import Secret
@@ -39,7 +40,7 @@ __all__ = [
     "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "Noop",
     "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE", "Unreachable",
     "VarContext", "VarError", "abs_path", "apt", "check_key", "commands", "directory_step",
-    "file_fact", "files", "handler", "is_secret", "lines", "links", "reject", "render",
+    "file_fact", "file_group", "files", "handler", "is_secret", "lines", "links", "reject", "render",
     "run_step", "sha256", "sysctl", "systemd", "templates", "ufw", "users", "write_step",
 ]
 

@@ -22,6 +22,10 @@ Added by the ops/agent work (same rules, all handled by the agent itself):
   {"attrs": path, "mode", "owner", "group"}     # chown/chmod an existing path (not a symlink)
   {"fetch": url, "path": path, "sha256": hex | None, "mode", "owner", "group"}
                                                 # download (stdlib urllib), check, write
+  {"file_group": [path..], "steps": [step..], "check": [argv..], "timeout"?}
+                                                # a file group (provisioner/ops/groups.py):
+                                                # the steps, then the check; on any failure
+                                                # every path goes back as it was
 mode/owner/group None = keep the existing value (new files: 0644 / dirs 0755, the agent's
 user; owner given and group None: the owner's primary group).
 A step never carries a secret on a command line: secrets travel in "stdin", "env", "b64" or
@@ -40,6 +44,25 @@ class Change:
     steps: tuple[dict, ...]
     diff: str | None = None       # unified diff for files (already redacted by the op's renderer)
     notify: tuple[str, ...] = ()  # handler names to run once at the end of the role
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files its steps write (write, line, fetch, and a file group's): what a Guard
+        watches."""
+        return tuple(dict.fromkeys(_paths(self.steps)))
+
+
+def _paths(steps) -> list[str]:
+    out: list[str] = []
+    for step in steps:
+        if "file_group" in step:
+            out += list(step["file_group"]) + _paths(step.get("steps") or ())
+        for kind in ("write", "line"):
+            if kind in step:
+                out.append(step[kind])
+        if "fetch" in step:
+            out.append(step["path"])
+    return out
 
 
 @dataclass(frozen=True)

@@ -93,14 +93,14 @@ class FactError(RuntimeError):
     """A fact the plan needs could not be read on the server."""
 
 
-def _merged(base: Mapping, over: Mapping) -> dict:
+def merge_fragments(base: Mapping, over: Mapping) -> dict:
     """`over` merged into a copy of `base`; only the touched paths are copied. A mapping
     value merges into a mapping; anything else (including a file fact's full dict given as
-    a leaf by the ops) replaces."""
+    a leaf by the ops) replaces. Merging two .expect() fragments gives one that does both."""
     new = dict(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(base.get(k), Mapping) and not v.get("__replace__"):
-            new[k] = _merged(base[k], v)
+            new[k] = merge_fragments(base[k], v)
         else:
             new[k] = copy.deepcopy({a: b for a, b in v.items() if a != "__replace__"}
                                    if isinstance(v, Mapping) else v)
@@ -178,4 +178,4 @@ class Facts:
         fact must not keep the old "target" of the link it replaced)."""
         if not fragment:
             return self
-        return Facts(_merged(self._d, fragment))
+        return Facts(merge_fragments(self._d, fragment))

@@ -286,8 +286,8 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
-        applied = {c.resource.split(" ", 1)[-1] for i, c in enumerate(changes)
-                   if by_id.get(str(i), {}).get("status") == "ok"}
+        applied = {p for i, c in enumerate(changes)
+                   if by_id.get(str(i), {}).get("status") == "ok" for p in c.paths}
         for g in guards:
             if applied & set(g.files):
                 self._guard(conn, host, g, facts, res, step)

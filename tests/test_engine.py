@@ -405,3 +405,25 @@ def test_sigterm_mid_apply_lets_the_apply_finish_and_ends_on_a_recap(tmp_path, t
     assert [e["event"] for e in lines[-2:]] == ["error", "recap"] and lines[-2]["code"] == 143
     # the lock was released by the run's last exec, as after any run
     assert sh("db1", "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+
+
+def test_a_bad_vhost_in_a_file_group_is_put_back_and_nginx_keeps_serving(tmp_path, testbed):
+    def page():
+        return sh("db1", "python3 -c \"import urllib.request; print(urllib.request.urlopen("
+                         "'http://127.0.0.1:8081/').read().decode())\"").stdout
+
+    first = Run(inventory(tmp_path, ["db1"], ["webgroup"]))
+    assert first.exit_code == 0, first.report("failed")
+    assert "served by the first configuration" in page()
+    site = sh("db1", "cat /etc/nginx/sites-available/webgroup").stdout
+
+    bad = Run(inventory(tmp_path, ["db1"], ["webgroup"], vars={"webgroup_listen": "8081 bogus"}))
+    assert bad.exit_code == 1
+    (step,) = [s for s in bad.steps("db1") if s["resource"] == "file group nginx site"]
+    assert step["status"] == "failed" and "nginx -t -q" in step["reason"]
+    assert "bogus" in step["reason"] + (step.get("output") or "")          # nginx's own words
+    assert not [s for s in bad.steps("db1") if s["resource"].startswith("handler")]
+    assert sh("db1", "cat /etc/nginx/sites-available/webgroup").stdout == site   # put back
+    assert "served by the first configuration" in page()                        # still serving
+    again = Run(inventory(tmp_path, ["db1"], ["webgroup"]))
+    assert again.exit_code == 0 and not again.steps("db1", "changed"), again.report("changed")

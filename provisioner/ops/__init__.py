@@ -1,5 +1,5 @@
 """Operations: one module per resource (apt, files, templates, lines, links, users, systemd,
-sysctl, commands). Each constructor returns a frozen dataclass with .id, .facts(),
+sysctl, commands, groups). Each constructor returns a frozen dataclass with .id, .facts(),
 .plan(facts) (pure) and .expect(facts); see provisioner/ops/_base.py.
 
 A role's flow, per host:
@@ -58,7 +58,7 @@ def check_conflicts(resources: Iterable[Any]) -> None:
 
     whole: dict[str, Any] = {}
     partial: dict[str, Any] = {}
-    for r in resources:
+    for r in [m for r in resources for m in getattr(r, "members", (r,))]:    # groups: theirs
         if isinstance(r, (File, Directory, Link, Absent)):
             first = whole.get(r.path)
             if first is not None and first != r:

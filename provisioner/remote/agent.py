@@ -788,8 +788,64 @@ def step_run(step, log):
     return rc
 
 
+def _snapshot(path):
+    """What `path` is now, to put it back: None (absent), ("link", target) or ("file", bytes,
+    mode, uid, gid). Directories are never part of a group (the op refuses them)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return ("link", os.readlink(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise StepError("%s is not a file or a link; a file group cannot put it back" % path)
+    with open(path, "rb") as f:
+        return ("file", f.read(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+
+
+def _restore(path, saved, log):
+    if saved is None:
+        try:
+            os.unlink(path)
+            log.append("removed %s (it was new)" % path)
+        except FileNotFoundError:
+            pass
+    elif saved[0] == "link":
+        tmp = "%s.provisioner-restore-%s" % (path, os.urandom(4).hex())
+        os.symlink(saved[1], tmp)
+        os.rename(tmp, path)
+        log.append("restored %s -> %s" % (path, saved[1]))
+    else:
+        _, data, mode, uid, gid = saved
+        write_file(path, data, "%04o" % mode, str(uid), str(gid), None, log)
+        log.append("restored %s" % path)
+
+
+def step_file_group(step, log):
+    """Several files written, then ONE command checks the whole configuration in place (`nginx
+    -t`); if a write or the check fails, every file of the group goes back to what it was
+    (removed if it was new) and the step fails with the command's output."""
+    paths = step["file_group"]
+    saved = [(p, _snapshot(p)) for p in paths]
+    inner = run_steps(step.get("steps") or [])
+    if inner["output"]:
+        log.append(inner["output"])
+    if inner["status"] == "ok":
+        argv = step["check"]
+        rc, out = _run(argv, timeout=step.get("timeout"))
+        log.append("$ %s\n%s" % (_cmdline(argv), out))
+        if rc == 0:
+            return 0
+        error = "check failed (exit %d): %s\n%s" % (rc, _cmdline(argv), _tail(out, 2000))
+    else:
+        rc, error = inner["rc"], inner["error"]
+    for p, before in saved:
+        _restore(p, before, log)
+    raise StepError("%s\nevery file of the group was put back as it was" % error, rc)
+
+
 STEPS = (("run", step_run), ("write", step_write), ("line", step_line), ("dir", step_dir),
-         ("attrs", step_attrs), ("fetch", step_fetch))
+         ("attrs", step_attrs), ("fetch", step_fetch), ("file_group", step_file_group))
 
 
 def run_steps(steps):
