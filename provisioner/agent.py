@@ -1,7 +1,8 @@
 """Local side of the remote agent: the bootstrap command, the payload, parsing the answer.
 
-Per host and role the runner makes two execs, each `conn.run(command(), stdin=payload(...))`
-(under sudo when needed) and `parse(stdout, stderr, rc)`:
+Per host and role the runner makes two execs, each `call(conn, op, request)`: one
+`conn.run(command(), stdin=payload(...))` (under sudo when needed), then `parse(stdout, stderr,
+rc)`:
 
 1. facts:  payload("facts", merge_requests(r.facts() for r in resources))
    request  {"files": [path..], "packages": [name..], "package_candidates": [name..],
@@ -75,6 +76,13 @@ def payload(op: str, request: Mapping) -> bytes:
         raise ValueError(f"unknown agent op {op!r}")
     return json.dumps({"v": PROTOCOL, "op": op, "code": source(), "request": request},
                       separators=(",", ":")).encode("utf-8")
+
+
+def call(conn, op: str, request: Mapping) -> dict:
+    """One round trip: the agent run on the server (one exec) with this request; its answer,
+    or AgentError."""
+    r = conn.run(command(), stdin=payload(op, request))
+    return parse(r.stdout, r.stderr, r.rc)
 
 
 def _text(b: bytes | str | None) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from provisioner.errors import InputError, Problem
+from provisioner.yamlfile import read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROLES_ROOT = REPO_ROOT / "roles"
@@ -54,8 +55,6 @@ def discover_roles(roots: Roots, problems: list[Problem]) -> dict[str, RoleInfo]
     Roles come back sorted by name. When several roots hold the same role name, the first root
     wins (a search path).
     """
-    from provisioner.inventory import read_yaml   # the shared YAML reader (marks, !vault)
-
     found: dict[str, RoleInfo] = {}
     declared_by: dict[str, str] = {}
     for root in _root_list(roots):

@@ -160,9 +160,7 @@ class Runner:
                     if res.changed or res.failed:
                         audit = lock.audit_line(owner, REPO_ROOT, "failed" if res.failed else "changed",
                                                 res.changed, res.failed)
-                    r = conn.run(agent.command(), stdin=agent.payload(
-                        "finish", lock.finish_request(owner["run_id"], audit)))
-                    agent.parse(r.stdout, r.stderr, r.rc)
+                    agent.call(conn, "finish", lock.finish_request(owner["run_id"], audit))
         except Unreachable as e:
             res.status, res.error = "unreachable", str(e)
             self.events.step(host=host.name, role=None, resource="connection", status="unreachable",
@@ -208,9 +206,9 @@ class Runner:
         boot.commands += conn.commands
         return boot
 
-    def _facts(self, conn: Connection, request: dict) -> dict:
-        r = conn.run(agent.command(), stdin=agent.payload("facts", request))
-        return agent.parse(r.stdout, r.stderr, r.rc)["facts"]
+    @staticmethod
+    def _facts(conn: Connection, request: dict) -> dict:
+        return agent.call(conn, "facts", request)["facts"]
 
     def _prepare(self, host: Host, name: str, ctx: RoleContext):
         """A role's resources, handlers, guards and facts request; or the error that stops it."""
@@ -228,32 +226,25 @@ class Runner:
             return RoleError(name, f"{type(e).__name__}: {e}")
 
     def _run_role(self, conn: Connection, host: Host, p, shared: Facts | None, res: HostResult) -> None:
+        """plan (pure, from facts) -> report what is done and what differs -> apply the changes
+        in one exec (handlers included) -> report each result -> guards over what changed."""
         t0 = time.monotonic()
-        name = p.name
 
         def step(resource: str, status: str, reason: str, diff=None, output=None):
-            self.events.step(host=host.name, role=name, resource=resource, status=status,
+            self.events.step(host=host.name, role=p.name, resource=resource, status=status,
                              reason=reason, seconds=time.monotonic() - t0, diff=diff, output=output)
 
         if isinstance(p, RoleError):
             res.failed += 1
             step("plan", "failed", p.error)
             return
-        resources, handlers, guards = p.resources, p.handlers, p.guards
         try:
             facts = shared if shared is not None else Facts(self._facts(conn, p.request))
-            planned = ops.plan_all(resources, facts)
+            changes = self._report_plan(ops.plan_all(p.resources, facts), step)
         except (ops.PlanError, FactError, agent.AgentError, ValueError, TypeError, KeyError) as e:
             res.failed += 1
             step("plan", "failed", f"{type(e).__name__}: {e}")
             return
-        changes: list[Change] = []
-        for resource, result in planned:
-            for item in result:
-                if isinstance(item, Noop):
-                    step(item.resource, "ok", item.why)
-                else:
-                    changes.append(item)
         if not changes:
             return
         if self.opts.check:
@@ -261,18 +252,39 @@ class Runner:
                 res.changed += 1
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
             return
-        r = conn.run(agent.command(), stdin=agent.payload("apply", agent.apply_request(changes, handlers)))
         try:
-            answer = agent.parse(r.stdout, r.stderr, r.rc)
+            answer = agent.call(conn, "apply", agent.apply_request(changes, p.handlers))
         except agent.AgentError as e:       # e.g. the connection's user lost sudo mid-run
             res.failed += 1
             step("apply", "failed", str(e))
             return
+        applied = self._report_apply(changes, answer, res, step)
+        for g in p.guards:
+            if applied & set(g.files):
+                self._guard(conn, host, g, facts, res, step)
+
+    @staticmethod
+    def _report_plan(planned, step) -> list[Change]:
+        """Report what is already as wanted; return the changes."""
+        changes: list[Change] = []
+        for _resource, result in planned:
+            for item in result:
+                if isinstance(item, Noop):
+                    step(item.resource, "ok", item.why)
+                else:
+                    changes.append(item)
+        return changes
+
+    @staticmethod
+    def _report_apply(changes: list[Change], answer: dict, res: HostResult, step) -> set[str]:
+        """Report each change's and handler's result; return the paths the applied ones wrote."""
         by_id = {x["id"]: x for x in answer["results"]}
+        applied: set[str] = set()
         for i, c in enumerate(changes):
             out = by_id.get(str(i), {"status": "not_run"})
             if out["status"] == "ok":
                 res.changed += 1
+                applied.update(c.paths)
                 step(c.resource, "changed", f"{c.action}: {c.why}", diff=c.diff)
             elif out["status"] == "failed":
                 res.failed += 1
@@ -286,11 +298,7 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
-        applied = {p for i, c in enumerate(changes)
-                   if by_id.get(str(i), {}).get("status") == "ok" for p in c.paths}
-        for g in guards:
-            if applied & set(g.files):
-                self._guard(conn, host, g, facts, res, step)
+        return applied
 
     def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step) -> None:
         try:
@@ -307,11 +315,10 @@ class Runner:
             elif not old.exists:
                 steps.append(run_step(["rm", "-f", "--", path]))
         steps += list(g.after_rollback)
-        r = conn.run(agent.command(), stdin=agent.payload(
-            "apply", {"changes": [{"id": "0", "resource": f"rollback {g.name}", "steps": steps, "notify": []}],
-                      "handlers": {}, "handlers_on_failure": False}))
         try:
-            restored = agent.parse(r.stdout, r.stderr, r.rc)["results"][0]["status"] == "ok"
+            restored = agent.call(conn, "apply", {
+                "changes": [{"id": "0", "resource": f"rollback {g.name}", "steps": steps, "notify": []}],
+                "handlers": {}, "handlers_on_failure": False})["results"][0]["status"] == "ok"
         except (agent.AgentError, KeyError, IndexError):
             restored = False
         res.failed += 1

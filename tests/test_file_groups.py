@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 
 import pytest
 
@@ -13,12 +12,7 @@ from provisioner.api import file_group, files, links, templates
 from provisioner.change import Change, Noop
 from provisioner.facts import Facts
 from provisioner.ops import PlanError, plan_all
-
-
-def call(op: str, req: dict) -> dict:
-    p = subprocess.run(agent.command(), input=agent.payload(op, req), capture_output=True,
-                       timeout=60)
-    return agent.parse(p.stdout, p.stderr, p.returncode)
+from test_agent import call          # the agent run on this machine
 
 
 def facts_for(*resources) -> Facts:

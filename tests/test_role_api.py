@@ -143,3 +143,12 @@ def test_every_role_checks_its_vars_before_any_server(tmp_path):
     assert sorted(p.key for p in e.value.problems) == ["groups.db.vars.redis_port",
                                                         "hosts.db1.vars.base_timezone"]
     assert all(p.line for p in e.value.problems)
+
+
+def test_role_discovery_does_not_import_the_inventory():
+    """Layers: the inventory reads roles' defaults, roles never read the inventory."""
+    path = REPO / "provisioner" / "roles.py"
+    mods = {n.module for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.ImportFrom)} | {a.name for n in ast.walk(ast.parse(path.read_text()))
+                                                 if isinstance(n, ast.Import) for a in n.names}
+    assert "provisioner.inventory" not in mods
