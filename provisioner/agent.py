@@ -22,6 +22,8 @@ rc)`:
                        "checks": {shlex-joined argv: exit code},
                        "errors": {kind: message}?},
              "agent": {version, op, commands, seconds}}
+   Also "dirs", "hashes", "certs", "timers", "http": every kind is declared in
+   provisioner/facts.py KINDS, its collector is `fact_<kind>` in remote/agent.py.
    Wrap it with provisioner.facts.Facts(answer["facts"]).
 
 2. apply:  payload("apply", apply_request(changes, handlers))

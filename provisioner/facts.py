@@ -17,8 +17,25 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-LIST_KINDS = ("files", "packages", "package_candidates", "services", "users", "groups",
-              "sysctl", "checks")
+# Every fact kind, declared here once: kind -> (what a request lists, the Facts accessor).
+# Its collector is `fact_<kind>` in provisioner/remote/agent.py (tests/test_facts_kinds.py
+# holds the three together). To add one: a line here, the collector, the accessor.
+KINDS = {
+    "files": ("paths", "file"),
+    "packages": ("package names", "package"),
+    "package_candidates": ("package names", "candidate"),
+    "services": ("unit names", "service"),
+    "users": ("user names", "user"),
+    "groups": ("group names", "group"),
+    "sysctl": ("keys", "sysctl"),
+    "checks": ("argv lists, or {argv, stdin}", "check"),
+    "dirs": ("directory paths", "dir"),
+    "hashes": ("file paths", "sha256"),
+    "certs": ("PEM file paths", "cert"),
+    "timers": ("timer names", "timer"),
+    "http": ("http:// URLs on the loopback", "http"),
+}
+LIST_KINDS = tuple(KINDS)
 
 
 def check_key(argv: Iterable[str]) -> str:
@@ -170,6 +187,35 @@ class Facts:
 
     def check(self, argv: Iterable[str]) -> int:
         return self._get("checks", check_key(argv))
+
+    def dir(self, path: str) -> Mapping[str, Mapping[str, Any]] | None:
+        """{name: {type, target, mtime}} of a directory's entries; None when it is absent."""
+        return self._ok("dirs", path, lambda d: d["entries"])
+
+    def sha256(self, path: str) -> str | None:
+        """sha256 of a regular file (any size); None when it is not one."""
+        return self._ok("hashes", path)
+
+    def cert(self, path: str) -> Mapping[str, Any] | None:
+        """{subject: {commonName..}, sans: [..], serial, not_after, not_before} of a PEM
+        certificate file; None when the file is absent."""
+        return self._ok("certs", path)
+
+    def timer(self, name: str) -> Mapping[str, Any] | None:
+        """{active, unit, last, next, result, exit_status} of a systemd timer; None when
+        systemd does not know it."""
+        return self._ok("timers", name)
+
+    def http(self, url: str) -> Mapping[str, Any]:
+        """{status, headers, body (first KB)} of a GET on the server's loopback, or
+        {error} when nothing answered: an answer either way, a health gate decides."""
+        return self._get("http", url)
+
+    def _ok(self, kind: str, key: str, pick=lambda v: v) -> Any:
+        v = self._get(kind, key)
+        if isinstance(v, Mapping) and v.get("error"):
+            raise FactError(f"cannot read {key} on the server: {v['error']}")
+        return None if v is None else pick(v)
 
     # --- prediction -----------------------------------------------------------------------
     def overlay(self, fragment: Mapping[str, Any] | None) -> "Facts":

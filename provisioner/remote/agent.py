@@ -364,20 +364,16 @@ def _unit(name):
     return name if "." in name.rsplit("/", 1)[-1] else name + ".service"
 
 
-def fact_services(units):
-    result = {u: None for u in units}
-    if not units:
-        return result
-    names = [_unit(u) for u in units]
-    rc, out, err = _run_split(["systemctl", "show", "--no-pager",
-                               "--property=Id,LoadState,ActiveState,SubState,UnitFileState",
-                               "--"] + names)
+def _systemctl_show(names, props):
+    """`systemctl show` of each unit, one dict per name (in order; {} for one not shown), or
+    RuntimeError with systemctl's complaint when it answered nothing."""
+    rc, out, err = _run_split(["systemctl", "show", "--no-pager", "--property=" + ",".join(props),
+                               "--"] + list(names))
     if rc != 0 and not out.strip():
-        msg = (err.strip() or out.strip() or "systemctl failed (rc %d)" % rc).splitlines()[-1]
-        return {u: {"error": msg} for u in units}
-    blocks = []
-    cur = {}
-    for row in out.splitlines():
+        raise RuntimeError((err.strip() or out.strip() or "systemctl failed (rc %d)" % rc)
+                           .splitlines()[-1])
+    blocks, cur = [], {}
+    for row in out.splitlines() + [""]:
         if not row.strip():
             if cur:
                 blocks.append(cur)
@@ -385,11 +381,22 @@ def fact_services(units):
             continue
         k, _, v = row.partition("=")
         cur[k] = v
-    if cur:
-        blocks.append(cur)
-    if len(blocks) != len(names):
+    if len(blocks) != len(names):        # positional unless systemd skipped some: then by Id
         by_id = {b.get("Id"): b for b in blocks}
         blocks = [by_id.get(n, {}) for n in names]
+    return blocks
+
+
+def fact_services(units):
+    result = {u: None for u in units}
+    if not units:
+        return result
+    names = [_unit(u) for u in units]
+    try:
+        blocks = _systemctl_show(names, ["Id", "LoadState", "ActiveState", "SubState",
+                                         "UnitFileState"])
+    except RuntimeError as e:
+        return {u: {"error": str(e)} for u in units}
     for u, n, b in zip(units, names, blocks):
         if not b:
             continue
@@ -498,11 +505,126 @@ def fact_checks(argvs):
     return out
 
 
-FACTS = {
-    "files": fact_files, "packages": fact_packages,
-    "package_candidates": fact_package_candidates, "services": fact_services,
-    "users": fact_users, "groups": fact_groups, "sysctl": fact_sysctl, "checks": fact_checks,
-}
+def fact_dirs(paths):
+    """Each directory's entries: {name: {type, target (links), mtime}}; None when absent."""
+    out = {}
+    for path in paths:
+        try:
+            entries = {}
+            with os.scandir(path) as it:
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    kind = ("link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False)
+                            else "file" if e.is_file(follow_symlinks=False) else "other")
+                    entries[e.name] = {"type": kind, "mtime": st.st_mtime,
+                                       "target": os.readlink(e.path) if kind == "link" else None}
+            out[path] = {"entries": entries}
+        except (FileNotFoundError, NotADirectoryError):
+            out[path] = None
+        except OSError as e:
+            out[path] = {"error": str(e)}
+    return out
+
+
+def fact_hashes(paths):
+    """sha256 of each regular file, of any size (no content); None when it is not one."""
+    out = {}
+    for path in paths:
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                out[path] = None
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[path] = h.hexdigest()
+        except FileNotFoundError:
+            out[path] = None
+        except OSError as e:
+            out[path] = {"error": str(e)}
+    return out
+
+
+def fact_certs(paths):
+    """The first certificate of each PEM file: subject, SANs, serial, notAfter (as printed by
+    Python's ssl module, e.g. "Mar  1 12:00:00 2027 GMT"); None when the file is absent."""
+    import ssl
+    out = {}
+    for path in paths:
+        if not os.path.exists(path):
+            out[path] = None
+            continue
+        try:
+            d = ssl._ssl._test_decode_cert(path)         # stdlib, no openssl binary needed
+        except (OSError, ssl.SSLError, ValueError) as e:
+            out[path] = {"error": "not a PEM certificate: %s" % e}
+            continue
+        subject = {k: v for rdn in d.get("subject", ()) for k, v in rdn}
+        out[path] = {"subject": subject, "serial": d.get("serialNumber"),
+                     "not_after": d.get("notAfter"), "not_before": d.get("notBefore"),
+                     "sans": [v for _, v in d.get("subjectAltName", ())]}
+    return out
+
+
+def fact_timers(timers):
+    """Each timer's last and next trigger and the result of the service it starts; None for a
+    timer systemd does not know."""
+    if not timers:
+        return {}
+    names = [t if t.endswith(".timer") else t + ".timer" for t in timers]
+    shown = _systemctl_show(names, ["Id", "LoadState", "ActiveState", "Unit", "LastTriggerUSec",
+                                    "NextElapseUSecRealtime", "Result"])
+    units = sorted({b.get("Unit") for b in shown if b.get("LoadState") == "loaded" and b.get("Unit")})
+    services = dict(zip(units, _systemctl_show(units, ["Id", "Result", "ExecMainStatus"])
+                        if units else []))
+    out = {}
+    for t, b in zip(timers, shown):
+        if b.get("LoadState") != "loaded":
+            out[t] = None
+            continue
+        svc = services.get(b.get("Unit")) or {}
+        status = svc.get("ExecMainStatus")
+        out[t] = {"active": b.get("ActiveState"), "unit": b.get("Unit"),
+                  "last": b.get("LastTriggerUSec") or None,
+                  "next": b.get("NextElapseUSecRealtime") or None,
+                  "result": svc.get("Result") or None,
+                  "exit_status": int(status) if status and status.isdigit() else None}
+    return out
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+HTTP_BODY = 1024
+
+
+def fact_http(urls):
+    """GET each URL on the server's own loopback: status, headers (names lowercased), the first
+    KB of the body; {"error"} when nothing answered. Redirects are not followed."""
+    import http.client
+    from urllib.parse import urlsplit
+    out = {}
+    for url in urls:
+        u = urlsplit(url)
+        if u.scheme != "http" or u.hostname not in LOOPBACK:
+            out[url] = {"error": "only http:// on the loopback (127.0.0.1, ::1, localhost)"}
+            continue
+        try:
+            c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=10)
+            c.request("GET", (u.path or "/") + ("?" + u.query if u.query else ""))
+            r = c.getresponse()
+            body = r.read(HTTP_BODY)
+            out[url] = {"status": r.status,
+                        "headers": {k.lower(): v for k, v in r.getheaders()},
+                        "body": body.decode("utf-8", "replace")}
+            c.close()
+        except (OSError, http.client.HTTPException) as e:
+            out[url] = {"error": "%s: %s" % (type(e).__name__, e)}
+    return out
+
+
+# every fact kind: `fact_<kind>`, named once in provisioner/facts.py KINDS with its accessor
+FACTS = {name[len("fact_"):]: fn for name, fn in list(globals().items())
+         if name.startswith("fact_") and name != "fact_os" and callable(fn)}
 
 
 def run_lock(req):
