@@ -39,7 +39,8 @@ handler = systemd.handler          # steps for a handler: optional validate, the
 __all__ = [
     "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "Noop",
     "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE", "Unreachable",
-    "VarContext", "VarError", "abs_path", "apt", "check_key", "commands", "directory_step",
+    "VarContext", "VarError", "abs_path", "apt", "check_key", "commands", "config_settings",
+    "directory_step",
     "file_fact", "file_group", "files", "handler", "is_secret", "lines", "links", "reject", "render",
     "run_step", "sha256", "sysctl", "systemd", "templates", "ufw", "users", "write_step",
 ]
@@ -89,6 +90,37 @@ def reject(var: str, problem: str, fix: str) -> VarError:
     """Refuse a var: `var` is its name (or a path in it: "harden_admin_users[0].name"),
     `problem` what is wrong with the value, `fix` what to write instead. Raises."""
     raise VarError(var, problem, fix)
+
+
+def config_settings(var: str, settings: Any, *, file: str, name_re, managed,
+                    bools=("yes", "no"), quote: Callable[[str], str] = lambda s: s) -> dict[str, str]:
+    """A role var that passes extra directives to a service's own config file ({name: value},
+    e.g. redis_settings, postgresql_settings: `file` names it), judged the same way for every role: each name
+    matches `name_re` and is not in `managed` (the role's own vars set those), each value is a
+    number, a bool (written as bools[0] / bools[1]) or a one-line string (written quote(s)).
+    Returns {name: value as the file writes it}; rejects the var otherwise."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        reject(var, f"{settings!r} is not a mapping", "write one `name: value` per directive")
+    out = {}
+    for name, value in settings.items():
+        if not isinstance(name, str) or not name_re.match(name):
+            reject(var, f"{name!r} is not a {file} directive name", "check the spelling in "
+                   f"the documentation of {file}")
+        if name in managed:
+            reject(var, f"{name} is managed by the role", "set the role's own var for it")
+        if isinstance(value, bool):
+            out[name] = bools[0] if value else bools[1]
+        elif isinstance(value, (int, float)):
+            out[name] = str(value)
+        elif isinstance(value, str) and (value or quote(value)) \
+                and not any(ord(c) < 32 for c in value):      # "" only where it can be written
+            out[name] = quote(value)
+        else:
+            reject(var, f"{name}: {value!r} is not a number, bool or one-line string",
+                   "write one value on one line")
+    return out
 
 
 @dataclass(frozen=True)

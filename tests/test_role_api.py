@@ -152,3 +152,19 @@ def test_role_discovery_does_not_import_the_inventory():
             if isinstance(n, ast.ImportFrom)} | {a.name for n in ast.walk(ast.parse(path.read_text()))
                                                  if isinstance(n, ast.Import) for a in n.names}
     assert "provisioner.inventory" not in mods
+
+
+def test_extra_config_settings_are_judged_by_one_function():
+    import re
+    from provisioner.api import VarError, config_settings
+    name = re.compile(r"^[a-z_]+$")
+    got = config_settings("x_settings", {"a": True, "b": 2, "c": "on disk", "d": ""},
+                          file="x.conf", name_re=name, managed={"port"}, bools=("on", "off"),
+                          quote=lambda s: f"'{s}'")
+    assert got == {"a": "on", "b": "2", "c": "'on disk'", "d": "''"}
+    for bad, why in [({"port": 1}, "managed by the role"), ({"Bad": 1}, "not a x.conf directive"),
+                     ({"a": "x\nport 1"}, "one-line"), ({"a": [1]}, "one-line"),
+                     ({"a": ""}, "one-line")]:
+        with pytest.raises(VarError, match=why) as e:
+            config_settings("x_settings", bad, file="x.conf", name_re=name, managed={"port"})
+        assert e.value.var == "x_settings"

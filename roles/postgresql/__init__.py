@@ -21,8 +21,8 @@ import re
 import runpy
 from pathlib import Path
 
-from provisioner.api import (Connection, Guard, Secret, Unreachable, apt, commands, files, is_secret,
-                             run_step, systemd, templates)
+from provisioner.api import (Connection, Guard, Secret, Unreachable, apt, commands, config_settings,
+                             files, is_secret, run_step, systemd, templates)
 
 HERE = Path(__file__).resolve().parent
 TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
@@ -185,14 +185,10 @@ def config(v: dict, ctx) -> dict:
                 "effective_cache_size": v["postgresql_effective_cache_size"],
                 "work_mem": v["postgresql_work_mem"], "password_encryption": "scram-sha-256",
                 "ssl": bool(v["postgresql_ssl"])}
-    for key, value in (v["postgresql_settings"] or {}).items():
-        if not isinstance(key, str) or not SETTING_RE.match(key):
-            raise ValueError(f"postgresql_settings: {key!r} is not a setting name")
-        if key in settings:
-            raise ValueError(f"postgresql_settings: {key} has its own var or is managed by "
-                             "the role; use that var")
-        settings[key] = value
     lines = [f"{k} = {_conf_value(val)}" for k, val in settings.items()]
+    lines += [f"{k} = {val}" for k, val in config_settings(
+        "postgresql_settings", v["postgresql_settings"], file="postgresql.conf",
+        name_re=SETTING_RE, managed=settings, bools=("on", "off"), quote=_quote_literal).items()]
 
     extra = v["postgresql_hba_extra"] or []
     if not isinstance(extra, list) or any(not isinstance(x, str) or "\n" in x for x in extra):

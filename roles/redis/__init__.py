@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from provisioner.api import apt, is_secret, systemd, templates
+from provisioner.api import apt, config_settings, is_secret, systemd, templates
 
 HANDLER = "restart redis"
 POLICIES = ("noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",
@@ -20,16 +20,6 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 MANAGED = {"bind", "port", "protected-mode", "requirepass", "maxmemory", "maxmemory-policy",
            "daemonize", "supervised", "pidfile", "logfile", "dir", "dbfilename", "include",
            "user", "aclfile"}
-
-
-def _value(name: str, value) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str) and value and not re.search(r"[\x00-\x1f]", value):
-        return value
-    raise ValueError(f"redis_settings: {name}: {value!r} is not a number, bool or one-line string")
 
 
 def check(v: dict, ctx) -> dict:
@@ -61,14 +51,9 @@ def config(v: dict, ctx) -> dict:
     policy = v["redis_maxmemory_policy"]
     if policy not in POLICIES:
         raise ValueError(f"redis_maxmemory_policy: {policy!r} is not one of {', '.join(POLICIES)}")
-    settings = []
-    for name, value in (v["redis_settings"] or {}).items():
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ValueError(f"redis_settings: {name!r} is not a redis.conf directive name")
-        if name in MANAGED:
-            raise ValueError(f"redis_settings: {name} is managed by the role (its own var or "
-                             "Debian's layout); use the redis_* var")
-        settings.append(f"{name} {_value(name, value)}")
+    settings = [f"{name} {value}" for name, value in config_settings(
+        "redis_settings", v["redis_settings"], file="redis.conf", name_re=NAME_RE,
+        managed=MANAGED).items()]
     return {"bind": bind, "port": port, "password": pw, "maxmemory": maxmemory.lower(),
             "maxmemory_policy": policy,
             "protected_mode": "yes" if v["redis_protected_mode"] else "no", "settings": settings}
