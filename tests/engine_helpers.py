@@ -6,7 +6,9 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from provisioner.events import Events
 from provisioner.inventory import load_inventory_file
@@ -85,6 +87,23 @@ class Run:
 
     def host(self, name):
         return self.recap["hosts"][name]
+
+
+def provision_twice(inv, *, reset=(), prepare=None, **run_kw) -> SimpleNamespace:
+    """The idempotence check every role test makes: `reset` servers made never-provisioned,
+    `prepare()` (e.g. files a deploy would have copied), then `inv` run twice. Returns inv,
+    both Runs and each run's wall time (fresh_s, converged_s)."""
+    from conftest import invoke
+    for name in reset:
+        invoke("testbed.reset", name)
+    if prepare is not None:
+        prepare()
+    t0 = time.monotonic()
+    first = Run(inv, **run_kw)
+    t1 = time.monotonic()
+    second = Run(inv, **run_kw)
+    return SimpleNamespace(inv=inv, first=first, second=second, fresh_s=t1 - t0,
+                           converged_s=time.monotonic() - t1)
 
 
 def sh(name: str, command: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, inventory, sh, snapshot
+from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, inventory, provision_twice, sh, snapshot
 from provisioner.connection import Connection, HostKeyError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
@@ -31,12 +31,11 @@ def fresh_web2(testbed):
     return "web2"
 
 
-def test_every_op_applies_then_a_second_run_changes_nothing(tmp_path, fresh_web2):
-    inv = inventory(tmp_path, [fresh_web2], ["opsdemo"])
-    first = Run(inv)
+def test_every_op_applies_then_a_second_run_changes_nothing(tmp_path, testbed):
+    runs = provision_twice(inventory(tmp_path, ["web2"], ["opsdemo"]), reset=["web2"])
+    first, second = runs.first, runs.second
     assert first.exit_code == 0, first.err.getvalue()
     assert first.host("web2")["changed"] >= 14 and first.host("web2")["failed"] == 0
-    second = Run(inv)
     assert second.host("web2")["changed"] == 0, second.steps(status="changed")
     assert second.exit_code == 0
     # what a user would check on the server

@@ -23,7 +23,7 @@ import testinfra
 import roles.harden
 from conftest import invoke
 import engine_helpers
-from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
+from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh
 from provisioner.facts import Facts
 from provisioner.inventory import Host
 from provisioner.roles import discover_roles, load_role
@@ -241,18 +241,13 @@ def _failed(run):
 @pytest.fixture(scope="module")
 def hardened(testbed, tmp_path_factory):
     """A fresh server, provisioned twice with the same inventory (user deploy, bootstrap root)."""
-    invoke("testbed.reset", SERVER)
     tmp = tmp_path_factory.mktemp("harden")
-    inv = _inv(tmp)
-    t0 = time.monotonic()
-    first = Run(inv)
-    t1 = time.monotonic()
-    second = Run(inv)
-    t2 = time.monotonic()
-    print(f"\nharden on {SERVER}: fresh provision {t1 - t0:.1f} s ({first.host(SERVER)['changed']} changed, "
-          f"{first.host(SERVER)['remote_commands']} execs); converged run {t2 - t1:.1f} s "
+    runs = provision_twice(_inv(tmp), reset=[SERVER])
+    first, second = runs.first, runs.second
+    print(f"\nharden on {SERVER}: fresh provision {runs.fresh_s:.1f} s ({first.host(SERVER)['changed']} changed, "
+          f"{first.host(SERVER)['remote_commands']} execs); converged run {runs.converged_s:.1f} s "
           f"({second.host(SERVER)['changed']} changed, {second.host(SERVER)['remote_commands']} execs)")
-    yield SimpleNamespace(inv=inv, first=first, second=second, tmp=tmp)
+    yield SimpleNamespace(inv=runs.inv, first=first, second=second, tmp=tmp)
     # Other tests log in to these servers as root on port 22: leave them fresh.
     invoke("testbed.reset", SERVER)
     if _second():

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 import engine_helpers
-from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, sh
+from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, provision_twice, sh
 from provisioner.facts import Facts, check_key
 from provisioner.change import Change, Noop
 from provisioner.inventory import load_inventory_file
@@ -353,19 +353,11 @@ def copy_sample(dest="/srv/sample", files=("package.json", "server.js")):
 @pytest.fixture(scope="module")
 def provisioned(testbed, tmp_path_factory):
     """SERVER fresh, the sample app copied in (as a deploy would), [node, pm2] run twice."""
-    from conftest import invoke
-    invoke("testbed.reset", SERVER)
-    copy_sample()
     tmp = tmp_path_factory.mktemp("nodepm2")
-    inv = load(write_inventory(tmp, [app_yaml()]))
-    t0 = time.monotonic()
-    first = Run(inv, diff=True, verbose=3)
-    fresh_s = time.monotonic() - t0
-    t0 = time.monotonic()
-    second = Run(inv, diff=True, verbose=3)
-    converged_s = time.monotonic() - t0
-    return SimpleNamespace(inv=inv, tmp=tmp, first=first, second=second, fresh_s=fresh_s,
-                           converged_s=converged_s)
+    runs = provision_twice(load(write_inventory(tmp, [app_yaml()])), reset=[SERVER],
+                           prepare=copy_sample, diff=True, verbose=3)
+    runs.tmp = tmp
+    return runs
 
 
 @pytest.mark.usefixtures("testbed")

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 
 import pytest
 import testinfra
 
 import roles.redis
-from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
+from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh
 from engine_helpers import test_server as server_for
 from provisioner import testbed as tb
 from provisioner.roles import available_roles, load_role
@@ -98,17 +96,11 @@ def test_plain_text_password_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def provisioned(testbed, tmp_path_factory):
-    invoke("testbed.reset", SERVER)
     tmp = tmp_path_factory.mktemp("redis")
-    inv = redis_inventory(tmp)
-    t0 = time.monotonic()
-    first = Run(inv)
-    TIMES["fresh"] = time.monotonic() - t0
-    assert first.exit_code == 0, first.err.getvalue()
-    t0 = time.monotonic()
-    second = Run(inv)
-    TIMES["converged"] = time.monotonic() - t0
-    return {"inv": inv, "tmp": tmp, "first": first, "second": second}
+    runs = provision_twice(redis_inventory(tmp), reset=[SERVER])
+    TIMES["fresh"], TIMES["converged"] = runs.fresh_s, runs.converged_s
+    assert runs.first.exit_code == 0, runs.first.err.getvalue()
+    return {"inv": runs.inv, "tmp": tmp, "first": runs.first, "second": runs.second}
 
 
 def test_second_run_changes_nothing(provisioned):
