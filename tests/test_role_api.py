@@ -168,3 +168,31 @@ def test_extra_config_settings_are_judged_by_one_function():
         with pytest.raises(VarError, match=why) as e:
             config_settings("x_settings", bad, file="x.conf", name_re=name, managed={"port"})
         assert e.value.var == "x_settings"
+
+
+def test_the_example_role_of_the_guide_works(tmp_path):
+    import re
+    from provisioner.api import VarError
+    from provisioner.facts import Facts
+    from provisioner.ops import plan_all, request
+    from provisioner.roles import discover_roles
+    guide = (REPO / "docs" / "roles.md").read_text()
+    section = guide.split("## A role in 30 lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    defaults = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert len(code.splitlines()) <= 40
+    (tmp_path / "status_page").mkdir()
+    (tmp_path / "status_page" / "__init__.py").write_text(code)
+    (tmp_path / "status_page" / "defaults.yml").write_text(defaults)
+    info = discover_roles(tmp_path, [])["status_page"]
+    role = load_role(info)
+    v = dict(info.defaults)
+    with pytest.raises(VarError, match="status_page_port"):
+        role.check({**v, "status_page_port": 80}, None)
+    resources = resource_list(role, v, None)
+    facts = Facts({"files": {p: {"exists": False} for p in request(resources)["files"]},
+                   "packages": {"installed": {"nginx": None}, "lists_age": 60},
+                   "services": {"nginx.service": None}})
+    planned = [c.resource for _, result in plan_all(resources, facts) for c in result]
+    assert "file group status site" in planned and "apt nginx" in planned
+    assert set(role.handlers(v)) == {"reload nginx"}
