@@ -41,8 +41,6 @@ Users and init: mongosh scripts fed on stdin (`mongosh --nodb --file /dev/stdin`
     of its seed files' bytes goes into the marker <dbPath>/.provisioner-init-<db> and into the
     tracking collection provisioner.init; a changed spec (or seed file) runs it again.
 """
-# No `from __future__ import annotations`: roles are loaded from their file without an entry
-# in sys.modules, and dataclasses resolve string annotations through it.
 import base64
 import binascii
 import hashlib

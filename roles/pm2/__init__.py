@@ -39,8 +39,6 @@ An app: {name, script, cwd, args, instances, exec_mode, max_memory_restart, env}
   max_memory_restart  restart an instance above this memory, e.g. 300M; default none
   env                 mapping NAME: value (values may be `!vault NAME` secrets); default {}
 """
-# (no `from __future__ import annotations`: roles are loaded outside sys.modules, where
-# dataclasses cannot resolve string annotations)
 import dataclasses
 import json
 import posixpath
