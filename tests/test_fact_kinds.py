@@ -116,7 +116,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 def test_http_get_on_the_loopback_for_health_gates():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         f = Facts(facts_of({"http": [f"{base}/health", f"{base}/down",

@@ -134,3 +134,19 @@ def test_ctrl_c_during_invoke_provision_ends_json_with_error_and_recap(inv, monk
                                            "error", "recap"]
     assert "SIGINT" in lines[-2]["message"] and lines[-1]["changed"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_at_a_prompt_before_the_run_is_130_with_error_and_recap(monkeypatch, capsys):
+    from invoke import Exit
+
+    from provisioner.cli import common
+
+    def prompt(env, interactive):            # e.g. the vault password prompt
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "load", prompt)
+    with pytest.raises(Exit) as e:
+        common.run_task("provision", env="local", limit="", check=False, diff=False, json=True,
+                        yes=True, serial=0, forks=1, verbose=0)
+    assert e.value.code == 130
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["event"] for x in lines] == ["error", "recap"] and lines[0]["code"] == 130

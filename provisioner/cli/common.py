@@ -64,11 +64,14 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
     events = Events(task=task, env=env, json_out=bool(json), verbose=int(verbose or 0),
                     diff=bool(diff), check=bool(check))
     stop = Stop()
-    with events:             # whatever escapes still ends the output with an error and a recap
-        code = _run(events, stop, task=task, env=env, limit=limit, check=check, diff=diff,
-                    interactive=interactive, serial=serial, forks=forks,
-                    detailed_exitcode=detailed_exitcode, roles=roles,
-                    max_fail_percentage=max_fail_percentage)
+    try:
+        with events:         # whatever escapes still ends the output with an error and a recap
+            code = _run(events, stop, task=task, env=env, limit=limit, check=check, diff=diff,
+                        interactive=interactive, serial=serial, forks=forks,
+                        detailed_exitcode=detailed_exitcode, roles=roles,
+                        max_fail_percentage=max_fail_percentage)
+    except KeyboardInterrupt:     # before the run started (a prompt): invoke would say 1
+        raise Exit(code=130) from None
     if code:
         raise Exit(code=code)
 
