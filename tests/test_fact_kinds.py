@@ -129,3 +129,22 @@ def test_http_get_on_the_loopback_for_health_gates():
     assert f.http(f"{base}/down")["status"] == 503
     assert "only http:// on the loopback" in f.http("http://192.0.2.1/health")["error"]
     assert "ConnectionRefusedError" in f.http("http://127.0.0.1:1/")["error"]
+
+
+def test_the_new_kinds_on_a_real_server(testbed):
+    """The same collectors against a real Debian with systemd (the agent run inside db1)."""
+    import subprocess
+
+    from provisioner import agent
+    req = {"timers": ["apt-daily", "no-such-thing"], "dirs": ["/etc/apt"],
+           "hashes": ["/etc/os-release"], "http": ["http://127.0.0.1:1/"]}
+    p = subprocess.run(testbed.shell_argv("db1", agent.command()), capture_output=True,
+                       input=agent.payload("facts", req), timeout=120)
+    f = Facts(agent.parse(p.stdout, p.stderr, p.returncode)["facts"])
+    timer = f.timer("apt-daily")
+    assert timer["unit"] == "apt-daily.service", timer
+    assert timer["next"] or timer["active"] != "active", timer      # an active one has a next
+    assert f.timer("no-such-thing") is None
+    assert f.dir("/etc/apt")["sources.list.d"]["type"] == "dir"
+    assert len(f.sha256("/etc/os-release")) == 64
+    assert "error" in f.http("http://127.0.0.1:1/")
