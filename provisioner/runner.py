@@ -24,9 +24,8 @@ from provisioner.roles import REPO_ROOT, RoleCode, load_role
 
 @dataclass
 class Options:
-    task: str = "provision"
-    check: bool = False
-    diff: bool = False
+    """How hosts and roles are scheduled. The task, check mode and diff are the event
+    stream's (Events.task/.check/.diff), held there once: what is reported is what is done."""
     serial: int = 0                   # hosts per batch; 0 = all at once
     forks: int = 50
     max_fail_percentage: float = 0.0  # a batch failing more than this stops later batches
@@ -124,8 +123,8 @@ class Runner:
             conn = self._open(host)
             owner = None
             hello: dict = {}
-            if not self.opts.check:
-                owner = lock.owner(self.events.run_id, self.opts.task, self.inv.env)
+            if not self.events.check:
+                owner = lock.owner(self.events.run_id, self.events.task, self.inv.env)
                 hello["run_lock"] = lock.request(owner)
             first = self._facts(conn, hello)
             if owner is not None:
@@ -138,7 +137,7 @@ class Runner:
                     self.events.warn(f"took over the run lock of {lock.holder_text(took['stale'])}: "
                                      f"{why}", host=host.name)
             try:
-                ctx = RoleContext(host, self.inv, first["os"], self.opts.check)
+                ctx = RoleContext(host, self.inv, first["os"], self.events.check)
                 plans = [self._prepare(host, name, ctx) for name in self.roles_for(host)]
                 merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
                 shared = Facts(self._facts(conn, merged)) if plans else None
@@ -152,7 +151,7 @@ class Runner:
                         self._skip_roles(host, plans[i + 1:], f"not run: role {p.name} failed before it")
                         break
                     res.roles_done.append(p.name)
-                    if res.changed != changed_before and not self.opts.check:
+                    if res.changed != changed_before and not self.events.check:
                         shared = None          # stale now: the next role gathers its own
             finally:
                 if owner is not None:
@@ -247,7 +246,7 @@ class Runner:
             return
         if not changes:
             return
-        if self.opts.check:
+        if self.events.check:
             for c in changes:
                 res.changed += 1
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)

@@ -72,7 +72,7 @@ class Run:
                              check=check, stream_out=self.out, stream_err=self.err)
         hosts = inv.select(limit)
         self.events.start([h.name for h in hosts])
-        self.results = Runner(inv, self.events, Options(task=task, check=check, diff=diff, serial=serial,
+        self.results = Runner(inv, self.events, Options(serial=serial,
                                                          max_fail_percentage=max_fail_percentage)).run(hosts)
         self.recap = self.events.recap()
         self.exit_code = self.events.exit_code(detailed=check)

@@ -66,7 +66,7 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
     stop = Stop()
     try:
         with events:         # whatever escapes still ends the output with an error and a recap
-            code = _run(events, stop, task=task, env=env, limit=limit, check=check, diff=diff,
+            code = _run(events, stop, env=env, limit=limit,
                         interactive=interactive, serial=serial, forks=forks,
                         detailed_exitcode=detailed_exitcode, roles=roles,
                         max_fail_percentage=max_fail_percentage)
@@ -76,7 +76,7 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
         raise Exit(code=code)
 
 
-def _run(events: Events, stop: Stop, *, task, env, limit, check, diff, interactive, serial, forks,
+def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
          detailed_exitcode, roles, max_fail_percentage) -> int:
     try:
         serial_n = int_flag(serial, "serial", 0)
@@ -91,11 +91,10 @@ def _run(events: Events, stop: Stop, *, task, env, limit, check, diff, interacti
                 raise InputError([Problem("command line", None, "--roles",
                                           f"unknown role(s) {', '.join(unknown)} for env {env}",
                                           f"choose from: {', '.join(sorted(inv.roles))}")])
-        if detailed_exitcode and not check:
+        if detailed_exitcode and not events.check:
             raise InputError([Problem("command line", None, "--detailed-exitcode",
                                       "only means something with --check", "add --check")])
-        opts = Options(task=task, check=bool(check), diff=bool(diff), serial=serial_n,
-                       forks=min(forks_n, 50), roles=role_list,
+        opts = Options(serial=serial_n, forks=min(forks_n, 50), roles=role_list,
                        max_fail_percentage=float(max_fail_percentage or 0))
         runner = Runner(inv, events, opts, stop=stop)
         for h in hosts:                                 # role code errors before any server
