@@ -138,6 +138,14 @@ class Guard:
     after_rollback: tuple[dict, ...] = ()
 
 
+class NotAResource(TypeError):
+    """A role yielded something else than a Resource, at `file`:`line`."""
+
+    def __init__(self, file: str, line: int | None, role: str, problem: str):
+        super().__init__(f"{file}:{line}: role {role} yielded {problem}")
+        self.file, self.line, self.problem = file, line, f"yielded {problem}"
+
+
 def not_a_resource(item: Any) -> str | None:
     """Why `item` is not a Resource (None when it is)."""
     if isinstance(item, Resource):

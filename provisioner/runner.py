@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from provisioner import agent, lock, ops
-from provisioner.api import Guard, RoleContext, not_a_resource
+from provisioner.api import Guard, NotAResource, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import FactError, Facts
@@ -334,8 +334,8 @@ def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:
     for item in gen:
         why = not_a_resource(item)
         if why:
-            frame = getattr(gen, "gi_frame", None)
-            where = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else code.name
-            raise TypeError(f"{where}: role {code.name} yielded {why}")
+            frame = getattr(gen, "gi_frame", None)       # paused at the yield
+            raise NotAResource(frame.f_code.co_filename if frame else code.name,
+                               frame.f_lineno if frame else None, code.name, why)
         out.append(item)
     return out

@@ -193,3 +193,39 @@ def test_the_example_role_of_the_guide_works(tmp_path):
     planned = [c.resource for _, result in plan_all(resources, facts) for c in result]
     assert "file group status site" in planned and "apt nginx" in planned
     assert set(role.handlers(v)) == {"reload nginx"}
+
+
+def _one_role_inventory(tmp_path, code):
+    (tmp_path / "roles" / "probe").mkdir(parents=True)
+    (tmp_path / "roles" / "probe" / "defaults.yml").write_text("probe_x: 1\n")
+    (tmp_path / "roles" / "probe" / "__init__.py").write_text(code)
+    doc = {"env": "probe", "known_hosts": "known_hosts", "ssh": {"user": "root"},
+           "hosts": {"h1": {"address": "192.0.2.31"}},
+           "groups": {"all": {"hosts": ["h1"], "roles": ["probe"]}}}
+    (tmp_path / "probe.yml").write_text(json.dumps(doc))
+    return load_inventory_file(tmp_path / "probe.yml", roles_root=tmp_path / "roles")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("    yield files.file('/etc/x', 'y', validate=['nginx', '-t'])\n", "does not name the new file"),
+    ("    yield 'text'\n", "yielded str is not a Resource"),
+])
+def test_a_role_that_cannot_be_built_is_bad_input_before_any_server(tmp_path, body, message):
+    from provisioner.errors import InputError
+    from provisioner.varchecks import check_vars
+    inv = _one_role_inventory(tmp_path, "from provisioner.api import files\n\n\n"
+                                        "def resources(v, ctx):\n" + body)
+    with pytest.raises(InputError) as e:
+        check_vars(inv, inv.hosts.values(), lambda r: load_role(inv.roles[r]))
+    [p] = e.value.problems
+    assert p.file.name == "__init__.py" and p.line == 5 and p.key == "role probe"
+    assert message in p.message and "(for h1)" in p.message
+
+
+def test_a_role_that_reads_the_servers_os_is_built_only_once_connected(tmp_path):
+    from provisioner.varchecks import check_vars
+    inv = _one_role_inventory(tmp_path, (
+        "from provisioner.api import files\n\n\ndef resources(v, ctx):\n"
+        "    if (ctx.os or {}).get('id') != 'debian':\n        raise ValueError('not Debian')\n"
+        "    yield files.file('/etc/x', 'y')\n"))
+    check_vars(inv, inv.hosts.values(), lambda r: load_role(inv.roles[r]))     # no error
