@@ -2,11 +2,11 @@
 
 A role is `roles/<name>/` (`defaults.yml` + `__init__.py`, importable as `roles.<name>`) with:
 
-    def check(v, ctx) -> Any           optional, PURE: judges the vars the type check cannot
-                                       (paths, ranges, what must not hold a newline) and calls
-                                       reject() on the first bad one. ctx: a VarContext (host
-                                       and inventory, nothing from the server). Runs for every
-                                       host in `invoke check` and before any connection; what it
+    def check(v, ctx) -> Any           PURE: judges the vars the type check cannot (paths,
+                                       ranges, what must not hold a newline) and calls reject()
+                                       on the first bad one. ctx: a VarContext (host and
+                                       inventory, nothing from the server). Runs for every host
+                                       in `invoke check` and before any connection; what it
                                        returns is the role's own (e.g. settings derived from v).
     def resources(v, ctx)              yields Resources, in order. ctx: a RoleContext (also the
                                        server's os facts and check mode). Call check(v, ctx)
@@ -37,12 +37,12 @@ from provisioner.templating import Rendered, is_secret, render
 handler = systemd.handler          # steps for a handler: optional validate, then the action
 
 __all__ = [
-    "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "Noop",
-    "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE", "Unreachable",
-    "VarContext", "VarError", "abs_path", "apt", "check_key", "commands", "config_settings",
-    "directory_step",
-    "file_fact", "file_group", "files", "handler", "is_secret", "lines", "links", "reject", "render",
-    "run_step", "sha256", "sysctl", "systemd", "templates", "ufw", "users", "write_step",
+    "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "NotAResource",
+    "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
+    "Unreachable", "VarContext", "VarError", "abs_path", "apt", "check_key", "commands",
+    "config_settings", "directory_step", "file_fact", "file_group", "files", "handler",
+    "is_secret", "lines", "links", "reject", "render", "run_step", "sha256", "sysctl", "systemd",
+    "templates", "ufw", "users", "write_step",
 ]
 
 
