@@ -84,11 +84,11 @@ __all__ = [
     "available_envs", "read_yaml", "YamlDoc",
 ]
 
-ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-VAULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+VAULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def format_path(path: Iterable) -> str:
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif isinstance(part, str) and re.match(r"^[A-Za-z0-9_-]+$", part):
+        elif isinstance(part, str) and re.match(r"^[A-Za-z0-9_-]+\Z", part):
             out += f".{part}" if out else part
         else:
             out += f"[{part!r}]"

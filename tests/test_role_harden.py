@@ -91,10 +91,25 @@ def test_bastions_get_tcp_forwarding_and_a_custom_port():
     ({"harden_fail2ban_bantime": "one hour"}, None, r"harden_fail2ban_bantime: .*fail2ban time"),
     ({"harden_admin_users": [{"name": "alice"}]}, None, r"harden_admin_users\[0\].keys: no SSH public key"),
     ({"harden_admin_users": [{"name": "deploy", "keys": [PUBKEY]}]}, None, r"is the deploy user"),
+    ({"harden_ssh_host_keys": ["/etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes"]}, None,
+     r"harden_ssh_host_keys: .*not a key file under /etc/ssh/"),
+    ({"harden_ssh_host_keys": ["/etc/ssh/../shadow"]}, None, r"harden_ssh_host_keys: "),
+    ({"harden_deploy_user": "deploy\n"}, None, r"harden_deploy_user: .*not a user/group name"),
+    ({"harden_ssh_allow_groups": ["sshusers\n"]}, None, r"harden_ssh_allow_groups: "),
+    ({"harden_ssh_kex": ["curve25519-sha256\n"]}, None, r"harden_ssh_kex: "),
+    ({"harden_journal_max_use": "500M\n"}, None, r"harden_journal_max_use: "),
 ])
 def test_bad_vars_are_refused_naming_the_var_and_the_fix(over, host, match):
     with pytest.raises(ValueError, match=match):
         _resources(host=host, **over)
+
+
+def test_no_var_can_add_an_sshd_directive():
+    """A host key path with a newline used to put `PermitRootLogin yes` above the template's
+    `no` (sshd takes the first value)."""
+    injected = "/etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes"
+    with pytest.raises(ValueError):
+        _resources(harden_ssh_host_keys=[injected])
 
 
 def test_small_rsa_keys_are_refused_before_sshd_would_refuse_them():

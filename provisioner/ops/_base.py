@@ -26,8 +26,8 @@ class PlanError(ValueError):
     file is wanted). The runner reports it as a failed resource; nothing is applied."""
 
 
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]*\$?$")
-MODE_RE = re.compile(r"^[0-7]{3,4}$")
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]*\$?\Z")
+MODE_RE = re.compile(r"^[0-7]{3,4}\Z")
 
 
 def abs_path(path: str) -> str:

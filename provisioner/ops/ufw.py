@@ -59,7 +59,7 @@ PROTOS = ("tcp", "udp", "any")
 POLICY_WORDS = {"deny": "DROP", "allow": "ACCEPT", "reject": "REJECT"}
 POLICY_KEYS = {"incoming": "DEFAULT_INPUT_POLICY", "outgoing": "DEFAULT_OUTPUT_POLICY",
                "routed": "DEFAULT_FORWARD_POLICY"}
-COMMENT_RE = re.compile(r"^[A-Za-z0-9 _.,:/@()+=#-]{1,100}$")
+COMMENT_RE = re.compile(r"^[A-Za-z0-9 _.,:/@()+=#-]{1,100}\Z")
 TUPLE_RE = re.compile(r"^### tuple ###\s*(.*?)\s*$")
 
 

@@ -40,13 +40,14 @@ SSHD_CONFIG = "/etc/ssh/sshd_config"
 SYSCTL_FILE = "/etc/sysctl.d/60-harden.conf"
 BASE_PACKAGES = ["openssh-server", "sudo", "ufw", "nftables", "fail2ban", "python3-systemd",
                  "unattended-upgrades", "logrotate"]
-ALGO_RE = re.compile(r"^[a-z0-9][a-z0-9@.+-]*$")
+ALGO_RE = re.compile(r"^[a-z0-9][a-z0-9@.+-]*\Z")
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
              "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
              "sk-ecdsa-sha2-nistp256@openssh.com")
-TIME_RE = re.compile(r"^\d+[smhdw]?$")
-SIZE_RE = re.compile(r"^\d+[KMGT]?$")
-CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+TIME_RE = re.compile(r"^\d+[smhdw]?\Z")
+SIZE_RE = re.compile(r"^\d+[KMGT]?\Z")
+CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d\Z")
+HOST_KEY_RE = re.compile(r"/etc/ssh/[A-Za-z0-9_.-]+")       # fullmatch: one path, one line
 
 
 # --- a step that is configured elsewhere but cannot apply here ---------------------------------
@@ -220,7 +221,7 @@ def check_vars(v: dict, ctx) -> Settings:
     for var in ("harden_ssh_kex", "harden_ssh_ciphers", "harden_ssh_macs", "harden_ssh_host_key_algorithms"):
         _algos(var, v[var])
     for p in v["harden_ssh_host_keys"]:
-        if not isinstance(p, str) or not p.startswith("/etc/ssh/"):
+        if not isinstance(p, str) or not HOST_KEY_RE.fullmatch(p) or ".." in p:
             raise _bad("harden_ssh_host_keys", f"{p!r} is not a key file under /etc/ssh/", "list host key paths")
     _int("harden_ssh_moduli_min_bits", v["harden_ssh_moduli_min_bits"], 2048, 8192)
     _int("harden_ssh_max_auth_tries", v["harden_ssh_max_auth_tries"], 1, 10)
@@ -250,18 +251,18 @@ def check_vars(v: dict, ctx) -> Settings:
     if v["harden_time_sync"] not in ("systemd-timesyncd", "chrony"):
         raise _bad("harden_time_sync", f"{v['harden_time_sync']!r} is unknown", "use systemd-timesyncd or chrony")
     for s in v["harden_ntp_servers"]:
-        if not isinstance(s, str) or not re.match(r"^[A-Za-z0-9.:-]+$", s):
+        if not isinstance(s, str) or not re.match(r"^[A-Za-z0-9.:-]+\Z", s):
             raise _bad("harden_ntp_servers", f"{s!r} is not a host name or address", "list NTP server names")
     if not SIZE_RE.match(str(v["harden_journal_max_use"])):
         raise _bad("harden_journal_max_use", f"{v['harden_journal_max_use']!r} is not a size", "write e.g. 500M or 2G")
     log = v["harden_sudo_logfile"]
-    if not isinstance(log, str) or not re.match(r"^/var/log/[A-Za-z0-9._/-]+$", log) or ".." in log:
+    if not isinstance(log, str) or not re.match(r"^/var/log/[A-Za-z0-9._/-]+\Z", log) or ".." in log:
         raise _bad("harden_sudo_logfile", f"{log!r}", "use a path under /var/log/")
     _int("harden_shell_timeout", v["harden_shell_timeout"], 0, 86400)
     if not isinstance(v["harden_banner"], str) or not v["harden_banner"].strip():
         raise _bad("harden_banner", "empty", "write a short warning text")
     for m in v["harden_blacklist_modules"]:
-        if not isinstance(m, str) or not re.match(r"^[a-z0-9_-]+$", m):
+        if not isinstance(m, str) or not re.match(r"^[a-z0-9_-]+\Z", m):
             raise _bad("harden_blacklist_modules", f"{m!r} is not a module name", "write e.g. usb-storage")
 
     # ufw: the trusted sources, then the SSH rate limit for everyone else, then the host's ports

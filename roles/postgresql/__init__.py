@@ -35,12 +35,12 @@ TOOL_DIR = "/usr/local/lib/provisioner"
 TOOL = f"{TOOL_DIR}/pgtool.py"
 HANDLER = "reload postgresql"
 
-IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)$")
-SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
+MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)\Z")
+SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?\Z")
 HBA_KEYWORDS = {"all", "sameuser", "samerole", "samegroup", "replication", "public"}
 NOT_MANAGED = {"postgres", "template0", "template1"}
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]+\Z")
 
 
 def _ident(name, what: str) -> str:

@@ -15,9 +15,9 @@ from provisioner.templating import is_secret
 HANDLER = "restart redis"
 POLICIES = ("noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",
             "volatile-lfu", "volatile-random", "volatile-ttl")
-MEMORY_RE = re.compile(r"^[0-9]+(b|k|kb|m|mb|g|gb)?$", re.I)
-PASSWORD_RE = re.compile(r'^[!#-&(-\[\]-~]{16,512}$')       # printable ASCII but space " ' \
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+MEMORY_RE = re.compile(r"^[0-9]+(b|k|kb|m|mb|g|gb)?\Z", re.I)
+PASSWORD_RE = re.compile(r'^[!#-&(-\[\]-~]{16,512}\Z')       # printable ASCII but space " ' \
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]*\Z")
 MANAGED = {"bind", "port", "protected-mode", "requirepass", "maxmemory", "maxmemory-policy",
            "daemonize", "supervised", "pidfile", "logfile", "dir", "dbfilename", "include",
            "user", "aclfile"}
