@@ -107,6 +107,12 @@ def config(v: dict, ctx) -> dict:
     except ValueError:
         raise ValueError(f"postgresql_listen_address: {listen!r} is not an IP address; set "
                          "postgresql_listen_address to the server's private IP address") from None
+    if ipaddress.ip_address(listen).is_global:
+        given = ("postgresql_listen_address" if v["postgresql_listen_address"]
+                 else "the host's inventory address")
+        raise ValueError(f"postgresql_listen_address: {given} {listen} is a public address, and "
+                         "PostgreSQL must not listen on one; set postgresql_listen_address to "
+                         "the server's private IP address")
 
     sources: list[tuple[str, str]] = []           # (CIDR, where it comes from)
     group = v["postgresql_client_group"]

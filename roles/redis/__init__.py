@@ -43,6 +43,11 @@ def config(v: dict, ctx) -> dict:
     except ValueError:
         raise ValueError(f"redis_bind_address: {address!r} is not an IP address; set "
                          "redis_bind_address to the server's private IP address") from None
+    if ip.is_global:
+        given = "redis_bind_address" if v["redis_bind_address"] else "the host's inventory address"
+        raise ValueError(f"redis_bind_address: {given} {address} is a public address, and redis "
+                         "must not listen on one; set redis_bind_address to the server's "
+                         "private IP address (or 127.0.0.1 for local clients only)")
     bind = "127.0.0.1 -::1" + ("" if ip.is_loopback else f" {ip}")
     pw = v["redis_password"]
     if not is_secret(pw):
