@@ -309,13 +309,17 @@ class Runner:
             return
         except Exception as e:  # any failure of the check means: undo
             error = f"{type(e).__name__}: {e}"
-        steps = []
+        steps, done, kept = [], [], []
         for path in g.files:
             old = before.file(path)
             if old.exists and old.type == "file" and old.content is not None:
                 steps.append(write_step(path, old.content, old.mode, old.owner, old.group))
             elif not old.exists:
                 steps.append(run_step(["rm", "-f", "--", path]))
+            else:                 # its old bytes were never read: say so, never "restored"
+                kept.append(f"{path} ({'binary or over 256 KiB' if old.type == 'file' else old.type})")
+                continue
+            done.append(path)
         steps += list(g.after_rollback)
         r = conn.run(agent.command(), stdin=agent.payload(
             "apply", {"changes": [{"id": "0", "resource": f"rollback {g.name}", "steps": steps, "notify": []}],
@@ -325,7 +329,10 @@ class Runner:
         except (agent.AgentError, KeyError, IndexError):
             restored = False
         res.failed += 1
-        what = ", ".join(g.files)
-        step(f"guard {g.name}", "failed",
-             f"{error}; " + (f"restored the previous {what}" if restored else
-                             f"COULD NOT restore {what}: fix it through the open session or the console"))
+        said = (f"restored the previous {', '.join(done) or 'nothing'}" if restored else
+                f"COULD NOT restore {', '.join(g.files)}")
+        if restored and kept:
+            said += f"; COULD NOT restore {', '.join(kept)}"
+        if not restored or kept:
+            said += ": fix it through the open session or the console"
+        step(f"guard {g.name}", "failed", f"{error}; {said}")
