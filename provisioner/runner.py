@@ -177,7 +177,10 @@ class Runner:
                                                 res.changed, res.failed)
                     r = conn.run(agent.command(), stdin=agent.payload(
                         "finish", lock.finish_request(owner["run_id"], audit)))
-                    agent.parse(r.stdout, r.stderr, r.rc)
+                    if agent.parse(r.stdout, r.stderr, r.rc).get("busy"):
+                        self.events.warn(f"kept the run lock {lock.LOCK_DIR}: a command of this "
+                                         "run is still running there and could not be stopped",
+                                         host=host.name)
         except Unreachable as e:
             res.status, res.error = "unreachable", str(e)
             self.events.step(host=host.name, role=None, resource="connection", status="unreachable",
@@ -271,7 +274,9 @@ class Runner:
                 res.changed += 1
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
             return
-        r = conn.run(agent.command(), stdin=agent.payload("apply", agent.apply_request(changes, handlers)))
+        request = agent.apply_request(changes, handlers)
+        request["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
+        r = conn.run(agent.command(), stdin=agent.payload("apply", request))
         try:
             answer = agent.parse(r.stdout, r.stderr, r.rc)
         except agent.AgentError as e:       # e.g. the connection's user lost sudo mid-run

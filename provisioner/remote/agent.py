@@ -43,6 +43,7 @@ SYSCTL_DIRS = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/us
                "/lib/sysctl.d")
 
 STATS = {"commands": 0}
+CHILDREN = set()             # process groups of the commands running now (see _on_term)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +76,7 @@ def _run(argv, stdin=None, env=None, timeout=None):
         return 127, "command not found: %s" % (e.filename or argv[0])
     except PermissionError as e:
         return 126, "permission denied: %s" % (e.filename or argv[0])
+    CHILDREN.add(p.pid)
     try:
         out, _ = p.communicate(stdin.encode() if isinstance(stdin, str) else stdin, timeout)
     except subprocess.TimeoutExpired:
@@ -84,7 +86,20 @@ def _run(argv, stdin=None, env=None, timeout=None):
             pass
         out, _ = p.communicate()
         return 124, out.decode("utf-8", "replace") + "\ntimed out after %ss" % timeout
+    finally:
+        CHILDREN.discard(p.pid)
     return p.returncode, out.decode("utf-8", "replace")
+
+
+def _on_term(signum, frame):
+    """Stopped (finish after a command timeout, or the revert timer): take the commands we
+    started with us; each runs in its own process group."""
+    for pid in list(CHILDREN):
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+    os._exit(128 + signum)
 
 
 def _run_split(argv, timeout=None):
@@ -505,44 +520,166 @@ FACTS = {
 }
 
 
-def run_lock(req):
-    """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock older
-    than its TTL is stale, and so is one whose run id is take_from (its process is gone): it
-    is taken over and the old owner reported. The runner asks for this only outside check
-    mode: check mode writes nothing."""
-    d = req["dir"]
-    owner = req["owner"]
-    os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
+# The run lock: a directory (atomic mkdir) holding owner.json. Every look at it and change
+# of it (take, take over, release) happens under MUTEX, a flock on a file beside it, so two
+# agents never both decide to take over the same stale lock. An exec that works under a run
+# (apply) holds a shared flock on EXEC_LOCK inside the directory for its whole life and
+# records its PID in EXEC_PID: while it lives, the lock is neither stale nor released.
+MUTEX_SUFFIX = ".mutex"
+EXEC_LOCK = "exec.lock"
+EXEC_PID = "exec.pid"
+STOP_WAIT = 10               # seconds a stopped exec gets to end before SIGKILL
 
-    def take():
-        os.mkdir(d, 0o700)
-        with open(os.path.join(d, "owner.json"), "w") as f:
-            json.dump(owner, f)
-        return {"acquired": True}
 
-    try:
-        return take()
-    except FileExistsError:
-        pass
+class _Mutex(object):
+    def __init__(self, d):
+        import fcntl
+        os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
+        self.fd = os.open(d + MUTEX_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _holder(d, ttl):
     try:
         with open(os.path.join(d, "owner.json")) as f:
-            holder = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        holder = {"started_epoch": os.stat(d).st_mtime, "ttl": owner["ttl"], "who": "unknown (no owner.json)"}
-    age = time.time() - holder.get("started_epoch", 0)
-    # take_from: the controller found this holder's process dead on its own machine
-    dead = req.get("take_from") is not None and holder.get("run_id") == req["take_from"]
-    if age <= holder.get("ttl", 0) and not dead:
-        return {"acquired": False, "holder": holder, "age": age}
-    shutil.rmtree(d, ignore_errors=True)
-    out = take()
-    out["stale"] = holder
-    out["dead"] = dead
-    return out
+        return {"started_epoch": os.stat(d).st_mtime, "ttl": ttl, "who": "unknown (no owner.json)"}
+
+
+def _age(holder):
+    """Seconds since the run last showed it was alive (it refreshes on every exec)."""
+    return time.time() - max(holder.get("started_epoch", 0), holder.get("refreshed_epoch", 0))
+
+
+def _exec_busy(d):
+    """True while an exec of the lock's run holds EXEC_LOCK (it is alive)."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(d, EXEC_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, doc):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.rename(tmp, path)
+
+
+def run_lock(req):
+    """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock not
+    refreshed within its TTL is stale, and so is one whose run id is take_from (its process
+    is gone): it is taken over and the old owner reported, unless an exec of that run is
+    still alive on this server. The runner asks for this only outside check mode."""
+    d = req["dir"]
+    owner = dict(req["owner"])
+    with _Mutex(d):
+        def take():
+            os.mkdir(d, 0o700)
+            _write_json(os.path.join(d, "owner.json"), owner)
+            return {"acquired": True}
+
+        try:
+            return take()
+        except FileExistsError:
+            pass
+        holder = _holder(d, owner["ttl"])
+        age = _age(holder)
+        # take_from: the controller found this holder's process dead on its own machine
+        dead = req.get("take_from") is not None and holder.get("run_id") == req["take_from"]
+        if age <= holder.get("ttl", 0) and not dead:
+            return {"acquired": False, "holder": holder, "age": age}
+        if _exec_busy(d):
+            return {"acquired": False, "holder": holder, "age": age, "busy": True}
+        # aside by one rename, then gone: no one ever sees a half-removed lock
+        aside = "%s.stale-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
+        os.rename(d, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        out = take()
+        out["stale"] = holder
+        out["dead"] = dead
+        return out
+
+
+EXEC_HOLD = []               # the open EXEC_LOCK of this exec: closed when the process ends
+
+
+def hold_run(req):
+    """At the start of an exec under a run: check the lock is still this run's, hold
+    EXEC_LOCK for the rest of the process, record our PID and refresh the lock's TTL.
+    Returns an error message when the lock is not ours any more (nothing is applied then)."""
+    import fcntl
+    d = req["dir"]
+    with _Mutex(d):
+        try:
+            with open(os.path.join(d, "owner.json")) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            return "the run lock %s is gone (released or taken over); nothing applied" % d
+        if holder.get("run_id") != req["run_id"]:
+            return ("the run lock %s is held by another run now (%s@%s, run %s); nothing applied"
+                    % (d, holder.get("who"), holder.get("from"), holder.get("run_id")))
+        fd = os.open(os.path.join(d, EXEC_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        EXEC_HOLD.append(fd)
+        _write_json(os.path.join(d, EXEC_PID), {"pid": os.getpid(), "start": _start_ticks(os.getpid())})
+        holder["refreshed_epoch"] = time.time()
+        _write_json(os.path.join(d, "owner.json"), holder)
+    return None
+
+
+def _start_ticks(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_exec(d):
+    """Stop a still-running exec of this run (e.g. after the controller's command timeout):
+    SIGTERM (it kills its command's process group), then SIGKILL. True when it ended."""
+    import signal
+    try:
+        with open(os.path.join(d, EXEC_PID)) as f:
+            rec = json.load(f)
+        pid = int(rec["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return not _exec_busy(d)
+    for sig, wait in ((signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, 5)):
+        if _start_ticks(pid) != rec.get("start"):
+            break                                # gone (or the PID is someone else's now)
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and _exec_busy(d):
+            time.sleep(0.1)
+        if not _exec_busy(d):
+            return True
+    return not _exec_busy(d)
 
 
 def finish(req):
-    """Append the audit line (when the run changed something) and release our run lock."""
+    """Append the audit line (when the run changed something) and release our run lock; an
+    exec of ours still running (a command that timed out) is stopped first, and while it
+    cannot be stopped the lock stays."""
     if req.get("audit"):
         log = req["audit_log"]
         os.makedirs(os.path.dirname(log), mode=0o750, exist_ok=True)
@@ -553,15 +690,20 @@ def finish(req):
         finally:
             os.close(fd)
     d = req["dir"]
-    try:
-        with open(os.path.join(d, "owner.json")) as f:
-            mine = json.load(f).get("run_id") == req["run_id"]
-    except (OSError, ValueError):
-        mine = False
-    if mine:
-        os.unlink(os.path.join(d, "owner.json"))
-        os.rmdir(d)
-    return {"released": mine}
+    with _Mutex(d):
+        try:
+            with open(os.path.join(d, "owner.json")) as f:
+                mine = json.load(f).get("run_id") == req["run_id"]
+        except (OSError, ValueError):
+            mine = False
+        if not mine:
+            return {"released": False}
+        if _exec_busy(d) and not _stop_exec(d):
+            return {"released": False, "busy": True}
+        aside = "%s.done-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
+        os.rename(d, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    return {"released": True}
 
 
 def gather(request):
@@ -862,12 +1004,16 @@ def apply(request):
 
 def main(req):
     started = time.time()
+    import signal
+    signal.signal(signal.SIGTERM, _on_term)
     try:
         op = req.get("op")
         if op == "facts":
             body = {"facts": gather(req.get("request") or {})}
         elif op == "apply":
-            body = apply(req.get("request") or {})
+            request = req.get("request") or {}
+            refused = hold_run(request["run_lock"]) if request.get("run_lock") else None
+            body = {"error": refused} if refused else apply(request)
         elif op == "finish":
             body = finish(req.get("request") or {})
         elif op == "ping":
