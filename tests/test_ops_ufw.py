@@ -78,6 +78,16 @@ class FakeUfw:
 
     def run(self, argv):
         assert argv[0] == "ufw"
+        if argv[1:3] == ["--force", "delete"] and len(argv) > 4:      # by spec: the keep rule
+            assert argv[3:] == ufw._keep_argv(argv[-1]), argv
+            for fam, rules in (("v4", self.v4), ("v6", self.v6)):
+                rules.remove(ufw._keep_tuple(argv[-1], fam)) if ufw._keep_tuple(argv[-1], fam) in rules else None
+            return
+        if argv[1:] == ufw._keep_argv(argv[-1]):
+            for fam, rules in (("v4", self.v4), ("v6", self.v6)):
+                if ufw._keep_tuple(argv[-1], fam) not in rules:
+                    rules.append(ufw._keep_tuple(argv[-1], fam))
+            return
         if argv[1:3] == ["--force", "delete"]:
             n = int(argv[3]) - 1
             if n < len(self.v4):
@@ -136,6 +146,37 @@ def test_the_plan_turns_any_rule_set_into_any_other():
         assert all(isinstance(c, Noop) for c in again)
         cases += 1
     assert cases == 400
+
+
+def _ssh_open(v4):
+    return any(t.split()[:3] in (["allow", "tcp", "22"], ["limit", "tcp", "22"]) and t.split()[5] == "0.0.0.0/0"
+               for t in v4)
+
+
+def test_ssh_stays_open_at_every_step_of_any_change():
+    """Add before delete: with keep_open, no moment between two ufw commands has the SSH port
+    closed (a failure there would leave it so, under default deny)."""
+    rng = random.Random(7)
+    ssh = POOL[1]                                      # limit 22/tcp from anywhere
+    for _ in range(300):
+        have = rng.sample(POOL, rng.randint(0, len(POOL)))
+        want = rng.sample(POOL, rng.randint(0, len(POOL)))
+        for rules in (have, want):
+            if ssh not in rules:
+                rules.insert(rng.randint(0, len(rules)), ssh)
+        v4 = [r.tuple_text("v4") for r in have if "v4" in r.families]
+        v6 = [r.tuple_text("v6") for r in have if "v6" in r.families]
+        if rng.random() < 0.2:                         # a failed earlier run left its keep rule
+            v4.insert(rng.randint(0, len(v4)), ufw._keep_tuple("22", "v4"))
+            v6.insert(rng.randint(0, len(v6)), ufw._keep_tuple("22", "v6"))
+        fw = ufw.firewall(want, keep_open=[22])
+        model = FakeUfw(v4, v6)
+        for c in fw.plan(_facts(v4, v6)):
+            for step in getattr(c, "steps", ()):
+                model.run(step["run"])
+                assert _ssh_open(model.v4), (have, want, step["run"])
+        assert model.v4 == [r.tuple_text("v4") for r in want if "v4" in r.families], (have, want)
+        assert model.v6 == [r.tuple_text("v6") for r in want if "v6" in r.families], (have, want)
 
 
 def test_only_what_differs_is_touched():

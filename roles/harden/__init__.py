@@ -373,7 +373,8 @@ def resources(v, ctx):
     # 3. firewall. ufw re-applies a sysctl file whenever it starts: make it ours, not its own
     #    (whose log_martians=0 would undo ours).
     yield lines.line("/etc/default/ufw", f"IPT_SYSCTL={SYSCTL_FILE}", regexp=r"^\s*IPT_SYSCTL=")
-    yield ufw.firewall(s.rules, incoming="deny", outgoing=v["harden_ufw_outgoing"], routed="deny")
+    yield ufw.firewall(s.rules, incoming="deny", outgoing=v["harden_ufw_outgoing"], routed="deny",
+                       keep_open=[s.port] + ([s.old_port] if s.old_port else []))
 
     # 4. fail2ban
     ssh_ports = [s.port] + ([s.old_port] if s.old_port else [])
