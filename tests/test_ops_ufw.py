@@ -238,3 +238,34 @@ def test_real_ufw_converges_from_a_hand_made_mess(tmp_path):
         assert status.index("LIMIT IN") < status.index("10.77.0.1")
     finally:
         invoke("testbed.reset", SERVER)             # leave no firewall behind for the next test
+
+
+@pytest.mark.usefixtures("testbed")
+def test_a_change_cut_short_after_its_deletions_leaves_ssh_open(tmp_path):
+    """Add before delete, on the real ufw: run a rules change only up to its last delete (as if
+    the next command failed), under default deny; a brand-new SSH login must still get in."""
+    invoke("testbed.reset", SERVER)
+    inv = engine_helpers.inventory(tmp_path, [SERVER], ["base"])
+    try:
+        sh(SERVER, "apt-get install -y -q --no-install-recommends ufw >/dev/null 2>&1 || "
+                   "(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ufw >/dev/null)")
+        sh(SERVER, "ufw default deny incoming && ufw allow 8080/tcp && ufw limit 22/tcp && ufw --force enable")
+        want = [ufw.rule("allow", 443, "tcp"), ufw.rule("limit", 22, "tcp", comment="ssh")]
+        fw = ufw.firewall(want, keep_open=[22])
+        with Connection(inv.hosts[SERVER], inv.known_hosts) as conn:
+            answer = agent.parse(*_run(conn, "facts", ops.request([fw])))
+            (rules,) = [c for c in fw.plan(Facts(answer["facts"])) if isinstance(c, Change) and c.action == "rules"]
+            last_delete = max(i for i, s in enumerate(rules.steps) if s["run"][1:3] == ["--force", "delete"]
+                              and s["run"][3].isdigit())
+            cut = Change(rules.resource, rules.action, rules.why, rules.steps[:last_delete + 1])
+            assert agent.parse(*_run(conn, "apply", agent.apply_request([cut], {})))["ok"]
+        assert "22" not in " ".join(t.split()[2] for t in ufw.parse_tuples(sh(SERVER, "cat /etc/ufw/user.rules").stdout)
+                                    if t.split()[4] == "any"), "the SSH rules were meant to be deleted here"
+        with Connection(inv.hosts[SERVER], inv.known_hosts) as fresh:     # a new TCP connection
+            assert fresh.run(["true"]).rc == 0
+            _apply(fresh, fw)
+            assert [type(c) for c in _apply(fresh, fw)] == [Noop]
+        v4 = ufw.parse_tuples(sh(SERVER, "cat /etc/ufw/user.rules").stdout)
+        assert v4 == [r.tuple_text("v4") for r in want]                # the keep rule is gone
+    finally:
+        invoke("testbed.reset", SERVER)

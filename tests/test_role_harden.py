@@ -213,6 +213,19 @@ def test_known_hosts_on_a_new_port_reuse_the_verified_keys(tmp_path):
         moved.unlink()
 
 
+def test_known_hosts_moving_from_one_custom_port_to_another(tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text("[192.0.2.10]:2222 ssh-ed25519 AAAAkey1\n192.0.2.100 ssh-ed25519 AAAAother\n"
+                  "[192.0.2.10]:2222 ecdsa-sha2-nistp256 AAAAkey2\n")
+    for port, name in ((2200, "[192.0.2.10]:2200"), (22, "192.0.2.10")):
+        moved = HARDEN["_known_hosts_for"](kh, "192.0.2.10", port)
+        try:
+            added = [l for l in moved.read_text().splitlines() if l.startswith(name + " ")]
+            assert added == [f"{name} ssh-ed25519 AAAAkey1", f"{name} ecdsa-sha2-nistp256 AAAAkey2"]
+        finally:
+            moved.unlink()
+
+
 # --- live: one server provisioned, attacked from another ----------------------------------------
 
 SERVER = engine_helpers.test_server("web1")
@@ -554,3 +567,21 @@ def test_a_custom_ssh_port(hardened, tmp_path):
     assert "2222/tcp" in status and not re.search(r"^22/tcp", status, re.M)
     with pytest.raises(OSError):                     # refused or dropped (NoValidConnectionsError, timeout)
         _login_as("deploy", port=22).close()
+
+
+def test_moving_ssh_from_one_custom_port_to_another(hardened, tmp_path):
+    """After test_a_custom_ssh_port (the server is on 2222): the known_hosts of a server that has
+    always been on 2222 names it only as [addr]:2222; the guard must still log in on 2200."""
+    if "port 2222" not in sh(SERVER, "sshd -T").stdout:
+        pytest.skip("needs the server left on port 2222 by test_a_custom_ssh_port")
+    addr = ADDRESSES[SERVER]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("".join(f"[{addr}]:2222 {l.split(' ', 1)[1]}\n"
+                          for l in (REPO / ".testbed" / "known_hosts").read_text().splitlines()
+                          if l.split(" ", 1)[0] == addr))
+    run = Run(_inv(tmp_path, name="port2200", port=2222, known_hosts=kh, harden_ssh_port=2200))
+    assert run.exit_code == 0, _failed(run)
+    assert "guard fresh SSH login as deploy with sudo on port 2200" in {
+        e["resource"] for e in run.steps(status="ok")}
+    assert "port 2200" in sh(SERVER, "sshd -T").stdout
+    _login_as("deploy", port=2200).close()

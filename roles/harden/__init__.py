@@ -498,15 +498,17 @@ def handlers(v):
 
 def _known_hosts_for(path: Path, address: str, port: int) -> Path:
     """known_hosts entries for address:port. On a new port the server presents the same host keys
-    the run has already verified on the old one: copy them to a temporary file under the new name."""
-    if port == 22:
-        return path
+    the run has already verified on the old one (22 or a custom port): copy them to a temporary
+    file under the new name."""
     text = path.read_text() if path.exists() else ""
-    name = f"[{address}]:{port}"
-    if any(line.split(" ", 1)[0].split(",").count(name) for line in text.splitlines()):
+    name = address if port == 22 else f"[{address}]:{port}"
+    rows = [line.split(None, 1) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and len(line.split(None, 1)) == 2]
+    if any(name in names.split(",") for names, _ in rows):
         return path
-    extra = [f"{name} {line.split(' ', 1)[1]}" for line in text.splitlines()
-             if line and not line.startswith("#") and address in line.split(" ", 1)[0].split(",")]
+    mine = re.compile(rf"{re.escape(address)}|\[{re.escape(address)}\]:\d+")
+    extra = list(dict.fromkeys(f"{name} {key}" for names, key in rows
+                               if any(mine.fullmatch(n) for n in names.split(","))))
     tmp = tempfile.NamedTemporaryFile("w", prefix="harden-known-hosts-", delete=False)
     tmp.write(text + "".join(x + "\n" for x in extra))
     tmp.close()
