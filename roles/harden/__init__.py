@@ -8,7 +8,7 @@ Order matters and is the safety story:
 3. ufw: the trusted sources first, then the rate-limited SSH port, then the ports the host needs;
 4. fail2ban, unattended security upgrades, sysctl, time sync, journal, access logging.
 sshd is reloaded (after `sshd -t`) once at the end of the role. Then the guard opens a BRAND-NEW
-SSH connection as the deploy user on the new port and runs `sudo -n true`: if that fails, the
+SSH connection as the deploy user on the new port and runs the agent under sudo: if that fails, the
 sshd_config and sudoers file are restored from what they were before the run, sshd is reloaded,
 and the role fails saying why. The connection the run came in on stays open throughout.
 
@@ -516,16 +516,18 @@ def _known_hosts_for(path: Path, address: str, port: int) -> Path:
 
 
 def login_check(host, known_hosts: Path, users_: list[str], port: int):
-    """A brand-new SSH connection per user on `port`, then `sudo -n true` over it."""
+    """A brand-new SSH connection per user on `port`, then the agent under sudo over it, the way
+    every later exec will run (`true` ignored stdin, so it passed where the agent failed)."""
     for user in users_:
         target = dataclasses.replace(host, port=port, user=user)
         kh = _known_hosts_for(Path(known_hosts), host.address, port)
         try:
             with Connection(target, kh, host.sudo_password) as c:
-                r = c.run(["true"])
-                if r.rc != 0:
-                    raise RuntimeError(f"{user} logged in on port {port} but `sudo true` failed "
-                                       f"(exit {r.rc}): {r.stderr.decode(errors='replace').strip()[-300:]}")
+                try:
+                    c.ping()
+                except RuntimeError as e:           # AgentError: sudo or the agent failed
+                    raise RuntimeError(f"{user} logged in on port {port} but the agent under "
+                                       f"sudo failed: {str(e)[-300:]}") from None
         finally:
             if kh != Path(known_hosts):
                 kh.unlink(missing_ok=True)
