@@ -71,7 +71,7 @@ def source() -> str:
 
 
 def payload(op: str, request: Mapping) -> bytes:
-    if op not in ("facts", "apply", "finish", "ping"):
+    if op not in ("facts", "apply", "finish", "ping", "switch"):
         raise ValueError(f"unknown agent op {op!r}")
     return json.dumps({"v": PROTOCOL, "op": op, "code": source(), "request": request},
                       separators=(",", ":")).encode("utf-8")

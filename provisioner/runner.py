@@ -53,6 +53,16 @@ class Guard:
     files: tuple[str, ...]
     check: Callable[[Host], None]
     after_rollback: tuple[dict, ...] = ()
+    resources: tuple[str, ...] = ()          # other resource ids whose change triggers it ("ufw")
+    # the dead man's switch (see remote/agent.py arm_switch): before the first change it
+    # watches, these paths are copied aside on the server and a timer armed that restores them
+    # and runs revert_after (argv lists) in revert_seconds unless the passed check disarms it
+    revert_paths: tuple[str, ...] = ()
+    revert_after: tuple[tuple[str, ...], ...] = ()
+    revert_seconds: int | None = None
+
+    def watches(self, resource: str) -> bool:
+        return resource.split(" ", 1)[-1] in self.files or resource in self.resources
 
 
 @dataclass
@@ -276,6 +286,7 @@ class Runner:
             return
         request = agent.apply_request(changes, handlers)
         request["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
+        switch_id = self._arm_request(name, guards, changes, request)
         r = conn.run(agent.command(), stdin=agent.payload("apply", request))
         try:
             answer = agent.parse(r.stdout, r.stderr, r.rc)
@@ -301,19 +312,65 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
-        applied = {c.resource.split(" ", 1)[-1] for i, c in enumerate(changes)
-                   if by_id.get(str(i), {}).get("status") == "ok"}
+        applied = [c.resource for i, c in enumerate(changes)
+                   if by_id.get(str(i), {}).get("status") == "ok"]
+        armed = answer.get("switch") or {}
+        if switch_id and not armed.get("armed"):
+            self.events.warn(f"no dead man's switch for role {name}: "
+                             f"{armed.get('why', 'not armed')}", host=host.name)
+        armed = switch_id if armed.get("armed") else None
         for g in guards:
-            if applied & set(g.files):
-                self._guard(conn, host, g, facts, res, step)
+            if any(g.watches(a) for a in applied):
+                if not self._guard(conn, host, g, facts, res, step, armed):
+                    return                   # reverted: the switch is spent
+        if armed:                            # every check passed (or nothing watched changed)
+            self._switch(conn, host, armed, "disarm")
 
-    def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step) -> None:
+    def _arm_request(self, role: str, guards: list[Guard], changes: list[Change], request: dict) -> str | None:
+        """Mark the changes the switch must cover; its id, or None when no guard asks for one."""
+        armed = [g for g in guards if g.revert_seconds]
+        risky = {str(i) for i, c in enumerate(changes) if any(g.watches(c.resource) for g in armed)}
+        if not risky:
+            return None
+        for item in request["changes"]:
+            item["arm"] = item["id"] in risky
+        switch_id = f"{self.events.run_id}-{role}"
+        request["switch"] = {"id": switch_id, "seconds": min(g.revert_seconds for g in armed),
+                             "paths": list(dict.fromkeys(p for g in armed for p in g.revert_paths or g.files)),
+                             "after": [list(a) for a in dict.fromkeys(a for g in armed for a in g.revert_after)]}
+        return switch_id
+
+    def _switch(self, conn: Connection, host: Host, switch_id: str, action: str) -> dict:
+        r = conn.run(agent.command(), stdin=agent.payload("switch", {"id": switch_id, "action": action}))
+        try:
+            return agent.parse(r.stdout, r.stderr, r.rc)
+        except agent.AgentError as e:
+            if action == "disarm":
+                self.events.warn(f"could not disarm the dead man's switch {switch_id}: {e}; the "
+                                 "server will revert this role's lockout-prone changes on its own",
+                                 host=host.name)
+            return {"restored": [], "failed": [str(e)], "after": []}
+
+    def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step,
+               switch_id: str | None = None) -> bool:
+        """The check; on failure, the rollback (the armed switch fired now, or the files put
+        back from the facts). True when the check passed."""
         try:
             g.check(host)
             step(f"guard {g.name}", "ok", "passed after the change")
-            return
+            return True
         except Exception as e:  # any failure of the check means: undo
             error = f"{type(e).__name__}: {e}"
+        if switch_id:
+            out = self._switch(conn, host, switch_id, "revert")
+            res.failed += 1
+            bad = list(out.get("failed") or []) + [
+                f"`{' '.join(a['argv'])}` exit {a['rc']}" for a in out.get("after") or [] if a.get("rc") != 0]
+            said = f"restored the previous {', '.join(out.get('restored') or []) or 'nothing'}"
+            if bad:
+                said += f"; COULD NOT: {'; '.join(bad)}: fix it through the console"
+            step(f"guard {g.name}", "failed", f"{error}; {said}")
+            return False
         steps, done, kept = [], [], []
         for path in g.files:
             old = before.file(path)
@@ -341,3 +398,4 @@ class Runner:
         if not restored or kept:
             said += ": fix it through the open session or the console"
         step(f"guard {g.name}", "failed", f"{error}; {said}")
+        return False

@@ -969,11 +969,14 @@ def apply(request):
     results = []
     notified = set()
     failed = False
+    armed = None
     for ch in changes:
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
                             "error": None, "output": ""})
             continue
+        if ch.get("arm") and armed is None and request.get("switch"):
+            armed = arm_switch(request["switch"])       # just before the first risky change
         r = run_steps(ch.get("steps") or [])
         r["id"] = ch.get("id")
         results.append(r)
@@ -997,7 +1000,152 @@ def apply(request):
         hres.append({"name": name, "status": r["status"], "error": r["error"],
                      "output": r["output"], "rc": r["rc"]})
     ok = not failed and all(h["status"] == "ok" for h in hres)
-    return {"ok": ok, "results": results, "handlers": hres}
+    out = {"ok": ok, "results": results, "handlers": hres}
+    if armed is not None:
+        out["switch"] = armed
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the dead man's switch: before the first change that can cut the controller off (sshd, sudoers,
+# firewall), the files it may touch are copied aside and a transient systemd timer is armed
+# that puts them back and reloads, on its own, unless the controller's guard disarms it after a
+# fresh login worked. So a controller killed mid-run, a dropped network or a hung guard leave
+# the server as it was within a bounded time.
+
+SWITCH_ROOT = "/var/lib/provisioner/revert"
+# run by the timer's service (python3 SCRIPT DIR) and by the guard's rollback: one way back
+REVERT_SCRIPT = r"""
+import fcntl, json, os, subprocess, sys
+d = sys.argv[1]
+lock = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+done = os.path.join(d, "done.json")
+if os.path.exists(done):
+    print(open(done).read())
+    sys.exit(0)
+with open(os.path.join(d, "manifest.json")) as f:
+    m = json.load(f)
+restored, failed = [], []
+for i, e in enumerate(m["files"]):
+    p = e["path"]
+    tmp = "%s.provisioner-revert-%d" % (p, os.getpid())
+    try:
+        if e["kind"] == "absent":
+            if os.path.lexists(p):
+                os.unlink(p)
+        elif e["kind"] == "link":
+            os.symlink(e["target"], tmp)
+            os.rename(tmp, p)
+        elif e["kind"] == "file":
+            with open(os.path.join(d, str(i)), "rb") as f:
+                data = f.read()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, data)
+                os.fchown(fd, e["uid"], e["gid"])
+                os.fchmod(fd, e["mode"])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, p)
+        else:
+            raise OSError("%s was %s before: not restorable" % (p, e["kind"]))
+        restored.append(p)
+    except OSError as ex:
+        failed.append("%s: %s" % (p, ex))
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+after = []
+for argv in m["after"]:
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=120)
+        rc, out = r.returncode, r.stdout.decode("utf-8", "replace")[-2000:]
+    except (OSError, subprocess.SubprocessError) as ex:
+        rc, out = None, str(ex)
+    after.append({"argv": argv, "rc": rc, "output": out})
+result = json.dumps({"restored": restored, "failed": failed, "after": after})
+with open(done, "w") as f:
+    f.write(result)
+print(result)
+"""
+
+
+def _switch_dir(sid):
+    if not re.match(r"[A-Za-z0-9_-]{1,80}\Z", sid):
+        raise StepError("bad switch id %r" % (sid,))
+    return os.path.join(SWITCH_ROOT, sid), "provisioner-revert-%s" % sid
+
+
+def _snapshot(path, into, i):
+    """What `path` is now, and its bytes copied to into/i (never through a symlink)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"path": path, "kind": "absent"}
+    if stat.S_ISLNK(st.st_mode):
+        return {"path": path, "kind": "link", "target": os.readlink(path)}
+    if not stat.S_ISREG(st.st_mode):
+        return {"path": path, "kind": "a directory" if stat.S_ISDIR(st.st_mode) else "special"}
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)                   # of what we read, not of what lstat saw
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    write_file(os.path.join(into, str(i)), data, 0o600)
+    return {"path": path, "kind": "file", "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
+            "gid": st.st_gid}
+
+
+def arm_switch(sw):
+    """Copy sw["paths"] aside and arm the revert timer (sw["seconds"] from now).
+    Returns {"armed": True, "unit", "seconds"} or {"armed": False, "why"}."""
+    d, unit = _switch_dir(sw["id"])
+    if os.path.isdir(d):
+        shutil.rmtree(d)                    # a leftover of this same id: start afresh
+    os.makedirs(d, 0o700)
+    try:
+        files = [_snapshot(p, d, i) for i, p in enumerate(sw["paths"])]
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            json.dump({"files": files, "after": sw.get("after") or []}, f)
+        script = os.path.join(d, "revert.py")
+        with open(script, "w") as f:
+            f.write(REVERT_SCRIPT)
+        rc, out = _run(["systemd-run", "--unit", unit, "--description",
+                        "provisioner: revert a change that may lock the controller out",
+                        "--on-active=%ds" % int(sw["seconds"]), "--timer-property=AccuracySec=1s",
+                        "--property=Type=oneshot", sys.executable, script, d], timeout=30)
+    except (OSError, StepError) as e:
+        rc, out = None, str(e)
+    if rc != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        return {"armed": False, "why": ("systemd-run failed (exit %s): %s" % (rc, out.strip()))[-500:]}
+    return {"armed": True, "unit": unit, "seconds": int(sw["seconds"]),
+            "unrestorable": [f["path"] + " (" + f["kind"] + ")" for f in files
+                             if f["kind"] not in ("absent", "link", "file")]}
+
+
+def switch(req):
+    """disarm: the guard's fresh login worked, stop the timer and drop the copies.
+    revert: the guard failed, put everything back now (what the timer would do)."""
+    d, unit = _switch_dir(req["id"])
+    if req["action"] == "revert":
+        rc, out = _run([sys.executable, os.path.join(d, "revert.py"), d], timeout=300)
+    _run_split(["systemctl", "stop", unit + ".timer"])
+    _run_split(["systemctl", "reset-failed", unit + ".service", unit + ".timer"])
+    if req["action"] == "disarm":
+        shutil.rmtree(d, ignore_errors=True)
+        return {"disarmed": True}
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"restored": [], "failed": ["the revert script failed (exit %s): %s" % (rc, _tail(out, 500))],
+                "after": []}
+    shutil.rmtree(d, ignore_errors=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1016,6 +1164,8 @@ def main(req):
             body = {"error": refused} if refused else apply(request)
         elif op == "finish":
             body = finish(req.get("request") or {})
+        elif op == "switch":
+            body = switch(req.get("request") or {})
         elif op == "ping":
             body = {"pong": True}
         else:

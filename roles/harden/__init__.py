@@ -9,8 +9,11 @@ Order matters and is the safety story:
 4. fail2ban, unattended security upgrades, sysctl, time sync, journal, access logging.
 sshd is reloaded (after `sshd -t`) once at the end of the role. Then the guard opens a BRAND-NEW
 SSH connection as the deploy user on the new port and runs the agent under sudo: if that fails, the
-sshd_config and sudoers file are restored from what they were before the run, sshd is reloaded,
-and the role fails saying why. The connection the run came in on stays open throughout.
+sshd_config, sudoers file and ufw rules are restored from what they were before the run, sshd and
+ufw are reloaded, and the role fails saying why. The connection the run came in on stays open
+throughout. And if the controller never gets that far (killed, network gone, guard hung), the
+server restores them itself: before the first of those changes the agent arms a transient
+systemd timer (harden_lockout_revert_seconds, default 120) that only the passed guard disarms.
 
 Inside a container (systemd-detect-virt: systemd-nspawn, lxc, docker ...) some things cannot
 exist: kernel.* sysctls are read-only, auditd needs the initial user and PID namespace, and time
@@ -543,4 +546,18 @@ def guards(v, ctx):
 
     return [Guard("fresh SSH login as " + " and ".join(who) + f" with sudo on port {port}",
                   (SSHD_CONFIG, SUDOERS), check,
-                  after_rollback=tuple(systemd.handler("reload", "ssh", validate=["sshd", "-t"])))]
+                  after_rollback=tuple(systemd.handler("reload", "ssh", validate=["sshd", "-t"])),
+                  resources=("ufw",),
+                  revert_paths=(SSHD_CONFIG, SUDOERS) + UFW_FILES,
+                  revert_after=REVERT_AFTER,
+                  revert_seconds=_int("harden_lockout_revert_seconds",
+                                      v["harden_lockout_revert_seconds"], 30, 3600))]
+
+
+# what the dead man's switch restores (sshd, sudo, the firewall's rules and state) and reloads
+UFW_FILES = (ufw.USER_RULES, ufw.USER6_RULES, ufw.DEFAULTS, ufw.CONF)
+REVERT_AFTER = (
+    ("sh", "-c", "sshd -t && systemctl reload ssh.service"),
+    ("sh", "-c", "command -v ufw >/dev/null || exit 0; "
+                 "if grep -qs '^ENABLED=yes' /etc/ufw/ufw.conf; then ufw reload; else ufw --force disable; fi"),
+)
