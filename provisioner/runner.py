@@ -341,15 +341,16 @@ class Runner:
         return switch_id
 
     def _switch(self, conn: Connection, host: Host, switch_id: str, action: str) -> dict:
-        r = conn.run(agent.command(), stdin=agent.payload("switch", {"id": switch_id, "action": action}))
         try:
+            r = conn.run(agent.command(), stdin=agent.payload("switch", {"id": switch_id, "action": action}))
             return agent.parse(r.stdout, r.stderr, r.rc)
-        except agent.AgentError as e:
+        except (agent.AgentError, Unreachable) as e:
             if action == "disarm":
                 self.events.warn(f"could not disarm the dead man's switch {switch_id}: {e}; the "
                                  "server will revert this role's lockout-prone changes on its own",
                                  host=host.name)
-            return {"restored": [], "failed": [str(e)], "after": []}
+            return {"restored": [], "failed": [f"{e}; the server's dead man's switch restores "
+                                               "them on its own"], "after": []}
 
     def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step,
                switch_id: str | None = None) -> bool:

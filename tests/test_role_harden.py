@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ import testinfra
 from conftest import invoke
 import engine_helpers
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
+from provisioner import lock
 from provisioner.facts import Facts
 from provisioner.inventory import Host
 from provisioner.roles import discover_roles, load_role
@@ -540,6 +542,107 @@ def test_a_config_that_locks_the_deploy_user_out_is_rolled_back(hardened):
     assert sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout == before
     assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout            # the running sshd too
     _login_as("deploy").close()
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+# --- the dead man's switch: the server undoes a lockout on its own ---------------------------
+
+REVERT = 30          # harden_lockout_revert_seconds for these tests: the bound they check
+CONTROLLER_SCRIPT = r"""
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from engine_helpers import REPO, TEST_ROLES, Run
+from provisioner.inventory import load_inventory_file
+Run(load_inventory_file(sys.argv[3], roles_root=[TEST_ROLES, REPO / "roles"]))
+"""
+
+
+def _lockout_controller(tmp):
+    """A controller process provisioning a config that locks the deploy user out."""
+    inventory(tmp, [SERVER], ["harden"], name="deadman",
+              vars={"harden_trusted_sources": [CONTROLLER], "harden_ssh_allow_groups": ["wheel"],
+                    "harden_lockout_revert_seconds": REVERT},
+              ssh={"user": "deploy", "bootstrap_user": "root", "command_timeout": 60})
+    return subprocess.Popen([sys.executable, "-c", CONTROLLER_SCRIPT, str(REPO), str(REPO / "tests"),
+                             str(tmp / "deadman.yml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(what, probe, timeout, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return time.monotonic()
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _armed():
+    return "provisioner-revert-" in sh(SERVER, "systemctl list-timers --all --no-legend").stdout
+
+
+def _locked_out_on_disk():
+    return sh(SERVER, "grep -qx 'AllowGroups wheel' /etc/ssh/sshd_config", check=False).returncode == 0
+
+
+def _deploy_logs_in():
+    try:
+        _login_as("deploy").close()
+        return True
+    except Exception:
+        return False
+
+
+def _revert_ran_since(since: str) -> bool:
+    return "Finished" in sh(SERVER, f"journalctl --no-pager --since @{since} -u 'provisioner-revert-*'").stdout
+
+
+def test_a_controller_killed_before_its_guard_the_server_reverts_the_lockout(hardened):
+    since = sh(SERVER, "date +%s").stdout.strip()
+    proc = _lockout_controller(hardened.tmp)
+    try:
+        armed = _wait_for("the revert timer armed", _armed, 120)
+        proc.kill()                                  # kill -9: no guard, no rollback, no finish
+        proc.wait()
+        # the agent on the server goes on without its controller: the lockout lands ...
+        _wait_for("the lockout applied", _locked_out_on_disk, 30)
+        _wait_for("deploy locked out", lambda: not _deploy_logs_in(), 30, every=1)
+        # ... and the server undoes it by itself within the bound
+        _wait_for("a fresh login as deploy", _deploy_logs_in, armed + REVERT + 20 - time.monotonic(), every=2)
+        assert time.monotonic() - armed <= REVERT + 20
+        assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout
+        assert _revert_ran_since(since)
+    finally:
+        proc.kill()
+        proc.wait()
+    sh(SERVER, f"rm -rf {lock.LOCK_DIR}")           # the killed run's lock
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+def test_a_server_cut_off_mid_guard_reverts_the_lockout(hardened):
+    from provisioner import testbed as tb
+    since = sh(SERVER, "date +%s").stdout.strip()
+    proc = _lockout_controller(hardened.tmp)
+    cut_at = None
+    try:
+        _wait_for("the revert timer armed", _armed, 120)
+        _wait_for("the lockout applied", _locked_out_on_disk, 60, every=0.02)
+        tb.cut(SERVER)                               # the guard starts now: its login cannot get there
+        cut_at = time.monotonic()
+        time.sleep(REVERT + 10)                      # the whole bound passes while cut off
+        tb.heal(SERVER)
+        cut_at = None
+        _wait_for("a fresh login as deploy", _deploy_logs_in, 20, every=2)
+        assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout
+        proc.kill()
+        out = proc.communicate()[0].decode()
+        # reverted by the server itself, unless the guard's rollback got through before the cut
+        assert _revert_ran_since(since) or "restored the previous" in out, out
+    finally:
+        if cut_at is not None:
+            tb.heal(SERVER)
+        proc.kill()
+        proc.wait()
+    sh(SERVER, f"rm -rf {lock.LOCK_DIR}")
     assert Run(hardened.inv).host(SERVER)["changed"] == 0
 
 
