@@ -99,7 +99,9 @@ def parse(stdout: bytes | str, stderr: bytes | str = b"", rc: int | None = None)
             hint = "the server's python3 is too old for the agent (needs Python 3.9+)"
         else:
             hint = "the output is not the provisioner agent's JSON"
-        detail = (err or _text(out).strip())[-2000:]
+        detail = (err or _text(out).strip())
+        if len(detail) > 2000:          # whole lines: a secret cut in two escapes redaction
+            detail = "..." + detail[-2000:].partition("\n")[2]
         raise AgentError(f"{hint} (exit {rc}): {detail}" if detail else f"{hint} (exit {rc})")
     try:
         doc = json.loads(out[pos + len(MARKER):].decode("utf-8"))

@@ -24,6 +24,10 @@ from provisioner.secret import Secret
 
 RETRIES = 2              # extra connection attempts on transient network errors
 RETRY_DELAY = 1.0
+# what a server may send back for one command: the agent's answers are far smaller (facts carry
+# at most 256 KiB per file); a broken or hostile server must not fill the controller's memory
+MAX_STDOUT = 256 * 1024 * 1024
+MAX_STDERR = 1024 * 1024       # only its tail is kept
 
 
 class Unreachable(Exception):
@@ -205,8 +209,15 @@ class Connection:
         while True:
             if chan.recv_ready():
                 out += chan.recv(65536)
+                if len(out) > MAX_STDOUT:
+                    chan.close()
+                    return Result(125, bytes(out[:4096]), bytes(err) + f"\nstopped: the command sent "
+                                  f"more than {MAX_STDOUT >> 20} MiB of output".encode(),
+                                  time.monotonic() - started)
             elif chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
+                if len(err) > MAX_STDERR:
+                    del err[:len(err) - MAX_STDERR]
                 if asks is not None:
                     err, say = asks.hear(err)
                     if say == "password":

@@ -88,6 +88,9 @@ _LINE = 64
 # seconds and 1 GiB before the tag check can fail (the defaults cost 64-128 MiB, one pass)
 _MAX_MEMORY = 1024**3               # bytes
 _MAX_WORK = 4 * 1024**3             # bytes x passes (argon2id: m x t; scrypt: 128 n r x p)
+MAX_PASSWORD = 4096                 # bytes of a vault password (files, prompts)
+MAX_VALUE = 1024 * 1024             # bytes of one secret given to vault.set
+MAX_VAULT_FILE = 64 * 1024 * 1024   # bytes of a vault file read
 _LOCK_WAIT = 60.0                   # seconds another vault command may hold the lock
 # the same rules as inventory.py's `!vault NAME` and environment names, so that whatever an
 # inventory can reference, the vault can hold (kept here: the vault does not import inventory)
@@ -351,13 +354,22 @@ def load_vault(path: str | os.PathLike, password: str, *,
     path = Path(path)
     display = display or _display(path)
     try:
-        blob = path.read_bytes()
+        blob = read_vault_bytes(path)
     except FileNotFoundError:
         raise VaultError(f"no vault at {display}") from None
     except OSError as e:
         raise VaultError(f"cannot read {display}: {e.strerror}") from None
     return {name: Secret(value) for name, value in sorted(decrypt(blob, password,
                                                                   display=display).items())}
+
+
+def read_vault_bytes(path: Path) -> bytes:
+    """The vault file's bytes; refused past MAX_VAULT_FILE (a vault is kilobytes)."""
+    with open(path, "rb") as f:
+        blob = f.read(MAX_VAULT_FILE + 1)
+    if len(blob) > MAX_VAULT_FILE:
+        raise VaultError(f"{_display(path)} is larger than {MAX_VAULT_FILE >> 20} MiB: not a vault")
+    return blob
 
 
 def save_vault(path: str | os.PathLike, data: Mapping[str, str | Secret], password: str, *,
@@ -448,7 +460,10 @@ def _read_password_file(path: Path, display: str) -> str:
                 f"vault password file {display} is accessible by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it. "
                 f"Run: chmod 600 {display}")
-        raw = f.read()
+        raw = f.read(MAX_PASSWORD + 3)
+    if len(raw) > MAX_PASSWORD + 2:                          # + a final CRLF
+        raise VaultError(f"vault password file {display} holds more than {MAX_PASSWORD} bytes: "
+                         "it is not a password file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -72,7 +72,7 @@ def _open(env: str) -> tuple[Path, str, dict[str, str], bytes]:
         raise VaultError(f"there is no {_display(env)}; create it with "
                          f"`invoke vault.create --env {env}`")
     password = vault.get_password(env, root, _interactive())
-    blob = path.read_bytes()
+    blob = vault.read_vault_bytes(path)
     values = vault.decrypt(blob, password, display=_display(env))
     return path, password, values, blob
 
@@ -98,7 +98,7 @@ def _save(path: Path, env: str, values: dict[str, str], password: str, blob: byt
 
 def _current(path: Path) -> bytes | None:
     try:
-        return path.read_bytes()
+        return vault.read_vault_bytes(path)
     except FileNotFoundError:
         return None
 
@@ -167,7 +167,10 @@ def _read_value(name: str) -> str:
         except EOFError:
             raise VaultError(f"no value for {name}") from None
     else:
-        value = sys.stdin.read()
+        value = sys.stdin.read(vault.MAX_VALUE + 3)
+        if len(value) > vault.MAX_VALUE + 2:                 # + a final CRLF
+            raise VaultError(f"the value for {name} is longer than {vault.MAX_VALUE >> 20} MiB; "
+                             "nothing changed (a vault holds passwords and keys, not files)")
         if value.endswith("\r\n"):
             value = value[:-2]
         elif value.endswith("\n"):

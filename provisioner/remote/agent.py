@@ -18,6 +18,7 @@ Request and response formats are documented in provisioner/agent.py.
 from __future__ import annotations
 
 import base64
+import errno
 import grp
 import hashlib
 import json
@@ -117,7 +118,13 @@ def _run_split(argv, timeout=None):
 
 
 def _tail(text, n=TAIL):
-    return text if len(text) <= n else "..." + text[-n:]
+    """The end of text, whole lines only: a secret cut in two would escape the controller's
+    redaction, which masks whole values (and each line of a multi-line one)."""
+    if len(text) <= n:
+        return text
+    end = text[-n:]
+    first = end.find("\n")
+    return "...\n" + end[first + 1:] if first >= 0 else "...(last line longer than %d characters)" % n
 
 
 def _cmdline(argv):
@@ -869,9 +876,25 @@ def step_dir(step, log):
     if st is None:
         os.makedirs(path, 0o755, exist_ok=True)
         log.append("created %s" % path)
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, m)
+    _set_attrs(path, uid, gid, m, os.O_DIRECTORY)
     return 0
+
+
+def _set_attrs(path, uid, gid, mode, kind=0):
+    """chown + chmod through an fd opened without following a symlink: a path swapped for a link
+    after it was checked must not pass our owner and mode on to the link's target."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | kind)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StepError("%s changed meanwhile (a symlink now?); refusing to change attributes "
+                            "through it" % path)
+        raise
+    try:
+        os.fchown(fd, uid, gid)         # chown first: it may clear setuid/setgid bits
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def step_attrs(step, log):
@@ -882,13 +905,14 @@ def step_attrs(step, log):
         raise StepError("%s does not exist" % path)
     if stat.S_ISLNK(st.st_mode):
         raise StepError("%s is a symlink; refusing to change attributes through it" % path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise StepError("%s is not a regular file or a directory" % path)
     try:
         m, uid, gid = _attrs(st, step.get("mode"), step.get("owner"), step.get("group"),
                              0o644)
     except KeyError as e:
         raise StepError("no such user or group: %s" % e)
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, m)
+    _set_attrs(path, uid, gid, m)
     log.append("%s: mode %04o owner %s:%s" % (path, m, _user_name(uid), _group_name(gid)))
     return 0
 
@@ -1061,7 +1085,7 @@ for argv in m["after"]:
     try:
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=120)
-        rc, out = r.returncode, r.stdout.decode("utf-8", "replace")[-2000:]
+        rc, out = r.returncode, r.stdout.decode("utf-8", "replace")[-2000:].partition("\n")[2]
     except (OSError, subprocess.SubprocessError) as ex:
         rc, out = None, str(ex)
     after.append({"argv": argv, "rc": rc, "output": out})
