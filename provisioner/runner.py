@@ -312,8 +312,9 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
+        # a failed change may have done part of its work (ufw runs several commands): check too
         applied = [c.resource for i, c in enumerate(changes)
-                   if by_id.get(str(i), {}).get("status") == "ok"]
+                   if by_id.get(str(i), {}).get("status") in ("ok", "failed")]
         armed = answer.get("switch") or {}
         if switch_id and not armed.get("armed"):
             self.events.warn(f"no dead man's switch for role {name}: "
