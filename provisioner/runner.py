@@ -325,7 +325,12 @@ class Runner:
                 if not self._guard(conn, host, g, facts, res, step, armed):
                     return                   # reverted: the switch is spent
         if armed:                            # every check passed (or nothing watched changed)
-            self._switch(conn, host, armed, "disarm")
+            fired = self._switch(conn, host, armed, "disarm").get("fired")
+            if fired:                        # the bound passed before the checks did
+                res.failed += 1
+                step("dead man's switch", "failed", "the server restored "
+                     f"{', '.join(fired.get('restored') or []) or 'nothing'} before the guard "
+                     "confirmed the change (raise harden_lockout_revert_seconds if the guard is slow)")
 
     def _arm_request(self, role: str, guards: list[Guard], changes: list[Change], request: dict) -> str | None:
         """Mark the changes the switch must cover; its id, or None when no guard asks for one."""

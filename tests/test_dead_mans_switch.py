@@ -93,7 +93,7 @@ def test_disarm_keeps_the_change(server):
     f.write_text("old\n")
     assert remote.arm_switch({"id": "run3-harden", "seconds": 60, "paths": [str(f)], "after": []})["armed"]
     f.write_text("new\n")
-    assert remote.switch({"id": "run3-harden", "action": "disarm"}) == {"disarmed": True}
+    assert remote.switch({"id": "run3-harden", "action": "disarm"}) == {"disarmed": True, "fired": None}
     assert f.read_text() == "new\n"
     assert "systemctl stop provisioner-revert-run3-harden.timer" in _calls(calls)
     assert not os.path.exists(os.path.join(remote.SWITCH_ROOT, "run3-harden"))
@@ -162,3 +162,54 @@ def test_a_passed_guard_disarms_a_failed_one_fires_the_switch_now(check_ok):
         assert conn.sent == [("switch", {"id": "abc123-harden", "action": "revert"})]
         assert steps[0][2] == "RuntimeError: login refused; restored the previous /etc/ssh/sshd_config"
         assert res.failed == 1
+
+
+def test_disarming_after_the_timer_fired_says_so(server):
+    etc, calls = server
+    f = etc / "sshd_config"
+    f.write_text("old\n")
+    armed = remote.arm_switch({"id": "run5-harden", "seconds": 60, "paths": [str(f)], "after": []})
+    assert armed["armed"]
+    f.write_text("new\n")
+    command = _calls(calls)[0].split(" --property=Type=oneshot ", 1)[1].split()
+    subprocess.run(command, check=True, capture_output=True)          # the timer fires first
+    out = remote.switch({"id": "run5-harden", "action": "disarm"})
+    assert out["disarmed"] is False and out["fired"]["restored"] == [str(f)]
+    assert f.read_text() == "old\n"
+
+
+def test_a_switch_that_fired_before_the_guard_confirmed_fails_the_role():
+    from provisioner.ops import files
+    from provisioner.runner import PreparedRole
+
+    class Events:
+        run_id = "abc123"
+
+        def __init__(self):
+            self.steps, self.warnings = [], []
+
+        def step(self, **kw):
+            self.steps.append(kw)
+
+        def warn(self, message, host=None):
+            self.warnings.append(message)
+
+    runner = object.__new__(Runner)
+    runner.events, runner.opts = Events(), type("O", (), {"check": False})()
+
+    def answers(op, req):
+        if op == "apply":
+            return {"ok": True, "handlers": [], "switch": {"armed": True},
+                    "results": [{"id": c["id"], "status": "ok"} for c in req["changes"]]}
+        return {"disarmed": False, "fired": {"restored": ["/etc/ssh/sshd_config"], "failed": [], "after": []}}
+    conn = FakeConn(answers)
+    resource = files.file("/etc/ssh/sshd_config", "Port 22\n", mode="0600")
+    role = PreparedRole("harden", [resource], {}, [_guard(True)], {})
+    res = HostResult("h1")
+    runner._run_role(conn, type("H", (), {"name": "h1"})(), role,
+                     Facts({"files": {"/etc/ssh/sshd_config": {"exists": False}}}), res)
+    assert [op for op, _ in conn.sent] == ["apply", "switch"]
+    last = runner.events.steps[-1]
+    assert last["resource"] == "dead man's switch" and last["status"] == "failed"
+    assert "restored /etc/ssh/sshd_config before the guard confirmed" in last["reason"]
+    assert res.failed == 1

@@ -1161,8 +1161,14 @@ def switch(req):
     _run_split(["systemctl", "stop", unit + ".timer"])
     _run_split(["systemctl", "reset-failed", unit + ".service", unit + ".timer"])
     if req["action"] == "disarm":
+        fired = None
+        try:                                # too late: the timer reverted while the guard ran
+            with open(os.path.join(d, "done.json")) as f:
+                fired = json.load(f)
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(d, ignore_errors=True)
-        return {"disarmed": True}
+        return {"disarmed": fired is None, "fired": fired}
     try:
         result = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
