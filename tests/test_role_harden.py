@@ -114,6 +114,37 @@ def test_no_var_can_add_an_sshd_directive():
         _resources(harden_ssh_host_keys=[injected])
 
 
+CI_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFz0r4lK1dZ3mWbC2pQ9w8dE0nYkq7V3x1T6uHc5sJ2a ci"
+
+
+def test_the_release_identity_gets_its_exact_commands_and_nothing_else():
+    res = _resources(harden_release_user="release", harden_release_keys=[CI_KEY],
+                     harden_release_sudo=[{"as": "app", "command": "/usr/bin/pm2 reload shop"}])
+    user = next(r for r in res if r.id == "user release")
+    assert user.authorized_keys == (CI_KEY,) or list(user.authorized_keys) == [CI_KEY]
+    sudoers = next(r for r in res if r.id == "template /etc/sudoers.d/50-harden").content.text
+    release = [l for l in sudoers.splitlines() if l.startswith("release ")]
+    assert release == ["release ALL=(app) NOPASSWD: /usr/bin/pm2 reload shop"]
+    plain = next(r for r in _resources() if r.id == "template /etc/sudoers.d/50-harden").content.text
+    assert "release" not in plain                                    # unchanged without one
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"harden_release_keys": [CI_KEY]}, r"harden_release_user: not set"),
+    ({"harden_release_user": "deploy", "harden_release_keys": [CI_KEY]}, r"harden_release_user: deploy is also"),
+    ({"harden_release_user": "release", "harden_release_keys": [PUBKEY]}, r"harden_release_keys: .*root through sudo"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/usr/bin/pm2 *"}]}, r"harden_release_sudo\[0\].command: .*no wildcards"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/bin/true, /bin/bash"}]}, r"harden_release_sudo\[0\].command"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/bin/true\nrelease ALL=(ALL) ALL"}]}, r"harden_release_sudo\[0\].command"),
+])
+def test_a_release_identity_that_could_become_root_is_refused(over, match):
+    with pytest.raises(ValueError, match=match):
+        _resources(**over)
+
+
 def test_small_rsa_keys_are_refused_before_sshd_would_refuse_them():
     key = paramiko.RSAKey.generate(2048)
     line = f"ssh-rsa {key.get_base64()} small"
@@ -542,6 +573,39 @@ def test_a_config_that_locks_the_deploy_user_out_is_rolled_back(hardened):
     assert sh(SERVER, "sha256sum /etc/ssh/sshd_config").stdout == before
     assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout            # the running sshd too
     _login_as("deploy").close()
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+def _exit_status(client, command: str) -> int:
+    _, out, _ = client.exec_command(command, timeout=30)
+    return out.channel.recv_exit_status()
+
+
+def test_the_release_identity_cannot_read_secrets_or_change_the_system(hardened, tmp_path):
+    """What CI deploys with: it logs in, runs its one allowed command, and nothing else."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f", str(tmp_path / "ci")],
+                   check=True)
+    ci_key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "ci"))
+    run = Run(_inv(hardened.tmp, name="release", harden_release_user="release",
+                   harden_release_keys=[(tmp_path / "ci.pub").read_text().strip()],
+                   harden_release_sudo=[{"as": "root", "command": "/usr/bin/systemctl status ssh.service"}]))
+    assert run.exit_code == 0, _failed(run)
+    c = _login_as("release", key=ci_key)
+    try:
+        assert _exit_status(c, "true") == 0
+        assert _exit_status(c, "cat /etc/shadow") != 0
+        assert _exit_status(c, "touch /etc/release-was-here") != 0
+        assert _exit_status(c, "sudo -n cat /etc/shadow") != 0
+        assert _exit_status(c, "sudo -n -i true") != 0
+        assert _exit_status(c, "sudo -n /usr/bin/systemctl status ssh.service") == 0
+        assert _exit_status(c, "sudo -n /usr/bin/systemctl restart ssh.service") != 0
+    finally:
+        c.close()
+    assert sh(SERVER, "test -e /etc/release-was-here", check=False).returncode == 1
+    with pytest.raises(paramiko.AuthenticationException):          # the CI key is not root's way in
+        _login_as("deploy", key=ci_key).close()
+    gone = Run(_inv(hardened.tmp, name="norelease", harden_absent_users=["release"]))
+    assert gone.exit_code == 0, _failed(gone)
     assert Run(hardened.inv).host(SERVER)["changed"] == 0
 
 

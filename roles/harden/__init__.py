@@ -51,6 +51,7 @@ TIME_RE = re.compile(r"^\d+[smhdw]?\Z")
 SIZE_RE = re.compile(r"^\d+[KMGT]?\Z")
 CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d\Z")
 HOST_KEY_RE = re.compile(r"/etc/ssh/[A-Za-z0-9_.-]+")       # fullmatch: one path, one line
+SUDO_COMMAND_RE = re.compile(r"/[A-Za-z0-9_./-]+( [A-Za-z0-9_./@-]+)*")   # fullmatch: no sudoers specials
 
 
 # --- a step that is configured elsewhere but cannot apply here ---------------------------------
@@ -175,6 +176,9 @@ class Settings:
     old_port: int | None              # the port this run connects on, while moving to `port`
     trusted: list                     # normalised sources
     rules: list                       # ufw rules, in order
+    release: str | None = None        # the deploy identity (not root), its keys and exact sudo commands
+    release_keys: list = dataclasses.field(default_factory=list)
+    release_sudo: list = dataclasses.field(default_factory=list)     # [(as user, command)]
 
 
 def check_vars(v: dict, ctx) -> Settings:
@@ -296,7 +300,42 @@ def check_vars(v: dict, ctx) -> Settings:
         ufw.firewall(rules)
     except ValueError as e:
         raise _bad("harden_allowed_ports", str(e), "drop the duplicate") from None
-    return Settings(deploy, deploy_keys, admins, absent, group, allow, port, old_port, trusted, rules)
+    release, release_keys, release_sudo = _release(v, deploy, deploy_keys, admins, absent, min_rsa)
+    return Settings(deploy, deploy_keys, admins, absent, group, allow, port, old_port, trusted, rules,
+                    release, release_keys, release_sudo)
+
+
+def _release(v: dict, deploy: str, deploy_keys: list, admins: list, absent: list, min_rsa: int):
+    """The deploy identity: a login that is not root, with nothing but the exact sudo commands
+    listed; a key that also logs in as the provisioning user would make it root."""
+    name = v["harden_release_user"]
+    if name is None:
+        if v["harden_release_keys"] or v["harden_release_sudo"]:
+            raise _bad("harden_release_user", "not set, but harden_release_keys/_sudo are",
+                       "name the user, e.g. release")
+        return None, [], []
+    name = _name("harden_release_user", name)
+    if name in {deploy, *(n for n, _ in admins), *absent}:
+        raise _bad("harden_release_user", f"{name} is also the deploy user, an admin or absent",
+                   "give the deploy identity a user of its own")
+    keys = _keys("harden_release_keys", v["harden_release_keys"], min_rsa)
+    admin_keys = {" ".join(k.split()[:2]) for k in deploy_keys + [k for _, ks in admins for k in ks]}
+    shared = [k for k in keys if " ".join(k.split()[:2]) in admin_keys]
+    if shared:
+        raise _bad("harden_release_keys", f"{shared[0][:40]}... also logs in as {deploy} or an admin "
+                   "(root through sudo)", "give CI a key of its own (ssh-keygen -t ed25519)")
+    sudo = []
+    for i, item in enumerate(v["harden_release_sudo"] or []):
+        var = f"harden_release_sudo[{i}]"
+        if not isinstance(item, dict) or set(item) != {"as", "command"}:
+            raise _bad(var, f"{item!r} is not {{as, command}}", "write {as: app, command: /usr/bin/pm2 reload shop}")
+        if not isinstance(item["as"], str) or not USER_RE.match(item["as"]):
+            raise _bad(f"{var}.as", f"{item['as']!r} is not a user name", "name the user the command runs as")
+        if not isinstance(item["command"], str) or not SUDO_COMMAND_RE.fullmatch(item["command"]):
+            raise _bad(f"{var}.command", f"{item['command']!r} is not an exact command",
+                       "an absolute path and plain arguments (letters, digits, _ . / @ -), no wildcards")
+        sudo.append((item["as"], item["command"]))
+    return name, keys, sudo
 
 
 # --- the role ----------------------------------------------------------------------------------
@@ -357,11 +396,14 @@ def resources(v, ctx):
     yield users.user(s.deploy, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=s.deploy_keys)
     for name, keys in s.admins:
         yield users.user(name, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=keys)
+    if s.release:
+        yield users.user(s.release, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=s.release_keys)
     for name in s.absent:
         yield users.user(name, state="absent")
     yield templates.template(SUDOERS, "harden/sudoers.j2", {
         "deploy": s.deploy, "admins": [n for n, _ in s.admins], "logfile": v["harden_sudo_logfile"],
-        "admin_nopasswd": v["harden_admin_sudo_nopasswd"]}, mode="0440", validate="visudo -cf {path}")
+        "admin_nopasswd": v["harden_admin_sudo_nopasswd"], "release": s.release,
+        "release_sudo": s.release_sudo}, mode="0440", validate="visudo -cf {path}")
 
     # 2. sshd: the whole file, checked before it replaces the old one
     yield templates.template(SSHD_CONFIG, "harden/sshd_config.j2", sshd_vars(v, s), mode="0600",
