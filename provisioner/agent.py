@@ -74,7 +74,7 @@ def source() -> str:
 
 
 def payload(op: str, request: Mapping) -> bytes:
-    if op not in ("facts", "apply", "finish", "ping"):
+    if op not in ("facts", "apply", "finish", "ping", "switch"):
         raise ValueError(f"unknown agent op {op!r}")
     return json.dumps({"v": PROTOCOL, "op": op, "code": source(), "request": request},
                       separators=(",", ":")).encode("utf-8")
@@ -109,7 +109,9 @@ def parse(stdout: bytes | str, stderr: bytes | str = b"", rc: int | None = None)
             hint = "the server's python3 is too old for the agent (needs Python 3.9+)"
         else:
             hint = "the output is not the provisioner agent's JSON"
-        detail = (err or _text(out).strip())[-2000:]
+        detail = (err or _text(out).strip())
+        if len(detail) > 2000:          # whole lines: a secret cut in two escapes redaction
+            detail = "..." + detail[-2000:].partition("\n")[2]
         raise AgentError(f"{hint} (exit {rc}): {detail}" if detail else f"{hint} (exit {rc})")
     try:
         doc = json.loads(out[pos + len(MARKER):].decode("utf-8"))

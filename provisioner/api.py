@@ -136,6 +136,17 @@ class Guard:
     files: tuple[str, ...]
     check: Callable[[Host], None]
     after_rollback: tuple[dict, ...] = ()
+    resources: tuple[str, ...] = ()          # other resource ids whose change triggers it ("ufw")
+    # the dead man's switch (see remote/agent.py arm_switch): before the first change it
+    # watches, these paths are copied aside on the server and a timer armed that restores them
+    # and runs revert_after (argv lists) in revert_seconds unless the passed check disarms it
+    revert_paths: tuple[str, ...] = ()
+    revert_after: tuple[tuple[str, ...], ...] = ()
+    revert_seconds: int | None = None
+
+    def watches(self, change: Change) -> bool:
+        """Whether this change (applied, or failed part-way) must be checked by the guard."""
+        return bool(set(change.paths) & set(self.files)) or change.resource in self.resources
 
 
 class NotAResource(TypeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 import select
 import shlex
 import socket
@@ -23,6 +24,10 @@ from provisioner.secret import Secret
 
 RETRIES = 2              # extra connection attempts on transient network errors
 RETRY_DELAY = 1.0
+# what a server may send back for one command: the agent's answers are far smaller (facts carry
+# at most 256 KiB per file); a broken or hostile server must not fill the controller's memory
+MAX_STDOUT = 256 * 1024 * 1024
+MAX_STDERR = 1024 * 1024       # only its tail is kept
 
 
 class Unreachable(Exception):
@@ -73,6 +78,27 @@ def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> Non
     if known_hosts.exists():
         client._host_keys.load(str(known_hosts))
     client.set_missing_host_key_policy(_Reject(label, known_hosts))
+
+
+class _SudoTalk:
+    """What `sudo -S` says on stderr: its prompt (unique per command, so no output is taken for
+    it) and, once the command runs, a ready token; both are cut out of the stderr we keep."""
+
+    def __init__(self) -> None:
+        nonce = secrets.token_hex(8)
+        self.prompt = f"[provisioner-sudo-{nonce}]".encode()
+        self.ready = f"[provisioner-ready-{nonce}]".encode()
+        self.asked = False
+
+    def hear(self, err: bytearray) -> tuple[bytearray, str | None]:
+        if self.ready in err:
+            return bytearray(err.replace(self.ready, b"", 1)), "running"
+        if self.prompt in err:
+            err = bytearray(err.replace(self.prompt, b"", 1))
+            said = "refused" if self.asked else "password"
+            self.asked = True
+            return err, said
+        return err, None
 
 
 class Connection:
@@ -143,11 +169,14 @@ class Connection:
         """Run argv (as root through sudo unless the login user is root), feeding stdin."""
         self.open()
         data = stdin or b""
+        asks = None
         if sudo and self.user != "root":
             if self.sudo_password is not None:
-                # -k: ignore a cached timestamp, so sudo always reads exactly one line first
-                argv = ["sudo", "-k", "-S", "-p", "", "--", *argv]
-                data = self.sudo_password.reveal().encode() + b"\n" + data
+                # the password goes only to a prompt sudo really shows (NOPASSWD, e.g. after
+                # harden's sudoers, shows none); the command's stdin only once it runs
+                asks = _SudoTalk()
+                argv = ["sudo", "-S", "-p", asks.prompt.decode(), "--",
+                        "sh", "-c", 'printf %s "$0" >&2 && exec "$@"', asks.ready.decode(), *argv]
             else:
                 argv = ["sudo", "-n", "--", *argv]
         timeout = timeout or self.host.command_timeout
@@ -160,23 +189,45 @@ class Connection:
             self.open()
             chan = self._conn.transport.open_session(timeout=self.host.connect_timeout)
         try:
-            return self._exec(chan, shlex.join(argv), data, timeout, started)
+            return self._exec(chan, shlex.join(argv), data, timeout, started, asks)
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.close()
             raise Unreachable(f"{self.label}: connection lost during a command: {e}") from None
 
-    def _exec(self, chan, command: str, data: bytes, timeout: float, started: float) -> Result:
+    def _exec(self, chan, command: str, data: bytes, timeout: float, started: float,
+              asks: _SudoTalk | None = None) -> Result:
         chan.exec_command(command)
-        # a memoryview: paramiko's sendall slices what is left after each packet, which
-        # copies a bytes object every time (quadratic: 80 MB of stdin took 65 s)
-        chan.sendall(memoryview(data))
-        chan.shutdown_write()
+
+        def send_stdin() -> None:
+            # a memoryview: paramiko's sendall slices what is left after each packet, which
+            # copies a bytes object every time (quadratic: 80 MB of stdin took 65 s)
+            chan.sendall(memoryview(data))
+            chan.shutdown_write()
+        if asks is None:
+            send_stdin()
         out, err = bytearray(), bytearray()
         while True:
             if chan.recv_ready():
                 out += chan.recv(65536)
+                if len(out) > MAX_STDOUT:
+                    chan.close()
+                    return Result(125, bytes(out[:4096]), bytes(err) + f"\nstopped: the command sent "
+                                  f"more than {MAX_STDOUT >> 20} MiB of output".encode(),
+                                  time.monotonic() - started)
             elif chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
+                if len(err) > MAX_STDERR:
+                    del err[:len(err) - MAX_STDERR]
+                if asks is not None:
+                    err, say = asks.hear(err)
+                    if say == "password":
+                        chan.sendall(self.sudo_password.reveal().encode() + b"\n")
+                    elif say == "refused":        # asked again: the password was wrong
+                        chan.shutdown_write()
+                        asks = None
+                    elif say == "running":
+                        send_stdin()
+                        asks = None
             elif chan.exit_status_ready() and chan.eof_received:
                 break
             else:
@@ -189,6 +240,14 @@ class Connection:
         rc = chan.recv_exit_status()
         chan.close()
         return Result(rc, bytes(out), bytes(err), time.monotonic() - started)
+
+    def ping(self) -> None:
+        """Run the agent (under sudo, as every run does) and check its answer: what a guard's
+        fresh login must prove, not just that some command exits 0."""
+        from provisioner import agent
+        r = self.run(agent.command(), stdin=agent.payload("ping", {}))
+        if not agent.parse(r.stdout, r.stderr, r.rc).get("pong"):
+            raise agent.AgentError(f"{self.label}: the agent did not answer the ping")
 
     def close(self) -> None:
         if self._conn is not None:

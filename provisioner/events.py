@@ -44,6 +44,7 @@ from typing import Any, Callable, TextIO
 from provisioner import secret as _secret
 from provisioner.errors import EXIT_FAILED, EXIT_OK, EXIT_PENDING, EXIT_UNREACHABLE
 from provisioner.output import RECAP_COUNTS, HumanWriter, JsonWriter, human_writer
+from provisioner.output import _ESCAPES
 
 __all__ = ["SCHEMA", "STATUSES", "Events"]
 
@@ -57,7 +58,10 @@ def _text(value: Any) -> str:
         return ""
     if isinstance(value, _secret.Secret):
         return _secret.MASK
-    return _secret.REDACTOR.redact(value if isinstance(value, str) else str(value))
+    text = value if isinstance(value, str) else str(value)
+    # escape sequences go first: dropped after redaction, one inside a secret would join its
+    # halves back together on the terminal
+    return _secret.REDACTOR.redact(_ESCAPES.sub("", text))
 
 
 def _seconds(value: Any) -> float:

@@ -83,10 +83,10 @@ __all__ = [
     "available_envs", "read_yaml", "YamlDoc",
 ]
 
-ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
 # --------------------------------------------------------------------------------------------

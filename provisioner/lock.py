@@ -1,8 +1,10 @@
 """The run lock on each host, and the audit line written when a run changed it.
 
 The lock is a directory made with one atomic mkdir, holding owner.json (who, from where, pid,
-CI job, run id, started, TTL). A lock older than its TTL is stale and taken over, and the
-takeover is reported. A run from a systemd timer and one from a laptop therefore never apply
+CI job, run id, started, TTL). Every apply exec of the run holds it for its whole life (a flock
+on a file inside) and refreshes the TTL; a lock not refreshed within its TTL, with no exec of
+its run alive, is stale and taken over (under a mutex, by one rename), and the takeover is
+reported. A run from a systemd timer and one from a laptop therefore never apply
 changes to the same host at once; the second stops with exit code 4 and says who holds it.
 The remote side is in the agent (run_lock in the first facts exec, finish in the last exec);
 this module builds the requests and reads the answers.
@@ -120,8 +122,16 @@ def dead_holder(answer: dict) -> dict | None:
 def check(host_name: str, answer: dict) -> dict:
     """Raise LockHeld unless the agent's run_lock answer says we hold the lock now."""
     if not answer.get("acquired"):
-        raise LockHeld(f"{host_name}: run lock {describe(answer['holder'], answer['age'])}")
+        busy = ("; a command of that run is still running on the host, so it is not taken "
+                "over" if answer.get("busy") else "")
+        raise LockHeld(f"{host_name}: run lock {describe(answer['holder'], answer['age'])}{busy}")
     return answer
+
+
+def hold_request(run_id: str) -> dict:
+    """Put in an apply request: the agent checks the lock is still this run's, holds it for
+    its whole exec (a stale-lock takeover and finish wait for it) and refreshes the TTL."""
+    return {"dir": LOCK_DIR, "run_id": run_id}
 
 
 def finish_request(run_id: str, audit: dict | None) -> dict:

@@ -24,7 +24,7 @@ from provisioner.yamlfile import read_yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROLES_ROOT = REPO_ROOT / "roles"
 
-ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 
 Roots = Path | str | Iterable[Path | str] | None
 

@@ -159,7 +159,11 @@ class Runner:
                     if res.changed or res.failed:
                         audit = lock.audit_line(owner, REPO_ROOT, "failed" if res.failed else "changed",
                                                 res.changed, res.failed)
-                    agent.call(conn, "finish", lock.finish_request(owner["run_id"], audit))
+                    answer = agent.call(conn, "finish", lock.finish_request(owner["run_id"], audit))
+                    if answer.get("busy"):
+                        self.events.warn(f"kept the run lock {lock.LOCK_DIR}: a command of this "
+                                         "run is still running there and could not be stopped",
+                                         host=host.name)
         except Unreachable as e:
             res.status, res.error = "unreachable", str(e)
             self.events.step(host=host.name, role=None, resource="connection", status="unreachable",
@@ -251,16 +255,32 @@ class Runner:
                 res.changed += 1
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
             return
+        request = agent.apply_request(changes, p.handlers)
+        request["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
+        switch_id = self._arm_request(p.name, p.guards, changes, request)
         try:
-            answer = agent.call(conn, "apply", agent.apply_request(changes, p.handlers))
+            answer = agent.call(conn, "apply", request)
         except agent.AgentError as e:       # e.g. the connection's user lost sudo mid-run
             res.failed += 1
             step("apply", "failed", str(e))
             return
-        applied = self._report_apply(changes, answer, res, step)
+        touched = self._report_apply(changes, answer, res, step)
+        armed = answer.get("switch") or {}
+        if switch_id and not armed.get("armed"):
+            self.events.warn(f"no dead man's switch for role {p.name}: "
+                             f"{armed.get('why', 'not armed')}", host=host.name)
+        armed = switch_id if armed.get("armed") else None
         for g in p.guards:
-            if applied & set(g.files):
-                self._guard(conn, host, g, facts, res, step)
+            if any(g.watches(c) for c in touched):
+                if not self._guard(conn, host, g, facts, res, step, armed):
+                    return                   # reverted: the switch is spent
+        if armed:                            # every check passed (or nothing watched changed)
+            fired = self._switch(conn, host, armed, "disarm").get("fired")
+            if fired:                        # the bound passed before the checks did
+                res.failed += 1
+                step("dead man's switch", "failed", "the server restored "
+                     f"{', '.join(fired.get('restored') or []) or 'nothing'} before the guard "
+                     "confirmed the change (raise harden_lockout_revert_seconds if the guard is slow)")
 
     @staticmethod
     def _report_plan(planned, step) -> list[Change]:
@@ -275,15 +295,17 @@ class Runner:
         return changes
 
     @staticmethod
-    def _report_apply(changes: list[Change], answer: dict, res: HostResult, step) -> set[str]:
-        """Report each change's and handler's result; return the paths the applied ones wrote."""
+    def _report_apply(changes: list[Change], answer: dict, res: HostResult, step) -> list[Change]:
+        """Report each change's and handler's result; return the changes that ran, failed ones
+        included (a failed change may have done part of its work: ufw runs several commands)."""
         by_id = {x["id"]: x for x in answer["results"]}
-        applied: set[str] = set()
+        touched: list[Change] = []
         for i, c in enumerate(changes):
             out = by_id.get(str(i), {"status": "not_run"})
+            if out["status"] in ("ok", "failed"):
+                touched.append(c)
             if out["status"] == "ok":
                 res.changed += 1
-                applied.update(c.paths)
                 step(c.resource, "changed", f"{c.action}: {c.why}", diff=c.diff)
             elif out["status"] == "failed":
                 res.failed += 1
@@ -297,22 +319,65 @@ class Runner:
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))
-        return applied
+        return touched
 
-    def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step) -> None:
+    def _arm_request(self, role: str, guards: list[Guard], changes: list[Change], request: dict) -> str | None:
+        """Mark the changes the switch must cover; its id, or None when no guard asks for one."""
+        armed = [g for g in guards if g.revert_seconds]
+        risky = {str(i) for i, c in enumerate(changes) if any(g.watches(c) for g in armed)}
+        if not risky:
+            return None
+        for item in request["changes"]:
+            item["arm"] = item["id"] in risky
+        switch_id = f"{self.events.run_id}-{role}"
+        request["switch"] = {"id": switch_id, "seconds": min(g.revert_seconds for g in armed),
+                             "paths": list(dict.fromkeys(p for g in armed for p in g.revert_paths or g.files)),
+                             "after": [list(a) for a in dict.fromkeys(a for g in armed for a in g.revert_after)]}
+        return switch_id
+
+    def _switch(self, conn: Connection, host: Host, switch_id: str, action: str) -> dict:
+        try:
+            r = conn.run(agent.command(), stdin=agent.payload("switch", {"id": switch_id, "action": action}))
+            return agent.parse(r.stdout, r.stderr, r.rc)
+        except (agent.AgentError, Unreachable) as e:
+            if action == "disarm":
+                self.events.warn(f"could not disarm the dead man's switch {switch_id}: {e}; the "
+                                 "server will revert this role's lockout-prone changes on its own",
+                                 host=host.name)
+            return {"restored": [], "failed": [f"{e}; the server's dead man's switch restores "
+                                               "them on its own"], "after": []}
+
+    def _guard(self, conn: Connection, host: Host, g: Guard, before: Facts, res: HostResult, step,
+               switch_id: str | None = None) -> bool:
+        """The check; on failure, the rollback (the armed switch fired now, or the files put
+        back from the facts). True when the check passed."""
         try:
             g.check(host)
             step(f"guard {g.name}", "ok", "passed after the change")
-            return
+            return True
         except Exception as e:  # any failure of the check means: undo
             error = f"{type(e).__name__}: {e}"
-        steps = []
+        if switch_id:
+            out = self._switch(conn, host, switch_id, "revert")
+            res.failed += 1
+            bad = list(out.get("failed") or []) + [
+                f"`{' '.join(a['argv'])}` exit {a['rc']}" for a in out.get("after") or [] if a.get("rc") != 0]
+            said = f"restored the previous {', '.join(out.get('restored') or []) or 'nothing'}"
+            if bad:
+                said += f"; COULD NOT: {'; '.join(bad)}: fix it through the console"
+            step(f"guard {g.name}", "failed", f"{error}; {said}")
+            return False
+        steps, done, kept = [], [], []
         for path in g.files:
             old = before.file(path)
             if old.exists and old.type == "file" and old.content is not None:
                 steps.append(write_step(path, old.content, old.mode, old.owner, old.group))
             elif not old.exists:
                 steps.append(run_step(["rm", "-f", "--", path]))
+            else:                 # its old bytes were never read: say so, never "restored"
+                kept.append(f"{path} ({'binary or over 256 KiB' if old.type == 'file' else old.type})")
+                continue
+            done.append(path)
         steps += list(g.after_rollback)
         try:
             restored = agent.call(conn, "apply", {
@@ -321,10 +386,14 @@ class Runner:
         except (agent.AgentError, KeyError, IndexError):
             restored = False
         res.failed += 1
-        what = ", ".join(g.files)
-        step(f"guard {g.name}", "failed",
-             f"{error}; " + (f"restored the previous {what}" if restored else
-                             f"COULD NOT restore {what}: fix it through the open session or the console"))
+        said = (f"restored the previous {', '.join(done) or 'nothing'}" if restored else
+                f"COULD NOT restore {', '.join(g.files)}")
+        if restored and kept:
+            said += f"; COULD NOT restore {', '.join(kept)}"
+        if not restored or kept:
+            said += ": fix it through the open session or the console"
+        step(f"guard {g.name}", "failed", f"{error}; {said}")
+        return False
 
 
 def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:

@@ -17,8 +17,8 @@ it is::
   64 MiB, 3, 4) when this ``cryptography`` build supports it, else ``scrypt`` (``n``, ``r``,
   ``p``; default 2**17, 8, 1: 128 MiB). Reading always follows the parameters in the file, so
   defaults can grow without breaking old vaults; ``rekey`` rewrites with the current defaults.
-  Parameters read from a file are bounded (at most 4 GiB of memory) so a crafted file cannot
-  exhaust the machine before the tag check fails. The password is NFC-normalised, then UTF-8.
+  Parameters read from a file are bounded (at most 1 GiB of memory and 4 GiB x passes of
+  work) so a crafted file cannot exhaust the machine before the tag check fails. The password is NFC-normalised, then UTF-8.
 * AEAD ``aes-256-gcm`` with a random 96-bit nonce under a key from a fresh random 128-bit
   salt on every write. The whole header line (its exact bytes) is the associated data, so a
   change to any header field, salt or nonce fails authentication like a change to the body.
@@ -29,7 +29,9 @@ Every write re-encrypts everything (new salt and nonce), so a git diff of a vaul
 whole body changed: that is inherent to an encrypted file and nothing to worry about.
 
 Writes are atomic: a temp file (mode 0600) in the same directory, fsync, ``os.replace``, fsync
-of the directory. A failure at any point leaves the previous vault untouched.
+of the directory. A failure at any point leaves the previous vault untouched. A change reads,
+modifies and replaces the file under :func:`locked` (an exclusive ``flock`` on
+``.<env>.vault.lock`` beside it), so two commands at once never lose each other's secret.
 
 Password lookup (:func:`get_password`): ``PROVISIONER_VAULT_PASSWORD``, then the file named by
 ``PROVISIONER_VAULT_PASSWORD_FILE``, then ``inventories/<env>.vault-password`` (which must be
@@ -42,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import getpass
 import json
 import os
@@ -49,6 +52,7 @@ import re
 import stat
 import subprocess
 import tempfile
+import time
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,7 +84,14 @@ _NONCE_BYTES = 12
 _KEY_BYTES = 32
 _PAD_TO = 256
 _LINE = 64
-_MAX_MEMORY = 4 * 1024**3          # bytes a KDF read from a file may ask for
+# what a KDF read from a file may ask for: a crafted header must not cost more than a few
+# seconds and 1 GiB before the tag check can fail (the defaults cost 64-128 MiB, one pass)
+_MAX_MEMORY = 1024**3               # bytes
+_MAX_WORK = 4 * 1024**3             # bytes x passes (argon2id: m x t; scrypt: 128 n r x p)
+MAX_PASSWORD = 4096                 # bytes of a vault password (files, prompts)
+MAX_VALUE = 1024 * 1024             # bytes of one secret given to vault.set
+MAX_VAULT_FILE = 64 * 1024 * 1024   # bytes of a vault file read
+_LOCK_WAIT = 60.0                   # seconds another vault command may hold the lock
 # the same rules as inventory.py's `!vault NAME` and environment names, so that whatever an
 # inventory can reference, the vault can hold (kept here: the vault does not import inventory)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -125,7 +136,8 @@ class Argon2idParams:
     def decode(cls, text: str) -> Argon2idParams:
         v = _parse_params(text, ("m", "t", "p"))
         m, t, p = v["m"], v["t"], v["p"]
-        if not (1 <= p <= 64 and 1 <= t <= 64 and 8 * p <= m and m * 1024 <= _MAX_MEMORY):
+        if not (1 <= p <= 64 and 1 <= t <= 64 and 8 * p <= m and m * 1024 <= _MAX_MEMORY
+                and m * 1024 * t <= _MAX_WORK):
             raise ValueError(f"argon2id parameters out of bounds: {text}")
         return cls(m, t, p)
 
@@ -150,7 +162,7 @@ class ScryptParams:
         v = _parse_params(text, ("n", "r", "p"))
         n, r, p = v["n"], v["r"], v["p"]
         if not (n > 1 and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 64
-                and 128 * n * r <= _MAX_MEMORY):
+                and 128 * n * r <= _MAX_MEMORY and 128 * n * r * p <= _MAX_WORK):
             raise ValueError(f"scrypt parameters out of bounds: {text}")
         return cls(n, r, p)
 
@@ -218,6 +230,18 @@ def _check_mapping(data: Mapping, where: str) -> dict[str, str]:
                              f"not {type(value).__name__}")
         out[name] = value
     return out
+
+
+def load_json_object(text: str | bytes) -> object:
+    """json.loads, refusing a name given twice (json keeps the last one silently)."""
+    def pairs(items: list) -> dict:
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise VaultError(f"the name {key!r} is given twice; keep one of them")
+            out[key] = value
+        return out
+    return json.loads(text, object_pairs_hook=pairs)
 
 
 # --- encryption (pure) -------------------------------------------------------------------
@@ -288,7 +312,7 @@ def decrypt(blob: bytes, password: str, *, display: str = "vault") -> dict[str, 
         raise VaultError(f"wrong vault password for {display}, or the file was modified") \
             from None
     try:
-        data = json.loads(plain.decode("utf-8"))
+        data = load_json_object(plain.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise invalid("the decrypted content is not JSON") from None
     if not isinstance(data, dict):
@@ -330,13 +354,22 @@ def load_vault(path: str | os.PathLike, password: str, *,
     path = Path(path)
     display = display or _display(path)
     try:
-        blob = path.read_bytes()
+        blob = read_vault_bytes(path)
     except FileNotFoundError:
         raise VaultError(f"no vault at {display}") from None
     except OSError as e:
         raise VaultError(f"cannot read {display}: {e.strerror}") from None
     return {name: Secret(value) for name, value in sorted(decrypt(blob, password,
                                                                   display=display).items())}
+
+
+def read_vault_bytes(path: Path) -> bytes:
+    """The vault file's bytes; refused past MAX_VAULT_FILE (a vault is kilobytes)."""
+    with open(path, "rb") as f:
+        blob = f.read(MAX_VAULT_FILE + 1)
+    if len(blob) > MAX_VAULT_FILE:
+        raise VaultError(f"{_display(path)} is larger than {MAX_VAULT_FILE >> 20} MiB: not a vault")
+    return blob
 
 
 def save_vault(path: str | os.PathLike, data: Mapping[str, str | Secret], password: str, *,
@@ -372,6 +405,30 @@ def _atomic_write(path: Path, blob: bytes) -> None:
             os.close(dfd)
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, wait: float = _LOCK_WAIT):
+    """Hold the vault's lock (flock on a file beside it: the vault itself is replaced by
+    rename, so it cannot carry the lock) from reading the vault to replacing it."""
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VaultError(f"another vault command has held {_display(lock)} for "
+                                     f"{wait:.0f} s; wait for it to finish and run this again") \
+                        from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)                 # closing releases the lock
+
+
 def vault_path(env: str, root: str | os.PathLike) -> Path:
     return Path(root) / "inventories" / f"{validate_env(env)}.vault"
 
@@ -403,7 +460,10 @@ def _read_password_file(path: Path, display: str) -> str:
                 f"vault password file {display} is accessible by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it. "
                 f"Run: chmod 600 {display}")
-        raw = f.read()
+        raw = f.read(MAX_PASSWORD + 3)
+    if len(raw) > MAX_PASSWORD + 2:                          # + a final CRLF
+        raise VaultError(f"vault password file {display} holds more than {MAX_PASSWORD} bytes: "
+                         "it is not a password file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -12,7 +12,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from provisioner.errors import Problem
 
-VAULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VAULT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def format_path(path: Iterable) -> str:
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif isinstance(part, str) and re.match(r"^[A-Za-z0-9_-]+$", part):
+        elif isinstance(part, str) and re.match(r"^[A-Za-z0-9_-]+\Z", part):
             out += f".{part}" if out else part
         else:
             out += f"[{part!r}]"
@@ -75,10 +75,14 @@ class YamlDoc:
         return self.lines.get(())
 
 
+MAX_YAML_VALUES = 100_000    # an inventory holds hundreds; nested aliases can make billions
+
+
 class _Builder:
     """Turns a composed node tree into plain data, recording lines and reporting duplicates."""
 
     def __init__(self, path: Path, loader: yaml.SafeLoader, problems: list[Problem]):
+        self.built = 0
         self.path = path
         self.loader = loader
         self.problems = problems
@@ -92,6 +96,13 @@ class _Builder:
                                      format_path(keypath) or None, message, fix))
 
     def value(self, node: Node, keypath: KeyPath, active: set[int]) -> Any:
+        self.built += 1
+        if self.built > MAX_YAML_VALUES:
+            if self.built == MAX_YAML_VALUES + 1:
+                self.problem(node, keypath, f"the file expands to more than {MAX_YAML_VALUES} "
+                             "values (aliases of aliases?)", "write the values out instead of "
+                             "nesting aliases")
+            return None
         if id(node) in active:
             self.problem(node, keypath, "an alias refers to a value that contains it",
                          "remove the recursive alias")

@@ -332,6 +332,31 @@ groups:
     assert wrong.exit_code == 1
 
 
+def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2):
+    """Once sudo asks for no password (harden's sudoers), the password must not be sent: it
+    used to reach the agent as the first line of its request, and every exec failed."""
+    password = "sudo-Pw-19fj-secret"
+    key = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip()
+    sh(fresh_web2, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
+       f"echo '{key}' > ~ops/.ssh/authorized_keys && chown -R ops: ~ops/.ssh && "
+       f"echo 'ops:{password}' | chpasswd && "
+       "echo 'ops ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
+    path = tmp_path / "nopasswd.yml"
+    path.write_text(f"""env: nopasswd
+known_hosts: {REPO}/.testbed/known_hosts
+ssh: {{user: ops, key: {REPO}/.testbed/id_ed25519, sudo_password: !vault ops_sudo}}
+hosts:
+  web2: {{address: {ADDRESSES['web2']}}}
+groups:
+  all: {{hosts: [web2], roles: [base]}}
+""")
+    inv = load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+    run = Run(inv.resolve({"ops_sudo": Secret(password)}))
+    assert run.exit_code == 0, run.lines
+    assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+    assert Run(inv.resolve({"ops_sudo": Secret(password)})).host("web2")["changed"] == 0
+
+
 def test_a_failed_guard_restores_the_files_it_watches(tmp_path, testbed):
     inv = inventory(tmp_path, ["web1"], ["opsdemo"])
     assert Run(inv).host("web1")["failed"] == 0

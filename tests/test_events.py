@@ -430,3 +430,16 @@ def test_default_streams_are_the_current_sys_streams(capsys):
     captured = capsys.readouterr()
     assert [json.loads(l)["event"] for l in captured.out.splitlines()] == ["start", "recap"]
     assert "recap" in captured.err
+
+
+@pytest.mark.parametrize("json_out", [True, False])
+def test_an_escape_sequence_inside_a_secret_does_not_rejoin_it(json_out):
+    """Escape sequences are dropped for the terminal: redacting before that let a secret split
+    by one (`s3cr<ESC>[0met`) through whole."""
+    Secret("s3cr3t-value-7781")
+    ev, out, err = make(json_out=json_out, verbose=3)
+    ev.start(["web1"])
+    step(ev, status="failed", output="token: s3cr3t-\x1b[0mvalue-7781\n")
+    ev.recap()
+    shown = out.getvalue() + err.getvalue()
+    assert "value-7781" not in shown.replace("\\u001b[0m", "")

@@ -78,6 +78,16 @@ class FakeUfw:
 
     def run(self, argv):
         assert argv[0] == "ufw"
+        if argv[1:3] == ["--force", "delete"] and len(argv) > 4:      # by spec: the keep rule
+            assert argv[3:] == ufw._keep_argv(argv[-1]), argv
+            for fam, rules in (("v4", self.v4), ("v6", self.v6)):
+                rules.remove(ufw._keep_tuple(argv[-1], fam)) if ufw._keep_tuple(argv[-1], fam) in rules else None
+            return
+        if argv[1:] == ufw._keep_argv(argv[-1]):
+            for fam, rules in (("v4", self.v4), ("v6", self.v6)):
+                if ufw._keep_tuple(argv[-1], fam) not in rules:
+                    rules.append(ufw._keep_tuple(argv[-1], fam))
+            return
         if argv[1:3] == ["--force", "delete"]:
             n = int(argv[3]) - 1
             if n < len(self.v4):
@@ -136,6 +146,37 @@ def test_the_plan_turns_any_rule_set_into_any_other():
         assert all(isinstance(c, Noop) for c in again)
         cases += 1
     assert cases == 400
+
+
+def _ssh_open(v4):
+    return any(t.split()[:3] in (["allow", "tcp", "22"], ["limit", "tcp", "22"]) and t.split()[5] == "0.0.0.0/0"
+               for t in v4)
+
+
+def test_ssh_stays_open_at_every_step_of_any_change():
+    """Add before delete: with keep_open, no moment between two ufw commands has the SSH port
+    closed (a failure there would leave it so, under default deny)."""
+    rng = random.Random(7)
+    ssh = POOL[1]                                      # limit 22/tcp from anywhere
+    for _ in range(300):
+        have = rng.sample(POOL, rng.randint(0, len(POOL)))
+        want = rng.sample(POOL, rng.randint(0, len(POOL)))
+        for rules in (have, want):
+            if ssh not in rules:
+                rules.insert(rng.randint(0, len(rules)), ssh)
+        v4 = [r.tuple_text("v4") for r in have if "v4" in r.families]
+        v6 = [r.tuple_text("v6") for r in have if "v6" in r.families]
+        if rng.random() < 0.2:                         # a failed earlier run left its keep rule
+            v4.insert(rng.randint(0, len(v4)), ufw._keep_tuple("22", "v4"))
+            v6.insert(rng.randint(0, len(v6)), ufw._keep_tuple("22", "v6"))
+        fw = ufw.firewall(want, keep_open=[22])
+        model = FakeUfw(v4, v6)
+        for c in fw.plan(_facts(v4, v6)):
+            for step in getattr(c, "steps", ()):
+                model.run(step["run"])
+                assert _ssh_open(model.v4), (have, want, step["run"])
+        assert model.v4 == [r.tuple_text("v4") for r in want if "v4" in r.families], (have, want)
+        assert model.v6 == [r.tuple_text("v6") for r in want if "v6" in r.families], (have, want)
 
 
 def test_only_what_differs_is_touched():
@@ -197,3 +238,34 @@ def test_real_ufw_converges_from_a_hand_made_mess(tmp_path):
         assert status.index("LIMIT IN") < status.index("10.77.0.1")
     finally:
         invoke("testbed.reset", SERVER)             # leave no firewall behind for the next test
+
+
+@pytest.mark.usefixtures("testbed")
+def test_a_change_cut_short_after_its_deletions_leaves_ssh_open(tmp_path):
+    """Add before delete, on the real ufw: run a rules change only up to its last delete (as if
+    the next command failed), under default deny; a brand-new SSH login must still get in."""
+    invoke("testbed.reset", SERVER)
+    inv = engine_helpers.inventory(tmp_path, [SERVER], ["base"])
+    try:
+        sh(SERVER, "apt-get install -y -q --no-install-recommends ufw >/dev/null 2>&1 || "
+                   "(apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ufw >/dev/null)")
+        sh(SERVER, "ufw default deny incoming && ufw allow 8080/tcp && ufw limit 22/tcp && ufw --force enable")
+        want = [ufw.rule("allow", 443, "tcp"), ufw.rule("limit", 22, "tcp", comment="ssh")]
+        fw = ufw.firewall(want, keep_open=[22])
+        with Connection(inv.hosts[SERVER], inv.known_hosts) as conn:
+            answer = agent.parse(*_run(conn, "facts", ops.request([fw])))
+            (rules,) = [c for c in fw.plan(Facts(answer["facts"])) if isinstance(c, Change) and c.action == "rules"]
+            last_delete = max(i for i, s in enumerate(rules.steps) if s["run"][1:3] == ["--force", "delete"]
+                              and s["run"][3].isdigit())
+            cut = Change(rules.resource, rules.action, rules.why, rules.steps[:last_delete + 1])
+            assert agent.parse(*_run(conn, "apply", agent.apply_request([cut], {})))["ok"]
+        assert "22" not in " ".join(t.split()[2] for t in ufw.parse_tuples(sh(SERVER, "cat /etc/ufw/user.rules").stdout)
+                                    if t.split()[4] == "any"), "the SSH rules were meant to be deleted here"
+        with Connection(inv.hosts[SERVER], inv.known_hosts) as fresh:     # a new TCP connection
+            assert fresh.run(["true"]).rc == 0
+            _apply(fresh, fw)
+            assert [type(c) for c in _apply(fresh, fw)] == [Noop]
+        v4 = ufw.parse_tuples(sh(SERVER, "cat /etc/ufw/user.rules").stdout)
+        assert v4 == [r.tuple_text("v4") for r in want]                # the keep rule is gone
+    finally:
+        invoke("testbed.reset", SERVER)

@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ import roles.harden
 from conftest import invoke
 import engine_helpers
 from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh
+from provisioner import lock
 from provisioner.facts import Facts
 from provisioner.inventory import Host
 from provisioner.roles import discover_roles, load_role
@@ -92,10 +94,56 @@ def test_bastions_get_tcp_forwarding_and_a_custom_port():
     ({"harden_fail2ban_bantime": "one hour"}, None, r"harden_fail2ban_bantime: .*fail2ban time"),
     ({"harden_admin_users": [{"name": "alice"}]}, None, r"harden_admin_users\[0\].keys: no SSH public key"),
     ({"harden_admin_users": [{"name": "deploy", "keys": [PUBKEY]}]}, None, r"is the deploy user"),
+    ({"harden_ssh_host_keys": ["/etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes"]}, None,
+     r"harden_ssh_host_keys: .*not a key file under /etc/ssh/"),
+    ({"harden_ssh_host_keys": ["/etc/ssh/../shadow"]}, None, r"harden_ssh_host_keys: "),
+    ({"harden_deploy_user": "deploy\n"}, None, r"harden_deploy_user: .*not a user/group name"),
+    ({"harden_ssh_allow_groups": ["sshusers\n"]}, None, r"harden_ssh_allow_groups: "),
+    ({"harden_ssh_kex": ["curve25519-sha256\n"]}, None, r"harden_ssh_kex: "),
+    ({"harden_journal_max_use": "500M\n"}, None, r"harden_journal_max_use: "),
 ])
 def test_bad_vars_are_refused_naming_the_var_and_the_fix(over, host, match):
     with pytest.raises(ValueError, match=match):
         _resources(host=host, **over)
+
+
+def test_no_var_can_add_an_sshd_directive():
+    """A host key path with a newline used to put `PermitRootLogin yes` above the template's
+    `no` (sshd takes the first value)."""
+    injected = "/etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes"
+    with pytest.raises(ValueError):
+        _resources(harden_ssh_host_keys=[injected])
+
+
+CI_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFz0r4lK1dZ3mWbC2pQ9w8dE0nYkq7V3x1T6uHc5sJ2a ci"
+
+
+def test_the_release_identity_gets_its_exact_commands_and_nothing_else():
+    res = _resources(harden_release_user="release", harden_release_keys=[CI_KEY],
+                     harden_release_sudo=[{"as": "app", "command": "/usr/bin/pm2 reload shop"}])
+    user = next(r for r in res if r.id == "user release")
+    assert user.authorized_keys == (CI_KEY,) or list(user.authorized_keys) == [CI_KEY]
+    sudoers = next(r for r in res if r.id == "template /etc/sudoers.d/50-harden").content.text
+    release = [l for l in sudoers.splitlines() if l.startswith("release ")]
+    assert release == ["release ALL=(app) NOPASSWD: /usr/bin/pm2 reload shop"]
+    plain = next(r for r in _resources() if r.id == "template /etc/sudoers.d/50-harden").content.text
+    assert "release" not in plain                                    # unchanged without one
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"harden_release_keys": [CI_KEY]}, r"harden_release_user: not set"),
+    ({"harden_release_user": "deploy", "harden_release_keys": [CI_KEY]}, r"harden_release_user: deploy is also"),
+    ({"harden_release_user": "release", "harden_release_keys": [PUBKEY]}, r"harden_release_keys: .*root through sudo"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/usr/bin/pm2 *"}]}, r"harden_release_sudo\[0\].command: .*no wildcards"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/bin/true, /bin/bash"}]}, r"harden_release_sudo\[0\].command"),
+    ({"harden_release_user": "release", "harden_release_keys": [CI_KEY],
+      "harden_release_sudo": [{"as": "root", "command": "/bin/true\nrelease ALL=(ALL) ALL"}]}, r"harden_release_sudo\[0\].command"),
+])
+def test_a_release_identity_that_could_become_root_is_refused(over, match):
+    with pytest.raises(ValueError, match=match):
+        _resources(**over)
 
 
 def test_small_rsa_keys_are_refused_before_sshd_would_refuse_them():
@@ -197,6 +245,19 @@ def test_known_hosts_on_a_new_port_reuse_the_verified_keys(tmp_path):
         assert "[192.0.2.11]:2222" not in moved.read_text()
     finally:
         moved.unlink()
+
+
+def test_known_hosts_moving_from_one_custom_port_to_another(tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text("[192.0.2.10]:2222 ssh-ed25519 AAAAkey1\n192.0.2.100 ssh-ed25519 AAAAother\n"
+                  "[192.0.2.10]:2222 ecdsa-sha2-nistp256 AAAAkey2\n")
+    for port, name in ((2200, "[192.0.2.10]:2200"), (22, "192.0.2.10")):
+        moved = HARDEN._known_hosts_for(kh, "192.0.2.10", port)
+        try:
+            added = [l for l in moved.read_text().splitlines() if l.startswith(name + " ")]
+            assert added == [f"{name} ssh-ed25519 AAAAkey1", f"{name} ecdsa-sha2-nistp256 AAAAkey2"]
+        finally:
+            moved.unlink()
 
 
 # --- live: one server provisioned, attacked from another ----------------------------------------
@@ -511,6 +572,144 @@ def test_a_config_that_locks_the_deploy_user_out_is_rolled_back(hardened):
     assert Run(hardened.inv).host(SERVER)["changed"] == 0
 
 
+def _exit_status(client, command: str) -> int:
+    _, out, _ = client.exec_command(command, timeout=30)
+    return out.channel.recv_exit_status()
+
+
+def test_the_release_identity_cannot_read_secrets_or_change_the_system(hardened, tmp_path):
+    """What CI deploys with: it logs in, runs its one allowed command, and nothing else."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f", str(tmp_path / "ci")],
+                   check=True)
+    ci_key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "ci"))
+    run = Run(_inv(hardened.tmp, name="release", harden_release_user="release",
+                   harden_release_keys=[(tmp_path / "ci.pub").read_text().strip()],
+                   harden_release_sudo=[{"as": "root", "command": "/usr/bin/systemctl status ssh.service"}]))
+    assert run.exit_code == 0, _failed(run)
+    c = _login_as("release", key=ci_key)
+    try:
+        assert _exit_status(c, "true") == 0
+        assert _exit_status(c, "cat /etc/shadow") != 0
+        assert _exit_status(c, "touch /etc/release-was-here") != 0
+        assert _exit_status(c, "sudo -n cat /etc/shadow") != 0
+        assert _exit_status(c, "sudo -n -i true") != 0
+        assert _exit_status(c, "sudo -n /usr/bin/systemctl status ssh.service") == 0
+        assert _exit_status(c, "sudo -n /usr/bin/systemctl restart ssh.service") != 0
+    finally:
+        c.close()
+    assert sh(SERVER, "test -e /etc/release-was-here", check=False).returncode == 1
+    with pytest.raises(paramiko.AuthenticationException):          # the CI key is not root's way in
+        _login_as("deploy", key=ci_key).close()
+    gone = Run(_inv(hardened.tmp, name="norelease", harden_absent_users=["release"]))
+    assert gone.exit_code == 0, _failed(gone)
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+# --- the dead man's switch: the server undoes a lockout on its own ---------------------------
+
+REVERT = 30          # harden_lockout_revert_seconds for these tests: the bound they check
+CONTROLLER_SCRIPT = r"""
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from engine_helpers import REPO, TEST_ROLES, Run
+from provisioner.inventory import load_inventory_file
+Run(load_inventory_file(sys.argv[3], roles_root=[TEST_ROLES, REPO / "roles"]))
+"""
+
+
+def _lockout_controller(tmp, **lockout):
+    """A controller process provisioning a config that locks the deploy user out."""
+    inventory(tmp, [SERVER], ["harden"], name="deadman",
+              vars={"harden_trusted_sources": [CONTROLLER], "harden_lockout_revert_seconds": REVERT,
+                    **lockout},
+              ssh={"user": "deploy", "bootstrap_user": "root", "command_timeout": 60})
+    return subprocess.Popen([sys.executable, "-c", CONTROLLER_SCRIPT, str(REPO), str(REPO / "tests"),
+                             str(tmp / "deadman.yml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(what, probe, timeout, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return time.monotonic()
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _armed():
+    return "provisioner-revert-" in sh(SERVER, "systemctl list-timers --all --no-legend").stdout
+
+
+def _locked_out_on_disk():
+    return sh(SERVER, "grep -qx 'AllowGroups wheel' /etc/ssh/sshd_config", check=False).returncode == 0
+
+
+def _deploy_logs_in():
+    try:
+        _login_as("deploy").close()
+        return True
+    except Exception:
+        return False
+
+
+def _revert_ran_since(since: str) -> bool:
+    return "Finished" in sh(SERVER, f"journalctl --no-pager --since @{since} -u 'provisioner-revert-*'").stdout
+
+
+def test_a_controller_killed_before_its_guard_the_server_reverts_the_lockout(hardened):
+    since = sh(SERVER, "date +%s").stdout.strip()
+    proc = _lockout_controller(hardened.tmp, harden_ssh_allow_groups=["wheel"])
+    try:
+        armed = _wait_for("the revert timer armed", _armed, 120)
+        proc.kill()                                  # kill -9: no guard, no rollback, no finish
+        proc.wait()
+        # the agent on the server goes on without its controller: the lockout lands ...
+        _wait_for("the lockout applied", _locked_out_on_disk, 30)
+        _wait_for("deploy locked out", lambda: not _deploy_logs_in(), 30, every=1)
+        # ... and the server undoes it by itself within the bound
+        _wait_for("a fresh login as deploy", _deploy_logs_in, armed + REVERT + 20 - time.monotonic(), every=2)
+        assert time.monotonic() - armed <= REVERT + 20
+        assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout
+        assert _revert_ran_since(since)
+    finally:
+        proc.kill()
+        proc.wait()
+    sh(SERVER, f"rm -rf {lock.LOCK_DIR}")           # the killed run's lock
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
+def _listening_on_loopback_only():
+    return sh(SERVER, "ss -Hltn 'sport = :22'").stdout.split()[3:4] == ["127.0.0.1:22"]
+
+
+def test_a_server_cut_off_mid_guard_reverts_the_lockout(hardened):
+    """sshd reloaded to listen on 127.0.0.1 only: the guard's fresh login is refused and retried
+    (about 3 s: the window the cut lands in); its rollback cannot reach the server either."""
+    from provisioner import testbed as tb
+    since = sh(SERVER, "date +%s").stdout.strip()
+    proc = _lockout_controller(hardened.tmp, harden_ssh_extra_lines=["ListenAddress 127.0.0.1"])
+    cut = False
+    try:
+        _wait_for("the revert timer armed", _armed, 120)
+        reloaded = _wait_for("sshd reloaded on loopback only", _listening_on_loopback_only, 60, every=0.02)
+        tb.cut(SERVER)                               # the guard is retrying its login now
+        cut = True
+        time.sleep(REVERT + 10)                      # the whole bound passes while cut off
+        tb.heal(SERVER)
+        cut = False
+        _wait_for("a fresh login as deploy", _deploy_logs_in, 20, every=2)
+        assert time.monotonic() - reloaded <= REVERT + 40
+        assert _revert_ran_since(since)              # the server's timer did it, not the guard
+        assert not _listening_on_loopback_only()
+    finally:
+        if cut:
+            tb.heal(SERVER)
+        proc.kill()
+        proc.wait()
+    sh(SERVER, f"rm -rf {lock.LOCK_DIR}")
+    assert Run(hardened.inv).host(SERVER)["changed"] == 0
+
+
 def test_a_custom_ssh_port(hardened, tmp_path):
     """Last: it re-provisions the server on port 2222. Run 1 connects on 22 and moves sshd; the
     guard logs in on 2222; run 2 uses port 2222 in the inventory and closes 22 in ufw too."""
@@ -535,3 +734,20 @@ def test_a_custom_ssh_port(hardened, tmp_path):
     assert "2222/tcp" in status and not re.search(r"^22/tcp", status, re.M)
     with pytest.raises(OSError):                     # refused or dropped (NoValidConnectionsError, timeout)
         _login_as("deploy", port=22).close()
+
+
+def test_moving_ssh_from_one_custom_port_to_another(hardened, tmp_path):
+    """After test_a_custom_ssh_port (the server is on 2222): the known_hosts of a server that has
+    always been on 2222 names it only as [addr]:2222; the guard must still log in on 2200."""
+    if "port 2222" not in sh(SERVER, "sshd -T").stdout:
+        pytest.skip("needs the server left on port 2222 by test_a_custom_ssh_port")
+    addr = ADDRESSES[SERVER]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("".join(f"[{addr}]:2222 {l.split(' ', 1)[1]}\n"
+                          for l in (REPO / ".testbed" / "known_hosts").read_text().splitlines()
+                          if l.split(" ", 1)[0] == addr))
+    run = Run(_inv(tmp_path, name="port2200", port=2222, known_hosts=kh, harden_ssh_port=2200))
+    assert run.exit_code == 0, _failed(run)
+    assert "guard fresh SSH login as deploy with sudo on port 2200" in {
+        e["resource"] for e in run.steps(status="ok")}
+    assert "port 2200" in sh(SERVER, "sshd -T").stdout

@@ -139,6 +139,18 @@ def test_no_secret_on_any_command_line_and_passwords_are_checked_on_stdin(tmp_pa
         assert not any(p in s for s in shown)
 
 
+def test_a_public_address_is_refused(tmp_path):
+    """PostgreSQL listens on the inventory address by default: a public one must not be it."""
+    import dataclasses
+    v, ctx = ctx_for(tmp_path, postgresql_listen_address="1.2.3.4")
+    with pytest.raises(ValueError, match="postgresql_listen_address 1.2.3.4 is a public"):
+        list(ROLE.resources(v, ctx))
+    v, ctx = ctx_for(tmp_path)
+    ctx = dataclasses.replace(ctx, host=dataclasses.replace(ctx.host, address="1.2.3.4"))
+    with pytest.raises(ValueError, match="the host's inventory address 1.2.3.4 is a public.*private IP"):
+        list(ROLE.resources(v, ctx))
+
+
 @pytest.mark.parametrize("var,value,match", [
     ("postgresql_shared_buffers", "128 MB", "postgresql_shared_buffers"),
     ("postgresql_port", 70000, "postgresql_port"),

@@ -63,6 +63,18 @@ def test_loopback_bind_address_means_localhost_only(tmp_path):
     assert roles.redis.config(v, ctx)["bind"] == "127.0.0.1 -::1"
 
 
+def test_a_public_address_is_refused(tmp_path):
+    """redis listens on the inventory address by default: a public one must not be it."""
+    import dataclasses
+    v, ctx = ctx_for(tmp_path, redis_bind_address="1.2.3.4")
+    with pytest.raises(ValueError, match="redis_bind_address: redis_bind_address 1.2.3.4 is a public"):
+        list(ROLE.resources(v, ctx))
+    v, ctx = ctx_for(tmp_path)
+    ctx = dataclasses.replace(ctx, host=dataclasses.replace(ctx.host, address="1.2.3.4"))
+    with pytest.raises(ValueError, match="the host's inventory address 1.2.3.4 is a public.*private IP"):
+        list(ROLE.resources(v, ctx))
+
+
 @pytest.mark.parametrize("var,value,match", [
     ("redis_port", 0, "redis_port"),
     ("redis_bind_address", "cache.internal", "redis_bind_address"),

@@ -192,6 +192,32 @@ def test_crafted_header_cannot_demand_huge_memory():
         decrypt(blob, PW)
 
 
+@pytest.mark.parametrize("kdf, params", [
+    ("argon2id", "m=1048576,t=64,p=4"),          # 1 GiB, 64 passes: minutes of work
+    ("argon2id", "m=4194304,t=1,p=4"),           # 4 GiB of memory
+    ("scrypt", "n=1048576,r=8,p=64"),            # 1 GiB, 64 times over
+])
+def test_crafted_header_cannot_demand_unbounded_work(kdf, params):
+    # refused before any key derivation: the test would take minutes (or the machine's
+    # memory) if the parameters were followed
+    if kdf == "argon2id":
+        header = f"$PROVISIONER_VAULT;1;argon2id;{params};"
+        blob = _tamper(encrypt({}, PW, kdf=FAST_ARGON), b"$PROVISIONER_VAULT;1;argon2id;m=64,t=1,p=1;",
+                       header.encode()) if vault.argon2id_available() else None
+    else:
+        blob = _tamper(encrypt({}, PW, kdf=FAST_SCRYPT), b"n=16,r=1,p=1", params.encode())
+    with pytest.raises(ValueError, match="out of bounds"):
+        vault._KDFS[kdf].decode(params)
+    if blob is not None:
+        with pytest.raises(VaultError, match="out of bounds"):
+            decrypt(blob, PW)
+
+
+def test_default_costs_are_within_the_bounds():
+    for kdf in (Argon2idParams(), ScryptParams()):
+        assert type(kdf).decode(kdf.encode()) == kdf
+
+
 # --- atomic writes -----------------------------------------------------------------------
 
 def _siblings(path: Path) -> list[str]:
@@ -440,6 +466,9 @@ if action == "fail":
 if action == "garbage":
     open(path, "w").write("{not json")
     sys.exit(0)
+if action == "duplicate":
+    open(path, "w").write('{"db_password": "first-value-1", "db_password": "second-value-2"}')
+    sys.exit(0)
 data = json.load(open(path))
 data["new_key"] = "new-value-123"
 data.pop("remove_me")
@@ -481,7 +510,7 @@ def test_cli_edit(run, root, monkeypatch, editor):
     assert got == {"db_password": "edited-value-456", "keep": "k", "new_key": "new-value-123"}
 
 
-@pytest.mark.parametrize("action", ["fail", "garbage"])
+@pytest.mark.parametrize("action", ["fail", "garbage", "duplicate"])
 def test_cli_edit_failure_saves_nothing_and_removes_the_temp_file(run, root, monkeypatch,
                                                                    editor, action):
     path = vault_path("prod", root)
@@ -495,3 +524,54 @@ def test_cli_edit_failure_saves_nothing_and_removes_the_temp_file(run, root, mon
     assert path.read_bytes() == before
     seen = json.loads(record.read_text())
     assert not os.path.exists(os.path.dirname(seen["path"]))
+
+
+def test_cli_edit_refuses_a_name_given_twice(run, root, monkeypatch, editor):
+    path = vault_path("prod", root)
+    save_vault(path, {"db_password": VALUE, "remove_me": "x"}, PW, kdf=FAST_SCRYPT)
+    monkeypatch.setenv(vault.PASSWORD_ENV, PW)
+    editor("duplicate")
+    code, out, err = run("vault.edit", "--env", "prod")
+    assert code == 2
+    assert "'db_password' is given twice" in err and "nothing saved" in err
+    assert "first-value-1" not in out + err and "second-value-2" not in out + err
+    assert load_vault(path, PW)["db_password"].reveal() == VALUE
+
+
+def test_two_vault_set_at_once_keep_both_secrets(root, monkeypatch, capsys):
+    """Both commands read the vault before either writes: each must still see the other's
+    secret. The barrier holds both inside the (slow, in real life) encryption, which is where
+    the race was; with the lock the second one waits before it reads, and the barrier gives up."""
+    import threading
+    monkeypatch.setattr(cli, "repo_root", lambda: root)
+    monkeypatch.setenv(vault.PASSWORD_ENV, PW)
+    save_vault(vault_path("prod", root), {"first": "1"}, PW, kdf=FAST_SCRYPT)
+    values = {"alpha": "alpha-value", "beta": "beta-value"}
+    monkeypatch.setattr(cli, "_read_value", lambda name: values[name])
+    barrier = threading.Barrier(2, timeout=1.0)
+    real_encrypt = vault.encrypt
+
+    def slow_encrypt(*args, **kwargs):
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return real_encrypt(*args, **kwargs)
+    monkeypatch.setattr(vault, "encrypt", slow_encrypt)
+    errors = []
+
+    def set_one(name):
+        try:
+            cli.set_.body(None, name, env="prod")
+        except BaseException as e:                # Exit is a BaseException
+            errors.append(e)
+    threads = [threading.Thread(target=set_one, args=(n,)) for n in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    out = capsys.readouterr().out
+    assert "added alpha" in out and "added beta" in out
+    got = {k: v.reveal() for k, v in load_vault(vault_path("prod", root), PW).items()}
+    assert got == {"first": "1", **values}

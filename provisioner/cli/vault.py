@@ -22,8 +22,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -32,6 +33,7 @@ import provisioner
 from provisioner import vault
 from provisioner.vault import VaultError
 
+T = TypeVar("T")
 ENV_HELP = "environment: uses inventories/<env>.vault (default: local)"
 
 
@@ -70,7 +72,7 @@ def _open(env: str) -> tuple[Path, str, dict[str, str], bytes]:
         raise VaultError(f"there is no {_display(env)}; create it with "
                          f"`invoke vault.create --env {env}`")
     password = vault.get_password(env, root, _interactive())
-    blob = path.read_bytes()
+    blob = vault.read_vault_bytes(path)
     values = vault.decrypt(blob, password, display=_display(env))
     return path, password, values, blob
 
@@ -85,15 +87,31 @@ def _password_for_new_vault(env: str) -> str:
 
 
 def _save(path: Path, env: str, values: dict[str, str], password: str, blob: bytes | None) -> None:
-    """Save unless someone else changed the file since we read ``blob``."""
+    """Save unless someone else changed the file since we read ``blob`` (for a whole-vault
+    rewrite: edit, rekey). The check and the replace happen under the vault's lock."""
+    with vault.locked(path):
+        if _current(path) != blob:
+            raise VaultError(f"{_display(env)} was changed by someone else meanwhile; nothing "
+                             "saved, run the command again")
+        vault.save_vault(path, values, password, display=_display(env))
+
+
+def _current(path: Path) -> bytes | None:
     try:
-        current = path.read_bytes()
+        return vault.read_vault_bytes(path)
     except FileNotFoundError:
-        current = None
-    if current != blob:
-        raise VaultError(f"{_display(env)} was changed by someone else meanwhile; nothing "
-                         "saved, run the command again")
-    vault.save_vault(path, values, password, display=_display(env))
+        return None
+
+
+def _update(path: Path, env: str, password: str, change: Callable[[dict[str, str]], T]) -> T:
+    """Apply ``change`` to the vault's values as they are now and save: read, change and
+    replace under the vault's lock, so that a concurrent command's secret is never lost."""
+    with vault.locked(path):
+        blob = _current(path)
+        values = {} if blob is None else vault.decrypt(blob, password, display=_display(env))
+        result = change(values)
+        vault.save_vault(path, values, password, display=_display(env))
+        return result
 
 
 @task(help={"env": ENV_HELP})
@@ -106,7 +124,7 @@ def create(c, env="local"):
             raise VaultError(f"{_display(env)} already exists")
         password = _password_for_new_vault(env)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _save(path, env, {}, password, None)
+        _save(path, env, {}, password, None)          # refuses if one appeared meanwhile
         print(f"created {_display(env)}")
 
 
@@ -149,7 +167,10 @@ def _read_value(name: str) -> str:
         except EOFError:
             raise VaultError(f"no value for {name}") from None
     else:
-        value = sys.stdin.read()
+        value = sys.stdin.read(vault.MAX_VALUE + 3)
+        if len(value) > vault.MAX_VALUE + 2:                 # + a final CRLF
+            raise VaultError(f"the value for {name} is longer than {vault.MAX_VALUE >> 20} MiB; "
+                             "nothing changed (a vault holds passwords and keys, not files)")
         if value.endswith("\r\n"):
             value = value[:-2]
         elif value.endswith("\n"):
@@ -169,14 +190,18 @@ def set_(c, name, env="local"):
         vault.validate_name(name)
         path = vault.vault_path(env, repo_root())
         if path.exists():
-            path, password, values, blob = _open(env)
+            path, password, _, _ = _open(env)       # a wrong password fails before the prompt
         else:
             _err(f"{_display(env)} does not exist yet; creating it")
-            password, values, blob = _password_for_new_vault(env), {}, None
+            password = _password_for_new_vault(env)
             path.parent.mkdir(parents=True, exist_ok=True)
-        existed = name in values
-        values[name] = _read_value(name)
-        _save(path, env, values, password, blob)
+        value = _read_value(name)
+
+        def put(values: dict[str, str]) -> bool:
+            existed = name in values
+            values[name] = value
+            return existed
+        existed = _update(path, env, password, put)
         print(f"{'updated' if existed else 'added'} {name} in {_display(env)}")
 
 
@@ -185,11 +210,13 @@ def unset(c, name, env="local"):
     """Remove one secret."""
     with _errors():
         vault.validate_name(name)
-        path, password, values, blob = _open(env)
-        if name not in values:
-            raise VaultError(f"{_display(env)} has no secret named {name}")
-        del values[name]
-        _save(path, env, values, password, blob)
+        path, password, _, _ = _open(env)
+
+        def remove(values: dict[str, str]) -> None:
+            if name not in values:
+                raise VaultError(f"{_display(env)} has no secret named {name}")
+            del values[name]
+        _update(path, env, password, remove)
         print(f"removed {name} from {_display(env)}")
 
 
@@ -224,7 +251,7 @@ def _editor() -> list[str]:
 
 def _parse_edited(text: str) -> dict[str, str]:
     try:
-        data = json.loads(text)
+        data = vault.load_json_object(text)
     except json.JSONDecodeError as e:
         # the message names a position, not the content
         raise VaultError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \

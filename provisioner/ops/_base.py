@@ -18,7 +18,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from provisioner.facts import FileFact
-from provisioner.templating import Rendered, is_secret
+from provisioner.templating import MASK, Rendered, is_secret
 
 
 class PlanError(ValueError):
@@ -26,8 +26,8 @@ class PlanError(ValueError):
     file is wanted). The runner reports it as a failed resource; nothing is applied."""
 
 
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]*\$?$")
-MODE_RE = re.compile(r"^[0-7]{3,4}$")
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]*\$?\Z")
+MODE_RE = re.compile(r"^[0-7]{3,4}\Z")
 
 
 def abs_path(path: str) -> str:
@@ -160,6 +160,15 @@ def file_fact(path: str, content: str | bytes | None, mode: str | None, owner: s
 
 # --- diffs -------------------------------------------------------------------------------------
 
+_KEY = re.compile(r"(\s*[^\s=:]+(?:\s*[=:]\s*|\s+))(?=\S)")
+
+
+def _masked_value(line: str) -> str:
+    """A line with all but its key (first word, up to `=` or `:`) shown as ***."""
+    m = _KEY.match(line)
+    return (m.group(1) + MASK) if m else (MASK if line.strip() else line)
+
+
 def file_diff(path: str, old: FileFact, new: Rendered) -> str:
     """Unified diff old -> new as users may see it: secrets as ***, or a note instead."""
     if new.display is None:
@@ -176,6 +185,11 @@ def file_diff(path: str, old: FileFact, new: Rendered) -> str:
     after = new.display.splitlines()
     lines = list(difflib.unified_diff(before, after, fromfile=f"a{path}" if old.exists
                                       else "/dev/null", tofile=f"b{path}", lineterm=""))
+    if new.has_secrets or (old.exists and old.mode and int(old.mode, 8) & 0o004 == 0):
+        # a file that carries secrets (now, or readable by its owner only): a line going away
+        # may hold a secret no one knows any more (removed from the inventory and the vault)
+        lines = [line if not line.startswith("-") or line.startswith("---")
+                 else "-" + _masked_value(line[1:]) for line in lines]
     if not lines:
         if old.exists and old.type == "file" and old.content != new.text:
             what = ("secret values" if new.has_secrets and old.content.splitlines()

@@ -35,8 +35,8 @@ from provisioner.facts import Facts
 from provisioner.ops import _base as b
 from provisioner.templating import Rendered
 
-PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?$")
-REPO_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]*(:[a-z0-9]+)?(=[A-Za-z0-9.+~:\-]+)?\Z")
+REPO_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*\Z")
 LOCK = ["-o", "DPkg::Lock::Timeout=300"]
 APT_GET = ["apt-get", "-q", "-y", *LOCK]
 CONFFILES = ["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]
@@ -312,7 +312,7 @@ def repository(name: str, uri: str, suites: Sequence[str] | str,
                update: bool = True) -> Repository:
     if not isinstance(name, str) or not REPO_NAME_RE.match(name):
         raise ValueError(f"bad repository name {name!r}")
-    if not isinstance(uri, str) or not re.match(r"^(https?|file|cdrom|mirror\+\w+)://\S+$", uri):
+    if not isinstance(uri, str) or not re.match(r"^(https?|file|cdrom|mirror\+\w+)://\S+\Z", uri):
         raise ValueError(f"bad repository URI {uri!r}")
     if (key_b64 is None) == (key_url is None):
         raise ValueError("give exactly one of key_b64 or key_url")
@@ -323,7 +323,7 @@ def repository(name: str, uri: str, suites: Sequence[str] | str,
             raise ValueError("key_b64 is not valid base64") from None
         ext = ".asc" if data.lstrip().startswith(b"-----BEGIN PGP") else ".gpg"
     else:
-        if not re.match(r"^https?://\S+$", key_url):
+        if not re.match(r"^https?://\S+\Z", key_url):
             raise ValueError(f"bad key URL {key_url!r}")
         ext = ".gpg" if key_url.endswith(".gpg") else ".asc"
     if key_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", key_sha256):

@@ -20,7 +20,7 @@ from provisioner.facts import Facts
 from provisioner.ops import _base as b
 from provisioner.remote.agent import edit_lines
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*\Z")
 DEFAULT_FILE = "/etc/sysctl.d/60-provisioner.conf"
 
 

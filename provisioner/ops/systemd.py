@@ -26,7 +26,7 @@ from provisioner.facts import Facts
 from provisioner.ops import _base as b
 from provisioner.ops import files
 
-UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\Z")
 ACTIVE = ("active", "reloading", "activating")
 NO_ENABLEMENT = ("static", "indirect", "generated", "transient", "alias")
 ACTIONS = ("start", "stop", "restart", "reload", "try-restart", "reload-or-restart",

@@ -32,6 +32,12 @@ policies (`ufw default deny incoming` ...) and `ufw --force enable` when the fir
 or its rules are not loaded. Established connections (the provisioner's own) survive all of
 this: ufw's before.rules accept ESTABLISHED traffic ahead of the user rules.
 
+Add before delete: with `keep_open=[22]` (role harden passes its SSH ports), a change that
+deletes rules first appends `allow proto tcp from any port 1:65535 to any port 22` (a rule no
+wanted rule can collide with: ufw tells rules apart by their source port too), and deletes it
+last, by its spec. A failure in between leaves SSH open, never closed under default deny; the
+next run removes the leftover like any unwanted rule.
+
 Anything else in the user rule files (rules added by hand, `route`/`out` rules, app rules) is
 not wanted and is deleted: the resource owns the whole rule set.
 """
@@ -59,7 +65,7 @@ PROTOS = ("tcp", "udp", "any")
 POLICY_WORDS = {"deny": "DROP", "allow": "ACCEPT", "reject": "REJECT"}
 POLICY_KEYS = {"incoming": "DEFAULT_INPUT_POLICY", "outgoing": "DEFAULT_OUTPUT_POLICY",
                "routed": "DEFAULT_FORWARD_POLICY"}
-COMMENT_RE = re.compile(r"^[A-Za-z0-9 _.,:/@()+=#-]{1,100}$")
+COMMENT_RE = re.compile(r"^[A-Za-z0-9 _.,:/@()+=#-]{1,100}\Z")
 TUPLE_RE = re.compile(r"^### tuple ###\s*(.*?)\s*$")
 
 
@@ -208,6 +214,18 @@ def _text_of(facts: Facts, path: str) -> str | None:
     return f.content
 
 
+KEEP_SPORT = "1:65535"        # every real source port: the keep rule's distinct match
+
+
+def _keep_argv(port: str) -> list[str]:
+    return ["allow", "proto", "tcp", "from", "any", "port", KEEP_SPORT, "to", "any", "port", port]
+
+
+def _keep_tuple(port: str, family: str) -> str:
+    anywhere = "0.0.0.0/0" if family == "v4" else "::/0"
+    return f"allow tcp {port} {anywhere} {KEEP_SPORT} {anywhere} in"
+
+
 @dataclass(frozen=True)
 class Firewall:
     rules: tuple[Rule, ...]
@@ -215,6 +233,7 @@ class Firewall:
     outgoing: str = "allow"
     routed: str = "deny"
     enabled: bool = True
+    keep_open: tuple[str, ...] = ()      # tcp ports never closed while the rules change
 
     @property
     def id(self) -> str:
@@ -258,12 +277,21 @@ class Firewall:
         prefix = {fam: _common_prefix(st[fam], want[fam]) for fam in ("v4", "v6")}
         if st["v4"] != want["v4"] or st["v6"] != want["v6"]:
             steps, why = [], []
-            n4 = len(st["v4"])
-            # IPv6 rules are numbered after all IPv4 ones: delete them first, from the end
+            fams = ("v4", "v6") if st["ipv6"] else ("v4",)
+            deleting = any(len(st[fam]) > prefix[fam] for fam in fams)
+            keep = self.keep_open if deleting else ()
+            kept = {_keep_tuple(p, fam) for p in keep for fam in fams}
+            for port in keep:                    # appended: after every rule there is now
+                steps.append(b.run(["ufw", *_keep_argv(port)]))
+            # IPv6 rules are numbered after all IPv4 ones (and the keep rules just appended,
+            # unless a failed run left them): delete them first, from the end
+            n4 = len(st["v4"]) + sum(_keep_tuple(p, "v4") not in st["v4"] for p in keep)
             for j in range(len(st["v6"]) - 1, prefix["v6"] - 1, -1):
-                steps.append(b.run(["ufw", "--force", "delete", str(n4 + j + 1)]))
-            for i in range(n4 - 1, prefix["v4"] - 1, -1):
-                steps.append(b.run(["ufw", "--force", "delete", str(i + 1)]))
+                if st["v6"][j] not in kept:
+                    steps.append(b.run(["ufw", "--force", "delete", str(n4 + j + 1)]))
+            for i in range(len(st["v4"]) - 1, prefix["v4"] - 1, -1):
+                if st["v4"][i] not in kept:
+                    steps.append(b.run(["ufw", "--force", "delete", str(i + 1)]))
             index = {fam: 0 for fam in ("v4", "v6")}
             for r in self.rules:
                 needed = False
@@ -275,6 +303,8 @@ class Firewall:
                     index[fam] += 1
                 if needed:
                     steps.append(b.run(r.argv()))
+            for port in keep:                    # last: the wanted rules are all in place
+                steps.append(b.run(["ufw", "--force", "delete", *_keep_argv(port)]))
             for fam, label in (("v4", "IPv4"), ("v6", "IPv6")):
                 extra = len(st[fam]) - prefix[fam]
                 missing = len(want[fam]) - prefix[fam]
@@ -348,7 +378,7 @@ class Firewall:
 
 
 def firewall(rules: Iterable[Rule | Mapping], *, incoming: str = "deny", outgoing: str = "allow",
-             routed: str = "deny", enabled: bool = True) -> Firewall:
+             routed: str = "deny", enabled: bool = True, keep_open: Iterable = ()) -> Firewall:
     if isinstance(rules, (str, bytes, Mapping)):
         raise TypeError("rules must be a list of ufw.rule(...) or mappings")
     parsed = tuple(as_rule(r) for r in rules)
@@ -363,8 +393,11 @@ def firewall(rules: Iterable[Rule | Mapping], *, incoming: str = "deny", outgoin
     for name, value in (("incoming", incoming), ("outgoing", outgoing), ("routed", routed)):
         if value not in POLICY_WORDS:
             raise ValueError(f"bad {name} policy {value!r}: one of {', '.join(POLICY_WORDS)}")
+    keep = tuple(dict.fromkeys(_port(p) for p in keep_open))
+    if any(":" in p for p in keep):
+        raise ValueError(f"keep_open takes single ports, not ranges: {keep_open!r}")
     return Firewall(rules=parsed, incoming=incoming, outgoing=outgoing, routed=routed,
-                    enabled=bool(enabled))
+                    enabled=bool(enabled), keep_open=keep)
 
 
 __all__ = ["Firewall", "Rule", "firewall", "rule", "as_rule", "parse_tuples"]

@@ -18,6 +18,7 @@ Request and response formats are documented in provisioner/agent.py.
 from __future__ import annotations
 
 import base64
+import errno
 import grp
 import hashlib
 import json
@@ -43,6 +44,7 @@ SYSCTL_DIRS = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/us
                "/lib/sysctl.d")
 
 STATS = {"commands": 0}
+CHILDREN = set()             # process groups of the commands running now (see _on_term)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +77,7 @@ def _run(argv, stdin=None, env=None, timeout=None):
         return 127, "command not found: %s" % (e.filename or argv[0])
     except PermissionError as e:
         return 126, "permission denied: %s" % (e.filename or argv[0])
+    CHILDREN.add(p.pid)
     try:
         out, _ = p.communicate(stdin.encode() if isinstance(stdin, str) else stdin, timeout)
     except subprocess.TimeoutExpired:
@@ -84,7 +87,20 @@ def _run(argv, stdin=None, env=None, timeout=None):
             pass
         out, _ = p.communicate()
         return 124, out.decode("utf-8", "replace") + "\ntimed out after %ss" % timeout
+    finally:
+        CHILDREN.discard(p.pid)
     return p.returncode, out.decode("utf-8", "replace")
+
+
+def _on_term(signum, frame):
+    """Stopped (finish after a command timeout, or the revert timer): take the commands we
+    started with us; each runs in its own process group."""
+    for pid in list(CHILDREN):
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+    os._exit(128 + signum)
 
 
 def _run_split(argv, timeout=None):
@@ -102,7 +118,13 @@ def _run_split(argv, timeout=None):
 
 
 def _tail(text, n=TAIL):
-    return text if len(text) <= n else "..." + text[-n:]
+    """The end of text, whole lines only: a secret cut in two would escape the controller's
+    redaction, which masks whole values (and each line of a multi-line one)."""
+    if len(text) <= n:
+        return text
+    end = text[-n:]
+    first = end.find("\n")
+    return "...\n" + end[first + 1:] if first >= 0 else "...(last line longer than %d characters)" % n
 
 
 def _cmdline(argv):
@@ -627,44 +649,166 @@ FACTS = {name[len("fact_"):]: fn for name, fn in list(globals().items())
          if name.startswith("fact_") and name != "fact_os" and callable(fn)}
 
 
-def run_lock(req):
-    """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock older
-    than its TTL is stale, and so is one whose run id is take_from (its process is gone): it
-    is taken over and the old owner reported. The runner asks for this only outside check
-    mode: check mode writes nothing."""
-    d = req["dir"]
-    owner = req["owner"]
-    os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
+# The run lock: a directory (atomic mkdir) holding owner.json. Every look at it and change
+# of it (take, take over, release) happens under MUTEX, a flock on a file beside it, so two
+# agents never both decide to take over the same stale lock. An exec that works under a run
+# (apply) holds a shared flock on EXEC_LOCK inside the directory for its whole life and
+# records its PID in EXEC_PID: while it lives, the lock is neither stale nor released.
+MUTEX_SUFFIX = ".mutex"
+EXEC_LOCK = "exec.lock"
+EXEC_PID = "exec.pid"
+STOP_WAIT = 10               # seconds a stopped exec gets to end before SIGKILL
 
-    def take():
-        os.mkdir(d, 0o700)
-        with open(os.path.join(d, "owner.json"), "w") as f:
-            json.dump(owner, f)
-        return {"acquired": True}
 
-    try:
-        return take()
-    except FileExistsError:
-        pass
+class _Mutex(object):
+    def __init__(self, d):
+        import fcntl
+        os.makedirs(os.path.dirname(d), mode=0o755, exist_ok=True)
+        self.fd = os.open(d + MUTEX_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _holder(d, ttl):
     try:
         with open(os.path.join(d, "owner.json")) as f:
-            holder = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        holder = {"started_epoch": os.stat(d).st_mtime, "ttl": owner["ttl"], "who": "unknown (no owner.json)"}
-    age = time.time() - holder.get("started_epoch", 0)
-    # take_from: the controller found this holder's process dead on its own machine
-    dead = req.get("take_from") is not None and holder.get("run_id") == req["take_from"]
-    if age <= holder.get("ttl", 0) and not dead:
-        return {"acquired": False, "holder": holder, "age": age}
-    shutil.rmtree(d, ignore_errors=True)
-    out = take()
-    out["stale"] = holder
-    out["dead"] = dead
-    return out
+        return {"started_epoch": os.stat(d).st_mtime, "ttl": ttl, "who": "unknown (no owner.json)"}
+
+
+def _age(holder):
+    """Seconds since the run last showed it was alive (it refreshes on every exec)."""
+    return time.time() - max(holder.get("started_epoch", 0), holder.get("refreshed_epoch", 0))
+
+
+def _exec_busy(d):
+    """True while an exec of the lock's run holds EXEC_LOCK (it is alive)."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(d, EXEC_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, doc):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.rename(tmp, path)
+
+
+def run_lock(req):
+    """Take the run lock (an atomic mkdir holding owner.json), or say who holds it. A lock not
+    refreshed within its TTL is stale, and so is one whose run id is take_from (its process
+    is gone): it is taken over and the old owner reported, unless an exec of that run is
+    still alive on this server. The runner asks for this only outside check mode."""
+    d = req["dir"]
+    owner = dict(req["owner"])
+    with _Mutex(d):
+        def take():
+            os.mkdir(d, 0o700)
+            _write_json(os.path.join(d, "owner.json"), owner)
+            return {"acquired": True}
+
+        try:
+            return take()
+        except FileExistsError:
+            pass
+        holder = _holder(d, owner["ttl"])
+        age = _age(holder)
+        # take_from: the controller found this holder's process dead on its own machine
+        dead = req.get("take_from") is not None and holder.get("run_id") == req["take_from"]
+        if age <= holder.get("ttl", 0) and not dead:
+            return {"acquired": False, "holder": holder, "age": age}
+        if _exec_busy(d):
+            return {"acquired": False, "holder": holder, "age": age, "busy": True}
+        # aside by one rename, then gone: no one ever sees a half-removed lock
+        aside = "%s.stale-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
+        os.rename(d, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        out = take()
+        out["stale"] = holder
+        out["dead"] = dead
+        return out
+
+
+EXEC_HOLD = []               # the open EXEC_LOCK of this exec: closed when the process ends
+
+
+def hold_run(req):
+    """At the start of an exec under a run: check the lock is still this run's, hold
+    EXEC_LOCK for the rest of the process, record our PID and refresh the lock's TTL.
+    Returns an error message when the lock is not ours any more (nothing is applied then)."""
+    import fcntl
+    d = req["dir"]
+    with _Mutex(d):
+        try:
+            with open(os.path.join(d, "owner.json")) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            return "the run lock %s is gone (released or taken over); nothing applied" % d
+        if holder.get("run_id") != req["run_id"]:
+            return ("the run lock %s is held by another run now (%s@%s, run %s); nothing applied"
+                    % (d, holder.get("who"), holder.get("from"), holder.get("run_id")))
+        fd = os.open(os.path.join(d, EXEC_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        EXEC_HOLD.append(fd)
+        _write_json(os.path.join(d, EXEC_PID), {"pid": os.getpid(), "start": _start_ticks(os.getpid())})
+        holder["refreshed_epoch"] = time.time()
+        _write_json(os.path.join(d, "owner.json"), holder)
+    return None
+
+
+def _start_ticks(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_exec(d):
+    """Stop a still-running exec of this run (e.g. after the controller's command timeout):
+    SIGTERM (it kills its command's process group), then SIGKILL. True when it ended."""
+    import signal
+    try:
+        with open(os.path.join(d, EXEC_PID)) as f:
+            rec = json.load(f)
+        pid = int(rec["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return not _exec_busy(d)
+    for sig, wait in ((signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, 5)):
+        if _start_ticks(pid) != rec.get("start"):
+            break                                # gone (or the PID is someone else's now)
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and _exec_busy(d):
+            time.sleep(0.1)
+        if not _exec_busy(d):
+            return True
+    return not _exec_busy(d)
 
 
 def finish(req):
-    """Append the audit line (when the run changed something) and release our run lock."""
+    """Append the audit line (when the run changed something) and release our run lock; an
+    exec of ours still running (a command that timed out) is stopped first, and while it
+    cannot be stopped the lock stays."""
     if req.get("audit"):
         log = req["audit_log"]
         os.makedirs(os.path.dirname(log), mode=0o750, exist_ok=True)
@@ -675,15 +819,20 @@ def finish(req):
         finally:
             os.close(fd)
     d = req["dir"]
-    try:
-        with open(os.path.join(d, "owner.json")) as f:
-            mine = json.load(f).get("run_id") == req["run_id"]
-    except (OSError, ValueError):
-        mine = False
-    if mine:
-        os.unlink(os.path.join(d, "owner.json"))
-        os.rmdir(d)
-    return {"released": mine}
+    with _Mutex(d):
+        try:
+            with open(os.path.join(d, "owner.json")) as f:
+                mine = json.load(f).get("run_id") == req["run_id"]
+        except (OSError, ValueError):
+            mine = False
+        if not mine:
+            return {"released": False}
+        if _exec_busy(d) and not _stop_exec(d):
+            return {"released": False, "busy": True}
+        aside = "%s.done-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
+        os.rename(d, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    return {"released": True}
 
 
 def gather(request):
@@ -851,9 +1000,25 @@ def step_dir(step, log):
     if st is None:
         os.makedirs(path, 0o755, exist_ok=True)
         log.append("created %s" % path)
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, m)
+    _set_attrs(path, uid, gid, m, os.O_DIRECTORY)
     return 0
+
+
+def _set_attrs(path, uid, gid, mode, kind=0):
+    """chown + chmod through an fd opened without following a symlink: a path swapped for a link
+    after it was checked must not pass our owner and mode on to the link's target."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | kind)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StepError("%s changed meanwhile (a symlink now?); refusing to change attributes "
+                            "through it" % path)
+        raise
+    try:
+        os.fchown(fd, uid, gid)         # chown first: it may clear setuid/setgid bits
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def step_attrs(step, log):
@@ -864,13 +1029,14 @@ def step_attrs(step, log):
         raise StepError("%s does not exist" % path)
     if stat.S_ISLNK(st.st_mode):
         raise StepError("%s is a symlink; refusing to change attributes through it" % path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise StepError("%s is not a regular file or a directory" % path)
     try:
         m, uid, gid = _attrs(st, step.get("mode"), step.get("owner"), step.get("group"),
                              0o644)
     except KeyError as e:
         raise StepError("no such user or group: %s" % e)
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, m)
+    _set_attrs(path, uid, gid, m)
     log.append("%s: mode %04o owner %s:%s" % (path, m, _user_name(uid), _group_name(gid)))
     return 0
 
@@ -1007,11 +1173,14 @@ def apply(request):
     results = []
     notified = set()
     failed = False
+    armed = None
     for ch in changes:
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
                             "error": None, "output": ""})
             continue
+        if ch.get("arm") and armed is None and request.get("switch"):
+            armed = arm_switch(request["switch"])       # just before the first risky change
         r = run_steps(ch.get("steps") or [])
         r["id"] = ch.get("id")
         results.append(r)
@@ -1035,21 +1204,178 @@ def apply(request):
         hres.append({"name": name, "status": r["status"], "error": r["error"],
                      "output": r["output"], "rc": r["rc"]})
     ok = not failed and all(h["status"] == "ok" for h in hres)
-    return {"ok": ok, "results": results, "handlers": hres}
+    out = {"ok": ok, "results": results, "handlers": hres}
+    if armed is not None:
+        out["switch"] = armed
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the dead man's switch: before the first change that can cut the controller off (sshd, sudoers,
+# firewall), the files it may touch are copied aside and a transient systemd timer is armed
+# that puts them back and reloads, on its own, unless the controller's guard disarms it after a
+# fresh login worked. So a controller killed mid-run, a dropped network or a hung guard leave
+# the server as it was within a bounded time.
+
+SWITCH_ROOT = "/var/lib/provisioner/revert"
+# run by the timer's service (python3 SCRIPT DIR) and by the guard's rollback: one way back
+REVERT_SCRIPT = r"""
+import fcntl, json, os, subprocess, sys
+d = sys.argv[1]
+lock = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+done = os.path.join(d, "done.json")
+if os.path.exists(done):
+    print(open(done).read())
+    sys.exit(0)
+with open(os.path.join(d, "manifest.json")) as f:
+    m = json.load(f)
+restored, failed = [], []
+for i, e in enumerate(m["files"]):
+    p = e["path"]
+    tmp = "%s.provisioner-revert-%d" % (p, os.getpid())
+    try:
+        if e["kind"] == "absent":
+            if os.path.lexists(p):
+                os.unlink(p)
+        elif e["kind"] == "link":
+            os.symlink(e["target"], tmp)
+            os.rename(tmp, p)
+        elif e["kind"] == "file":
+            with open(os.path.join(d, str(i)), "rb") as f:
+                data = f.read()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, data)
+                os.fchown(fd, e["uid"], e["gid"])
+                os.fchmod(fd, e["mode"])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, p)
+        else:
+            raise OSError("%s was %s before: not restorable" % (p, e["kind"]))
+        restored.append(p)
+    except OSError as ex:
+        failed.append("%s: %s" % (p, ex))
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+after = []
+for argv in m["after"]:
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=120)
+        rc, out = r.returncode, r.stdout.decode("utf-8", "replace")[-2000:].partition("\n")[2]
+    except (OSError, subprocess.SubprocessError) as ex:
+        rc, out = None, str(ex)
+    after.append({"argv": argv, "rc": rc, "output": out})
+result = json.dumps({"restored": restored, "failed": failed, "after": after})
+with open(done, "w") as f:
+    f.write(result)
+print(result)
+"""
+
+
+def _switch_dir(sid):
+    if not re.match(r"[A-Za-z0-9_-]{1,80}\Z", sid):
+        raise StepError("bad switch id %r" % (sid,))
+    return os.path.join(SWITCH_ROOT, sid), "provisioner-revert-%s" % sid
+
+
+def _switch_snapshot(path, into, i):
+    """What `path` is now, and its bytes copied to into/i (never through a symlink)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"path": path, "kind": "absent"}
+    if stat.S_ISLNK(st.st_mode):
+        return {"path": path, "kind": "link", "target": os.readlink(path)}
+    if not stat.S_ISREG(st.st_mode):
+        return {"path": path, "kind": "a directory" if stat.S_ISDIR(st.st_mode) else "special"}
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)                   # of what we read, not of what lstat saw
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    write_file(os.path.join(into, str(i)), data, 0o600)
+    return {"path": path, "kind": "file", "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
+            "gid": st.st_gid}
+
+
+def arm_switch(sw):
+    """Copy sw["paths"] aside and arm the revert timer (sw["seconds"] from now).
+    Returns {"armed": True, "unit", "seconds"} or {"armed": False, "why"}."""
+    d, unit = _switch_dir(sw["id"])
+    if os.path.isdir(d):
+        shutil.rmtree(d)                    # a leftover of this same id: start afresh
+    os.makedirs(d, 0o700)
+    try:
+        files = [_switch_snapshot(p, d, i) for i, p in enumerate(sw["paths"])]
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            json.dump({"files": files, "after": sw.get("after") or []}, f)
+        script = os.path.join(d, "revert.py")
+        with open(script, "w") as f:
+            f.write(REVERT_SCRIPT)
+        rc, out = _run(["systemd-run", "--unit", unit, "--description",
+                        "provisioner: revert a change that may lock the controller out",
+                        "--on-active=%ds" % int(sw["seconds"]), "--timer-property=AccuracySec=1s",
+                        "--property=Type=oneshot", sys.executable, script, d], timeout=30)
+    except (OSError, StepError) as e:
+        rc, out = None, str(e)
+    if rc != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        return {"armed": False, "why": ("systemd-run failed (exit %s): %s" % (rc, out.strip()))[-500:]}
+    return {"armed": True, "unit": unit, "seconds": int(sw["seconds"]),
+            "unrestorable": [f["path"] + " (" + f["kind"] + ")" for f in files
+                             if f["kind"] not in ("absent", "link", "file")]}
+
+
+def switch(req):
+    """disarm: the guard's fresh login worked, stop the timer and drop the copies.
+    revert: the guard failed, put everything back now (what the timer would do)."""
+    d, unit = _switch_dir(req["id"])
+    if req["action"] == "revert":
+        rc, out = _run([sys.executable, os.path.join(d, "revert.py"), d], timeout=300)
+    _run_split(["systemctl", "stop", unit + ".timer"])
+    _run_split(["systemctl", "reset-failed", unit + ".service", unit + ".timer"])
+    if req["action"] == "disarm":
+        fired = None
+        try:                                # too late: the timer reverted while the guard ran
+            with open(os.path.join(d, "done.json")) as f:
+                fired = json.load(f)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+        return {"disarmed": fired is None, "fired": fired}
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"restored": [], "failed": ["the revert script failed (exit %s): %s" % (rc, _tail(out, 500))],
+                "after": []}
+    shutil.rmtree(d, ignore_errors=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
 
 def main(req):
     started = time.time()
+    import signal
+    signal.signal(signal.SIGTERM, _on_term)
     try:
         op = req.get("op")
         if op == "facts":
             body = {"facts": gather(req.get("request") or {})}
         elif op == "apply":
-            body = apply(req.get("request") or {})
+            request = req.get("request") or {}
+            refused = hold_run(request["run_lock"]) if request.get("run_lock") else None
+            body = {"error": refused} if refused else apply(request)
         elif op == "finish":
             body = finish(req.get("request") or {})
+        elif op == "switch":
+            body = switch(req.get("request") or {})
         elif op == "ping":
             body = {"pong": True}
         else:

@@ -8,9 +8,12 @@ Order matters and is the safety story:
 3. ufw: the trusted sources first, then the rate-limited SSH port, then the ports the host needs;
 4. fail2ban, unattended security upgrades, sysctl, time sync, journal, access logging.
 sshd is reloaded (after `sshd -t`) once at the end of the role. Then the guard opens a BRAND-NEW
-SSH connection as the deploy user on the new port and runs `sudo -n true`: if that fails, the
-sshd_config and sudoers file are restored from what they were before the run, sshd is reloaded,
-and the role fails saying why. The connection the run came in on stays open throughout.
+SSH connection as the deploy user on the new port and runs the agent under sudo: if that fails, the
+sshd_config, sudoers file and ufw rules are restored from what they were before the run, sshd and
+ufw are reloaded, and the role fails saying why. The connection the run came in on stays open
+throughout. And if the controller never gets that far (killed, network gone, guard hung), the
+server restores them itself: before the first of those changes the agent arms a transient
+systemd timer (harden_lockout_revert_seconds, default 120) that only the passed guard disarms.
 
 Inside a container (systemd-detect-virt: systemd-nspawn, lxc, docker ...) some things cannot
 exist: kernel.* sysctls are read-only, auditd needs the initial user and PID namespace, and time
@@ -36,13 +39,15 @@ SSHD_CONFIG = "/etc/ssh/sshd_config"
 SYSCTL_FILE = "/etc/sysctl.d/60-harden.conf"
 BASE_PACKAGES = ["openssh-server", "sudo", "ufw", "nftables", "fail2ban", "python3-systemd",
                  "unattended-upgrades", "logrotate"]
-ALGO_RE = re.compile(r"^[a-z0-9][a-z0-9@.+-]*$")
+ALGO_RE = re.compile(r"^[a-z0-9][a-z0-9@.+-]*\Z")
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
              "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
              "sk-ecdsa-sha2-nistp256@openssh.com")
-TIME_RE = re.compile(r"^\d+[smhdw]?$")
-SIZE_RE = re.compile(r"^\d+[KMGT]?$")
-CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+TIME_RE = re.compile(r"^\d+[smhdw]?\Z")
+SIZE_RE = re.compile(r"^\d+[KMGT]?\Z")
+CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d\Z")
+HOST_KEY_RE = re.compile(r"/etc/ssh/[A-Za-z0-9_.-]+")       # fullmatch: one path, one line
+SUDO_COMMAND_RE = re.compile(r"/[A-Za-z0-9_./-]+( [A-Za-z0-9_./@-]+)*")   # fullmatch: no sudoers specials
 
 
 # --- a step that is configured elsewhere but cannot apply here ---------------------------------
@@ -170,6 +175,9 @@ class Settings:
     old_port: int | None              # the port this run connects on, while moving to `port`
     trusted: list                     # normalised sources
     rules: list                       # ufw rules, in order
+    release: str | None = None        # the deploy identity (not root), its keys and exact sudo commands
+    release_keys: list = dataclasses.field(default_factory=list)
+    release_sudo: list = dataclasses.field(default_factory=list)     # [(as user, command)]
 
 
 def check(v: dict, ctx) -> Settings:
@@ -221,7 +229,8 @@ def check(v: dict, ctx) -> Settings:
         _algos(var, v[var])
     for p in v["harden_ssh_host_keys"]:
         try:      # normalised: no '..' out of /etc/ssh, no newline that would add a directive
-            under = isinstance(p, str) and abs_path(p).startswith("/etc/ssh/")
+            under = isinstance(p, str) and abs_path(p).startswith("/etc/ssh/") \
+                and HOST_KEY_RE.fullmatch(p) is not None
         except ValueError:
             under = False
         if not under:
@@ -255,18 +264,18 @@ def check(v: dict, ctx) -> Settings:
     if v["harden_time_sync"] not in ("systemd-timesyncd", "chrony"):
         raise _bad("harden_time_sync", f"{v['harden_time_sync']!r} is unknown", "use systemd-timesyncd or chrony")
     for s in v["harden_ntp_servers"]:
-        if not isinstance(s, str) or not re.match(r"^[A-Za-z0-9.:-]+$", s):
+        if not isinstance(s, str) or not re.match(r"^[A-Za-z0-9.:-]+\Z", s):
             raise _bad("harden_ntp_servers", f"{s!r} is not a host name or address", "list NTP server names")
     if not SIZE_RE.match(str(v["harden_journal_max_use"])):
         raise _bad("harden_journal_max_use", f"{v['harden_journal_max_use']!r} is not a size", "write e.g. 500M or 2G")
     log = v["harden_sudo_logfile"]
-    if not isinstance(log, str) or not re.match(r"^/var/log/[A-Za-z0-9._/-]+$", log) or ".." in log:
+    if not isinstance(log, str) or not re.match(r"^/var/log/[A-Za-z0-9._/-]+\Z", log) or ".." in log:
         raise _bad("harden_sudo_logfile", f"{log!r}", "use a path under /var/log/")
     _int("harden_shell_timeout", v["harden_shell_timeout"], 0, 86400)
     if not isinstance(v["harden_banner"], str) or not v["harden_banner"].strip():
         raise _bad("harden_banner", "empty", "write a short warning text")
     for m in v["harden_blacklist_modules"]:
-        if not isinstance(m, str) or not re.match(r"^[a-z0-9_-]+$", m):
+        if not isinstance(m, str) or not re.match(r"^[a-z0-9_-]+\Z", m):
             raise _bad("harden_blacklist_modules", f"{m!r} is not a module name", "write e.g. usb-storage")
 
     # ufw: the trusted sources, then the SSH rate limit for everyone else, then the host's ports
@@ -297,7 +306,42 @@ def check(v: dict, ctx) -> Settings:
         ufw.firewall(rules)
     except ValueError as e:
         raise _bad("harden_allowed_ports", str(e), "drop the duplicate") from None
-    return Settings(deploy, deploy_keys, admins, absent, group, allow, port, old_port, trusted, rules)
+    release, release_keys, release_sudo = _release(v, deploy, deploy_keys, admins, absent, min_rsa)
+    return Settings(deploy, deploy_keys, admins, absent, group, allow, port, old_port, trusted, rules,
+                    release, release_keys, release_sudo)
+
+
+def _release(v: dict, deploy: str, deploy_keys: list, admins: list, absent: list, min_rsa: int):
+    """The deploy identity: a login that is not root, with nothing but the exact sudo commands
+    listed; a key that also logs in as the provisioning user would make it root."""
+    name = v["harden_release_user"]
+    if name is None:
+        if v["harden_release_keys"] or v["harden_release_sudo"]:
+            raise _bad("harden_release_user", "not set, but harden_release_keys/_sudo are",
+                       "name the user, e.g. release")
+        return None, [], []
+    name = _name("harden_release_user", name)
+    if name in {deploy, *(n for n, _ in admins), *absent}:
+        raise _bad("harden_release_user", f"{name} is also the deploy user, an admin or absent",
+                   "give the deploy identity a user of its own")
+    keys = _keys("harden_release_keys", v["harden_release_keys"], min_rsa)
+    admin_keys = {" ".join(k.split()[:2]) for k in deploy_keys + [k for _, ks in admins for k in ks]}
+    shared = [k for k in keys if " ".join(k.split()[:2]) in admin_keys]
+    if shared:
+        raise _bad("harden_release_keys", f"{shared[0][:40]}... also logs in as {deploy} or an admin "
+                   "(root through sudo)", "give CI a key of its own (ssh-keygen -t ed25519)")
+    sudo = []
+    for i, item in enumerate(v["harden_release_sudo"] or []):
+        var = f"harden_release_sudo[{i}]"
+        if not isinstance(item, dict) or set(item) != {"as", "command"}:
+            raise _bad(var, f"{item!r} is not {{as, command}}", "write {as: app, command: /usr/bin/pm2 reload shop}")
+        if not isinstance(item["as"], str) or not USER_RE.match(item["as"]):
+            raise _bad(f"{var}.as", f"{item['as']!r} is not a user name", "name the user the command runs as")
+        if not isinstance(item["command"], str) or not SUDO_COMMAND_RE.fullmatch(item["command"]):
+            raise _bad(f"{var}.command", f"{item['command']!r} is not an exact command",
+                       "an absolute path and plain arguments (letters, digits, _ . / @ -), no wildcards")
+        sudo.append((item["as"], item["command"]))
+    return name, keys, sudo
 
 
 # --- the role ----------------------------------------------------------------------------------
@@ -358,11 +402,14 @@ def resources(v, ctx):
     yield users.user(s.deploy, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=s.deploy_keys)
     for name, keys in s.admins:
         yield users.user(name, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=keys)
+    if s.release:
+        yield users.user(s.release, groups=[s.ssh_group], shell="/bin/bash", authorized_keys=s.release_keys)
     for name in s.absent:
         yield users.user(name, state="absent")
     yield templates.template(SUDOERS, "harden/sudoers.j2", {
         "deploy": s.deploy, "admins": [n for n, _ in s.admins], "logfile": v["harden_sudo_logfile"],
-        "admin_nopasswd": v["harden_admin_sudo_nopasswd"]}, mode="0440", validate="visudo -cf {path}")
+        "admin_nopasswd": v["harden_admin_sudo_nopasswd"], "release": s.release,
+        "release_sudo": s.release_sudo}, mode="0440", validate="visudo -cf {path}")
 
     # 2. sshd: the whole file, checked before it replaces the old one
     yield templates.template(SSHD_CONFIG, "harden/sshd_config.j2", sshd_vars(v, s), mode="0600",
@@ -377,7 +424,8 @@ def resources(v, ctx):
     # 3. firewall. ufw re-applies a sysctl file whenever it starts: make it ours, not its own
     #    (whose log_martians=0 would undo ours).
     yield lines.line("/etc/default/ufw", f"IPT_SYSCTL={SYSCTL_FILE}", regexp=r"^\s*IPT_SYSCTL=")
-    yield ufw.firewall(s.rules, incoming="deny", outgoing=v["harden_ufw_outgoing"], routed="deny")
+    yield ufw.firewall(s.rules, incoming="deny", outgoing=v["harden_ufw_outgoing"], routed="deny",
+                       keep_open=[s.port] + ([s.old_port] if s.old_port else []))
 
     # 4. fail2ban
     ssh_ports = [s.port] + ([s.old_port] if s.old_port else [])
@@ -501,15 +549,17 @@ def handlers(v):
 
 def _known_hosts_for(path: Path, address: str, port: int) -> Path:
     """known_hosts entries for address:port. On a new port the server presents the same host keys
-    the run has already verified on the old one: copy them to a temporary file under the new name."""
-    if port == 22:
-        return path
+    the run has already verified on the old one (22 or a custom port): copy them to a temporary
+    file under the new name."""
     text = path.read_text() if path.exists() else ""
-    name = f"[{address}]:{port}"
-    if any(line.split(" ", 1)[0].split(",").count(name) for line in text.splitlines()):
+    name = address if port == 22 else f"[{address}]:{port}"
+    rows = [line.split(None, 1) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and len(line.split(None, 1)) == 2]
+    if any(name in names.split(",") for names, _ in rows):
         return path
-    extra = [f"{name} {line.split(' ', 1)[1]}" for line in text.splitlines()
-             if line and not line.startswith("#") and address in line.split(" ", 1)[0].split(",")]
+    mine = re.compile(rf"{re.escape(address)}|\[{re.escape(address)}\]:\d+")
+    extra = list(dict.fromkeys(f"{name} {key}" for names, key in rows
+                               if any(mine.fullmatch(n) for n in names.split(","))))
     tmp = tempfile.NamedTemporaryFile("w", prefix="harden-known-hosts-", delete=False)
     tmp.write(text + "".join(x + "\n" for x in extra))
     tmp.close()
@@ -517,16 +567,18 @@ def _known_hosts_for(path: Path, address: str, port: int) -> Path:
 
 
 def login_check(host, known_hosts: Path, users_: list[str], port: int):
-    """A brand-new SSH connection per user on `port`, then `sudo -n true` over it."""
+    """A brand-new SSH connection per user on `port`, then the agent under sudo over it, the way
+    every later exec will run (`true` ignored stdin, so it passed where the agent failed)."""
     for user in users_:
         target = dataclasses.replace(host, port=port, user=user)
         kh = _known_hosts_for(Path(known_hosts), host.address, port)
         try:
             with Connection(target, kh, host.sudo_password) as c:
-                r = c.run(["true"])
-                if r.rc != 0:
-                    raise RuntimeError(f"{user} logged in on port {port} but `sudo true` failed "
-                                       f"(exit {r.rc}): {r.stderr.decode(errors='replace').strip()[-300:]}")
+                try:
+                    c.ping()
+                except RuntimeError as e:           # AgentError: sudo or the agent failed
+                    raise RuntimeError(f"{user} logged in on port {port} but the agent under "
+                                       f"sudo failed: {str(e)[-300:]}") from None
         finally:
             if kh != Path(known_hosts):
                 kh.unlink(missing_ok=True)
@@ -542,4 +594,18 @@ def guards(v, ctx):
 
     return [Guard("fresh SSH login as " + " and ".join(who) + f" with sudo on port {port}",
                   (SSHD_CONFIG, SUDOERS), check,
-                  after_rollback=tuple(systemd.handler("reload", "ssh", validate=["sshd", "-t"])))]
+                  after_rollback=tuple(systemd.handler("reload", "ssh", validate=["sshd", "-t"])),
+                  resources=("ufw",),
+                  revert_paths=(SSHD_CONFIG, SUDOERS) + UFW_FILES,
+                  revert_after=REVERT_AFTER,
+                  revert_seconds=_int("harden_lockout_revert_seconds",
+                                      v["harden_lockout_revert_seconds"], 30, 3600))]
+
+
+# what the dead man's switch restores (sshd, sudo, the firewall's rules and state) and reloads
+UFW_FILES = (ufw.USER_RULES, ufw.USER6_RULES, ufw.DEFAULTS, ufw.CONF)
+REVERT_AFTER = (
+    ("sh", "-c", "sshd -t && systemctl reload ssh.service"),
+    ("sh", "-c", "command -v ufw >/dev/null || exit 0; "
+                 "if grep -qs '^ENABLED=yes' /etc/ufw/ufw.conf; then ufw reload; else ufw --force disable; fi"),
+)

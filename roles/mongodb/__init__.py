@@ -63,11 +63,11 @@ MONGOSH = ("mongosh", "--quiet", "--nodb", "--norc", "--file", "/dev/stdin")
 STAGING = "/var/lib/provisioner/mongodb-debs"
 WAIT_SECONDS = 60                  # how long the scripts wait for a (re)started mongod to answer
 PBKDF2_ROUNDS = 200_000
-SERIES_RE = re.compile(r"^(\d+)\.(\d+)$")
-DB_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
-USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
-ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,119}$")
+SERIES_RE = re.compile(r"^(\d+)\.(\d+)\Z")
+DB_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
+USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}\Z")
+ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}\Z")
+COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,119}\Z")
 PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",   # RFC 1918, RFC 6598
     "127.0.0.0/8", "fc00::/7", "::1/128"))                                # loopback, IPv6 ULA

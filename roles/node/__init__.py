@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from provisioner.api import apt, commands, files, templates, users
 
-APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*\Z")
 PREFERENCES = "/etc/apt/preferences.d/nodesource.pref"
 REPO_NAME = "nodesource"
 MIN_MAJOR = 18
@@ -66,7 +66,7 @@ def _check_apps(names) -> list[str]:
 
 def _check_user(v) -> None:
     user, home, shell = v["node_app_user"], v["node_app_home"], v["node_app_shell"]
-    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user):
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}\Z", user):
         raise ValueError(f"node_app_user: {user!r} is not a user name; use lowercase letters, "
                          "digits, '_' and '-' (up to 32), e.g. app")
     for key, path in (("node_app_home", home), ("node_app_shell", shell)):

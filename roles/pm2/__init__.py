@@ -52,10 +52,10 @@ from provisioner.api import (Change, Noop, Secret, abs_path, check_key, file_fac
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
 PATH = f"{PREFIX}/bin:/usr/bin:/bin"
-VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
-APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")      # as node_apps: /srv/<name>
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MEMORY_RE = re.compile(r"^\d+[KMG]?$")
+VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?\Z")
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")      # as node_apps: /srv/<name>
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+MEMORY_RE = re.compile(r"^\d+[KMG]?\Z")
 APP_KEYS = ("name", "script", "cwd", "args", "instances", "exec_mode", "max_memory_restart", "env")
 NPM_TIMEOUT = 900        # seconds for one npm install (npm's own retries included)
 START_WAIT = 30          # seconds an app may take to be online after `pm2 start`
@@ -407,7 +407,7 @@ def _check_vars(v) -> None:
     if v["pm2_logrotate_retain"] < 1:
         raise ValueError("pm2_logrotate_retain: keep at least 1 rotated file")
     fields = v["pm2_logrotate_rotate_interval"].split()
-    if len(fields) not in (5, 6) or not all(re.match(r"^[0-9*/,\-A-Za-z?LW#]+$", f) for f in fields):
+    if len(fields) not in (5, 6) or not all(re.match(r"^[0-9*/,\-A-Za-z?LW#]+\Z", f) for f in fields):
         raise ValueError(f"pm2_logrotate_rotate_interval: {v['pm2_logrotate_rotate_interval']!r} "
                          "is not a cron expression; write 5 or 6 fields, e.g. \"0 0 * * *\"")
     if not isinstance(v["pm2_apps"], list):

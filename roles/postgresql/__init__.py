@@ -31,12 +31,12 @@ TOOL_DIR = "/usr/local/lib/provisioner"
 TOOL = f"{TOOL_DIR}/pgtool.py"
 HANDLER = "reload postgresql"
 
-IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)$")
-SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
+MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)\Z")
+SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?\Z")
 HBA_KEYWORDS = {"all", "sameuser", "samerole", "samegroup", "replication", "public"}
 NOT_MANAGED = {"postgres", "template0", "template1"}
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]+$")
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]+\Z")
 
 
 def _ident(name, what: str) -> str:
@@ -107,6 +107,12 @@ def config(v: dict, ctx) -> dict:
     except ValueError:
         raise ValueError(f"postgresql_listen_address: {listen!r} is not an IP address; set "
                          "postgresql_listen_address to the server's private IP address") from None
+    if ipaddress.ip_address(listen).is_global:
+        given = ("postgresql_listen_address" if v["postgresql_listen_address"]
+                 else "the host's inventory address")
+        raise ValueError(f"postgresql_listen_address: {given} {listen} is a public address, and "
+                         "PostgreSQL must not listen on one; set postgresql_listen_address to "
+                         "the server's private IP address")
 
     sources: list[tuple[str, str]] = []           # (CIDR, where it comes from)
     group = v["postgresql_client_group"]

@@ -14,9 +14,9 @@ from provisioner.api import apt, config_settings, is_secret, systemd, templates
 HANDLER = "restart redis"
 POLICIES = ("noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",
             "volatile-lfu", "volatile-random", "volatile-ttl")
-MEMORY_RE = re.compile(r"^[0-9]+(b|k|kb|m|mb|g|gb)?$", re.I)
-PASSWORD_RE = re.compile(r'^[!#-&(-\[\]-~]{16,512}$')       # printable ASCII but space " ' \
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+MEMORY_RE = re.compile(r"^[0-9]+(b|k|kb|m|mb|g|gb)?\Z", re.I)
+PASSWORD_RE = re.compile(r'^[!#-&(-\[\]-~]{16,512}\Z')       # printable ASCII but space " ' \
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]*\Z")
 MANAGED = {"bind", "port", "protected-mode", "requirepass", "maxmemory", "maxmemory-policy",
            "daemonize", "supervised", "pidfile", "logfile", "dir", "dbfilename", "include",
            "user", "aclfile"}
@@ -36,6 +36,11 @@ def config(v: dict, ctx) -> dict:
     except ValueError:
         raise ValueError(f"redis_bind_address: {address!r} is not an IP address; set "
                          "redis_bind_address to the server's private IP address") from None
+    if ip.is_global:
+        given = "redis_bind_address" if v["redis_bind_address"] else "the host's inventory address"
+        raise ValueError(f"redis_bind_address: {given} {address} is a public address, and redis "
+                         "must not listen on one; set redis_bind_address to the server's "
+                         "private IP address (or 127.0.0.1 for local clients only)")
     bind = "127.0.0.1 -::1" + ("" if ip.is_loopback else f" {ip}")
     pw = v["redis_password"]
     if not is_secret(pw):
