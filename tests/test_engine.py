@@ -306,13 +306,14 @@ def test_signed_apt_repository_then_latest_upgrade(tmp_path, fresh_web2):
                    (e.get("output") or "") + e["reason"] for e in run.steps(status="failed"))
 
 
-def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
-    password = "sudo-Pw-83kd-secret"
+def _sudo_user(tmp_path, server, password: str, rule: str):
+    """A user `ops` with that password and sudoers rule on server, and an inventory of server
+    that logs in as ops with the sudo password from the vault (ops_sudo)."""
     key = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip()
-    sh(fresh_web2, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
+    sh(server, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
        f"echo '{key}' > ~ops/.ssh/authorized_keys && chown -R ops: ~ops/.ssh && "
        f"echo 'ops:{password}' | chpasswd && "
-       "echo 'ops ALL=(ALL) ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
+       f"echo 'ops {rule}' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
     path = tmp_path / "sudotest.yml"
     path.write_text(f"""env: sudotest
 known_hosts: {REPO}/.testbed/known_hosts
@@ -322,7 +323,12 @@ hosts:
 groups:
   all: {{hosts: [web2], roles: [base]}}
 """)
-    inv = load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+    return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+
+
+def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
+    password = "sudo-Pw-83kd-secret"
+    inv = _sudo_user(tmp_path, fresh_web2, password, "ALL=(ALL) ALL")
     run = Run(inv.resolve({"ops_sudo": Secret(password)}), verbose=3)
     assert run.exit_code == 0, run.lines
     assert th(fresh_web2).file("/var/log/provisioner").user == "root"
@@ -336,21 +342,7 @@ def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2):
     """Once sudo asks for no password (harden's sudoers), the password must not be sent: it
     used to reach the agent as the first line of its request, and every exec failed."""
     password = "sudo-Pw-19fj-secret"
-    key = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip()
-    sh(fresh_web2, "useradd -m -s /bin/bash ops && mkdir -p ~ops/.ssh && "
-       f"echo '{key}' > ~ops/.ssh/authorized_keys && chown -R ops: ~ops/.ssh && "
-       f"echo 'ops:{password}' | chpasswd && "
-       "echo 'ops ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops")
-    path = tmp_path / "nopasswd.yml"
-    path.write_text(f"""env: nopasswd
-known_hosts: {REPO}/.testbed/known_hosts
-ssh: {{user: ops, key: {REPO}/.testbed/id_ed25519, sudo_password: !vault ops_sudo}}
-hosts:
-  web2: {{address: {ADDRESSES['web2']}}}
-groups:
-  all: {{hosts: [web2], roles: [base]}}
-""")
-    inv = load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
+    inv = _sudo_user(tmp_path, fresh_web2, password, "ALL=(ALL) NOPASSWD: ALL")
     run = Run(inv.resolve({"ops_sudo": Secret(password)}))
     assert run.exit_code == 0, run.lines
     assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
