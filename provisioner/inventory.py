@@ -194,6 +194,23 @@ class SshSpec(_Spec):
                                          example="!vault sudo_password")
 
 
+TESTBED_RELEASES = ("bookworm", "trixie")      # testbed/base.py RELEASES
+
+
+def _check_release(value: str) -> str:
+    if value in TESTBED_RELEASES:
+        return value
+    raise _custom("release", f"'{value}' is not a Debian release the testbed builds",
+                  f"write one of {', '.join(TESTBED_RELEASES)} (Debian 12, 13)")
+
+
+class TestbedHostSpec(_Spec):
+    """Settings for `invoke testbed.up`, which builds the hosts of the local env."""
+    example: ClassVar[str] = "{release: trixie}"
+    release: Annotated[str, AfterValidator(_check_release)] = _f(
+        "bookworm", expect="the Debian codename of the test server", example="trixie")
+
+
 class HostSpec(_Spec):
     example: ClassVar[str] = "{address: 10.0.0.5}"
     address: Address = _f(expect="the host's IP address or DNS name", example="10.0.0.5")
@@ -203,6 +220,8 @@ class HostSpec(_Spec):
                                      example="root")
     vars: Vars = _f(default_factory=dict, expect="a mapping of vars",
                     example="{base_timezone: UTC}")
+    testbed: TestbedHostSpec | None = _f(None, expect="testbed settings (local env): {release}",
+                                         example="{release: trixie}")
 
 
 class GroupSpec(_Spec):

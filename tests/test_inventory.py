@@ -640,3 +640,14 @@ def test_file_tag_with_a_missing_file_names_the_line_and_the_path(root: Path) ->
     p = only(fail(root, text), "vars.node_version")
     assert "cannot read" in p.message and "nope.pub" in p.message
     assert p.line == line_of(text, "!file keys/nope.pub")
+
+
+def test_a_testbed_release_is_one_the_testbed_builds(root: Path) -> None:
+    inv = load(root, edit("  web1: {address: 10.0.0.11}",
+                          "  web1: {address: 10.0.0.11, testbed: {release: trixie}}"))
+    assert inv.hosts["web1"].address == "10.0.0.11"
+    text = edit("  web1: {address: 10.0.0.11}", "  web1: {address: 10.0.0.11, testbed: {release: bullseye}}")
+    p = only(fail(root, text), "hosts.web1.testbed.release")
+    assert p.line == line_of(text, "bullseye")
+    assert p.message == "'bullseye' is not a Debian release the testbed builds"
+    assert p.fix == "write one of bookworm, trixie (Debian 12, 13)"

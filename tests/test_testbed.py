@@ -1,4 +1,4 @@
-"""The testbed: real Debian 12 servers, reachable over SSH with strict host keys, isolated from
+"""The testbed: real Debian 12 and 13 servers, reachable over SSH with strict host keys, isolated from
 the outside, and cleaned up completely."""
 from __future__ import annotations
 
@@ -46,10 +46,15 @@ def test_local_inventory_hosts_are_the_testbed_servers(testbed):
         assert rows[spec.name].state == "running" and rows[spec.name].ssh
 
 
-@pytest.mark.parametrize("name", [s.name for s in SERVERS])
-def test_server_is_a_booted_debian_12_with_systemd(testbed, name):
+@pytest.mark.parametrize("spec", SERVERS, ids=lambda s: s.name)
+def test_server_is_a_booted_debian_of_its_release_with_systemd(testbed, spec):
+    name = spec.name
     h = host(testbed, name)
-    assert h.system_info.distribution == "debian" and h.system_info.release.startswith("12")
+    version = base_image.RELEASES[spec.release]
+    assert h.system_info.distribution == "debian" and h.system_info.release.startswith(version)
+    assert h.system_info.codename == spec.release
+    row = next(r for r in testbed.status() if r.name == name)
+    assert row.release == version
     assert h.check_output("systemctl is-system-running --wait") == "running"
     assert h.check_output("ps -o comm= -p 1") == "systemd"
     assert h.check_output("hostname") == name
@@ -199,7 +204,7 @@ def test_a_server_with_day_old_apt_lists_refreshes_them_and_provisions(testbed):
 
 
 def test_up_leaves_the_base_alone_while_servers_run_on_it(testbed):
-    stamp = base_image.lists_stamp(base_image.base_path())
+    stamp = base_image.lists_stamp(base_image.base_path(SERVERS[0].release))
     before = stamp.stat().st_mtime if stamp.exists() else None
     old = time.time() - 2 * 86400
     stamp.touch()
@@ -207,7 +212,7 @@ def test_up_leaves_the_base_alone_while_servers_run_on_it(testbed):
     try:
         err = invoke("testbed.up").stderr
         assert "base image apt lists are 48 h old; not refreshed while" in err
-        assert all(s.name in err for s in SERVERS)
+        assert all(s.name in err for s in SERVERS if s.release == SERVERS[0].release)
         assert stamp.stat().st_mtime == old
     finally:
         if before is None:
@@ -360,7 +365,7 @@ def test_down_leaves_nothing_behind_and_is_idempotent(testbed):
                     reason="PROVISIONER_KEEP_TESTBED=1: this session keeps the testbed up")
 def test_up_refreshes_a_day_old_base_in_place_when_no_server_uses_it(testbed):
     """After the test above took the testbed down: no server is mounted on the base."""
-    base = base_image.base_path()
+    base = base_image.base_path(SERVERS[0].release)
     stamp = base_image.lists_stamp(base)
     old = time.time() - 2 * 86400
     stamp.touch()

@@ -118,3 +118,32 @@ def test_a_helper_process_is_restarted_only_when_its_command_line_changed(tmp_pa
         assert procs.cmdline(first) == []           # the old one is gone (or an unreaped zombie)
     finally:
         procs.stop(pidfile, marker)
+
+
+def test_each_host_gets_the_release_its_inventory_names(tmp_path):
+    inv = _inventory(tmp_path, "  a: {address: 10.77.0.11, testbed: {release: trixie}}\n"
+                               "  b: {address: 10.77.0.12}\n")
+    assert [(s.name, s.release) for s in config.layout(inventory=inv).servers] == \
+        [("a", "trixie"), ("b", "bookworm")]
+
+
+def test_a_release_the_testbed_does_not_build_is_refused(tmp_path):
+    inv = _inventory(tmp_path, "  a: {address: 10.77.0.11, testbed: {release: bullseye}}\n")
+    with pytest.raises(config.TestbedError, match=r"host a: testbed release 'bullseye' is not one "
+                                                  r"the testbed builds; choose one of bookworm, trixie"):
+        config.layout(inventory=inv)
+
+
+def test_servers_of_another_release_use_the_same_mirrors_with_its_suites(monkeypatch):
+    from provisioner.testbed import base
+    monkeypatch.setattr(base, "host_codename", lambda: "bookworm")
+    monkeypatch.setattr(base, "host_apt_sources", lambda: [
+        {"Types": "deb", "URIs": "http://mirror.test/debian", "Suites": "bookworm bookworm-updates",
+         "Components": "main"},
+        {"Types": "deb", "URIs": "http://mirror.test/debian-security", "Suites": "bookworm-security",
+         "Components": "main"}])
+    assert [s["Suites"] for s in base.apt_sources("trixie")] == ["trixie trixie-updates", "trixie-security"]
+    assert [s["Suites"] for s in base.apt_sources("bookworm")] == ["bookworm bookworm-updates", "bookworm-security"]
+    assert base.mirror("trixie") == "http://mirror.test/debian"
+    # one base per release, each named by its own recipe
+    assert base.base_path("trixie") != base.base_path("bookworm")

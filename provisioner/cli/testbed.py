@@ -41,18 +41,19 @@ def down(c):
 
 def _print_status() -> None:
     rows = _guard(tb.status)
-    print(f"{'server':<10} {'address':<15} {'state':<8} {'ssh':<4} {'memory':>9}  network")
+    print(f"{'server':<10} {'address':<15} {'debian':<7} {'state':<8} {'ssh':<4} {'memory':>9}  "
+          "network")
     for r in rows:
         mem = f"{r.memory_mib:.0f} MiB" if r.memory_mib else "-"
-        print(f"{r.name:<10} {r.address:<15} {r.state:<8} {'yes' if r.ssh else 'no':<4} {mem:>9}  "
-              f"{'CUT' if r.cut else 'ok'}")
+        print(f"{r.name:<10} {r.address:<15} {r.release:<7} {r.state:<8} {'yes' if r.ssh else 'no':<4} "
+              f"{mem:>9}  {'CUT' if r.cut else 'ok'}")
     print(f"ssh with strict host keys: ssh -F {tb.ssh_config_path()} NAME")
 
 
 def _print_package_path() -> bool:
     checks = _guard(tb.package_path)
     for what, error in checks:
-        print(f"package path: {what:<28} {'ok' if error is None else 'FAILED: ' + error}")
+        print(f"package path: {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
     healthy = all(error is None for _, error in checks)
     if not healthy:
         print(f"the proxy's log: {tb.STATE_DIR / 'logs' / 'package-proxy.log'}; "

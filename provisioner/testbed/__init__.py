@@ -135,7 +135,8 @@ def _write_ssh_config(lay: Layout) -> None:
 def _save_layout(lay: Layout) -> None:
     (STATE_DIR / "layout.json").write_text(json.dumps(
         {"subnet": str(lay.subnet), "gateway": lay.gateway,
-         "servers": [{"name": s.name, "address": s.address} for s in lay.servers]}, indent=1) + "\n")
+         "servers": [{"name": s.name, "address": s.address, "release": s.release}
+                     for s in lay.servers]}, indent=1) + "\n")
 
 
 def current_layout(count: int | None = None) -> Layout:
@@ -165,34 +166,37 @@ def up(count: int | None = None, log=print) -> UpReport:
     pub = _ensure_key()
     ensure_local_vault(log)
     _raise_sysctl_floors(log)
-    base = base_image.ensure_base(log)
+    releases = sorted({s.release for s in lay.servers})
+    with ThreadPoolExecutor(max_workers=len(releases)) as pool:    # debootstrap waits on I/O
+        bases = dict(zip(releases, pool.map(lambda r: base_image.ensure_base(r, log), releases)))
     base_seconds = time.monotonic() - t0
     network.bridge_up(lay)
     network.proxies_up(lay, _registry_hosts)
-    said = base_image.refresh_lists(base, f"http://{lay.gateway}:{APT_CACHE_PORT}",
-                                    servers.mounted_on(base))
-    if said:
-        log(said)
+    for release, base in bases.items():
+        said = base_image.refresh_lists(base, f"http://{lay.gateway}:{APT_CACHE_PORT}",
+                                        servers.mounted_on(base))
+        if said:
+            log(f"Debian {base_image.RELEASES[release]}: {said}")
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     wanted = {s.name for s in lay.servers}
     for name in servers.existing():              # bench servers no longer asked for
         if name not in wanted:
             servers.destroy(name)
-    todo = [s for s in lay.servers if not servers.is_created(s, base)]
+    todo = [s for s in lay.servers if not servers.is_created(s, bases[s.release])]
     registry = _registry_settings() if todo else {}
     with ThreadPoolExecutor(max_workers=8) as pool:   # host keys: CPU-bound ssh-keygen
-        list(pool.map(lambda s: servers.create(s, lay, base, pub, registry), todo))
+        list(pool.map(lambda s: servers.create(s, lay, bases[s.release], pub, registry), todo))
     _write_known_hosts(lay)
     _write_ssh_config(lay)
     _save_layout(lay)
-    started = [s.name for s in lay.servers if servers.start(s.name, base)]
+    started = [s.name for s in lay.servers if servers.start(s.name, bases[s.release])]
     # Only servers booted now are waited for: one already running may be hardened (another SSH
     # port, a firewall) and is none of up's business.
     late = servers.wait_ssh([s for s in lay.servers if s.name in started], lay.gateway, timeout=90)
     if late:
         raise TestbedError(f"servers did not answer on SSH within 90 s: {', '.join(late)}; "
                            f"see {RUN_DIR}/<name>/console.log")
-    base_image.prune_bases(base)
+    base_image.prune_bases(list(bases.values()))
     return UpReport([s.name for s in todo], started, time.monotonic() - t0, base_seconds)
 
 
@@ -216,6 +220,7 @@ def down(log=print) -> list[str]:
 class ServerStatus:
     name: str
     address: str
+    release: str         # Debian version, e.g. "12"
     state: str           # running / stopped / absent
     ssh: bool
     memory_mib: float | None
@@ -228,11 +233,13 @@ def status() -> list[ServerStatus]:
     answering = set(s.name for s in lay.servers) - set(servers.wait_ssh(list(lay.servers), lay.gateway, 0))
     for s in lay.servers:
         if not servers.server_dir(s.name).exists():
-            rows.append(ServerStatus(s.name, s.address, "absent", False, None, False))
+            rows.append(ServerStatus(s.name, s.address, base_image.RELEASES[s.release], "absent",
+                                     False, None, False))
             continue
         running = servers.supervisor_pid(s.name) is not None
         mem = servers.memory_kib(s.name) if running else None
-        rows.append(ServerStatus(s.name, s.address, "running" if running else "stopped",
+        rows.append(ServerStatus(s.name, s.address, base_image.RELEASES[s.release],
+                                 "running" if running else "stopped",
                                  s.name in answering, mem / 1024 if mem else None, _is_cut(s.name)))
     return rows
 
@@ -240,10 +247,12 @@ def status() -> list[ServerStatus]:
 def package_path() -> list[tuple[str, str | None]]:
     """The proxies' health: (what, None or the error); see network.package_path."""
     lay = current_layout()
-    base = base_image.base_path()
-    if not base.is_dir():
-        return [("packages", "no base image yet: `invoke testbed.up` builds it")]
-    return network.package_path(lay, base, list(_registry_settings().values()))
+    bases = {r: base_image.base_path(r) for r in sorted({s.release for s in lay.servers})}
+    missing = [r for r, base in bases.items() if not base.is_dir()]
+    if missing:
+        return [("packages", f"no base image of {', '.join(missing)} yet: `invoke testbed.up` "
+                             "builds it")]
+    return network.package_path(lay, bases, list(_registry_settings().values()))
 
 
 def _server(name: str) -> ServerSpec:
@@ -258,7 +267,7 @@ def stop(name: str) -> bool:
 def start(name: str) -> bool:
     lay = current_layout()
     spec = lay.server(name)
-    base = base_image.base_path()
+    base = base_image.base_path(spec.release)
     if not servers.is_created(spec, base):
         raise TestbedError(f"{name} does not exist yet (or is outdated): run `invoke testbed.up`")
     started = servers.start(name, base)
@@ -271,7 +280,7 @@ def reset(name: str, log=print) -> None:
     """Replace one server with a never-provisioned one (new host keys too)."""
     lay = current_layout()
     spec = lay.server(name)
-    base = base_image.ensure_base(log)
+    base = base_image.ensure_base(spec.release, log)
     servers.destroy(name)
     servers.create(spec, lay, base, _ensure_key(), _registry_settings())
     _write_known_hosts(lay)

@@ -1,7 +1,8 @@
-"""The base root file system every test server is an overlay of: built once, cached by recipe.
+"""The base root file systems test servers are overlays of, one per Debian release: each built
+once, cached by recipe.
 
-The recipe's hash names the cache folder, so changing the package list (or the host's CA bundle,
-which the servers must trust) builds a new base and never reuses a stale one.
+The recipe's hash names the cache folder, so changing the release, the package list (or the
+host's CA bundle, which the servers must trust) builds a new base and never reuses a stale one.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from pathlib import Path
 
 from .config import CACHE_DIR, TestbedError
 
-SUITE = "bookworm"
+# The Debian releases a test server can run (codename: version); a host of the local inventory
+# picks one with `testbed: {release: CODENAME}`.
+RELEASES = {"bookworm": "12", "trixie": "13"}
+DEFAULT_RELEASE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo",
             "ca-certificates", "iproute2")
-RECIPE_VERSION = 3   # bump when the post-build configuration below changes
+RECIPE_VERSION = 4   # bump when the post-build configuration below changes
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
@@ -37,29 +41,48 @@ def host_apt_sources() -> list[dict[str, str]]:
     return stanzas
 
 
-def mirror() -> str:
-    for s in host_apt_sources():
-        if SUITE in s.get("Suites", "").split() and "main" in s.get("Components", "").split():
+def host_codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise TestbedError("/etc/os-release names no VERSION_CODENAME: the testbed needs a Debian host")
+
+
+def apt_sources(release: str) -> list[dict[str, str]]:
+    """The host's apt sources with its release's suites renamed to `release` (bookworm-security
+    -> trixie-security): the same mirrors, for a server of another release."""
+    own = host_codename()
+
+    def rename(suite: str) -> str:
+        return release + suite[len(own):] if suite == own or suite.startswith(own + "-") else suite
+    return [{**s, "Suites": " ".join(rename(x) for x in s.get("Suites", "").split())}
+            for s in host_apt_sources()]
+
+
+def mirror(release: str) -> str:
+    for s in apt_sources(release):
+        if release in s.get("Suites", "").split() and "main" in s.get("Components", "").split():
             return s["URIs"].split()[0]
-    raise TestbedError("no Debian mirror for 'bookworm main' in /etc/apt/sources.list.d/*.sources; "
-                       "configure this machine's apt first (the testbed reads its mirror there)")
+    raise TestbedError(f"no Debian mirror for '{host_codename()} main' in "
+                       "/etc/apt/sources.list.d/*.sources; configure this machine's apt first "
+                       "(the testbed reads its mirror there)")
 
 
-def recipe() -> dict:
+def recipe(release: str) -> dict:
     ca = HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.exists() else b""
-    return {"suite": SUITE, "variant": "minbase", "packages": PACKAGES,
+    return {"suite": release, "variant": "minbase", "packages": PACKAGES,
             "version": RECIPE_VERSION, "host_ca": hashlib.sha256(ca).hexdigest()}
 
 
-def base_path() -> Path:
-    digest = hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+def base_path(release: str = DEFAULT_RELEASE) -> Path:
+    digest = hashlib.sha256(json.dumps(recipe(release), sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_DIR / f"base-{digest}"
 
 
-def ensure_base(log) -> Path:
-    """Return the cached base, building it first if its recipe is new. Crash-safe: a half-built
-    base is a `.tmp` folder that is thrown away, never used."""
-    final = base_path()
+def ensure_base(release: str, log) -> Path:
+    """Return the cached base of a release, building it first if its recipe is new. Crash-safe:
+    a half-built base is a `.tmp` folder that is thrown away, never used."""
+    final = base_path(release)
     marker = final.with_name(final.name + ".recipe.json")
     if marker.exists() and final.is_dir():
         return final
@@ -67,17 +90,19 @@ def ensure_base(log) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
-    log(f"building the base image (debootstrap {SUITE}, once; about a minute) in {final}")
-    cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, str(tmp), mirror()]
+    log(f"building the base image of Debian {RELEASES[release]} (debootstrap {release}, once; "
+        f"about a minute) in {final}")
+    cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), release, str(tmp),
+           mirror(release)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
         shutil.rmtree(tmp, ignore_errors=True)
         raise TestbedError(f"debootstrap failed (exit {proc.returncode}):\n{tail}")
-    _configure(tmp)
+    _configure(tmp, release)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    marker.write_text(json.dumps(recipe(), indent=1) + "\n")
+    marker.write_text(json.dumps(recipe(release), indent=1) + "\n")
     lists_stamp(final).touch()
     log(f"base image built in {time.monotonic() - started:.0f} s")
     return final
@@ -127,14 +152,14 @@ def refresh_lists(base: Path, apt_proxy: str, users: list[str]) -> str | None:
     return f"base image apt lists were {hours}: refreshed in place ({time.monotonic() - started:.0f} s)"
 
 
-def prune_bases(keep: Path) -> None:
+def prune_bases(keep: list[Path]) -> None:
     """Drop bases of older recipes, once no server is an overlay of them any more."""
     for old in CACHE_DIR.glob("base-*"):
-        if not old.name.startswith(keep.name):
+        if not any(old.name.startswith(k.name) for k in keep):
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
-def _configure(root: Path) -> None:
+def _configure(root: Path, release: str) -> None:
     """Make the tree a neutral template; per-server identity is written into each overlay."""
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()                       # every server gets its own host keys
@@ -149,10 +174,11 @@ def _configure(root: Path) -> None:
     (wants / "systemd-networkd.service").symlink_to("/lib/systemd/system/systemd-networkd.service")
     if not unit.exists():
         raise TestbedError("the base has no systemd-networkd.service; the recipe needs updating")
-    # The host's apt sources, so servers use the same mirrors as this machine (through the proxy).
+    # The host's apt sources for this release, so servers use the same mirrors as this machine
+    # (through the proxy).
     (root / "etc/apt/sources.list").write_text("")
-    for f in Path("/etc/apt/sources.list.d").glob("*.sources"):
-        shutil.copy(f, root / "etc/apt/sources.list.d" / f.name)
+    (root / "etc/apt/sources.list.d/debian.sources").write_text("\n".join(
+        "".join(f"{k}: {v}\n" for k, v in stanza.items()) for stanza in apt_sources(release)))
     # Local CAs this machine trusts but Debian's bundle does not: HTTPS to the registries is
     # re-signed by one here, and npm/pip fail without it.
     own = {c for f in (root / "usr/share/ca-certificates").rglob("*.crt") for c in _certs(f.read_text())}
@@ -171,10 +197,10 @@ def _certs(bundle: str) -> list[str]:
     return [c + "\n" for c in re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", bundle, re.S)]
 
 
-def a_pool_file(base: Path, mirror_uri: str) -> str | None:
-    """The path under mirror_uri of one .deb that the base's lists of SUITE name there (for a
+def a_pool_file(base: Path, mirror_uri: str, release: str) -> str | None:
+    """The path under mirror_uri of one .deb that the base's lists of release name there (for a
     check of the package path)."""
-    prefix = mirror_uri.split("://", 1)[-1].rstrip("/").replace("/", "_") + f"_dists_{SUITE}_"
+    prefix = mirror_uri.split("://", 1)[-1].rstrip("/").replace("/", "_") + f"_dists_{release}_"
     for lst in sorted((base / "var/lib/apt/lists").glob(f"{prefix}*_binary-*_Packages")):
         with open(lst, errors="replace") as f:
             for line in f:

@@ -30,6 +30,7 @@ LOCAL_INVENTORY = REPO / "inventories" / "local.yml"
 class ServerSpec:
     name: str
     address: str
+    release: str = "bookworm"       # a key of base.RELEASES
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,21 @@ def inventory_servers(path: Path = LOCAL_INVENTORY) -> list[ServerSpec]:
         raise TestbedError(f"{path} is missing: the testbed builds the hosts it lists")
     problems: list = []
     doc = read_yaml(path, problems)
+    from .base import DEFAULT_RELEASE, RELEASES
     try:
         hosts = doc.data["hosts"]
-        return [ServerSpec(name, str(h["address"])) for name, h in hosts.items()]
+        specs = [ServerSpec(name, str(h["address"]),
+                            str((h.get("testbed") or {}).get("release", DEFAULT_RELEASE)))
+                 for name, h in hosts.items()]
     except (KeyError, TypeError, AttributeError) as e:
         detail = "; ".join(str(p) for p in problems) or f"no {e}"
         raise TestbedError(f"{path}: cannot read hosts and their addresses ({detail}); "
                            "fix the file, `invoke check --env local` lists every problem") from None
+    for spec in specs:
+        if spec.release not in RELEASES:
+            raise TestbedError(f"{path}: host {spec.name}: testbed release {spec.release!r} is not "
+                               f"one the testbed builds; choose one of {', '.join(RELEASES)}")
+    return specs
 
 
 def layout(count: int = 0, inventory: Path = LOCAL_INVENTORY) -> Layout:

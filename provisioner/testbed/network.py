@@ -194,11 +194,12 @@ def _through(proxy: tuple[str, int], method: str, url: str) -> tuple[int, bytes]
         conn.close()
 
 
-def package_path(lay: Layout, base: Path, registry_urls: list[str]) -> list[tuple[str, str | None]]:
-    """What servers fetch packages through, checked from the host side of the bridge: an apt
-    index and a .deb through the apt proxy, each registry over HTTPS through the tunnel.
-    (what, None when it works or the error)."""
-    from .base import SUITE, a_pool_file, host_apt_sources
+def package_path(lay: Layout, bases: dict[str, Path],
+                 registry_urls: list[str]) -> list[tuple[str, str | None]]:
+    """What servers fetch packages through, checked from the host side of the bridge: per
+    release, an apt index and a .deb through the apt proxy; each registry over HTTPS through the
+    tunnel. (what, None when it works or the error)."""
+    from .base import a_pool_file, apt_sources
     # Nothing is sent unless our bridge and proxy are up: with no bridge, the gateway address
     # would be routed off this machine.
     if procs.running(STATE_DIR / "run" / "package-proxy.pid", PACKAGE_PROXY) is None \
@@ -209,16 +210,17 @@ def package_path(lay: Layout, base: Path, registry_urls: list[str]) -> list[tupl
                           "starts them")]
     checks: list[tuple[str, str | None]] = []
     apt = (lay.gateway, APT_CACHE_PORT)
-    mirror = next((s["URIs"].split()[0].rstrip("/") for s in host_apt_sources()
-                   if s["URIs"].startswith("http://") and SUITE in s.get("Suites", "").split()),
-                  None)
-    if mirror is None:
-        checks.append(("apt", f"no plain-HTTP mirror for {SUITE} in this machine's apt sources"))
-    else:
+    for release, base in bases.items():
+        mirror = next((s["URIs"].split()[0].rstrip("/") for s in apt_sources(release)
+                       if s["URIs"].startswith("http://") and release in s["Suites"].split()), None)
+        if mirror is None:
+            checks.append((f"apt {release}", "no plain-HTTP mirror in this machine's apt sources"))
+            continue
         for what, method, url, ok in (
-                ("apt index", "GET", f"{mirror}/dists/{SUITE}/InRelease",
+                (f"apt index {release}", "GET", f"{mirror}/dists/{release}/InRelease",
                  lambda body: body.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")),
-                ("apt .deb", "HEAD", f"{mirror}/{a_pool_file(base, mirror) or ''}", lambda body: True)):
+                (f"apt .deb {release}", "HEAD",
+                 f"{mirror}/{a_pool_file(base, mirror, release) or ''}", lambda body: True)):
             if url.endswith("/"):
                 checks.append((what, "the base image's package lists name no .deb to try"))
                 continue
