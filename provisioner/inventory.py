@@ -75,6 +75,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic_core import PydanticCustomError
 
 from provisioner.errors import InputError, Problem, display_path
+from provisioner.platforms import DEBIAN
 from provisioner.roles import REPO_ROOT, RoleInfo, Roots, discover_roles
 from provisioner.yamlfile import KeyPath, VaultRef, YamlDoc, format_path, read_yaml
 
@@ -194,14 +195,14 @@ class SshSpec(_Spec):
                                          example="!vault sudo_password")
 
 
-TESTBED_RELEASES = ("bookworm", "trixie")      # testbed/base.py RELEASES
+TESTBED_RELEASES = tuple(DEBIAN.values())      # the testbed builds every supported release
 
 
 def _check_release(value: str) -> str:
     if value in TESTBED_RELEASES:
         return value
     raise _custom("release", f"'{value}' is not a Debian release the testbed builds",
-                  f"write one of {', '.join(TESTBED_RELEASES)} (Debian 12, 13)")
+                  f"write one of {', '.join(TESTBED_RELEASES)} (Debian {', '.join(DEBIAN)})")
 
 
 class TestbedHostSpec(_Spec):

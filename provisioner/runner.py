@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from provisioner import agent, lock, ops
+from provisioner import agent, lock, ops, platforms
 from provisioner.api import Guard, NotAResource, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
@@ -138,7 +138,13 @@ class Runner:
                                      f"{why}", host=host.name)
             try:
                 ctx = RoleContext(host, self.inv, first["os"], self.events.check)
-                plans = [self._prepare(host, name, ctx) for name in self.roles_for(host)]
+                refused = platforms.unsupported(first["os"])
+                if refused:                # nothing is planned, so nothing can half-apply
+                    res.failed += 1
+                    self.events.step(host=host.name, role=None, resource="os", status="failed",
+                                     reason=refused, seconds=time.monotonic() - started)
+                plans = [] if refused else [self._prepare(host, name, ctx)
+                                            for name in self.roles_for(host)]
                 merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
                 shared = Facts(self._facts(conn, merged)) if plans else None
                 for i, p in enumerate(plans):

@@ -443,3 +443,16 @@ def test_a_bad_vhost_in_a_file_group_is_put_back_and_nginx_keeps_serving(tmp_pat
     assert "served by the first configuration" in page()                        # still serving
     again = Run(inventory(tmp_path, ["db1"], ["webgroup"]))
     assert again.exit_code == 0 and not again.steps("db1", "changed"), again.report("changed")
+
+
+def test_an_unsupported_system_is_refused_before_anything_changes(tmp_path, fresh_web2):
+    sh(fresh_web2, "rm /etc/os-release && sed 's/^VERSION_ID=.*/VERSION_ID=\"11\"/' "
+                   "/usr/lib/os-release > /etc/os-release")
+    run = Run(inventory(tmp_path, [fresh_web2], ["base"]))
+    assert run.exit_code == 1, run.lines
+    failed = run.steps(status="failed")
+    assert [e["resource"] for e in failed] == ["os"], failed
+    assert failed[0]["reason"].startswith("Debian 11 is not supported; provisioner supports "
+                                          "Debian 12 (bookworm), Debian 13 (trixie)")
+    assert sh(fresh_web2, "test -e /var/log/provisioner", check=False).returncode == 1
+    assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1

@@ -44,7 +44,7 @@ class FakeConn:
         op, req = doc["op"], doc["request"]
         self.log.append((self.host.name, op))
         if op == "facts":
-            body = {"facts": {"os": {"id": "debian"},
+            body = {"facts": {"os": {"id": "debian", "version_id": "12"},
                               "files": {p: {"exists": False} for p in req.get("files", [])},
                               **({"run_lock": {"acquired": True}} if "run_lock" in req else {})}}
         elif op == "apply":

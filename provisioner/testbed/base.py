@@ -14,11 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from provisioner.platforms import DEBIAN
+
 from .config import CACHE_DIR, TestbedError
 
 # The Debian releases a test server can run (codename: version); a host of the local inventory
 # picks one with `testbed: {release: CODENAME}`.
-RELEASES = {"bookworm": "12", "trixie": "13"}
+RELEASES = {codename: version for version, codename in DEBIAN.items()}
 DEFAULT_RELEASE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo",
             "ca-certificates", "iproute2")
