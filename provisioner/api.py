@@ -11,7 +11,7 @@ A role is `roles/<name>/` (`defaults.yml` + `__init__.py`, importable as `roles.
     def resources(v, ctx)              yields Resources, in order. ctx: a RoleContext (also the
                                        server's os facts and check mode). Call check(v, ctx)
                                        first if you need what it derives.
-    def handlers(v) -> dict            optional: handler name -> steps (see `handler`).
+    def handlers(v, ctx) -> dict       optional: handler name -> steps (see `handler`).
     def guards(v, ctx) -> list         optional: Guards (a safety net after risky changes).
 
 docs/roles.md is the guide; provisioner/ops/_base.py documents the step and drift helpers.

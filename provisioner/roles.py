@@ -121,7 +121,7 @@ def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:
 class RoleCode:
     """What a role does (the contract is in provisioner/api.py): `check(v, ctx)` judges its
     vars before any server is touched, `resources(v, ctx)` yields its resources in order,
-    `handlers(v)` maps handler names to steps, `guards(v, ctx)` lists Guards."""
+    `handlers(v, ctx)` maps handler names to steps, `guards(v, ctx)` lists Guards."""
     name: str
     resources: Any
     handlers: Any
@@ -178,6 +178,6 @@ def load_role(info: RoleInfo) -> RoleCode:
     if not callable(getattr(module, "resources", None)):
         raise InputError([Problem(str(init), None, info.name, "no `resources(v, ctx)` function",
                                   "define it: it yields the role's resources in order")])
-    return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v: {}),
+    return RoleCode(info.name, module.resources, getattr(module, "handlers", lambda v, ctx: {}),
                     getattr(module, "guards", lambda v, ctx: []), getattr(module, "check", None),
                     module)

@@ -230,7 +230,7 @@ class Runner:
             guarded = sorted({f for g in guards for f in g.files})
             if guarded:                       # their state before the run, to restore it
                 request["files"] = sorted(set(request.get("files", [])) | set(guarded))
-            return PreparedRole(name, resources, dict(code.handlers(v) or {}), guards, request)
+            return PreparedRole(name, resources, dict(code.handlers(v, ctx) or {}), guards, request)
         except (ops.PlanError, ValueError, TypeError, KeyError) as e:
             return RoleError(name, f"{type(e).__name__}: {e}")
 

@@ -192,7 +192,7 @@ def test_the_example_role_of_the_guide_works(tmp_path):
                    "services": {"nginx.service": None}})
     planned = [c.resource for _, result in plan_all(resources, facts) for c in result]
     assert "file group status site" in planned and "apt nginx" in planned
-    assert set(role.handlers(v)) == {"reload nginx"}
+    assert set(role.handlers(v, None)) == {"reload nginx"}
 
 
 def _one_role_inventory(tmp_path, code):

@@ -147,7 +147,7 @@ def test_pm2_plans_install_unit_logrotate_and_the_app():
                  "Environment=PM2_HOME=/home/app/.pm2", "WantedBy=multi-user.target"):
         assert line in unit.splitlines()
     assert rs[0].notify == ("restart pm2-app.service",) and rs[2].notify == ("restart pm2-app.service",)
-    assert PM2.handlers(defaults()) == {"restart pm2-app.service": [
+    assert PM2.handlers(defaults(), None) == {"restart pm2-app.service": [
         {"run": ["systemctl", "restart", "--", "pm2-app.service"], "stdin": None, "env": {}, "ok": [0]}]}
 
 

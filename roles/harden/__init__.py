@@ -534,7 +534,7 @@ def resources(v, ctx):
                          "upgrades, never restart them unasked\n$nrconf{restart} = 'l';\n")
 
 
-def handlers(v):
+def handlers(v, ctx):
     return {
         "reload ssh": systemd.handler("reload", "ssh", validate=["sshd", "-t"]),
         "restart fail2ban": systemd.handler("restart", "fail2ban", validate=["fail2ban-client", "-t"]),

@@ -477,7 +477,7 @@ def resources(v, ctx):
                      str(app["instances"]))
 
 
-def handlers(v):
+def handlers(v, ctx):
     if "node_app_user" not in v:
         return {}
     unit = unit_name(v["node_app_user"])

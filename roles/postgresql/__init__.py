@@ -282,7 +282,7 @@ def resources(v, ctx):
                                name=f"postgresql database {d['name']}")
 
 
-def handlers(v):
+def handlers(v, ctx):
     cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
     unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
     # A reload never loads a pg_hba.conf PostgreSQL rejects (it keeps the old rules) but does

@@ -72,5 +72,5 @@ def resources(v, ctx):
     yield systemd.service("redis-server", enabled=True, running=True)
 
 
-def handlers(v):
+def handlers(v, ctx):
     return {HANDLER: systemd.handler("restart", "redis-server")}

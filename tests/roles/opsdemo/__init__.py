@@ -47,7 +47,7 @@ def resources(v, ctx):
         yield commands.command(["sh", "-c", "echo 'about to fail' >&2; exit 3"], name="failing step")
 
 
-def handlers(v):
+def handlers(v, ctx):
     return {"restart opsdemo": systemd.handler("restart", "opsdemo")}
 
 

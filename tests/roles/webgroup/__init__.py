@@ -17,5 +17,5 @@ def resources(v, ctx):
     yield systemd.service("nginx", enabled=True, running=True)
 
 
-def handlers(v):
+def handlers(v, ctx):
     return {"reload nginx": handler("reload", "nginx")}
