@@ -847,6 +847,7 @@ class Inventory:
     groups: dict[str, Group]            # file order
     vars: dict[str, Any]                # env-level vars
     roles: dict[str, RoleInfo]          # the roles the groups use
+    lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
 
     def _host(self, name: str) -> Host:
         try:
@@ -912,6 +913,50 @@ class Inventory:
                                f"no {what} named '{n}' in env '{self.env}'", fix))
         return out
 
+    def known_hosts_problems(self, hosts: Iterable[Host]) -> list[Problem]:
+        """What strict host-key checking would refuse for `hosts` (and their jump hosts), found
+        without a server: a missing or unreadable known_hosts file, lines that are not host
+        keys, hosts with no key on record."""
+        import paramiko
+        path, shown = self.known_hosts, display_path(self.known_hosts)
+        trust = f"`invoke hosts.trust --env {self.env}` shows each key's fingerprint and records it"
+        where = (self.path, self.lines.get(("known_hosts",)), "known_hosts")
+        if not path.is_file():
+            return [Problem(*where, f"{shown} does not exist", f"create it: {trust}")]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            return [Problem(*where, f"cannot read {shown}: {e}", "make it a readable text file")]
+        problems, keys = [], paramiko.HostKeys()
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, n)
+            except Exception:                          # bad base64, unknown key type ...
+                entry = None
+            if entry is None:
+                problems.append(Problem(path, n, None, "not a host key line (names, key type, "
+                                        "base64 key)", f"remove the line, then run {trust}"))
+                continue
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
+        wanted: dict[str, tuple[str, int | None, str]] = {}
+        for h in hosts:
+            if h.jump is not None:
+                wanted.setdefault(known_host_name(h.jump.address, h.jump.port),
+                                  (f"jump host {h.jump.address}", self.lines.get(("ssh", "jump")),
+                                   "ssh.jump"))
+            wanted.setdefault(known_host_name(h.address, h.port),
+                              (f"host {h.name}", h.line, f"hosts.{h.name}"))
+        for name, (what, line, key) in wanted.items():
+            if keys.lookup(name) is None:
+                problems.append(Problem(self.path, line, key,
+                                        f"no key for {what} ({name}) in {shown}: strict host-key "
+                                        "checking will refuse to connect",
+                                        f"{trust} (add --limit to trust only some hosts)"))
+        return problems
+
     def vault_refs(self) -> set[str]:
         """Names of every secret referenced by the inventory (and the defaults of its roles)."""
         return {ref.name for ref in self._refs()}
@@ -928,10 +973,11 @@ class Inventory:
             _refs_in(r.defaults, refs)
         return refs
 
-    def resolve(self, secrets: Mapping[str, object]) -> Inventory:
+    def resolve(self, secrets: Mapping[str, object], missing_vault: str | None = None) -> Inventory:
         """A new Inventory with every VaultRef replaced by `secrets[name]`.
 
-        Raises InputError naming each secret the vault does not hold (with where it is used).
+        Raises InputError naming each secret the vault does not hold (with where it is used);
+        `missing_vault` names the vault file when it does not exist at all.
         """
         missing: dict[str, list[VaultRef]] = {}
         for ref in self._refs():
@@ -942,10 +988,13 @@ class Inventory:
             for name, refs in sorted(missing.items()):
                 first = refs[0]
                 also = f" (used {len(refs)} times)" if len(refs) > 1 else ""
+                message = (f"secret '{name}' is not in the vault of env '{self.env}'{also}"
+                           if missing_vault is None else
+                           f"secret '{name}'{also} has no vault: {missing_vault} does not exist")
                 problems.append(Problem(
-                    first.file, first.line, first.key,
-                    f"secret '{name}' is not in the vault of env '{self.env}'{also}",
-                    f"add '{name}' to the {self.env} vault, or correct the name after !vault"))
+                    first.file, first.line, first.key, message,
+                    f"add it: `invoke vault.set --env {self.env} {name}`, or correct the name "
+                    "after !vault"))
             raise InputError(problems)
 
         def sub(value: Any) -> Any:
@@ -961,6 +1010,11 @@ class Inventory:
         )
 
 
+def known_host_name(address: str, port: int) -> str:
+    """A host's name in known_hosts: `[address]:port` unless the port is 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -974,7 +1028,9 @@ def load_inventory(env: str, root: Path | None = None, roles_root: Roots = None)
     """Load and validate `<root>/inventories/<env>.yml` (root: the repo; roles: `<root>/roles`)."""
     root = Path(root) if root is not None else REPO_ROOT
     if not isinstance(env, str) or not ENV_RE.match(env):
-        raise InputError(Problem(None, None, "--env", f"invalid env name {env!r}",
+        raise InputError(Problem(None, None, "--env", f"invalid env name {env!r}: an env name is "
+                                 "lowercase letters, digits, '-' and '_', starting with a letter "
+                                 "or digit (it names inventories/<env>.yml)",
                                  f"use one of: {', '.join(available_envs(root)) or '(none)'}"))
     path = root / "inventories" / f"{env}.yml"
     if not path.is_file():
@@ -1046,4 +1102,4 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
     return Inventory(
         env=spec.env, path=doc.path, known_hosts=_rel(base, spec.known_hosts),
         hosts=hosts, groups=groups, vars=dict(spec.vars),
-        roles={n: r for n, r in roles.items() if n in used_roles})
+        roles={n: r for n, r in roles.items() if n in used_roles}, lines=dict(doc.lines))

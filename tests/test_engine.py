@@ -146,7 +146,7 @@ def test_hosts_trust_records_fingerprints(tmp_path, testbed, monkeypatch):
         "env": "trusttest", "known_hosts": "kh", "ssh": {"user": "root"},
         "hosts": {"web1": {"address": ADDRESSES["web1"]}}, "groups": {"g": {"hosts": ["web1"], "roles": ["base"]}}}))
     inv = load_inventory_file(inv_path)
-    monkeypatch.setattr(provision, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(provision, "inventory", lambda env: inv)
     provision.trust.body(None, env="trusttest", yes=True)
     recorded = (tmp_path / "kh").read_text()
     expected = [line.split(" ", 1)[1] for line in (REPO / ".testbed" / "known_hosts").read_text().splitlines()
