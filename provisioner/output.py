@@ -261,8 +261,11 @@ class LiveWriter(HumanWriter):
                  width: int | None = None) -> None:
         super().__init__(out=out, err=err, verbose=verbose, diff=diff, check=check)
         from rich.console import Console
+        # NO_COLOR asks for plain text: rich would only drop colours and keep bold and dim
+        plain = bool(os.environ.get("NO_COLOR"))
         self.console = Console(file=out, force_terminal=True, markup=False, emoji=False,
-                               highlight=False, width=width)
+                               highlight=False, width=width,
+                               color_system=None if plain else "auto")
         # warnings and errors go to stderr; when that is the same terminal, they go through the
         # live console so they do not tear the live view
         self.err_on_console = err is out or isatty(err)
