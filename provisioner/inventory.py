@@ -69,7 +69,8 @@ import re
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterable, Mapping, Union, get_args, get_origin
+from typing import (Annotated, Any, Callable, ClassVar, Iterable, Mapping, Union, get_args,
+                    get_origin)
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -839,6 +840,15 @@ def _refs_in(value: Any, out: list[VaultRef]) -> None:
 
 
 @dataclass(frozen=True)
+class VarLayer:
+    """One level of var precedence for a host: where its vars are written and on which line."""
+    label: str
+    file: Path
+    vars: dict[str, Any]
+    line: Callable[[str], int | None]
+
+
+@dataclass(frozen=True)
 class Inventory:
     env: str
     path: Path
@@ -863,16 +873,27 @@ class Inventory:
             out += [r for r in self.groups[gname].roles if r not in out]
         return out
 
-    def hostvars(self, name: str) -> dict[str, Any]:
-        """Merged vars: role defaults < env vars < group vars (file order) < host vars. A copy."""
+    def var_layers(self, name: str) -> list[VarLayer]:
+        """The host's vars by precedence, lowest first: role defaults < env vars < group vars
+        (file order) < host vars."""
         host = self._host(name)
+
+        def lines(*path: str) -> Callable[[str], int | None]:
+            return lambda var: self.lines.get((*path, var))
+        out = [VarLayer(f"role {r} defaults", self.roles[r].defaults_file, self.roles[r].defaults,
+                        self.roles[r].lines.get) for r in self.roles_for(name)]
+        out.append(VarLayer("env vars", self.path, self.vars, lines("vars")))
+        out += [VarLayer(f"group {g} vars", self.path, self.groups[g].vars,
+                         lines("groups", g, "vars")) for g in host.groups]
+        out.append(VarLayer(f"host {name} vars", self.path, host.vars,
+                            lines("hosts", name, "vars")))
+        return out
+
+    def hostvars(self, name: str) -> dict[str, Any]:
+        """Merged vars (see var_layers: a later layer wins). A copy."""
         merged: dict[str, Any] = {}
-        for role in self.roles_for(name):
-            merged.update(self.roles[role].defaults)
-        merged.update(self.vars)
-        for gname in host.groups:
-            merged.update(self.groups[gname].vars)
-        merged.update(host.vars)
+        for layer in self.var_layers(name):
+            merged.update(layer.vars)
         return _tree_map(merged, lambda v: v)
 
     def hosts_in(self, group: str) -> list[Host]:

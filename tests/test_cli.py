@@ -52,7 +52,8 @@ def closed_port() -> int:
 
 
 def make_root(tmp_path: Path, hosts: dict[str, int], *, known: str | None = "",
-              ssh: str = "{user: root, connect_timeout: 1}", extra: str = "") -> Path:
+              ssh: str = "{user: root, connect_timeout: 1}", extra: str = "",
+              group: str = "roles: [base]") -> Path:
     """A checkout root with env `test`: `hosts` (name: port on 127.0.0.1), all in group app
     with role base; `known` is the known_hosts text (None: no file)."""
     root = tmp_path / "root"
@@ -61,7 +62,7 @@ def make_root(tmp_path: Path, hosts: dict[str, int], *, known: str | None = "",
     host_lines = "\n".join(f"  {n}: {{address: 127.0.0.1, port: {p}}}" for n, p in hosts.items())
     (root / "inventories" / "test.yml").write_text(
         f"env: test\nknown_hosts: known_hosts/test\nssh: {ssh}\n{extra}"
-        f"hosts:\n{host_lines}\ngroups:\n  app: {{hosts: [{', '.join(hosts)}], roles: [base]}}\n")
+        f"hosts:\n{host_lines}\ngroups:\n  app: {{hosts: [{', '.join(hosts)}], {group}}}\n")
     if known is not None:
         (root / "inventories" / "known_hosts" / "test").write_text(known)
     return root
@@ -284,3 +285,36 @@ def test_hosts_trust_goes_through_the_jump_host(tmp_path):
     assert recorded == (known_line(f"[127.0.0.1]:{jump.port}", jump_key) +
                         known_line(f"[127.0.0.1]:{web.port}", web_key))
     assert cli(root, "check", "--env", "test").returncode == 0
+
+
+# --- vars -----------------------------------------------------------------------------------
+
+def test_vars_shows_each_value_where_it_was_set_and_what_it_overrode(tmp_path):
+    root = make_root(tmp_path, {"web1": 2201, "web2": 2202},
+                     extra="vars: {base_timezone: Etc/UTC}\n",
+                     group="roles: [base, redis], vars: {base_timezone: Europe/Berlin}")
+    path = root / "inventories" / "test.yml"
+    path.write_text(path.read_text().replace("port: 2202}", "port: 2202, vars: {base_packages: [htop]}}"))
+    r = cli(root, "vars", "--env", "test", "web2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = lines.index('base_timezone = "Europe/Berlin"')
+    assert lines[at + 1:at + 4] == [
+        "    from inventories/test.yml:9 (group app vars)",
+        '    overrides inventories/test.yml:4 (env vars): "Etc/UTC"',
+        '    overrides roles/base/defaults.yml:4 (role base defaults): "UTC"',
+    ]
+    assert "redis_password = *** (!vault redis_password)" in lines      # a secret stays ***
+    r = cli(root, "vars", "--env", "test", "web2", "--var", "base_packages")
+    assert r.stdout.splitlines() == [
+        'base_packages = ["htop"]',
+        "    from inventories/test.yml:7 (host web2 vars)",
+        "    overrides roles/base/defaults.yml:3 (role base defaults): []",
+    ]
+
+
+def test_vars_of_an_unknown_host_or_var_is_exit_2_with_a_suggestion(two_hosts):
+    r = cli(two_hosts, "vars", "--env", "test", "web11")
+    assert r.returncode == 2 and "did you mean 'web1'?" in r.stderr
+    r = cli(two_hosts, "vars", "--env", "test", "web1", "--var", "base_timezon")
+    assert r.returncode == 2 and "did you mean 'base_timezone'?" in r.stderr
