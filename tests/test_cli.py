@@ -318,3 +318,21 @@ def test_vars_of_an_unknown_host_or_var_is_exit_2_with_a_suggestion(two_hosts):
     assert r.returncode == 2 and "did you mean 'web1'?" in r.stderr
     r = cli(two_hosts, "vars", "--env", "test", "web1", "--var", "base_timezon")
     assert r.returncode == 2 and "did you mean 'base_timezone'?" in r.stderr
+
+
+# --- first steps ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])
+def test_check_on_a_fresh_clone_lists_what_to_create_first(tmp_path, env):
+    """The README's first steps: check names each command to run before it passes."""
+    root = tmp_path / "clone"
+    (root / "inventories" / "known_hosts").mkdir(parents=True)
+    (root / "roles").symlink_to(REPO / "roles")
+    for rel in (f"inventories/{env}.yml", f"inventories/known_hosts/{env}"):
+        (root / rel).write_text((REPO / rel).read_text())
+    r = cli(root, "check", "--env", env)
+    assert r.returncode == 2
+    assert f"`invoke hosts.trust --env {env}`" in r.stderr
+    if "!vault sudo_password" in (root / "inventories" / f"{env}.yml").read_text():
+        assert f"`invoke vault.set --env {env} sudo_password`" in r.stderr
+    assert "Traceback" not in r.stderr

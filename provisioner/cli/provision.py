@@ -131,8 +131,8 @@ def trust(c, env="local", limit=None, yes=False):
                 failed |= not _trust_direct(book, h.name, h.address, h.port, h.connect_timeout)
             continue
         if not _trust_direct(book, jump.name, jump.address, jump.port, jump.connect_timeout):
-            print(f"{', '.join(h.name for h in group)}: not scanned: they are reached through "
-                  f"{jump.name}, whose key is not trusted", file=sys.stderr)
+            print(f"{', '.join(h.name for h in group)}: not scanned: reached through "
+                  f"{jump.name}, which is not trusted (see above)", file=sys.stderr)
             failed = True
             continue
         with Connection(_jump_host(jump), inv.known_hosts) as conn:
