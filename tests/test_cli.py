@@ -129,7 +129,7 @@ def test_a_misspelt_task_is_exit_2_with_a_suggestion(two_hosts):
     assert r.returncode == 2 and "did you mean 'provision'?" in r.stderr
 
 
-@pytest.mark.parametrize("argv", [["-v", "3"], ["--verbose=3"], ["-vvv"]])
+@pytest.mark.parametrize("argv", [["-v", "3"], ["-v3"], ["--verbose=3"], ["-vvv"]])
 def test_verbosity_as_a_number_or_repeated(two_hosts, argv):
     """Help shows `-v INT`: `-v 3` means what `-vvv` means (run id shown from -v on)."""
     r = cli(two_hosts, "provision", "--env", "test", "--limit", "web1", *argv)

@@ -23,7 +23,7 @@ _NO_VALUE = re.compile(r"Flag <Argument: (\S+)")
 
 
 def expand_verbose(argv: list[str]) -> list[str]:
-    """`-v 3`, `--verbose 3` and `--verbose=3` as `-v -v -v`: verbosity counts -v flags."""
+    """`-v 3`, `-v3`, `--verbose 3` and `--verbose=3` as `-v -v -v`: verbosity counts -v flags."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -31,6 +31,8 @@ def expand_verbose(argv: list[str]) -> list[str]:
         count = None
         if token.startswith("--verbose="):
             count = token.split("=", 1)[1]
+        elif re.fullmatch(r"-v\d+", token):
+            count = token[2:]
         elif token in ("-v", "--verbose") and i + 1 < len(argv) and argv[i + 1].isdigit():
             count = argv[i + 1]
             i += 1
