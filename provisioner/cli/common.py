@@ -107,7 +107,11 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)
-        inv, hosts = load(env, interactive, limit)
+        fail_pct = _percentage(max_fail_percentage, serial_n)
+        if detailed_exitcode and not check:
+            raise InputError([Problem("command line", None, "--detailed-exitcode",
+                                      "only means something with --check", "add --check")])
+        inv, hosts = load(env, interactive, limit)      # flags first: no password asked in vain
         role_list = None
         if roles is not None:
             role_list = [r.strip() for r in roles.split(",") if r.strip()]
@@ -120,10 +124,6 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
                 raise InputError([Problem("command line", None, "--roles",
                                           f"unknown role(s) {', '.join(unknown)} for env {env}",
                                           f"choose from: {', '.join(sorted(inv.roles))}")])
-        fail_pct = _percentage(max_fail_percentage, serial_n)
-        if detailed_exitcode and not check:
-            raise InputError([Problem("command line", None, "--detailed-exitcode",
-                                      "only means something with --check", "add --check")])
         opts = Options(task=task, check=bool(check), diff=bool(diff), serial=serial_n,
                        forks=min(forks_n, 50), roles=role_list,
                        max_fail_percentage=fail_pct)
