@@ -22,9 +22,11 @@ FLAG_HELP = {
     "yes": "never prompt (CI, timers): a needed answer that is missing is an error",
     "serial": "rolling batches of N hosts (default: all at once)",
     "forks": "hosts worked on in parallel (default: all, up to 50)",
-    "verbose": "more output: -v shows ok steps, -vv full failure output",
+    "verbose": "more output, repeatable (-vv) or counted (-v 2): -v ok steps, -vv full failure "
+               "output, -vvv every step's output",
     "detailed_exitcode": "with --check: exit 5 when changes are pending",
-    "max_fail_percentage": "with --serial: stop later batches when more than this % of a batch failed",
+    "max_fail_percentage": "0-100, with --serial: stop later batches when more than this % of "
+                           "a batch failed",
 }
 
 

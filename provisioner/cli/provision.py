@@ -28,7 +28,8 @@ def provision(c, env="local", limit=None, roles=None, check=False, diff=False, j
 
 @task(help={"env": FLAG_HELP["env"]})
 def check(c, env="local"):
-    """Validate an inventory (and its roles' vars) without touching any server."""
+    """Validate an inventory, its roles' vars, its secrets and its known host keys, without
+    touching any server."""
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
     except InputError as e:
