@@ -47,8 +47,10 @@ def describe(inv: Inventory, host: str, only: str | None = None) -> list[str]:
       help={"env": FLAG_HELP["env"], "host": "the host whose vars to show",
             "var": "only this var"})
 def show_vars(c, host, env="local", var=None):
-    """A host's vars after precedence, each with the file:line it came from and what it
-    overrode (role defaults < env < groups < host); secrets as ***. Touches no server."""
+    """A host's vars after precedence, where each was set and what it overrode (secrets ***).
+
+    Precedence, lowest first: role defaults < env vars < group vars < host vars. Touches no
+    server and needs no vault password."""
     try:
         inv = inventory(env)
         if host not in inv.hosts:

@@ -28,8 +28,7 @@ def provision(c, env="local", limit=None, roles=None, check=False, diff=False, j
 
 @task(help={"env": FLAG_HELP["env"]})
 def check(c, env="local"):
-    """Validate an inventory, its roles' vars, its secrets and its known host keys, without
-    touching any server."""
+    """Validate an inventory, its vars, secrets and known host keys; touches no server."""
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
     except InputError as e:
