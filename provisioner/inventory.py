@@ -950,15 +950,18 @@ class Inventory:
             return [Problem(*where, f"cannot read {shown}: {e}", "make it a readable text file")]
         problems, keys = [], paramiko.HostKeys()
         for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
+            # markers (@cert-authority, @revoked) are OpenSSH's; the connections here ignore them
+            if not line.strip() or line.lstrip().startswith(("#", "@")):
                 continue
             try:
                 entry = paramiko.hostkeys.HostKeyEntry.from_line(line, n)
-            except Exception:                          # bad base64, unknown key type ...
+            except Exception:                          # bad base64, a truncated key ...
                 entry = None
             if entry is None:
-                problems.append(Problem(path, n, None, "not a host key line (names, key type, "
-                                        "base64 key)", f"remove the line, then run {trust}"))
+                fields = line.split()
+                what = (f"an unreadable {fields[1]} key" if len(fields) >= 3 else
+                        "not a host key line (names, key type, base64 key)")
+                problems.append(Problem(path, n, None, what, f"remove the line, then run {trust}"))
                 continue
             for name in entry.hostnames:
                 keys.add(name, entry.key.get_name(), entry.key)

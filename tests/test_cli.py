@@ -162,12 +162,14 @@ def test_check_refuses_a_missing_known_hosts_file(tmp_path):
 def test_provision_stops_before_connecting_when_a_host_key_is_not_on_record(tmp_path):
     with Silent() as peer:
         root = make_root(tmp_path, {"web1": peer.port},
-                         known="# keys go here\n[127.0.0.1]:1 ecdsa-sha2-nistp256 not-base64!\n")
+                         known="# keys go here\n[127.0.0.1]:1 ecdsa-sha2-nistp256 not-base64!\n"
+                               "a line\n")
         r = cli(root, "provision", "--env", "test", "--json")
         assert peer.held == []                          # no server was touched
     assert r.returncode == 2
     message = events(r)[0]["message"]
-    assert "inventories/known_hosts/test:2: not a host key line" in message
+    assert "inventories/known_hosts/test:2: an unreadable ecdsa-sha2-nistp256 key" in message
+    assert "inventories/known_hosts/test:3: not a host key line" in message
     assert f"hosts.web1: no key for host web1 ([127.0.0.1]:{peer.port})" in message
 
 
