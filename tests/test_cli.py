@@ -337,3 +337,19 @@ def test_check_on_a_fresh_clone_lists_what_to_create_first(tmp_path, env):
     if "!vault sudo_password" in (root / "inventories" / f"{env}.yml").read_text():
         assert f"`invoke vault.set --env {env} sudo_password`" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("error, says", [
+    (paramiko.ssh_exception.NoValidConnectionsError(
+        {("192.0.2.77", 22): OSError(113, "No route to host")}),
+     "192.0.2.77 port 22: No route to host: the address is wrong, the server is down"),
+    (TimeoutError("timed out"), "no answer from 192.0.2.77 port 22 within 10 s"),
+    (__import__("socket").gaierror(-2, "Name or service not known"),
+     "cannot resolve '192.0.2.77' (Name or service not known)"),
+    (EOFError(), "closed the connection during the SSH handshake"),
+])
+def test_connection_errors_keep_their_cause_and_say_what_to_check(error, says):
+    """paramiko's wrapper said `[Errno None] Unable to connect to port 22 on 192.0.2.77`."""
+    from provisioner.connection import connect_error
+    text = connect_error(error, "192.0.2.77", 22, 10)
+    assert says in text and "Errno" not in text
