@@ -87,7 +87,6 @@ class _Tally:
     done: bool = False
     said: set[str] = field(default_factory=set)     # reasons of its failing steps, as shown
 
-
     def counts(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in RECAP_COUNTS}
 
