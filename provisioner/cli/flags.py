@@ -116,7 +116,8 @@ def install() -> None:
 
     def parse_tasks(self: Program) -> None:
         argv = list(self.core.unparsed)
-        self.core.unparsed = expand_verbose(argv)
+        if "--verbose" in _flags(self, _task(argv, self)):     # -v means verbose there only
+            self.core.unparsed = expand_verbose(argv)
         try:
             parse(self)
         except (ParseError, ValueError) as e:
