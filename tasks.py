@@ -1,9 +1,11 @@
 """provisioner's command line: `invoke --list` shows every task."""
 from invoke import Collection
 
-from provisioner.cli import provision, testbed, vault
+from provisioner.cli import flags, hostvars, provision, testbed, vault
 
-ns = Collection(provision.provision, provision.check)
+flags.install()
+
+ns = Collection(provision.provision, provision.check, hostvars.show_vars)
 ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)

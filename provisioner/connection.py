@@ -8,7 +8,9 @@ source, file contents, secrets) travels on stdin, never on the command line.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import logging
 import secrets
 import select
 import shlex
@@ -28,6 +30,11 @@ RETRY_DELAY = 1.0
 # at most 256 KiB per file); a broken or hostile server must not fill the controller's memory
 MAX_STDOUT = 256 * 1024 * 1024
 MAX_STDERR = 1024 * 1024       # only its tail is kept
+
+# paramiko logs a failed handshake (a port that sends no SSH banner ...) with its traceback from
+# its transport thread; without a handler of ours Python prints that on stderr, inside the live
+# view and beside --json. The error itself reaches us as an exception, described below.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class Unreachable(Exception):
@@ -55,8 +62,44 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def known_host_name(address: str, port: int) -> str:
-    return address if port == 22 else f"[{address}]:{port}"
+def connect_error(e: BaseException, address: str, port: int, timeout: float) -> str:
+    """Why a TCP/SSH connection to address:port failed, and what to check, in one sentence."""
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+        e = next(iter(e.errors.values()))                # one per address family; same cause
+    code = getattr(e, "errno", None)
+    if isinstance(e, socket.gaierror):
+        return (f"cannot resolve {address!r} ({e.strerror}): check the address in the inventory "
+                "and this machine's DNS")
+    if isinstance(e, (socket.timeout, TimeoutError)) or code == errno.ETIMEDOUT:
+        return (f"no answer from {address} port {port} within {timeout:g} s: the server is down, "
+                "or a firewall drops the packets; check the address, the port and the firewall")
+    if code == errno.ECONNREFUSED:
+        return (f"connection refused by {address} port {port}: no SSH server listens there; check "
+                "the port in the inventory and that sshd runs")
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return (f"{address} port {port}: {e.strerror or 'no route to host'}: the address is wrong, "
+                "the server is down, or this machine has no route to its network")
+    if isinstance(e, paramiko.ChannelException):       # from a jump host
+        return (f"the jump host could not open a connection to {address} port {port} "
+                f"({e.text}): check the address and port, and the jump host's own network")
+    if isinstance(e, paramiko.SSHException) and "banner" in str(e):
+        return (f"{address} port {port} accepts TCP but sends no SSH banner: another service "
+                "listens on that port, or sshd is overloaded; check the port in the inventory")
+    if isinstance(e, (EOFError, ConnectionResetError)) or code in (errno.ECONNRESET, errno.EPIPE):
+        return (f"{address} port {port} closed the connection during the SSH handshake: sshd "
+                "refused us (MaxStartups, a ban by fail2ban, AllowUsers/AllowGroups?)")
+    what = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return f"{address} port {port}: {what}"
+
+
+def _as_seen(conn: FabricConnection, e: BaseException) -> BaseException:
+    """paramiko sometimes reports a handshake that never got the server's banner as "No
+    existing session" (its transport thread lost a race with the timeout): say what was seen."""
+    t = conn.client.get_transport()
+    if isinstance(e, paramiko.SSHException) and "banner" not in str(e) and t is not None \
+            and not t.remote_version:
+        return paramiko.SSHException(f"Error reading SSH protocol banner ({e})")
+    return e
 
 
 class _Reject(paramiko.MissingHostKeyPolicy):
@@ -159,10 +202,24 @@ class Connection:
                 raise Unreachable(f"{self.label}: authentication failed ({e}); check the user and "
                                   "key in the inventory's `ssh` settings") from None
             except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
-                last = e
+                last = _as_seen(conn, e)
                 if attempt < RETRIES:
                     time.sleep(RETRY_DELAY * (attempt + 1))
-        raise Unreachable(f"{self.label}: cannot connect: {last or 'no answer'}")
+        at_jump = gateway is not None and not gateway.is_connected
+        where = (h.jump.address, h.jump.port) if at_jump else (h.address, h.port)
+        why = connect_error(last, *where, h.connect_timeout) if last else "no answer"
+        via = f" (through jump host {h.jump.address})" if h.jump else ""
+        raise Unreachable(f"{self.label}: cannot connect{via}: {why}")
+
+    def tunnel(self, address: str, port: int, timeout: float) -> paramiko.Channel:
+        """A TCP stream from this host to address:port: what a jump host carries."""
+        self.open()
+        try:
+            return self._conn.transport.open_channel("direct-tcpip", (address, port),
+                                                     ("127.0.0.1", 0), timeout=timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise Unreachable(f"{self.label}: cannot open a connection to {address} port {port}: "
+                              f"{connect_error(e, address, port, timeout)}") from None
 
     def run(self, argv: list[str], stdin: bytes | None = None, sudo: bool = True,
             timeout: float | None = None) -> Result:

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
 from provisioner import secret as _secret
@@ -89,18 +89,22 @@ class _Tally:
     remote_commands: int = 0
     seconds: float = 0.0
     done: bool = False
+    said: set[str] = field(default_factory=set)     # reasons of its failing steps, as shown
 
     def counts(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in RECAP_COUNTS}
 
     @property
     def status(self) -> str:
-        """failed > unreachable > changed > ok, the precedence of the exit codes."""
+        """failed > unreachable > changed > ok, the precedence of the exit codes; a host whose
+        every step was skipped (never started, lock held) is "skipped", not "ok"."""
         if self.failed:
             return "failed"
         if self.unreachable:
             return "unreachable"
-        return "changed" if self.changed else "ok"
+        if self.changed:
+            return "changed"
+        return "skipped" if self.skipped and not self.ok else "ok"
 
 
 class Events:
@@ -159,7 +163,8 @@ class Events:
             raise ValueError(f"step status {status!r} is not one of {', '.join(STATUSES)}")
         name = str(host)
         body: dict[str, Any] = {
-            "host": _text(name), "role": _text(role), "resource": _text(resource),
+            "host": _text(name), "role": None if role is None else _text(role),
+            "resource": _text(resource),
             "status": status, "reason": _text(reason), "seconds": _seconds(seconds),
             "check": self.check,
         }
@@ -172,6 +177,8 @@ class Events:
         with self._lock:
             tally = self._hosts.setdefault(name, _Tally())
             setattr(tally, status, getattr(tally, status) + 1)
+            if status in ("failed", "unreachable"):
+                tally.said.add(body["reason"])
             ev = self._emit("step", body)
             self._human.step(ev, diff_text, out_text, tally.counts())
 
@@ -193,7 +200,8 @@ class Events:
             if error_text is not None:
                 body["error"] = error_text
             ev = self._emit("host", body)
-            self._human.host(ev)
+            # people read an error once: not again when a failing step already said it
+            self._human.host(ev, repeat=error_text is not None and error_text not in tally.said)
 
     def warn(self, message: str, host: str | None = None) -> None:
         """Something a user should know that does not fail the run (stderr for humans)."""

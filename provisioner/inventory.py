@@ -69,7 +69,8 @@ import re
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Mapping, Union, get_args, get_origin
+from typing import (Annotated, Any, Callable, ClassVar, Iterable, Mapping, Union, get_args,
+                    get_origin)
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
@@ -643,6 +644,16 @@ def _refs_in(value: Any, out: list[VaultRef]) -> None:
 
 
 @dataclass(frozen=True)
+class VarLayer:
+    """One level of var precedence for a host: where its vars are written and on which line."""
+    label: str
+    file: Path
+    vars: dict[str, Any]
+    line: Callable[[str], int | None]
+    path: tuple = ()                 # where in the inventory: ("groups", "app", "vars"); () for defaults
+
+
+@dataclass(frozen=True)
 class Inventory:
     env: str
     path: Path
@@ -651,7 +662,7 @@ class Inventory:
     groups: dict[str, Group]            # file order
     vars: dict[str, Any]                # env-level vars
     roles: dict[str, RoleInfo]          # the roles the groups use
-    lines: dict = field(default_factory=dict, compare=False, repr=False)  # key path -> line
+    lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
 
     def _host(self, name: str) -> Host:
         try:
@@ -667,16 +678,25 @@ class Inventory:
             out += [r for r in self.groups[gname].roles if r not in out]
         return out
 
-    def hostvars(self, name: str) -> dict[str, Any]:
-        """Merged vars: role defaults < env vars < group vars (file order) < host vars. A copy."""
+    def var_layers(self, name: str) -> list[VarLayer]:
+        """The host's vars by precedence, lowest first: role defaults < env vars < group vars
+        (file order) < host vars."""
         host = self._host(name)
+
+        def layer(label: str, vars: dict, *path: str) -> VarLayer:
+            return VarLayer(label, self.path, vars, lambda var: self.lines.get((*path, var)), path)
+        out = [VarLayer(f"role {r} defaults", self.roles[r].defaults_file, self.roles[r].defaults,
+                        self.roles[r].lines.get) for r in self.roles_for(name)]
+        out.append(layer("env vars", self.vars, "vars"))
+        out += [layer(f"group {g} vars", self.groups[g].vars, "groups", g, "vars") for g in host.groups]
+        out.append(layer(f"host {name} vars", host.vars, "hosts", name, "vars"))
+        return out
+
+    def hostvars(self, name: str) -> dict[str, Any]:
+        """Merged vars (see var_layers: a later layer wins). A copy."""
         merged: dict[str, Any] = {}
-        for role in self.roles_for(name):
-            merged.update(self.roles[role].defaults)
-        merged.update(self.vars)
-        for gname in host.groups:
-            merged.update(self.groups[gname].vars)
-        merged.update(host.vars)
+        for layer in self.var_layers(name):
+            merged.update(layer.vars)
         return _tree_map(merged, lambda v: v)
 
     def where(self, host: str, key: str) -> tuple[Path, int | None, str]:
@@ -684,24 +704,11 @@ class Inventory:
         var (or a path into one, "harden_admin_users[0].name": the var is its first word), or
         an inventory key path ("ssh.user")."""
         var = re.match(r"[A-Za-z0-9_]*", key).group()
-        h = self._host(host)
-        places = [("hosts", host, "vars", var)]
-        places += [("groups", g, "vars", var) for g in reversed(h.groups)] + [("vars", var)]
-        for path in places:
-            scope = self._scope(path)
-            if var in scope:
-                return self.path, self.lines.get(path), ".".join(path[:-1] + (key,))
-        for role in self.roles_for(host):
-            info = self.roles[role]
-            if var in info.defaults:
-                return info.defaults_file, info.lines.get(var), key
+        for layer in reversed(self.var_layers(host)):        # the one that wins
+            if var in layer.vars:
+                return layer.file, layer.line(var), ".".join(layer.path + (key,))
         path = tuple(key.split("."))
         return self.path, self.lines.get(("hosts", host) + path, self.lines.get(path)), key
-
-    def _scope(self, path: tuple) -> dict:
-        if path[0] == "hosts":
-            return self.hosts[path[1]].vars
-        return self.groups[path[1]].vars if path[0] == "groups" else self.vars
 
     def hosts_in(self, group: str) -> list[Host]:
         """The hosts of a group, in the group's list order."""
@@ -741,6 +748,53 @@ class Inventory:
                                f"no {what} named '{n}' in env '{self.env}'", fix))
         return out
 
+    def known_hosts_problems(self, hosts: Iterable[Host]) -> list[Problem]:
+        """What strict host-key checking would refuse for `hosts` (and their jump hosts), found
+        without a server: a missing or unreadable known_hosts file, lines that are not host
+        keys, hosts with no key on record."""
+        import paramiko
+        path, shown = self.known_hosts, display_path(self.known_hosts)
+        trust = f"`invoke hosts.trust --env {self.env}` shows each key's fingerprint and records it"
+        where = (self.path, self.lines.get(("known_hosts",)), "known_hosts")
+        if not path.is_file():
+            return [Problem(*where, f"{shown} does not exist", f"create it: {trust}")]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            return [Problem(*where, f"cannot read {shown}: {e}", "make it a readable text file")]
+        problems, keys = [], paramiko.HostKeys()
+        for n, line in enumerate(text.splitlines(), 1):
+            # markers (@cert-authority, @revoked) are OpenSSH's; the connections here ignore them
+            if not line.strip() or line.lstrip().startswith(("#", "@")):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, n)
+            except Exception:                          # bad base64, a truncated key ...
+                entry = None
+            if entry is None:
+                fields = line.split()
+                what = (f"an unreadable {fields[1]} key" if len(fields) >= 3 else
+                        "not a host key line (names, key type, base64 key)")
+                problems.append(Problem(path, n, None, what, f"remove the line, then run {trust}"))
+                continue
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
+        wanted: dict[str, tuple[str, int | None, str]] = {}
+        for h in hosts:
+            if h.jump is not None:
+                wanted.setdefault(known_host_name(h.jump.address, h.jump.port),
+                                  (f"jump host {h.jump.address}", self.lines.get(("ssh", "jump")),
+                                   "ssh.jump"))
+            wanted.setdefault(known_host_name(h.address, h.port),
+                              (f"host {h.name}", h.line, f"hosts.{h.name}"))
+        for name, (what, line, key) in wanted.items():
+            if keys.lookup(name) is None:
+                problems.append(Problem(self.path, line, key,
+                                        f"no key for {what} ({name}) in {shown}: strict host-key "
+                                        "checking will refuse to connect",
+                                        f"{trust} (add --limit to trust only some hosts)"))
+        return problems
+
     def vault_refs(self) -> set[str]:
         """Names of every secret referenced by the inventory (and the defaults of its roles)."""
         return {ref.name for ref in self._refs()}
@@ -757,10 +811,11 @@ class Inventory:
             _refs_in(r.defaults, refs)
         return refs
 
-    def resolve(self, secrets: Mapping[str, object]) -> Inventory:
+    def resolve(self, secrets: Mapping[str, object], missing_vault: str | None = None) -> Inventory:
         """A new Inventory with every VaultRef replaced by `secrets[name]`.
 
-        Raises InputError naming each secret the vault does not hold (with where it is used).
+        Raises InputError naming each secret the vault does not hold (with where it is used);
+        `missing_vault` names the vault file when it does not exist at all.
         """
         missing: dict[str, list[VaultRef]] = {}
         for ref in self._refs():
@@ -771,10 +826,13 @@ class Inventory:
             for name, refs in sorted(missing.items()):
                 first = refs[0]
                 also = f" (used {len(refs)} times)" if len(refs) > 1 else ""
+                message = (f"secret '{name}' is not in the vault of env '{self.env}'{also}"
+                           if missing_vault is None else
+                           f"secret '{name}'{also} has no vault: {missing_vault} does not exist")
                 problems.append(Problem(
-                    first.file, first.line, first.key,
-                    f"secret '{name}' is not in the vault of env '{self.env}'{also}",
-                    f"add '{name}' to the {self.env} vault, or correct the name after !vault"))
+                    first.file, first.line, first.key, message,
+                    f"add it: `invoke vault.set --env {self.env} {name}`, or correct the name "
+                    "after !vault"))
             raise InputError(problems)
 
         def sub(value: Any) -> Any:
@@ -790,6 +848,11 @@ class Inventory:
         )
 
 
+def known_host_name(address: str, port: int) -> str:
+    """A host's name in known_hosts: `[address]:port` unless the port is 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -803,7 +866,9 @@ def load_inventory(env: str, root: Path | None = None, roles_root: Roots = None)
     """Load and validate `<root>/inventories/<env>.yml` (root: the repo; roles: `<root>/roles`)."""
     root = Path(root) if root is not None else REPO_ROOT
     if not isinstance(env, str) or not ENV_RE.match(env):
-        raise InputError(Problem(None, None, "--env", f"invalid env name {env!r}",
+        raise InputError(Problem(None, None, "--env", f"invalid env name {env!r}: an env name is "
+                                 "lowercase letters, digits, '-' and '_', starting with a letter "
+                                 "or digit (it names inventories/<env>.yml)",
                                  f"use one of: {', '.join(available_envs(root)) or '(none)'}"))
     path = root / "inventories" / f"{env}.yml"
     if not path.is_file():

@@ -191,7 +191,7 @@ class HumanWriter:
     # --- sinks (subclasses) --------------------------------------------------------------
     def start(self, ev: dict) -> None: ...
     def step(self, ev: dict, diff: str | None, output: str | None, tally: dict) -> None: ...
-    def host(self, ev: dict) -> None: ...
+    def host(self, ev: dict, repeat: bool = True) -> None: ...
     def warning(self, ev: dict) -> None: ...
     def error(self, ev: dict) -> None: ...
     def recap(self, ev: dict) -> None: ...
@@ -234,8 +234,8 @@ class PlainWriter(HumanWriter):
     def step(self, ev: dict, diff: str | None, output: str | None, tally: dict) -> None:
         self.write_plain(self.out, self.step_lines(ev, diff, output))
 
-    def host(self, ev: dict) -> None:
-        if ev.get("error"):
+    def host(self, ev: dict, repeat: bool = True) -> None:
+        if ev.get("error") and repeat:
             self.write_plain(self.err, self.host_error_lines(ev))
         self.write_plain(self.out, self.host_lines(ev))
 
@@ -246,6 +246,8 @@ class PlainWriter(HumanWriter):
         self.write_plain(self.err, self.error_lines(ev))
 
     def recap(self, ev: dict) -> None:
+        if not ev["hosts"]:              # stopped before any host (bad input): nothing to count
+            return
         table = plain_table(RECAP_COLUMNS, self.recap_rows(ev))
         lines = [("", None), ("recap", None)] + [(t, None) for t in table] + self.recap_note(ev)
         self.write_plain(self.out, lines)
@@ -259,8 +261,11 @@ class LiveWriter(HumanWriter):
                  width: int | None = None) -> None:
         super().__init__(out=out, err=err, verbose=verbose, diff=diff, check=check)
         from rich.console import Console
+        # NO_COLOR asks for plain text: rich would only drop colours and keep bold and dim
+        plain = bool(os.environ.get("NO_COLOR"))
         self.console = Console(file=out, force_terminal=True, markup=False, emoji=False,
-                               highlight=False, width=width)
+                               highlight=False, width=width,
+                               color_system=None if plain else "auto")
         # warnings and errors go to stderr; when that is the same terminal, they go through the
         # live console so they do not tear the live view
         self.err_on_console = err is out or isatty(err)
@@ -335,9 +340,9 @@ class LiveWriter(HumanWriter):
         self._view(ev["host"], role=ev["role"], resource=ev["resource"], tally=tally)
         self._print(self.step_lines(ev, diff, output))
 
-    def host(self, ev: dict) -> None:
+    def host(self, ev: dict, repeat: bool = True) -> None:
         self._view(ev["host"], done=ev["status"], seconds=ev["seconds"])
-        if ev.get("error"):
+        if ev.get("error") and repeat:
             self._print_err(self.host_error_lines(ev))
         self._print(self.host_lines(ev))
 
@@ -352,6 +357,8 @@ class LiveWriter(HumanWriter):
         from rich.table import Table
         from rich.text import Text
         self.close()
+        if not ev["hosts"]:
+            return
         table = Table(title="recap", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                       show_edge=False, collapse_padding=True)
         for col in RECAP_COLUMNS:

@@ -145,7 +145,7 @@ def test_hosts_trust_records_fingerprints(tmp_path, testbed, monkeypatch):
         "env": "trusttest", "known_hosts": "kh", "ssh": {"user": "root"},
         "hosts": {"web1": {"address": ADDRESSES["web1"]}}, "groups": {"g": {"hosts": ["web1"], "roles": ["base"]}}}))
     inv = load_inventory_file(inv_path)
-    monkeypatch.setattr(provision, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(provision, "inventory", lambda env: inv)
     provision.trust.body(None, env="trusttest", yes=True)
     recorded = (tmp_path / "kh").read_text()
     expected = [line.split(" ", 1)[1] for line in (REPO / ".testbed" / "known_hosts").read_text().splitlines()
@@ -154,6 +154,26 @@ def test_hosts_trust_records_fingerprints(tmp_path, testbed, monkeypatch):
     assert recorded.split(" ", 1)[1].strip() in expected
     provision.trust.body(None, env="trusttest", yes=True)      # a second run records nothing new
     assert (tmp_path / "kh").read_text() == recorded
+
+
+def test_hosts_trust_scans_hosts_behind_a_jump_host_through_it(tmp_path, testbed, monkeypatch):
+    from provisioner.cli import provision
+    inv_path = tmp_path / "trustjump.yml"
+    inv_path.write_text(json.dumps({
+        "env": "trustjump", "known_hosts": "kh",
+        "ssh": {"user": "root", "key": str(REPO / ".testbed" / "id_ed25519"),
+                "jump": {"address": ADDRESSES["web1"], "user": "root"}},
+        "hosts": {"web2": {"address": ADDRESSES["web2"]}},
+        "groups": {"g": {"hosts": ["web2"], "roles": ["base"]}}}))
+    inv = load_inventory_file(inv_path)
+    monkeypatch.setattr(provision, "inventory", lambda env: inv)
+    provision.trust.body(None, env="trustjump", yes=True)
+    recorded = [line.split(" ", 1) for line in (tmp_path / "kh").read_text().splitlines()]
+    # the jump host is no host of this env: only the way through it records its key, first
+    assert [name for name, _ in recorded] == [ADDRESSES["web1"], ADDRESSES["web2"]]
+    testbed_keys = (REPO / ".testbed" / "known_hosts").read_text().splitlines()
+    for name, key in recorded:                 # the keys the testbed gave them, nothing else
+        assert f"{name} {key}" in testbed_keys
 
 
 def _provision_db1_while_locked_by(owner: dict):

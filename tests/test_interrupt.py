@@ -89,7 +89,7 @@ def test_a_stop_during_an_apply_lets_it_finish_and_starts_nothing_more(inv):
     assert steps[("web1", "one", "file /etc/one.conf")][0] == "changed"
     assert log == [("web1", "facts"), ("web1", "facts"), ("web1", "apply"), ("web1", "finish")]
     assert steps[("web1", "two", "role")] == ("skipped", "not run: the run was interrupted (SIGTERM)")
-    assert steps[("web2", "", "host")] == ("skipped",
+    assert steps[("web2", None, "host")] == ("skipped",
                                              "not started: the run was interrupted (SIGTERM)")
     assert [e["event"] for e in lines[-2:]] == ["error", "recap"]
     assert lines[-2]["code"] == 143 and lines[-1]["skipped"] == 2
@@ -123,10 +123,10 @@ def test_ctrl_c_during_invoke_provision_ends_json_with_error_and_recap(inv, monk
             while not self.stop and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    monkeypatch.setattr(common, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(common, "load", lambda env, interactive, limit=None: (inv, inv.select(limit)))
     monkeypatch.setattr(common, "Runner", SignalledRunner)
     with pytest.raises(Exit) as e:
-        common.run_task("provision", env=inv.env, limit="", check=False, diff=False, json=True,
+        common.run_task("provision", env=inv.env, limit=None, check=False, diff=False, json=True,
                         yes=True, serial=1, forks=1, verbose=0)
     assert e.value.code == 130
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -141,11 +141,11 @@ def test_ctrl_c_at_a_prompt_before_the_run_is_130_with_error_and_recap(monkeypat
 
     from provisioner.cli import common
 
-    def prompt(env, interactive):            # e.g. the vault password prompt
+    def prompt(env, interactive, limit=None):   # e.g. the vault password prompt
         raise KeyboardInterrupt
     monkeypatch.setattr(common, "load", prompt)
     with pytest.raises(Exit) as e:
-        common.run_task("provision", env="local", limit="", check=False, diff=False, json=True,
+        common.run_task("provision", env="local", limit=None, check=False, diff=False, json=True,
                         yes=True, serial=0, forks=1, verbose=0)
     assert e.value.code == 130
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]

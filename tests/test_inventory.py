@@ -264,7 +264,8 @@ def test_missing_secrets_are_listed_together_with_where_they_are_used(root: Path
     assert f"test.yml:{line_of(VAULTED, '!vault db_pass')}: hosts.db1.vars.postgresql_password: " \
            "secret 'db_pass' is not in the vault of env 'test'" in text
     assert "hosts.db1.vars.postgresql_hba[0].password: secret 'app_pass'" in text
-    assert "fix: add 'db_pass' to the test vault, or correct the name after !vault" in text
+    assert ("fix: add it: `invoke vault.set --env test db_pass`, or correct the name after !vault"
+            in text)
 
 
 def test_plain_text_sudo_password_is_refused_and_not_echoed(root: Path) -> None:

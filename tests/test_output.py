@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -261,3 +262,29 @@ def test_close_stops_the_live_view_without_a_recap():
         ev.start(["web1"])
         assert ev._human._live is not None                           # noqa: SLF001
     assert ev._human._live is None                                   # noqa: SLF001
+
+
+def test_no_color_means_no_styles_at_all_in_the_live_view(monkeypatch):
+    """NO_COLOR: no colour and no bold either; the live view itself still works."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    out, err = FakeTTY(), io.StringIO()
+    ev = Events(task="provision", env="local", json_out=False, verbose=0, diff=False,
+                check=False, stream_out=out, stream_err=err)
+    ev.start(["web1"])
+    step(ev, status="failed", reason="exit status 1")
+    ev.host_done("web1", remote_commands=3, seconds=1.0)
+    ev.recap()
+    styles = [m for m in re.findall(r"\x1b\[([0-9;]*)m", out.getvalue()) if m not in ("", "0")]
+    assert styles == []
+    assert "web1 | nginx | file /etc/nginx/nginx.conf | failed: exit status 1" in out.getvalue()
+
+
+def test_a_host_error_already_said_by_its_failing_step_is_not_repeated():
+    ev, out, err = make()
+    ev.start(["web1", "web2"])
+    step(ev, "web1", "unreachable", role=None, resource="connection", reason="refused")
+    ev.host_done("web1", remote_commands=0, seconds=1.0, error="refused")
+    ev.host_done("web2", remote_commands=0, seconds=1.0, error="lost during apply")
+    said = out.getvalue() + err.getvalue()
+    assert said.count("refused") == 1
+    assert "error: web2: lost during apply" in err.getvalue()

@@ -75,7 +75,7 @@ def _inventory(tmp_path, **host_vars):
 def test_invoke_check_refuses_a_bad_role_var_with_where_it_was_set(tmp_path, monkeypatch, capsys,
                                                                    keys):
     inv = _inventory(tmp_path, harden_ssh_host_keys=keys)
-    monkeypatch.setattr(provision_cli, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(provision_cli, "load", lambda env, interactive, limit=None: (inv, inv.select(limit)))
     with pytest.raises(Exit) as e:
         provision_cli.check(Context(), env="apitest")
     assert e.value.code == 2
@@ -88,7 +88,7 @@ def test_invoke_check_refuses_a_bad_role_var_with_where_it_was_set(tmp_path, mon
 
 def test_invoke_check_passes_good_vars(tmp_path, monkeypatch, capsys):
     inv = _inventory(tmp_path, harden_ssh_host_keys=["/etc/ssh/ssh_host_ed25519_key"])
-    monkeypatch.setattr(provision_cli, "load", lambda env, interactive: inv)
+    monkeypatch.setattr(provision_cli, "load", lambda env, interactive, limit=None: (inv, inv.select(limit)))
     provision_cli.check(Context(), env="apitest")
     assert ": ok (2 hosts" in capsys.readouterr().out
 

@@ -6,10 +6,10 @@ import sys
 
 from invoke import Exit
 
-from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem
+from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem, display_path
 from provisioner.events import Events
 from provisioner.interrupt import Stop, on_signals
-from provisioner.inventory import Inventory, load_inventory
+from provisioner.inventory import Host, Inventory, load_inventory
 from provisioner.roles import REPO_ROOT
 from provisioner.runner import Options, Runner
 from provisioner.secret import REDACTOR
@@ -24,9 +24,11 @@ FLAG_HELP = {
     "yes": "never prompt (CI, timers): a needed answer that is missing is an error",
     "serial": "rolling batches of N hosts (default: all at once)",
     "forks": "hosts worked on in parallel (default: all, up to 50)",
-    "verbose": "more output: -v shows ok steps, -vv full failure output",
+    "verbose": "more output, repeatable (-vv) or counted (-v 2): -v ok steps, -vv full failure "
+               "output, -vvv every step's output",
     "detailed_exitcode": "with --check: exit 5 when changes are pending",
-    "max_fail_percentage": "with --serial: stop later batches when more than this % of a batch failed",
+    "max_fail_percentage": "0-100, with --serial: stop later batches when more than this % of "
+                           "a batch failed",
 }
 
 
@@ -36,15 +38,41 @@ def fail_input(message: str) -> Exit:
     return Exit(code=EXIT_BAD_INPUT)
 
 
-def load(env: str, interactive: bool) -> Inventory:
-    """The validated inventory with its vault secrets resolved, or InputError (exit 2)."""
-    inv = load_inventory(env, root=REPO_ROOT)
-    refs = inv.vault_refs()
-    if refs:
-        from provisioner.vault import open_env_vault
-        secrets = open_env_vault(env, REPO_ROOT, interactive)
-        inv = inv.resolve(secrets)
-    return inv
+def inventory(env: str) -> Inventory:
+    """The validated inventory of `env`, `!vault` references unresolved (InputError: exit 2)."""
+    return load_inventory(env, root=REPO_ROOT)
+
+
+def load(env: str, interactive: bool, limit: str | None = None) -> tuple[Inventory, list[Host]]:
+    """The validated inventory with its vault secrets resolved, and the hosts `limit` names,
+    once everything a run needs that can be checked without a server holds (secrets, known
+    host keys); else InputError (exit 2) with every problem at once."""
+    inv = inventory(env)
+    hosts = inv.select(limit)
+    problems = inv.known_hosts_problems(hosts)
+    try:
+        inv = with_secrets(inv, interactive)
+    except InputError as e:
+        problems = e.problems + problems
+    if problems:
+        from provisioner.testbed.config import LOCAL_INVENTORY
+        if inv.path == LOCAL_INVENTORY:
+            problems.append(Problem(None, None, None, f"env '{env}' is the testbed's",
+                                    "`invoke testbed.up` boots its servers and writes its "
+                                    "known_hosts and vault"))
+        raise InputError(problems)
+    return inv, hosts
+
+
+def with_secrets(inv: Inventory, interactive: bool) -> Inventory:
+    """`inv` with every `!vault NAME` replaced by its secret (asks for the password if needed)."""
+    if not inv.vault_refs():
+        return inv
+    from provisioner.vault import open_env_vault, vault_path
+    path = vault_path(inv.env, REPO_ROOT)
+    if not path.exists():
+        return inv.resolve({}, missing_vault=display_path(path))
+    return inv.resolve(open_env_vault(inv.env, REPO_ROOT, interactive))
 
 
 def int_flag(value, name: str, minimum: int) -> int:
@@ -56,6 +84,23 @@ def int_flag(value, name: str, minimum: int) -> int:
         raise InputError([Problem("command line", None, f"--{name}", f"expected an integer >= {minimum}, got {value!r}",
                                   f"pass e.g. --{name} {max(minimum, 1)}")])
     return n
+
+
+def _percentage(value, serial: int) -> float:
+    """--max-fail-percentage: 0-100, and only with --serial (it compares batches)."""
+    try:
+        pct = float(value or 0)
+    except (TypeError, ValueError):
+        pct = -1.0
+    if not 0 <= pct <= 100:
+        raise InputError([Problem("command line", None, "--max-fail-percentage",
+                                  f"expected a percentage from 0 to 100, got {value!r}",
+                                  "pass e.g. --max-fail-percentage 25")])
+    if pct and not serial:
+        raise InputError([Problem("command line", None, "--max-fail-percentage",
+                                  "only means something with --serial (it stops later batches)",
+                                  "add --serial N, or leave out --max-fail-percentage")])
+    return pct
 
 
 def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, verbose,
@@ -81,21 +126,25 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)
-        inv = load(env, interactive)
-        hosts = inv.select(limit or None)
+        fail_pct = _percentage(max_fail_percentage, serial_n)
+        if detailed_exitcode and not events.check:
+            raise InputError([Problem("command line", None, "--detailed-exitcode",
+                                      "only means something with --check", "add --check")])
+        inv, hosts = load(env, interactive, limit)      # flags first: no password asked in vain
         role_list = None
-        if roles:
+        if roles is not None:
             role_list = [r.strip() for r in roles.split(",") if r.strip()]
+            if not role_list:       # an empty variable in a script must not mean every role
+                raise InputError([Problem("command line", None, "--roles", "the role list is empty",
+                                          "name roles (comma-separated), or leave out --roles "
+                                          "to run every role")])
             unknown = [r for r in role_list if r not in inv.roles]
             if unknown:
                 raise InputError([Problem("command line", None, "--roles",
                                           f"unknown role(s) {', '.join(unknown)} for env {env}",
                                           f"choose from: {', '.join(sorted(inv.roles))}")])
-        if detailed_exitcode and not events.check:
-            raise InputError([Problem("command line", None, "--detailed-exitcode",
-                                      "only means something with --check", "add --check")])
         opts = Options(serial=serial_n, forks=min(forks_n, 50), roles=role_list,
-                       max_fail_percentage=float(max_fail_percentage or 0))
+                       max_fail_percentage=fail_pct)
         runner = Runner(inv, events, opts, stop=stop)
         for h in hosts:                                 # role code errors before any server
             for r in runner.roles_for(h):

@@ -1,14 +1,18 @@
 """`invoke provision`, `invoke check` and `invoke hosts.trust`."""
 from __future__ import annotations
 
+import socket
 import sys
+from pathlib import Path
+from typing import Iterable
 
 import paramiko
 from invoke import Collection, Exit, task
 
-from provisioner.cli.common import FLAG_HELP, fail_input, load, run_task
-from provisioner.connection import fingerprint, known_host_name
-from provisioner.errors import EXIT_UNREACHABLE, InputError
+from provisioner.cli.common import FLAG_HELP, fail_input, inventory, load, run_task
+from provisioner.connection import Connection, Unreachable, connect_error, fingerprint
+from provisioner.errors import EXIT_UNREACHABLE, InputError, display_path
+from provisioner.inventory import Host, Jump, known_host_name
 from provisioner.roles import load_role
 from provisioner.varchecks import check_vars
 
@@ -16,7 +20,7 @@ PROVISION_HELP = {**FLAG_HELP, "roles": "only these roles, comma-separated (in i
 
 
 @task(help=PROVISION_HELP, incrementable=["verbose"])
-def provision(c, env="local", limit="", roles="", check=False, diff=False, json=False, yes=False,
+def provision(c, env="local", limit=None, roles=None, check=False, diff=False, json=False, yes=False,
               serial=0, forks=50, verbose=0, detailed_exitcode=False, max_fail_percentage=0):
     """Converge servers to their roles (harden, install the stack); a second run changes nothing."""
     run_task("provision", env=env, limit=limit, check=check, diff=diff, json=json, yes=yes,
@@ -26,74 +30,147 @@ def provision(c, env="local", limit="", roles="", check=False, diff=False, json=
 
 @task(help={"env": FLAG_HELP["env"]})
 def check(c, env="local"):
-    """Validate an inventory (and its roles' vars) without touching any server."""
+    """Validate an inventory, its vars, secrets and known host keys; touches no server."""
     try:
-        inv = load(env, interactive=sys.stdin.isatty())
+        inv, _ = load(env, interactive=sys.stdin.isatty())
         check_vars(inv, inv.hosts.values(), lambda role: load_role(inv.roles[role]))
     except InputError as e:
         raise fail_input(str(e)) from None
-    print(f"{inv.path}: ok ({len(inv.hosts)} hosts, {len(inv.groups)} groups, "
+    print(f"{display_path(inv.path)}: ok ({len(inv.hosts)} hosts, {len(inv.groups)} groups, "
           f"roles: {', '.join(sorted(inv.roles)) or 'none'})")
 
 
-def _scan(address: str, port: int, timeout: float) -> paramiko.PKey:
-    """The host key a server presents, without authenticating."""
-    import socket
-    sock = socket.create_connection((address, port), timeout=timeout)
+def _key_types(recorded: Iterable[str], offered: list[str]) -> list[str]:
+    """Host key algorithms to ask for first: the types on record (an RSA key is negotiated as
+    rsa-sha2-*), so a server with several keys presents the one we know."""
+    first: list[str] = []
+    for t in recorded:
+        first += ["rsa-sha2-512", "rsa-sha2-256", t] if t == "ssh-rsa" else [t]
+    first = [t for t in dict.fromkeys(first) if t in offered]
+    return first + [t for t in offered if t not in first]
+
+
+def _scan(sock, timeout: float, recorded: Iterable[str]) -> paramiko.PKey:
+    """The host key a server presents on `sock`, without authenticating."""
     t = paramiko.Transport(sock)
     try:
+        opts = t.get_security_options()
+        opts.key_types = _key_types(recorded, list(opts.key_types))
+        t.banner_timeout = timeout
         t.start_client(timeout=timeout)
         return t.get_remote_server_key()
     finally:
         t.close()
 
 
+class _Trust:
+    """The env's known_hosts as hosts.trust reads and extends it: a key is recorded only after
+    its fingerprint was shown (and confirmed, unless --yes); any key on record for a name means
+    that a different key, of any type, is a change and is refused."""
+
+    def __init__(self, path: Path, yes: bool):
+        self.path, self.yes = path, yes
+        self.known = paramiko.HostKeys()
+        if path.exists():
+            self.known.load(str(path))
+        self.recorded = 0
+
+    def types(self, name: str) -> list[str]:
+        return list(self.known.lookup(name) or {})
+
+    def decide(self, label: str, name: str, key: paramiko.PKey) -> bool:
+        """Whether `key` is (now) trusted for `name`; records it when new and accepted."""
+        have = dict(self.known.lookup(name) or {})
+        shown = f"{key.get_name()} {fingerprint(key)}"
+        if have.get(key.get_name()) == key:
+            print(f"{label}: already trusted ({shown})")
+            return True
+        if have:
+            known = ", ".join(f"{t} {fingerprint(k)}" for t, k in have.items())
+            print(f"{label}: HOST KEY CHANGED: {display_path(self.path)} has {known} for {name}, "
+                  f"the server presents {shown}; not recorded. If the server was really rebuilt, "
+                  f"remove its line(s) from {display_path(self.path)} and run this again.",
+                  file=sys.stderr)
+            return False
+        print(f"{label}: {name} presents {shown}")
+        if not self.yes:
+            if not sys.stdin.isatty():
+                raise fail_input("not a terminal: check the fingerprints above, then run again "
+                                 "with --yes")
+            if input("  trust it? [y/N] ").strip().lower() not in ("y", "yes"):
+                return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:      # at once: a jump host must be known before its hosts
+            f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+        self.known.add(name, key.get_name(), key)
+        self.recorded += 1
+        return True
+
+
+def _jump_host(j: Jump) -> Host:
+    return Host(name=j.name, address=j.address, port=j.port, user=j.user, bootstrap_user=None,
+                key=j.key, jump=None, connect_timeout=j.connect_timeout,
+                command_timeout=j.connect_timeout)
+
+
 @task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"], "yes": "record without asking"})
-def trust(c, env="local", limit="", yes=False):
+def trust(c, env="local", limit=None, yes=False):
     """Show each host's key fingerprint and record it in the env's known_hosts (asks unless --yes).
-    Keys already recorded are kept; a changed key is refused here too: remove the old line first."""
+    Hosts behind a jump host are scanned through it, after its own key. Keys already recorded
+    are kept; a different key (of any type) is refused: remove the old line first."""
     try:
-        inv = load(env, interactive=False)
-        hosts = inv.select(limit or None)
+        inv = inventory(env)                   # no vault: scanning host keys needs no secret
+        hosts = inv.select(limit)
     except InputError as e:
         raise fail_input(str(e)) from None
-    known = paramiko.HostKeys()
-    if inv.known_hosts.exists():
-        known.load(str(inv.known_hosts))
-    new_lines, failed = [], False
+    book = _Trust(inv.known_hosts, yes)
+    by_jump: dict[Jump | None, list[Host]] = {}
     for h in hosts:
-        name = known_host_name(h.address, h.port)
-        try:
-            key = _scan(h.address, h.port, h.connect_timeout)
-        except Exception as e:
-            print(f"{h.name}: cannot reach {name}: {e}", file=sys.stderr)
+        by_jump.setdefault(h.jump, []).append(h)
+    failed = False
+    for jump, group in by_jump.items():
+        if jump is None:
+            for h in group:
+                failed |= not _trust_direct(book, h.name, h.address, h.port, h.connect_timeout)
+            continue
+        if not _trust_direct(book, jump.name, jump.address, jump.port, jump.connect_timeout):
+            print(f"{', '.join(h.name for h in group)}: not scanned: reached through "
+                  f"{jump.name}, which is not trusted (see above)", file=sys.stderr)
             failed = True
             continue
-        have = known.lookup(name) or {}
-        if key.get_name() in have:
-            if have[key.get_name()] == key:
-                print(f"{h.name}: already trusted ({key.get_name()} {fingerprint(key)})")
-            else:
-                print(f"{h.name}: HOST KEY CHANGED: known {fingerprint(have[key.get_name()])}, server "
-                      f"presents {fingerprint(key)}; not recorded. If the server was really rebuilt, "
-                      f"remove its line from {inv.known_hosts} and run this again.", file=sys.stderr)
-                failed = True
-            continue
-        print(f"{h.name}: {name} presents {key.get_name()} {fingerprint(key)}")
-        if not yes:
-            if not sys.stdin.isatty():
-                raise Exit("not a terminal: check the fingerprints above, then run again with --yes",
-                           code=2)
-            if input("  trust it? [y/N] ").strip().lower() not in ("y", "yes"):
-                continue
-        new_lines.append(f"{name} {key.get_name()} {key.get_base64()}")
-    if new_lines:
-        inv.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        with open(inv.known_hosts, "a") as f:
-            f.write("".join(line + "\n" for line in new_lines))
-        print(f"recorded {len(new_lines)} key(s) in {inv.known_hosts}")
+        with Connection(_jump_host(jump), inv.known_hosts) as conn:
+            for h in group:
+                name = known_host_name(h.address, h.port)
+                try:
+                    key = _scan(conn.tunnel(h.address, h.port, h.connect_timeout),
+                                h.connect_timeout, book.types(name))
+                except Unreachable as e:
+                    print(f"{h.name}: cannot reach {name}: {e}", file=sys.stderr)
+                    failed = True
+                    continue
+                except (paramiko.SSHException, EOFError, OSError) as e:
+                    print(f"{h.name}: cannot reach {name} through {jump.name}: "
+                          f"{connect_error(e, h.address, h.port, h.connect_timeout)}",
+                          file=sys.stderr)
+                    failed = True
+                    continue
+                failed |= not book.decide(h.name, name, key)
+    if book.recorded:
+        print(f"recorded {book.recorded} key(s) in {display_path(inv.known_hosts)}")
     if failed:
         raise Exit(code=EXIT_UNREACHABLE)
+
+
+def _trust_direct(book: _Trust, label: str, address: str, port: int, timeout: float) -> bool:
+    name = known_host_name(address, port)
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+        key = _scan(sock, timeout, book.types(name))
+    except (paramiko.SSHException, EOFError, OSError) as e:
+        print(f"{label}: cannot reach {name}: {connect_error(e, address, port, timeout)}",
+              file=sys.stderr)
+        return False
+    return book.decide(label, name, key)
 
 
 hosts_ns = Collection("hosts", trust)

@@ -1,0 +1,130 @@
+"""Test peers on loopback for the command line's connection paths, no testbed needed: a port that
+accepts TCP and says nothing, and a small SSH server (paramiko's server side) that presents
+given host keys, accepts any public key and, as a jump host, carries direct-tcpip channels."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+
+def ed25519_key() -> paramiko.PKey:
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()).decode()
+    return paramiko.Ed25519Key(file_obj=io.StringIO(pem))
+
+
+def write_private_key(key: paramiko.PKey, path) -> None:
+    """An OpenSSH private key file paramiko reads back (for the client side of a test)."""
+    if isinstance(key, paramiko.Ed25519Key):
+        raise ValueError("use an ECDSA or RSA key: paramiko cannot write ed25519 keys")
+    key.write_private_key_file(str(path))
+
+
+def known_line(name: str, key: paramiko.PKey) -> str:
+    return f"{name} {key.get_name()} {key.get_base64()}\n"
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        """Keep the connection open and say nothing."""
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Silent(_Listener):
+    """Accepts TCP and never sends an SSH banner (a wrong port, a hung daemon)."""
+
+
+class _Iface(paramiko.ServerInterface):
+    def __init__(self) -> None:
+        self.destinations: dict[int, tuple[str, int]] = {}
+
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+    def check_auth_publickey(self, username, key):
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED if kind == "direct-tcpip" else \
+            paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_direct_tcpip_request(self, chanid, origin, destination):
+        self.destinations[chanid] = destination
+        return paramiko.OPEN_SUCCEEDED
+
+
+class SshServer(_Listener):
+    """Presents `keys` as its host keys; with `jump`, forwards direct-tcpip channels (and lists
+    where to in `forwarded`)."""
+
+    def __init__(self, *keys: paramiko.PKey, jump: bool = False) -> None:
+        self.keys, self.jump = keys, jump
+        self.forwarded: list[tuple[str, int]] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        t = paramiko.Transport(conn)
+        for k in self.keys:
+            t.add_server_key(k)
+        iface = _Iface()
+        try:
+            t.start_server(server=iface)
+        except (paramiko.SSHException, EOFError, OSError):
+            return
+        while self.jump and t.is_active():
+            chan = t.accept(timeout=1)
+            if chan is not None:
+                dest = iface.destinations[chan.get_id()]
+                self.forwarded.append(dest)
+                threading.Thread(target=_forward, args=(chan, dest), daemon=True).start()
+
+
+def _forward(chan: paramiko.Channel, dest: tuple[str, int]) -> None:
+    def pump(recv, send) -> None:
+        try:
+            while data := recv(65536):
+                send(data)
+        except OSError:
+            pass
+    with socket.create_connection(dest, timeout=5) as sock:
+        back = threading.Thread(target=pump, args=(sock.recv, chan.sendall), daemon=True)
+        back.start()
+        pump(chan.recv, sock.sendall)
+        back.join(timeout=5)
+    chan.close()
