@@ -751,3 +751,13 @@ def test_moving_ssh_from_one_custom_port_to_another(hardened, tmp_path):
     assert "guard fresh SSH login as deploy with sudo on port 2200" in {
         e["resource"] for e in run.steps(status="ok")}
     assert "port 2200" in sh(SERVER, "sshd -T").stdout
+
+
+def test_the_post_quantum_key_exchange_comes_first_where_openssh_has_it():
+    kex = DEFAULTS["harden_ssh_kex"]
+    assert HARDEN.offered(kex, {"version_id": "13"})[:2] == ["mlkem768x25519-sha256",
+                                                            "sntrup761x25519-sha512@openssh.com"]
+    on_12 = HARDEN.offered(kex, {"version_id": "12"})          # OpenSSH 9.2: sshd -t would refuse it
+    assert "mlkem768x25519-sha256" not in on_12 and on_12[0] == "sntrup761x25519-sha512@openssh.com"
+    with pytest.raises(ValueError, match="harden_ssh_kex"):
+        HARDEN.sshd_vars({"harden_ssh_kex": ["mlkem768x25519-sha256"]}, None, {"version_id": "12"})

@@ -22,6 +22,7 @@ from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, Run, inventory, sh
 from engine_helpers import test_server as server_for
 from provisioner import ops, testbed as tb
+from provisioner.testbed import base as base_image, config as tb_config
 from provisioner.facts import Facts
 from provisioner.inventory import load_inventory_file
 from provisioner.roles import available_roles, load_role
@@ -32,6 +33,11 @@ ROLE = load_role(available_roles()["postgresql"])
 PGTOOL = roles.postgresql.pgtool
 
 DB, APP, OTHER = (server_for("db1,web1,vault").split(",") + ["web1", "vault"])[:3]
+# the Debian version of DB (bench servers are Debian 12), and so its PostgreSQL and paths
+DEBIAN_VERSION = next((base_image.RELEASES[spec.release] for spec in tb_config.inventory_servers()
+                       if spec.name == DB), "12")
+MAJOR = roles.postgresql.DEBIAN_POSTGRESQL[DEBIAN_VERSION]
+ETC = f"/etc/postgresql/{MAJOR}/main"
 PASSWORDS = {"pg_app": "app-Pw-0001-correct", "pg_report": "report-Pw-0002-correct"}
 TIMES: dict[str, float] = {}
 
@@ -81,7 +87,8 @@ def th(name):
 
 def ctx_for(tmp_path, **db_vars):
     inv = pg_inventory(tmp_path, **db_vars)
-    return inv.hostvars(DB), RoleContext(inv.hosts[DB], inv, {"virt": "systemd-nspawn"}, False)
+    return inv.hostvars(DB), RoleContext(inv.hosts[DB], inv, {"virt": "systemd-nspawn",
+                                                              "version_id": DEBIAN_VERSION}, False)
 
 
 def test_scram_matches_what_postgresql_stores():
@@ -121,7 +128,7 @@ def test_no_secret_on_any_command_line_and_passwords_are_checked_on_stdin(tmp_pa
     with_stdin = [c for c in req["checks"] if isinstance(c, dict)]
     assert [c["stdin"] for c in with_stdin] == list(PASSWORDS.values())
     facts = Facts({"os": {}, "files": {p: {"exists": False} for p in req["files"]},
-                   "packages": {"installed": {"postgresql-15": None}, "lists_age": 10},
+                   "packages": {"installed": {f"postgresql-{MAJOR}": None}, "lists_age": 10},
                    "services": {u: None for u in req["services"]},
                    "checks": {" ".join(__import__("shlex").quote(a) for a in
                                        (c["argv"] if isinstance(c, dict) else c)): 1
@@ -172,6 +179,29 @@ def test_bad_vars_are_refused_with_the_var_name(tmp_path, var, value, match):
     v, ctx = ctx_for(tmp_path, **{var: value})
     with pytest.raises(ValueError, match=match):
         list(ROLE.resources(v, ctx))
+
+
+@pytest.mark.parametrize("debian, given, major", [("12", "", "15"), ("13", "", "17"),
+                                                ("12", "16", "16")])
+def test_the_version_is_the_releases_own_unless_set(tmp_path, debian, given, major):
+    import dataclasses
+    v, ctx = ctx_for(tmp_path, postgresql_version=given)
+    ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": debian})
+    resources = list(ROLE.resources(v, ctx))
+    assert resources[0].id == f"apt postgresql-{major}"
+    req = ops.request(resources)
+    assert f"/etc/postgresql/{major}/main/pg_hba.conf" in req["files"]
+    assert any(f"postgresql@{major}-main" in str(steps) for steps in ROLE.handlers(v, ctx).values())
+
+
+def test_a_release_without_a_known_default_asks_for_the_version(tmp_path):
+    import dataclasses
+    v, ctx = ctx_for(tmp_path)
+    ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": "14"})
+    with pytest.raises(ValueError, match="Debian 14 has no default PostgreSQL known to this role; "
+                                         "set postgresql_version"):
+        list(ROLE.resources(v, ctx))
+    assert ROLE.check(v, dataclasses.replace(ctx, os=None)) is not None    # before connecting: fine
 
 
 def test_non_ascii_password_is_refused_without_showing_it(tmp_path):
@@ -248,7 +278,7 @@ def test_service_enabled_running_and_listening_only_where_intended(provisioned):
     assert addrs and addrs <= {"127.0.0.1", "::1", ADDRESSES[DB]}, addrs
     assert ADDRESSES[DB] in addrs and "127.0.0.1" in addrs
     assert not addrs & {"0.0.0.0", "*", "::"}
-    f = h.file("/etc/postgresql/15/main/pg_hba.conf")
+    f = h.file(f"{ETC}/pg_hba.conf")
     assert f.user == "postgres" and f.mode == 0o640
 
 
@@ -332,12 +362,12 @@ def test_invalid_setting_is_refused_before_it_replaces_the_drop_in(provisioned):
     failed = run.steps(host=DB, status="failed")
     assert failed and "validation failed" in failed[0]["reason"], failed
     assert 'unrecognized configuration parameter "no_such_setting"' in failed[0]["output"]
-    assert "no_such_setting" not in sh(DB, "cat /etc/postgresql/15/main/conf.d/50-provisioner.conf").stdout
+    assert "no_such_setting" not in sh(DB, f"cat {ETC}/conf.d/50-provisioner.conf").stdout
     assert provision(provisioned["inv"]).host(DB)["changed"] == 0
 
 
 def test_hba_line_postgresql_rejects_is_rolled_back(provisioned):
-    good = sh(DB, "cat /etc/postgresql/15/main/pg_hba.conf").stdout
+    good = sh(DB, f"cat {ETC}/pg_hba.conf").stdout
     inv = pg_inventory(provisioned["tmp"], postgresql_shared_buffers="96MB",
                        postgresql_hba_extra=["host all all 10.0.0.300/32 scram-sha-256"])
     run = provision(inv)
@@ -346,7 +376,7 @@ def test_hba_line_postgresql_rejects_is_rolled_back(provisioned):
     guard = failed["guard pg_hba.conf accepted by PostgreSQL"]
     assert "10.0.0.300" in guard["reason"] and "restored the previous" in guard["reason"]
     assert "handler reload postgresql" in failed                # it never reloaded the bad file
-    assert sh(DB, "cat /etc/postgresql/15/main/pg_hba.conf").stdout == good
+    assert sh(DB, f"cat {ETC}/pg_hba.conf").stdout == good
     assert client(APP, PASSWORDS["pg_app"]).returncode == 0   # still serving, same rules
     # the other change of that run still took effect (restart after the rollback)
     show = "cd / && runuser -u postgres -- psql -XAtc 'SHOW shared_buffers'"

@@ -376,8 +376,23 @@ def sysctls(v: dict) -> dict:
     return out
 
 
-def sshd_vars(v: dict, s: Settings) -> dict:
-    return {"port": s.port, "kex": v["harden_ssh_kex"], "ciphers": v["harden_ssh_ciphers"],
+# Algorithms of the defaults that a Debian release's OpenSSH does not know yet (sshd -t would
+# refuse them): Debian 12 has OpenSSH 9.2, without the ML-KEM hybrid key exchange of 9.9.
+NOT_IN_OPENSSH = {"12": {"mlkem768x25519-sha256"}}
+
+
+def offered(algorithms: list[str], os_facts: dict | None) -> list[str]:
+    """The algorithms the server's OpenSSH knows, in the order given (strongest first)."""
+    unknown = NOT_IN_OPENSSH.get((os_facts or {}).get("version_id"), set())
+    return [a for a in algorithms if a not in unknown]
+
+
+def sshd_vars(v: dict, s: Settings, os_facts: dict | None = None) -> dict:
+    kex = offered(v["harden_ssh_kex"], os_facts)
+    if not kex:
+        raise _bad("harden_ssh_kex", f"none of {v['harden_ssh_kex']} is known to this server's "
+                   "OpenSSH", "add curve25519-sha256 (every supported release has it)")
+    return {"port": s.port, "kex": kex, "ciphers": v["harden_ssh_ciphers"],
             "macs": v["harden_ssh_macs"], "host_key_algorithms": v["harden_ssh_host_key_algorithms"],
             "host_keys": v["harden_ssh_host_keys"], "required_rsa_size": v["harden_ssh_required_rsa_size"],
             "allow_groups": s.allow_groups, "max_auth_tries": v["harden_ssh_max_auth_tries"],
@@ -412,7 +427,7 @@ def resources(v, ctx):
         "release_sudo": s.release_sudo}, mode="0440", validate="visudo -cf {path}")
 
     # 2. sshd: the whole file, checked before it replaces the old one
-    yield templates.template(SSHD_CONFIG, "harden/sshd_config.j2", sshd_vars(v, s), mode="0600",
+    yield templates.template(SSHD_CONFIG, "harden/sshd_config.j2", sshd_vars(v, s, ctx.os), mode="0600",
                              validate=["sshd", "-t", "-f", "{path}"], notify="reload ssh")
     bits = v["harden_ssh_moduli_min_bits"] - 1          # moduli lists size as bits - 1
     yield commands.command(

@@ -83,12 +83,7 @@ def check(v: dict, ctx) -> dict:
 def config(v: dict, ctx) -> dict:
     """The role's vars, validated (ValueError naming the var and the fix), plus what is
     derived from the inventory: listen address and client addresses."""
-    version = str(v["postgresql_version"])
-    if not re.fullmatch(r"[0-9]{2,3}", version):
-        raise ValueError(f"postgresql_version: {version!r} is not a major version like '15'")
-    cluster = v["postgresql_cluster"]
-    if not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", cluster):
-        raise ValueError(f"postgresql_cluster: {cluster!r} is not a cluster name like 'main'")
+    version, cluster = _cluster_of(v, ctx)
     port = v["postgresql_port"]
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise ValueError(f"postgresql_port: {port!r} is not a port (1-65535)")
@@ -207,13 +202,44 @@ def config(v: dict, ctx) -> dict:
             if u["databases"]:
                 rules.append({"type": kind, "database": ",".join(u["databases"]),
                               "user": u["name"], "address": cidr, "why": why})
-    return {"version": version, "cluster": cluster, "cluster_id": f"{version}/{cluster}",
-            "unit": f"postgresql@{version}-{cluster}",
-            "etc": f"/etc/postgresql/{version}/{cluster}",
-            "data": f"/var/lib/postgresql/{version}/{cluster}",
+    return {"version": version, "cluster": cluster, **_paths(version, cluster),
             "listen": listen, "port": port, "settings": lines, "rules": rules,
             "hba_extra": list(extra), "users": users, "databases": databases,
             "sources": sources}
+
+
+# Debian's own PostgreSQL major per Debian version (what its `postgresql` package depends on)
+DEBIAN_POSTGRESQL = {"12": "15", "13": "17"}
+
+
+def _cluster_of(v: dict, ctx) -> tuple[str | None, str]:
+    """(major version, cluster name). The version is postgresql_version, or the server's
+    Debian default; None before the server is known (the pure check, which runs before any
+    connection)."""
+    cluster = v["postgresql_cluster"]
+    if not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*\Z", cluster):
+        raise ValueError(f"postgresql_cluster: {cluster!r} is not a cluster name like 'main'")
+    version = str(v["postgresql_version"])
+    if version:
+        if not re.fullmatch(r"[0-9]{2,3}\Z", version):
+            raise ValueError(f"postgresql_version: {version!r} is not a major version like '17' "
+                             "(or \"\" for the server's Debian default)")
+        return version, cluster
+    debian = (getattr(ctx, "os", None) or {}).get("version_id")
+    if debian is None:
+        return None, cluster
+    if debian not in DEBIAN_POSTGRESQL:
+        raise ValueError(f"postgresql_version: Debian {debian} has no default PostgreSQL known "
+                         "to this role; set postgresql_version to the major version to install")
+    return DEBIAN_POSTGRESQL[debian], cluster
+
+
+def _paths(version: str | None, cluster: str) -> dict:
+    if version is None:
+        return {"cluster_id": None, "unit": None, "etc": None, "data": None}
+    return {"cluster_id": f"{version}/{cluster}", "unit": f"postgresql@{version}-{cluster}",
+            "etc": f"/etc/postgresql/{version}/{cluster}",
+            "data": f"/var/lib/postgresql/{version}/{cluster}"}
 
 
 def _tool(cmd: str, cluster_id: str, *args: str) -> list[str]:
@@ -283,8 +309,8 @@ def resources(v, ctx):
 
 
 def handlers(v, ctx):
-    cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
-    unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
+    c = _paths(*_cluster_of(v, ctx))
+    cid, unit = c["cluster_id"], c["unit"]
     # A reload never loads a pg_hba.conf PostgreSQL rejects (it keeps the old rules) but does
     # apply the other settings; a restart with such a file would not come back up, hence the
     # check before `settle` (restart only if a setting needs it). If the check fails, the guard
@@ -312,9 +338,8 @@ def _connection(host, inventory) -> Connection:
 def guards(v, ctx):
     """pg_hba.conf has no offline validator: after the change, PostgreSQL's pg_hba_file_rules
     must show no error rows, or the previous file comes back (and is reloaded)."""
-    cid = f"{v['postgresql_version']}/{v['postgresql_cluster']}"
-    unit = f"postgresql@{v['postgresql_version']}-{v['postgresql_cluster']}"
-    path = f"/etc/postgresql/{v['postgresql_version']}/{v['postgresql_cluster']}/pg_hba.conf"
+    c = _paths(*_cluster_of(v, ctx))
+    cid, unit, path = c["cluster_id"], c["unit"], f"{c['etc']}/pg_hba.conf"
 
     def check(host):
         with _connection(host, ctx.inventory) as conn:
