@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from provisioner.events import Events
 from provisioner.inventory import load_inventory_file
@@ -131,3 +134,13 @@ def snapshot(name: str) -> str:
     """A digest of what a run could change: every file's metadata (mtime included), units, sysctls.
     SSH logins' own session and user units are left out: any connection makes them."""
     return sh(name, SNAPSHOT).stdout
+
+
+def ssh_audit_fails(address: str) -> list[str]:
+    """The `[fail]` lines of ssh-audit (the PyPI release: Debian's is too old for OpenSSH 9.2)."""
+    exe = shutil.which("ssh-audit")
+    if exe is None:
+        pytest.skip("ssh-audit (the PyPI release) is not installed: python3 -m pip install -q "
+                    "ssh-audit (.ci/setup installs it with the test extras)")
+    r = subprocess.run([exe, "--no-colors", address], capture_output=True, text=True, timeout=180)
+    return [line for line in r.stdout.splitlines() if "[fail]" in line]

@@ -12,7 +12,8 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, report, sh
+from engine_helpers import ADDRESSES, REPO, report, sh, ssh_audit_fails
+from provisioner.testbed import config
 
 HOSTS = ["web1", "web2", "db1", "vault"]
 SSH_CONFIG = str(REPO / ".testbed" / "ssh_config")
@@ -160,3 +161,23 @@ def test_the_controller_is_never_banned(provisioned):
                                       source_address=("10.77.0.1", 0)) as s:
             assert s.recv(4) == b"SSH-"
     assert "10.77.0.1" not in deploy("vault").check_output("fail2ban-client status sshd")
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_ssh_audit_finds_no_failure_on_either_release(provisioned, name):
+    """ssh-audit (nobody here wrote it) on every provisioned server: Debian 13's OpenSSH 10 and
+    12's 9.2 both end up with nothing it fails; 13 also offers the post-quantum ML-KEM first."""
+    assert ssh_audit_fails(ADDRESSES[name]) == []
+    kex = deploy(name).check_output("sshd -T | grep ^kexalgorithms").split()[1].split(",")
+    release = next(s.release for s in config.inventory_servers() if s.name == name)
+    assert (kex[0] == "mlkem768x25519-sha256") == (release == "trixie"), kex
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_the_agent_runs_with_the_releases_own_python(provisioned, name):
+    """The agent is stdlib-only Python: Debian 13 runs it on 3.13 (no crypt module), 12 on 3.11."""
+    release = next(s.release for s in config.inventory_servers() if s.name == name)
+    r, events = provision("--limit", name, "--check")
+    assert r.returncode == 0, report(events, "failed")
+    python = deploy(name).check_output("python3 -c 'import sys; print(sys.version_info[:2])'")
+    assert python == {"trixie": "(3, 13)", "bookworm": "(3, 11)"}[release]

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import testinfra
 import roles.harden
 from conftest import invoke
 import engine_helpers
-from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh
+from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh, ssh_audit_fails
 from provisioner import lock
 from provisioner.facts import Facts
 from provisioner.inventory import Host
@@ -37,7 +36,6 @@ DEFAULTS = INFO.defaults
 PUBKEY = (REPO / ".testbed" / "id_ed25519.pub").read_text().strip() if (REPO / ".testbed" / "id_ed25519.pub").exists() \
     else "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxTVjmFyJ8ajpm7R1CX0VrFOo1sOqcXNnfUKudZ+Ndz test"
 CONTROLLER = "10.77.0.1"                          # the testbed's gateway: where tests and the engine come from
-SSH_AUDIT_INSTALL = "python3 -m pip install -q ssh-audit"
 LYNIS_TARGET = 80
 
 
@@ -485,20 +483,12 @@ def _throwaway_key(tmp):
     return path
 
 
-def _ssh_audit(address):
-    exe = shutil.which("ssh-audit")
-    if exe is None:
-        pytest.skip(f"ssh-audit (the PyPI release) is not installed: {SSH_AUDIT_INSTALL}")
-    r = subprocess.run([exe, "--no-colors", address], capture_output=True, text=True, timeout=180)
-    return [l for l in r.stdout.splitlines() if "[fail]" in l]
-
-
 def test_ssh_audit_finds_nothing_to_fail_after_hardening(hardened):
-    fails = _ssh_audit(ADDRESSES[SERVER])
+    fails = ssh_audit_fails(ADDRESSES[SERVER])
     second = _second()
     if second:
         invoke("testbed.reset", second)
-        fresh = _ssh_audit(ADDRESSES[second])
+        fresh = ssh_audit_fails(ADDRESSES[second])
         print(f"\nssh-audit [fail] lines: fresh {second}: {len(fresh)}, hardened {SERVER}: {len(fails)}")
         assert len(fresh) >= 1
     assert fails == []
