@@ -137,7 +137,7 @@ def test_the_new_kinds_on_a_real_server(testbed):
 
     from provisioner import agent
     req = {"timers": ["apt-daily", "no-such-thing"], "dirs": ["/etc/apt"],
-           "hashes": ["/etc/os-release"], "http": ["http://127.0.0.1:1/"]}
+           "hashes": ["/etc/hostname"], "http": ["http://127.0.0.1:1/"]}
     p = subprocess.run(testbed.shell_argv("db1", agent.command()), capture_output=True,
                        input=agent.payload("facts", req), timeout=120)
     f = Facts(agent.parse(p.stdout, p.stderr, p.returncode)["facts"])
@@ -146,5 +146,5 @@ def test_the_new_kinds_on_a_real_server(testbed):
     assert timer["next"] or timer["active"] != "active", timer      # an active one has a next
     assert f.timer("no-such-thing") is None
     assert f.dir("/etc/apt")["sources.list.d"]["type"] == "dir"
-    assert len(f.sha256("/etc/os-release")) == 64
+    assert f.sha256("/etc/hostname") == hashlib.sha256(b"db1\n").hexdigest()
     assert "error" in f.http("http://127.0.0.1:1/")
