@@ -128,6 +128,7 @@ def test_no_secret_on_any_command_line_and_passwords_are_checked_on_stdin(tmp_pa
     with_stdin = [c for c in req["checks"] if isinstance(c, dict)]
     assert [c["stdin"] for c in with_stdin] == list(PASSWORDS.values())
     facts = Facts({"os": {}, "files": {p: {"exists": False} for p in req["files"]},
+                   "dirs": {"/etc/postgresql": None},
                    "packages": {"installed": {f"postgresql-{MAJOR}": None}, "lists_age": 10},
                    "services": {u: None for u in req["services"]},
                    "checks": {" ".join(__import__("shlex").quote(a) for a in
@@ -188,10 +189,31 @@ def test_the_version_is_the_releases_own_unless_set(tmp_path, debian, given, maj
     v, ctx = ctx_for(tmp_path, postgresql_version=given)
     ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": debian})
     resources = list(ROLE.resources(v, ctx))
-    assert resources[0].id == f"apt postgresql-{major}"
+    assert f"apt postgresql-{major}" in [r.id for r in resources]
     req = ops.request(resources)
     assert f"/etc/postgresql/{major}/main/pg_hba.conf" in req["files"]
     assert any(f"postgresql@{major}-main" in str(steps) for steps in ROLE.handlers(v, ctx).values())
+
+
+@pytest.mark.parametrize("on_server, refused", [([], False), (["15"], True), (["15", "17"], False),
+                                               (["17"], False)])
+def test_another_major_already_on_the_server_stops_the_role_with_how_to_upgrade(
+        tmp_path, on_server, refused):
+    """A server upgraded from Debian 12 to 13 keeps its PostgreSQL 15 cluster: 17 must not be
+    put beside it silently (its data would seem gone)."""
+    import dataclasses
+    v, ctx = ctx_for(tmp_path)
+    ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": "13"})
+    first = next(r for r in ROLE.resources(v, ctx))
+    facts = Facts({"dirs": {"/etc/postgresql": {"entries": {m: {"type": "dir"} for m in on_server}}}})
+    if not refused:
+        assert [type(x).__name__ for x in first.plan(facts)] == ["Noop"]
+        return
+    with pytest.raises(ops.PlanError) as info:
+        first.plan(facts)
+    assert "PostgreSQL 15 already holds this server's data" in str(info.value)
+    assert "`pg_upgradecluster 15 main`" in str(info.value)
+    assert 'postgresql_version: "15"' in str(info.value)
 
 
 def test_a_release_without_a_known_default_asks_for_the_version(tmp_path):

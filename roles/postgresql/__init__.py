@@ -19,10 +19,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import runpy
+from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.api import (Connection, Guard, Secret, Unreachable, apt, commands, config_settings,
-                             files, is_secret, run_step, systemd, templates)
+from provisioner.api import (Connection, Guard, Noop, PlanError, Secret, Unreachable, apt, commands,
+                             config_settings, files, is_secret, run_step, systemd, templates)
 
 HERE = Path(__file__).resolve().parent
 TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
@@ -276,9 +277,44 @@ def database_sql(d: dict) -> str:
     return "\n".join(sql) + "\n"
 
 
+@dataclass(frozen=True)
+class NoOtherMajor:
+    """Refuses to put a second cluster of another major beside an existing one (a server
+    upgraded from Debian 12 to 13 keeps its PostgreSQL 15 cluster, whose data the new 17 would
+    not see): the run stops before anything is installed and says how to upgrade."""
+    version: str
+    cluster: str
+
+    @property
+    def id(self) -> str:
+        return f"postgresql cluster {self.version}/{self.cluster}"
+
+    def facts(self) -> dict:
+        return {"dirs": ["/etc/postgresql"]}
+
+    def plan(self, facts) -> list:
+        majors = sorted((name for name, e in (facts.dir("/etc/postgresql") or {}).items()
+                         if e.get("type") == "dir" and name.isdigit()), key=int)
+        others = [m for m in majors if m != self.version]
+        if not others or self.version in majors:
+            return [Noop(self.id, f"clusters on the server: {', '.join(majors) or 'none yet'}")]
+        old = others[-1]
+        raise PlanError(
+            f"PostgreSQL {old} already holds this server's data (/etc/postgresql/{old}) and "
+            f"PostgreSQL {self.version} is the one to run now (postgresql_version, or the server's "
+            f"Debian default): nothing was installed. To upgrade the data: `pg_upgradecluster "
+            f"{old} {self.cluster}` as root (it keeps {old} stopped for a rollback; "
+            f"`pg_dropcluster {old} {self.cluster}` once checked); to stay on {old}: set "
+            f"postgresql_version: \"{old}\"")
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
 def resources(v, ctx):
     c = config(v, ctx)
     cid = c["cluster_id"]
+    yield NoOtherMajor(c["version"], c["cluster"])
     yield apt.packages([f"postgresql-{c['version']}"])
     yield files.directory(TOOL_DIR, mode="0755")
     yield files.file(TOOL, TOOL_SOURCE, mode="0644")
