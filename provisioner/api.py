@@ -20,6 +20,7 @@ role imports anything but this module.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -41,7 +42,7 @@ __all__ = [
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
     "Unreachable", "VarContext", "VarError", "abs_path", "apt", "check_key", "commands",
     "config_settings", "directory_step", "file_fact", "file_group", "files", "handler",
-    "is_secret", "lines", "links", "reject", "render", "run_step", "sha256", "sysctl", "systemd",
+    "is_secret", "lines", "links", "private_address", "reject", "render", "run_step", "sha256", "sysctl", "systemd",
     "templates", "ufw", "users", "write_step",
 ]
 
@@ -90,6 +91,24 @@ def reject(var: str, problem: str, fix: str) -> VarError:
     """Refuse a var: `var` is its name (or a path in it: "harden_admin_users[0].name"),
     `problem` what is wrong with the value, `fix` what to write instead. Raises."""
     raise VarError(var, problem, fix)
+
+
+def private_address(var: str, given: str, host: Host, service: str):
+    """The address a service listens on besides loopback: `given` (the var's value), or else the
+    host's inventory address. One that is not an IP, or is public, is refused: a database must
+    never listen on the internet."""
+    address = given or host.address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{var}: {address!r} is not an IP address; set {var} to the server's "
+                         "private IP address") from None
+    if ip.is_global:
+        what = var if given else "the host's inventory address"
+        raise ValueError(f"{var}: {what} {address} is a public address, and {service} must not "
+                         f"listen on one; set {var} to the server's private IP address (or "
+                         "127.0.0.1 for local clients only)")
+    return ip
 
 
 def config_settings(var: str, settings: Any, *, file: str, name_re, managed,

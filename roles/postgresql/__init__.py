@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.api import (Connection, Guard, Noop, PlanError, Secret, Unreachable, apt, commands,
-                             config_settings, files, is_secret, run_step, systemd, templates)
+                             config_settings, files, is_secret, private_address, run_step, systemd,
+                             templates)
 
 HERE = Path(__file__).resolve().parent
 TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
@@ -97,18 +98,8 @@ def config(v: dict, ctx) -> dict:
             raise ValueError(f"postgresql_{key}: {value!r} is not a size like 128MB "
                              "(units B, kB, MB, GB, TB; no space, case as written)")
 
-    listen = v["postgresql_listen_address"] or ctx.host.address
-    try:
-        listen = str(ipaddress.ip_address(listen))
-    except ValueError:
-        raise ValueError(f"postgresql_listen_address: {listen!r} is not an IP address; set "
-                         "postgresql_listen_address to the server's private IP address") from None
-    if ipaddress.ip_address(listen).is_global:
-        given = ("postgresql_listen_address" if v["postgresql_listen_address"]
-                 else "the host's inventory address")
-        raise ValueError(f"postgresql_listen_address: {given} {listen} is a public address, and "
-                         "PostgreSQL must not listen on one; set postgresql_listen_address to "
-                         "the server's private IP address")
+    listen = str(private_address("postgresql_listen_address", v["postgresql_listen_address"],
+                                 ctx.host, "PostgreSQL"))
 
     sources: list[tuple[str, str]] = []           # (CIDR, where it comes from)
     group = v["postgresql_client_group"]

@@ -6,10 +6,9 @@ Which clients may reach the port is the firewall's job (role harden), not Redis'
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 
-from provisioner.api import apt, config_settings, is_secret, systemd, templates
+from provisioner.api import apt, config_settings, is_secret, private_address, systemd, templates
 
 HANDLER = "restart redis"
 POLICIES = ("noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",
@@ -30,17 +29,7 @@ def config(v: dict, ctx) -> dict:
     port = v["redis_port"]
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise ValueError(f"redis_port: {port!r} is not a port (1-65535)")
-    address = v["redis_bind_address"] or ctx.host.address
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise ValueError(f"redis_bind_address: {address!r} is not an IP address; set "
-                         "redis_bind_address to the server's private IP address") from None
-    if ip.is_global:
-        given = "redis_bind_address" if v["redis_bind_address"] else "the host's inventory address"
-        raise ValueError(f"redis_bind_address: {given} {address} is a public address, and redis "
-                         "must not listen on one; set redis_bind_address to the server's "
-                         "private IP address (or 127.0.0.1 for local clients only)")
+    ip = private_address("redis_bind_address", v["redis_bind_address"], ctx.host, "redis")
     bind = "127.0.0.1 -::1" + ("" if ip.is_loopback else f" {ip}")
     pw = v["redis_password"]
     if not is_secret(pw):
