@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -312,17 +313,33 @@ def test_up_recovers_after_a_crash(testbed):
     assert len(inits) == 1
 
 
-def test_a_second_checkout_cannot_take_over_the_bridge(testbed):
-    from provisioner.testbed import network
+def test_a_second_checkout_cannot_take_over_the_bridge_while_its_testbed_runs(testbed):
     owner = network._owner_file()
     mine = owner.read_text()
     owner.write_text("/srv/another/checkout\n")
+    # what that checkout's running package proxy looks like in the process table
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "/srv/another/checkout/provisioner/testbed/package_proxy.py"])
     try:
         r = invoke("testbed.up", check=False)
         assert r.returncode == 2
-        assert "belongs to the testbed of the checkout at /srv/another/checkout" in r.stderr
+        assert "belongs to the testbed of the checkout at /srv/another/checkout, which still runs" \
+            in r.stderr
     finally:
+        other.kill()
+        other.wait()
         owner.write_text(mine)
+
+
+def test_a_bridge_left_by_a_testbed_that_no_longer_runs_is_taken_over(testbed):
+    """The second day: a session's processes were ended but its bridge stayed; a fresh clone
+    elsewhere (CI's) must not be stuck behind it."""
+    owner = network._owner_file()
+    owner.write_text("/srv/gone/checkout\n")
+    r = invoke("testbed.up")
+    assert f"the bridge {config.BRIDGE} was left by the testbed of the checkout at /srv/gone/checkout, which " \
+           "no longer runs: taken over" in r.stderr
+    assert owner.read_text().strip() == str(REPO)
 
 
 def test_ssh_task_opens_a_shell_without_ssh(testbed):

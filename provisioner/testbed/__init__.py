@@ -40,7 +40,7 @@ def known_hosts_path():
     return STATE_DIR / "known_hosts"
 
 
-def preflight(lay: Layout) -> None:
+def preflight(lay: Layout, log=print) -> None:
     """Everything that can be checked before anything is created."""
     problems = []
     if os.geteuid() != 0:
@@ -57,7 +57,7 @@ def preflight(lay: Layout) -> None:
         problems.append(f"only {free:.1f} GiB free at {probe}; the testbed needs {MIN_FREE_GIB} GiB "
                         "(free space or set PROVISIONER_TESTBED_CACHE to a larger disk)")
     if not problems:
-        network.check_owner()
+        network.check_owner(log)
         network.check_subnet(lay)
     if problems:
         raise TestbedError("cannot start the testbed:\n  - " + "\n  - ".join(problems))
@@ -162,7 +162,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     """count: benchmark servers wanted; None keeps as many as are up (0 on a first run)."""
     t0 = time.monotonic()
     lay = current_layout(count)
-    preflight(lay)
+    preflight(lay, log)
     pub = _ensure_key()
     ensure_local_vault(log)
     _raise_sysctl_floors(log)

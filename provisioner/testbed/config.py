@@ -17,8 +17,12 @@ STATE_DIR = Path(os.environ.get("PROVISIONER_TESTBED_STATE", REPO / ".testbed"))
 # Outside the work tree: the base image is shared by every checkout on this machine.
 CACHE_DIR = Path(os.environ.get("PROVISIONER_TESTBED_CACHE", "/var/cache/provisioner-testbed"))
 # Servers' writable layers; one folder per checkout so two clones never share a server.
-RUN_DIR = Path(os.environ.get("PROVISIONER_TESTBED_RUN", "/var/lib/provisioner-testbed")) / (
-    hashlib.sha256(str(REPO).encode()).hexdigest()[:10])
+def run_dir_of(checkout: Path | str) -> Path:
+    return Path(os.environ.get("PROVISIONER_TESTBED_RUN", "/var/lib/provisioner-testbed")) / (
+        hashlib.sha256(str(checkout).encode()).hexdigest()[:10])
+
+
+RUN_DIR = run_dir_of(REPO)
 BRIDGE = os.environ.get("PROVISIONER_TESTBED_BRIDGE", "pvtb0")
 PROXY_PORT = 8888        # package_proxy.py: HTTPS CONNECT for npm and pip
 APT_CACHE_PORT = 3142    # package_proxy.py: plain-HTTP apt, .debs cached across runs

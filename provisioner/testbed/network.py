@@ -17,7 +17,8 @@ import urllib.parse
 from pathlib import Path
 
 from . import procs
-from .config import APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, REPO, STATE_DIR, Layout, TestbedError
+from .config import (APT_CACHE_PORT, BRIDGE, CACHE_DIR, PROXY_PORT, REPO, STATE_DIR, Layout,
+                     TestbedError, run_dir_of)
 
 PACKAGE_PROXY = str(Path(__file__).with_name("package_proxy.py"))
 APT_CACHE = CACHE_DIR / "apt-files"     # .debs and by-hash indexes, shared by every checkout
@@ -61,18 +62,36 @@ def _owner_file() -> Path:
     return OWNERS / f"{BRIDGE}.owner"
 
 
-def check_owner() -> None:
+def _still_runs(checkout: str) -> bool:
+    """Whether anything of the testbed of `checkout` runs: a supervisor of its servers (their
+    folders are under its run dir) or its package proxy."""
+    marks = (f"{run_dir_of(checkout)}/", f"{checkout}/provisioner/testbed/package_proxy.py")
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and any(m in a for a in procs.cmdline(int(p.name)) for m in marks):
+            return True
+    return False
+
+
+def check_owner(log=None) -> None:
     """One testbed per bridge: another checkout's servers would clash with ours on the same
-    addresses, and its teardown would cut ours off."""
+    addresses, and its teardown would cut ours off. A bridge whose checkout's testbed no longer
+    runs (its processes were ended, e.g. with the session that started them) is taken over."""
     try:
         owner = _owner_file().read_text().strip()
     except OSError:
         return
-    if owner != str(REPO) and ip("link", "show", BRIDGE, check=False).returncode == 0:
-        raise TestbedError(
-            f"the bridge {BRIDGE} belongs to the testbed of the checkout at {owner}; run "
-            f"`invoke testbed.down` there first, or give this checkout its own bridge and subnet "
-            f"(PROVISIONER_TESTBED_BRIDGE and the addresses in inventories/local.yml)")
+    if owner == str(REPO) or ip("link", "show", BRIDGE, check=False).returncode != 0:
+        return
+    if not _still_runs(owner):
+        _owner_file().write_text(f"{REPO}\n")
+        if log:
+            log(f"the bridge {BRIDGE} was left by the testbed of the checkout at {owner}, which "
+                "no longer runs: taken over")
+        return
+    raise TestbedError(
+        f"the bridge {BRIDGE} belongs to the testbed of the checkout at {owner}, which still "
+        f"runs; run `invoke testbed.down` there first, or give this checkout its own bridge and "
+        f"subnet (PROVISIONER_TESTBED_BRIDGE and the addresses in inventories/local.yml)")
 
 
 def bridge_up(lay: Layout) -> None:
