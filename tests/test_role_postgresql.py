@@ -294,7 +294,7 @@ def test_second_run_changes_nothing_passwords_included(provisioned):
 def test_service_enabled_running_and_listening_only_where_intended(provisioned):
     h = th(DB)
     assert h.service("postgresql").is_enabled and h.service("postgresql").is_running
-    assert h.service("postgresql@15-main").is_running
+    assert h.service(f"postgresql@{MAJOR}-main").is_running
     out = sh(DB, "ss -Hltn 'sport = :5432'").stdout
     addrs = {line.split()[3].rsplit(":", 1)[0].strip("[]") for line in out.splitlines()}
     assert addrs and addrs <= {"127.0.0.1", "::1", ADDRESSES[DB]}, addrs

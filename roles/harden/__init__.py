@@ -376,23 +376,29 @@ def sysctls(v: dict) -> dict:
     return out
 
 
-# Algorithms of the defaults that a Debian release's OpenSSH does not know yet (sshd -t would
-# refuse them): Debian 12 has OpenSSH 9.2, without the ML-KEM hybrid key exchange of 9.9.
-NOT_IN_OPENSSH = {"12": {"mlkem768x25519-sha256"}}
+# What a Debian release's OpenSSH does not know yet (sshd -t would refuse it): Debian 12 has
+# OpenSSH 9.2, without the ML-KEM hybrid key exchange (9.9) and per-source penalties (9.8).
+NOT_IN_OPENSSH = {"12": {"mlkem768x25519-sha256", "PerSourcePenaltyExemptList"}}
+
+
+def _unknown(os_facts: dict | None) -> set[str]:
+    return NOT_IN_OPENSSH.get((os_facts or {}).get("version_id"), set())
 
 
 def offered(algorithms: list[str], os_facts: dict | None) -> list[str]:
     """The algorithms the server's OpenSSH knows, in the order given (strongest first)."""
-    unknown = NOT_IN_OPENSSH.get((os_facts or {}).get("version_id"), set())
-    return [a for a in algorithms if a not in unknown]
+    return [a for a in algorithms if a not in _unknown(os_facts)]
 
 
 def sshd_vars(v: dict, s: Settings, os_facts: dict | None = None) -> dict:
+    # OpenSSH 9.8+ refuses for a while a source whose connections fail or never authenticate:
+    # never the trusted sources (the controller's guard logins and probes, peers' backups)
+    exempt = None if "PerSourcePenaltyExemptList" in _unknown(os_facts) else s.trusted
     kex = offered(v["harden_ssh_kex"], os_facts)
     if not kex:
         raise _bad("harden_ssh_kex", f"none of {v['harden_ssh_kex']} is known to this server's "
                    "OpenSSH", "add curve25519-sha256 (every supported release has it)")
-    return {"port": s.port, "kex": kex, "ciphers": v["harden_ssh_ciphers"],
+    return {"port": s.port, "kex": kex, "penalty_exempt": exempt, "ciphers": v["harden_ssh_ciphers"],
             "macs": v["harden_ssh_macs"], "host_key_algorithms": v["harden_ssh_host_key_algorithms"],
             "host_keys": v["harden_ssh_host_keys"], "required_rsa_size": v["harden_ssh_required_rsa_size"],
             "allow_groups": s.allow_groups, "max_auth_tries": v["harden_ssh_max_auth_tries"],
