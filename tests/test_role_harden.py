@@ -420,7 +420,8 @@ def test_the_journal_is_persistent_and_logins_and_sudo_are_recorded(hardened):
     assert h.file("/var/log/journal").is_directory
     assert "Storage=persistent" in h.file("/etc/systemd/journald.conf.d/50-harden.conf").content_string
     assert h.run("find /var/log/journal -name 'system*.journal' | grep -q .").rc == 0
-    logins = h.check_output("journalctl _COMM=sshd --no-pager -o cat --since -5min")
+    # the unit, not the command: OpenSSH 10 (Debian 13) logs logins from sshd-session
+    logins = h.check_output("journalctl _SYSTEMD_UNIT=ssh.service --no-pager -o cat --since -5min")
     assert f"Accepted publickey for deploy from {CONTROLLER}" in logins
     sudo_log = h.file("/var/log/sudo.log")
     assert sudo_log.mode == 0o600 and sudo_log.user == "root"
@@ -767,3 +768,14 @@ def test_the_trusted_sources_are_exempt_from_sshds_penalties_where_openssh_has_t
     on_13 = HARDEN.sshd_vars(DEFAULTS, s, {"version_id": "13"})
     assert on_13["penalty_exempt"] == ["10.77.0.1", "10.9.0.0/24"]
     assert HARDEN.sshd_vars(DEFAULTS, s, {"version_id": "12"})["penalty_exempt"] is None   # 9.2
+
+
+def test_fail2ban_counts_the_connections_sshd_refuses_for_its_own_penalties():
+    """OpenSSH 10's log line for a connection its per-source penalty refused (seen on a Debian 13
+    test server): the filter override must match it, with the attacker's address as the host."""
+    line = ("drop connection #0 from [10.77.0.12]:40690 on [10.77.0.11]:22 penalty: failed "
+            "authentication")
+    regex = HARDEN.SSHD_PENALTY_FILTER.splitlines()[-1].strip()
+    m = re.match(regex.replace("<HOST>", r"(?P<host>[0-9.:a-f]+)"), line)
+    assert m and m.group("host") == "10.77.0.12"
+    assert "%(known/failregex)s" in HARDEN.SSHD_PENALTY_FILTER      # sshd's own rules stay

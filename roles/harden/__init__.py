@@ -381,6 +381,17 @@ def sysctls(v: dict) -> dict:
 NOT_IN_OPENSSH = {"12": {"mlkem768x25519-sha256", "PerSourcePenaltyExemptList"}}
 
 
+# OpenSSH 9.8+ (Debian 13) refuses a failing source itself for a while and logs each refused
+# connection ("drop connection #0 from [ADDR]:PORT on [ADDR]:22 penalty: failed authentication"):
+# those count for fail2ban too, so a source that keeps trying is banned for bantime, not only
+# slowed down (with only the failures counted, its retries never get past the penalty again).
+SSHD_PENALTY_FILTER = """# Managed by provisioner (role harden): sshd's filter plus its per-source penalties.
+[Definition]
+failregex = %(known/failregex)s
+            ^drop connection #\\d+ from \\[<HOST>\\]:\\d+ on \\[[^\\]]+\\]:\\d+ penalty: \\S
+"""
+
+
 def _unknown(os_facts: dict | None) -> set[str]:
     return NOT_IN_OPENSSH.get((os_facts or {}).get("version_id"), set())
 
@@ -458,6 +469,7 @@ def resources(v, ctx):
                      "# Managed by provisioner (role harden)\n[Definition]\n"
                      "# said explicitly: without it fail2ban 1.0 warns on every start\nallowipv6 = auto\n",
                      notify="restart fail2ban")
+    yield files.file("/etc/fail2ban/filter.d/sshd.local", SSHD_PENALTY_FILTER, notify="restart fail2ban")
     yield templates.template("/etc/fail2ban/jail.local", "harden/jail.local.j2", {
         "ignoreip": ["127.0.0.1/8", "::1"] + s.trusted, "bantime": v["harden_fail2ban_bantime"],
         "findtime": v["harden_fail2ban_findtime"], "maxretry": v["harden_fail2ban_maxretry"],
