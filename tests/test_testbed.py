@@ -169,7 +169,8 @@ def test_every_server_refreshing_at_once_gets_whole_signed_indexes(testbed):
     # checked apart from apt, by the verifier each release's apt uses: gpgv on 12, sqv on 13
     keyring = "/usr/share/keyrings/debian-archive-keyring"
     verify = (f"if command -v gpgv >/dev/null; then gpgv --keyring {keyring}.gpg \"$f\"; "
-              f"else sqv --keyring {keyring}.pgp --cleartext --output /tmp/verified \"$f\"; fi")
+              f"else rm -f /tmp/verified; sqv --keyring {keyring}.pgp --cleartext --output /tmp/verified "
+              "\"$f\"; fi")     # sqv will not overwrite its output
     script = ("rm -rf /var/lib/apt/lists/*; apt-get update -q --error-on=any; rc=$?; "
               "for f in /var/lib/apt/lists/*_InRelease; do "
               f"if ({verify}) >/dev/null 2>&1; then echo \"SIGNED $f\"; else echo \"BAD $f\"; fi; "
