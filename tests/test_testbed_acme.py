@@ -53,6 +53,7 @@ def test_pebble_validates_for_real_and_its_dns_answers_only_the_load_balancer(tm
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     pebble, dns = acme.argvs("10.77.0.1", "10.77.0.15", cert, key, tmp_path)
     assert "PEBBLE_VA_NOSLEEP=1" in pebble and not any("ALWAYS_VALID" in a for a in pebble)
+    assert "PEBBLE_WFE_NONCEREJECT=0" in pebble           # no issuance failed by a refused nonce
     assert pebble[pebble.index("-dnsserver") + 1] == "10.77.0.1:8053"
     assert dns[dns.index("-defaultIPv4") + 1] == "10.77.0.15"
     assert dns[dns.index("-defaultIPv6") + 1] == ""                 # not ::1

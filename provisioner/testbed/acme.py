@@ -5,7 +5,8 @@ network. See shared/TESTBED-NOTES.md, "A real ACME issuance on the testbed".
 - pebble serves its ACME API over TLS with a certificate of our own: a small CA made here with
   openssl (`acme/listener-ca.pem`, installed into every server's trust store by servers.py) and
   a leaf for the gateway's address. It validates on the servers' ports 80/443, with no sleep
-  before a validation (PEBBLE_VA_NOSLEEP) and never PEBBLE_VA_ALWAYS_VALID.
+  before a validation (PEBBLE_VA_NOSLEEP), no deliberately refused nonces
+  (PEBBLE_WFE_NONCEREJECT=0) and never PEBBLE_VA_ALWAYS_VALID.
 - pebble-challtestsrv is pebble's DNS: every name answers the address of ACME_HOST (the load
   balancer of inventories/local.yml) and no IPv6 address (its default would be ::1).
 - pebble keeps everything in memory and makes a new root at each start: its root is written to
@@ -83,7 +84,9 @@ def argvs(gateway: str, dns_address: str, cert: Path, key: Path, directory: Path
         "certificate": str(cert), "privateKey": str(key),
         "httpPort": http_port, "tlsPort": 443,
         "ocspResponderURL": "", "externalAccountBindingRequired": False}}, indent=1) + "\n")
-    pebble = ["env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "pebble", "-config", str(config),
+    # pebble refuses 5% of nonces by default, to exercise clients' retry; certbot retries once,
+    # so two in a row failed an issuance now and then (seen on this machine): none here
+    pebble = ["env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0", "pebble", "-config", str(config),
               "-dnsserver", f"{gateway}:{DNS_PORT}"]
     challtestsrv = ["pebble-challtestsrv", "-dns01", f"{gateway}:{DNS_PORT}", "-http01", "",
                     "-https01", "", "-tlsalpn01", "", "-management", CHALLTESTSRV_MANAGEMENT,
