@@ -15,7 +15,7 @@ import pytest
 
 import roles.letsencrypt as le
 from provisioner.facts import Facts
-from provisioner.testbed import acme, procs
+from provisioner.testbed import acme, network, procs
 from test_agent import facts_of          # the agent run on this machine
 
 needs_tools = pytest.mark.skipif(
@@ -40,8 +40,8 @@ def acme_server(tmp_path):
     try:
         for argv, (pidfile, marker) in zip((dns, pebble), pids):
             assert procs.ensure(argv, tmp_path / f"{pidfile.stem}.log", pidfile, marker)
-        acme._wait(LOOPBACK, 8055, "challtestsrv", *pids[0])
-        acme._wait(LOOPBACK, acme.ACME_PORT, "pebble", *pids[1])
+        network.wait_port(LOOPBACK, 8055, "challtestsrv", *pids[0])
+        network.wait_port(LOOPBACK, acme.ACME_PORT, "pebble", *pids[1])
         yield {"webroot": webroot, "ca": state / "listener-ca.pem", "tmp": tmp_path}
     finally:
         for pidfile, marker in pids:

@@ -15,14 +15,12 @@ network. See shared/TESTBED-NOTES.md, "A real ACME issuance on the testbed".
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
-from . import procs
+from . import network, procs
 from .config import STATE_DIR, Layout, TestbedError
 
 ACME_HOST = "lb1"            # every name pebble looks up resolves to this server
@@ -94,21 +92,6 @@ def argvs(gateway: str, dns_address: str, cert: Path, key: Path, directory: Path
     return pebble, challtestsrv
 
 
-def _wait(host: str, port: int, what: str, pidfile: Path, marker: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if procs.running(pidfile, marker) is None:
-            raise TestbedError(f"{what} exited; see {STATE_DIR / 'logs'}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TestbedError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s; "
-                                   f"see {STATE_DIR / 'logs'}") from None
-            time.sleep(0.1)
-
-
 def _context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(LISTENER_CA))
 
@@ -134,10 +117,10 @@ def up(lay: Layout, log=print) -> None:
     dns_pid, pebble_pid = run / "pebble-challtestsrv.pid", run / "pebble.pid"
     procs.ensure(challtestsrv, logs / "pebble-challtestsrv.log", dns_pid, CHALLTESTSRV_MARKER)
     host, _, port = CHALLTESTSRV_MANAGEMENT.rpartition(":")
-    _wait(host, int(port), "pebble-challtestsrv", dns_pid, CHALLTESTSRV_MARKER)
+    network.wait_port(host, int(port), "pebble-challtestsrv", dns_pid, CHALLTESTSRV_MARKER)
     started = procs.ensure(pebble, logs / "pebble.log", pebble_pid, PEBBLE_MARKER)
-    _wait(lay.gateway, ACME_PORT, "pebble", pebble_pid, PEBBLE_MARKER)
-    _wait(lay.gateway, MANAGEMENT_PORT, "pebble", pebble_pid, PEBBLE_MARKER)
+    network.wait_port(lay.gateway, ACME_PORT, "pebble", pebble_pid, PEBBLE_MARKER)
+    network.wait_port(lay.gateway, MANAGEMENT_PORT, "pebble", pebble_pid, PEBBLE_MARKER)
     if started or not ROOT_FILE.exists():
         ROOT_FILE.write_text(fetch_root(lay.gateway))
 
