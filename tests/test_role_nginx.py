@@ -41,7 +41,7 @@ def test_a_typical_site_balances_the_app_group_over_tls_and_redirects_http(tmp_p
     tls = files["/etc/nginx/sites-available/app-tls.conf"]
     for host in ("web1", "web2"):
         assert f"server {ADDRESSES[host]}:3000 max_fails=2 fail_timeout=10s;" in tls
-    assert "keepalive 16;" in tls
+    assert "keepalive 16;" in tls and "zone app_app 64k;" in tls
     assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in tls
     assert "server_name app.test www.app.test;" in tls
     assert "ssl_certificate /etc/nginx/tls/app/fullchain.pem;" in tls
@@ -74,15 +74,18 @@ def test_http2_is_written_the_way_each_release_s_nginx_reads_it(tmp_path, os, on
 
 
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed on this machine")
-def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path):
-    """Whole config as the server gets it (TLS site enabled, a throwaway certificate), checked
-    by the real nginx of this machine's release (http2 spelled the way it reads it)."""
+@pytest.mark.parametrize("enabled", [("app.conf",), ("app.conf", "app-tls.conf")],
+                         ids=["before the certificate", "with TLS"])
+def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enabled):
+    """Whole config as the server gets it, before role letsencrypt enabled the TLS server and
+    after (a throwaway certificate), checked by the real nginx of this machine's release
+    (http2 spelled the way it reads it)."""
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     major, minor = map(int, re.search(r"nginx/(\d+)\.(\d+)", version).groups())
     os = TRIXIE if (major, minor) >= (1, 25) else BOOKWORM
     files = rendered(tmp_path, os)
     root = tmp_path / "etc"
-    subprocess.run(["cp", "-r", "/etc/nginx", str(root)], check=True)
+    shutil.copytree("/etc/nginx", root, symlinks=True)
     tls = root / "tls"
     tls.mkdir()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -96,7 +99,7 @@ def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path):
                    .replace("/etc/nginx/", f"{root}/").replace("pid /run/nginx.pid", f"pid {tmp_path}/pid")
         target = root / path.removeprefix("/etc/nginx/")
         target.write_text(text)
-    for name in ("app.conf", "app-tls.conf"):
+    for name in enabled:
         (root / "sites-enabled" / name).symlink_to(root / "sites-available" / name)
     out = subprocess.run(["nginx", "-t", "-c", str(root / "nginx.conf"), "-e", "stderr"],
                          capture_output=True, text=True)

@@ -10,6 +10,7 @@ import http.server
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -82,6 +83,8 @@ def test_the_role_s_certbot_commands_issue_and_reissue_against_pebble(acme_serve
     pem = str(acme_server["tmp"] / "le" / "live" / "app" / "fullchain.pem")
     fact = Facts(facts_of({"certs": [pem]})).cert(pem)
     assert fact["sans"] == ["app.test"]
+    days = (le.not_after_seconds(fact["not_after"]) - time.time()) / 86400
+    assert acme.CERT_DAYS - 1 < days <= acme.CERT_DAYS          # like Let's Encrypt's
     # a name added: the role's re-issue command replaces the certificate in the same lineage
     site["names"].append("www.app.test")
     again = certbot(acme_server, le.certbot_argv(c, site, renew=True))

@@ -28,6 +28,7 @@ ACME_PORT = 14000            # pebble's ACME API: https://<gateway>:14000/dir
 MANAGEMENT_PORT = 15000      # pebble's management API: /roots/0 is the issuing root
 DNS_PORT = 8053              # pebble-challtestsrv's DNS
 CHALLTESTSRV_MANAGEMENT = "127.0.0.1:8055"
+CERT_DAYS = 90               # like Let's Encrypt (pebble's default is 5 years)
 ACME_DIR = STATE_DIR / "acme"
 LISTENER_CA = ACME_DIR / "listener-ca.pem"
 ROOT_FILE = STATE_DIR / "pebble-root.pem"
@@ -81,7 +82,8 @@ def argvs(gateway: str, dns_address: str, cert: Path, key: Path, directory: Path
         "managementListenAddress": f"{gateway}:{MANAGEMENT_PORT}",
         "certificate": str(cert), "privateKey": str(key),
         "httpPort": http_port, "tlsPort": 443,
-        "ocspResponderURL": "", "externalAccountBindingRequired": False}}, indent=1) + "\n")
+        "ocspResponderURL": "", "externalAccountBindingRequired": False,
+        "certificateValidityPeriod": CERT_DAYS * 86400}}, indent=1) + "\n")
     # pebble refuses 5% of nonces by default, to exercise clients' retry; certbot retries once,
     # so two in a row failed an issuance now and then (seen on this machine): none here
     pebble = ["env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0", "pebble", "-config", str(config),
