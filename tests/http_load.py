@@ -58,15 +58,14 @@ class Answer:
 
 def get(conn: http.client.HTTPConnection, path: str = "/") -> Answer:
     try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        body = r.read()
+        conn.connect()                 # the TLS session read before a closing answer drops it
         sock = conn.sock
         tls = isinstance(sock, ssl.SSLSocket)
-        return Answer(r.status, {k.lower(): v for k, v in r.getheaders()}, body,
-                      sock.getpeercert() if tls else None,
-                      sock.getpeercert(binary_form=True) if tls else None,
-                      sock.version() if tls else None)
+        cert, der, version = ((sock.getpeercert(), sock.getpeercert(binary_form=True),
+                               sock.version()) if tls else (None, None, None))
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return Answer(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read(), cert, der, version)
     finally:
         conn.close()
 

@@ -356,7 +356,8 @@ def _leftovers() -> list[str]:
             except OSError:
                 continue
             if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
-                                      str(REPO / ".testbed"), network.PACKAGE_PROXY)):
+                                      str(REPO / ".testbed"), network.PACKAGE_PROXY,
+                                      acme.CHALLTESTSRV_MARKER)):
                 found.append(f"pid {p.name}: {cmd[:80]}")
     for root in supervise.cgroup_roots():
         found += [str(p) for p in (root / "provisioner-testbed").glob(f"{config.RUN_DIR.name}-*")]
