@@ -148,13 +148,16 @@ def test_failover_under_load_loses_no_request(served):
 
 def test_a_forced_renewal_through_certbot_s_own_service_is_served_without_a_restart(served):
     before, pid = served_serial(), nginx_master_pid()
-    # certbot's own unit (`certbot -q renew --no-random-sleep-on-renew`), told once to renew
-    # what is not due yet; its deploy hook checks and reloads nginx
-    sh(LB, "echo 'force-renewal = True' >> /etc/letsencrypt/cli.ini")
+    # certbot's own unit (`certbot -q renew`), told once through its config file to renew what
+    # is not due yet (and, should a release's unit lack the flag, not to sleep first); its
+    # deploy hook checks and reloads nginx
+    lines = "\nforce-renewal = True\nno-random-sleep-on-renew = True\n"   # the file may lack a last newline
+    sh(LB, f"printf '{lines}' >> /etc/letsencrypt/cli.ini")
     try:
         sh(LB, "systemctl start certbot.service")
     finally:
-        sh(LB, "sed -i '/^force-renewal = True$/d' /etc/letsencrypt/cli.ini")
+        sh(LB, "sed -i '/^force-renewal = True$/d; /^no-random-sleep-on-renew = True$/d' "
+               "/etc/letsencrypt/cli.ini")
     deadline = time.monotonic() + 20
     while served_serial() == before and time.monotonic() < deadline:
         time.sleep(0.5)

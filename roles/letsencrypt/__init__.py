@@ -62,9 +62,11 @@ def check(v: dict, ctx) -> dict:
     return {"mode": v["letsencrypt_mode"], "url": v["letsencrypt_directory_url"], "email": email,
             "renew_days": _days("letsencrypt_renew_days", v["letsencrypt_renew_days"], "30"),
             "days": _days("letsencrypt_selfsigned_days", v["letsencrypt_selfsigned_days"], "365"),
-            # role nginx judges the sites themselves; here only what names the certificate
-            "sites": [{"name": s["name"], "names": list(s["server_names"])}
-                      for s in sites if isinstance(s, dict)]}
+            # role nginx judges the sites themselves (and refuses what is skipped here); here
+            # only what names the certificate
+            "sites": [{"name": s["name"], "names": list(s["server_names"])} for s in sites
+                      if isinstance(s, dict) and isinstance(s.get("name"), str)
+                      and isinstance(s.get("server_names"), list)]}
 
 
 def not_after_seconds(text: str) -> float:
