@@ -148,3 +148,18 @@ def test_check_diff_shows_the_vhost_change(tmp_path):
     (_, [change]), = plan_all([group], Facts({"files": facts}))
     assert "app-tls.conf" in change.why
     assert "-    keepalive 8;\n+    keepalive 16;" in change.diff
+
+
+def test_invoke_check_refuses_a_bad_site_with_its_line_before_any_server(tmp_path):
+    """The user's view: exit 2, the inventory line of the var, the problem and the fix; the
+    host's port is closed, so nothing could have been touched."""
+    from test_cli import all_known, cli, closed_port, make_root
+    hosts = {"lb1": closed_port()}
+    root = make_root(tmp_path, hosts, known=all_known(hosts), group=(
+        "roles: [nginx],\n        vars: {nginx_sites: [{name: app, server_names: [app.test], "
+        "upstream_group: app,\n          upstream_port: 99999}]}"))
+    r = cli(root, "check", "--env", "test")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "inventories/test.yml:8: groups.app.vars.nginx_sites[0].upstream_port: 99999 is not " \
+           "a whole number from 1 to 65535 (for lb1)" in r.stderr, r.stderr
+    assert "write e.g. 3000" in r.stderr
