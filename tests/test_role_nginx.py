@@ -18,7 +18,8 @@ from provisioner.roles import available_roles, load_role
 ROLE = load_role(available_roles()["nginx"])
 SITE = {"name": "app", "server_names": ["app.test", "www.app.test"], "upstream_group": "app",
         "upstream_port": 3000, "static": [{"location": "/assets/", "root": "/srv/app/public"}],
-        "rate_limits": [{"location": "/login", "rate": "5r/s", "burst": 10}]}
+        "rate_limits": [{"location": "/login", "rate": "5r/s", "burst": 10}],
+        "cache": [{"location": "/api/catalog/", "minutes": 5}]}
 TRIXIE = {"id": "debian", "version_id": "13", "codename": "trixie", "virt": "none"}
 BOOKWORM = {"id": "debian", "version_id": "12", "codename": "bookworm", "virt": "none"}
 
@@ -52,6 +53,8 @@ def test_a_typical_site_balances_the_app_group_over_tls_and_redirects_http(tmp_p
     assert "limit_req_zone $binary_remote_addr zone=app_0:10m rate=5r/s;" in tls
     assert "limit_req zone=app_0 burst=10 nodelay;" in tls
     assert 'Cache-Control "public, max-age=31536000, immutable"' in tls
+    assert "proxy_cache_path /var/cache/nginx/app levels=1:2 keys_zone=app_cache:10m" in tls
+    assert "location ^~ /api/catalog/ {" in tls and "proxy_cache_valid 200 5m;" in tls
     http = files["/etc/nginx/sites-available/app.conf"]
     assert "location ^~ /.well-known/acme-challenge/ {\n        root /var/www/acme;" in http
     assert "return 301 https://$host$request_uri;" in http
@@ -96,7 +99,8 @@ def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enab
             continue
         text = text.replace("/etc/nginx/tls/app/fullchain.pem", str(tls / "c.pem")) \
                    .replace("/etc/nginx/tls/app/privkey.pem", str(tls / "k.pem")) \
-                   .replace("/etc/nginx/", f"{root}/").replace("pid /run/nginx.pid", f"pid {tmp_path}/pid")
+                   .replace("/etc/nginx/", f"{root}/").replace("pid /run/nginx.pid", f"pid {tmp_path}/pid") \
+                   .replace("/var/cache/nginx/app", str(tmp_path / "cache"))
         target = root / path.removeprefix("/etc/nginx/")
         target.write_text(text)
     for name in enabled:
@@ -114,6 +118,8 @@ def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enab
     ({"static": [{"location": "/a/ {", "root": "/srv"}]}, r"nginx_sites\[0\].static\[0\].location", "URL path|path like"),
     ({"rate_limits": [{"location": "/login", "rate": "fast"}]}, r"nginx_sites\[0\].rate_limits\[0\].rate", "5r/s"),
     ({"proxy": "x"}, r"nginx_sites\[0\]", "keys:"),
+    ({"cache": [{"location": "/login", "minutes": 5}]}, r"nginx_sites\[0\]", "its own location"),
+    ({"cache": [{"location": "/api/", "minutes": 0}]}, r"nginx_sites\[0\].cache\[0\].minutes", "5"),
 ])
 def test_a_bad_site_is_refused_naming_the_var_and_the_fix(tmp_path, site, var, fix):
     v, ctx = ctx_for(tmp_path)

@@ -7,6 +7,7 @@
         upstream_port: 3000             # ... and the port their app listens on
         static: [{location: /assets/, root: /srv/app/public}]  # served by nginx, cached a year, immutable
         rate_limits: [{location: /login, rate: 5r/s, burst: 10}]
+        cache: [{location: /api/catalog/, minutes: 5}]   # the app's 200 answers kept that long
 
 The whole nginx.conf is ours (it holds the TLS profile: Mozilla "intermediate", TLS 1.2 and
 1.3, no session tickets, no OCSP stapling; gzip; the access log with request and upstream
@@ -40,7 +41,9 @@ HOST_RE = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
 LOCATION_RE = re.compile(r"/[A-Za-z0-9._~/-]*\Z")
 RATE_RE = re.compile(r"[1-9][0-9]{0,5}r/[sm]\Z")
 SIZE_RE = re.compile(r"[0-9]{1,6}[km]?\Z")
-SITE_KEYS = {"name", "server_names", "upstream_group", "upstream_port", "static", "rate_limits"}
+SITE_KEYS = {"name", "server_names", "upstream_group", "upstream_port", "static", "rate_limits",
+             "cache"}
+CACHE_DIR = "/var/cache/nginx"             # /var/cache/nginx/<site>: a site's proxy cache
 
 
 def _int(var: str, value, low: int, high: int, example: str) -> int:
@@ -109,13 +112,21 @@ def _site(i: int, s, ctx, seen: set) -> dict:
                        "rate": rl["rate"], "zone": f"{name}_{j}",
                        "burst": _int(f"{at}.rate_limits[{j}].burst", rl.get("burst", 10),
                                      0, 10000, "10")})
-    taken = [x["location"] for x in static + limits]
+    cache = []
+    for j, c in enumerate(s.get("cache") or []):
+        if not isinstance(c, dict) or set(c) != {"location", "minutes"}:
+            reject(f"{at}.cache[{j}]", f"{c!r} is not a cached path",
+                   "write {location: /api/catalog/, minutes: 5}")
+        cache.append({"location": _location(f"{at}.cache[{j}].location", c["location"]),
+                      "minutes": _int(f"{at}.cache[{j}].minutes", c["minutes"], 1, 1440, "5")})
+    taken = [x["location"] for x in static + limits + cache]
     for loc in taken:
         if taken.count(loc) > 1 or loc == "/":
             reject(f"{at}", f"location {loc} is given twice or is /",
-                   "give each static path and rate limit its own location below /")
+                   "give each static path, rate limit and cached path its own location below /")
     return {"name": name, "server_names": names, "servers": servers, "port": port,
-            "static": static, "rate_limits": limits,
+            "static": static, "rate_limits": limits, "cache": cache,
+            "cache_dir": f"{CACHE_DIR}/{name}",
             "cert": f"{TLS_DIR}/{name}/fullchain.pem", "key": f"{TLS_DIR}/{name}/privkey.pem"}
 
 
@@ -159,6 +170,9 @@ def resources(v, ctx):
     c = dict(check(v, ctx), http2_directive=http2_directive(ctx.os))
     yield apt.packages(["nginx"])
     yield files.directory(ACME_WEBROOT)
+    for s in c["sites"]:
+        if s["cache"]:
+            yield files.directory(s["cache_dir"], mode="0700", owner="www-data", group="root")
     members = [templates.template("/etc/nginx/nginx.conf", "nginx/nginx.conf.j2", c)]
     for s in c["sites"]:
         site = dict(c, site=s)
