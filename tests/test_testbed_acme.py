@@ -8,6 +8,7 @@ import functools
 import json
 import http.server
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -26,6 +27,12 @@ needs_tools = pytest.mark.skipif(
 LOOPBACK = "127.0.0.1"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def acme_server(tmp_path):
     """pebble + challtestsrv on loopback; HTTP-01 tokens fetched from a webroot served here."""
@@ -36,12 +43,14 @@ def acme_server(tmp_path):
     threading.Thread(target=web.serve_forever, daemon=True).start()
     state = tmp_path / "acme"
     cert, key = acme.listener_certificate(LOOPBACK, state)
-    pebble, dns = acme.argvs(LOOPBACK, LOOPBACK, cert, key, state, http_port=web.server_address[1])
+    management = free_port()              # the testbed's own DNS server may hold 8055
+    pebble, dns = acme.argvs(LOOPBACK, LOOPBACK, cert, key, state, http_port=web.server_address[1],
+                             management=f"{LOOPBACK}:{management}")
     pids = [(tmp_path / "dns.pid", acme.CHALLTESTSRV_MARKER), (tmp_path / "pebble.pid", acme.PEBBLE_MARKER)]
     try:
         for argv, (pidfile, marker) in zip((dns, pebble), pids):
             assert procs.ensure(argv, tmp_path / f"{pidfile.stem}.log", pidfile, marker)
-        network.wait_port(LOOPBACK, 8055, "challtestsrv", *pids[0])
+        network.wait_port(LOOPBACK, management, "challtestsrv", *pids[0])
         network.wait_port(LOOPBACK, acme.ACME_PORT, "pebble", *pids[1])
         yield {"webroot": webroot, "ca": state / "listener-ca.pem", "tmp": tmp_path}
     finally:

@@ -73,9 +73,10 @@ def listener_certificate(gateway: str, directory: Path = ACME_DIR) -> tuple[Path
 
 
 def argvs(gateway: str, dns_address: str, cert: Path, key: Path, directory: Path = ACME_DIR,
-          http_port: int = 80) -> tuple[list[str], list[str]]:
+          http_port: int = 80, management: str = CHALLTESTSRV_MANAGEMENT) -> tuple[list[str], list[str]]:
     """The command lines of pebble and pebble-challtestsrv (pebble's config file written).
-    http_port: where pebble fetches HTTP-01 tokens (the servers' port 80)."""
+    http_port: where pebble fetches HTTP-01 tokens (the servers' port 80); management: the DNS
+    server's management API (a test on loopback takes another port than the testbed's)."""
     config = directory / PEBBLE_MARKER
     config.write_text(json.dumps({"pebble": {
         "listenAddress": f"{gateway}:{ACME_PORT}",
@@ -89,7 +90,7 @@ def argvs(gateway: str, dns_address: str, cert: Path, key: Path, directory: Path
     pebble = ["env", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_AUTHZREUSE=0", "PEBBLE_WFE_NONCEREJECT=0", "pebble", "-config", str(config),
               "-dnsserver", f"{gateway}:{DNS_PORT}"]
     challtestsrv = ["pebble-challtestsrv", "-dns01", f"{gateway}:{DNS_PORT}", "-http01", "",
-                    "-https01", "", "-tlsalpn01", "", "-management", CHALLTESTSRV_MANAGEMENT,
+                    "-https01", "", "-tlsalpn01", "", "-management", management,
                     "-defaultIPv4", dns_address, "-defaultIPv6", ""]
     return pebble, challtestsrv
 
