@@ -125,7 +125,8 @@ def test_repo_inventories_load(env: str) -> None:
 def test_local_inventory_targets_the_testbed() -> None:
     inv = load_inventory("local")
     assert {n: h.address for n, h in inv.hosts.items()} == {
-        "web1": "10.77.0.11", "web2": "10.77.0.12", "db1": "10.77.0.13", "vault": "10.77.0.14"}
+        "web1": "10.77.0.11", "web2": "10.77.0.12", "db1": "10.77.0.13", "vault": "10.77.0.14",
+        "lb1": "10.77.0.15"}
     assert inv.known_hosts == REPO / ".testbed" / "known_hosts"
     web1 = inv.hosts["web1"]
     assert (web1.user, web1.bootstrap_user, web1.port, web1.key, web1.jump) == (

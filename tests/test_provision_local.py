@@ -1,5 +1,5 @@
-"""Acceptance: `invoke provision --env local` takes four fresh servers to hardened app, database
-and backup servers; the second run changes nothing; then what a user would check, over real SSH
+"""Acceptance: `invoke provision --env local` takes five fresh servers to hardened app, database,
+backup and load balancer servers; the second run changes nothing; then what a user would check, over real SSH
 as the deploy user (root login is closed by then)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, report, sh, ssh_audit_fails
 from provisioner.testbed import config
 
-HOSTS = ["web1", "web2", "db1", "vault"]
+HOSTS = ["web1", "web2", "db1", "vault", "lb1"]
 SSH_CONFIG = str(REPO / ".testbed" / "ssh_config")
 KEY = str(REPO / ".testbed" / "id_ed25519")
 

@@ -16,7 +16,7 @@ import testinfra
 
 from conftest import REPO, invoke
 from provisioner.testbed import base as base_image
-from provisioner.testbed import config, network, procs, supervise
+from provisioner.testbed import acme, config, network, procs, supervise
 
 SERVERS = config.inventory_servers()
 pytestmark = pytest.mark.usefixtures("fresh_servers")
@@ -240,6 +240,21 @@ def test_status_checks_the_package_path(testbed):
         invoke("testbed.up")
 
 
+def test_status_checks_the_acme_server_and_its_root_is_written(testbed):
+    out = invoke("testbed.status").stdout
+    lines = [line for line in out.splitlines() if line.startswith("acme server:")]
+    assert len(lines) == 3 and all(line.endswith(" ok") for line in lines), out
+    assert "-----BEGIN CERTIFICATE-----" in acme.ROOT_FILE.read_text()
+    procs.stop(config.STATE_DIR / "run" / "pebble.pid", acme.PEBBLE_MARKER)      # pebble died
+    try:
+        r = invoke("testbed.status", check=False)
+        assert r.returncode == 1 and "acme server:  pebble" in r.stdout and "FAILED: " in r.stdout
+    finally:
+        invoke("testbed.up")
+    # a new pebble has a new root: up wrote it
+    assert invoke("testbed.status").returncode == 0
+
+
 def test_up_again_changes_nothing(testbed):
     before = {s.name: boot_id(testbed, s.name) for s in SERVERS}
     out = invoke("testbed.up").stdout
@@ -362,7 +377,8 @@ def _leftovers() -> list[str]:
             except OSError:
                 continue
             if any(m in cmd for m in ("provisioner.testbed.supervise", "systemd-nspawn",
-                                      str(REPO / ".testbed"), network.PACKAGE_PROXY)):
+                                      str(REPO / ".testbed"), network.PACKAGE_PROXY,
+                                      acme.CHALLTESTSRV_MARKER)):
                 found.append(f"pid {p.name}: {cmd[:80]}")
     for root in supervise.cgroup_roots():
         found += [str(p) for p in (root / "provisioner-testbed").glob(f"{config.RUN_DIR.name}-*")]

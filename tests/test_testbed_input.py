@@ -87,7 +87,7 @@ def test_a_port_held_by_another_process_is_refused_naming_it(tmp_path):
     try:
         with pytest.raises(config.TestbedError, match=f"127.0.0.1:{port} answers, but not the "
                                                       "HTTPS proxy, which exited"):
-            network._wait_port("127.0.0.1", port, "the HTTPS proxy", pidfile, "sleep", timeout=2)
+            network.wait_port("127.0.0.1", port, "the HTTPS proxy", pidfile, "sleep", timeout=2)
     finally:
         holder.close()
 

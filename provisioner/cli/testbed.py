@@ -58,13 +58,21 @@ def _print_package_path() -> bool:
     if not healthy:
         print(f"the proxy's log: {tb.STATE_DIR / 'logs' / 'package-proxy.log'}; "
               "`invoke testbed.up` restarts a proxy that stopped")
+    acme = _guard(tb.acme_health)
+    for what, error in acme:
+        print(f"acme server:  {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
+    if any(error is not None for _, error in acme):
+        print(f"pebble's logs: {tb.STATE_DIR / 'logs'}/pebble*.log; `invoke testbed.up` "
+              "restarts them")
+        healthy = False
     return healthy
 
 
 @task
 def status(c):
     """One line per test server (address, state, SSH answering, memory, network), then the
-    package path servers use (apt index, .deb, HTTPS registries): exit 1 when any part fails."""
+    package path servers use (apt index, .deb, HTTPS registries) and the test ACME server
+    (pebble): exit 1 when any part fails."""
     _print_status()
     if not _print_package_path():
         raise Exit(code=1)

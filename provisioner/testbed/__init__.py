@@ -1,9 +1,9 @@
 """Local test servers: real Debian 12 with systemd as PID 1, each with its own address and sshd,
 booted with systemd-nspawn on a host bridge. See shared/TESTBED-NOTES.md for the checked facts.
 
-    up(count)      base image (cached), bridge, proxies, servers; twice is a no-op
+    up(count)      base image (cached), bridge, proxies, ACME server, servers; twice is a no-op
     down()         stops what the testbed started (by PID), removes servers and interfaces
-    status()       one row per server
+    status()       one row per server; package_path(), acme_health(): the host-side services
     stop/start/reset/cut/heal(name), shell(name)
 """
 from __future__ import annotations
@@ -19,16 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import base as base_image
-from . import network, servers
+from . import acme, network, servers
 from .secrets import ensure_local_vault
 from .config import APT_CACHE_PORT, CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
 
-__all__ = ["TestbedError", "up", "down", "status", "package_path", "stop", "start", "reset", "cut", "heal",
+__all__ = ["TestbedError", "up", "down", "status", "package_path", "acme_health", "stop", "start", "reset", "cut", "heal",
            "shell_argv", "key_path", "known_hosts_path", "ssh_config_path"]
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "ip": "iproute2",
          "nsenter": "util-linux", "ssh-keygen": "openssh-client",
-         "mount": "mount"}
+         "mount": "mount", "openssl": "openssl", "pebble": "pebble"}
 MIN_FREE_GIB = 2
 
 
@@ -172,6 +172,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     base_seconds = time.monotonic() - t0
     network.bridge_up(lay)
     network.proxies_up(lay, _registry_hosts)
+    acme.up(lay, log)
     for release, base in bases.items():
         said = base_image.refresh_lists(base, f"http://{lay.gateway}:{APT_CACHE_PORT}",
                                         servers.mounted_on(base))
@@ -185,7 +186,8 @@ def up(count: int | None = None, log=print) -> UpReport:
     todo = [s for s in lay.servers if not servers.is_created(s, bases[s.release])]
     registry = _registry_settings() if todo else {}
     with ThreadPoolExecutor(max_workers=8) as pool:   # host keys: CPU-bound ssh-keygen
-        list(pool.map(lambda s: servers.create(s, lay, bases[s.release], pub, registry), todo))
+        list(pool.map(lambda s: servers.create(s, lay, bases[s.release], pub, registry,
+                                               _trusted()), todo))
     _write_known_hosts(lay)
     _write_ssh_config(lay)
     _save_layout(lay)
@@ -209,7 +211,7 @@ def down(log=print) -> list[str]:
             done.append(f"stopped {name}" if stopped else f"removed {name}")
     for name in names:
         servers.destroy(name)
-    done += [f"stopped {p}" for p in network.proxies_down()]
+    done += [f"stopped {p}" for p in network.proxies_down() + acme.down()]
     if network.bridge_down():
         done.append(f"removed bridge {network.BRIDGE}")
     (STATE_DIR / "layout.json").unlink(missing_ok=True)
@@ -255,6 +257,17 @@ def package_path() -> list[tuple[str, str | None]]:
     return network.package_path(lay, bases, list(_registry_settings().values()))
 
 
+def acme_health() -> list[tuple[str, str | None]]:
+    """The test ACME server's health: (what, None or the error); see acme.health."""
+    return acme.health(current_layout())
+
+
+def _trusted() -> dict[str, str]:
+    """CAs every server trusts besides Debian's: the test ACME server's listener CA."""
+    ca = acme.LISTENER_CA
+    return {"testbed-acme-listener": ca.read_text()} if ca.exists() else {}
+
+
 def _server(name: str) -> ServerSpec:
     return current_layout().server(name)
 
@@ -282,7 +295,7 @@ def reset(name: str, log=print) -> None:
     spec = lay.server(name)
     base = base_image.ensure_base(spec.release, log)
     servers.destroy(name)
-    servers.create(spec, lay, base, _ensure_key(), _registry_settings())
+    servers.create(spec, lay, base, _ensure_key(), _registry_settings(), _trusted())
     _write_known_hosts(lay)
     servers.start(name, base)
     if servers.wait_ssh([spec], lay.gateway, timeout=60):

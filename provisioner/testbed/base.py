@@ -186,13 +186,19 @@ def _configure(root: Path, release: str) -> None:
     own = {c for f in (root / "usr/share/ca-certificates").rglob("*.crt") for c in _certs(f.read_text())}
     extra = [c for c in _certs(HOST_CA_BUNDLE.read_text())
              if c not in own] if HOST_CA_BUNDLE.exists() else []
+    trust(root, {f"testbed-host-{i}": cert for i, cert in enumerate(extra)})
+    subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True, capture_output=True)
+
+
+def trust(root: Path, certs: dict[str, str]) -> None:
+    """Add CA certificates ({name: PEM}) to the trust store of the system at root."""
+    if not certs:
+        return
     local = root / "usr/local/share/ca-certificates"
     local.mkdir(parents=True, exist_ok=True)
-    for i, cert in enumerate(extra):
-        (local / f"testbed-host-{i}.crt").write_text(cert)
-    if extra:
-        subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
-    subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True, capture_output=True)
+    for name, cert in certs.items():
+        (local / f"{name}.crt").write_text(cert)
+    subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
 
 
 def _certs(bundle: str) -> list[str]:

@@ -123,7 +123,7 @@ def bridge_down() -> bool:
     return True
 
 
-def _wait_port(host: str, port: int, what: str, pidfile: Path, marker: str,
+def wait_port(host: str, port: int, what: str, pidfile: Path, marker: str,
                timeout: float = 10.0) -> None:
     """Until the port answers, and it is our process that answers it (not one that held the
     port before ours started, which then failed to bind)."""
@@ -183,8 +183,8 @@ def proxies_up(lay: Layout, registry_hosts) -> None:
             "--apt-port", str(APT_CACHE_PORT), "--apt-cache", str(APT_CACHE),
             *(a for o in apt_origins() for a in ("--apt-origin", o))]
     procs.ensure(argv, logs / "package-proxy.log", pidfile, PACKAGE_PROXY)
-    _wait_port(lay.gateway, PROXY_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
-    _wait_port(lay.gateway, APT_CACHE_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
+    wait_port(lay.gateway, PROXY_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
+    wait_port(lay.gateway, APT_CACHE_PORT, "the package proxy", pidfile, PACKAGE_PROXY)
 
 
 def proxies_down() -> list[str]:

@@ -82,7 +82,7 @@ def stop(pidfile: Path, marker: str, timeout: float = 15.0) -> bool:
     if running(pidfile, marker):
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-        _reap(pid)
+    _reap(pid)                 # our child (tests start them): no zombie left behind
     pidfile.unlink(missing_ok=True)
     return True
 

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from . import procs, supervise
+from .base import trust
 from .config import APT_CACHE_PORT, BRIDGE, PROXY_PORT, REPO, RUN_DIR, Layout, ServerSpec
 
 SUPERVISOR = "provisioner.testbed.supervise"
-SERVER_RECIPE = 3     # bump when create() writes something new: existing servers are rebuilt
+SERVER_RECIPE = 4     # bump when create() writes something new: existing servers are rebuilt
 
 
 def server_dir(name: str) -> Path:
@@ -66,7 +67,10 @@ def _umount(name: str) -> None:
         subprocess.run(["umount", str(m)], check=True, capture_output=True)
 
 
-def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy_env: dict) -> None:
+def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy_env: dict,
+           trusted: dict[str, str] | None = None) -> None:
+    """trusted: CA certificates ({name: PEM}) the server trusts besides the base's (the test
+    ACME server's listener CA)."""
     destroy(spec.name)                         # half-made or outdated: start from nothing
     _mount(spec.name, base)
     root = merged(spec.name)
@@ -105,6 +109,7 @@ def create(spec: ServerSpec, lay: Layout, base: Path, authorized_key: str, proxy
     put("/root/.ssh/authorized_keys", authorized_key.strip() + "\n", 0o600)
     os.chmod(root / "root/.ssh", 0o700)
     subprocess.run(["ssh-keygen", "-A", "-f", str(root)], check=True, capture_output=True)
+    trust(root, trusted or {})
     (server_dir(spec.name) / "server.json").write_text(
         json.dumps({"name": spec.name, "address": spec.address, "base": str(base),
                     "recipe": SERVER_RECIPE}) + "\n")

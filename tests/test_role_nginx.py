@@ -1,0 +1,171 @@
+"""Role nginx: pure checks of its vars and rendering (the real `nginx -t` on this machine when
+it has nginx); the live tests through lb1 are in tests/test_lb_https.py."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from engine_helpers import ADDRESSES, inventory
+from provisioner.api import RoleContext, VarError
+from provisioner.facts import Facts
+from provisioner.ops import plan_all
+from provisioner.roles import available_roles, load_role
+
+ROLE = load_role(available_roles()["nginx"])
+SITE = {"name": "app", "server_names": ["app.test", "www.app.test"], "upstream_group": "app",
+        "upstream_port": 3000, "static": [{"location": "/assets/", "root": "/srv/app/public"}],
+        "rate_limits": [{"location": "/login", "rate": "5r/s", "burst": 10}],
+        "cache": [{"location": "/api/catalog/", "minutes": 5}]}
+TRIXIE = {"id": "debian", "version_id": "13", "codename": "trixie", "virt": "none"}
+BOOKWORM = {"id": "debian", "version_id": "12", "codename": "bookworm", "virt": "none"}
+
+
+def ctx_for(tmp_path, os=TRIXIE, **lb_vars):
+    groups = {"app": {"hosts": ["web1", "web2"], "roles": []},
+              "lb": {"hosts": ["lb1"], "roles": ["nginx"], "vars": {"nginx_sites": [SITE], **lb_vars}}}
+    inv = inventory(tmp_path, ["web1", "web2", "lb1"], [], groups=groups, name="nginxtest")
+    return inv.hostvars("lb1"), RoleContext(inv.hosts["lb1"], inv, os, False)
+
+
+def rendered(tmp_path, os=TRIXIE, **lb_vars) -> dict[str, str]:
+    v, ctx = ctx_for(tmp_path, os, **lb_vars)
+    group = [r for r in ROLE.resources(v, ctx) if r.id == "file group nginx"][0]
+    return {m.path: getattr(m, "content", None) and m.content.text for m in group.members}
+
+
+def test_a_typical_site_balances_the_app_group_over_tls_and_redirects_http(tmp_path):
+    files = rendered(tmp_path)
+    tls = files["/etc/nginx/sites-available/app-tls.conf"]
+    for host in ("web1", "web2"):
+        assert f"server {ADDRESSES[host]}:3000 max_fails=2 fail_timeout=10s;" in tls
+    assert "keepalive 16;" in tls and "zone app_app 64k;" in tls
+    assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in tls
+    assert "server_name app.test www.app.test;" in tls
+    assert "ssl_certificate /etc/nginx/tls/app/fullchain.pem;" in tls
+    assert "proxy_set_header Upgrade $http_upgrade;" in tls
+    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in tls
+    assert "add_header X-Content-Type-Options nosniff always;" in tls
+    assert "frame-ancestors 'none'" in tls and "Referrer-Policy" in tls and "Permissions-Policy" in tls
+    assert "limit_req_zone $binary_remote_addr zone=app_0:10m rate=5r/s;" in tls
+    assert "limit_req zone=app_0 burst=10 nodelay;" in tls
+    assert 'Cache-Control "public, max-age=31536000, immutable"' in tls
+    assert "proxy_cache_path /var/cache/nginx/app levels=1:2 keys_zone=app_cache:10m" in tls
+    assert "location ^~ /api/catalog/ {" in tls and "proxy_cache_valid 200 5m;" in tls
+    http = files["/etc/nginx/sites-available/app.conf"]
+    assert "location ^~ /.well-known/acme-challenge/ {\n        root /var/www/acme;" in http
+    assert "return 301 https://$host$request_uri;" in http
+    main = files["/etc/nginx/nginx.conf"]
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in main and "ssl_session_tickets off;" in main
+    assert "ssl_stapling" not in main + tls
+    assert "return 444;" in main and "ssl_reject_handshake on;" in main
+    assert "request_time=$request_time" in main and "upstream_time=$upstream_response_time" in main
+    assert "include /etc/nginx/sites-enabled/*.conf;" in main    # Debian's `default` left out
+    assert "/etc/nginx/sites-enabled/app.conf" in files          # the TLS file: letsencrypt's
+    assert "/etc/nginx/sites-enabled/app-tls.conf" not in files
+
+
+@pytest.mark.parametrize("os, on, listen", [
+    (TRIXIE, True, "listen 443 ssl;"), (BOOKWORM, False, "listen 443 ssl http2;")])
+def test_http2_is_written_the_way_each_release_s_nginx_reads_it(tmp_path, os, on, listen):
+    tls = rendered(tmp_path, os)["/etc/nginx/sites-available/app-tls.conf"]
+    assert ("http2 on;" in tls) is on
+    assert listen in tls
+
+
+@pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed on this machine")
+@pytest.mark.parametrize("enabled", [("app.conf",), ("app.conf", "app-tls.conf")],
+                         ids=["before the certificate", "with TLS"])
+def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enabled):
+    """Whole config as the server gets it, before role letsencrypt enabled the TLS server and
+    after (a throwaway certificate), checked by the real nginx of this machine's release
+    (http2 spelled the way it reads it)."""
+    version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    major, minor = map(int, re.search(r"nginx/(\d+)\.(\d+)", version).groups())
+    os = TRIXIE if (major, minor) >= (1, 25) else BOOKWORM
+    files = rendered(tmp_path, os)
+    root = tmp_path / "etc"
+    shutil.copytree("/etc/nginx", root, symlinks=True)
+    tls = root / "tls"
+    tls.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "1", "-subj", "/CN=app.test", "-keyout", str(tls / "k.pem"),
+                    "-out", str(tls / "c.pem")], check=True, capture_output=True)
+    for path, text in files.items():
+        if text is None:
+            continue
+        text = text.replace("/etc/nginx/tls/app/fullchain.pem", str(tls / "c.pem")) \
+                   .replace("/etc/nginx/tls/app/privkey.pem", str(tls / "k.pem")) \
+                   .replace("/etc/nginx/", f"{root}/").replace("pid /run/nginx.pid", f"pid {tmp_path}/pid") \
+                   .replace("/var/cache/nginx/app", str(tmp_path / "cache"))
+        target = root / path.removeprefix("/etc/nginx/")
+        target.write_text(text)
+    for name in enabled:
+        (root / "sites-enabled" / name).symlink_to(root / "sites-available" / name)
+    out = subprocess.run(["nginx", "-t", "-c", str(root / "nginx.conf"), "-e", "stderr"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("site, var, fix", [
+    ({"upstream_group": "nope"}, r"nginx_sites\[0\].upstream_group", "name the group"),
+    ({"server_names": ["app.test; evil"]}, r"nginx_sites\[0\].server_names\[0\]", "DNS name"),
+    ({"upstream_port": 70000}, r"nginx_sites\[0\].upstream_port", "3000"),
+    ({"name": "App Site"}, r"nginx_sites\[0\].name", "lowercase"),
+    ({"static": [{"location": "/a/ {", "root": "/srv"}]}, r"nginx_sites\[0\].static\[0\].location", "URL path|path like"),
+    ({"rate_limits": [{"location": "/login", "rate": "fast"}]}, r"nginx_sites\[0\].rate_limits\[0\].rate", "5r/s"),
+    ({"proxy": "x"}, r"nginx_sites\[0\]", "keys:"),
+    ({"cache": [{"location": "/login", "minutes": 5}]}, r"nginx_sites\[0\]", "its own location"),
+    ({"cache": [{"location": "/api/", "minutes": 0}]}, r"nginx_sites\[0\].cache\[0\].minutes", "5"),
+])
+def test_a_bad_site_is_refused_naming_the_var_and_the_fix(tmp_path, site, var, fix):
+    v, ctx = ctx_for(tmp_path)
+    v["nginx_sites"] = [{**SITE, **site}]
+    with pytest.raises(VarError) as e:
+        ROLE.check(v, ctx)
+    assert re.fullmatch(var, e.value.var), e.value.var
+    assert re.search(fix, e.value.fix), e.value.fix
+
+
+def test_a_bad_body_size_is_refused(tmp_path):
+    v, ctx = ctx_for(tmp_path, nginx_client_max_body_size="ten megs")
+    with pytest.raises(VarError, match="nginx_client_max_body_size.*10m"):
+        ROLE.check(v, ctx)
+
+
+def test_check_diff_shows_the_vhost_change(tmp_path):
+    v, ctx = ctx_for(tmp_path)
+    group = [r for r in ROLE.resources(v, ctx) if r.id == "file group nginx"][0]
+    facts = {}
+    for m in group.members:
+        text = getattr(m, "content", None) and m.content.text
+        if text is None:
+            facts[m.path] = {"exists": True, "type": "link", "target": m.to}
+        else:
+            facts[m.path] = {"exists": True, "type": "file", "mode": "0644", "owner": "root",
+                             "group": "root", "content": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    assert [type(c).__name__ for _, cs in plan_all([group], Facts({"files": facts})) for c in cs] == ["Noop"]
+    old = facts["/etc/nginx/sites-available/app-tls.conf"]
+    old["content"] = old["content"].replace("keepalive 16;", "keepalive 8;")
+    old["sha256"] = "0" * 64
+    (_, [change]), = plan_all([group], Facts({"files": facts}))
+    assert "app-tls.conf" in change.why
+    assert "-    keepalive 8;\n+    keepalive 16;" in change.diff
+
+
+def test_invoke_check_refuses_a_bad_site_with_its_line_before_any_server(tmp_path):
+    """The user's view: exit 2, the inventory line of the var, the problem and the fix; the
+    host's port is closed, so nothing could have been touched."""
+    from test_cli import all_known, cli, closed_port, make_root
+    hosts = {"lb1": closed_port()}
+    root = make_root(tmp_path, hosts, known=all_known(hosts), group=(
+        "roles: [nginx],\n        vars: {nginx_sites: [{name: app, server_names: [app.test], "
+        "upstream_group: app,\n          upstream_port: 99999}]}"))
+    r = cli(root, "check", "--env", "test")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "inventories/test.yml:8: groups.app.vars.nginx_sites[0].upstream_port: 99999 is not " \
+           "a whole number from 1 to 65535 (for lb1)" in r.stderr, r.stderr
+    assert "write e.g. 3000" in r.stderr
