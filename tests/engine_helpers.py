@@ -144,3 +144,12 @@ def ssh_audit_fails(address: str) -> list[str]:
                     "ssh-audit (.ci/setup installs it with the test extras)")
     r = subprocess.run([exe, "--no-colors", address], capture_output=True, text=True, timeout=180)
     return [line for line in r.stdout.splitlines() if "[fail]" in line]
+
+
+def copy_sample_app(server: str, dest: str = "/srv/sample") -> None:
+    """examples/sample-app into dest on server, as a deploy would put it (deploys do not exist
+    yet: the app's files come from here)."""
+    import base64
+    for f in ("package.json", "server.js"):
+        data = base64.b64encode((REPO / "examples" / "sample-app" / f).read_bytes()).decode()
+        sh(server, f"mkdir -p {dest} && echo {data} | base64 -d > {dest}/{f}")

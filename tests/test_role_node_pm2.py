@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 import engine_helpers
-from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, provision_twice, sh
+from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, copy_sample_app, provision_twice, sh
 from provisioner.facts import Facts, check_key
 from provisioner.change import Change, Noop
 from provisioner.inventory import load_inventory_file
@@ -34,7 +34,6 @@ from provisioner.secret import Secret
 
 SERVER = engine_helpers.test_server("web2")
 SECRET = "tok-Zx81-never-print-me"
-SAMPLE = REPO / "examples" / "sample-app"
 PORT = 3000
 
 ROLES = available_roles()
@@ -344,10 +343,8 @@ def _holds_secret(command: str) -> bool:
     return SECRET in sh(SERVER, command).stdout
 
 
-def copy_sample(dest="/srv/sample", files=("package.json", "server.js")):
-    for f in files:
-        data = base64.b64encode((SAMPLE / f).read_bytes()).decode()
-        sh(SERVER, f"mkdir -p {dest} && echo {data} | base64 -d > {dest}/{f}")
+def copy_sample(dest="/srv/sample"):
+    copy_sample_app(SERVER, dest)
 
 
 @pytest.fixture(scope="module")
