@@ -169,3 +169,13 @@ def test_invoke_check_refuses_a_bad_site_with_its_line_before_any_server(tmp_pat
     assert "inventories/test.yml:8: groups.app.vars.nginx_sites[0].upstream_port: 99999 is not " \
            "a whole number from 1 to 65535 (for lb1)" in r.stderr, r.stderr
     assert "write e.g. 3000" in r.stderr
+
+
+@pytest.mark.parametrize("gzip", [True, False])
+def test_only_static_files_are_compressed_over_tls(tmp_path, gzip):
+    """The app's answers may carry secrets beside what a request reflects: compressed over TLS
+    that is BREACH (testssl flags it). Static files carry none."""
+    tls = rendered(tmp_path, nginx_gzip=gzip)["/etc/nginx/sites-available/app-tls.conf"]
+    server, static = tls.split("location ^~ /assets/ {", 1)
+    assert "\n    gzip off;\n" in server
+    assert ("gzip on;" in static.split("}", 1)[0]) is gzip
