@@ -471,13 +471,16 @@ def test_a_bad_vhost_in_a_file_group_is_put_back_and_nginx_keeps_serving(tmp_pat
 def test_an_unsupported_system_is_refused_before_anything_changes(tmp_path, fresh_web2):
     sh(fresh_web2, "rm /etc/os-release && sed 's/^VERSION_ID=.*/VERSION_ID=\"11\"/' "
                    "/usr/lib/os-release > /etc/os-release")
-    run = Run(inventory(tmp_path, [fresh_web2], ["base"]))
-    assert run.exit_code == 1, run.lines
-    failed = run.steps(status="failed")
-    assert [e["resource"] for e in failed] == ["os"], failed
-    assert failed[0]["reason"].startswith("Debian 11 is not supported; provisioner supports "
-                                          "Debian 12 (bookworm), Debian 13 (trixie)")
-    assert all(e["role"] is None for e in run.steps()), run.steps()        # no role was planned
-    audit = sh(fresh_web2, "cat /var/log/provisioner/audit.log").stdout.splitlines()
-    assert len(audit) == 1 and "failed" in audit[0]                        # the refusal is recorded
-    assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+    try:
+        run = Run(inventory(tmp_path, [fresh_web2], ["base"]))
+        assert run.exit_code == 1, run.lines
+        failed = run.steps(status="failed")
+        assert [e["resource"] for e in failed] == ["os"], failed
+        assert failed[0]["reason"].startswith("Debian 11 is not supported; provisioner supports "
+                                              "Debian 12 (bookworm), Debian 13 (trixie)")
+        assert all(e["role"] is None for e in run.steps()), run.steps()    # no role was planned
+        audit = sh(fresh_web2, "cat /var/log/provisioner/audit.log").stdout.splitlines()
+        assert len(audit) == 1 and "failed" in audit[0]                    # the refusal is recorded
+        assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
+    finally:                           # web2 is Debian 12 again for the tests after this one
+        sh(fresh_web2, "ln -sfn ../usr/lib/os-release /etc/os-release")
