@@ -109,6 +109,22 @@ def allowed_peer(writer: asyncio.StreamWriter, allow: ipaddress.IPv4Network) -> 
         return None
 
 
+async def serve_client(writer: asyncio.StreamWriter, allow: ipaddress.IPv4Network, what: str,
+                       session) -> None:
+    """Runs `await session(peer)` for a client of the allowed subnet (others get nothing); a
+    lost connection ends it quietly, any other error is logged; the connection is closed after."""
+    try:
+        peer = allowed_peer(writer, allow)
+        if peer is not None:
+            await session(peer)
+    except (ConnectionError, OSError):
+        pass
+    except Exception as exc:          # one client's bug must not take the others down
+        log(f"{what}: {exc!r}")
+    finally:
+        writer.close()
+
+
 async def read_head(reader: asyncio.StreamReader) -> bytes | None:
     """One request or response head; None when the peer closed, stalled or sent too much."""
     try:
@@ -128,43 +144,38 @@ class TunnelProxy:
         self.resolver = resolver
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_client(writer, self.allow, "CONNECT",
+                           lambda peer: self.tunnel(reader, writer, peer))
+
+    async def tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: str) -> None:
+        head = await read_head(reader)
+        if head is None:
+            return
+        method, _, target = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        target = target.rsplit(" ", 1)[0]
+        host, _, port_text = target.rpartition(":")
+        host = host.strip("[]")
+        if method != "CONNECT" or not host or not port_text.isdigit():
+            return await reply(writer, 405, "only CONNECT host:port is served here")
+        port = int(port_text)
+        if port not in self.ports:
+            return await reply(writer, 403, f"port {port} is not allowed")
+        if self.hosts is not None and host.lower() not in self.hosts:
+            log(f"{peer} CONNECT {host}:{port}: refused, not a registry")
+            return await reply(writer, 403, f"{host} is not one of the package "
+                                            "registries this proxy serves")
         try:
-            peer = allowed_peer(writer, self.allow)
-            if peer is None:
-                return
-            head = await read_head(reader)
-            if head is None:
-                return
-            method, _, target = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-            target = target.rsplit(" ", 1)[0]
-            host, _, port_text = target.rpartition(":")
-            host = host.strip("[]")
-            if method != "CONNECT" or not host or not port_text.isdigit():
-                return await reply(writer, 405, "only CONNECT host:port is served here")
-            port = int(port_text)
-            if port not in self.ports:
-                return await reply(writer, 403, f"port {port} is not allowed")
-            if self.hosts is not None and host.lower() not in self.hosts:
-                log(f"{peer} CONNECT {host}:{port}: refused, not a registry")
-                return await reply(writer, 403, f"{host} is not one of the package "
-                                                "registries this proxy serves")
-            try:
-                up_reader, up_writer = await open_upstream(self.resolver, host, port)
-            except (LookupError, OSError, asyncio.TimeoutError) as exc:
-                log(f"{peer} CONNECT {host}:{port}: {exc}")
-                return await reply(writer, 502, str(exc))
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-            try:
-                await asyncio.gather(self.pipe(reader, up_writer), self.pipe(up_reader, writer))
-            finally:
-                up_writer.close()
-        except (ConnectionError, OSError):
-            pass
-        except Exception as exc:          # one tunnel's bug must not take the others down
-            log(f"CONNECT: {exc!r}")
+            up_reader, up_writer = await open_upstream(self.resolver, host, port)
+        except (LookupError, OSError, asyncio.TimeoutError) as exc:
+            log(f"{peer} CONNECT {host}:{port}: {exc}")
+            return await reply(writer, 502, str(exc))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        try:
+            await asyncio.gather(self.pipe(reader, up_writer), self.pipe(up_reader, writer))
         finally:
-            writer.close()
+            up_writer.close()
 
     @staticmethod
     async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -301,34 +312,29 @@ class AptProxy:
         self.resolver = resolver
 
     def cached_path(self, req: Request) -> Path | None:
-        if req.method == "GET" or req.method == "HEAD":
-            if IMMUTABLE.search(req.path):
-                return self.cache / f"{req.host}_{req.port}" / req.path.lstrip("/")
+        """Where an immutable file is kept (parse_request lets only GET and HEAD through)."""
+        if IMMUTABLE.search(req.path):
+            return self.cache / f"{req.host}_{req.port}" / req.path.lstrip("/")
         return None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            peer = allowed_peer(writer, self.allow)
-            if peer is None:
+        await serve_client(writer, self.allow, "apt",
+                           lambda peer: self.requests(reader, writer, peer))
+
+    async def requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       peer: str) -> None:
+        # apt pipelines: requests are answered one after the other, in order.
+        while (head := await read_head(reader)) is not None:
+            try:
+                req = parse_request(head)
+            except BadRequest as exc:
+                return await reply(writer, exc.status, str(exc))
+            if self.origins is not None and (req.host, req.port) not in self.origins:
+                log(f"{peer} GET {req.host}:{req.port}: refused, not a Debian mirror")
+                return await reply(writer, 403, f"{req.host}:{req.port} is not one of the "
+                                                "apt mirrors this proxy serves")
+            if not await self.serve(req, writer, peer):
                 return
-            # apt pipelines: requests are answered one after the other, in order.
-            while (head := await read_head(reader)) is not None:
-                try:
-                    req = parse_request(head)
-                except BadRequest as exc:
-                    return await reply(writer, exc.status, str(exc))
-                if self.origins is not None and (req.host, req.port) not in self.origins:
-                    log(f"{peer} GET {req.host}:{req.port}: refused, not a Debian mirror")
-                    return await reply(writer, 403, f"{req.host}:{req.port} is not one of the "
-                                                    "apt mirrors this proxy serves")
-                if not await self.serve(req, writer, peer):
-                    return
-        except (ConnectionError, OSError):
-            pass
-        except Exception as exc:          # one client's bug must not take the others down
-            log(f"apt: {exc!r}")
-        finally:
-            writer.close()
 
     async def serve(self, req: Request, writer: asyncio.StreamWriter, peer: str) -> bool:
         """Answer one request; True when the connection may carry the next one."""
