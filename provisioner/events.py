@@ -210,6 +210,18 @@ class Events:
             ev = self._emit("warning", body)
             self._human.warning(ev)
 
+    def drift(self, host: str, drifted: list[str], last_run: dict | None) -> None:
+        """`invoke drift`'s verdict for one host: the resources that no longer match its roles,
+        and the last run that changed it (its audit line: when, who, which config)."""
+        last = None
+        if last_run:
+            last = {k: _text(last_run.get(k)) if last_run.get(k) is not None else None
+                    for k in ("ts", "who", "from", "ci_job", "task", "config", "result")}
+        body = {"host": _text(host), "drifted": [_text(d) for d in drifted], "last_run": last}
+        with self._lock:
+            ev = self._emit("drift", body)
+            self._human.drift(ev)
+
     def recap(self) -> dict:
         """Print the recap (once; later calls only return it) and return the recap event."""
         with self._lock:

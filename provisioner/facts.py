@@ -34,6 +34,7 @@ KINDS = {
     "certs": ("PEM file paths", "cert"),
     "timers": ("timer names", "timer"),
     "http": ("http:// URLs on the loopback", "http"),
+    "last_lines": ("text file paths", "last_line"),
 }
 LIST_KINDS = tuple(KINDS)
 
@@ -210,6 +211,11 @@ class Facts:
         """{status, headers, body (first KB)} of a GET on the server's loopback, or
         {error} when nothing answered: an answer either way, a health gate decides."""
         return self._get("http", url)
+
+    def last_line(self, path: str) -> str | None:
+        """The last non-empty line of a text file (read from its end); None when the file is
+        absent or empty."""
+        return self._ok("last_lines", path)
 
     def _ok(self, kind: str, key: str, pick=lambda v: v) -> Any:
         v = self._get(kind, key)

@@ -17,6 +17,7 @@ it is taken over at once, reported, instead of blocking every run until the TTL.
 from __future__ import annotations
 
 import functools
+import json
 import getpass
 import os
 import socket
@@ -34,15 +35,22 @@ class LockHeld(Exception):
 
 
 @functools.lru_cache(maxsize=None)       # once per run, not once per host
-def _git_sha(repo: Path) -> str:
+def git_state(repo: Path) -> tuple[str | None, bool]:
+    """(the config checkout's HEAD commit, whether it has uncommitted changes); (None, False)
+    outside a git checkout. The audit line and saved plans name the config by it."""
     try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
                              capture_output=True, text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+        return None, False
+    return (sha, bool(dirty)) if sha else (None, False)
+
+
+def _git_sha(repo: Path) -> str:
+    sha, dirty = git_state(repo)
+    return (sha[:12] + ("-dirty" if dirty else "")) if sha else "unknown"
 
 
 def _ci_job() -> str | None:
@@ -143,3 +151,15 @@ def audit_line(owner_doc: dict, repo: Path, result: str, changed: int, failed: i
             "who": owner_doc["who"], "from": owner_doc["from"], "ci_job": owner_doc["ci_job"],
             "task": owner_doc["task"], "env": owner_doc["env"], "run_id": owner_doc["run_id"],
             "config": _git_sha(repo), "result": result, "changed": changed, "failed": failed}
+
+
+def audit_entry(line: str | None) -> dict | None:
+    """An audit log line read back (the `last_lines` fact): the run that last changed a host;
+    None when there is none or it is not one of ours."""
+    if not isinstance(line, str):
+        return None
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) and "ts" in doc else None

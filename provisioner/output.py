@@ -174,6 +174,17 @@ class HumanWriter:
     def error_lines(self, ev: dict) -> list[Line]:
         return self.message_lines("error", ev["message"], "bold red")
 
+    def drift_lines(self, ev: dict) -> list[Line]:
+        last = ev.get("last_run")
+        since = (f"since the last run that changed it, {one_line(last['ts'])} by "
+                 f"{one_line(last['who'])}@{one_line(last['from'])} (config {one_line(last['config'])})"
+                 if last else "no run of ours on record")
+        if not ev["drifted"]:
+            return [(f"drift: {one_line(ev['host'])}: matches its roles ({since})", "green")]
+        n = len(ev["drifted"])
+        return [(f"drift: {one_line(ev['host'])}: {n} resource{'' if n == 1 else 's'} drifted "
+                 f"{since}: {', '.join(one_line(d) for d in ev['drifted'])}", "yellow")]
+
     def recap_rows(self, ev: dict) -> list[list[str]]:
         """Rows of the recap table: one per host, then the totals (no header)."""
         def row(name: str, c: dict) -> list[str]:
@@ -193,6 +204,7 @@ class HumanWriter:
     def step(self, ev: dict, diff: str | None, output: str | None, tally: dict) -> None: ...
     def host(self, ev: dict, repeat: bool = True) -> None: ...
     def warning(self, ev: dict) -> None: ...
+    def drift(self, ev: dict) -> None: ...
     def error(self, ev: dict) -> None: ...
     def recap(self, ev: dict) -> None: ...
     def close(self) -> None: ...
@@ -241,6 +253,9 @@ class PlainWriter(HumanWriter):
 
     def warning(self, ev: dict) -> None:
         self.write_plain(self.err, self.warning_lines(ev))
+
+    def drift(self, ev: dict) -> None:
+        self.write_plain(self.out, self.drift_lines(ev))
 
     def error(self, ev: dict) -> None:
         self.write_plain(self.err, self.error_lines(ev))
@@ -348,6 +363,9 @@ class LiveWriter(HumanWriter):
 
     def warning(self, ev: dict) -> None:
         self._print_err(self.warning_lines(ev))
+
+    def drift(self, ev: dict) -> None:
+        self._print(self.drift_lines(ev))
 
     def error(self, ev: dict) -> None:
         self._print_err(self.error_lines(ev))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from provisioner import agent, lock, ops, platforms
+from provisioner import plan as saved_plan
 from provisioner.api import Guard, NotAResource, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
@@ -30,6 +31,8 @@ class Options:
     forks: int = 50
     max_fail_percentage: float = 0.0  # a batch failing more than this stops later batches
     roles: list[str] | None = None    # only these roles (in inventory order)
+    saved: dict | None = None         # host -> plan.HostPlan: apply exactly these (`invoke apply`)
+    last_run: bool = False            # also read each host's last audit line (`invoke drift`)
 
 
 @dataclass
@@ -56,6 +59,10 @@ class HostResult:
     remote_commands: int = 0
     error: str | None = None
     roles_done: list[str] = field(default_factory=list)
+    # check mode: role -> its planned change entries, and the facts they were planned from
+    planned: dict[str, list[dict]] = field(default_factory=dict)
+    facts: dict[str, str] | None = None
+    last_run: str | None = None        # the audit log's last line, with Options.last_run
 
 
 class Runner:
@@ -126,7 +133,11 @@ class Runner:
             if not self.events.check:
                 owner = lock.owner(self.events.run_id, self.events.task, self.inv.env)
                 hello["run_lock"] = lock.request(owner)
+            if self.opts.last_run:            # in the exec that is made anyway
+                hello["last_lines"] = [lock.AUDIT_LOG]
             first = self._facts(conn, hello)
+            if self.opts.last_run:
+                res.last_run = Facts(first).last_line(lock.AUDIT_LOG)
             if owner is not None:
                 dead = lock.dead_holder(first["run_lock"])
                 if dead:         # one more exec, only to recover from a killed run of ours
@@ -147,6 +158,15 @@ class Runner:
                                             for name in self.roles_for(host)]
                 merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
                 shared = Facts(self._facts(conn, merged)) if plans else None
+                if self.events.check:
+                    res.facts = saved_plan.fact_items(shared.raw if shared else {})
+                why = self._plan_refusal(host, plans, shared) if self.opts.saved is not None else None
+                if why:                     # before any change: the host is left as it is
+                    res.status, res.error = "refused", why
+                    self.events.step(host=host.name, role=None, resource="saved plan",
+                                     status="skipped", reason=f"refused: {why}",
+                                     seconds=time.monotonic() - started)
+                    plans = []
                 for i, p in enumerate(plans):
                     if self.stop:
                         self._skip_roles(host, plans[i:], f"not run: {self.stop.reason}")
@@ -189,11 +209,29 @@ class Runner:
                 conn.close()
         if res.status == "ok":
             res.status = "failed" if res.failed else ("changed" if res.changed else "ok")
-        # a held lock is a skip with its reason already reported, not a host error
+        # a held lock or a refused plan is a skip with its reason already reported, not a
+        # host error
         self.events.host_done(host.name, remote_commands=res.remote_commands,
                               seconds=time.monotonic() - started,
-                              error=None if res.status == "locked" else res.error)
+                              error=None if res.status in ("locked", "refused") else res.error)
         return res
+
+    def _plan_refusal(self, host: Host, plans: list, shared: Facts | None) -> str | None:
+        """Why the saved plan must not be applied to this host now (its facts drifted, or
+        they plan other changes), or None. Planning is local: no exec."""
+        mine = self.opts.saved.get(host.name)
+        if mine is None:
+            return "the plan holds nothing for this host"
+        now = {}
+        for p in plans:
+            if isinstance(p, RoleError) or shared is None:
+                return None              # the run reports it as the failure it is
+            try:
+                now[p.name] = [c for _r, result in ops.plan_all(p.resources, shared)
+                               for c in result if isinstance(c, Change)]
+            except Exception:            # the role's run reports it, as a provision would
+                return None
+        return mine.refusal(shared.raw if shared else {}, now)
 
     def _skip_roles(self, host: Host, plans: list, why: str) -> None:
         for p in plans:
@@ -254,6 +292,19 @@ class Runner:
             res.failed += 1
             step("plan", "failed", f"{type(e).__name__}: {e}")
             return
+        if self.events.check:
+            res.planned[p.name] = [saved_plan.change_entry(c) for c in changes]
+        elif self.opts.saved is not None:
+            # an earlier role's changes can make a later role plan something that check mode
+            # could not see: never sent unreviewed
+            allowed = self.opts.saved[host.name].allowed(p.name)
+            extra = [c.resource for c in changes if saved_plan.change_digest(c) not in allowed]
+            if extra:
+                res.failed += 1
+                step("saved plan", "failed", f"not in the plan: {', '.join(extra)} (planned after "
+                     "the earlier roles' changes); nothing of this role was applied: make a new "
+                     "plan now that those are done")
+                return
         if not changes:
             return
         if self.events.check:

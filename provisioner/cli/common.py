@@ -3,8 +3,12 @@ the run, the recap and the exit code."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from invoke import Exit
+
+from provisioner import lock, plan as saved_plan, shards
 
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem, display_path
 from provisioner.events import Events
@@ -29,7 +33,18 @@ FLAG_HELP = {
     "detailed_exitcode": "with --check: exit 5 when changes are pending",
     "max_fail_percentage": "0-100, with --serial: stop later batches when more than this % of "
                            "a batch failed",
+    "shard": "k/n: only the k-th of n stable parts of the hosts (a CI matrix of n jobs)",
+    "out": "with --check: save the plan to this file, for `invoke apply FILE`",
 }
+
+
+@dataclass
+class Extras:
+    """What a task adds to a plain provision run: save the plan (`--out`), apply a saved one
+    (`invoke apply`), or summarize drift (`invoke drift`)."""
+    out: str | None = None
+    saved: str | None = None          # the plan file to apply
+    drift: bool = False
 
 
 def fail_input(message: str) -> Exit:
@@ -104,7 +119,8 @@ def _percentage(value, serial: int) -> float:
 
 
 def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, verbose,
-             detailed_exitcode=False, roles=None, max_fail_percentage=0) -> None:
+             detailed_exitcode=False, roles=None, max_fail_percentage=0, shard=None,
+             extras: Extras | None = None) -> None:
     interactive = not yes and sys.stdin.isatty()
     events = Events(task=task, env=env, json_out=bool(json), verbose=int(verbose or 0),
                     diff=bool(diff), check=bool(check))
@@ -114,7 +130,8 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
             code = _run(events, stop, env=env, limit=limit,
                         interactive=interactive, serial=serial, forks=forks,
                         detailed_exitcode=detailed_exitcode, roles=roles,
-                        max_fail_percentage=max_fail_percentage)
+                        max_fail_percentage=max_fail_percentage, shard=shard,
+                        extras=extras or Extras())
     except KeyboardInterrupt:     # before the run started (a prompt): invoke would say 1
         raise Exit(code=130) from None
     if code:
@@ -122,7 +139,7 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
 
 
 def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
-         detailed_exitcode, roles, max_fail_percentage) -> int:
+         detailed_exitcode, roles, max_fail_percentage, shard, extras: Extras) -> int:
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)
@@ -130,7 +147,17 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
         if detailed_exitcode and not events.check:
             raise InputError([Problem("command line", None, "--detailed-exitcode",
                                       "only means something with --check", "add --check")])
+        part = shards.parse(shard) if shard else None
+        out = _out_path(extras.out, events.check)
+        plan = None
+        if extras.saved is not None:                   # the plan names env, hosts and roles
+            plan = _saved(Path(extras.saved))
+            env = events.env = plan.env
+            limit = ",".join(plan.hosts)
+            roles = ",".join(plan.roles) if plan.roles is not None else None
         inv, hosts = load(env, interactive, limit)      # flags first: no password asked in vain
+        if part:
+            hosts = shards.pick(hosts, *part)
         role_list = None
         if roles is not None:
             role_list = [r.strip() for r in roles.split(",") if r.strip()]
@@ -144,7 +171,8 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
                                           f"unknown role(s) {', '.join(unknown)} for env {env}",
                                           f"choose from: {', '.join(sorted(inv.roles))}")])
         opts = Options(serial=serial_n, forks=min(forks_n, 50), roles=role_list,
-                       max_fail_percentage=fail_pct)
+                       max_fail_percentage=fail_pct, last_run=extras.drift,
+                       saved=plan.hosts if plan else None)
         runner = Runner(inv, events, opts, stop=stop)
         for h in hosts:                                 # role code errors before any server
             for r in runner.roles_for(h):
@@ -157,11 +185,86 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
     with on_signals(stop):
         results = runner.run(hosts)
     locked = [r.error for r in results if r.status == "locked"]
+    refused = [f"{r.host}: {r.error}" for r in results if r.status == "refused"]
+    if extras.drift:
+        _drift_summary(events, results)
+    if out is not None:
+        _save_plan(events, out, inv, role_list, results)
     if stop:
         return events.fail_run(stop.code, f"{stop.reason}: no host or role was started after "
                                           "it; what was already sent to a server finished")
     if locked:
         # the most specific answer: someone else is working on these hosts
         return events.fail_run(EXIT_LOCKED, "; ".join(locked))
+    if refused:           # the other hosts went on; these need a new plan
+        return events.fail_run(EXIT_BAD_INPUT, "the plan was refused for " + "; ".join(refused)
+                               + "\n    fix: review a new plan (`invoke provision --check --out "
+                               "FILE`), then apply that one")
     events.recap()
     return events.exit_code(detailed=bool(detailed_exitcode))
+
+
+def _out_path(out: str | None, check: bool) -> Path | None:
+    """--out's file, checked before any server is touched."""
+    if out is None:
+        return None
+    if not check:
+        raise InputError(Problem("command line", None, "--out",
+                                 "only means something with --check (it saves the plan)",
+                                 "add --check, then `invoke apply FILE` the file"))
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise InputError(Problem("command line", None, "--out",
+                                 f"the folder {display_path(path.parent)} does not exist",
+                                 "create it, or pass a path in an existing folder"))
+    return path
+
+
+def _saved(path: Path) -> saved_plan.Plan:
+    """The plan to apply, if it was made from the commit the config is at now."""
+    plan = saved_plan.read(path)
+    commit, dirty = lock.git_state(REPO_ROOT)
+    if plan.commit != commit:
+        def short(c):
+            return c[:12] if c else "no git commit"
+        raise InputError(Problem(path, None, "commit",
+                                 f"the plan was made from config commit {short(plan.commit)}, "
+                                 f"the config is at {short(commit)}",
+                                 f"apply it from a checkout of {short(plan.commit)}, or make a "
+                                 "new plan from this one and review it"))
+    if not plan.hosts:
+        raise InputError(Problem(path, None, "hosts", "the plan holds no host",
+                                 "make a plan with at least one reachable host"))
+    return plan
+
+
+def _save_plan(events: Events, path: Path, inv: Inventory, roles: list[str] | None,
+               results: list) -> None:
+    """Write what check mode planned for every host that planned cleanly; a host that failed
+    or was unreachable is listed under not_planned, and apply leaves it alone."""
+    hosts = {r.host: saved_plan.HostPlan(r.facts or {}, r.planned) for r in results
+             if r.status in ("ok", "changed") and r.facts is not None}
+    missing = {r.host: r.error or r.status for r in results if r.host not in hosts}
+    if not hosts:
+        events.warn(f"no plan written to {display_path(path)}: no host was planned")
+        return
+    commit, dirty = lock.git_state(REPO_ROOT)
+    if dirty:
+        events.warn("the config has uncommitted changes: the plan names commit "
+                    f"{(commit or '?')[:12]}, and apply re-plans from whatever is checked out")
+    secrets = sorted(inventory(inv.env).vault_refs())     # names only: values never leave the vault
+    saved_plan.write(path, saved_plan.Plan(env=inv.env, commit=commit, dirty=dirty, hosts=hosts,
+                                           roles=roles, not_planned=missing, secrets=secrets))
+    n = sum(len(c) for h in hosts.values() for c in h.roles.values())
+    print(f"wrote {display_path(path)}: {len(hosts)} host(s), {n} change(s)"
+          + (f"; not planned: {', '.join(missing)}" if missing else ""), file=sys.stderr)
+
+
+def _drift_summary(events: Events, results: list) -> None:
+    """Per host: what drifted (what check mode would change) and since when (its audit log's
+    last line: the last run that changed it)."""
+    for r in results:
+        if r.facts is None:           # not reached, or refused: its failure says why
+            continue
+        drifted = [e["resource"] for entries in r.planned.values() for e in entries]
+        events.drift(r.host, drifted, lock.audit_entry(r.last_run))

@@ -9,7 +9,7 @@ from typing import Iterable
 import paramiko
 from invoke import Collection, Exit, task
 
-from provisioner.cli.common import FLAG_HELP, fail_input, inventory, load, run_task
+from provisioner.cli.common import FLAG_HELP, Extras, fail_input, inventory, load, run_task
 from provisioner.connection import Connection, Unreachable, connect_error, fingerprint
 from provisioner.errors import EXIT_UNREACHABLE, InputError, display_path
 from provisioner.inventory import Host, Jump, known_host_name
@@ -21,11 +21,13 @@ PROVISION_HELP = {**FLAG_HELP, "roles": "only these roles, comma-separated (in i
 
 @task(help=PROVISION_HELP, incrementable=["verbose"])
 def provision(c, env="local", limit=None, roles=None, check=False, diff=False, json=False, yes=False,
-              serial=0, forks=50, verbose=0, detailed_exitcode=False, max_fail_percentage=0):
+              serial=0, forks=50, verbose=0, detailed_exitcode=False, max_fail_percentage=0,
+              shard=None, out=None):
     """Converge servers to their roles (harden, install the stack); a second run changes nothing."""
     run_task("provision", env=env, limit=limit, check=check, diff=diff, json=json, yes=yes,
              serial=serial, forks=forks, verbose=verbose, detailed_exitcode=detailed_exitcode,
-             roles=roles, max_fail_percentage=max_fail_percentage)
+             roles=roles, max_fail_percentage=max_fail_percentage, shard=shard,
+             extras=Extras(out=out))
 
 
 @task(help={"env": FLAG_HELP["env"]})

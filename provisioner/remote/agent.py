@@ -568,6 +568,24 @@ def fact_hashes(paths):
     return out
 
 
+def fact_last_lines(paths):
+    """The last line of each text file (an audit log: the newest entry), read from its end so
+    a long log costs the same; None when the file is absent or empty."""
+    out = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
+            out[path] = lines[-1].decode("utf-8", "replace") if lines else None
+        except FileNotFoundError:
+            out[path] = None
+        except OSError as e:
+            out[path] = {"error": str(e)}
+    return out
+
+
 def fact_certs(paths):
     """The first certificate of each PEM file: subject, SANs, serial, notAfter (as printed by
     Python's ssl module, e.g. "Mar  1 12:00:00 2027 GMT"); None when the file is absent."""
