@@ -58,10 +58,10 @@ def fact_items(raw: Mapping[str, Any]) -> dict[str, str]:
 
 
 def change_digest(c: Change) -> str:
-    """What a change does (its steps and the handlers it notifies), not why: the why quotes
-    facts that move (an apt list's age), the steps are what would run."""
-    return digest({"resource": c.resource, "action": c.action, "steps": list(c.steps),
-                   "notify": list(c.notify)})
+    """What a change does (its steps and the handlers it notifies), not why nor its action's
+    name: the why quotes facts that move (an apt list's age), and a file a package install
+    created before the write turns "create" into "write" with the same steps."""
+    return digest({"resource": c.resource, "steps": list(c.steps), "notify": list(c.notify)})
 
 
 def change_entry(c: Change) -> dict:
@@ -117,6 +117,22 @@ class Plan:
                 "hosts": {name: {"facts": h.facts, "roles": h.roles}
                           for name, h in self.hosts.items()},
                 "not_planned": self.not_planned, "secrets": self.secrets}
+
+
+def from_results(env: str, results: Iterable, *, commit: str | None = None, dirty: bool = False,
+                 roles: list[str] | None = None, secrets: Iterable[str] = ()) -> Plan:
+    """The plan of a check-mode run (the runner's HostResults): every host that planned
+    cleanly; one that failed or was unreachable is listed in not_planned, and apply leaves it
+    alone."""
+    hosts = {r.host: HostPlan(dict(r.facts or {}), dict(r.planned)) for r in results
+             if r.status in ("ok", "changed") and r.facts is not None}
+    missing = {r.host: r.error or r.status for r in results if r.host not in hosts}
+    return Plan(env=env, commit=commit, dirty=dirty, hosts=hosts, roles=roles,
+                not_planned=missing, secrets=sorted(secrets))
+
+
+def count(plan: Plan) -> int:
+    return sum(len(c) for h in plan.hosts.values() for c in h.roles.values())
 
 
 def write(path: Path, plan: Plan) -> None:

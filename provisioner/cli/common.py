@@ -240,24 +240,20 @@ def _saved(path: Path) -> saved_plan.Plan:
 
 def _save_plan(events: Events, path: Path, inv: Inventory, roles: list[str] | None,
                results: list) -> None:
-    """Write what check mode planned for every host that planned cleanly; a host that failed
-    or was unreachable is listed under not_planned, and apply leaves it alone."""
-    hosts = {r.host: saved_plan.HostPlan(r.facts or {}, r.planned) for r in results
-             if r.status in ("ok", "changed") and r.facts is not None}
-    missing = {r.host: r.error or r.status for r in results if r.host not in hosts}
-    if not hosts:
+    commit, dirty = lock.git_state(REPO_ROOT)
+    plan = saved_plan.from_results(inv.env, results, commit=commit, dirty=dirty, roles=roles,
+                                   # names only: values never leave the vault
+                                   secrets=inventory(inv.env).vault_refs())
+    if not plan.hosts:
         events.warn(f"no plan written to {display_path(path)}: no host was planned")
         return
-    commit, dirty = lock.git_state(REPO_ROOT)
     if dirty:
         events.warn("the config has uncommitted changes: the plan names commit "
                     f"{(commit or '?')[:12]}, and apply re-plans from whatever is checked out")
-    secrets = sorted(inventory(inv.env).vault_refs())     # names only: values never leave the vault
-    saved_plan.write(path, saved_plan.Plan(env=inv.env, commit=commit, dirty=dirty, hosts=hosts,
-                                           roles=roles, not_planned=missing, secrets=secrets))
-    n = sum(len(c) for h in hosts.values() for c in h.roles.values())
-    print(f"wrote {display_path(path)}: {len(hosts)} host(s), {n} change(s)"
-          + (f"; not planned: {', '.join(missing)}" if missing else ""), file=sys.stderr)
+    saved_plan.write(path, plan)
+    print(f"wrote {display_path(path)}: {len(plan.hosts)} host(s), {saved_plan.count(plan)} "
+          "change(s)" + (f"; not planned: {', '.join(plan.not_planned)}" if plan.not_planned else ""),
+          file=sys.stderr)
 
 
 def _drift_summary(events: Events, results: list) -> None:

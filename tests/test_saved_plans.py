@@ -1,0 +1,234 @@
+"""Saved plans, drift and shards without servers: a fake server keeps files in a dict and
+answers the agent's requests, so check mode, the plan file and apply run through the real
+runner, event stream and plan module."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from provisioner import agent, lock, plan, shards
+from provisioner.errors import InputError
+from provisioner.events import Events
+from provisioner.inventory import load_inventory_file
+from provisioner.runner import Options, Runner
+
+ROLE = '''from provisioner.ops import files
+
+
+def resources(v, ctx):
+    yield files.file("/etc/{name}.conf", v["{name}_text"] + "\\n", mode="0600")
+'''
+
+
+class FakeServer:
+    """Files by path; the agent's facts, apply and finish answered from and onto them."""
+
+    def __init__(self, files=None, audit=None, side_effects=None):
+        self.files = dict(files or {})
+        self.audit = audit                 # the audit log's last line
+        self.side_effects = side_effects or {}     # path written -> {other path: content}
+        self.ops: list[str] = []
+
+    def fact(self, path):
+        if path not in self.files:
+            return {"exists": False}
+        data = self.files[path]
+        return {"exists": True, "type": "file", "mode": "0600", "owner": "root", "group": "root",
+                "size": len(data), "sha256": hashlib.sha256(data.encode()).hexdigest(),
+                "content": data}
+
+    def answer(self, op, req):
+        self.ops.append(op)
+        if op == "facts":
+            body = {"os": {"id": "debian", "version_id": "12"},
+                    "files": {p: self.fact(p) for p in req.get("files", [])}}
+            if "run_lock" in req:
+                body["run_lock"] = {"acquired": True}
+            if "last_lines" in req:
+                body["last_lines"] = {p: self.audit for p in req["last_lines"]}
+            return {"facts": body}
+        if op == "apply":
+            for c in req["changes"]:
+                for step in c["steps"]:
+                    if "write" in step:
+                        self.files[step["write"]] = base64.b64decode(step["b64"]).decode()
+                        self.files.update(self.side_effects.get(step["write"], {}))
+            return {"ok": True, "handlers": [],
+                    "results": [{"id": c["id"], "status": "ok"} for c in req["changes"]]}
+        return {"released": True}
+
+
+class FakeConn:
+    def __init__(self, server):
+        self.server, self.commands = server, 0
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def run(self, argv, stdin=None):
+        self.commands += 1
+        doc = json.loads(stdin)
+        body = {**self.server.answer(doc["op"], doc["request"]), "agent": {"version": agent.PROTOCOL}}
+        return SimpleNamespace(stdout=agent.MARKER + json.dumps(body).encode(), stderr=b"", rc=0)
+
+
+@pytest.fixture
+def inv(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / "roles" / name).mkdir(parents=True)
+        (tmp_path / "roles" / name / "defaults.yml").write_text(f"{name}_text: {name}\n")
+        (tmp_path / "roles" / name / "__init__.py").write_text(ROLE.replace("{name}", name))
+    doc = {"env": "plantest", "known_hosts": str(tmp_path / "known_hosts"), "ssh": {"user": "root"},
+           "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
+           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
+    (tmp_path / "plantest.yml").write_text(json.dumps(doc))
+    return load_inventory_file(tmp_path / "plantest.yml", roles_root=[tmp_path / "roles"])
+
+
+def run(inv, servers, *, check=False, saved=None, last_run=False, task="provision"):
+    out = io.StringIO()
+    events = Events(task=task, env=inv.env, json_out=True, verbose=0, diff=True, check=check,
+                    stream_out=out, stream_err=io.StringIO())
+    hosts = inv.select(None)
+    events.start([h.name for h in hosts])
+    runner = Runner(inv, events, Options(saved=saved, last_run=last_run),
+                    connect=lambda h: FakeConn(servers[h.name]))
+    results = runner.run(hosts)
+    return SimpleNamespace(results={r.host: r for r in results}, events=events, out=out,
+                           lines=lambda: [json.loads(x) for x in out.getvalue().splitlines()])
+
+
+def saved_plan(inv, servers, tmp_path):
+    """check mode -> plan file -> read back, as `provision --check --out` then `apply` do."""
+    checked = run(inv, servers, check=True)
+    path = tmp_path / "plan.json"
+    plan.write(path, plan.from_results(inv.env, checked.results.values(), commit="c0ffee",
+                                       secrets=["db_password"]))
+    return plan.read(path), path
+
+
+def test_a_saved_plan_applies_exactly_its_changes_in_no_more_execs_than_a_provision(inv, tmp_path):
+    servers = {"web1": FakeServer({"/etc/one.conf": "old\n"}), "web2": FakeServer()}
+    saved, path = saved_plan(inv, servers, tmp_path)
+    assert servers["web1"].files == {"/etc/one.conf": "old\n"}       # check mode wrote nothing
+    text = path.read_text()
+    assert json.loads(text)["secrets"] == ["db_password"]           # the name, never a value
+    web1 = saved.hosts["web1"]
+    assert [c["resource"] for c in web1.roles["one"]] == ["file /etc/one.conf"]
+    assert "+one" in web1.roles["one"][0]["diff"] and "b64" not in text    # no step is kept
+    applied = run(inv, servers, saved=saved.hosts, task="apply")
+    assert {h: s.files for h, s in servers.items()} == {
+        h: {"/etc/one.conf": "one\n", "/etc/two.conf": "two\n"} for h in servers}
+    assert applied.events.exit_code(detailed=False) == 0
+    # the same execs as a provision of the same hosts: lock+os, facts, apply per role, finish
+    fresh = {"web1": FakeServer({"/etc/one.conf": "old\n"}), "web2": FakeServer()}
+    provisioned = run(inv, fresh)
+    for h in servers:
+        assert applied.results[h].remote_commands == provisioned.results[h].remote_commands
+
+
+def test_a_host_changed_by_hand_is_refused_with_what_drifted_and_the_others_go_on(inv, tmp_path):
+    servers = {"web1": FakeServer(), "web2": FakeServer()}
+    saved, _ = saved_plan(inv, servers, tmp_path)
+    servers["web1"].files["/etc/two.conf"] = "by hand\n"
+    applied = run(inv, servers, saved=saved.hosts, task="apply")
+    r1 = applied.results["web1"]
+    assert r1.status == "refused" and "file /etc/two.conf" in r1.error
+    assert servers["web1"].files == {"/etc/two.conf": "by hand\n"}       # nothing applied
+    assert "apply" not in servers["web1"].ops
+    assert servers["web2"].files == {"/etc/one.conf": "one\n", "/etc/two.conf": "two\n"}
+    step = [e for e in applied.lines() if e["event"] == "step" and e["host"] == "web1"]
+    assert [(e["resource"], e["status"]) for e in step] == [("saved plan", "skipped")]
+    assert "drifted since the plan: file /etc/two.conf" in step[0]["reason"]
+
+
+def test_a_role_that_plans_more_than_the_plan_holds_is_not_applied(inv, tmp_path):
+    # as a package install of role one rewrites a file of role two: check mode cannot see it
+    servers = {"web1": FakeServer({"/etc/two.conf": "two\n"},
+                                  side_effects={"/etc/one.conf": {"/etc/two.conf": "default\n"}}),
+               "web2": FakeServer()}
+    saved, _ = saved_plan(inv, servers, tmp_path)
+    assert saved.hosts["web1"].roles["two"] == []
+    applied = run(inv, servers, saved=saved.hosts, task="apply")
+    assert servers["web1"].files == {"/etc/one.conf": "one\n", "/etc/two.conf": "default\n"}
+    failed = [e for e in applied.lines() if e["event"] == "step" and e["status"] == "failed"]
+    assert [(e["host"], e["role"], e["resource"]) for e in failed] == [("web1", "two", "saved plan")]
+    assert "not in the plan: file /etc/two.conf" in failed[0]["reason"]
+
+
+def test_plan_facts_ignore_what_moves_on_its_own():
+    a = {"os": {"id": "debian"}, "packages": {"installed": {"nginx": "1.22"}, "lists_age": 5},
+         "timers": {"x": {"active": "active", "last": "1", "next": "2"}}}
+    b = {"os": {"id": "debian"}, "packages": {"installed": {"nginx": "1.22"}, "lists_age": 900},
+         "timers": {"x": {"active": "active", "last": "7", "next": "8"}}}
+    assert plan.fact_items(a) == plan.fact_items(b)
+    b["packages"]["installed"]["nginx"] = "1.24"
+    assert plan.drifted(plan.fact_items(a), plan.fact_items(b)) == ["package nginx"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{", "not JSON"),
+    ('{"x": 1}', "not a saved plan"),
+    ('{"plan": 9}', "format 9"),
+    ('{"plan": 1, "env": "prod", "commit": null, "roles": null, "hosts": {"web1": {"roles": {}}}}',
+     "hosts.web1.facts: missing"),
+])
+def test_a_bad_plan_file_names_the_file_the_key_and_the_fix(tmp_path, content, problem):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(InputError) as e:
+        plan.read(path)
+    assert problem in str(e.value) and "p.json" in str(e.value) and "fix:" in str(e.value)
+
+
+def test_a_plan_from_another_commit_is_refused(tmp_path, monkeypatch):
+    from provisioner.cli import common
+    path = tmp_path / "p.json"
+    plan.write(path, plan.Plan(env="prod", commit="a" * 40, dirty=False,
+                               hosts={"web1": plan.HostPlan({}, {})}))
+    monkeypatch.setattr(lock, "git_state", lambda repo: ("b" * 40, False))
+    with pytest.raises(InputError) as e:
+        common._saved(path)
+    assert "made from config commit aaaaaaaaaaaa, the config is at bbbbbbbbbbbb" in str(e.value)
+    monkeypatch.setattr(lock, "git_state", lambda repo: ("a" * 40, False))
+    assert common._saved(path).env == "prod"
+
+
+def test_drift_says_what_drifted_and_since_when(inv):
+    audit = json.dumps({"ts": "2026-11-30T10:00:00+00:00", "who": "ci", "from": "runner1",
+                        "config": "abc123", "result": "changed"})
+    servers = {"web1": FakeServer({"/etc/one.conf": "one\n", "/etc/two.conf": "by hand\n"}, audit),
+               "web2": FakeServer({"/etc/one.conf": "one\n", "/etc/two.conf": "two\n"}, audit)}
+    from provisioner.cli.common import _drift_summary
+    checked = run(inv, servers, check=True, last_run=True, task="drift")
+    assert servers["web1"].ops == ["facts", "facts"]            # the audit line costs no exec
+    _drift_summary(checked.events, list(checked.results.values()))
+    verdicts = {e["host"]: e for e in checked.lines() if e["event"] == "drift"}
+    assert verdicts["web1"]["drifted"] == ["file /etc/two.conf"]
+    assert verdicts["web1"]["last_run"]["ts"] == "2026-11-30T10:00:00+00:00"
+    assert verdicts["web2"]["drifted"] == []
+    assert checked.events.exit_code(detailed=True) == 5
+
+
+def test_shards_partition_the_hosts_and_never_move_one():
+    names = [f"web{i:03d}" for i in range(500)]
+    parts = [shards.pick(names, k, 10, name=str) for k in range(1, 11)]
+    assert sorted(h for p in parts for h in p) == sorted(names)          # each exactly once
+    assert all(30 <= len(p) <= 70 for p in parts)                        # about 50 each
+    more = names + ["db1", "db2"]                                        # adding hosts moves none
+    assert all(set(p) <= set(shards.pick(more, k, 10, name=str)) for k, p in enumerate(parts, 1))
+    assert shards.pick(names, 1, 1, name=str) == names
+
+
+@pytest.mark.parametrize("bad", ["0/3", "4/3", "1/0", "x", "1-3", ""])
+def test_a_bad_shard_names_the_flag_and_the_fix(bad):
+    with pytest.raises(InputError, match=r"--shard: expected k/n.*\n    fix: pass e.g. --shard 1/10"):
+        shards.parse(bad)
