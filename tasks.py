@@ -1,11 +1,12 @@
 """provisioner's command line: `invoke --list` shows every task."""
 from invoke import Collection
 
-from provisioner.cli import flags, hostvars, plans, provision, testbed, vault
+from provisioner.cli import flags, hostvars, plans, provision, report, testbed, vault
 
 flags.install()
 
-ns = Collection(provision.provision, provision.check, hostvars.show_vars, plans.apply, plans.drift)
+ns = Collection(provision.provision, provision.check, hostvars.show_vars, plans.apply, plans.drift,
+                report.report)
 ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)
