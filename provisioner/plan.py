@@ -53,6 +53,10 @@ def fact_items(raw: Mapping[str, Any]) -> dict[str, str]:
             for key, v in value.items():
                 if isinstance(v, Mapping) and drop:
                     v = {a: b for a, b in v.items() if a not in drop}
+                if kind == "dirs" and isinstance(v, Mapping) and isinstance(v.get("entries"), Mapping):
+                    # an entry's mtime moves whenever something writes inside it (a log folder)
+                    v = {name: {a: b for a, b in e.items() if a != "mtime"}
+                         for name, e in v["entries"].items()}
                 items[f"{kind.rstrip('s')} {key}"] = digest(v)
     return items
 
