@@ -67,3 +67,34 @@ def invoke_lines(commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
                 if part.startswith("invoke "):
                     out.append((job, part.split(">")[0].strip()))
     return out
+
+
+def _skip_reason(command: str, tasks: set[str]) -> str | None:
+    if command.startswith("python3 -m pip install"):
+        return "installs the checkout: .ci/setup ran the same command"
+    if command.startswith("invoke deploy") and "deploy" not in tasks:
+        return "`invoke deploy` does not exist yet (issue 14)"
+    return None
+
+
+def run_pipeline(commands: list[tuple[str, str]], workdir: Path, tasks: set[str],
+                 env: dict[str, str], timeout: float = 1800) -> list[str]:
+    """Run each command with bash -eo pipefail (as GitHub's `run:` does), in order, in
+    `workdir`, with the envs of the examples (staging, prod) replaced by the testbed's `local`.
+    Raises AssertionError naming the command that failed; returns what was skipped and why."""
+    import os
+    import re
+    import subprocess
+    skipped = []
+    for job, command in commands:
+        why = _skip_reason(command.strip(), tasks)
+        if why:
+            skipped.append(f"{job}: {command.strip()}: {why}")
+            continue
+        local = re.sub(r"--env (staging|prod)\b", "--env local", command)
+        r = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", local],
+                           cwd=workdir, env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=timeout)
+        assert r.returncode == 0, (f"job {job}: `{local}` exited {r.returncode}\n{r.stdout[-3000:]}"
+                                   f"\n{r.stderr[-3000:]}")
+    return skipped

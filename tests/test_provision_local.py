@@ -181,3 +181,39 @@ def test_the_agent_runs_with_the_releases_own_python(provisioned, name):
     assert r.returncode == 0, report(events, "failed")
     python = deploy(name).check_output("python3 -c 'import sys; print(sys.version_info[:2])'")
     assert python == {"trixie": "(3, 13)", "bookworm": "(3, 11)"}[release]
+
+
+@pytest.mark.parametrize("system", ["github-actions", "gitlab-ci"])
+def test_the_example_pipelines_commands_pass_against_the_testbed(provisioned, tmp_path, system):
+    """Every shell command of examples/ci/<system>, in pipeline order, against the converged
+    testbed (env local for staging and prod): check, check-mode provision, provision, a saved
+    plan of prod and its apply, drift of every shard; deploy lines once `invoke deploy` exists.
+    Last in this module: it runs on the servers the tests above checked."""
+    import sys
+    from ci_examples import GITHUB, github_commands, gitlab_commands, run_pipeline
+    import tasks
+    work, home, bin_ = tmp_path / "work", tmp_path / "home", tmp_path / "bin"
+    for d in (work, home, bin_):
+        d.mkdir()
+    (work / "tasks.py").symlink_to(REPO / "tasks.py")     # outputs land here, not in the repo
+    (bin_ / "invoke").write_text(f"#!/bin/sh\nexec {sys.executable} -m invoke \"$@\"\n")
+    (bin_ / "invoke").chmod(0o755)
+    summary = tmp_path / "summary.md"
+    env = {"HOME": str(home), "PATH": f"{bin_}:/usr/sbin:/usr/bin:/sbin:/bin",
+           "PYTHONPATH": str(REPO),           # this checkout's code, whatever pip installed
+           "GITHUB_STEP_SUMMARY": str(summary), "SHARD": "1/1",
+           "PROVISIONER_SSH_KEY": open(KEY).read() if system == "github-actions" else KEY}
+    if system == "github-actions":
+        commands = [c for path in GITHUB for c in github_commands(path)]
+    else:
+        commands = gitlab_commands()
+    names = {ctx.name for ctx in tasks.ns.to_contexts()}
+    skipped = run_pipeline(commands, work, names, env)
+    print("\n".join(["not run:", *skipped]))
+    if system == "github-actions":
+        text = summary.read_text()
+        assert "## provision on local (check mode)" in text and "## apply on local" in text
+        assert "## drift on local" in text and "**FAILED**" not in text
+    else:
+        assert "## drift on local" in (work / "report.md").read_text()
+    assert (work / "plan.json").exists()
