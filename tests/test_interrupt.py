@@ -7,14 +7,12 @@ import json
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from provisioner import agent
+from fake_agent import AgentConn, all_applied, two_role_inventory
 from provisioner.events import Events
 from provisioner.interrupt import Stop, on_signals
-from provisioner.inventory import load_inventory_file
 from provisioner.runner import Options, Runner
 
 ROLE = '''from provisioner.ops import files
@@ -25,51 +23,29 @@ def resources(v, ctx):
 '''
 
 
-class FakeConn:
+class FakeConn(AgentConn):
     """Answers like the agent on a server where nothing exists yet; `during_apply` runs while
     an apply is 'on the server'."""
 
     def __init__(self, host, log, during_apply=lambda: None):
-        self.host, self.log, self.during_apply, self.commands = host, log, during_apply, 0
+        super().__init__(self.reply)
+        self.host, self.log, self.during_apply = host, log, during_apply
 
-    def open(self):
-        pass
-
-    def close(self):
-        pass
-
-    def run(self, argv, stdin=None):
-        self.commands += 1
-        doc = json.loads(stdin)
-        op, req = doc["op"], doc["request"]
+    def reply(self, op, req):
         self.log.append((self.host.name, op))
         if op == "facts":
-            body = {"facts": {"os": {"id": "debian", "version_id": "12"},
+            return {"facts": {"os": {"id": "debian", "version_id": "12"},
                               "files": {p: {"exists": False} for p in req.get("files", [])},
                               **({"run_lock": {"acquired": True}} if "run_lock" in req else {})}}
-        elif op == "apply":
+        if op == "apply":
             self.during_apply()
-            body = {"ok": True, "handlers": [],
-                    "results": [{"id": c["id"], "status": "ok"} for c in req["changes"]]}
-        else:
-            body = {"released": True}
-        body["agent"] = {"version": agent.PROTOCOL}
-        out = agent.MARKER + json.dumps(body).encode()
-        return SimpleNamespace(stdout=out, stderr=b"", rc=0)
+            return all_applied(req)
+        return {"released": True}
 
 
 @pytest.fixture
 def inv(tmp_path):
-    for name in ("one", "two"):
-        (tmp_path / "roles" / name).mkdir(parents=True)
-        (tmp_path / "roles" / name / "defaults.yml").write_text(f"{name}_x: 1\n")
-        (tmp_path / "roles" / name / "__init__.py").write_text(ROLE.replace("{name}", name))
-    doc = {"env": "stoptest", "known_hosts": str(tmp_path / "known_hosts"),
-           "ssh": {"user": "root"},
-           "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
-           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
-    (tmp_path / "stoptest.yml").write_text(json.dumps(doc))
-    return load_inventory_file(tmp_path / "stoptest.yml", roles_root=[tmp_path / "roles"])
+    return two_role_inventory(tmp_path, "stoptest", ROLE, "{name}_x: 1")
 
 
 def test_a_stop_during_an_apply_lets_it_finish_and_starts_nothing_more(inv):

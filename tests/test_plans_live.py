@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from engine_helpers import REPO, TEST_ROLES, inventory, sh
+from engine_helpers import TEST_ROLES, inventory, sh
 from test_cli import cli, events
 
 pytestmark = pytest.mark.usefixtures("testbed", "fresh_servers")

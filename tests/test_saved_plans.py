@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from provisioner import agent, lock, plan, shards
+from fake_agent import AgentConn, all_applied, two_role_inventory
+from provisioner import lock, plan, shards
 from provisioner.errors import InputError
 from provisioner.events import Events
-from provisioner.inventory import load_inventory_file
 from provisioner.runner import Options, Runner
 
 ROLE = '''from provisioner.ops import files
@@ -58,39 +58,13 @@ class FakeServer:
                     if "write" in step:
                         self.files[step["write"]] = base64.b64decode(step["b64"]).decode()
                         self.files.update(self.side_effects.get(step["write"], {}))
-            return {"ok": True, "handlers": [],
-                    "results": [{"id": c["id"], "status": "ok"} for c in req["changes"]]}
+            return all_applied(req)
         return {"released": True}
-
-
-class FakeConn:
-    def __init__(self, server):
-        self.server, self.commands = server, 0
-
-    def open(self):
-        pass
-
-    def close(self):
-        pass
-
-    def run(self, argv, stdin=None):
-        self.commands += 1
-        doc = json.loads(stdin)
-        body = {**self.server.answer(doc["op"], doc["request"]), "agent": {"version": agent.PROTOCOL}}
-        return SimpleNamespace(stdout=agent.MARKER + json.dumps(body).encode(), stderr=b"", rc=0)
 
 
 @pytest.fixture
 def inv(tmp_path):
-    for name in ("one", "two"):
-        (tmp_path / "roles" / name).mkdir(parents=True)
-        (tmp_path / "roles" / name / "defaults.yml").write_text(f"{name}_text: {name}\n")
-        (tmp_path / "roles" / name / "__init__.py").write_text(ROLE.replace("{name}", name))
-    doc = {"env": "plantest", "known_hosts": str(tmp_path / "known_hosts"), "ssh": {"user": "root"},
-           "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
-           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
-    (tmp_path / "plantest.yml").write_text(json.dumps(doc))
-    return load_inventory_file(tmp_path / "plantest.yml", roles_root=[tmp_path / "roles"])
+    return two_role_inventory(tmp_path, "plantest", ROLE, "{name}_text: {name}")
 
 
 def run(inv, servers, *, check=False, saved=None, last_run=False, task="provision"):
@@ -100,7 +74,7 @@ def run(inv, servers, *, check=False, saved=None, last_run=False, task="provisio
     hosts = inv.select(None)
     events.start([h.name for h in hosts])
     runner = Runner(inv, events, Options(saved=saved, last_run=last_run),
-                    connect=lambda h: FakeConn(servers[h.name]))
+                    connect=lambda h: AgentConn(servers[h.name].answer))
     results = runner.run(hosts)
     return SimpleNamespace(results={r.host: r for r in results}, events=events, out=out,
                            lines=lambda: [json.loads(x) for x in out.getvalue().splitlines()])

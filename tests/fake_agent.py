@@ -1,0 +1,47 @@
+"""A connection that answers the agent's requests in-process, for runner tests without servers:
+`answer(op, request)` returns the agent's answer body (the protocol version is added here)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Callable
+
+from provisioner import agent
+
+
+class AgentConn:
+    def __init__(self, answer: Callable[[str, dict], dict]):
+        self.answer, self.commands = answer, 0
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def run(self, argv, stdin=None):
+        self.commands += 1
+        doc = json.loads(stdin)
+        body = {**self.answer(doc["op"], doc["request"]), "agent": {"version": agent.PROTOCOL}}
+        return SimpleNamespace(stdout=agent.MARKER + json.dumps(body).encode(), stderr=b"", rc=0)
+
+
+def all_applied(request: dict) -> dict:
+    """The apply answer of a server where every change of `request` succeeded."""
+    return {"ok": True, "handlers": [],
+            "results": [{"id": c["id"], "status": "ok"} for c in request["changes"]]}
+
+
+def two_role_inventory(tmp_path, env: str, role_source: str, default: str):
+    """Env `env`: web1 and web2 (TEST-NET addresses: never reached) with roles one and two, each
+    `role_source` and the defaults line `default` with {name} filled in."""
+    from provisioner.inventory import load_inventory_file
+    for name in ("one", "two"):
+        (tmp_path / "roles" / name).mkdir(parents=True)
+        (tmp_path / "roles" / name / "defaults.yml").write_text(default.replace("{name}", name) + "\n")
+        (tmp_path / "roles" / name / "__init__.py").write_text(role_source.replace("{name}", name))
+    doc = {"env": env, "known_hosts": str(tmp_path / "known_hosts"), "ssh": {"user": "root"},
+           "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
+           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
+    (tmp_path / f"{env}.yml").write_text(json.dumps(doc))
+    return load_inventory_file(tmp_path / f"{env}.yml", roles_root=[tmp_path / "roles"])
