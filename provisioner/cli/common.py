@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import invoke
 from invoke import Exit
 
 from provisioner import lock, plan as saved_plan, shards
@@ -36,6 +37,14 @@ FLAG_HELP = {
     "shard": "k/n: only the k-th of n stable parts of the hosts (a CI matrix of n jobs)",
     "out": "with --check: save the plan to this file, for `invoke apply FILE`",
 }
+
+
+class Task(invoke.Task):
+    """A task whose flags never take `-h`: `invoke provision -h` stays help, whatever letters
+    its flags have free (`--shard` would take it: s and h are its first free letters)."""
+
+    def arg_opts(self, name, default, taken_names):
+        return super().arg_opts(name, default, set(taken_names) | {"h"})
 
 
 @dataclass

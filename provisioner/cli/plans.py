@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from invoke import task
 
-from provisioner.cli.common import FLAG_HELP, Extras, run_task
+from provisioner.cli.common import FLAG_HELP, Extras, Task, run_task
 
 
-@task(positional=["plan"], incrementable=["verbose"],
+@task(klass=Task, positional=["plan"], incrementable=["verbose"],
       help={"plan": "the file `invoke provision --check --out FILE` wrote",
             **{k: FLAG_HELP[k] for k in ("diff", "json", "yes", "serial", "forks", "verbose",
                                          "max_fail_percentage", "shard")}})
@@ -19,7 +19,7 @@ def apply(c, plan, diff=False, json=False, yes=False, serial=0, forks=50, verbos
              shard=shard, extras=Extras(saved=plan))
 
 
-@task(incrementable=["verbose"],
+@task(klass=Task, incrementable=["verbose"],
       help={k: FLAG_HELP[k] for k in ("env", "limit", "diff", "json", "yes", "forks", "verbose",
                                       "shard")})
 def drift(c, env="local", limit=None, diff=False, json=False, yes=False, forks=50, verbose=0,

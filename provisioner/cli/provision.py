@@ -9,7 +9,7 @@ from typing import Iterable
 import paramiko
 from invoke import Collection, Exit, task
 
-from provisioner.cli.common import FLAG_HELP, Extras, fail_input, inventory, load, run_task
+from provisioner.cli.common import FLAG_HELP, Extras, Task, fail_input, inventory, load, run_task
 from provisioner.connection import Connection, Unreachable, connect_error, fingerprint
 from provisioner.errors import EXIT_UNREACHABLE, InputError, display_path
 from provisioner.inventory import Host, Jump, known_host_name
@@ -19,7 +19,7 @@ from provisioner.varchecks import check_vars
 PROVISION_HELP = {**FLAG_HELP, "roles": "only these roles, comma-separated (in inventory order)"}
 
 
-@task(help=PROVISION_HELP, incrementable=["verbose"])
+@task(klass=Task, help=PROVISION_HELP, incrementable=["verbose"])
 def provision(c, env="local", limit=None, roles=None, check=False, diff=False, json=False, yes=False,
               serial=0, forks=50, verbose=0, detailed_exitcode=False, max_fail_percentage=0,
               shard=None, out=None):
