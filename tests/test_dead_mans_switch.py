@@ -17,7 +17,7 @@ from provisioner.connection import Result
 from provisioner.facts import Facts
 from provisioner.ops._base import run as run_step, write as write_step
 from provisioner.remote import agent as remote
-from provisioner.runner import Guard, HostResult, Runner
+from provisioner.runner import Guard, HostResult, Options, Runner
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_a_switch_that_fired_before_the_guard_confirmed_fails_the_role():
             self.warnings.append(message)
 
     runner = object.__new__(Runner)
-    runner.events = Events()
+    runner.events, runner.opts = Events(), Options()
 
     def answers(op, req):
         if op == "apply":

@@ -206,3 +206,21 @@ def test_shards_partition_the_hosts_and_never_move_one():
 def test_a_bad_shard_names_the_flag_and_the_fix(bad):
     with pytest.raises(InputError, match=r"--shard: expected k/n.*\n    fix: pass e.g. --shard 1/10"):
         shards.parse(bad)
+
+
+# --- the command line: bad input before any server -----------------------------------------
+
+def test_bad_plan_flags_and_files_are_exit_2_before_any_host(tmp_path):
+    from test_cli import cli, events, make_root
+    root = make_root(tmp_path, {"web1": 1})
+    r = cli(root, "provision", "--env", "test", "--out", "plan.json", "--json")
+    assert r.returncode == 2 and "--out: only means something with --check" in events(r)[0]["message"]
+    r = cli(root, "provision", "--env", "test", "--check", "--out", "no/such/dir/plan.json")
+    assert r.returncode == 2 and "the folder no/such/dir does not exist" in r.stderr
+    (root / "plan.json").write_text("{")
+    r = cli(root, "apply", "plan.json", "--json")
+    assert r.returncode == 2
+    assert [e["event"] for e in events(r)] == ["error", "recap"]          # no host was started
+    assert "plan.json: not JSON" in events(r)[0]["message"]
+    r = cli(root, "drift", "--env", "test", "--shard", "2/1")
+    assert r.returncode == 2 and "--shard: expected k/n" in r.stderr

@@ -10,7 +10,6 @@ import invoke
 from invoke import Exit
 
 from provisioner import lock, plan as saved_plan, shards
-
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem, display_path
 from provisioner.events import Events
 from provisioner.interrupt import Stop, on_signals
