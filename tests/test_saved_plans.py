@@ -224,3 +224,16 @@ def test_bad_plan_flags_and_files_are_exit_2_before_any_host(tmp_path):
     assert "plan.json: not JSON" in events(r)[0]["message"]
     r = cli(root, "drift", "--env", "test", "--shard", "2/1")
     assert r.returncode == 2 and "--shard: expected k/n" in r.stderr
+
+
+def test_a_plan_holds_no_secret_value(tmp_path):
+    from fake_agent import two_role_inventory
+    from provisioner.secret import Secret
+    Secret("plan-s3cret-value")                       # as a vault value registers itself
+    inv = two_role_inventory(tmp_path, "secrettest", ROLE, "{name}_text: 'pw=plan-s3cret-value'")
+    servers = {"web1": FakeServer({"/etc/one.conf": "pw=old\n"}), "web2": FakeServer()}
+    saved, path = saved_plan(inv, servers, tmp_path)
+    text = path.read_text()
+    assert "plan-s3cret-value" not in text and "***" in text
+    assert run(inv, servers, saved=saved.hosts, task="apply").events.exit_code(detailed=False) == 0
+    assert servers["web2"].files["/etc/one.conf"] == "pw=plan-s3cret-value\n"
