@@ -237,3 +237,67 @@ def test_a_plan_holds_no_secret_value(tmp_path):
     assert "plan-s3cret-value" not in text and "***" in text
     assert run(inv, servers, saved=saved.hosts, task="apply").events.exit_code(detailed=False) == 0
     assert servers["web2"].files["/etc/one.conf"] == "pw=plan-s3cret-value\n"
+
+
+# --- the whole command path in-process: the fake server behind the runner's Connection --------
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A checkout root with env plantest (the two-role inventory) whose hosts are fake servers;
+    returns (servers, task runner returning (exit code, events))."""
+    from invoke import Exit
+
+    from fake_agent import two_role_inventory
+    from provisioner import runner
+    from provisioner.cli import common
+    from sshpeers import ed25519_key, known_line
+    root = tmp_path / "root"
+    (root / "inventories").mkdir(parents=True)
+    two_role_inventory(root / "inventories", "plantest", ROLE, "{name}_text: {name}")
+    (root / "roles").symlink_to(root / "inventories" / "roles")
+    key = ed25519_key()
+    (root / "inventories" / "known_hosts").write_text(
+        known_line("192.0.2.1", key) + known_line("192.0.2.2", key))
+    monkeypatch.setattr(common, "REPO_ROOT", root)
+    monkeypatch.setattr(lock, "git_state", lambda repo: ("c0ffee" * 6 + "c0ff", False))
+    servers = {"web1": FakeServer(), "web2": FakeServer()}
+    monkeypatch.setattr(runner, "Connection",
+                        lambda host, *a, **kw: AgentConn(servers[host.name].answer))
+
+    def task(capsys, name, **kw):
+        from provisioner.cli import plans, provision
+        fn = {"provision": provision.provision, "apply": plans.apply, "drift": plans.drift}[name]
+        capsys.readouterr()
+        try:
+            fn.body(None, json=True, yes=True, **kw)
+            code = 0
+        except Exit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, [json.loads(x) for x in out.out.splitlines()], out.err
+    return servers, task
+
+
+def test_the_commands_plan_apply_refuse_and_drift(checkout, capsys, tmp_path):
+    servers, task = checkout
+    path = str(tmp_path / "plan.json")
+    code, evs, err = task(capsys, "provision", env="plantest", check=True, out=path)
+    assert code == 0 and "wrote" in err and "2 host(s), 4 change(s)" in err
+    assert servers["web1"].files == {}
+    servers["web2"].files["/etc/two.conf"] = "by hand\n"
+    code, evs, _ = task(capsys, "apply", plan=path)
+    assert code == 2
+    assert servers["web1"].files == {"/etc/one.conf": "one\n", "/etc/two.conf": "two\n"}
+    assert servers["web2"].files == {"/etc/two.conf": "by hand\n"}
+    assert evs[0]["event"] == "start" and evs[0]["env"] == "plantest" and evs[0]["task"] == "apply"
+    assert [e["event"] for e in evs[-2:]] == ["error", "recap"]
+    assert "web2: 1 fact(s) drifted since the plan: file /etc/two.conf" in evs[-2]["message"]
+    code, evs, _ = task(capsys, "drift", env="plantest")
+    assert code == 5
+    assert {e["host"]: e["drifted"] for e in evs if e["event"] == "drift"} == {
+        "web1": [], "web2": ["file /etc/one.conf", "file /etc/two.conf"]}
+    assert task(capsys, "provision", env="plantest")[0] == 0
+    assert task(capsys, "drift", env="plantest")[0] == 0
+    code, evs, _ = task(capsys, "drift", env="plantest", shard="1/2")
+    code2, evs2, _ = task(capsys, "drift", env="plantest", shard="2/2")
+    assert sorted(evs[0]["hosts"] + evs2[0]["hosts"]) == ["web1", "web2"]
