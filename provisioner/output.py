@@ -176,14 +176,16 @@ class HumanWriter:
 
     def drift_lines(self, ev: dict) -> list[Line]:
         last = ev.get("last_run")
-        since = (f"since the last run that changed it, {one_line(last['ts'])} by "
-                 f"{one_line(last['who'])}@{one_line(last['from'])} (config {one_line(last['config'])})"
-                 if last else "no run of ours on record")
+        run = (f"{one_line(last['ts'])} by {one_line(last['who'])}@{one_line(last['from'])}, "
+               f"config {one_line(last['config'])}" if last else None)
+        host = one_line(ev["host"])
         if not ev["drifted"]:
-            return [(f"drift: {one_line(ev['host'])}: matches its roles ({since})", "green")]
+            return [(f"drift: {host}: matches its roles"
+                     + (f" (last run that changed it: {run})" if run else ""), "green")]
         n = len(ev["drifted"])
-        return [(f"drift: {one_line(ev['host'])}: {n} resource{'' if n == 1 else 's'} drifted "
-                 f"{since}: {', '.join(one_line(d) for d in ev['drifted'])}", "yellow")]
+        since = f"since the last run that changed it ({run})" if run else "(no run of ours on record)"
+        return [(f"drift: {host}: {n} resource{'' if n == 1 else 's'} drifted {since}: "
+                 f"{', '.join(one_line(d) for d in ev['drifted'])}", "yellow")]
 
     def recap_rows(self, ev: dict) -> list[list[str]]:
         """Rows of the recap table: one per host, then the totals (no header)."""

@@ -301,3 +301,18 @@ def test_the_commands_plan_apply_refuse_and_drift(checkout, capsys, tmp_path):
     code, evs, _ = task(capsys, "drift", env="plantest", shard="1/2")
     code2, evs2, _ = task(capsys, "drift", env="plantest", shard="2/2")
     assert sorted(evs[0]["hosts"] + evs2[0]["hosts"]) == ["web1", "web2"]
+
+
+def test_drift_verdicts_for_people():
+    out = io.StringIO()
+    ev = Events(task="drift", env="prod", json_out=False, verbose=0, diff=False, check=True,
+                stream_out=out, stream_err=io.StringIO(), tty=False)
+    ev.start(["web1", "web2"])
+    ev.drift("web1", [], {"ts": "2026-11-30T10:00:00+00:00", "who": "ci", "from": "runner",
+                          "config": "abc123456789"})
+    ev.drift("web2", ["file /etc/motd", "apt nginx"], None)
+    lines = out.getvalue().splitlines()[1:]
+    assert lines == [
+        "drift: web1: matches its roles (last run that changed it: 2026-11-30T10:00:00+00:00 by "
+        "ci@runner, config abc123456789)",
+        "drift: web2: 2 resources drifted (no run of ours on record): file /etc/motd, apt nginx"]
