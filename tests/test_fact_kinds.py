@@ -148,3 +148,12 @@ def test_the_new_kinds_on_a_real_server(testbed):
     assert f.dir("/etc/apt")["sources.list.d"]["type"] == "dir"
     assert f.sha256("/etc/hostname") == hashlib.sha256(b"db1\n").hexdigest()
     assert "error" in f.http("http://127.0.0.1:1/")
+
+
+def test_last_lines_read_a_long_log_from_its_end(tmp_path):
+    log = tmp_path / "audit.log"
+    log.write_text("".join(f'{{"n": {i}}}\n' for i in range(100_000)) + "\n")   # ~1 MiB, blank end
+    (tmp_path / "empty").write_text("")
+    f = Facts(facts_of({"last_lines": [str(log), str(tmp_path / "empty"), str(tmp_path / "no")]}))
+    assert f.last_line(str(log)) == '{"n": 99999}'
+    assert f.last_line(str(tmp_path / "empty")) is None and f.last_line(str(tmp_path / "no")) is None
