@@ -82,3 +82,18 @@ def test_the_gitlab_pipeline_gates_prod_with_a_manual_job_in_a_protected_environ
     assert doc["prod"]["environment"]["name"] == "production"
     assert doc["staging"]["resource_group"] and doc["prod"]["resource_group"]
     assert len(doc["drift"]["parallel"]["matrix"][0]["SHARD"]) == 10
+
+
+def test_the_drift_timer_and_service_are_valid_systemd_units(tmp_path):
+    import shutil
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is missing (Debian's systemd package has it)")
+    for f in (REPO / "examples" / "drift").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "provisioner-drift.timer"),
+                        str(tmp_path / "provisioner-drift.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    service = (tmp_path / "provisioner-drift.service").read_text()
+    assert "ExecStart=/usr/bin/env invoke drift --env prod --yes" in service
+    assert "PASSWORD=" not in service.replace("PASSWORD_FILE=", "")    # never the password itself
