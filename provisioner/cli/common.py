@@ -196,7 +196,7 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
     refused = [f"{r.host}: {r.error}" for r in results if r.status == "refused"]
     if extras.drift:
         _drift_summary(events, results)
-    if out is not None:
+    if out is not None and not stop:           # an interrupted plan is no plan to review
         _save_plan(events, out, inv, role_list, results)
     if stop:
         return events.fail_run(stop.code, f"{stop.reason}: no host or role was started after "
