@@ -204,16 +204,57 @@ def test_another_major_already_on_the_server_stops_the_role_with_how_to_upgrade(
     import dataclasses
     v, ctx = ctx_for(tmp_path)
     ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": "13"})
-    first = next(r for r in ROLE.resources(v, ctx))
+    resources = list(ROLE.resources(v, ctx))
+    assert "postgresql upgrade to 17/main" not in [r.id for r in resources]   # only when asked
     facts = Facts({"dirs": {"/etc/postgresql": {"entries": {m: {"type": "dir"} for m in on_server}}}})
     if not refused:
-        assert [type(x).__name__ for x in first.plan(facts)] == ["Noop"]
+        assert [type(x).__name__ for x in resources[0].plan(facts)] == ["Noop"]
         return
     with pytest.raises(ops.PlanError) as info:
-        first.plan(facts)
+        resources[0].plan(facts)
     assert "PostgreSQL 15 already holds this server's data" in str(info.value)
     assert "`pg_upgradecluster 15 main`" in str(info.value)
+    assert "postgresql_upgrade: true" in str(info.value)
     assert 'postgresql_version: "15"' in str(info.value)
+
+
+def _dirs(**entries) -> Facts:
+    return Facts({"dirs": {path: {"entries": {n: {"type": "dir"} for n in names}} if names is not None
+                           else None for path, names in entries.items()}})
+
+
+@pytest.mark.parametrize("etc, etc17, upgrade_from", [
+    (None, None, None),                     # fresh server: the install makes 17/main itself
+    (["15"], None, "15"),                   # upgraded from Debian 12: 15/main holds the data
+    (["13", "15"], None, "15"),             # the newest older one
+    (["15", "17"], ["main"], None),         # done before: 15 kept, stopped, for a rollback
+])
+def test_postgresql_upgrade_runs_pg_upgradecluster_only_where_an_older_cluster_holds_the_data(
+        tmp_path, etc, etc17, upgrade_from):
+    import dataclasses
+    v, ctx = ctx_for(tmp_path, postgresql_upgrade=True)
+    ctx = dataclasses.replace(ctx, os={**ctx.os, "version_id": "13"})
+    resources = list(ROLE.resources(v, ctx))
+    ids = [r.id for r in resources]
+    assert ids.index("apt postgresql-17") < ids.index("postgresql upgrade to 17/main") \
+        < ids.index("template /etc/postgresql/17/main/pg_hba.conf")
+    facts = _dirs(**{"/etc/postgresql": etc, "/etc/postgresql/17": etc17})
+    assert [type(x).__name__ for x in resources[0].plan(facts)] == ["Noop"]    # not refused
+    upgrade = resources[ids.index("postgresql upgrade to 17/main")]
+    planned = upgrade.plan(facts)
+    if upgrade_from is None:
+        assert [type(x).__name__ for x in planned] == ["Noop"]
+        return
+    assert [step["run"] for step in planned[0].steps] == [
+        ["pg_upgradecluster", "-v", "17", upgrade_from, "main"]]
+
+
+def test_a_newer_cluster_is_never_downgraded(tmp_path):
+    v, ctx = ctx_for(tmp_path, postgresql_version="15", postgresql_upgrade=True)
+    first = next(iter(ROLE.resources(v, ctx)))
+    with pytest.raises(ops.PlanError, match=r"PostgreSQL 17 holds this server's data .* never "
+                                            r"downgraded\. Set postgresql_version: \"17\""):
+        first.plan(_dirs(**{"/etc/postgresql": ["17"]}))
 
 
 def test_a_release_without_a_known_default_asks_for_the_version(tmp_path):

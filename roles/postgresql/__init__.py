@@ -22,7 +22,7 @@ import runpy
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.api import (Connection, Guard, Noop, PlanError, Secret, Unreachable, apt, commands,
+from provisioner.api import (Change, Connection, Guard, Noop, PlanError, Secret, Unreachable, apt, commands,
                              config_settings, files, is_secret, private_address, run_step, systemd,
                              templates)
 
@@ -196,7 +196,7 @@ def config(v: dict, ctx) -> dict:
                               "user": u["name"], "address": cidr, "why": why})
     return {"version": version, "cluster": cluster, **_paths(version, cluster),
             "listen": listen, "port": port, "settings": lines, "rules": rules,
-            "hba_extra": list(extra), "users": users, "databases": databases,
+            "hba_extra": list(extra), "upgrade": v["postgresql_upgrade"], "users": users, "databases": databases,
             "sources": sources}
 
 
@@ -268,13 +268,21 @@ def database_sql(d: dict) -> str:
     return "\n".join(sql) + "\n"
 
 
+def _majors(facts) -> list[str]:
+    """The PostgreSQL majors with a config folder on the server, oldest first."""
+    return sorted((name for name, e in (facts.dir("/etc/postgresql") or {}).items()
+                   if e.get("type") == "dir" and name.isdigit()), key=int)
+
+
 @dataclass(frozen=True)
 class NoOtherMajor:
     """Refuses to put a second cluster of another major beside an existing one (a server
     upgraded from Debian 12 to 13 keeps its PostgreSQL 15 cluster, whose data the new 17 would
-    not see): the run stops before anything is installed and says how to upgrade."""
+    not see): the run stops before anything is installed and says how to upgrade, unless
+    postgresql_upgrade asks the role to do it (UpgradeCluster, after the install)."""
     version: str
     cluster: str
+    upgrade: bool = False
 
     @property
     def id(self) -> str:
@@ -284,19 +292,57 @@ class NoOtherMajor:
         return {"dirs": ["/etc/postgresql"]}
 
     def plan(self, facts) -> list:
-        majors = sorted((name for name, e in (facts.dir("/etc/postgresql") or {}).items()
-                         if e.get("type") == "dir" and name.isdigit()), key=int)
+        majors = _majors(facts)
         others = [m for m in majors if m != self.version]
         if not others or self.version in majors:
             return [Noop(self.id, f"clusters on the server: {', '.join(majors) or 'none yet'}")]
         old = others[-1]
+        if int(old) > int(self.version):
+            raise PlanError(
+                f"PostgreSQL {old} holds this server's data (/etc/postgresql/{old}) and "
+                f"PostgreSQL {self.version} is older: a cluster is never downgraded. Set "
+                f"postgresql_version: \"{old}\" (nothing was installed)")
+        if self.upgrade:
+            return [Noop(self.id, f"PostgreSQL {old}'s cluster {self.cluster} is upgraded to "
+                                  f"{self.version} after the install (postgresql_upgrade)")]
         raise PlanError(
             f"PostgreSQL {old} already holds this server's data (/etc/postgresql/{old}) and "
             f"PostgreSQL {self.version} is the one to run now (postgresql_version, or the server's "
-            f"Debian default): nothing was installed. To upgrade the data: `pg_upgradecluster "
-            f"{old} {self.cluster}` as root (it keeps {old} stopped for a rollback; "
-            f"`pg_dropcluster {old} {self.cluster}` once checked); to stay on {old}: set "
+            f"Debian default): nothing was installed. To upgrade the data: set "
+            f"postgresql_upgrade: true (the role runs `pg_upgradecluster {old} {self.cluster}`, "
+            f"which keeps {old} stopped for a rollback; `pg_dropcluster {old} {self.cluster}` "
+            f"once checked), or run that command as root yourself; to stay on {old}: set "
             f"postgresql_version: \"{old}\"")
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class UpgradeCluster:
+    """postgresql_upgrade: the newest older major's cluster becomes this version's, with
+    Debian's pg_upgradecluster (dump and restore into a new cluster that takes the old one's
+    port; the old one is kept, stopped and set to start manually). Runs after postgresql-N is
+    installed: on a server with another cluster, installing it creates no cluster of its own."""
+    version: str
+    cluster: str
+
+    @property
+    def id(self) -> str:
+        return f"postgresql upgrade to {self.version}/{self.cluster}"
+
+    def facts(self) -> dict:
+        return {"dirs": ["/etc/postgresql", f"/etc/postgresql/{self.version}"]}
+
+    def plan(self, facts) -> list:
+        if self.cluster in (facts.dir(f"/etc/postgresql/{self.version}") or {}):
+            return [Noop(self.id, f"cluster {self.version}/{self.cluster} exists")]
+        older = [m for m in _majors(facts) if int(m) < int(self.version)]
+        if not older:
+            return [Noop(self.id, "no older cluster on the server")]
+        argv = ["pg_upgradecluster", "-v", self.version, older[-1], self.cluster]
+        return [Change(self.id, "upgrade", f"PostgreSQL {older[-1]}'s cluster {self.cluster} "
+                       f"holds the data, {self.version} has none", (run_step(argv),))]
 
     def expect(self, facts) -> dict:
         return {}
@@ -305,8 +351,10 @@ class NoOtherMajor:
 def resources(v, ctx):
     c = config(v, ctx)
     cid = c["cluster_id"]
-    yield NoOtherMajor(c["version"], c["cluster"])
+    yield NoOtherMajor(c["version"], c["cluster"], c["upgrade"])
     yield apt.packages([f"postgresql-{c['version']}"])
+    if c["upgrade"]:
+        yield UpgradeCluster(c["version"], c["cluster"])
     yield files.directory(TOOL_DIR, mode="0755")
     yield files.file(TOOL, TOOL_SOURCE, mode="0644")
     # the drop-in is checked by PostgreSQL itself (unknown names, bad values, ranges)
