@@ -93,21 +93,30 @@ def reject(var: str, problem: str, fix: str) -> VarError:
     raise VarError(var, problem, fix)
 
 
+# Where a service that must stay off the internet may listen: RFC 1918, RFC 6598 (carrier-grade
+# NAT, used by some clouds' private networks), loopback, IPv6 unique-local. An allow-list, so
+# that 0.0.0.0 / :: (every interface), link-local and anything new are refused too.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+    "fc00::/7", "::1/128"))
+
+
 def private_address(var: str, given: str, host: Host, service: str):
     """The address a service listens on besides loopback: `given` (the var's value), or else the
-    host's inventory address. One that is not an IP, or is public, is refused: a database must
-    never listen on the internet."""
+    host's inventory address. One that is not an IP, or not in PRIVATE_NETWORKS, is refused
+    (VarError): a database must never listen on the internet."""
     address = given or host.address
+    what = f"{address!r}" if given else f"the host's inventory address {address!r}"
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        raise ValueError(f"{var}: {address!r} is not an IP address; set {var} to the server's "
-                         "private IP address") from None
-    if ip.is_global:
-        what = var if given else "the host's inventory address"
-        raise ValueError(f"{var}: {what} {address} is a public address, and {service} must not "
-                         f"listen on one; set {var} to the server's private IP address (or "
-                         "127.0.0.1 for local clients only)")
+        reject(var, f"{what} is not an IP address", f"set {var} to the server's private IP "
+               "address, e.g. 10.0.0.5")
+    if not any(ip in net for net in PRIVATE_NETWORKS):
+        reject(var, f"{what} is not a private address (RFC 1918, RFC 6598, loopback or IPv6 "
+               f"unique-local), and {service} must not listen on a public one or on every "
+               "interface", f"set {var} to the server's private IP address (or 127.0.0.1 "
+               "for local clients only)")
     return ip
 
 

@@ -3,6 +3,7 @@ are refused before any server is touched (exit 2, where the var was set, the fix
 yielding something that is not a Resource is refused naming its line."""
 from __future__ import annotations
 
+import re
 import ast
 import json
 from pathlib import Path
@@ -229,3 +230,20 @@ def test_a_role_that_reads_the_servers_os_is_built_only_once_connected(tmp_path)
         "    if (ctx.os or {}).get('id') != 'debian':\n        raise ValueError('not Debian')\n"
         "    yield files.file('/etc/x', 'y')\n"))
     check_vars(inv, inv.hosts.values(), lambda r: load_role(inv.roles[r]))     # no error
+
+
+@pytest.mark.parametrize("address, ok", [
+    ("10.0.0.5", True), ("172.16.3.4", True), ("192.168.1.1", True), ("100.64.0.9", True),
+    ("127.0.0.1", True), ("fd00::5", True),
+    ("0.0.0.0", False), ("::", False),             # every interface, the public ones included
+    ("203.0.113.7", False), ("8.8.8.8", False), ("169.254.1.1", False), ("2001:db8::1", False),
+])
+def test_private_address_allows_private_networks_only(address, ok):
+    from types import SimpleNamespace
+    from provisioner.api import VarError, private_address
+    host = SimpleNamespace(address="10.9.9.9")
+    if ok:
+        assert str(private_address("x_bind", address, host, "x")) == address
+        return
+    with pytest.raises(VarError, match=rf"x_bind: '{re.escape(address)}' is not a private address"):
+        private_address("x_bind", address, host, "x")

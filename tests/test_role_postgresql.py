@@ -151,11 +151,11 @@ def test_a_public_address_is_refused(tmp_path):
     """PostgreSQL listens on the inventory address by default: a public one must not be it."""
     import dataclasses
     v, ctx = ctx_for(tmp_path, postgresql_listen_address="1.2.3.4")
-    with pytest.raises(ValueError, match="postgresql_listen_address 1.2.3.4 is a public"):
+    with pytest.raises(ValueError, match="postgresql_listen_address: '1.2.3.4' is not a private address"):
         list(ROLE.resources(v, ctx))
     v, ctx = ctx_for(tmp_path)
     ctx = dataclasses.replace(ctx, host=dataclasses.replace(ctx.host, address="1.2.3.4"))
-    with pytest.raises(ValueError, match="the host's inventory address 1.2.3.4 is a public.*private IP"):
+    with pytest.raises(ValueError, match="the host's inventory address '1.2.3.4' is not a private address.*private IP"):
         list(ROLE.resources(v, ctx))
 
 

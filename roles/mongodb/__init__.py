@@ -45,7 +45,6 @@ import base64
 import binascii
 import hashlib
 import io
-import ipaddress
 import json
 import posixpath
 import re
@@ -57,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.api import (Change, Facts, Noop, abs_path, apt, directory_step, file_fact, files,
-                             is_secret, render, run_step, systemd, templates, write_step)
+                             is_secret, private_address, render, run_step, systemd, templates,
+                             write_step)
 
 MONGOSH = ("mongosh", "--quiet", "--nodb", "--norc", "--file", "/dev/stdin")
 STAGING = "/var/lib/provisioner/mongodb-debs"
@@ -68,9 +68,6 @@ DB_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
 USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}\Z")
 ROLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,119}\Z")
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",   # RFC 1918, RFC 6598
-    "127.0.0.0/8", "fc00::/7", "::1/128"))                                # loopback, IPv6 ULA
 RESERVED_DBS = ("admin", "local", "config", "provisioner")
 INDEX_KEY_TYPES = (1, -1, "text", "2dsphere", "2d", "hashed")
 INDEX_OPTIONS = ("name", "unique", "sparse", "expireAfterSeconds", "partialFilterExpression",
@@ -127,21 +124,7 @@ def _local_path(v, ctx, value: str) -> Path:
 
 def bind_addresses(v, ctx) -> tuple[tuple[str, ...], bool]:
     """127.0.0.1 plus the private address (bindIp), and whether one of them is IPv6."""
-    given = v["mongodb_bind_address"]
-    var = "mongodb_bind_address"
-    raw = given or ctx.host.address
-    try:
-        addr = ipaddress.ip_address(raw)
-    except ValueError:
-        if given:
-            raise _bad(var, f"{given!r} is not an IP address", "write one, e.g. 10.0.0.5") from None
-        raise _bad(var, f"the host's inventory address {raw!r} is not an IP address",
-                   "set mongodb_bind_address to the host's private IP") from None
-    if not any(addr in net for net in PRIVATE_NETWORKS):
-        what = f"{raw!r} is not a private address" if given else \
-            f"the host's inventory address {raw!r} is not a private address"
-        raise _bad(var, what, "mongod must not listen on a public address: set "
-                   "mongodb_bind_address to the host's private IP (RFC 1918 / ULA)")
+    addr = private_address("mongodb_bind_address", v["mongodb_bind_address"], ctx.host, "mongod")
     out = ["127.0.0.1"]
     if str(addr) not in out:
         out.append(str(addr))
