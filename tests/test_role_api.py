@@ -3,9 +3,9 @@ are refused before any server is touched (exit 2, where the var was set, the fix
 yielding something that is not a Resource is refused naming its line."""
 from __future__ import annotations
 
-import re
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
