@@ -1,12 +1,12 @@
 """provisioner's command line: `invoke --list` shows every task."""
 from invoke import Collection
 
-from provisioner.cli import flags, hostvars, plans, provision, report, status, testbed, vault
+from provisioner.cli import flags, hostvars, logs, plans, provision, report, status, testbed, vault
 
 flags.install()
 
 ns = Collection(provision.provision, provision.check, hostvars.show_vars, plans.apply, plans.drift,
-                report.report, status.status)
+                report.report, status.status, logs.logs)
 ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)
