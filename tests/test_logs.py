@@ -3,7 +3,6 @@ over a pm2 log folder made here, the redaction and escape stripping, the merge b
 hosts, --follow ending when the controller closes the exec, and bad flags refused."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

@@ -189,3 +189,58 @@ def test_a_bad_rule_fails_the_run_and_prometheus_keeps_its_rules(monitored):
     assert sh(MON, "systemctl is-active prometheus").stdout.strip() == "active"
     names = {r["name"] for g in api("/api/v1/rules")["groups"] for r in g["rules"]}
     assert "AppDown" in names and "Broken" not in names
+
+
+def _vault_secret(name: str) -> str:
+    from provisioner.cli.common import REPO_ROOT
+    from provisioner.vault import open_env_vault
+    return open_env_vault("local", REPO_ROOT, False)[name].reveal()
+
+
+def test_status_names_a_stopped_app_and_exits_non_zero(monitored):
+    """One table row per host; with sample stopped on web2, `status` exits 1 and says so."""
+    r = invoke("status", "--env", "local", "--json", "--yes", check=False, timeout=120)
+    doc = json.loads(r.stdout)
+    assert set(doc["hosts"]) == {"web1", "web2", "db1", "vault", "lb1", "mon1"}
+    assert all(h["reachable"] for h in doc["hosts"].values()), doc
+    assert r.returncode == (0 if doc["ok"] else 1)
+    web2 = doc["hosts"]["web2"]
+    assert web2["apps"][0]["name"] == "sample" and web2["apps"][0]["online"] == 2
+    assert web2["apps"][0]["release"] is None     # copy_sample_app makes a folder, not a release link
+    assert doc["hosts"]["lb1"]["certificates"][0]["days_left"] > 14
+    assert isinstance(doc["hosts"]["mon1"]["alerts"], list)      # Alertmanager answered
+    pm2("web2", "stop", "sample")
+    try:
+        r = invoke("status", "--env", "local", "--limit", "web2", "--yes", check=False, timeout=120)
+        assert r.returncode == 1 and "! web2: app sample: 0 of 2 instances online" in r.stdout
+    finally:
+        pm2("web2", "start", "sample")
+
+
+def test_logs_merge_hosts_and_redact_the_vaults_secrets(monitored):
+    secret = _vault_secret("pg_app_password")
+    for host in ("web1", "web2"):
+        sh(host, f"logger -t livetest 'from {host}: the password is {secret}'")
+    r = invoke("logs", "--env", "local", "--limit", "app", "--grep", "livetest|from web",
+               "--since", "5m", "--yes", timeout=120)
+    lines = [l for l in r.stdout.splitlines() if "the password is" in l]
+    assert {l.split()[0] for l in lines} == {"web1", "web2"}
+    assert all(l.endswith("the password is ***") for l in lines), lines
+    assert secret not in r.stdout + r.stderr
+
+
+def test_logs_follow_ends_on_ctrl_c_and_leaves_no_reader_behind(monitored):
+    import signal
+    import subprocess
+    import sys
+    from engine_helpers import REPO
+    p = subprocess.Popen([sys.executable, "-m", "invoke", "logs", "--env", "local", "--limit",
+                          "web1", "--unit", "ssh", "--follow", "--yes"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    time.sleep(7)                       # the reader notices the closed exec at its keepalive (5 s)
+    left = sh("web1", "pgrep -fc 'python3 - {\"since\"' || true").stdout.strip()
+    assert left == "0"

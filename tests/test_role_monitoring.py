@@ -101,7 +101,7 @@ def test_agent_exporters_follow_the_host_roles_and_listen_on_the_private_address
 def test_a_public_listen_address_is_refused():
     inv = local()
     v = dict(inv.hostvars("web1"), monitoring_agent_listen_address="8.8.8.8")
-    with pytest.raises(VarError, match="monitoring_agent_listen_address"):
+    with pytest.raises(ValueError, match="monitoring_agent_listen_address.*public"):
         agent.check(v, ctx(inv, "web1"))
 
 
