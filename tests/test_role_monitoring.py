@@ -217,3 +217,33 @@ def test_the_rules_fire_on_the_figures_they_watch(tmp_path):
     p = subprocess.run(["promtool", "test", "rules", "rules.test.yml"], cwd=d,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path):
+    """roles/monitoring_agent/host_metrics.py on this machine: the access log's new lines only,
+    a rotated log read from its start, the output for the textfile collector."""
+    import json
+    import sys
+    log = tmp_path / "access.log"
+    line = ('10.0.0.1 - - [01/Dec/2026:10:00:00 +0000] "GET / HTTP/1.1" {status} 12 "-" "x" '
+            'host=a request_time={t} upstream=1 upstream_status={status} upstream_time={t}\n')
+    log.write_text(line.format(status=200, t="0.004") + line.format(status=502, t="1.5"))
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"out": str(tmp_path / "out.prom"), "state": str(tmp_path / "st"),
+                               "pm2": None, "fail2ban": False, "nginx_log": str(log)}))
+
+    def run() -> dict:
+        subprocess.run([sys.executable, str(REPO / "roles/monitoring_agent/host_metrics.py"), str(cfg)],
+                       check=True)
+        return dict(l.rsplit(" ", 1) for l in (tmp_path / "out.prom").read_text().splitlines())
+    got = run()
+    assert got['nginx_http_responses_total{code="5xx"}'] == "1"
+    assert got['nginx_http_request_duration_seconds_bucket{le="1"}'] == "1"
+    assert got["nginx_http_request_duration_seconds_count"] == "2"
+    assert run()["nginx_http_request_duration_seconds_count"] == "2"      # nothing new: same
+    log.rename(tmp_path / "access.log.1")                                  # logrotate
+    log.write_text(line.format(status=503, t="0.2"))
+    got = run()
+    assert got['nginx_http_responses_total{code="5xx"}'] == "2" and got[
+        "nginx_http_request_duration_seconds_count"] == "3"
+    assert got['provisioner_host_metrics_ok{part="nginx"}'] == "1"

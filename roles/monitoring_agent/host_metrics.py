@@ -55,7 +55,7 @@ def pm2_lines(cfg):
     for proc in procs:
         env = proc.get("pm2_env") or {}
         name, inst = proc.get("name", "?"), env.get("NODE_APP_INSTANCE", proc.get("pm_id", 0))
-        labels = f'app="{label(name)}",instance="{label(inst)}"'
+        labels = f'app="{label(name)}",pm2_instance="{label(inst)}"'   # `instance` is the host's
         up = env.get("status") == PM2_STATUS_OK
         online[name] = online.get(name, 0) + int(up)
         monit = proc.get("monit") or {}
