@@ -291,6 +291,8 @@ class Connection:
                         asks = None
             elif chan.exit_status_ready() and chan.eof_received:
                 break
+            elif chan.closed:                 # closed under us (logs --follow ended by Ctrl-C)
+                break
             else:
                 left = timeout - (time.monotonic() - started)
                 if left <= 0:

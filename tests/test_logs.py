@@ -103,3 +103,55 @@ def test_an_app_is_read_only_where_pm2_runs_it():
     cfg = logs.reader_config(inv, inv.hosts["web2"], **args)
     assert cfg["since"] == 7200 and cfg["app"] == {"name": "sample", "home": "/home/app",
                                                    "unit": "pm2-app.service"}
+
+
+class FollowedChannel:
+    """A channel that streams two chunks, then is closed by the controller (Ctrl-C): no exit
+    status and no EOF ever arrive."""
+
+    def __init__(self):
+        self.chunks = [b'{"ts": 1, "src": "a", "msg": "one"}\n', b'{"ts": 2, "src": "a", "msg": "two"}\n']
+        self.closed = False
+
+    def exec_command(self, command):
+        self.command = command
+
+    def sendall(self, data):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def recv_ready(self):
+        return bool(self.chunks)
+
+    def recv(self, n):
+        chunk = self.chunks.pop(0)
+        if not self.chunks:
+            self.closed = True
+        return chunk
+
+    recv_stderr_ready = lambda self: False      # noqa: E731
+    exit_status_ready = lambda self: self.closed  # noqa: E731 (paramiko: closed counts as ready)
+    eof_received = False
+
+    def recv_exit_status(self):
+        return -1
+
+    def close(self):
+        pass
+
+
+def test_a_streamed_exec_hands_on_every_chunk_and_ends_when_its_channel_closes():
+    from types import SimpleNamespace
+    from provisioner.connection import Connection
+    host = SimpleNamespace(name="h1", address="192.0.2.10", port=22, user="root",
+                           command_timeout=10, connect_timeout=5)
+    conn = Connection(host, "/nonexistent")
+    conn.open = lambda: None
+    chan = FollowedChannel()
+    conn._conn = SimpleNamespace(transport=SimpleNamespace(open_session=lambda timeout: chan))
+    got = []
+    r = conn.run(["python3", "-"], stdin=b"", on_stdout=Stream("h1", lambda h, e: got.append(e["msg"])),
+                 timeout=10 * 365 * 86400.0)
+    assert got == ["one", "two"] and r.stdout == b"" and r.rc == -1
