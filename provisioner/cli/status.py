@@ -1,5 +1,6 @@
 """`invoke status --env E`: one table (or --json) of every host's health, one exec per host;
-exit 1 when something needs attention, 3 when a host is unreachable (so CI can gate a deploy)."""
+exit 1 when something needs attention on a host that answered, else 3 when a host did not
+answer (so CI can gate a deploy)."""
 from __future__ import annotations
 
 import json as jsonlib
@@ -53,7 +54,8 @@ def status(c, env="local", limit=None, json=False, forks=50, yes=False):
         for s in statuses:
             if s.error:
                 print(f"  {s.name}: {s.error}", file=sys.stderr)
+    # as every task's codes: 1 (something needs attention) wins over 3 (a host did not answer)
+    if any(s.attention for s in statuses if s.doc is not None):
+        raise Exit(code=1)
     if any(s.doc is None for s in statuses):
         raise Exit(code=EXIT_UNREACHABLE)
-    if any(s.attention for s in statuses):
-        raise Exit(code=1)
