@@ -50,6 +50,13 @@ def up(lay: Layout) -> bool:
                  STATE_DIR / "logs" / "alert-sink.log")
 
 
+def health() -> list[tuple[str, str | None]]:
+    """(what, None when it runs or the error), for `invoke testbed.status`."""
+    pid = procs.running(STATE_DIR / "run" / PIDFILE_NAME, MARKER)
+    return [("alert sink (SMTP + webhook)", None if pid else "not running: `invoke testbed.up` "
+             "starts it")]
+
+
 def down() -> list[str]:
     return ["alert sink"] if procs.stop(STATE_DIR / "run" / PIDFILE_NAME, MARKER) else []
 
