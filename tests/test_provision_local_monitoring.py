@@ -1,7 +1,7 @@
 """Live: monitoring of the local env. mon1 (role monitoring) scrapes every host's exporters
 (role monitoring_agent), probes lb1's site over HTTPS, and mails alerts to the testbed's sink
 on the gateway (provisioner/testbed/sinks.py); the local inventory shortens the timings
-(scrape 5 s, `for: 15s`, group_wait 5 s, host metrics every 5 s).
+(scrape 5 s, `for: 15s`, group_wait 5 s, host metrics every 10 s).
 
 The file name sorts right after test_provision_local.py on purpose: that module provisions the
 whole env from fresh servers, so the fixture here finds it converged and only copies the sample
@@ -25,7 +25,7 @@ from provisioner.testbed import sinks
 
 MON = "mon1"
 PROMETHEUS = f"http://{ADDRESSES[MON]}:9090"
-ALERT_WAIT = 150           # s: metrics job 5 + scrape 5 + for 15 + group_wait 5, with margin
+ALERT_WAIT = 150           # s: metrics job 10 + scrape 5 + for 15 + group_wait 5, with margin
 APP_USER, APP_HOME = "app", "/home/app"
 TEXTFILE = "/var/lib/prometheus/node-exporter"
 
