@@ -1,0 +1,198 @@
+"""One scheduled backup job, as its systemd service runs it (standard library only: it runs under
+the server's python3, as root).
+
+    backupjob.py run --job NAME --lock NAME [--user U] [--prepare ARGV_JSON] [--stanza S] -- ARGV...
+    backupjob.py status [--pgbackrest-user U]
+
+`run` takes a lock (a run never overlaps the previous one of the same lock: it is skipped and
+says so in the journal), runs the optional prepare command then the job's command as `--user`
+with their output going to the journal, and records the result: a JSON status file in
+/var/lib/provisioner/backup/ and node exporter textfile metrics (written to a temp file and
+renamed, so a scrape never reads half a file). A failure keeps the last success time, prints
+one line naming the job, the exit code and the duration, and exits non-zero: systemd marks the
+unit failed. With `--stanza`, the size recorded is what `pgbackrest info` says of the latest
+backup (bytes added to the repository) and of the repository.
+
+`status` prints every job's status and, with --pgbackrest-user, `pgbackrest info`'s JSON: what
+`invoke backup.status` reads in one exec.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+STATUS_DIR = "/var/lib/provisioner/backup"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+LOCK_DIR = "/run/lock"
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
+
+
+def pgbackrest_summary(info: list, stanza: str) -> dict:
+    """From `pgbackrest --output=json info`: the stanza's latest backup (label, type, stop time,
+    bytes it added to the repository), its oldest backup's start (the earliest time a restore
+    can reach), the repository size, and the WAL archive range. {} if the stanza is unknown."""
+    for s in info or []:
+        if s.get("name") != stanza:
+            continue
+        backups = s.get("backup") or []
+        out = {"status": (s.get("status") or {}).get("message"),
+               "backups": len(backups),
+               "repo_size_bytes": sum((b.get("info") or {}).get("repository", {}).get("delta", 0)
+                                      for b in backups)}
+        if backups:
+            last = backups[-1]
+            out.update(last_label=last.get("label"), last_type=last.get("type"),
+                       last_stop=(last.get("timestamp") or {}).get("stop"),
+                       last_added_bytes=(last.get("info") or {}).get("repository", {}).get("delta"),
+                       oldest_start=(backups[0].get("timestamp") or {}).get("start"))
+        archives = [a for a in s.get("archive") or [] if a.get("max")]
+        if archives:
+            out.update(wal_min=archives[0].get("min"), wal_max=archives[-1].get("max"))
+        return out
+    return {}
+
+
+def metrics(job: str, st: dict) -> str:
+    """The job's status in node exporter's textfile format."""
+    label = '{job="%s"}' % job
+    rows = [("last_run_timestamp_seconds", "gauge", "when the job last ended", st.get("finished")),
+            ("last_run_success", "gauge", "1 if the last run succeeded", 1 if st.get("ok") else 0),
+            ("last_success_timestamp_seconds", "gauge", "when the job last succeeded",
+             st.get("last_success")),
+            ("last_duration_seconds", "gauge", "how long the last run took", st.get("duration")),
+            ("last_size_bytes", "gauge", "bytes the last successful run added",
+             st.get("size_bytes")),
+            ("repository_size_bytes", "gauge", "bytes the repository holds",
+             st.get("repo_size_bytes"))]
+    out = []
+    for name, kind, text, value in rows:
+        if value is None:
+            continue
+        out += [f"# HELP provisioner_backup_{name} {text}",
+                f"# TYPE provisioner_backup_{name} {kind}",
+                f"provisioner_backup_{name}{label} {value}"]
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _as(user: str | None, argv: list[str]) -> list[str]:
+    return ["runuser", "-u", user, "--", *argv] if user else argv
+
+
+def _status_path(job: str) -> str:
+    return f"{STATUS_DIR}/{job}.json"
+
+
+def _previous(job: str) -> dict:
+    try:
+        with open(_status_path(job), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def record(job: str, st: dict) -> None:
+    _write_atomic(_status_path(job), json.dumps(st, sort_keys=True) + "\n")
+    _write_atomic(f"{TEXTFILE_DIR}/backup_{job}.prom", metrics(job, st))
+
+
+def run(a) -> int:
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    lock = open(f"{LOCK_DIR}/provisioner-backup-{a.lock}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"backup job {a.job}: skipped, a run holding lock {a.lock} is still going",
+              file=sys.stderr)
+        return 0
+    started = time.time()
+    prev = _previous(a.job)
+    rc = 0
+    for argv in ([json.loads(a.prepare)] if a.prepare else []) + [a.argv]:
+        sys.stdout.flush()
+        rc = subprocess.call(_as(a.user, argv))
+        if rc != 0:
+            break
+    finished = time.time()
+    st = {"job": a.job, "ok": rc == 0, "exit": rc, "started": round(started, 3),
+          "finished": round(finished, 3), "duration": round(finished - started, 3),
+          "last_success": round(finished, 3) if rc == 0 else prev.get("last_success"),
+          "size_bytes": prev.get("size_bytes"), "repo_size_bytes": prev.get("repo_size_bytes")}
+    if rc == 0 and a.stanza:
+        info = subprocess.run(_as(a.user, ["pgbackrest", f"--stanza={a.stanza}", "--output=json",
+                                           "info"]), capture_output=True, text=True)
+        try:
+            summary = pgbackrest_summary(json.loads(info.stdout), a.stanza)
+            st.update(size_bytes=summary.get("last_added_bytes"),
+                      repo_size_bytes=summary.get("repo_size_bytes"))
+        except ValueError:
+            print(f"backup job {a.job}: pgbackrest info gave no JSON: {info.stderr.strip()}",
+                  file=sys.stderr)
+    record(a.job, st)
+    if rc != 0:
+        print(f"backup job {a.job} FAILED: exit {rc} after {st['duration']:.1f}s "
+              f"(last success: {_when(st['last_success'])})", file=sys.stderr)
+        return rc
+    print(f"backup job {a.job}: ok in {st['duration']:.1f}s")
+    return 0
+
+
+def _when(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "never"
+
+
+def status(a) -> int:
+    jobs = {}
+    if os.path.isdir(STATUS_DIR):
+        for name in sorted(os.listdir(STATUS_DIR)):
+            if name.endswith(".json"):
+                jobs[name[:-5]] = _previous(name[:-5])
+    out = {"now": time.time(), "jobs": jobs}
+    if a.pgbackrest_user:
+        info = subprocess.run(_as(a.pgbackrest_user, ["pgbackrest", "--output=json", "info"]),
+                              capture_output=True, text=True)
+        try:
+            out["pgbackrest"] = json.loads(info.stdout)
+        except ValueError:
+            out["pgbackrest_error"] = (info.stderr or info.stdout).strip()[-2000:]
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="backupjob.py")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--job", required=True)
+    r.add_argument("--lock", required=True)
+    r.add_argument("--user")
+    r.add_argument("--prepare", help="a command (JSON argv) run first, as --user")
+    r.add_argument("--stanza")
+    r.add_argument("argv", nargs="+")
+    s = sub.add_parser("status")
+    s.add_argument("--pgbackrest-user")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        for name in (a.job, a.lock):
+            if not NAME_RE.match(name):
+                p.error(f"bad job or lock name {name!r}")
+        return run(a)
+    return status(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
