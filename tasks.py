@@ -1,7 +1,8 @@
 """provisioner's command line: `invoke --list` shows every task."""
 from invoke import Collection
 
-from provisioner.cli import flags, hostvars, logs, plans, provision, report, status, testbed, vault
+from provisioner.cli import (backup, flags, hostvars, logs, plans, provision, report, status, testbed,
+                             vault)
 
 flags.install()
 
@@ -10,3 +11,5 @@ ns = Collection(provision.provision, provision.check, hostvars.show_vars, plans.
 ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)
+ns.add_collection(backup.backup_ns)
+ns.add_collection(backup.restore_ns)

@@ -157,7 +157,7 @@ def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp
         assert (f"ExecStart=/usr/bin/python3 /usr/local/lib/provisioner/backupjob.py run --job "
                 f"pgbackrest-db1-{kind} --lock pgbackrest-db1 --user pgbackrest --stanza db1 "
                 f'--prepare "[\\"pgbackrest\\", \\"--stanza=db1\\", \\"stanza-create\\"]" '
-                f"pgbackrest --stanza=db1 --type={kind} backup") in service
+                f"-- pgbackrest --stanza=db1 --type={kind} backup") in service
     timer = r["file /etc/systemd/system/pgbackrest-db1-full.timer"].content.text
     assert "OnCalendar=Sun *-*-* 01:00:00" in timer and "Persistent=true" in timer
     assert not any("60-pgbackrest" in rid for rid in r)

@@ -207,7 +207,7 @@ def job_command(stanza: str, kind: str) -> list[str]:
     return ["/usr/bin/python3", JOB, "run", "--job", unit(stanza, kind),
             "--lock", f"pgbackrest-{stanza}", "--user", REPO_USER, "--stanza", stanza,
             "--prepare", json.dumps(["pgbackrest", f"--stanza={stanza}", "stanza-create"]),
-            "pgbackrest", f"--stanza={stanza}", f"--type={kind}", "backup"]
+            "--", "pgbackrest", f"--stanza={stanza}", f"--type={kind}", "backup"]
 
 
 def _exec_start(argv: list[str]) -> str:

@@ -2,6 +2,8 @@
 the server's python3, as root).
 
     backupjob.py run --job NAME --lock NAME [--user U] [--prepare ARGV_JSON] [--stanza S] -- ARGV...
+
+(the `--` matters: the job's own command has options of its own)
     backupjob.py status [--pgbackrest-user U]
 
 `run` takes a lock (a run never overlaps the previous one of the same lock: it is skipped and
@@ -35,8 +37,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
 
 def pgbackrest_summary(info: list, stanza: str) -> dict:
     """From `pgbackrest --output=json info`: the stanza's latest backup (label, type, stop time,
-    bytes it added to the repository), its oldest backup's start (the earliest time a restore
-    can reach), the repository size, and the WAL archive range. {} if the stanza is unknown."""
+    bytes it added to the repository), when its oldest backup ended (the earliest time a restore
+    can reach), the newest stop time per backup type, the repository size, and the WAL
+    archive range. {} if the stanza is unknown."""
     for s in info or []:
         if s.get("name") != stanza:
             continue
@@ -48,9 +51,12 @@ def pgbackrest_summary(info: list, stanza: str) -> dict:
         if backups:
             last = backups[-1]
             out.update(last_label=last.get("label"), last_type=last.get("type"),
-                       last_stop=(last.get("timestamp") or {}).get("stop"),
                        last_added_bytes=(last.get("info") or {}).get("repository", {}).get("delta"),
-                       oldest_start=(backups[0].get("timestamp") or {}).get("start"))
+                       first_stop=(backups[0].get("timestamp") or {}).get("stop"))
+        for b in backups:       # the newest backup of each type that ended
+            stop = (b.get("timestamp") or {}).get("stop")
+            if stop and stop > out.setdefault("last_stop", {}).get(b.get("type"), 0):
+                out["last_stop"][b.get("type")] = stop
         archives = [a for a in s.get("archive") or [] if a.get("max")]
         if archives:
             out.update(wal_min=archives[0].get("min"), wal_max=archives[-1].get("max"))
