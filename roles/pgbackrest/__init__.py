@@ -224,9 +224,6 @@ def resources(v, ctx):
     debian = (ctx.os or {}).get("version_id")
     yield SameVersion(str(v["pgbackrest_version"]), debian)
     yield apt.packages(["pgbackrest"])
-    yield files.directory(TOOL_DIR, mode="0755")
-    yield files.file(JOB, JOB_SOURCE, mode="0644")
-    yield files.directory("/var/lib/provisioner/backup", mode="0755")
     pair = keys(v, ctx.host.name)
     groups = [c["ssh_group"]] if c["ssh_group"] else []
     if c["side"] == "repo":
@@ -237,6 +234,9 @@ def resources(v, ctx):
 
 def _repo(v, ctx, c, pair, groups):
     home = v["pgbackrest_repo_path"]
+    yield files.directory(TOOL_DIR, mode="0755")
+    yield files.file(JOB, JOB_SOURCE, mode="0644")
+    yield files.directory(backupjob["STATUS_DIR"], mode="0755")
     # the package made these postgres's (it pulls in postgresql-common): the repository is
     # this user's alone
     yield users.user(REPO_USER, groups=groups, shell="/bin/bash", home=home, system=True,
@@ -267,7 +267,7 @@ def _repo(v, ctx, c, pair, groups):
             yield systemd.unit_file(f"{name}.service", templates_text(
                 "pgbackrest/job.service.j2", {**common, "exec_start": _exec_start(
                     job_command(s.name, kind)), "status_file":
-                    f"/var/lib/provisioner/backup/{name}.json"}))
+                    f"{backupjob['STATUS_DIR']}/{name}.json"}))
             yield systemd.unit_file(f"{name}.timer", templates_text(
                 "pgbackrest/job.timer.j2", {**common, "on_calendar": v["pgbackrest_schedule"][kind],
                                             "random_delay": "5min"}))
