@@ -78,7 +78,7 @@ class Row:
     kind: str
     last_success: float | None
     age_s: float | None
-    max_age_h: int
+    max_age_h: float
     size_bytes: int | None
     repo_size_bytes: int | None
     last_ok: bool | None
@@ -109,7 +109,7 @@ def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -
             elif last is None:
                 problem = "never succeeded"
             elif age > limits[kind] * 3600:
-                problem = f"older than {limits[kind]} h"
+                problem = f"older than {limits[kind]:g} h"
             elif st.get("ok") is False:
                 problem = f"last run failed (exit {st.get('exit')})"
             else:
@@ -148,7 +148,7 @@ def table(rows: list[Row]) -> str:
     body = [(r.host, r.kind,
              "-" if r.last_success is None else
              datetime.fromtimestamp(r.last_success, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-             human_age(r.age_s), f"{r.max_age_h}h", human_size(r.size_bytes),
+             human_age(r.age_s), f"{r.max_age_h:g}h", human_size(r.size_bytes),
              human_size(r.repo_size_bytes), r.wal, "ok" if r.ok else f"STALE: {r.problem}")
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

@@ -95,10 +95,11 @@ def test_sides_come_from_the_inventory(tmp_path):
     ("pgbackrest_version", "2", "not a version"),
     ("pgbackrest_retention_days", 0, "not a number of days"),
     ("pgbackrest_compress_type", "xz", "unknown"),
-    ("pgbackrest_schedule", {"full": "weekly"}, "one str per backup kind"),
+    ("pgbackrest_schedule", {"full": "weekly"}, "one calendar expression per backup kind"),
     ("pgbackrest_schedule", {"full": "weekly\nExecStart=/bin/sh", "diff": "daily",
                              "incr": "hourly"}, "one line"),
-    ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": "1"}, "one int per backup kind"),
+    ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": "1"}, "one number of hours per"),
+    ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": 0}, "0 or less"),
 ])
 def test_bad_vars_are_refused_with_the_var_named(tmp_path, var, value, message):
     inv = make_inventory(tmp_path, **{var: value})

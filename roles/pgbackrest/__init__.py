@@ -94,13 +94,16 @@ def check(v, ctx) -> dict:
         n = v[var]
         if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
             reject(var, f"{n!r} is not in {lo}..{hi}", f"write a whole number from {lo} to {hi}")
-    schedule = _per_kind(v, "pgbackrest_schedule", str)
+    schedule = _per_kind(v, "pgbackrest_schedule", str, "calendar expression")
     for kind, cal in schedule.items():
         if not CALENDAR_RE.match(cal):
             reject(f"pgbackrest_schedule.{kind}", f"{cal!r} is not a systemd calendar "
                    "expression on one line", "write e.g. \"Sun *-*-* 01:00:00\" or hourly "
                    "(`systemd-analyze calendar` checks one)")
-    _per_kind(v, "pgbackrest_max_age_hours", int)
+    ages = _per_kind(v, "pgbackrest_max_age_hours", (int, float), "number of hours")
+    if any(x <= 0 for x in ages.values()):
+        reject("pgbackrest_max_age_hours", f"{ages!r} holds an age of 0 or less",
+               "give each kind a number of hours above 0 (fractions work: 0.5)")
 
     ssh_group = v.get("harden_ssh_group") if "harden" in inv.roles_for(host.name) else None
     if host.name == repo:
@@ -124,11 +127,11 @@ def check(v, ctx) -> dict:
             "ssh_group": ssh_group}
 
 
-def _per_kind(v, var: str, kind_type) -> dict:
+def _per_kind(v, var: str, kind_type, what: str) -> dict:
     value = v[var]
     if not isinstance(value, dict) or set(value) != set(KINDS) \
             or any(not isinstance(x, kind_type) or isinstance(x, bool) for x in value.values()):
-        reject(var, f"{value!r} does not give one {kind_type.__name__} per backup kind",
+        reject(var, f"{value!r} does not give one {what} per backup kind",
                "write {full: ..., diff: ..., incr: ...}")
     return value
 
