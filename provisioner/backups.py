@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from provisioner import humanize
 from provisioner.errors import InputError, Problem
 from provisioner.inventory import Host, Inventory
 from provisioner.roles import REPO_ROOT
@@ -120,26 +121,8 @@ def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -
     return rows
 
 
-def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return "-"
+def _or_dash(fn, value) -> str:
+    return "-" if value is None else fn(value)
 
 
 def table(rows: list[Row]) -> str:
@@ -148,8 +131,8 @@ def table(rows: list[Row]) -> str:
     body = [(r.host, r.kind,
              "-" if r.last_success is None else
              datetime.fromtimestamp(r.last_success, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-             human_age(r.age_s), f"{r.max_age_h:g}h", human_size(r.size_bytes),
-             human_size(r.repo_size_bytes), r.wal, "ok" if r.ok else f"STALE: {r.problem}")
+             _or_dash(humanize.age, r.age_s), f"{r.max_age_h:g} h",
+             _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes), r.wal, "ok" if r.ok else f"STALE: {r.problem}")
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()

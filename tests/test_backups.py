@@ -127,7 +127,7 @@ def test_status_is_green_while_every_kind_is_fresh(tmp_path):
     assert incr.last_success == 1764615605 and incr.age_s == 600
     assert incr.wal == "00000001000000000000000A" and incr.repo_size_bytes == 4194304 + 262144
     text = backups.table(rows)
-    assert "db1   incr  2025-12-01 19:00:05  10m" in text and "STALE" not in text
+    assert "db1   incr  2025-12-01 19:00:05  10 min  3 h" in text and "STALE" not in text
 
 
 def test_status_turns_red_when_a_kind_is_too_old_or_its_last_run_failed(tmp_path):
