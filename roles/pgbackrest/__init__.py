@@ -213,7 +213,8 @@ def job_command(stanza: str, kind: str) -> list[str]:
             "--", "pgbackrest", f"--stanza={stanza}", f"--type={kind}", "backup"]
 
 
-def _exec_start(argv: list[str]) -> str:
+def exec_start(argv: list[str]) -> str:
+    """argv as a systemd ExecStart= line."""
     # systemd's own quoting: "..." with \" and \\ escaped; % doubled (specifiers)
     def q(a):
         a = a.replace("%", "%%")
@@ -264,21 +265,22 @@ def _repo(v, ctx, c, pair, groups):
         mode="0640", owner="root", group=REPO_USER)
     for s in stanzas:
         for kind in KINDS:
-            name = unit(s.name, kind)
-            what = f"pgBackRest {kind} backup of {s.name}"
-            common = {"role": "pgbackrest", "unit": name, "what": what}
-            yield systemd.unit_file(f"{name}.service", templates_text(
-                "pgbackrest/job.service.j2", {**common, "exec_start": _exec_start(
-                    job_command(s.name, kind)), "status_file":
-                    f"{backupjob['STATUS_DIR']}/{name}.json"}))
-            yield systemd.unit_file(f"{name}.timer", templates_text(
-                "pgbackrest/job.timer.j2", {**common, "on_calendar": v["pgbackrest_schedule"][kind],
-                                            "random_delay": "5min"}))
-            yield systemd.service(f"{name}.timer", enabled=True, running=True)
+            yield from job_units("pgbackrest", unit(s.name, kind),
+                                 f"pgBackRest {kind} backup of {s.name}",
+                                 job_command(s.name, kind), v["pgbackrest_schedule"][kind])
 
 
-def templates_text(src: str, variables: dict) -> str:
-    return render(src, variables).text
+def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str,
+              environment_file: str | None = None):
+    """A scheduled job: `name`.service (a oneshot running argv, normally backupjob.py) and
+    `name`.timer, enabled and started. Shared with the restic role."""
+    common = {"role": role, "unit": name, "what": what}
+    yield systemd.unit_file(f"{name}.service", render("backup/job.service.j2", {
+        **common, "exec_start": exec_start(argv), "environment_file": environment_file,
+        "status_file": f"{backupjob['STATUS_DIR']}/{name}.json"}).text)
+    yield systemd.unit_file(f"{name}.timer", render("backup/job.timer.j2", {
+        **common, "on_calendar": on_calendar, "random_delay": "5min"}).text)
+    yield systemd.service(f"{name}.timer", enabled=True, running=True)
 
 
 def _db(v, ctx, c, pair, groups):
