@@ -4,7 +4,8 @@ the restore's script. provisioner/cli/backup.py does the talking to servers.
 
 The inventory says where everything is: hosts with the pgbackrest role are either the repository
 host (`pgbackrest_repo_host`, which runs every backup: one systemd unit per stanza and kind) or
-a database server (one stanza, named after the host)."""
+a database server (one stanza, named after the host); hosts with the restic role are either its
+SFTP repository host or a source host, which runs its own restic jobs."""
 from __future__ import annotations
 
 import runpy
@@ -25,6 +26,10 @@ JOB_TOOL = "/usr/local/lib/provisioner/backupjob.py"
 # the server-side job tool's own parser of `pgbackrest info`, the one its metrics use
 _job = runpy.run_path(str(REPO_ROOT / "roles" / "pgbackrest" / "backupjob.py"), run_name="backupjob")
 pgbackrest_summary = _job["pgbackrest_summary"]
+restic_summary = _job["restic_summary"]
+restic_time = _job["restic_time"]
+RESTIC_JOBS = ("backup", "check")         # what backup.status watches (forget is housekeeping)
+RESTIC_ENV = "/etc/restic/env"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ def selected(inv: Inventory, hosts: list[Host]) -> list[Stanza]:
     return [s for s in stanzas(inv) if s.name in names or s.repo in names]
 
 
+def restic_sources(inv: Inventory, hosts: list[Host] | None = None) -> list[str]:
+    """Source hosts of the restic role (in `hosts`, or all): those run restic jobs."""
+    names = None if hosts is None else {h.name for h in hosts}
+    return [n for n in inv.hosts if "restic" in inv.roles_for(n)
+            and inv.hostvars(n)["restic_repo_host"] != n and (names is None or n in names)]
+
+
 def units(stanza: Stanza, kind: str) -> str:
     return f"pgbackrest-{stanza.name}-{kind}"
 
@@ -83,7 +95,7 @@ class Row:
     size_bytes: int | None
     repo_size_bytes: int | None
     last_ok: bool | None
-    wal: str              # the newest WAL segment in the archive
+    detail: str           # PostgreSQL: the newest archived WAL segment; restic: snapshots
     problem: str | None   # why the row is red; None when green
 
     @property
@@ -117,8 +129,57 @@ def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -
                 problem = None
             rows.append(Row(s.name, kind, last, age, limits[kind], st.get("size_bytes"),
                             summary.get("repo_size_bytes"), st.get("ok"),
-                            summary.get("wal_max") or "-", problem))
+                            "WAL " + (summary.get("wal_max") or "-"), problem))
     return rows
+
+
+def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
+    """A restic source host's rows (backup, check) from its `backupjob.py status` answer."""
+    now = answer["now"]
+    limits = inv.hostvars(host)["restic_max_age_hours"]
+    summary = restic_summary(answer.get("restic") or [])
+    detail = f"{summary['snapshots']} snapshots" + (
+        f", latest {summary['latest_id']}" if summary.get("latest_id") else "")
+    rows = []
+    for job in RESTIC_JOBS:
+        st = answer["jobs"].get(f"restic-{job}") or {}
+        last = st.get("last_success")
+        if job == "backup" and summary.get("latest_time"):
+            last = max(last or 0, summary["latest_time"])
+        age = None if last is None else max(0.0, now - last)
+        if job == "backup" and answer.get("restic_error"):
+            problem = f"restic snapshots failed: {answer['restic_error']}"
+        elif last is None:
+            problem = "never succeeded"
+        elif age > limits[job] * 3600:
+            problem = f"older than {limits[job]:g} h"
+        elif st.get("ok") is False:
+            problem = f"last run failed (exit {st.get('exit')})"
+        else:
+            problem = None
+        rows.append(Row(host, f"files {job}", last, age, limits[job], st.get("size_bytes"),
+                        st.get("repo_size_bytes"), st.get("ok"), detail, problem))
+    return rows
+
+
+def snapshot_at(snapshots: list, at: datetime | None, host: str) -> dict:
+    """The newest snapshot taken at or before `at` (or the newest of all)."""
+    usable = [s for s in snapshots if restic_time(s.get("time")) is not None
+              and (at is None or restic_time(s["time"]) <= at.timestamp())]
+    if not usable:
+        when = "" if at is None else f" at or before {at:%Y-%m-%d %H:%M:%S} UTC"
+        raise InputError([Problem("command line", None, "--at", f"{host} has no restic "
+                                  f"snapshot{when}", "pick a later time, or run `invoke backup "
+                                  f"--limit {host}` first")])
+    return max(usable, key=lambda s: restic_time(s["time"]))
+
+
+def check_restore_path(path: str, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or "\n" in path \
+            or any(part == ".." for part in path.split("/")):
+        raise InputError([Problem("command line", None, what, f"{path!r} is not an absolute path",
+                                  f"pass e.g. {what} /srv/shop/shared/uploads")])
+    return path.rstrip("/") or "/"
 
 
 def _or_dash(fn, value) -> str:
@@ -126,13 +187,14 @@ def _or_dash(fn, value) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("HOST", "KIND", "LAST SUCCESS (UTC)", "AGE", "MAX", "ADDED", "REPOSITORY", "WAL ARCHIVE",
+    head = ("HOST", "KIND", "LAST SUCCESS (UTC)", "AGE", "MAX", "ADDED", "REPOSITORY", "ARCHIVE",
             "STATE")
     body = [(r.host, r.kind,
              "-" if r.last_success is None else
              datetime.fromtimestamp(r.last_success, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
              _or_dash(humanize.age, r.age_s), f"{r.max_age_h:g} h",
-             _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes), r.wal, "ok" if r.ok else f"STALE: {r.problem}")
+             _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes),
+             r.detail, "ok" if r.ok else f"STALE: {r.problem}")
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
@@ -200,5 +262,21 @@ until [ "$({q(psql + ['SELECT pg_is_in_recovery()'])} 2>/dev/null)" = f ]; do
   i=$((i+1)); [ $i -le 600 ] || {{ echo "PostgreSQL still in recovery after 5 minutes" >&2; exit 1; }}
   sleep 0.5
 done
+"""
+    return ["sh", "-c", script]
+
+
+def restic_restore_script(snapshot: str, path: str, target: str) -> list[str]:
+    """argv of one exec on the source host: restic's environment, a target that is absent or
+    empty (never over live data), then the restore of `path` only (restic puts it under
+    target with its whole path)."""
+    q = shlex.quote
+    script = f"""set -e
+set -a; . {q(RESTIC_ENV)}; set +a
+if [ -e {q(target)} ] && [ -n "$(ls -A {q(target)} 2>/dev/null)" ]; then
+  echo {q(target)}" exists and is not empty: pass a new --target (a restore never overwrites)" >&2
+  exit 3
+fi
+restic restore {q(snapshot)} --target {q(target)} --include {q(path)}
 """
     return ["sh", "-c", script]

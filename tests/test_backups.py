@@ -125,7 +125,7 @@ def test_status_is_green_while_every_kind_is_fresh(tmp_path):
     assert [(r.kind, r.ok) for r in rows] == [("full", True), ("diff", True), ("incr", True)]
     incr = rows[2]
     assert incr.last_success == 1764615605 and incr.age_s == 600
-    assert incr.wal == "00000001000000000000000A" and incr.repo_size_bytes == 4194304 + 262144
+    assert incr.detail == "WAL 00000001000000000000000A" and incr.repo_size_bytes == 4194304 + 262144
     text = backups.table(rows)
     assert "db1   incr  2025-12-01 19:00:05  10 min  3 h" in text and "STALE" not in text
 

@@ -134,10 +134,10 @@ def test_local_inventory_targets_the_testbed() -> None:
     assert [h.name for h in inv.hosts_in("app")] == ["web1", "web2"]
     assert [h.name for h in inv.hosts_in("db")] == ["db1"]
     assert [h.name for h in inv.hosts_in("backup")] == ["vault"]
-    assert inv.roles_for("web1") == ["base", "harden", "node", "pm2", "monitoring_agent"]
+    assert inv.roles_for("web1") == ["base", "harden", "node", "pm2", "restic", "monitoring_agent"]
     assert inv.roles_for("db1") == ["base", "harden", "postgresql", "redis", "pgbackrest",
                                     "monitoring_agent"]
-    assert inv.roles_for("vault") == ["base", "harden", "pgbackrest", "monitoring_agent"]
+    assert inv.roles_for("vault") == ["base", "harden", "pgbackrest", "restic", "monitoring_agent"]
     assert inv.roles_for("mon1") == ["base", "harden", "monitoring", "monitoring_agent"]
 
 

@@ -1,7 +1,7 @@
-"""`invoke backup`, `invoke backup.status` and `invoke restore`: PostgreSQL backups with the
-pgbackrest role's units on the repository host (provisioner/backups.py decides, this module
-talks to the servers: one exec per unit started, one per repository host for the status, one
-per restore step)."""
+"""`invoke backup`, `invoke backup.status`, `invoke restore` and `invoke restore.files`: the
+pgbackrest role's units on the repository host, the restic role's on each source host
+(provisioner/backups.py decides, this module talks to the servers: one exec per unit started,
+one per host for the status, one per restore step)."""
 from __future__ import annotations
 
 import json as jsonlib
@@ -35,38 +35,79 @@ def _conn(inv: Inventory, name: str) -> Connection:
     return Connection(host, inv.known_hosts, host.sudo_password)
 
 
-def run_backups(inv: Inventory, wanted: list[backups.Stanza], kind: str, say=_say) -> list[str]:
-    """Start each stanza's unit of `kind` on its repository host and wait for it (the unit is a
-    oneshot: `systemctl start` returns when the backup ended). Returns what failed, each with
-    the end of its journal."""
+def run_units(inv: Inventory, units: dict[str, list[str]], say=_say) -> list[str]:
+    """Start each host's units one after the other and wait for each (they are oneshots:
+    `systemctl start` returns when the job ended). Returns what failed, each with the end of
+    its journal."""
     failed = []
-    by_repo: dict[str, list[backups.Stanza]] = {}
-    for s in wanted:
-        by_repo.setdefault(s.repo, []).append(s)
-    for repo, group in by_repo.items():
-        with _conn(inv, repo) as conn:
-            for s in group:
-                unit = backups.units(s, kind)
-                say(f"{repo}: {unit} ...")
+    for name, host_units in units.items():
+        with _conn(inv, name) as conn:
+            for unit in host_units:
+                say(f"{name}: {unit} ...")
                 r = conn.run(["systemctl", "start", f"{unit}.service"])
                 if r.ok:
-                    say(f"{repo}: {unit} ok in {r.seconds:.1f}s")
+                    say(f"{name}: {unit} ok in {r.seconds:.1f}s")
                     continue
                 log = conn.run(["journalctl", "-u", f"{unit}.service", "-n", "15", "--no-pager",
                                 "-o", "cat"])
-                failed.append(f"{unit} on {repo}: {_out(r) or 'failed'}\n{_out(log)}")
+                failed.append(f"{unit} on {name}: {_out(r) or 'failed'}\n{_out(log)}")
     return failed
 
 
-def gather_status(inv: Inventory, wanted: list[backups.Stanza]) -> list[backups.Row]:
+def backup_units(inv: Inventory, hosts, kind: str) -> dict[str, list[str]]:
+    """{host: units} for `invoke backup`: each selected stanza's unit of `kind` on its
+    repository host, and each selected restic source host's backup."""
+    units: dict[str, list[str]] = {}
+    for s in backups.selected(inv, hosts):
+        units.setdefault(s.repo, []).append(backups.units(s, kind))
+    for name in backups.restic_sources(inv, hosts):
+        units.setdefault(name, []).append("restic-backup")
+    if not units:
+        raise _nothing(inv, "back up")
+    return units
+
+
+def _status(conn: Connection, name: str, *args: str) -> dict:
+    r = conn.run(["python3", backups.JOB_TOOL, "status", *args])
+    if not r.ok:
+        raise Failed(f"{name}: reading the backup status failed: {_out(r)}")
+    return jsonlib.loads(r.stdout)
+
+
+def gather_status(inv: Inventory, hosts) -> list[backups.Row]:
+    """Every row `hosts` reach: one exec per repository host (pgBackRest) and per restic
+    source host."""
+    wanted = backups.selected(inv, hosts)
+    sources = backups.restic_sources(inv, hosts)
+    if not wanted and not sources:
+        raise _nothing(inv, "report")
     rows = []
     for repo in dict.fromkeys(s.repo for s in wanted):
         with _conn(inv, repo) as conn:
-            r = conn.run(["python3", backups.JOB_TOOL, "status", "--pgbackrest-user", "pgbackrest"])
-        if not r.ok:
-            raise Failed(f"{repo}: reading the backup status failed: {_out(r)}")
-        rows += backups.status_rows(inv, repo, jsonlib.loads(r.stdout), wanted)
+            answer = _status(conn, repo, "--pgbackrest-user", "pgbackrest")
+        rows += backups.status_rows(inv, repo, answer, wanted)
+    for name in sources:
+        with _conn(inv, name) as conn:
+            answer = _status(conn, name, "--restic-env", backups.RESTIC_ENV)
+        rows += backups.restic_rows(inv, name, answer)
     return rows
+
+
+def restore_files(inv: Inventory, host: str, path: str, at: datetime | None, target: str,
+                  say=_say) -> str:
+    """Restore `path` from `host`'s restic snapshot at `at` (the newest at or before it) into
+    `target` on that host, which must be absent or empty: never over live data. Returns the
+    snapshot's id."""
+    with _conn(inv, host) as conn:
+        answer = _status(conn, host, "--restic-env", backups.RESTIC_ENV)
+        if answer.get("restic_error"):
+            raise Failed(f"{host}: restic snapshots failed: {answer['restic_error']}")
+        snap = backups.snapshot_at(answer.get("restic") or [], at, host)
+        r = conn.run(backups.restic_restore_script(snap["id"], path, target))
+        if not r.ok:
+            raise Failed(f"{host}: the restore failed (exit {r.rc}): {_out(r)}")
+    say(f"{host}: {path} from snapshot {snap['id'][:8]} ({snap['time']}) restored under {target}")
+    return snap["id"]
 
 
 def restore_to(inv: Inventory, stanza: backups.Stanza, at: datetime, confirm, say=_say) -> float:
@@ -101,16 +142,13 @@ def restore_to(inv: Inventory, stanza: backups.Stanza, at: datetime, confirm, sa
         return r.seconds
 
 
-def _stanzas_for(inv: Inventory, hosts, what: str) -> list[backups.Stanza]:
-    if not backups.stanzas(inv):
-        raise backups.no_backups(inv, what)
-    wanted = backups.selected(inv, hosts)
-    if not wanted:
-        raise InputError([Problem("command line", None, "--limit", "no database server or "
-                                  "repository host of the pgbackrest role in the selection",
-                                  "name a database server or the repository host: "
-                                  + ", ".join(sorted({s.name for s in backups.stanzas(inv)})))])
-    return wanted
+def _nothing(inv: Inventory, what: str) -> InputError:
+    if not backups.stanzas(inv) and not backups.restic_sources(inv):
+        return backups.no_backups(inv, what)
+    names = sorted({s.name for s in backups.stanzas(inv)} | set(backups.restic_sources(inv)))
+    return InputError([Problem("command line", None, "--limit", "no database server, restic "
+                               "source or repository host in the selection",
+                               "name one of: " + ", ".join(names))])
 
 
 def _guarded(fn):
@@ -131,11 +169,12 @@ def _guarded(fn):
       help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"],
             "kind": "full, diff or incr (default incr; pgBackRest makes a full when there is none)"})
 def backup_now(c, env="local", limit=None, kind="incr"):
-    """Run the PostgreSQL backups now (the timers' own units): exit 1 naming what failed."""
+    """Run the backups now (the timers' own units: pgBackRest of each database server, restic of
+    each source host): exit 1 naming what failed."""
     def go():
         k = backups.check_kind(kind)
         inv, hosts = load(env, sys.stdin.isatty(), limit)
-        failed = run_backups(inv, _stanzas_for(inv, hosts, "back up"), k)
+        failed = run_units(inv, backup_units(inv, hosts, k))
         if failed:
             raise Failed("backup FAILED:\n" + "\n".join(failed))
     _guarded(go)
@@ -143,11 +182,12 @@ def backup_now(c, env="local", limit=None, kind="incr"):
 
 @task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"], "json": "rows as JSON on stdout"})
 def status(c, env="local", limit=None, json=False):
-    """Each database server's backups per kind: last success, age, size, repository, WAL
-    archive. Exit 1 when any is older than pgbackrest_max_age_hours or its last run failed."""
+    """Each database server's backups per kind and each restic source's backup and check: last
+    success, age, size, repository, archive. Exit 1 when any is older than its
+    *_max_age_hours or its last run failed."""
     def go():
         inv, hosts = load(env, sys.stdin.isatty(), limit)
-        return gather_status(inv, _stanzas_for(inv, hosts, "report"))
+        return gather_status(inv, hosts)
     rows = _guarded(go)
     if json:
         print(jsonlib.dumps([{**r.__dict__, "ok": r.ok} for r in rows]))
@@ -166,13 +206,37 @@ def restore_db(c, at, env="local", limit=None, yes=False):
     def go():
         when = backups.parse_at(at, datetime.now(timezone.utc))
         inv, hosts = load(env, sys.stdin.isatty() and not yes, limit)
-        wanted = _stanzas_for(inv, hosts, "restore")
+        wanted = backups.selected(inv, hosts)
+        if not wanted:
+            raise _nothing(inv, "restore")
         if len(wanted) != 1:
             raise InputError([Problem("command line", None, "--limit",
                                       f"{len(wanted)} database servers are selected "
                                       f"({', '.join(s.name for s in wanted)})",
                                       "name the one to restore: --limit NAME")])
         return restore_to(inv, wanted[0], when, lambda q: yes or _ask(q, wanted[0].name))
+    _guarded(go)
+
+
+@task(name="files", positional=[], auto_shortflags=False,
+      help={"env": FLAG_HELP["env"], "host": "the restic source host", "path": "what to restore "
+            "(absolute; a file or folder as it was backed up)", "at": "the newest snapshot at or "
+            "before this time, with its zone (default: the newest)", "target": "an absent or "
+            "empty folder on the host to restore into (default /var/tmp/provisioner-restore/<time>)"})
+def restore_files_task(c, host, path, env="local", at=None, target=None):
+    """Files from a restic snapshot into a fresh folder on their host (never over live data)."""
+    def go():
+        now = datetime.now(timezone.utc)
+        when = backups.parse_at(at, now) if at else None
+        where = backups.check_restore_path(path, "--path")
+        into = backups.check_restore_path(target or f"/var/tmp/provisioner-restore/"
+                                          f"{now:%Y%m%dT%H%M%SZ}", "--target")
+        inv, hosts = load(env, sys.stdin.isatty(), host)
+        if host not in backups.restic_sources(inv):
+            raise InputError([Problem("command line", None, "--host", f"{host} is not a source "
+                                      "host of the restic role", "name one of: " + ", ".join(
+                                          backups.restic_sources(inv)) or "none")])
+        restore_files(inv, host, where, when, into)
     _guarded(go)
 
 
@@ -186,4 +250,4 @@ def _ask(question: str, name: str) -> bool:
 
 
 backup_ns = Collection("backup", backup_now, status)
-restore_ns = Collection("restore", restore_db)
+restore_ns = Collection("restore", restore_db, restore_files_task)

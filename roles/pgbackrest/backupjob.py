@@ -1,10 +1,11 @@
 """One scheduled backup job, as its systemd service runs it (standard library only: it runs under
 the server's python3, as root).
 
-    backupjob.py run --job NAME --lock NAME [--user U] [--prepare ARGV_JSON] [--stanza S] -- ARGV...
+    backupjob.py run --job NAME --lock NAME [--user U] [--prepare ARGV_JSON] [--stanza S]
+                     [--size-cmd ARGV_JSON] -- ARGV...
 
 (the `--` matters: the job's own command has options of its own)
-    backupjob.py status [--pgbackrest-user U]
+    backupjob.py status [--pgbackrest-user U] [--restic-env FILE]
 
 `run` takes a lock (a run never overlaps the previous one of the same lock: it is skipped and
 says so in the journal), runs the optional prepare command then the job's command as `--user`
@@ -13,10 +14,13 @@ with their output going to the journal, and records the result: a JSON status fi
 renamed, so a scrape never reads half a file). A failure keeps the last success time, prints
 one line naming the job, the exit code and the duration, and exits non-zero: systemd marks the
 unit failed. With `--stanza`, the size recorded is what `pgbackrest info` says of the latest
-backup (bytes added to the repository) and of the repository.
+backup (bytes added to the repository) and of the repository; with `--size-cmd` (a command
+printing JSON with `total_size`, like `restic stats --json --mode raw-data`) it is the
+repository's size and how much it grew during the run.
 
-`status` prints every job's status and, with --pgbackrest-user, `pgbackrest info`'s JSON: what
-`invoke backup.status` reads in one exec.
+`status` prints every job's status and, with --pgbackrest-user, `pgbackrest info`'s JSON, with
+--restic-env (restic's environment file) `restic snapshots --json`: what `invoke backup.status`
+reads in one exec per host.
 """
 from __future__ import annotations
 
@@ -62,6 +66,49 @@ def pgbackrest_summary(info: list, stanza: str) -> dict:
             out.update(wal_min=archives[0].get("min"), wal_max=archives[-1].get("max"))
         return out
     return {}
+
+
+def restic_summary(snapshots: list) -> dict:
+    """From `restic snapshots --json`: how many snapshots, and the newest one's id, time (epoch
+    seconds) and paths."""
+    if not snapshots:
+        return {"snapshots": 0}
+    newest = max(snapshots, key=lambda s: s.get("time") or "")
+    return {"snapshots": len(snapshots), "latest_id": newest.get("short_id") or newest.get("id", "")[:8],
+            "latest_time": restic_time(newest.get("time")), "latest_paths": newest.get("paths") or []}
+
+
+def restic_time(text: str | None) -> float | None:
+    """restic's RFC 3339 times carry nanoseconds, which Python's parser does not take."""
+    if not text:
+        return None
+    from datetime import datetime
+    m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
+
+
+def env_file(path: str) -> dict:
+    """KEY=VALUE lines (systemd's EnvironmentFile as the role writes it: no quoting)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                out[k] = v
+    return out
+
+
+def _total_size(argv: list[str], user: str | None) -> int | None:
+    r = subprocess.run(_as(user, argv), capture_output=True, text=True)
+    try:
+        return int(json.loads(r.stdout)["total_size"]) if r.returncode == 0 else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def metrics(job: str, st: dict) -> str:
@@ -127,6 +174,8 @@ def run(a) -> int:
         return 0
     started = time.time()
     prev = _previous(a.job)
+    size_cmd = json.loads(a.size_cmd) if a.size_cmd else None
+    before = _total_size(size_cmd, a.user) if size_cmd else None
     rc = 0
     for argv in ([json.loads(a.prepare)] if a.prepare else []) + [a.argv]:
         sys.stdout.flush()
@@ -148,6 +197,10 @@ def run(a) -> int:
         except ValueError:
             print(f"backup job {a.job}: pgbackrest info gave no JSON: {info.stderr.strip()}",
                   file=sys.stderr)
+    if rc == 0 and size_cmd:
+        after = _total_size(size_cmd, a.user)
+        st.update(repo_size_bytes=after,
+                  size_bytes=None if after is None or before is None else after - before)
     record(a.job, st)
     if rc != 0:
         print(f"backup job {a.job} FAILED: exit {rc} after {st['duration']:.1f}s "
@@ -175,6 +228,16 @@ def status(a) -> int:
             out["pgbackrest"] = json.loads(info.stdout)
         except ValueError:
             out["pgbackrest_error"] = (info.stderr or info.stdout).strip()[-2000:]
+    if a.restic_env:
+        env = {**os.environ, **env_file(a.restic_env)}
+        snaps = subprocess.run(["restic", "snapshots", "--json", "--no-lock"], capture_output=True,
+                               text=True, env=env)
+        try:
+            out["restic"] = json.loads(snaps.stdout) if snaps.returncode == 0 else None
+        except ValueError:
+            out["restic"] = None
+        if out["restic"] is None:
+            out["restic_error"] = (snaps.stderr or snaps.stdout).strip()[-2000:]
     print(json.dumps(out))
     return 0
 
@@ -188,9 +251,11 @@ def main(argv=None) -> int:
     r.add_argument("--user")
     r.add_argument("--prepare", help="a command (JSON argv) run first, as --user")
     r.add_argument("--stanza")
+    r.add_argument("--size-cmd", help="a command (JSON argv) printing JSON with total_size")
     r.add_argument("argv", nargs="+")
     s = sub.add_parser("status")
     s.add_argument("--pgbackrest-user")
+    s.add_argument("--restic-env")
     a = p.parse_args(argv)
     if a.cmd == "run":
         for name in (a.job, a.lock):
