@@ -216,3 +216,78 @@ def test_bad_input_exits_2_naming_the_flag(args, message):
     r = invoke(*args, check=False, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
+
+
+# --- restic -------------------------------------------------------------------------------------
+
+SNAPSHOTS = json.loads((Path(__file__).parent / "fixtures" / "backup" / "restic-snapshots.json")
+                       .read_text())
+
+
+def test_restic_times_keep_their_zone_and_nanoseconds():
+    assert backups.restic_time("2026-12-01T03:15:02.5+01:00") == \
+        datetime(2026, 12, 1, 2, 15, 2, 500000, tzinfo=timezone.utc).timestamp()
+    assert backups.restic_time("2026-11-30T02:15:04.118204393+00:00") == \
+        datetime(2026, 11, 30, 2, 15, 4, 118204, tzinfo=timezone.utc).timestamp()
+    assert backups.restic_time("yesterday") is None and backups.restic_time(None) is None
+
+
+def test_the_restic_summary_names_the_newest_snapshot_by_time_not_by_order():
+    s = backups.restic_summary(SNAPSHOTS)
+    assert (s["snapshots"], s["latest_id"]) == (3, "11111111")
+    assert s["latest_time"] == datetime(2026, 12, 1, 2, 15, 3, tzinfo=timezone.utc).timestamp()
+    assert backups.restic_summary([]) == {"snapshots": 0}
+
+
+def test_a_snapshot_is_picked_at_or_before_the_time():
+    at = datetime(2026, 12, 1, 2, 15, 2, 600000, tzinfo=timezone.utc)
+    assert backups.snapshot_at(SNAPSHOTS, at, "web1")["short_id"] == "fedcba98"
+    assert backups.snapshot_at(SNAPSHOTS, None, "web1")["short_id"] == "11111111"
+    with pytest.raises(InputError, match="web1 has no restic snapshot at or before 2026-11-01"):
+        backups.snapshot_at(SNAPSHOTS, datetime(2026, 11, 1, tzinfo=timezone.utc), "web1")
+
+
+def test_restic_status_rows(tmp_path):
+    inv = make_inventory(tmp_path, app_roles=["restic"], vault_roles=["restic"])
+    assert backups.restic_sources(inv) == ["web1"]
+    newest = backups.restic_time("2026-12-01T02:15:03Z")
+    jobs = {"restic-backup": {"ok": True, "last_success": newest, "size_bytes": 40960,
+                              "repo_size_bytes": 9000000},
+            "restic-check": {"ok": False, "exit": 1, "last_success": newest - 3600}}
+    rows = backups.restic_rows(inv, "web1", {"now": newest + 60, "jobs": jobs,
+                                             "restic": SNAPSHOTS})
+    backup, check = rows
+    assert (backup.kind, backup.ok, backup.detail) == ("files backup", True,
+                                                       "3 snapshots, latest 11111111")
+    assert check.problem == "last run failed (exit 1)"
+    rows = backups.restic_rows(inv, "web1", {"now": newest, "jobs": {}, "restic": None,
+                                             "restic_error": "Fatal: wrong password"})
+    assert "wrong password" in rows[0].problem and rows[1].problem == "never succeeded"
+
+
+def test_the_files_restore_never_writes_over_a_folder_with_something_in_it(tmp_path):
+    argv = backups.restic_restore_script("fedcba98", "/srv/sample/x y", "/var/tmp/r; rm -rf /")
+    script = argv[2]
+    assert "restic restore fedcba98 --target '/var/tmp/r; rm -rf /' --include '/srv/sample/x y'" \
+        in script
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "live").write_text("data")
+    fake = tmp_path / "env"
+    fake.write_text("")
+    probe = script.replace(backups.RESTIC_ENV, str(fake)).replace("/var/tmp/r; rm -rf /", str(target))
+    r = subprocess.run(["sh", "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 3 and "exists and is not empty" in r.stderr
+    assert (target / "live").read_text() == "data"
+
+
+@pytest.mark.parametrize("path", ["srv/x", "/srv/../etc", "/a\nb"])
+def test_restore_paths_must_be_absolute_and_plain(path):
+    with pytest.raises(InputError, match="is not an absolute path"):
+        backups.check_restore_path(path, "--path")
+
+
+def test_restore_files_refuses_a_host_without_restic():
+    r = invoke("restore.files", "--env", "local", "--host", "db1", "--path", "/etc", check=False,
+               timeout=60)
+    assert r.returncode == 2

@@ -23,16 +23,18 @@ KEYS = {DB1: "AAAAC3NzaC1lZDI1NTE5AAAAIDB1hostkeyDB1hostkeyDB1hostkeyDB1hostk",
 TRIXIE = {"id": "debian", "version_id": "13", "codename": "trixie", "virt": "none"}
 
 
-def make_inventory(tmp_path, *, known=True, app_roles=(), **env_vars):
+def make_inventory(tmp_path, *, known=True, app_roles=(), vault_roles=(), **env_vars):
     (tmp_path / "known_hosts").write_text(
         "".join(f"{a} ssh-ed25519 {k}\n" for a, k in KEYS.items()) if known else "")
     doc = {"env": "bk", "known_hosts": "known_hosts", "ssh": {"user": "root"},
            "vars": {"pgbackrest_repo_host": "vault", "pgbackrest_cipher_pass": "@cipher",
-                    "pgbackrest_ssh_seed": "@seed", **env_vars},
+                    "pgbackrest_ssh_seed": "@seed", **({"restic_repo_host": "vault",
+                    "restic_password": "@cipher", "restic_ssh_seed": "@seed"}
+                    if "restic" in app_roles else {}), **env_vars},
            "hosts": {"db1": {"address": DB1}, "vault": {"address": VAULT},
                      "web1": {"address": "10.77.0.11"}},
            "groups": {"db": {"hosts": ["db1"], "roles": ["harden", "postgresql", "pgbackrest"]},
-                      "backup": {"hosts": ["vault"], "roles": ["harden", "pgbackrest"]},
+                      "backup": {"hosts": ["vault"], "roles": ["harden", "pgbackrest", *vault_roles]},
                       "app": {"hosts": ["web1"], "roles": list(app_roles)}}}
     text = json.dumps(doc).replace('"@cipher"', "!vault cipher").replace('"@seed"', "!vault seed")
     (tmp_path / "bk.yml").write_text(text)

@@ -215,9 +215,10 @@ def job_command(stanza: str, kind: str) -> list[str]:
 
 def exec_start(argv: list[str]) -> str:
     """argv as a systemd ExecStart= line."""
-    # systemd's own quoting: "..." with \" and \\ escaped; % doubled (specifiers)
+    # systemd's own quoting: "..." with \" and \\ escaped; % and $ doubled (specifiers and
+    # variable expansion)
     def q(a):
-        a = a.replace("%", "%%")
+        a = a.replace("%", "%%").replace("$", "$$")
         return a if re.fullmatch(r"[A-Za-z0-9_./=:@+-]+", a) else \
             '"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return " ".join(q(a) for a in argv)
@@ -274,7 +275,8 @@ def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str
               environment_file: str | None = None):
     """A scheduled job: `name`.service (a oneshot running argv, normally backupjob.py) and
     `name`.timer, enabled and started. Shared with the restic role."""
-    common = {"role": role, "unit": name, "what": what}
+    # Description= expands systemd's %-specifiers too ("5% of the data")
+    common = {"role": role, "unit": name, "what": what, "description": what.replace("%", "%%")}
     yield systemd.unit_file(f"{name}.service", render("backup/job.service.j2", {
         **common, "exec_start": exec_start(argv), "environment_file": environment_file,
         "status_file": f"{backupjob['STATUS_DIR']}/{name}.json"}).text)

@@ -73,7 +73,7 @@ def restic_summary(snapshots: list) -> dict:
     seconds) and paths."""
     if not snapshots:
         return {"snapshots": 0}
-    newest = max(snapshots, key=lambda s: s.get("time") or "")
+    newest = max(snapshots, key=lambda s: restic_time(s.get("time")) or 0)   # zones differ
     return {"snapshots": len(snapshots), "latest_id": newest.get("short_id") or newest.get("id", "")[:8],
             "latest_time": restic_time(newest.get("time")), "latest_paths": newest.get("paths") or []}
 
