@@ -12,7 +12,6 @@ import runpy
 import shlex
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from provisioner import humanize
 from provisioner.errors import InputError, Problem

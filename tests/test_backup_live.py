@@ -1,25 +1,23 @@
 """Backups live, on the testbed's own env: db1 (PostgreSQL) backed up by vault (the pgBackRest
-repository host), through the real tasks (`invoke provision/backup/backup.status/restore --env
-local`). One module fixture provisions db1 and vault (twice: the second run changes nothing);
-when an earlier module (test_provision_local) already provisioned them, that costs seconds.
+repository host), web1's files by restic to its SFTP account on vault, through the real tasks
+(`invoke provision/backup/backup.status/restore/restore.files --env local`). One module fixture
+provisions db1, vault and web1 (twice: the second run changes nothing); when an earlier module
+(test_provision_local) already provisioned them, that costs seconds.
 
 Small data on purpose: a marker table, a few hundred rows under write load.
 """
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
 from conftest import invoke
 from engine_helpers import REPO, sh
 
-DB, REPO_HOST = "db1", "vault"
+DB, REPO_HOST, SOURCE = "db1", "vault", "web1"
 MARKER = "marker-4f1c9e-restore-me"
 
 
@@ -44,7 +42,7 @@ def task(*args: str, check: bool = True):
 def backed_up(testbed):
     runs = []
     for _ in range(2):
-        r = invoke("provision", "--env", "local", "--limit", f"{DB},{REPO_HOST}", "--json", "--yes",
+        r = invoke("provision", "--env", "local", "--limit", f"{DB},{REPO_HOST},{SOURCE}", "--json", "--yes",
                    check=False, timeout=1800)
         events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         assert r.returncode == 0, r.stderr[-4000:]
@@ -121,10 +119,13 @@ def test_point_in_time_restore_brings_back_a_dropped_table(backed_up):
 def test_the_marker_is_nowhere_in_plaintext_on_the_repository_host(backed_up):
     psql(f"CREATE TABLE IF NOT EXISTS marker (t text); INSERT INTO marker VALUES ('{MARKER}')")
     psql("SELECT pg_switch_wal()", db="postgres")
-    task("backup", "--kind", "incr")
-    # positive control: on db1 the text is on disk (WAL, heap)
+    sh(SOURCE, f"echo {MARKER} > /srv/sample/marker.txt")
+    task("backup", "--kind", "incr", "--limit", f"{DB},{SOURCE}")
+    # positive controls: on db1 the text is on disk (WAL, heap), on web1 in the file
     assert sh(DB, f"grep -rlaF {MARKER} /var/lib/postgresql", check=False).stdout.strip()
+    assert sh(SOURCE, f"grep -rlaF {MARKER} /srv/sample", check=False).stdout.strip()
     found = sh(REPO_HOST, f"grep -rlaF {MARKER} /var /etc /srv /home /root /tmp", check=False)
+    assert sh(REPO_HOST, "ls /srv/sftp/restic-web1/repo").stdout.split(), "restic wrote nothing"
     assert found.stdout.strip() == "", found.stdout
 
 
@@ -205,3 +206,42 @@ def test_a_backup_under_write_load_restores_to_a_consistent_database(backed_up):
     count, low, high = psql("SELECT count(*), min(n), max(n) FROM load").split("|")
     assert int(count) > 0 and int(low) == 1 and int(high) == int(count)
     assert sh(DB, "runuser -u postgres -- pg_amcheck --install-missing --all --quiet", check=False).returncode == 0
+
+
+# --- restic: web1's files on vault ----------------------------------------------------------------
+
+def test_a_restic_restored_file_is_byte_identical_and_never_lands_on_live_data(backed_up):
+    sh(SOURCE, "head -c 1048576 /dev/urandom > /srv/sample/probe.bin && chmod 0640 /srv/sample/probe.bin")
+    want = sh(SOURCE, "sha256sum /srv/sample/probe.bin && stat -c '%a %U %G' /srv/sample/probe.bin").stdout
+    task("backup", "--limit", SOURCE)
+    sh(SOURCE, "rm -rf /var/tmp/probe-restore")
+    r = task("restore.files", "--host", SOURCE, "--path", "/srv/sample/probe.bin",
+             "--target", "/var/tmp/probe-restore")
+    assert "restored under /var/tmp/probe-restore" in r.stderr
+    got = sh(SOURCE, "cd /var/tmp/probe-restore && sha256sum srv/sample/probe.bin | sed 's| srv| /srv|' "
+                     "&& stat -c '%a %U %G' srv/sample/probe.bin").stdout
+    assert got == want
+    again = task("restore.files", "--host", SOURCE, "--path", "/srv/sample/probe.bin",
+                 "--target", "/var/tmp/probe-restore", check=False)
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr
+
+
+def test_the_sftp_account_is_chrooted_and_sftp_only(backed_up):
+    shell = sh(SOURCE, "ssh restic-repo id", check=False)
+    assert shell.returncode != 0 and "uid=" not in shell.stdout
+    listing = sh(SOURCE, "printf 'cd ..\\nls -1 /\\n' | sftp -q -b - restic-repo").stdout
+    # inside the chroot `cd ..` stays at its root, where there is nothing but the repository
+    assert [line for line in listing.splitlines() if not line.startswith("sftp>")] == ["/repo"], listing
+
+
+def test_forget_and_check_run_and_the_status_reads_them(backed_up):
+    task("backup", "--limit", SOURCE)
+    for job in ("forget", "check"):
+        sh(SOURCE, f"systemctl start restic-{job}.service")
+        st = json.loads(sh(SOURCE, f"cat /var/lib/provisioner/backup/restic-{job}.json").stdout)
+        assert st["ok"], st
+    rows = json.loads(task("backup.status", "--limit", SOURCE, "--json").stdout)
+    assert {(r["kind"], r["ok"]) for r in rows} == {("files backup", True), ("files check", True)}
+    assert rows[0]["detail"].split()[1] == "snapshots" and int(rows[0]["detail"].split()[0]) >= 1
+    prom = sh(SOURCE, "cat /var/lib/prometheus/node-exporter/backup_restic-backup.prom").stdout
+    assert 'provisioner_backup_repository_size_bytes{job="restic-backup"}' in prom

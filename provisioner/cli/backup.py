@@ -13,7 +13,7 @@ from invoke import Collection, Exit, task
 from provisioner import backups
 from provisioner.cli.common import FLAG_HELP, fail_input, load
 from provisioner.connection import Connection, Unreachable
-from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
+from provisioner.errors import EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
 from provisioner.inventory import Inventory
 from provisioner.secret import REDACTOR
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import re
 import runpy
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.api import (Noop, PlanError, apt, commands, files, handler, is_secret,
+from provisioner.api import (Noop, PlanError, apt, files, handler, is_secret,
                              known_host_lines, reject, render, run_step, ssh_keypair, systemd, templates,
                              users)
 from roles import postgresql as pg
