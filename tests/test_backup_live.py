@@ -48,7 +48,7 @@ def backed_up(testbed):
         assert r.returncode == 0, r.stderr[-4000:]
         runs.append(events)
     t0 = time.monotonic()
-    task("backup", "--kind", "full")
+    task("backup", "--limit", DB, "--kind", "full")
     return {"runs": runs, "full_s": time.monotonic() - t0}
 
 
@@ -98,7 +98,7 @@ def test_timers_status_file_and_metrics_after_a_backup(backed_up):
 def test_point_in_time_restore_brings_back_a_dropped_table(backed_up):
     psql(f"DROP TABLE IF EXISTS marker; CREATE TABLE marker (t text); "
          f"INSERT INTO marker VALUES ('{MARKER}')")
-    task("backup", "--kind", "incr")
+    task("backup", "--limit", DB, "--kind", "incr")
     psql("INSERT INTO marker VALUES ('after the backup')")
     psql("SELECT pg_switch_wal()", db="postgres")
     time.sleep(1.1)                      # the target lies strictly between the insert and the drop
@@ -106,13 +106,13 @@ def test_point_in_time_restore_brings_back_a_dropped_table(backed_up):
     time.sleep(1.1)
     psql("DROP TABLE marker")
     t0 = time.monotonic()
-    r = task("restore", "--at", at, "--yes")
+    r = task("restore", "--limit", DB, "--at", at, "--yes")
     restore_s = time.monotonic() - t0
     assert "restored and promoted" in r.stderr
     assert psql("SELECT t FROM marker ORDER BY t").splitlines() == ["after the backup", MARKER]
     assert psql("SELECT pg_is_in_recovery()", db="postgres") == "f"
     # archiving goes on on the new timeline, and the next backup works
-    task("backup", "--kind", "incr")
+    task("backup", "--limit", DB, "--kind", "incr")
     print(f"full backup {backed_up['full_s']:.1f}s, restore {restore_s:.1f}s")
 
 
@@ -137,7 +137,7 @@ def test_a_wrong_passphrase_fails_clearly_and_changes_nothing(backed_up):
     sh(REPO_HOST, f"cp -p {conf} {conf}.keep && sed -i 's/^repo1-cipher-pass=.*/"
                   f"repo1-cipher-pass=not-the-passphrase-0000000/' {conf}")
     try:
-        r = task("backup", "--kind", "incr", check=False)
+        r = task("backup", "--limit", DB, "--kind", "incr", check=False)
     finally:
         sh(REPO_HOST, f"mv {conf}.keep {conf}")
     assert r.returncode == 1
@@ -149,7 +149,7 @@ def test_a_wrong_passphrase_fails_clearly_and_changes_nothing(backed_up):
     assert 'provisioner_backup_last_run_success{job="pgbackrest-db1-incr"} 0' in prom
     assert sh(REPO_HOST, "systemctl is-failed pgbackrest-db1-incr.service", check=False
               ).stdout.strip() == "failed"
-    task("backup", "--kind", "incr")                         # the right one works again
+    task("backup", "--limit", DB, "--kind", "incr")                         # the right one works again
 
 
 def test_backup_status_turns_red_when_the_incremental_timer_stops(backed_up, tmp_path):
@@ -168,7 +168,7 @@ def test_backup_status_turns_red_when_the_incremental_timer_stops(backed_up, tmp
     inv = with_secrets(load_inventory_file(tmp_path / "local.yml"), False)
     sh(REPO_HOST, "systemctl stop pgbackrest-db1-incr.timer")
     try:
-        task("backup", "--kind", "incr")
+        task("backup", "--limit", DB, "--kind", "incr")
         time.sleep(2.5)
         rows = {r.kind: r for r in gather_status(inv, [inv.hosts[DB]])}
         assert rows["incr"].problem == "older than 0.0006 h" and rows["full"].ok
@@ -194,7 +194,7 @@ def test_a_backup_under_write_load_restores_to_a_consistent_database(backed_up):
     writer.start()
     try:
         time.sleep(1)
-        task("backup", "--kind", "incr")
+        task("backup", "--limit", DB, "--kind", "incr")
         time.sleep(1)
         at = db_now()
         time.sleep(1)
@@ -202,7 +202,7 @@ def test_a_backup_under_write_load_restores_to_a_consistent_database(backed_up):
         stop.set()
         writer.join(60)
     psql("SELECT pg_switch_wal()", db="postgres")
-    task("restore", "--at", at, "--yes")
+    task("restore", "--limit", DB, "--at", at, "--yes")
     count, low, high = psql("SELECT count(*), min(n), max(n) FROM load").split("|")
     assert int(count) > 0 and int(low) == 1 and int(high) == int(count)
     assert sh(DB, "runuser -u postgres -- pg_amcheck --install-missing --all --quiet", check=False).returncode == 0
