@@ -210,9 +210,10 @@ def test_the_restore_script_archives_stops_restores_in_place_and_waits_for_promo
     (["restore", "--at", "2026-12-01 18:40"], "--at: '2026-12-01 18:40' has no time zone"),
     (["restore", "--at", "2999-01-01T00:00:00Z"], "is in the future"),
     (["backup.status", "--env", "nope"], "no inventory for env 'nope'"),
+    (["restore", "--at", "2026-01-01T00:00:00Z"], "--yes: a restore needs a confirmation"),
 ])
 def test_bad_input_exits_2_naming_the_flag(args, message):
-    r = invoke(*args, check=False, timeout=60)
+    r = invoke(*args, check=False, timeout=60, stdin=subprocess.DEVNULL)   # no terminal, as in CI
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
 

@@ -205,6 +205,8 @@ def restore_db(c, at, env="local", limit=None, yes=False):
     """PostgreSQL point-in-time restore, in place, from the pgBackRest repository (asks first)."""
     def go():
         when = backups.parse_at(at, datetime.now(timezone.utc))
+        if not yes and not sys.stdin.isatty():
+            raise _no_terminal()
         inv, hosts = load(env, sys.stdin.isatty() and not yes, limit)
         wanted = backups.selected(inv, hosts)
         if not wanted:
@@ -240,11 +242,15 @@ def restore_files_task(c, host, path, env="local", at=None, target=None):
     _guarded(go)
 
 
+def _no_terminal() -> InputError:
+    return InputError([Problem("command line", None, "--yes", "a restore needs a confirmation "
+                               "and there is no terminal to ask on",
+                               "pass --yes once you are sure of the server and the time")])
+
+
 def _ask(question: str, name: str) -> bool:
     if not sys.stdin.isatty():
-        raise InputError([Problem("command line", None, "--yes", "a restore needs a confirmation "
-                                  "and there is no terminal to ask on",
-                                  "pass --yes once you are sure of the server and the time")])
+        raise _no_terminal()
     _say(question)
     return input(f"Type the server's name ({name}) to go on: ").strip() == name
 
