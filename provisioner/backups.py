@@ -74,6 +74,18 @@ def units(stanza: Stanza, kind: str) -> str:
     return f"pgbackrest-{stanza.name}-{kind}"
 
 
+def verify_units(inv: Inventory, hosts: list[Host]) -> dict[str, list[str]]:
+    """{host: drill units} for `invoke backup.verify`."""
+    units_: dict[str, list[str]] = {}
+    for s in selected(inv, hosts):
+        if inv.hostvars(s.repo)["pgbackrest_drill"]:
+            units_.setdefault(s.repo, []).append(units(s, "verify"))
+    for name in restic_sources(inv, hosts):
+        if inv.hostvars(name)["restic_drill"]:
+            units_.setdefault(name, []).append("restic-verify")
+    return units_
+
+
 def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise InputError([Problem("command line", None, "--kind", f"{kind!r} is not a backup kind",
@@ -102,11 +114,30 @@ class Row:
         return self.problem is None
 
 
+def _problem(last: float | None, age: float | None, max_h: float, st: dict) -> str | None:
+    if last is None:
+        return "never succeeded"
+    if age > max_h * 3600:
+        return f"older than {max_h:g} h"
+    if st.get("ok") is False:
+        return f"last run failed (exit {st.get('exit')})"
+    return None
+
+
+def _job_row(host: str, kind: str, st: dict, now: float, max_h: float, detail: str) -> Row:
+    """A row from a job's status file alone (drills, restic check)."""
+    last = st.get("last_success")
+    age = None if last is None else max(0.0, now - last)
+    return Row(host, kind, last, age, max_h, st.get("size_bytes"), st.get("repo_size_bytes"),
+               st.get("ok"), detail, _problem(last, age, max_h, st))
+
+
 def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -> list[Row]:
     """One row per stanza and kind of `repo`, from its `backupjob.py status` answer (the
     server's clock, the jobs' status files, `pgbackrest info`)."""
     now = answer["now"]
-    limits = inv.hostvars(repo)["pgbackrest_max_age_hours"]
+    v = inv.hostvars(repo)
+    limits = v["pgbackrest_max_age_hours"]
     info = answer.get("pgbackrest") or []
     rows = []
     for s in [s for s in wanted if s.repo == repo]:
@@ -116,26 +147,23 @@ def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -
             stops = [summary.get("last_stop", {}).get(k) for k in COVERED_BY[kind]]
             last = max([t for t in stops + [st.get("last_success")] if t], default=None)
             age = None if last is None else max(0.0, now - last)
+            problem = _problem(last, age, limits[kind], st)
             if answer.get("pgbackrest_error"):
                 problem = f"pgbackrest info failed: {answer['pgbackrest_error']}"
-            elif last is None:
-                problem = "never succeeded"
-            elif age > limits[kind] * 3600:
-                problem = f"older than {limits[kind]:g} h"
-            elif st.get("ok") is False:
-                problem = f"last run failed (exit {st.get('exit')})"
-            else:
-                problem = None
             rows.append(Row(s.name, kind, last, age, limits[kind], st.get("size_bytes"),
                             summary.get("repo_size_bytes"), st.get("ok"),
                             "WAL " + (summary.get("wal_max") or "-"), problem))
+        if v["pgbackrest_drill"]:
+            rows.append(_job_row(s.name, "verify", answer["jobs"].get(units(s, "verify")) or {},
+                                 now, v["pgbackrest_drill_max_age_hours"], "restore drill"))
     return rows
 
 
 def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
     """A restic source host's rows (backup, check) from its `backupjob.py status` answer."""
     now = answer["now"]
-    limits = inv.hostvars(host)["restic_max_age_hours"]
+    v = inv.hostvars(host)
+    limits = v["restic_max_age_hours"]
     summary = restic_summary(answer.get("restic") or [])
     detail = f"{summary['snapshots']} snapshots" + (
         f", latest {summary['latest_id']}" if summary.get("latest_id") else "")
@@ -146,18 +174,14 @@ def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
         if job == "backup" and summary.get("latest_time"):
             last = max(last or 0, summary["latest_time"])
         age = None if last is None else max(0.0, now - last)
+        problem = _problem(last, age, limits[job], st)
         if job == "backup" and answer.get("restic_error"):
             problem = f"restic snapshots failed: {answer['restic_error']}"
-        elif last is None:
-            problem = "never succeeded"
-        elif age > limits[job] * 3600:
-            problem = f"older than {limits[job]:g} h"
-        elif st.get("ok") is False:
-            problem = f"last run failed (exit {st.get('exit')})"
-        else:
-            problem = None
         rows.append(Row(host, f"files {job}", last, age, limits[job], st.get("size_bytes"),
                         st.get("repo_size_bytes"), st.get("ok"), detail, problem))
+    if v["restic_drill"]:
+        rows.append(_job_row(host, "files verify", answer["jobs"].get("restic-verify") or {},
+                             now, limits["verify"], "restore drill"))
     return rows
 
 

@@ -246,3 +246,35 @@ def test_forget_and_check_run_and_the_status_reads_them(backed_up):
     assert rows[0]["detail"].split()[1] == "snapshots" and int(rows[0]["detail"].split()[0]) >= 1
     prom = sh(SOURCE, "cat /var/lib/prometheus/node-exporter/backup_restic-backup.prom").stdout
     assert 'provisioner_backup_repository_size_bytes{job="restic-backup"}' in prom
+
+
+# --- restore drills -------------------------------------------------------------------------------
+
+def test_the_restore_drills_pass_and_their_results_are_readable(backed_up):
+    """A table of known size, a full backup, then the drills: the scratch cluster on vault holds
+    the same rows, nothing of it is left afterwards, and the status shows the drills green."""
+    psql("DROP TABLE IF EXISTS drill; CREATE TABLE drill AS SELECT g AS n FROM generate_series(1, 1234) g")
+    task("backup", "--limit", f"{DB},{SOURCE}", "--kind", "full")
+    t0 = time.monotonic()
+    task("backup.verify", "--limit", f"{DB},{SOURCE}")
+    print(f"drills: {time.monotonic() - t0:.1f}s")
+    line = sh(REPO_HOST, "journalctl -u pgbackrest-db1-verify.service -o cat --no-pager "
+                         "| grep '^drill result: ' | tail -1").stdout
+    result = json.loads(line.split("drill result: ", 1)[1])
+    app = result["databases"]["app"]
+    # what app held at backup time (nothing wrote since), counted the way the drill counts
+    tables, total = psql(
+        "SELECT count(*), sum((xpath('/row/c/text()', query_to_xml(format("
+        "'SELECT count(*) AS c FROM %I.%I', schemaname, tablename), false, true, '')))[1]"
+        "::text::bigint) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', "
+        "'information_schema')").split("|")
+    assert (app["tables"], app["rows"]) == (int(tables), int(total))
+    assert int(total) >= 1234
+    assert sh(REPO_HOST, "ls -A /var/lib/pgbackrest-drill").stdout.strip() == ""
+    assert sh(REPO_HOST, "ls /etc/postgresql 2>/dev/null | wc -l").stdout.strip() == "0"
+    files = sh(SOURCE, "journalctl -u restic-verify.service -o cat --no-pager "
+                       "| grep '^drill result: ' | tail -1").stdout
+    assert json.loads(files.split("drill result: ", 1)[1])["compared"] > 10
+    rows = json.loads(task("backup.status", "--limit", f"{DB},{SOURCE}", "--json").stdout)
+    assert {(r["host"], r["kind"]) for r in rows if r["ok"]} >= {
+        ("db1", "verify"), ("web1", "files verify")}

@@ -120,13 +120,17 @@ def test_status_is_green_while_every_kind_is_fresh(tmp_path):
     wanted = backups.stanzas(inv)
     assert wanted == [backups.Stanza("db1", "vault")]
     now = 1764615605 + 600
-    rows = backups.status_rows(inv, "vault", answer(now), wanted)
-    assert [(r.kind, r.ok) for r in rows] == [("full", True), ("diff", True), ("incr", True)]
+    drill = {"pgbackrest-db1-verify": {"ok": True, "last_success": now - 3600}}
+    rows = backups.status_rows(inv, "vault", answer(now, drill), wanted)
+    assert [(r.kind, r.ok) for r in rows] == [("full", True), ("diff", True), ("incr", True),
+                                              ("verify", True)]
     incr = rows[2]
     assert incr.last_success == 1764615605 and incr.age_s == 600
     assert incr.detail == "WAL 00000001000000000000000A" and incr.repo_size_bytes == 4194304 + 262144
     text = backups.table(rows)
-    assert "db1   incr  2025-12-01 19:00:05  10 min  3 h" in text and "STALE" not in text
+    incr_line = next(line for line in text.splitlines() if line.split()[1] == "incr")
+    assert incr_line.split()[:8] == ["db1", "incr", "2025-12-01", "19:00:05", "10", "min", "3", "h"]
+    assert "STALE" not in text and "restore drill" in text
 
 
 def test_status_turns_red_when_a_kind_is_too_old_or_its_last_run_failed(tmp_path):
@@ -147,7 +151,7 @@ def test_status_without_any_backup_is_red(tmp_path):
     assert {r.problem for r in rows} == {"never succeeded"}
     broken = {"now": time.time(), "jobs": {}, "pgbackrest_error": "ERROR: [055]: unable to load"}
     rows = backups.status_rows(inv, "vault", broken, backups.stanzas(inv))
-    assert all("unable to load" in r.problem for r in rows)
+    assert all("unable to load" in r.problem for r in rows if r.kind != "verify")
 
 
 def test_limit_picks_stanzas_by_database_server_or_repository_host(tmp_path):
@@ -256,13 +260,17 @@ def test_restic_status_rows(tmp_path):
             "restic-check": {"ok": False, "exit": 1, "last_success": newest - 3600}}
     rows = backups.restic_rows(inv, "web1", {"now": newest + 60, "jobs": jobs,
                                              "restic": SNAPSHOTS})
-    backup, check = rows
+    backup, check, drill = rows
+    assert drill.kind == "files verify" and drill.problem == "never succeeded"
     assert (backup.kind, backup.ok, backup.detail) == ("files backup", True,
                                                        "3 snapshots, latest 11111111")
     assert check.problem == "last run failed (exit 1)"
     rows = backups.restic_rows(inv, "web1", {"now": newest, "jobs": {}, "restic": None,
                                              "restic_error": "Fatal: wrong password"})
     assert "wrong password" in rows[0].problem and rows[1].problem == "never succeeded"
+    inv = make_inventory(tmp_path, app_roles=["restic"], vault_roles=["restic"], restic_drill=False)
+    assert [r.kind for r in backups.restic_rows(inv, "web1", {"now": 0, "jobs": {}})] == [
+        "files backup", "files check"]
 
 
 def test_the_files_restore_never_writes_over_a_folder_with_something_in_it(tmp_path):

@@ -36,6 +36,7 @@ def make_inventory(tmp_path, *, known=True, app_roles=(), vault_roles=(), **env_
            "groups": {"db": {"hosts": ["db1"], "roles": ["harden", "postgresql", "pgbackrest"]},
                       "backup": {"hosts": ["vault"], "roles": ["harden", "pgbackrest", *vault_roles]},
                       "app": {"hosts": ["web1"], "roles": list(app_roles)}}}
+    doc["hosts"]["db1"]["vars"] = {"postgresql_databases": [{"name": "app", "owner": "postgres"}]}
     text = json.dumps(doc).replace('"@cipher"', "!vault cipher").replace('"@seed"', "!vault seed")
     (tmp_path / "bk.yml").write_text(text)
     inv = load_inventory_file(tmp_path / "bk.yml")

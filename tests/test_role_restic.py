@@ -83,7 +83,10 @@ def test_a_source_host_gets_secret_files_an_alias_and_three_jobs(tmp_path):
     check = r["file /etc/systemd/system/restic-check.service"].content.text
     assert 'restic check "--read-data-subset=5%%"' in check        # systemd's % doubled
     assert "Description=restic check of 5%% of the data" in check
-    assert {f"service restic-{j}.timer" for j in role.JOBS} <= set(r)
+    assert {f"service restic-{j}.timer" for j in (*role.JOBS, "verify")} <= set(r)
+    drill = r["file /etc/systemd/system/restic-verify.service"].content.text
+    assert ("--lock restic -- /usr/bin/python3 /usr/local/lib/provisioner/drill.py files "
+            "--scratch /var/tmp/provisioner-restic-drill /etc\n") in drill
     assert "mongodump" not in backup
 
 
@@ -116,7 +119,8 @@ def test_a_mongodb_host_dumps_first_with_its_password_in_a_root_only_file(tmp_pa
     ("restic_keep", {"fortnightly": 2}, "not a mapping"),
     ("restic_check_subset", "lots", "not a subset"),
     ("restic_schedule", {"backup": "daily"}, "one calendar expression per job"),
-    ("restic_max_age_hours", {"backup": 0, "check": 1}, "hours above 0"),
+    ("restic_max_age_hours", {"backup": 0, "check": 1, "verify": 1}, "hours above 0"),
+    ("restic_drill_schedule", "daily\nUser=x", "calendar expression"),
 ])
 def test_bad_vars_are_refused(tmp_path, var, value, message):
     inv = make_inventory(tmp_path, **{var: value})

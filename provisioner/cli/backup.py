@@ -180,6 +180,23 @@ def backup_now(c, env="local", limit=None, kind="incr"):
     _guarded(go)
 
 
+@task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"]})
+def verify(c, env="local", limit=None):
+    """Restore drills now (the weekly timers' own units): the latest PostgreSQL backup into a
+    scratch cluster on the repository host (pg_amcheck, tables and rows), the latest restic
+    snapshot into a scratch folder (checksums against unchanged live files). Exit 1 naming
+    what failed; the results are in the journal and the status files."""
+    def go():
+        inv, hosts = load(env, sys.stdin.isatty(), limit)
+        units = backups.verify_units(inv, hosts)
+        if not units:
+            raise _nothing(inv, "verify")
+        failed = run_units(inv, units)
+        if failed:
+            raise Failed("restore drill FAILED:\n" + "\n".join(failed))
+    _guarded(go)
+
+
 @task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"], "json": "rows as JSON on stdout"})
 def status(c, env="local", limit=None, json=False):
     """Each database server's backups per kind and each restic source's backup and check: last
@@ -255,5 +272,5 @@ def _ask(question: str, name: str) -> bool:
     return input(f"Type the server's name ({name}) to go on: ").strip() == name
 
 
-backup_ns = Collection("backup", backup_now, status)
+backup_ns = Collection("backup", backup_now, status, verify)
 restore_ns = Collection("restore", restore_db, restore_files_task)

@@ -27,15 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.api import (Noop, PlanError, apt, files, handler, is_secret,
-                             known_host_lines, reject, render, run_step, ssh_keypair, systemd, templates,
+                             known_host_lines, lines, reject, render, run_step, ssh_keypair, systemd, templates,
                              users)
 from roles import postgresql as pg
 
 HERE = Path(__file__).resolve().parent
 JOB_SOURCE = (HERE / "backupjob.py").read_text(encoding="utf-8")
+DRILL_SOURCE = (HERE / "drill.py").read_text(encoding="utf-8")
 backupjob = runpy.run_path(str(HERE / "backupjob.py"), run_name="backupjob")   # shared parsing
 TOOL_DIR = "/usr/local/lib/provisioner"
 JOB = f"{TOOL_DIR}/backupjob.py"
+DRILL = f"{TOOL_DIR}/drill.py"
+DRILL_DIR = "/var/lib/pgbackrest-drill"
 REPO_USER = "pgbackrest"
 KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
@@ -55,6 +58,7 @@ class Stanza:
     version: str | None     # PostgreSQL major (None before the server's Debian is known)
     data: str | None
     port: int
+    databases: tuple[str, ...] = ()   # the app databases the inventory declares there
 
 
 def check(v, ctx) -> dict:
@@ -89,7 +93,8 @@ def check(v, ctx) -> dict:
     if v["pgbackrest_compress_type"] not in COMPRESS:
         reject("pgbackrest_compress_type", f"{v['pgbackrest_compress_type']!r} is unknown",
                f"choose one of {', '.join(COMPRESS)}")
-    for var, lo, hi in (("pgbackrest_process_max", 1, 64), ("pgbackrest_archive_timeout", 0, 3600)):
+    for var, lo, hi in (("pgbackrest_process_max", 1, 64), ("pgbackrest_archive_timeout", 0, 3600),
+                        ("pgbackrest_drill_port", 1024, 65000)):
         n = v[var]
         if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
             reject(var, f"{n!r} is not in {lo}..{hi}", f"write a whole number from {lo} to {hi}")
@@ -99,6 +104,13 @@ def check(v, ctx) -> dict:
             reject(f"pgbackrest_schedule.{kind}", f"{cal!r} is not a systemd calendar "
                    "expression on one line", "write e.g. \"Sun *-*-* 01:00:00\" or hourly "
                    "(`systemd-analyze calendar` checks one)")
+    if not CALENDAR_RE.match(str(v["pgbackrest_drill_schedule"])):
+        reject("pgbackrest_drill_schedule", f"{v['pgbackrest_drill_schedule']!r} is not a "
+               "systemd calendar expression on one line", "write e.g. \"Sat *-*-* 05:00:00\"")
+    drill_age = v["pgbackrest_drill_max_age_hours"]
+    if not isinstance(drill_age, (int, float)) or isinstance(drill_age, bool) or drill_age <= 0:
+        reject("pgbackrest_drill_max_age_hours", f"{drill_age!r} is not a number of hours above 0",
+               "write e.g. 192")
     ages = _per_kind(v, "pgbackrest_max_age_hours", (int, float), "number of hours")
     if any(x <= 0 for x in ages.values()):
         reject("pgbackrest_max_age_hours", f"{ages!r} holds an age of 0 or less",
@@ -155,7 +167,8 @@ def _stanza(h, inv, ctx) -> Stanza:
                "postgresql role", "give the database servers' group the postgresql role")
     version, cluster = pg._cluster_of(hv, ctx)
     return Stanza(h.name, h.address, version, pg._paths(version, cluster)["data"],
-                  hv["postgresql_port"])
+                  hv["postgresql_port"],
+                  tuple(d["name"] for d in hv.get("postgresql_databases") or [] if "name" in d))
 
 
 @dataclass(frozen=True)
@@ -268,6 +281,36 @@ def _repo(v, ctx, c, pair, groups):
             yield from job_units("pgbackrest", unit(s.name, kind),
                                  f"pgBackRest {kind} backup of {s.name}",
                                  job_command(s.name, kind), v["pgbackrest_schedule"][kind])
+    if v["pgbackrest_drill"]:
+        yield from _drill(v, stanzas)
+
+
+def _drill(v, stanzas):
+    """The server binaries of each stanza's PostgreSQL (never a cluster of their own: Debian
+    would create and start one when the package is installed), the drill tool, its scratch
+    folder, and one weekly drill per stanza."""
+    yield lines.line("/etc/postgresql-common/createcluster.conf", "create_main_cluster = false",
+                     regexp=r"^#?\s*create_main_cluster\s*=")
+    majors = sorted({s.version for s in stanzas if s.version})
+    if majors:
+        yield apt.packages([f"postgresql-{m}" for m in majors])
+    yield files.file(DRILL, DRILL_SOURCE, mode="0644")
+    yield files.directory(DRILL_DIR, mode="0700", owner=REPO_USER, group=REPO_USER)
+    for i, s in enumerate(stanzas):
+        yield from job_units("pgbackrest", unit(s.name, "verify"),
+                             f"pgBackRest restore drill of {s.name}", drill_command(v, s, i),
+                             v["pgbackrest_drill_schedule"])
+
+
+def drill_command(v, s: Stanza, index: int) -> list[str]:
+    """The drill shares the stanza's lock: it never runs during one of its backups."""
+    return ["/usr/bin/python3", JOB, "run", "--job", unit(s.name, "verify"),
+            "--lock", f"pgbackrest-{s.name}", "--user", REPO_USER, "--",
+            "/usr/bin/python3", DRILL, "pg", "--stanza", s.name,
+            "--bin", f"/usr/lib/postgresql/{s.version}/bin",
+            "--port", str(v["pgbackrest_drill_port"] + index),
+            "--scratch", f"{DRILL_DIR}/{s.name}", *[a for d in s.databases
+                                                   for a in ("--expect-db", d)]]
 
 
 def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str,

@@ -30,6 +30,7 @@ from roles import pgbackrest as jobs
 GROUP = "resticsftp"
 ALIAS = "restic-repo"
 JOBS = ("backup", "forget", "check")
+DRILL_DIR = "/var/tmp/provisioner-restic-drill"
 LOCK = "restic"
 DUMP = "/var/backups/provisioner-mongodump"
 PATH_RE = re.compile(r"^/[^\0\n]*\Z")
@@ -90,10 +91,14 @@ def check(v, ctx) -> dict:
                "write {backup: \"*-*-* 02:15:00\", forget: \"*-*-* 03:15:00\", check: "
                "\"Sun *-*-* 04:15:00\"}")
     ages = v["restic_max_age_hours"]
-    if not isinstance(ages, dict) or set(ages) != {"backup", "check"} or any(
+    if not isinstance(ages, dict) or set(ages) != {"backup", "check", "verify"} or any(
             not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0 for x in ages.values()):
-        reject("restic_max_age_hours", f"{ages!r} does not give hours above 0 for backup and "
-               "check", "write {backup: 36, check: 192}")
+        reject("restic_max_age_hours", f"{ages!r} does not give hours above 0 for backup, check "
+               "and verify", "write {backup: 36, check: 192, verify: 192}")
+    if not isinstance(v["restic_drill_schedule"], str) or \
+            not jobs.CALENDAR_RE.match(v["restic_drill_schedule"]):
+        reject("restic_drill_schedule", f"{v['restic_drill_schedule']!r} is not a systemd "
+               "calendar expression on one line", "write e.g. \"Sat *-*-* 05:30:00\"")
     ssh_group = v.get("harden_ssh_group") if "harden" in inv.roles_for(host.name) else None
     if host.name == repo:
         if ssh_group is not None:
@@ -199,3 +204,10 @@ def _source(v, ctx, c):
                 "check": f"restic check of {v['restic_check_subset']} of the data"}[job]
         yield from jobs.job_units("restic", f"restic-{job}", what, job_argv(v, job, c["mongodb"]),
                                   v["restic_schedule"][job], environment_file="/etc/restic/env")
+    if v["restic_drill"]:
+        yield files.file(jobs.DRILL, jobs.DRILL_SOURCE, mode="0644")
+        yield from jobs.job_units(
+            "restic", "restic-verify", "restic restore drill of " + ", ".join(v["restic_paths"]),
+            ["/usr/bin/python3", jobs.JOB, "run", "--job", "restic-verify", "--lock", LOCK, "--",
+             "/usr/bin/python3", jobs.DRILL, "files", "--scratch", DRILL_DIR, *v["restic_paths"]],
+            v["restic_drill_schedule"], environment_file="/etc/restic/env")
