@@ -62,6 +62,12 @@ def pg(a) -> dict:
         _must(["pgbackrest", f"--stanza={a.stanza}", "--reset-pg1-host", f"--pg1-path={data}",
                "--type=immediate", "--target-action=promote", "--archive-mode=off",
                "--log-level-console=warn", "restore"], "pgbackrest restore")
+        # the restore_command pgBackRest wrote would read the repository's pg1-host (the
+        # database server); here the WAL comes from the repository on this host. The last
+        # setting in postgresql.auto.conf wins.
+        with open(os.path.join(data, "postgresql.auto.conf"), "a") as f:
+            f.write(f"restore_command = 'pgbackrest --stanza={a.stanza} --reset-pg1-host "
+                    f"--pg1-path={data} archive-get %f \"%p\"'\n")
         with open(os.path.join(sock, "drill.conf"), "w") as f:
             f.write(scratch_conf(sock, a.port))
         with open(os.path.join(sock, "drill_hba.conf"), "w") as f:
