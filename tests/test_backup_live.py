@@ -87,7 +87,7 @@ def test_timers_status_file_and_metrics_after_a_backup(backed_up):
     st = json.loads(sh(REPO_HOST, "cat /var/lib/provisioner/backup/pgbackrest-db1-full.json").stdout)
     assert st["ok"] and st["size_bytes"] > 0 and st["repo_size_bytes"] >= st["size_bytes"]
     prom = sh(REPO_HOST, "cat /var/lib/prometheus/node-exporter/backup_pgbackrest-db1-full.prom").stdout
-    assert 'provisioner_backup_last_run_success{job="pgbackrest-db1-full"} 1' in prom
+    assert 'provisioner_backup_last_run_success{backup="pgbackrest-db1-full"} 1' in prom
     status = task("backup.status", "--limit", DB, "--json")
     rows = json.loads(status.stdout)
     assert {(r["host"], r["kind"], r["ok"]) for r in rows} == {
@@ -146,7 +146,7 @@ def test_a_wrong_passphrase_fails_clearly_and_changes_nothing(backed_up):
     assert "not-the-passphrase" not in r.stderr + r.stdout
     assert sh(REPO_HOST, listing).stdout == before
     prom = sh(REPO_HOST, "cat /var/lib/prometheus/node-exporter/backup_pgbackrest-db1-incr.prom").stdout
-    assert 'provisioner_backup_last_run_success{job="pgbackrest-db1-incr"} 0' in prom
+    assert 'provisioner_backup_last_run_success{backup="pgbackrest-db1-incr"} 0' in prom
     assert sh(REPO_HOST, "systemctl is-failed pgbackrest-db1-incr.service", check=False
               ).stdout.strip() == "failed"
     task("backup", "--limit", DB, "--kind", "incr")                         # the right one works again
@@ -245,7 +245,7 @@ def test_forget_and_check_run_and_the_status_reads_them(backed_up):
     assert {(r["kind"], r["ok"]) for r in rows} == {("files backup", True), ("files check", True)}
     assert rows[0]["detail"].split()[1] == "snapshots" and int(rows[0]["detail"].split()[0]) >= 1
     prom = sh(SOURCE, "cat /var/lib/prometheus/node-exporter/backup_restic-backup.prom").stdout
-    assert 'provisioner_backup_repository_size_bytes{job="restic-backup"}' in prom
+    assert 'provisioner_backup_repository_size_bytes{backup="restic-backup"}' in prom
 
 
 # --- restore drills -------------------------------------------------------------------------------

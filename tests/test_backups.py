@@ -59,8 +59,9 @@ def test_a_success_records_status_and_metrics(job_dirs):
     st = json.loads((job_dirs["status"] / "j1.json").read_text())
     assert st["ok"] and st["exit"] == 0 and st["last_success"] == st["finished"]
     prom = (job_dirs["textfile"] / "backup_j1.prom").read_text()
-    assert 'provisioner_backup_last_run_success{job="j1"} 1' in prom
-    assert f'provisioner_backup_last_success_timestamp_seconds{{job="j1"}} {st["finished"]}' in prom
+    assert 'provisioner_backup_last_run_success{backup="j1"} 1' in prom
+    assert f'provisioner_backup_last_success_timestamp_seconds{{backup="j1"}} {st["finished"]}' in prom
+    assert "max_age_seconds" not in prom                       # none given
     assert "# TYPE provisioner_backup_last_duration_seconds gauge" in prom
     assert not list(job_dirs["textfile"].glob("*.tmp.*"))
 
@@ -72,8 +73,24 @@ def test_a_failure_keeps_the_last_success_and_says_so(job_dirs, capsys):
     st = json.loads((job_dirs["status"] / "j2.json").read_text())
     assert (st["ok"], st["exit"], st["last_success"]) == (False, 3, first)
     assert "backup job j2 FAILED: exit 3" in capsys.readouterr().err
-    assert 'provisioner_backup_last_run_success{job="j2"} 0' in \
+    assert 'provisioner_backup_last_run_success{backup="j2"} 0' in \
         (job_dirs["textfile"] / "backup_j2.prom").read_text()
+
+
+def test_the_metrics_keep_to_the_monitoring_roles_names(job_dirs):
+    """roles/monitoring/rules.py's alerts and `invoke status` read these names and labels."""
+    from provisioner.api import TEXTFILE_DIR
+    from provisioner.remote import status_probe
+    assert tool["TEXTFILE_DIR"] == TEXTFILE_DIR
+    tool["main"](["run", "--job", "pg-incr", "--lock", "l", "--max-age-seconds", "10800", "true"])
+    tool["main"](["run", "--job", "pg-verify", "--lock", "l", "--drill", "--", "false"])
+    samples = status_probe.textfile_metrics(str(job_dirs["textfile"]))
+    (backup,) = status_probe.backups(samples)
+    assert backup["name"] == "pg-incr" and backup["max_age_seconds"] == 10800
+    assert backup["age_seconds"] < 60
+    drill = {s[0]: s for s in samples if s[0].startswith("provisioner_restore_drill_")}
+    assert drill["provisioner_restore_drill_ok"][1:] == ({"drill": "pg-verify"}, 0.0)
+    assert "provisioner_restore_drill_last_success_timestamp_seconds" not in drill   # never passed
 
 
 def test_a_failing_prepare_step_stops_the_job(job_dirs):

@@ -84,7 +84,7 @@ def test_the_repository_host_gets_a_drill_per_stanza_and_no_cluster_of_its_own(t
     assert line.line == "create_main_cluster = false"
     assert ids.index("apt pgbackrest") < ids.index(line.id) < ids.index("apt postgresql-17")
     service = r["file /etc/systemd/system/pgbackrest-db1-verify.service"].content.text
-    assert ("--lock pgbackrest-db1 --user pgbackrest -- /usr/bin/python3 "
+    assert ("--lock pgbackrest-db1 --user pgbackrest --drill -- /usr/bin/python3 "
             "/usr/local/lib/provisioner/drill.py pg --stanza db1 --bin /usr/lib/postgresql/17/bin "
             "--port 54329 --scratch /var/lib/pgbackrest-drill/db1") in service
     assert r["service pgbackrest-db1-verify.timer"].enabled

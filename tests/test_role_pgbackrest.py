@@ -155,11 +155,12 @@ def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp
     assert r["file /var/lib/pgbackrest/.ssh/known_hosts"].content.text == \
         f"{DB1} ssh-ed25519 {KEYS[DB1]}\n"
     assert r["file /var/lib/pgbackrest/.ssh/id_ed25519"].content.display is None
-    for kind in ("full", "diff", "incr"):
+    for kind, max_age in (("full", 691200), ("diff", 172800), ("incr", 10800)):
         assert r[f"service pgbackrest-db1-{kind}.timer"].enabled
         service = r[f"file /etc/systemd/system/pgbackrest-db1-{kind}.service"].content.text
         assert (f"ExecStart=/usr/bin/python3 /usr/local/lib/provisioner/backupjob.py run --job "
                 f"pgbackrest-db1-{kind} --lock pgbackrest-db1 --user pgbackrest --stanza db1 "
+                f"--max-age-seconds {max_age} "
                 f'--prepare "[\\"pgbackrest\\", \\"--stanza=db1\\", \\"stanza-create\\"]" '
                 f"-- pgbackrest --stanza=db1 --type={kind} backup") in service
     timer = r["file /etc/systemd/system/pgbackrest-db1-full.timer"].content.text

@@ -77,6 +77,7 @@ def test_a_source_host_gets_secret_files_an_alias_and_three_jobs(tmp_path):
     backup = r["file /etc/systemd/system/restic-backup.service"].content.text
     assert "EnvironmentFile=/etc/restic/env" in backup
     assert "-- restic backup --tag provisioner --exclude /etc/restic /etc\n" in backup
+    assert "--max-age-seconds 129600 " in backup                          # 36 h
     forget = r["file /etc/systemd/system/restic-forget.service"].content.text
     assert ("restic forget --prune --tag provisioner --keep-last 3 --keep-daily 7 --keep-weekly 5 "
             "--keep-monthly 12") in forget
@@ -85,7 +86,7 @@ def test_a_source_host_gets_secret_files_an_alias_and_three_jobs(tmp_path):
     assert "Description=restic check of 5%% of the data" in check
     assert {f"service restic-{j}.timer" for j in (*role.JOBS, "verify")} <= set(r)
     drill = r["file /etc/systemd/system/restic-verify.service"].content.text
-    assert ("--lock restic -- /usr/bin/python3 /usr/local/lib/provisioner/drill.py files "
+    assert ("--lock restic --drill -- /usr/bin/python3 /usr/local/lib/provisioner/drill.py files "
             "--scratch /var/tmp/provisioner-restic-drill /etc\n") in drill
     assert "mongodump" not in backup
 

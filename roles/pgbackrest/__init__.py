@@ -216,11 +216,16 @@ def unit(stanza: str, kind: str) -> str:
     return f"pgbackrest-{stanza}-{kind}"
 
 
-def job_command(stanza: str, kind: str) -> list[str]:
+def seconds(hours) -> str:
+    return f"{hours * 3600:g}"
+
+
+def job_command(stanza: str, kind: str, max_age_hours) -> list[str]:
     """What the service runs: the stanza is created first when the repository has none yet
     (stanza-create is a no-op on a valid stanza), then the backup."""
     return ["/usr/bin/python3", JOB, "run", "--job", unit(stanza, kind),
             "--lock", f"pgbackrest-{stanza}", "--user", REPO_USER, "--stanza", stanza,
+            "--max-age-seconds", seconds(max_age_hours),
             "--prepare", json.dumps(["pgbackrest", f"--stanza={stanza}", "stanza-create"]),
             "--", "pgbackrest", f"--stanza={stanza}", f"--type={kind}", "backup"]
 
@@ -280,7 +285,8 @@ def _repo(v, ctx, c, pair, groups):
         for kind in KINDS:
             yield from job_units("pgbackrest", unit(s.name, kind),
                                  f"pgBackRest {kind} backup of {s.name}",
-                                 job_command(s.name, kind), v["pgbackrest_schedule"][kind])
+                                 job_command(s.name, kind, v["pgbackrest_max_age_hours"][kind]),
+                                 v["pgbackrest_schedule"][kind])
     if v["pgbackrest_drill"]:
         yield from _drill(v, stanzas)
 
@@ -305,7 +311,7 @@ def _drill(v, stanzas):
 def drill_command(v, s: Stanza, index: int) -> list[str]:
     """The drill shares the stanza's lock: it never runs during one of its backups."""
     return ["/usr/bin/python3", JOB, "run", "--job", unit(s.name, "verify"),
-            "--lock", f"pgbackrest-{s.name}", "--user", REPO_USER, "--",
+            "--lock", f"pgbackrest-{s.name}", "--user", REPO_USER, "--drill", "--",
             "/usr/bin/python3", DRILL, "pg", "--stanza", s.name,
             "--bin", f"/usr/lib/postgresql/{s.version}/bin",
             "--port", str(v["pgbackrest_drill_port"] + index),

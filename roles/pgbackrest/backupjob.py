@@ -2,7 +2,7 @@
 the server's python3, as root).
 
     backupjob.py run --job NAME --lock NAME [--user U] [--prepare ARGV_JSON] [--stanza S]
-                     [--size-cmd ARGV_JSON] -- ARGV...
+                     [--size-cmd ARGV_JSON] [--max-age-seconds N] [--drill] -- ARGV...
 
 (the `--` matters: the job's own command has options of its own)
     backupjob.py status [--pgbackrest-user U] [--restic-env FILE]
@@ -112,24 +112,31 @@ def _total_size(argv: list[str], user: str | None) -> int | None:
 
 
 def metrics(job: str, st: dict) -> str:
-    """The job's status in node exporter's textfile format."""
-    label = '{job="%s"}' % job
-    rows = [("last_run_timestamp_seconds", "gauge", "when the job last ended", st.get("finished")),
-            ("last_run_success", "gauge", "1 if the last run succeeded", 1 if st.get("ok") else 0),
-            ("last_success_timestamp_seconds", "gauge", "when the job last succeeded",
-             st.get("last_success")),
-            ("last_duration_seconds", "gauge", "how long the last run took", st.get("duration")),
-            ("last_size_bytes", "gauge", "bytes the last successful run added",
-             st.get("size_bytes")),
-            ("repository_size_bytes", "gauge", "bytes the repository holds",
-             st.get("repo_size_bytes"))]
+    """The job's status in node exporter's textfile format, with the names the monitoring role's
+    alerts and `invoke status` read (roles/monitoring/rules.py): a backup job's
+    provisioner_backup_*{backup="<job>"} with its max_age_seconds, a drill's
+    provisioner_restore_drill_*{drill="<job>"}."""
+    if st.get("drill"):
+        prefix, label = "provisioner_restore_drill_", '{drill="%s"}' % job
+        rows = [("ok", "1 if the last drill passed", 1 if st.get("ok") else 0),
+                ("last_success_timestamp_seconds", "when a drill last passed", st.get("last_success")),
+                ("last_run_timestamp_seconds", "when the last drill ended", st.get("finished")),
+                ("last_duration_seconds", "how long the last drill took", st.get("duration"))]
+    else:
+        prefix, label = "provisioner_backup_", '{backup="%s"}' % job
+        rows = [("last_success_timestamp_seconds", "when the job last succeeded", st.get("last_success")),
+                ("max_age_seconds", "how old its last success may get", st.get("max_age_seconds")),
+                ("last_run_timestamp_seconds", "when the job last ended", st.get("finished")),
+                ("last_run_success", "1 if the last run succeeded", 1 if st.get("ok") else 0),
+                ("last_duration_seconds", "how long the last run took", st.get("duration")),
+                ("last_size_bytes", "bytes the last successful run added", st.get("size_bytes")),
+                ("repository_size_bytes", "bytes the repository holds", st.get("repo_size_bytes"))]
     out = []
-    for name, kind, text, value in rows:
+    for name, text, value in rows:
         if value is None:
             continue
-        out += [f"# HELP provisioner_backup_{name} {text}",
-                f"# TYPE provisioner_backup_{name} {kind}",
-                f"provisioner_backup_{name}{label} {value}"]
+        out += [f"# HELP {prefix}{name} {text}", f"# TYPE {prefix}{name} gauge",
+                f"{prefix}{name}{label} {value}"]
     return "\n".join(out) + "\n"
 
 
@@ -186,7 +193,8 @@ def run(a) -> int:
     st = {"job": a.job, "ok": rc == 0, "exit": rc, "started": round(started, 3),
           "finished": round(finished, 3), "duration": round(finished - started, 3),
           "last_success": round(finished, 3) if rc == 0 else prev.get("last_success"),
-          "size_bytes": prev.get("size_bytes"), "repo_size_bytes": prev.get("repo_size_bytes")}
+          "size_bytes": prev.get("size_bytes"), "repo_size_bytes": prev.get("repo_size_bytes"),
+          "max_age_seconds": a.max_age_seconds, "drill": a.drill}
     if rc == 0 and a.stanza:
         info = subprocess.run(_as(a.user, ["pgbackrest", f"--stanza={a.stanza}", "--output=json",
                                            "info"]), capture_output=True, text=True)
@@ -252,6 +260,9 @@ def main(argv=None) -> int:
     r.add_argument("--prepare", help="a command (JSON argv) run first, as --user")
     r.add_argument("--stanza")
     r.add_argument("--size-cmd", help="a command (JSON argv) printing JSON with total_size")
+    r.add_argument("--max-age-seconds", type=float, help="how old its last success may get "
+                   "(for the alerts and `invoke status`)")
+    r.add_argument("--drill", action="store_true", help="a restore drill: its own metric names")
     r.add_argument("argv", nargs="+")
     s = sub.add_parser("status")
     s.add_argument("--pgbackrest-user")

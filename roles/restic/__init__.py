@@ -157,6 +157,8 @@ def _repo(v, c):
 def job_argv(v, job: str, mongodb: bool) -> list[str]:
     """What each job's service runs: backupjob.py around restic."""
     base = ["/usr/bin/python3", jobs.JOB, "run", "--job", f"restic-{job}", "--lock", LOCK]
+    if job in v["restic_max_age_hours"]:
+        base += ["--max-age-seconds", jobs.seconds(v["restic_max_age_hours"][job])]
     if job == "backup":
         init = ["sh", "-c", "restic cat config >/dev/null 2>&1 || restic init"]
         if mongodb:
@@ -208,6 +210,7 @@ def _source(v, ctx, c):
         yield files.file(jobs.DRILL, jobs.DRILL_SOURCE, mode="0644")
         yield from jobs.job_units(
             "restic", "restic-verify", "restic restore drill of " + ", ".join(v["restic_paths"]),
-            ["/usr/bin/python3", jobs.JOB, "run", "--job", "restic-verify", "--lock", LOCK, "--",
+            ["/usr/bin/python3", jobs.JOB, "run", "--job", "restic-verify", "--lock", LOCK,
+             "--drill", "--",
              "/usr/bin/python3", jobs.DRILL, "files", "--scratch", DRILL_DIR, *v["restic_paths"]],
             v["restic_drill_schedule"], environment_file="/etc/restic/env")
