@@ -69,12 +69,13 @@ def test_targets_come_from_the_inventory():
 def test_harden_opens_the_exporters_to_the_monitoring_server_only(tmp_path):
     inv = local()
     # harden insists on the inventory key's public half once the testbed has made the key
-    pub = Path(str(inv.hosts["db1"].key) + ".pub")
-    if not pub.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
-                       check=True)
-        pub = tmp_path / "k.pub"
-    keys = {"harden_deploy_inventory_key": False, "harden_deploy_keys": [pub.read_text().strip()]}
+    key = inv.hosts["db1"].key
+    if not key.exists():
+        key = tmp_path / "k"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    keys = {"harden_deploy_inventory_key": False, "harden_deploy_keys": [pub]}
 
     def monitoring_rules(host):
         v = dict(inv.hostvars(host), **keys)
