@@ -59,9 +59,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+# cryptography is imported where a vault is encrypted or opened: the vault commands' names and
+# help, and the tasks that need no secret, start without loading it
 
 from provisioner.secret import Secret
 
@@ -167,6 +166,7 @@ class ScryptParams:
         return cls(n, r, p)
 
     def derive(self, password: bytes, salt: bytes) -> bytes:
+        from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
         return Scrypt(salt=salt, length=_KEY_BYTES, n=self.n, r=self.r, p=self.p).derive(password)
 
 
@@ -190,6 +190,7 @@ def _parse_params(text: str, keys: tuple[str, ...]) -> dict[str, int]:
 
 @lru_cache(maxsize=1)
 def argon2id_available() -> bool:
+    from cryptography.exceptions import UnsupportedAlgorithm
     try:
         Argon2idParams(memory_kib=8, iterations=1, lanes=1).derive(b"probe", b"\0" * 16)
     except (ImportError, UnsupportedAlgorithm):
@@ -249,6 +250,7 @@ def load_json_object(text: str | bytes) -> object:
 def encrypt(data: Mapping[str, str | Secret], password: str, *,
             kdf: KdfParams | None = None) -> bytes:
     """The vault file's bytes for ``data`` under ``password``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     values = _check_mapping(data, "vault")
     kdf = kdf or default_kdf()
     salt, nonce = os.urandom(_SALT_BYTES), os.urandom(_NONCE_BYTES)
@@ -264,6 +266,9 @@ def encrypt(data: Mapping[str, str | Secret], password: str, *,
 
 def decrypt(blob: bytes, password: str, *, display: str = "vault") -> dict[str, str]:
     """The mapping inside a vault file's bytes. Raises VaultError, never InvalidTag."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     def invalid(why: str) -> VaultError:
         return VaultError(f"{display} is not a valid vault file: {why}")
 

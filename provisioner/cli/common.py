@@ -5,19 +5,22 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import invoke
 from invoke import Exit
 
 from provisioner import lock, plan as saved_plan, shards
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_LOCKED, InputError, Problem, display_path
-from provisioner.events import Events
-from provisioner.interrupt import Stop, on_signals
-from provisioner.inventory import Host, Inventory, load_inventory
 from provisioner.roles import REPO_ROOT
-from provisioner.runner import Options, Runner
-from provisioner.secret import REDACTOR
-from provisioner.varchecks import check_vars
+
+if TYPE_CHECKING:
+    from provisioner.events import Events
+    from provisioner.interrupt import Stop
+    from provisioner.inventory import Host, Inventory
+
+# The engine (inventory validation, runner, connections, templates) is imported inside the
+# functions that use it: `invoke --list` and `--help` load this module and need none of it.
 
 FLAG_HELP = {
     "env": "environment: inventories/<env>.yml (default local)",
@@ -57,12 +60,14 @@ class Extras:
 
 def fail_input(message: str) -> Exit:
     """For tasks without an event stream: the message on stderr, exit 2."""
+    from provisioner.secret import REDACTOR
     print(REDACTOR.redact(message), file=sys.stderr)
     return Exit(code=EXIT_BAD_INPUT)
 
 
 def inventory(env: str) -> Inventory:
     """The validated inventory of `env`, `!vault` references unresolved (InputError: exit 2)."""
+    from provisioner.inventory import load_inventory
     return load_inventory(env, root=REPO_ROOT)
 
 
@@ -129,6 +134,8 @@ def _percentage(value, serial: int) -> float:
 def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, verbose,
              detailed_exitcode=False, roles=None, max_fail_percentage=0, shard=None,
              extras: Extras | None = None) -> None:
+    from provisioner.events import Events
+    from provisioner.interrupt import Stop
     interactive = not yes and sys.stdin.isatty()
     events = Events(task=task, env=env, json_out=bool(json), verbose=int(verbose or 0),
                     diff=bool(diff), check=bool(check))
@@ -148,6 +155,9 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
 
 def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
          detailed_exitcode, roles, max_fail_percentage, shard, extras: Extras) -> int:
+    from provisioner.interrupt import on_signals
+    from provisioner.runner import Options, Runner
+    from provisioner.varchecks import check_vars
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)

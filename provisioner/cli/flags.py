@@ -15,7 +15,6 @@ from invoke.exceptions import ParseError
 from invoke.program import Program
 
 from provisioner.errors import EXIT_BAD_INPUT
-from provisioner.events import Events
 
 _INT = re.compile(r"invalid literal for int\(\) with base 10: '(.*)'")
 _NO_IDEA = re.compile(r"No idea what '(.*)' is!")
@@ -124,6 +123,7 @@ def install() -> None:
             task = getattr(getattr(e, "context", None), "name", None) or _task(argv, self)
             flags = _flags(self, task)
             message, fix = _problem(e, argv, self, task, flags)
+            from provisioner.events import Events        # only a bad command line needs it
             events = Events(task=task or "invoke", env=_env(argv), json_out=_wants_json(argv, flags),
                             verbose=0, diff=False, check=False)
             raise Exit(code=events.fail_run(EXIT_BAD_INPUT, f"{message}\n    fix: {fix}")) from None

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import task
 
 from provisioner.cli.common import FLAG_HELP, fail_input, inventory
 from provisioner.errors import InputError, Problem, display_path
-from provisioner.inventory import Inventory, VaultRef
+from provisioner.yamlfile import VaultRef
+
+if TYPE_CHECKING:                 # the validation library loads only when a task runs
+    from provisioner.inventory import Inventory
 
 
 def _value(value: Any) -> str:

@@ -4,17 +4,17 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import paramiko
 from invoke import Collection, Exit, task
 
 from provisioner.cli.common import FLAG_HELP, Extras, Task, fail_input, inventory, load, run_task
-from provisioner.connection import Connection, Unreachable, connect_error, fingerprint
 from provisioner.errors import EXIT_UNREACHABLE, InputError, display_path
-from provisioner.inventory import Host, Jump, known_host_name
-from provisioner.roles import load_role
-from provisioner.varchecks import check_vars
+
+if TYPE_CHECKING:                 # imported where used: `invoke --list` needs none of them
+    import paramiko
+
+    from provisioner.inventory import Host, Jump
 
 PROVISION_HELP = {**FLAG_HELP, "roles": "only these roles, comma-separated (in inventory order)"}
 
@@ -33,6 +33,8 @@ def provision(c, env="local", limit=None, roles=None, check=False, diff=False, j
 @task(help={"env": FLAG_HELP["env"]})
 def check(c, env="local"):
     """Validate an inventory, its vars, secrets and known host keys; touches no server."""
+    from provisioner.roles import load_role
+    from provisioner.varchecks import check_vars
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
         check_vars(inv, inv.hosts.values(), lambda role: load_role(inv.roles[role]))
@@ -54,6 +56,7 @@ def _key_types(recorded: Iterable[str], offered: list[str]) -> list[str]:
 
 def _scan(sock, timeout: float, recorded: Iterable[str]) -> paramiko.PKey:
     """The host key a server presents on `sock`, without authenticating."""
+    import paramiko
     t = paramiko.Transport(sock)
     try:
         opts = t.get_security_options()
@@ -71,6 +74,7 @@ class _Trust:
     that a different key, of any type, is a change and is refused."""
 
     def __init__(self, path: Path, yes: bool):
+        import paramiko
         self.path, self.yes = path, yes
         self.known = paramiko.HostKeys()
         if path.exists():
@@ -82,6 +86,7 @@ class _Trust:
 
     def decide(self, label: str, name: str, key: paramiko.PKey) -> bool:
         """Whether `key` is (now) trusted for `name`; records it when new and accepted."""
+        from provisioner.connection import fingerprint
         have = dict(self.known.lookup(name) or {})
         shown = f"{key.get_name()} {fingerprint(key)}"
         if have.get(key.get_name()) == key:
@@ -110,6 +115,7 @@ class _Trust:
 
 
 def _jump_host(j: Jump) -> Host:
+    from provisioner.inventory import Host
     return Host(name=j.name, address=j.address, port=j.port, user=j.user, bootstrap_user=None,
                 key=j.key, jump=None, connect_timeout=j.connect_timeout,
                 command_timeout=j.connect_timeout)
@@ -120,6 +126,10 @@ def trust(c, env="local", limit=None, yes=False):
     """Show each host's key fingerprint and record it in the env's known_hosts (asks unless --yes).
     Hosts behind a jump host are scanned through it, after its own key. Keys already recorded
     are kept; a different key (of any type) is refused: remove the old line first."""
+    import paramiko
+
+    from provisioner.connection import Connection, Unreachable, connect_error
+    from provisioner.inventory import known_host_name
     try:
         inv = inventory(env)                   # no vault: scanning host keys needs no secret
         hosts = inv.select(limit)
@@ -164,6 +174,10 @@ def trust(c, env="local", limit=None, yes=False):
 
 
 def _trust_direct(book: _Trust, label: str, address: str, port: int, timeout: float) -> bool:
+    import paramiko
+
+    from provisioner.connection import connect_error
+    from provisioner.inventory import known_host_name
     name = known_host_name(address, port)
     try:
         sock = socket.create_connection((address, port), timeout=timeout)

@@ -6,14 +6,22 @@ import sys
 
 from invoke import Collection, Exit, task
 
-from provisioner import testbed as tb
 
 
-def _guard(fn, *args, **kw):
+def _guard(name: str, *args, **kw):
+    """Run provisioner.testbed's function `name`: a testbed error ends the task with its exit
+    code. The package (containers, networks, the local vault) is imported here, when a testbed
+    task runs: `invoke --list` and the other tasks need none of it."""
+    from provisioner import testbed as tb
     try:
-        return fn(*args, **kw)
+        return getattr(tb, name)(*args, **kw)
     except tb.TestbedError as e:
         raise Exit(f"testbed: {e}", code=e.exit_code) from None
+
+
+def _state_dir():
+    from provisioner.testbed import STATE_DIR
+    return STATE_DIR
 
 
 def _say(msg: str) -> None:
@@ -24,7 +32,7 @@ def _say(msg: str) -> None:
                       "(default: keep as many as are up; 0 removes them)"})
 def up(c, count=None):
     """Build (once) and boot the local test servers; a second run changes nothing."""
-    r = _guard(tb.up, None if count is None else int(count), log=_say)
+    r = _guard("up", None if count is None else int(count), log=_say)
     what = (f"created {', '.join(r.created)}" if r.created else "no server created") + "; " + \
            (f"started {', '.join(r.started)}" if r.started else "all servers already running")
     print(f"testbed up in {r.seconds:.1f} s ({what})")
@@ -35,34 +43,34 @@ def up(c, count=None):
 @task
 def down(c):
     """Stop and remove every test server, the proxies and the bridge (idempotent)."""
-    done = _guard(tb.down, log=_say)
+    done = _guard("down", log=_say)
     print("\n".join(done) if done else "testbed already down")
 
 
 def _print_status() -> None:
-    rows = _guard(tb.status)
+    rows = _guard("status")
     print(f"{'server':<10} {'address':<15} {'debian':<7} {'state':<8} {'ssh':<4} {'memory':>9}  "
           "network")
     for r in rows:
         mem = f"{r.memory_mib:.0f} MiB" if r.memory_mib else "-"
         print(f"{r.name:<10} {r.address:<15} {r.release:<7} {r.state:<8} {'yes' if r.ssh else 'no':<4} "
               f"{mem:>9}  {'CUT' if r.cut else 'ok'}")
-    print(f"ssh with strict host keys: ssh -F {tb.ssh_config_path()} NAME")
+    print(f"ssh with strict host keys: ssh -F {_guard('ssh_config_path')} NAME")
 
 
 def _print_package_path() -> bool:
-    checks = _guard(tb.package_path)
+    checks = _guard("package_path")
     for what, error in checks:
         print(f"package path: {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
     healthy = all(error is None for _, error in checks)
     if not healthy:
-        print(f"the proxy's log: {tb.STATE_DIR / 'logs' / 'package-proxy.log'}; "
+        print(f"the proxy's log: {_state_dir() / 'logs' / 'package-proxy.log'}; "
               "`invoke testbed.up` restarts a proxy that stopped")
-    acme = _guard(tb.acme_health)
+    acme = _guard("acme_health")
     for what, error in acme:
         print(f"acme server:  {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
     if any(error is not None for _, error in acme):
-        print(f"pebble's logs: {tb.STATE_DIR / 'logs'}/pebble*.log; `invoke testbed.up` "
+        print(f"pebble's logs: {_state_dir() / 'logs'}/pebble*.log; `invoke testbed.up` "
               "restarts them")
         healthy = False
     for what, error in tb.sinks.health():
@@ -84,40 +92,40 @@ def status(c):
 @task(help={"name": "server name, e.g. web1", "command": "run this instead of a login shell"})
 def ssh(c, name, command=""):
     """A root shell inside a server without SSH (nsenter): works after hardening closed root login."""
-    argv = _guard(tb.shell_argv, name, ["/bin/bash", "-lc", command] if command else None)
+    argv = _guard("shell_argv", name, ["/bin/bash", "-lc", command] if command else None)
     os.execvp(argv[0], argv)
 
 
 @task(help={"name": "server name"})
 def stop(c, name):
     """Shut one server down cleanly (its disk stays)."""
-    print(f"stopped {name}" if _guard(tb.stop, name) else f"{name} was not running")
+    print(f"stopped {name}" if _guard("stop", name) else f"{name} was not running")
 
 
 @task(help={"name": "server name"})
 def start(c, name):
     """Boot a stopped server again and wait for its sshd."""
-    print(f"started {name}" if _guard(tb.start, name) else f"{name} was already running")
+    print(f"started {name}" if _guard("start", name) else f"{name} was already running")
 
 
 @task(help={"name": "server name"})
 def reset(c, name):
     """Replace one server with a fresh, never-provisioned one (new host keys)."""
-    _guard(tb.reset, name, log=_say)
+    _guard("reset", name, log=_say)
     print(f"{name} is fresh")
 
 
 @task(help={"name": "server name"})
 def cut(c, name):
     """Drop a server's network (fault tests); `testbed.heal` restores it."""
-    _guard(tb.cut, name)
+    _guard("cut", name)
     print(f"{name}: network cut")
 
 
 @task(help={"name": "server name"})
 def heal(c, name):
     """Restore a server's network after `testbed.cut`."""
-    _guard(tb.heal, name)
+    _guard("heal", name)
     print(f"{name}: network restored")
 
 
