@@ -1,0 +1,173 @@
+"""Start-up cost of the command line, measured without any server: what a user waits for before
+`invoke` does anything, and what a converged run spends before its first connection.
+
+    python3 bench/startup.py [--rounds 9] [--imports 12]
+
+Each command runs `--rounds` times in a fresh interpreter (interleaved, so drift on a loaded
+machine hits them alike), after one warm-up round; it prints the median wall time and the median
+CPU time of the child (CPU is steadier than wall on a shared machine), then the heaviest
+packages `invoke --list` and the provision run import. The environment is used as it is (the
+first line says whether PYTHONDONTWRITEBYTECODE makes every run compile our sources again).
+"Before the first connection" is `invoke provision` of one host with web1's roles (base, harden,
+node, pm2) and a vault, in a throwaway checkout: the time from starting the interpreter to its
+first TCP connect (seen by an audit hook, which imports nothing), after which the run stops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+# The child runs the real invoke program on tasks.py's namespace from a throwaway checkout (as
+# tests/test_cli.py does); with a port, it ends at its first TCP connect to that port and prints
+# the monotonic clock (system-wide on Linux, so comparable with ours).
+HARNESS = """
+import sys
+port = int(sys.argv[3])
+if port:
+    def _hook(event, args, _port=port):
+        if event == "socket.connect" and args[1][1:2] == (_port,):
+            import os, time
+            print("connect-at", time.monotonic(), flush=True)
+            os._exit(0)
+    sys.addaudithook(_hook)
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import provisioner.cli.common as common
+common.REPO_ROOT = Path(sys.argv[2])
+import tasks
+from invoke import Program
+Program(namespace=tasks.ns, binary="invoke", name="invoke").run(["invoke", *sys.argv[4:]])
+"""
+
+WEB1 = """env: bench
+known_hosts: known_hosts/bench
+ssh: {{user: deploy, bootstrap_user: root, key: id_ed25519, connect_timeout: 1}}
+vars:
+  harden_trusted_sources: [127.0.0.1]
+hosts:
+  web1: {{address: 127.0.0.1, port: {port}}}
+groups:
+  app:
+    hosts: [web1]
+    roles: [base, harden, node, pm2]
+    vars:
+      node_apps: [sample]
+      pm2_apps:
+        - name: sample
+          script: server.js
+          env: {{PORT: "3000", DATABASE_PASSWORD: !vault pg_app_password}}
+"""
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_root(tmp: Path, port: int) -> tuple[Path, dict[str, str]]:
+    """A checkout with env `bench` (web1 on 127.0.0.1:port), its key, known_hosts and vault;
+    and the environment that opens that vault without a prompt."""
+    import paramiko
+    from sshpeers import ed25519_key, known_line, write_private_key
+    from provisioner import vault
+    root = tmp / "root"
+    (root / "inventories" / "known_hosts").mkdir(parents=True)
+    (root / "roles").symlink_to(REPO / "roles")
+    (root / "inventories" / "bench.yml").write_text(WEB1.format(port=port))
+    write_private_key(paramiko.ECDSAKey.generate(), root / "inventories" / "id_ed25519")
+    host_key = known_line(f"[127.0.0.1]:{port}", ed25519_key())
+    (root / "inventories" / "known_hosts" / "bench").write_text(host_key)
+    password = "bench-only-password"          # a throwaway vault in a temp folder
+    vault.save_vault(vault.vault_path("bench", root), {"pg_app_password": "x" * 24}, password)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PROVISIONER_VAULT")}
+    env[vault.PASSWORD_ENV] = password
+    return root, env
+
+
+def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, child CPU seconds, stdout) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {p.returncode}:\n{p.stderr[-2000:]}")
+    for line in p.stdout.splitlines():         # a provision run: up to its first connect
+        if line.startswith("connect-at "):
+            wall = float(line.split()[1]) - t0
+    return wall, cpu, p.stdout
+
+
+def heaviest_packages(argv: list[str], cwd: Path, env: dict[str, str], top: int):
+    """(milliseconds, package) of what `argv` imports, by top-level package (self times summed:
+    what loading that package itself costs), heaviest first."""
+    p = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=120)
+    by_package: dict[str, int] = {}
+    for line in p.stderr.splitlines():
+        parts = line.split("|")
+        if line.startswith("import time:") and parts[0].split(":")[1].strip().isdigit():
+            package = parts[2].strip().split(".")[0]
+            by_package[package] = by_package.get(package, 0) + int(parts[0].split(":")[1])
+    return sorted(((us / 1000, name) for name, us in by_package.items()), reverse=True)[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--packages", type=int, default=12, help="heaviest packages to list")
+    a = ap.parse_args()
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        port = closed_port()
+        root, env = make_root(Path(tmp), port)
+        harness = [py, "-c", HARNESS, str(REPO), str(root)]
+        provision = [*harness, str(port), "provision", "--env", "bench", "--yes"]
+        runs = {
+            "python3 -c pass (the floor)": [py, "-c", "pass"],
+            "import tasks": [py, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import tasks"],
+            "invoke --list": [*harness, "0", "--list"],
+            "invoke provision --help": [*harness, "0", "provision", "--help"],
+            "provision web1: to 1st connect": provision,
+        }
+        walls: dict[str, list[float]] = {k: [] for k in runs}
+        cpus: dict[str, list[float]] = {k: [] for k in walls}
+        for argv in runs.values():                     # warm-up (caches, bytecode if written)
+            timed(argv, root, env)
+        for _ in range(a.rounds):
+            for what, argv in runs.items():
+                wall, cpu, _out = timed(argv, root, env)
+                walls[what].append(wall)
+                cpus[what].append(cpu)
+        print(f"medians of {a.rounds} runs each, {os.cpu_count()} cores, load average "
+              f"{os.getloadavg()[0]:.2f} (a loaded machine stretches wall time; CPU less so); "
+              f"bytecode cache {'OFF (PYTHONDONTWRITEBYTECODE)' if env.get('PYTHONDONTWRITEBYTECODE') else 'on'}")
+        print(f"{'':<34} {'wall':>8} {'CPU':>8}")
+        for what in walls:
+            print(f"{what:<34} {statistics.median(walls[what]):>7.3f}s "
+                  f"{statistics.median(cpus[what]):>7.3f}s")
+        for what, argv in (("invoke --list", runs["invoke --list"]), ("provision web1", provision)):
+            print(f"heaviest packages `{what}` imports (ms of import time, one run):")
+            print("  " + ", ".join(f"{name} {ms:.0f}" for ms, name in
+                                   heaviest_packages(argv, root, env, a.packages)))
+
+
+if __name__ == "__main__":
+    main()
