@@ -1,0 +1,45 @@
+"""Each SSH packet leaves at once (TCP_NODELAY on the TCP socket that carries the connection),
+directly and behind a jump host; against the loopback SSH peers of tests/sshpeers.py."""
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import paramiko
+
+from provisioner.connection import Connection
+from sshpeers import SshServer, ed25519_key, known_line, write_private_key
+
+
+def _host(port: int, key, jump=None):
+    return SimpleNamespace(name="web1", address="127.0.0.1", port=port, user="root", key=key,
+                           jump=jump, connect_timeout=5, command_timeout=10)
+
+
+def _nodelay(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def test_the_ssh_socket_sends_without_delay(tmp_path):
+    host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(host_key) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
+        with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
+            conn.open()
+            assert _nodelay(conn._conn.transport.sock)
+
+
+def test_behind_a_jump_host_the_jump_host_s_socket_sends_without_delay(tmp_path):
+    jump_key, web_key, client_key = ed25519_key(), ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(jump_key, jump=True) as jump, SshServer(web_key) as web:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{jump.port}", jump_key) +
+                                        known_line(f"[127.0.0.1]:{web.port}", web_key))
+        via = SimpleNamespace(name="jump", address="127.0.0.1", port=jump.port, user="jump",
+                              key=None, connect_timeout=5)
+        with Connection(_host(web.port, tmp_path / "id", via), tmp_path / "known") as conn:
+            conn.open()
+            assert jump.forwarded == [("127.0.0.1", web.port)]
+            assert isinstance(conn._conn.transport.sock, paramiko.Channel)   # inside the jump's
+            assert _nodelay(conn._conn.gateway.transport.sock)
