@@ -13,6 +13,7 @@ import pytest
 from fake_agent import AgentConn, all_applied, two_role_inventory
 from provisioner.events import Events
 from provisioner.interrupt import Stop, on_signals
+from provisioner import runner as runner_module
 from provisioner.runner import Options, Runner
 
 ROLE = '''from provisioner.ops import files
@@ -100,7 +101,7 @@ def test_ctrl_c_during_invoke_provision_ends_json_with_error_and_recap(inv, monk
                 time.sleep(0.01)
 
     monkeypatch.setattr(common, "load", lambda env, interactive, limit=None: (inv, inv.select(limit)))
-    monkeypatch.setattr(common, "Runner", SignalledRunner)
+    monkeypatch.setattr(runner_module, "Runner", SignalledRunner)   # common imports it per run
     with pytest.raises(Exit) as e:
         common.run_task("provision", env=inv.env, limit=None, check=False, diff=False, json=True,
                         yes=True, serial=1, forks=1, verbose=0)
