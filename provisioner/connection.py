@@ -169,6 +169,9 @@ class Connection:
         self.known_hosts = Path(known_hosts)
         self.sudo_password = sudo_password
         self.commands = 0
+        # the agent's cache on the server (provisioner/agent.py call()): True uses and fills
+        # it, False only uses it (check mode writes nothing), None sends the agent every exec
+        self.agent_cache: bool | None = True
         self._conn: FabricConnection | None = None
 
     @property

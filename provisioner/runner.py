@@ -128,6 +128,8 @@ class Runner:
         conn = None
         try:
             conn = self._open(host)
+            if self.events.check:               # nothing is written on a server, not even
+                conn.agent_cache = False        # the agent's cache
             owner = None
             hello: dict = {}
             if not self.events.check:

@@ -56,10 +56,11 @@ def run(*argv, **kw):
 
 def test_command_is_fixed_and_short_and_carries_nothing_secret():
     argv = agent.command()
-    assert argv[0] == "python3" and argv[1] == "-c" and len(argv) == 3
-    assert len(argv[2]) < 200
-    payload = agent.payload("facts", {"checks": [["echo", "hunter2-secret"]]})
-    assert b"hunter2-secret" in payload and "hunter2-secret" not in " ".join(argv)
+    assert argv == ["python3", "-I", "-S", "-c", agent.BOOTSTRAP, agent.CACHE_DIR]
+    assert len(agent.BOOTSTRAP) < 1000
+    for code in (True, False):
+        payload = agent.payload("facts", {"checks": [["echo", "hunter2-secret"]]}, code=code)
+        assert b"hunter2-secret" in payload and "hunter2-secret" not in " ".join(argv)
 
 
 def test_agent_source_is_stdlib_only_and_python39_syntax():

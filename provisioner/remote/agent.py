@@ -1,10 +1,12 @@
 """The remote agent: gathers facts and applies changes ON THE SERVER.
 
 Runs under the server's own python3 (Debian 11+: Python 3.9+). Standard library only, and no
-imports from the provisioner package: the local side sends this file's source on stdin and the
-bootstrap command (provisioner/agent.py) exec()s it with the request in the global REQ:
+imports from the provisioner package: the local side sends this file's source on stdin (or
+the server runs the copy it cached, see cache_self) and the bootstrap command
+(provisioner/agent.py) exec()s it with the request in the global REQ:
 
-    {"v": 1, "op": "facts" | "apply", "code": <this source>, "request": {...}}
+    {"v": 1, "op": "facts" | "apply" | ..., "sha": <sha256 of this source>,
+     "code"?: <this source>, "store"?: true, "request": {...}}
 
 The answer is ONE JSON document on stdout, after a marker line (shell start-up files may print
 before us). Nothing a child process prints reaches our stdout: children get pipes, and stdin
@@ -1377,6 +1379,76 @@ def switch(req):
 
 
 # ----------------------------------------------------------------------------------------------
+# the agent's cache on the server (read by the bootstrap in provisioner/agent.py)
+
+CACHE_KEEP = 8               # agent versions kept: controllers of different versions each keep theirs
+CACHE_TMP_AGE = 600          # seconds after which a temp file left by a killed agent is removed
+
+
+def cache_self(req, cache_dir):
+    """Keep this agent's source (REQ["code"]) as <cache_dir>/<sha256>.py, for the bootstrap to
+    run from there next time instead of receiving it. Only into a folder that is ours alone
+    (owned by our user, no access for others) and never through a symlink, so that no other
+    local user can have us write elsewhere; the bootstrap checks each file's hash anyway.
+    Returns {"cached": bool, "why"?: str}; a failure only means the source is sent again."""
+    code, sha = req.get("code"), req.get("sha", "")
+    data = code.encode("utf-8") if isinstance(code, str) else b""
+    if not cache_dir or hashlib.sha256(data).hexdigest() != sha:
+        return {"cached": False, "why": "no cache folder, or the source does not match its hash"}
+    try:
+        os.makedirs(os.path.dirname(cache_dir), mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(cache_dir, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        return {"cached": False, "why": "%s: %s" % (cache_dir, e.strerror or e)}
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return {"cached": False, "why": "%s is not ours alone (owner uid %d, mode %o)"
+                                             % (cache_dir, st.st_uid, stat.S_IMODE(st.st_mode))}
+        tmp = ".%s.%d.tmp" % (sha, os.getpid())
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        try:
+            # no fsync: a file torn by a crash fails the bootstrap's hash check and is replaced
+            os.write(out, data)
+        finally:
+            os.close(out)
+        os.replace(tmp, sha + ".py", src_dir_fd=fd, dst_dir_fd=fd)
+        _prune_cache(fd)
+        return {"cached": True}
+    except OSError as e:
+        return {"cached": False, "why": "%s: %s" % (cache_dir, e.strerror or e)}
+    finally:
+        os.close(fd)
+
+
+def _prune_cache(fd):
+    """Keep the CACHE_KEEP agent versions stored last, and no old temp file."""
+    kept, now = [], time.time()
+    for name in os.listdir(fd):
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if name.endswith(".py"):
+            kept.append((st.st_mtime, name))
+        elif name.endswith(".tmp") and now - st.st_mtime > CACHE_TMP_AGE:
+            _unlink_quietly(name, fd)
+    for _, name in sorted(kept, reverse=True)[CACHE_KEEP:]:
+        _unlink_quietly(name, fd)
+
+
+def _unlink_quietly(name, fd):
+    try:
+        os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass               # another agent removed it first
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(req):
     started = time.time()
@@ -1400,6 +1472,8 @@ def main(req):
             body = {"error": "unknown op %r" % (op,)}
     except Exception:
         body = {"error": "agent crashed", "traceback": traceback.format_exc()}
+    if req.get("store"):         # sent whole after a miss: keep it for the next execs
+        body["cache"] = cache_self(req, sys.argv[1] if len(sys.argv) > 1 else None)
     body["agent"] = {"version": VERSION, "op": req.get("op"), "commands": STATS["commands"],
                      "seconds": round(time.time() - started, 3)}
     out = MARKER + json.dumps(body, separators=(",", ":")) + "\n"
