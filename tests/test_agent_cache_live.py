@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import invoke
-from engine_helpers import inventory, test_server
+from engine_helpers import inventory, test_server as server_for
 from provisioner import agent
 from provisioner.connection import Connection
 
 pytestmark = pytest.mark.usefixtures("testbed")
-SERVER = test_server("db1")
+SERVER = server_for("db1")
 PLANTED = "/tmp/provisioner-planted-agent-ran"
 
 
