@@ -38,7 +38,6 @@ from provisioner.events import Events  # noqa: E402
 from provisioner.facts import Facts, check_key  # noqa: E402
 from provisioner.inventory import load_inventory_file  # noqa: E402
 from provisioner.runner import Options, Runner  # noqa: E402
-from provisioner.secret import Secret  # noqa: E402
 
 OS = {"id": "debian", "version_id": "12", "codename": "bookworm",
       "pretty_name": "Debian GNU/Linux 12 (bookworm)", "virt": "kvm", "hostname": "sim",
