@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from sshpeers import closed_port, ed25519_key, known_line, write_private_key  # noqa: E402
 
 # The child runs the real invoke program on tasks.py's namespace from a throwaway checkout (as
 # tests/test_cli.py does); with a port, it ends at its first TCP connect to that port and prints
@@ -52,7 +52,7 @@ Program(namespace=tasks.ns, binary="invoke", name="invoke").run(["invoke", *sys.
 
 WEB1 = """env: bench
 known_hosts: known_hosts/bench
-ssh: {{user: deploy, bootstrap_user: root, key: id_ed25519, connect_timeout: 1}}
+ssh: {{user: deploy, bootstrap_user: root, key: id_bench, connect_timeout: 1}}
 vars:
   harden_trusted_sources: [127.0.0.1]
 hosts:
@@ -70,25 +70,16 @@ groups:
 """
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def make_root(tmp: Path, port: int) -> tuple[Path, dict[str, str]]:
     """A checkout with env `bench` (web1 on 127.0.0.1:port), its key, known_hosts and vault;
     and the environment that opens that vault without a prompt."""
     import paramiko
-    from sshpeers import ed25519_key, known_line, write_private_key
     from provisioner import vault
     root = tmp / "root"
     (root / "inventories" / "known_hosts").mkdir(parents=True)
     (root / "roles").symlink_to(REPO / "roles")
     (root / "inventories" / "bench.yml").write_text(WEB1.format(port=port))
-    write_private_key(paramiko.ECDSAKey.generate(), root / "inventories" / "id_ed25519")
+    write_private_key(paramiko.ECDSAKey.generate(), root / "inventories" / "id_bench")
     host_key = known_line(f"[127.0.0.1]:{port}", ed25519_key())
     (root / "inventories" / "known_hosts" / "bench").write_text(host_key)
     password = "bench-only-password"          # a throwaway vault in a temp folder

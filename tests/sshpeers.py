@@ -26,6 +26,15 @@ def write_private_key(key: paramiko.PKey, path) -> None:
     key.write_private_key_file(str(path))
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (just released by us)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def known_line(name: str, key: paramiko.PKey) -> str:
     return f"{name} {key.get_name()} {key.get_base64()}\n"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from sshpeers import Silent, SshServer, ed25519_key, known_line, write_private_key
+from sshpeers import Silent, SshServer, closed_port, ed25519_key, known_line, write_private_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,15 +39,6 @@ def cli(root: Path, *argv: str, stdin: str = "", timeout: float = 120) -> subpro
 
 def events(proc: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
-
-
-def closed_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_root(tmp_path: Path, hosts: dict[str, int], *, known: str | None = "",
