@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import provisioner.cli.common as common
+import provisioner.connection as connection
 common.REPO_ROOT = Path(sys.argv[2])
+connection.RETRY_DELAY = 0       # still retried as a run would; the tests need not wait between
 import tasks
 from invoke import Program
 Program(namespace=tasks.ns, binary="invoke", name="invoke").run(["invoke", *sys.argv[3:]])
