@@ -18,11 +18,17 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import paramiko
-from fabric import Config, Connection as FabricConnection
+from typing import TYPE_CHECKING
 
 from provisioner.secret import Secret
+
+if TYPE_CHECKING:
+    import paramiko
+    from fabric import Connection as FabricConnection
+
+# paramiko and Fabric are imported where a connection is made or its errors are told apart:
+# the tasks that touch no server (`invoke check`, ...) load neither, and roles import this
+# module (through provisioner.api) for their guards.
 
 RETRIES = 2              # extra connection attempts on transient network errors
 RETRY_DELAY = 1.0
@@ -64,6 +70,7 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 def connect_error(e: BaseException, address: str, port: int, timeout: float) -> str:
     """Why a TCP/SSH connection to address:port failed, and what to check, in one sentence."""
+    import paramiko
     if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
         e = next(iter(e.errors.values()))                # one per address family; same cause
     code = getattr(e, "errno", None)
@@ -95,6 +102,7 @@ def connect_error(e: BaseException, address: str, port: int, timeout: float) -> 
 def _as_seen(conn: FabricConnection, e: BaseException) -> BaseException:
     """paramiko sometimes reports a handshake that never got the server's banner as "No
     existing session" (its transport thread lost a race with the timeout): say what was seen."""
+    import paramiko
     t = conn.client.get_transport()
     if isinstance(e, paramiko.SSHException) and "banner" not in str(e) and t is not None \
             and not t.remote_version:
@@ -102,7 +110,9 @@ def _as_seen(conn: FabricConnection, e: BaseException) -> BaseException:
     return e
 
 
-class _Reject(paramiko.MissingHostKeyPolicy):
+class _Reject:
+    """paramiko's missing host key policy (it calls missing_host_key): never accept."""
+
     def __init__(self, label: str, known_hosts: Path):
         self.label, self.known_hosts = label, known_hosts
 
@@ -115,6 +125,7 @@ class _Reject(paramiko.MissingHostKeyPolicy):
 
 
 def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
+    import paramiko
     client = conn.client
     client._system_host_keys = paramiko.HostKeys()      # ignore ~/.ssh/known_hosts
     client._host_keys = paramiko.HostKeys()
@@ -128,6 +139,7 @@ def _no_delay(conn: FabricConnection) -> None:
     Nagle's algorithm, a command's small packets written back to back (exec request, stdin,
     EOF) wait for the server's delayed ACK: 40-70 ms per exec. Behind a jump host the TCP
     socket is the jump host's connection; ours is a channel inside it."""
+    from fabric import Connection as FabricConnection
     while conn is not None:
         sock = conn.transport.sock if conn.transport is not None else None
         if isinstance(sock, socket.socket):
@@ -179,6 +191,7 @@ class Connection:
         return f"{self.host.name} ({self.user}@{self.host.address}:{self.host.port})"
 
     def _fabric(self, address, port, user, key, timeout, gateway=None) -> FabricConnection:
+        from fabric import Config, Connection as FabricConnection
         kwargs = {"look_for_keys": key is None, "allow_agent": True,
                   "banner_timeout": timeout, "auth_timeout": timeout}
         if key:
@@ -191,6 +204,7 @@ class Connection:
     def open(self) -> None:
         if self._conn is not None and self._conn.is_connected:
             return
+        import paramiko
         h = self.host
         gateway = None
         if h.jump:
@@ -232,6 +246,7 @@ class Connection:
 
     def tunnel(self, address: str, port: int, timeout: float) -> paramiko.Channel:
         """A TCP stream from this host to address:port: what a jump host carries."""
+        import paramiko
         self.open()
         try:
             return self._conn.transport.open_channel("direct-tcpip", (address, port),
@@ -245,6 +260,7 @@ class Connection:
         """Run argv (as root through sudo unless the login user is root), feeding stdin.
         on_stdout(bytes): each chunk of output as it arrives, for commands that stream (logs
         --follow); the Result then holds no stdout and no output limit applies."""
+        import paramiko
         self.open()
         data = stdin or b""
         asks = None

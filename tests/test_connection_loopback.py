@@ -1,13 +1,15 @@
-"""Each SSH packet leaves at once (TCP_NODELAY on the TCP socket that carries the connection),
-directly and behind a jump host; against the loopback SSH peers of tests/sshpeers.py."""
+"""Connections against the loopback SSH peers of tests/sshpeers.py: each SSH packet leaves at
+once (TCP_NODELAY on the TCP socket that carries the connection), directly and behind a jump
+host; a host key that is not on record is refused (the live tests check a changed one)."""
 from __future__ import annotations
 
 import socket
 from types import SimpleNamespace
 
 import paramiko
+import pytest
 
-from provisioner.connection import Connection
+from provisioner.connection import Connection, HostKeyError
 from sshpeers import SshServer, ed25519_key, known_line, write_private_key
 
 
@@ -43,3 +45,14 @@ def test_behind_a_jump_host_the_jump_host_s_socket_sends_without_delay(tmp_path)
             assert jump.forwarded == [("127.0.0.1", web.port)]
             assert isinstance(conn._conn.transport.sock, paramiko.Channel)   # inside the jump's
             assert _nodelay(conn._conn.gateway.transport.sock)
+
+
+def test_an_unknown_host_key_is_refused_with_its_fingerprint(tmp_path):
+    client_key = paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(ed25519_key()) as server:
+        (tmp_path / "known").write_text(known_line("[127.0.0.1]:1", ed25519_key()))
+        with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
+            with pytest.raises(HostKeyError, match="unknown host key \\(ssh-ed25519 SHA256:"):
+                conn.open()
+            assert conn._conn is None
