@@ -11,9 +11,9 @@ import time
 import pytest
 
 from fake_agent import AgentConn, all_applied, two_role_inventory
+from provisioner import runner as runner_module
 from provisioner.events import Events
 from provisioner.interrupt import Stop, on_signals
-from provisioner import runner as runner_module
 from provisioner.runner import Options, Runner
 
 ROLE = '''from provisioner.ops import files
