@@ -23,14 +23,14 @@ import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from provisioner import agent, ops  # noqa: E402
+from fake_agent import AgentConn  # noqa: E402
+from provisioner import ops  # noqa: E402
 from provisioner.api import RoleContext  # noqa: E402
 from provisioner.change import Change  # noqa: E402
 from provisioner.connection import Result  # noqa: E402
@@ -121,51 +121,41 @@ def learn_converged(runner: Runner, host) -> tuple[dict, int]:
 
 
 class SimulatedServer:
-    """Answers the agent's requests like a converged server; the encoded answer to a request
-    seen before is reused (every host asks the same), so the simulation's own CPU stays small
-    next to the controller's."""
+    """Answers the agent's requests like a converged server. Every host asks the same, so an
+    answer is encoded once and reused: the simulation's own CPU stays small next to the
+    controller's, which still decodes every answer."""
 
     def __init__(self, known: dict, latency: float):
         self.known, self.latency = known, latency
-        self._answers: dict[bytes, bytes] = {}
-        self._lock = threading.Lock()
+        self.encoded: dict[bytes, bytes] = {}         # stdin -> stdout (dict ops: thread-safe)
 
-    def exec(self, stdin: bytes) -> bytes:
-        with self._lock:
-            out = self._answers.get(stdin)
-        if out is None:
-            doc = json.loads(stdin)
-            op, req = doc["op"], doc["request"]
-            if op == "facts":
-                body = {"facts": answer(req, self.known)}
-            elif op == "finish":
-                body = {"released": True}
-            else:
-                raise AssertionError(f"a converged run sent {op!r}: {req}")
-            body["agent"] = {"version": agent.PROTOCOL, "op": op, "commands": 0, "seconds": 0.0}
-            out = agent.MARKER + json.dumps(body, separators=(",", ":")).encode()
-            with self._lock:
-                self._answers[stdin] = out
-        time.sleep(self.latency)
-        return out
+    def answer(self, op: str, request: dict) -> dict:
+        if op == "facts":
+            return {"facts": answer(request, self.known)}
+        if op == "finish":
+            return {"released": True}
+        raise AssertionError(f"a converged run sent {op!r}: {request}")
 
 
-class SimulatedConnection:
-    """What the runner needs of provisioner.connection.Connection, on a SimulatedServer."""
+class SimulatedConnection(AgentConn):
+    """What the runner needs of provisioner.connection.Connection, on a SimulatedServer: the
+    connection and each exec take the server's latency (sleeping, the GIL released)."""
 
-    def __init__(self, host, server: SimulatedServer):
-        self.host, self.server = host, server
-        self.commands, self.agent_cache = 0, True
+    def __init__(self, server: SimulatedServer):
+        super().__init__(server.answer)
+        self.server, self.agent_cache = server, True
 
     def open(self) -> None:
         time.sleep(self.server.latency / 2)
 
     def run(self, argv, stdin=None, sudo=True, timeout=None) -> Result:
-        self.commands += 1
-        return Result(0, self.server.exec(stdin), b"", self.server.latency)
-
-    def close(self) -> None:
-        pass
+        out = self.server.encoded.get(stdin)
+        if out is None:
+            out = self.server.encoded[stdin] = super().run(argv, stdin).stdout
+        else:
+            self.commands += 1
+        time.sleep(self.server.latency)
+        return Result(0, out, b"", self.server.latency)
 
 
 def cpu() -> float:
@@ -179,7 +169,7 @@ def one_run(inv, hosts, server, forks: int) -> tuple[float, float, dict, list]:
     events = Events(task="provision", env=inv.env, json_out=True, verbose=0, diff=False,
                     check=False, stream_out=sink, stream_err=io.StringIO(), tty=False)
     runner = Runner(inv, events, Options(forks=forks),
-                    connect=lambda h: SimulatedConnection(h, server))
+                    connect=lambda h: SimulatedConnection(server))
     t0, c0 = time.monotonic(), cpu()
     events.start([h.name for h in hosts])
     results = runner.run(hosts)
