@@ -12,11 +12,14 @@ import runpy
 import shlex
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from provisioner import humanize
 from provisioner.errors import InputError, Problem
-from provisioner.inventory import Host, Inventory
 from provisioner.roles import REPO_ROOT
+
+if TYPE_CHECKING:            # annotations only: `invoke --list` loads this module
+    from provisioner.inventory import Host, Inventory
 
 KINDS = ("full", "diff", "incr")
 # a backup of a bigger kind also makes a smaller one fresh: a full is a diff and an incr too

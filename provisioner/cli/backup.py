@@ -7,6 +7,7 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from invoke import Collection, Exit, task
 
@@ -14,8 +15,10 @@ from provisioner import backups
 from provisioner.cli.common import FLAG_HELP, fail_input, load
 from provisioner.connection import Connection, Unreachable
 from provisioner.errors import EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
-from provisioner.inventory import Inventory
 from provisioner.secret import REDACTOR
+
+if TYPE_CHECKING:            # annotations only: the validation library loads when a task runs
+    from provisioner.inventory import Inventory
 
 
 class Failed(Exception):
