@@ -181,3 +181,13 @@ def test_a_check_run_tells_its_connections_to_write_no_cache(tmp_path):
         Runner(inv, events, Options(), connect=lambda h: Conn(commands=0, agent_cache=True)) \
             .run(inv.select(None))
         assert seen and set(seen) == {not check}
+
+
+def test_modules_in_the_login_directory_are_never_imported(tmp_path):
+    """python3 -I: sudo keeps the login user's directory as the working directory, which
+    `python3 -c` would put first on sys.path: a json.py there would run as root."""
+    (tmp_path / "json.py").write_text(f"open({str(tmp_path / 'planted-ran')!r}, 'w').close()\n")
+    p = subprocess.run(agent.command(), input=agent.payload("ping", {}), capture_output=True,
+                       timeout=60, cwd=tmp_path)
+    assert agent.parse(p.stdout, p.stderr, p.returncode)["pong"]
+    assert not (tmp_path / "planted-ran").exists()
