@@ -24,6 +24,17 @@ groups:                            # required; name -> group
     hosts: [web1]                  # required; names from `hosts:`
     roles: [base]                  # applied in this order; names of folders in roles/
     vars: {}
+apps:                              # optional; name -> app that `invoke deploy` ships (/srv/<name>)
+  shop:
+    source: ../shop                # required; a git repository folder (relative to this file; a
+                                   # subfolder of a repository works) or a URL git can clone
+    ref: HEAD                      # the git ref deployed by default (--ref overrides it)
+    group: app                     # required; the group it runs on (its pm2 app has its name)
+    port: 3000                     # the app's port: the health check asks 127.0.0.1:<port>
+    health_path: /health           # must answer 200 and name the release id
+    health_timeout: 30             # seconds
+    shared: [.env, uploads/]       # kept across releases in /srv/<name>/shared (/ = a folder)
+    keep: 5                        # releases kept per host (>= 2)
 ```
 Names of hosts and groups: letters, digits, `.`, `_`, `-` (a host and a group may not share a
 name: `--limit` takes either). Every host must be in at least one group. Two hosts may not share
@@ -235,6 +246,65 @@ class GroupSpec(_Spec):
                     example="{base_timezone: UTC}")
 
 
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")      # as pm2_apps / node_apps: /srv/<name>
+
+
+def _check_app_name(value: str) -> str:
+    if APP_NAME_RE.match(value):
+        return value
+    raise _custom("app_name", f"invalid app name '{value}'",
+                  "use lowercase letters, digits, '.', '_' and '-' (it names /srv/<app> and the "
+                  "pm2 app)")
+
+
+def _check_shared(value: str) -> str:
+    parts = value.rstrip("/").split("/")
+    if value.startswith("/") or not value.rstrip("/") or any(p in ("", ".", "..") for p in parts):
+        raise _custom("shared", f"'{value}' is not a plain relative path inside a release",
+                      "write a path relative to the release, e.g. `.env` or `uploads/` "
+                      "(a trailing / makes it a folder), without `..`")
+    return value
+
+
+def _check_health_path(value: str) -> str:
+    if value.startswith("/") and not any(c.isspace() or ord(c) < 32 for c in value):
+        return value
+    raise _custom("health_path", f"'{value}' is not a URL path",
+                  "write a path starting with /, e.g. /health")
+
+
+def _check_ref(value: str) -> str:
+    if value and not value.startswith("-") and not any(c.isspace() or ord(c) < 32 for c in value):
+        return value
+    raise _custom("ref", f"'{value}' is not a git ref",
+                  "write a branch, tag or commit, e.g. main, v1.2.0 or HEAD")
+
+
+AppName = Annotated[str, AfterValidator(_check_app_name)]
+
+
+class AppSpec(_Spec):
+    """An app `invoke deploy` ships (see provisioner/releases.py)."""
+    example: ClassVar[str] = "{source: ../examples/sample-app, group: app}"
+    source: PathStr = _f(expect="a git repository: a folder (relative to the inventory, may be a "
+                                "subfolder of a repository) or a URL git can clone",
+                         example="../examples/sample-app")
+    ref: Annotated[str, AfterValidator(_check_ref)] = _f(
+        "HEAD", expect="the git ref deployed by default", example="main")
+    group: Name = _f(expect="the inventory group the app runs on", example="app")
+    port: Port = _f(3000, expect="the TCP port the app listens on (its health check on loopback)",
+                    example="3000")
+    health_path: Annotated[str, AfterValidator(_check_health_path)] = _f(
+        "/health", expect="the URL path of the health check", example="/health")
+    health_timeout: Seconds = _f(30, expect="seconds the health check may take to pass",
+                                 example="30")
+    shared: list[Annotated[str, AfterValidator(_check_shared)]] = _f(
+        default_factory=list, expect="paths kept across releases (a trailing / for a folder)",
+        example="[.env, uploads/, logs/]")
+    keep: Annotated[int, Field(ge=2)] = _f(5, expect="releases kept per host (2 or more)",
+                                            example="5")
+
+
 class InventorySpec(_Spec):
     env: str = _f(expect="the environment name (the file name without .yml)", example="local")
     known_hosts: PathStr = _f(expect="a path to the known_hosts file, relative to the inventory",
@@ -246,6 +316,9 @@ class InventorySpec(_Spec):
                                      example="{web1: {address: 10.0.0.5}}", min_length=1)
     groups: dict[Name, GroupSpec] = _f(expect="a mapping of group names to groups",
                                        example="{app: {hosts: [web1], roles: [base]}}")
+    apps: dict[AppName, AppSpec] = _f(default_factory=dict,
+                                      expect="a mapping of app names to apps (invoke deploy)",
+                                      example="{sample: {source: ../examples/sample-app, group: app}}")
 
 
 # --- pydantic errors -> problems -------------------------------------------------------------
@@ -468,6 +541,12 @@ class _Checker:
                          "almost always a typo), or remove it")
             self.check_vars(_mapping(host).get("vars"), ("hosts", hname, "vars"))
         self.check_addresses(hosts, _mapping(data.get("ssh")).get("port"))
+        for aname, app in _mapping(data.get("apps")).items():
+            group = _mapping(app).get("group")
+            if isinstance(group, str) and group not in groups:
+                self.add(("apps", aname, "group"), f"app '{aname}' runs on group '{group}', "
+                         "which the inventory does not define",
+                         f"name one of the groups: {', '.join(map(str, groups)) or '(none)'}")
 
     def check_group_hosts(self, gname: str, listed: Any, hosts: dict, used: set) -> None:
         if not isinstance(listed, list):
@@ -621,6 +700,21 @@ class Host:
 
 
 @dataclass(frozen=True)
+class App:
+    """An app as `invoke deploy` ships it; see AppSpec for each field's meaning."""
+    name: str
+    source: str                      # a folder (absolute) or a URL
+    ref: str
+    group: str
+    port: int
+    health_path: str
+    health_timeout: float
+    shared: tuple[str, ...]
+    keep: int
+    line: int | None = None
+
+
+@dataclass(frozen=True)
 class Group:
     name: str
     hosts: tuple[str, ...]
@@ -663,6 +757,20 @@ class Inventory:
     vars: dict[str, Any]                # env-level vars
     roles: dict[str, RoleInfo]          # the roles the groups use
     lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
+    apps: dict[str, App] = field(default_factory=dict, compare=False)    # file order
+
+    def app(self, name: str | None) -> App:
+        """The app `name` (None: the only one), or InputError naming the choices."""
+        if name is None and len(self.apps) == 1:
+            return next(iter(self.apps.values()))
+        if name in self.apps:
+            return self.apps[name]
+        what = (f"no app '{name}' in {display_path(self.path)}" if name else
+                f"{display_path(self.path)} has {len(self.apps)} apps: name one with --app")
+        fix = (f"choose from: {', '.join(self.apps)}" if self.apps else
+               "add an `apps:` section to the inventory (see provisioner/inventory.py)")
+        raise InputError(Problem(self.path, self.lines.get(("apps",)), "--app" if name else "apps",
+                                 what, fix))
 
     def _host(self, name: str) -> Host:
         try:
@@ -940,4 +1048,8 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
     return Inventory(
         env=spec.env, path=doc.path, known_hosts=_rel(base, spec.known_hosts),
         hosts=hosts, groups=groups, vars=dict(spec.vars),
-        roles={n: r for n, r in roles.items() if n in used_roles}, lines=dict(doc.lines))
+        roles={n: r for n, r in roles.items() if n in used_roles}, lines=dict(doc.lines),
+        apps={name: App(name, a.source if "://" in a.source or a.source.startswith("git@")
+                        else str(_rel(base, a.source)), a.ref, a.group, a.port, a.health_path,
+                        a.health_timeout, tuple(a.shared), a.keep, doc.lines.get(("apps", name)))
+              for name, a in spec.apps.items()})

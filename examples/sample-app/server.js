@@ -1,23 +1,33 @@
 'use strict';
-// A tiny HTTP app: GET /health answers {"status": "ok", "version": ...}. No dependencies.
+// A tiny HTTP app: GET /health answers {"status": "ok", "version": ..., "release": ...}.
 // PORT comes from the environment (pm2's ecosystem file sets it); APP_VERSION overrides the
-// version from package.json (a deploy can stamp its release id there).
+// version from package.json. `invoke deploy` writes the release id into ./RELEASE: the health
+// gate waits for /health to name the new release.
+const fs = require('fs');
 const http = require('http');
+const path = require('path');
 const { version } = require('./package.json');
+
+let release = null;
+try {
+  release = fs.readFileSync(path.join(__dirname, 'RELEASE'), 'utf8').trim();
+} catch (e) {
+  release = null;               // run from a checkout, not a release
+}
 
 const port = Number(process.env.PORT || 3000);
 const host = process.env.HOST || '0.0.0.0';
 const appVersion = process.env.APP_VERSION || version;
 
 const server = http.createServer((req, res) => {
-  const path = req.url.split('?')[0];
-  if (req.method === 'GET' && path === '/health') {
-    const body = JSON.stringify({ status: 'ok', version: appVersion });
+  const url = req.url.split('?')[0];
+  if (req.method === 'GET' && url === '/health') {
+    const body = JSON.stringify({ status: 'ok', version: appVersion, release });
     res.writeHead(200, { 'Content-Type': 'application/json', 'Cache-Control': 'no-store' });
     res.end(body + '\n');
     return;
   }
-  if (req.method === 'GET' && path === '/') {
+  if (req.method === 'GET' && url === '/') {
     res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' });
     res.end(`sample-app ${appVersion}\n`);
     return;

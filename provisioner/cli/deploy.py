@@ -1,0 +1,154 @@
+"""`invoke deploy`, `invoke deploy.unlock`, `invoke rollback` and `invoke releases`."""
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from invoke import Collection, Exit, task
+
+from provisioner import deploy as flows
+from provisioner import lock as run_lock
+from provisioner.cli.common import FLAG_HELP, fail_input, int_flag, load
+from provisioner.connection import Connection, Unreachable
+from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError
+from provisioner.events import Events
+from provisioner.releases import RemoteError, build, call
+
+HELP = {**{k: FLAG_HELP[k] for k in ("env", "json", "yes", "verbose")},
+        "app": "the app of the inventory's `apps:` (default: the only one)",
+        "serial": "switch N hosts at a time (default 1)",
+        "limit": "only these hosts of the app's group, comma-separated"}
+
+
+def _flow(task_name, *, env, app, limit, json, yes, verbose, body) -> None:
+    """Inventory and flags checked before any server is touched (exit 2), then body(fleet)
+    -> exit code, with the event stream's recap at the end."""
+    events = Events(task=task_name, env=env, json_out=bool(json), verbose=int(verbose or 0),
+                    diff=False, check=False)
+    with events:
+        try:
+            inv, _ = load(env, interactive=not yes and sys.stdin.isatty())
+            the_app = inv.app(app)
+            hosts = flows.app_hosts(inv, the_app, limit)
+            fleet = flows.Fleet(inv, hosts, the_app, events, task_name)
+            prepared = body(fleet, prepare=True)      # e.g. the artifact: bad refs are input too
+        except InputError as e:
+            raise Exit(code=events.fail_run(EXIT_BAD_INPUT, e)) from None
+        events.start([h.name for h in hosts])
+        try:
+            code = body(fleet, prepared=prepared)
+        finally:
+            fleet.close()
+        events.recap()
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={**HELP, "ref": "git ref to deploy (default: the app's `ref`)"},
+      incrementable=["verbose"], default=True)
+def deploy(c, env="local", app=None, ref=None, limit=None, serial=1, yes=False, json=False,
+           verbose=0):
+    """Ship a new release: build once, prepare every host in parallel, switch in batches
+    behind a health gate; a failed gate switches the whole fleet back (exit 1)."""
+    def body(fleet, prepare=False, prepared=None):
+        if prepare:
+            batch = int_flag(serial, "serial", 1)
+            return batch, build(fleet.app.source, ref or fleet.app.ref)
+        batch, artifact = prepared
+        return flows.deploy(fleet, artifact, batch)
+    _flow("deploy", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose, body=body)
+
+
+@task(help={**HELP, "to": "the release id to go back to (default: the previous good one)"},
+      incrementable=["verbose"])
+def rollback(c, env="local", app=None, to=None, limit=None, serial=1, yes=False, json=False,
+             verbose=0):
+    """Make the previous good release live again on every host (no build, no upload), with the
+    same switch, reload and health gate as a deploy."""
+    def body(fleet, prepare=False, prepared=None):
+        if prepare:
+            return int_flag(serial, "serial", 1)
+        return flows.rollback(fleet, to, prepared)
+    _flow("rollback", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose,
+          body=body)
+
+
+def _ask_hosts(env, app, limit, op_request):
+    """One exec on every host of the app (in parallel): {host: answer or the error text}."""
+    try:
+        inv, _ = load(env, interactive=sys.stdin.isatty())
+        the_app = inv.app(app)
+        hosts = flows.app_hosts(inv, the_app, limit)
+    except InputError as e:
+        raise fail_input(str(e)) from None
+    fleet = flows.Fleet(inv, hosts, the_app, Events(task="releases", env=env, json_out=False,
+                                                    verbose=0, diff=False, check=False), "releases")
+
+    def one(h):
+        with Connection(h, inv.known_hosts, h.sudo_password) as conn:
+            try:
+                return h.name, call(conn, fleet.base(h, **op_request))
+            except (Unreachable, RemoteError) as e:
+                return h.name, {"ok": False, "error": str(e)}
+    with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        return the_app, dict(pool.map(one, hosts))
+
+
+@task(help={"env": FLAG_HELP["env"], "app": HELP["app"], "limit": HELP["limit"],
+            "json": "one JSON document on stdout"})
+def releases(c, env="local", app=None, limit=None, json=False):
+    """Per host: every release (id, commit, state, when, by whom) and which one is current."""
+    the_app, answers = _ask_hosts(env, app, limit, {"op": "list"})
+    if json:
+        print(jsonlib.dumps({"app": the_app.name, "hosts": {
+            n: ({"current": a["current"], "releases": a["manifest"], "lock": a["lock"]}
+                if a.get("ok") else {"error": a.get("error")}) for n, a in answers.items()}},
+            indent=1))
+    else:
+        for name, a in answers.items():
+            if not a.get("ok"):
+                print(f"{name}: {a.get('error')}")
+                continue
+            lock = f" (locked by {run_lock.holder_text(a['lock'])})" if a.get("lock") else ""
+            print(f"{name}: {the_app.name}{lock}")
+            for e in reversed(a["manifest"]):
+                mark = "*" if e["id"] == a["current"] else " "
+                print(f"  {mark} {e['id']}  {e['state']:<11} {e['commit'][:12]}  {e['at']}  {e['by']}")
+            if not a["manifest"]:
+                print("    (no release)")
+    if any(not a.get("ok") for a in answers.values()):
+        raise Exit(code=EXIT_UNREACHABLE if all("unreachable" in str(a.get("error", "")) or
+                                                "cannot connect" in str(a.get("error", ""))
+                                                for a in answers.values() if not a.get("ok"))
+                   else EXIT_FAILED)
+
+
+@task(help={"env": FLAG_HELP["env"], "app": HELP["app"], "limit": HELP["limit"],
+            "yes": "remove without asking"})
+def unlock(c, env="local", app=None, limit=None, yes=False):
+    """Show who holds the deploy lock on each host and remove it (asks unless --yes): for a
+    lock left by a deploy that died on another machine."""
+    _, answers = _ask_hosts(env, app, limit, {"op": "list"})
+    held = {n: a["lock"] for n, a in answers.items() if a.get("ok") and a.get("lock")}
+    for n, a in answers.items():
+        print(f"{n}: " + (a.get("error") or (f"held by {run_lock.holder_text(a['lock'])}"
+                                              if a.get("lock") else "not locked")))
+    if not held:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail_input("not removed: pass --yes to remove the lock without a terminal")
+        if input(f"Remove the deploy lock on {', '.join(held)}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return
+    _, done = _ask_hosts(env, app, ",".join(held), {"op": "unlock", "force": True})
+    for n, a in done.items():
+        print(f"{n}: " + ("lock removed" if a.get("ok") else
+                          "not removed: a command of that run still runs there" if a.get("busy")
+                          else f"not removed: {a.get('error')}"))
+    if any(not a.get("ok") for a in done.values()):
+        raise Exit(code=EXIT_FAILED)
+
+
+ns = Collection("deploy", deploy, unlock)

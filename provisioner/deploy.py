@@ -1,0 +1,243 @@
+"""The deploy and rollback flows over a fleet: one SSH connection per host for the whole run,
+hosts in parallel, every phase one exec per host (provisioner/remote/deploy.py), reported
+through the event stream (role: the app's name; resources: lock, prepare, switch, finish).
+
+deploy:   build the artifact once -> lock + prepare on every host in parallel (nothing live
+          changes) -> switch in batches (--serial, default 1 host): symlink, pm2 reload, health
+          gate -> finish on every host (manifest, prune, audit line, lock released).
+          A failed gate switches that host back; hosts switched before it go back too, so the
+          fleet never runs two releases after a failed deploy.
+rollback: lock on every host -> the same switch to the previous good release -> finish.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from provisioner import lock as run_lock
+from provisioner.connection import Connection, Unreachable
+from provisioner.errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_UNREACHABLE, InputError,
+                                Problem)
+from provisioner.inventory import App, Host, Inventory
+from provisioner.releases import Artifact, RemoteError, batches, call, release_id, rollback_target
+
+AUDIT_LOG = run_lock.AUDIT_LOG
+
+
+def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
+    """The app's hosts (its group, narrowed by --limit), each checked to run the app's pm2 app
+    as the node role's user: InputError before any server is touched."""
+    group = inv.hosts_in(app.group)
+    chosen = {h.name for h in inv.select(limit)} if limit else {h.name for h in group}
+    hosts = [h for h in group if h.name in chosen]
+    if not hosts:
+        raise InputError(Problem("command line", None, "--limit", f"no host of group "
+                                 f"{app.group} (app {app.name}) is in {limit!r}",
+                                 f"name hosts of group {app.group}: {', '.join(h.name for h in group)}"))
+    problems = []
+    for h in hosts:
+        v = inv.hostvars(h.name)
+        if "node_app_user" not in v or not any(isinstance(a, dict) and a.get("name") == app.name
+                                               for a in v.get("pm2_apps") or []):
+            problems.append(Problem(inv.path, app.line, f"apps.{app.name}",
+                                    f"host {h.name} (group {app.group}) has no pm2 app named "
+                                    f"{app.name}", f"give group {app.group} the roles node and pm2 "
+                                    f"and a `pm2_apps` entry `{{name: {app.name}, script: ...}}`"))
+    if problems:
+        raise InputError(problems)
+    return hosts
+
+
+@dataclass
+class Fleet:
+    inv: Inventory
+    hosts: list[Host]
+    app: App
+    events: object
+    task: str
+    conns: dict[str, Connection] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.owner = run_lock.owner(self.events.run_id, self.task, self.inv.env)
+        job = f" ({self.owner['ci_job']})" if self.owner.get("ci_job") else ""
+        self.owner["by"] = f"{self.owner['who']}@{self.owner['from']}{job}"
+
+    def base(self, host: Host, op: str, **more) -> dict:
+        v = self.inv.hostvars(host.name)
+        return {"op": op, "app": self.app.name, "user": v["node_app_user"],
+                "home": v["node_app_home"], "run_id": self.events.run_id, **more}
+
+    def conn(self, host: Host) -> Connection:
+        if host.name not in self.conns:
+            self.started[host.name] = time.monotonic()
+            self.conns[host.name] = Connection(host, self.inv.known_hosts, host.sudo_password)
+        return self.conns[host.name]
+
+    def each(self, hosts: list[Host], resource: str, fn) -> dict[str, dict]:
+        """fn(host) -> (status, reason, answer) on every host in parallel, each result
+        reported as a step; an unreachable host or a broken helper is a step too."""
+        def one(h: Host):
+            t0 = time.monotonic()
+            try:
+                status, reason, answer = fn(h)
+            except Unreachable as e:
+                status, reason, answer = "unreachable", str(e), {"ok": False, "unreachable": True}
+            except RemoteError as e:
+                status, reason, answer = "failed", str(e), {"ok": False, "error": str(e)}
+            output = answer.get("error") if status == "failed" else None
+            self.events.step(host=h.name, role=self.app.name, resource=resource, status=status,
+                             reason=reason, seconds=time.monotonic() - t0, output=output)
+            return h.name, answer
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            return dict(pool.map(one, hosts))
+
+    def lock(self, hosts: list[Host], artifact: Artifact | None = None,
+             release: str | None = None) -> dict[str, dict]:
+        """Take the deploy lock on each host (taking over the lock of a run that died on this
+        machine) and, with an artifact, prepare the release there."""
+        def fn(h: Host):
+            req = self.base(h, "lock", owner=self.owner, shared=list(self.app.shared))
+            data = b""
+            if artifact is not None:
+                req.update(release=release, commit=artifact.commit, ref=artifact.ref,
+                           artifact={"size": len(artifact.data), "sha256": artifact.sha256})
+                data = artifact.data
+            answer = call(self.conn(h), req, data)
+            holder = answer.get("holder") or {}
+            if not answer.get("ok") and not answer.get("busy") and holder.get("run_id") \
+                    and run_lock.dead_here(holder):
+                answer = call(self.conn(h), {**req, "take_from": holder["run_id"]}, data)
+            notes = []
+            if answer.get("took_over"):
+                notes.append(f"took over the lock of a dead run: "
+                             f"{run_lock.holder_text(answer['took_over'])}")
+            if answer.get("cleaned"):
+                notes.append(f"removed what a dead deploy left: {', '.join(answer['cleaned'])}")
+            if not answer.get("ok"):
+                if holder:
+                    answer["locked"] = (f"{h.name}: deploy lock of {self.app.name} held by "
+                                        f"{run_lock.holder_text(holder)}"
+                                        + ("; a command of that run still runs there"
+                                           if answer.get("busy") else ""))
+                    return "skipped", answer["locked"], answer
+                return "failed", answer.get("error", "failed"), answer
+            if artifact is None:
+                return "ok", "; ".join(["locked"] + notes), answer
+            return "changed", "; ".join([f"release {release} prepared: node_modules "
+                                         f"{answer['install']}"] + notes), answer
+        return self.each(hosts, "prepare" if artifact else "lock", fn)
+
+    def switch(self, hosts: list[Host], release: str, revert: bool = True) -> dict[str, dict]:
+        def fn(h: Host):
+            req = self.base(h, "switch", release=release, revert=revert, port=self.app.port,
+                            health_path=self.app.health_path,
+                            health_timeout=self.app.health_timeout)
+            a = call(self.conn(h), req)
+            if a.get("ok"):
+                return "changed", (f"current -> {release} (was {a['previous'] or 'none'}), pm2 "
+                                   f"{a['how']}, health: {a['seen']}"), a
+            if "error" in a:
+                return "failed", a["error"], a
+            back = (f"; switched back to {a['reverted']}, health: {a['revert_seen']}"
+                    if a.get("reverted") else "; nothing to switch back to")
+            return "failed", (f"health gate failed for {release} on 127.0.0.1:{self.app.port}"
+                              f"{self.app.health_path}: saw {a['seen']}{back}"), a
+        return self.each(hosts, f"switch {release}", fn)
+
+    def finish(self, hosts: list[Host], states: dict[str, str], result: str,
+               discard: str | None = None) -> None:
+        def fn(h: Host):
+            audit = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "task": self.task, "app": self.app.name, "env": self.inv.env,
+                     "by": self.owner["by"], "run_id": self.events.run_id, "result": result,
+                     "states": states}
+            a = call(self.conn(h), self.base(h, "finish", states=states, keep=self.app.keep,
+                                             audit=audit, audit_log=AUDIT_LOG, discard=discard))
+            if not a.get("ok"):
+                return "failed", a.get("error", "failed"), a
+            pruned = f"; pruned {', '.join(a['pruned'])}" if a.get("pruned") else ""
+            return "ok", f"current {a['current']}{pruned}; lock released", a
+        self.each(hosts, "finish", fn)
+
+    def unlock(self, hosts: list[Host]) -> None:
+        """Release this run's lock where it was taken (a run that stops early)."""
+        def fn(h: Host):
+            a = call(self.conn(h), self.base(h, "unlock"))
+            return ("ok" if a.get("ok") else "failed"), "lock released", a
+        self.each(hosts, "unlock", fn)
+
+    def close(self) -> None:
+        for name, c in self.conns.items():
+            self.events.host_done(name, remote_commands=c.commands,
+                                  seconds=time.monotonic() - self.started[name])
+            c.close()
+
+
+def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:
+    """After the lock phase: None when every host is ours, else the exit code (4 naming the
+    holders when a lock is held; the error event then is already written)."""
+    bad = [a for a in answers.values() if not a.get("ok")]
+    if not bad:
+        return None
+    held = [a["locked"] for a in bad if a.get("locked")]
+    if held:
+        return fleet.events.fail_run(EXIT_LOCKED, "; ".join(held))
+    return EXIT_UNREACHABLE if all(a.get("unreachable") for a in bad) else EXIT_FAILED
+
+
+def rollout(fleet: Fleet, release: str, serial: int) -> tuple[bool, list[Host], dict]:
+    """Switch batch by batch; on the first failure, switch back every host this rollout
+    switched. Returns (passed, hosts that ended on the old release, the failed answers)."""
+    done: list[tuple[Host, str | None]] = []
+    for batch in batches(fleet.hosts, serial):
+        answers = fleet.switch(batch, release)
+        failed = {n: a for n, a in answers.items() if not a.get("ok")}
+        done += [(h, answers[h.name].get("previous")) for h in batch if h.name not in failed]
+        if failed:
+            for previous in {p for _, p in done if p}:
+                fleet.switch([h for h, p in done if p == previous], previous, revert=False)
+            return False, [h for h, _ in done], failed
+    return True, [], {}
+
+
+def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
+    release = release_id(artifact.commit)
+    answers = fleet.lock(fleet.hosts, artifact, release)
+    prepared = [h for h in fleet.hosts if answers[h.name].get("ok")]
+    code = _refused(fleet, answers)
+    if code is not None:
+        if prepared:          # the release goes again: nothing of this deploy stays anywhere
+            fleet.finish(prepared, {}, "prepare failed", discard=release)
+        return code
+    passed, back, failed = rollout(fleet, release, serial)
+    fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
+                 "ok" if passed else "health gate failed")
+    if passed:
+        return EXIT_OK
+    if any(a.get("unreachable") for a in failed.values()):
+        fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(failed)} unreachable during the "
+                              f"rollout of {release}; the others were switched back")
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def rollback(fleet: Fleet, to: str | None, serial: int) -> int:
+    answers = fleet.lock(fleet.hosts)
+    code = _refused(fleet, answers)
+    if code is not None:
+        fleet.unlock([h for h in fleet.hosts if answers[h.name].get("ok")])
+        return code
+    try:
+        target = rollback_target(answers, to)
+    except ValueError as e:
+        fleet.unlock(fleet.hosts)
+        return fleet.events.fail_run(EXIT_FAILED, str(e))
+    currents = {a.get("current") for a in answers.values()} - {target, None}
+    passed, _, failed = rollout(fleet, target, serial)
+    states = {target: "live", **{c: "rolled-back" for c in currents}} if passed else {}
+    fleet.finish(fleet.hosts, states, "ok" if passed else "health gate failed")
+    if passed:
+        return EXIT_OK
+    return EXIT_UNREACHABLE if all(a.get("unreachable") for a in failed.values()) else EXIT_FAILED

@@ -1,0 +1,534 @@
+"""Server side of `invoke deploy` / `rollback` / `releases` / `deploy.unlock`: stdlib only, run
+by python3 as root (through sudo), one exec per phase. provisioner/releases.py sends this source
+and a JSON request as the first line of stdin; the release artifact (a tar.gz) follows it on
+stdin. The answer is one JSON object after MARKER on stdout.
+
+Layout of an app (ROOT = /srv/<app>):
+    ROOT/releases/<id>/        code + node_modules, owned by the app user, read-only once built
+    ROOT/releases/<id>.building   a release being prepared (removed when its deploy dies)
+    ROOT/shared/               paths kept across releases, linked into each release
+    ROOT/current -> releases/<id>   swapped atomically (symlink beside it, then rename)
+    ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}]
+    ROOT/.deploy.lock/         the deploy lock: made by one mkdir; owner.json says who
+States: prepared -> live -> retired (passed its health gate: a rollback target) | failed |
+rolled-back.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import pwd
+import select
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+import urllib.request
+
+MARKER = "\n--provisioner-deploy-v1--\n"      # must match provisioner/releases.py
+GOOD = ("live", "retired")                     # states of releases that passed a health gate
+
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Fail(Exception):
+    """A phase failed: the message goes to the controller as the answer's error."""
+
+
+class App:
+    def __init__(self, req):
+        self.req = req
+        self.name = req["app"]
+        self.root = "/srv/" + self.name
+        self.releases = self.root + "/releases"
+        self.shared = self.root + "/shared"
+        self.current = self.root + "/current"
+        self.manifest_path = self.root + "/releases.json"
+        self.lock = self.root + "/.deploy.lock"
+        self.user = req["user"]
+        self.home = req["home"]
+        self.commands = 0
+
+    # --- manifest ---------------------------------------------------------------------------
+    def manifest(self):
+        try:
+            with open(self.manifest_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return []
+
+    def save(self, entries):
+        tmp = self.manifest_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.manifest_path)
+
+    def set_state(self, release, state, **extra):
+        entries = self.manifest()
+        for e in entries:
+            if e["id"] == release:
+                e["state"] = state
+                e.update(extra)
+        self.save(entries)
+
+    def live(self):
+        """The release `current` points to (None before the first deploy)."""
+        try:
+            return os.path.basename(os.readlink(self.current))
+        except OSError:
+            return None
+
+    # --- commands ---------------------------------------------------------------------------
+    def as_user(self, argv, cwd=None, env=None, timeout=900):
+        """argv as the app user with a clean environment (+ env); the output, or Fail. Stops
+        (and kills the command) when the controller is gone: a killed deploy leaves no
+        command running."""
+        base = {"HOME": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        base.update(env or {})
+        full = ["runuser", "-u", self.user, "--", "env", "-i"] + \
+            ["%s=%s" % kv for kv in sorted(base.items())] + list(argv)
+        self.commands += 1
+        proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        out = []
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out.append(chunk)
+            if controller_gone() or time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                raise Fail("%s stopped: %s" % (argv[0], "the controller is gone"
+                                                if controller_gone() else "timed out"))
+        rc = proc.wait()
+        text = b"".join(out).decode("utf-8", "replace")
+        if rc != 0:
+            raise Fail("%s exited %d:\n%s" % (" ".join(argv[:3]), rc, text[-4000:]))
+        return text
+
+    def pm2(self, *args):
+        return self.as_user(["/usr/local/bin/pm2"] + list(args), cwd=self.home,
+                            env={"PM2_HOME": self.home + "/.pm2"})
+
+    def online(self):
+        """Instances of the app pm2 reports online."""
+        try:
+            apps = json.loads(self.pm2("jlist") or "[]")
+        except ValueError:
+            return 0
+        return sum(1 for a in apps if a.get("name") == self.name
+                   and (a.get("pm2_env") or {}).get("status") == "online")
+
+
+def controller_gone():
+    """True once nobody reads our stdout any more (the SSH session closed: the deploy died)."""
+    p = select.poll()
+    p.register(1, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+
+# --- the lock ------------------------------------------------------------------------------
+
+def take_lock(app, owner, take_from):
+    """Make the lock (one mkdir) or say who holds it. take_from: the run id of a holder the
+    controller found dead; its lock is taken over unless one of its commands still runs here
+    (its busy flock is held). A lock older than its TTL is taken over too."""
+    os.makedirs(app.root, mode=0o755, exist_ok=True)
+    for _ in range(3):
+        try:
+            os.mkdir(app.lock, 0o700)
+        except FileExistsError:
+            holder = read_json(app.lock + "/owner.json") or {}
+            if holder.get("run_id") == owner["run_id"]:
+                return {"acquired": True}
+            age = time.time() - holder.get("started_epoch", time.time())
+            stale = age > holder.get("ttl", 4 * 3600)
+            if not (stale or (take_from and holder.get("run_id") == take_from)):
+                return {"acquired": False, "holder": holder, "age": age}
+            if busy(app):
+                return {"acquired": False, "holder": holder, "age": age, "busy": True}
+            gone = "%s.taken-%d" % (app.lock, os.getpid())
+            try:
+                os.rename(app.lock, gone)          # one winner among racing takeovers
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
+            owner = dict(owner, took_over=holder)
+            continue
+        with open(app.lock + "/owner.json", "w") as f:
+            json.dump(owner, f)
+        return {"acquired": True, "took_over": owner.get("took_over")}
+    raise Fail("the deploy lock %s keeps changing hands; try again" % app.lock)
+
+
+def busy(app):
+    """Whether an exec of the lock's run is still running here (it holds the busy flock)."""
+    try:
+        fd = os.open(app.lock + "/busy", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def hold(app, run_id):
+    """Check the lock is this run's and hold its busy flock for this exec."""
+    holder = read_json(app.lock + "/owner.json") or {}
+    if holder.get("run_id") != run_id:
+        raise Fail("the deploy lock is no longer this run's (held by %s@%s since %s)"
+                   % (holder.get("who"), holder.get("from"), holder.get("started")))
+    fd = os.open(app.lock + "/busy", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --- phases --------------------------------------------------------------------------------
+
+def op_lock(app, req, data):
+    """Take the lock, clear what a dead deploy left (a .building folder, a release prepared
+    but never switched to), and answer the manifest. With an artifact: prepare the release."""
+    got = take_lock(app, req["owner"], req.get("take_from"))
+    if not got["acquired"]:
+        return dict(got, ok=False)
+    fd = hold(app, req["owner"]["run_id"])
+    answer = {"ok": True, "took_over": got.get("took_over"), "cleaned": clean(app)}
+    if req.get("artifact"):
+        answer.update(prepare(app, req, data))
+    answer["manifest"] = app.manifest()
+    answer["current"] = app.live()
+    os.close(fd)
+    return answer
+
+
+def clean(app):
+    os.makedirs(app.releases, 0o755, exist_ok=True)
+    live = app.live()
+    entries = app.manifest()
+    cleaned = []
+    for name in sorted(os.listdir(app.releases)):
+        path = os.path.join(app.releases, name)
+        if name.endswith(".building"):
+            shutil.rmtree(path, ignore_errors=True)
+            cleaned.append(name)
+    keep = []
+    for e in entries:
+        if e.get("state") == "prepared" and e["id"] != live:
+            shutil.rmtree(os.path.join(app.releases, e["id"]), ignore_errors=True)
+            cleaned.append(e["id"])
+        else:
+            keep.append(e)
+    if len(keep) != len(entries):
+        app.save(keep)
+    return cleaned
+
+
+def prepare(app, req, data):
+    art = req["artifact"]
+    release = req["release"]
+    final = os.path.join(app.releases, release)
+    building = final + ".building"
+    if os.path.exists(final):
+        raise Fail("release %s exists already on this host" % release)
+    blob = data.read(art["size"] + 1)
+    if len(blob) != art["size"] or hashlib.sha256(blob).hexdigest() != art["sha256"]:
+        raise Fail("the artifact arrived incomplete or changed (sha256 differs)")
+    uid, gid = pwd.getpwnam(app.user).pw_uid, pwd.getpwnam(app.user).pw_gid
+    try:
+        os.mkdir(building, 0o755)
+        unpack(blob, building)
+        chown_tree(building, uid, gid)
+        with open(building + "/RELEASE", "w") as f:
+            f.write(release + "\n")
+        install = dependencies(app, building)
+        link_shared(app, building, req["shared"], uid, gid)
+        read_only(building)
+        os.rename(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    entries = [e for e in app.manifest() if e["id"] != release]
+    entries.append({"id": release, "commit": req["commit"], "ref": req["ref"],
+                    "sha256": art["sha256"], "at": now(), "by": req["owner"]["by"],
+                    "state": "prepared"})
+    app.save(entries)
+    return {"release": release, "install": install}
+
+
+def unpack(blob, dest):
+    import io
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        for m in tar.getmembers():       # git archive holds files, folders and symlinks only
+            if m.name.startswith("/") or ".." in m.name.split("/") or not (
+                    m.isfile() or m.isdir() or m.issym()):
+                raise Fail("the artifact has an unsafe entry: %r" % m.name)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)
+
+
+def chown_tree(top, uid, gid):
+    for dirpath, dirs, files in os.walk(top):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirs + files]:
+            os.lchown(n, uid, gid)
+
+
+def read_only(top):
+    """Code is never changed in place: no write bits (node_modules is hard-linked between
+    releases, so a write would change an older release too)."""
+    for dirpath, dirs, files in os.walk(top):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in files]:
+            if not os.path.islink(n):
+                os.chmod(n, os.stat(n).st_mode & ~0o222)
+
+
+def sha_of(path):
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def dependencies(app, release_dir):
+    """node_modules: hard links to the live release's when package-lock.json is the same
+    (seconds), else `npm ci --omit=dev` as the app user with a cache shared by releases."""
+    lock = sha_of(release_dir + "/package-lock.json")
+    live = app.live()
+    if lock is None:
+        pkg = read_json(release_dir + "/package.json") or {}
+        if pkg.get("dependencies"):
+            raise Fail("package.json has dependencies but the release has no package-lock.json:"
+                       " commit one (npm install writes it)")
+        return "none (no dependencies)"
+    if live:
+        old = os.path.join(app.releases, live)
+        if sha_of(old + "/package-lock.json") == lock and os.path.isdir(old + "/node_modules"):
+            app.commands += 1
+            subprocess.run(["cp", "-al", old + "/node_modules", release_dir + "/node_modules"],
+                           check=True)
+            return "linked from " + live
+    cache = app.shared + "/.npm"
+    os.makedirs(cache, 0o700, exist_ok=True)
+    user = pwd.getpwnam(app.user)
+    os.chown(cache, user.pw_uid, user.pw_gid)
+    app.as_user(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier",
+                 "--cache", cache], cwd=release_dir)
+    return "npm ci"
+
+
+def link_shared(app, release_dir, shared, uid, gid):
+    os.makedirs(app.shared, 0o755, exist_ok=True)
+    for entry in shared:
+        folder = entry.endswith("/")
+        rel = entry.rstrip("/")
+        target = os.path.join(app.shared, rel)
+        if not os.path.lexists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if folder:
+                os.mkdir(target, 0o750)
+            else:
+                open(target, "a").close()
+                os.chmod(target, 0o640)
+            os.lchown(target, uid, gid)
+        here = os.path.join(release_dir, rel)
+        if os.path.isdir(here) and not os.path.islink(here):
+            shutil.rmtree(here)
+        elif os.path.lexists(here):
+            os.unlink(here)
+        os.makedirs(os.path.dirname(here), exist_ok=True)
+        os.symlink(target, here)
+
+
+def point(app, release):
+    """current -> releases/<release>, atomically: a new link beside it, renamed over it."""
+    tmp = app.current + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink("releases/" + release, tmp)
+    os.rename(tmp, app.current)
+
+
+def reload(app):
+    """pm2 reload (cluster mode: one instance at a time, no request dropped); the first
+    release starts the app from the ecosystem file role pm2 wrote, and records its stamp so
+    that the next provision sees it started from that file."""
+    if app.online():
+        app.pm2("reload", app.name)
+        return "reloaded"
+    eco = app.root + "/ecosystem.config.js"
+    if not os.path.exists(eco):
+        raise Fail("%s is missing: provision the host first (role pm2 writes it)" % eco)
+    app.pm2("start", eco)
+    app.pm2("save")
+    stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, app.name)
+    if os.path.isdir(os.path.dirname(stamp)):
+        with open(stamp, "w") as f:
+            f.write(sha_of(eco) + "\n")
+        user = pwd.getpwnam(app.user)
+        os.chown(stamp, user.pw_uid, user.pw_gid)
+        os.chmod(stamp, 0o600)
+    return "started"
+
+
+def health(app, req, release):
+    """Ask the health URL on loopback until it answers 200 naming `release`, or time out.
+    Returns (passed, what the last answer was)."""
+    url = "http://127.0.0.1:%d%s" % (req["port"], req["health_path"])
+    deadline = time.monotonic() + req["health_timeout"]
+    seen = "no answer"
+    good = 0
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                body = r.read(4096).decode("utf-8", "replace")
+                seen = "%d %s" % (r.status, body.strip()[:300])
+                ok = r.status == 200 and release in body
+        except Exception as e:                 # HTTPError, refused, reset, timeout
+            code = getattr(e, "code", None)
+            seen = "%s %s" % (code, e.read(300).decode("utf-8", "replace").strip()) if code \
+                else "%s: %s" % (type(e).__name__, e)
+            ok = False
+        # two answers in a row: every instance of a 2-instance cluster is usually asked
+        good = good + 1 if ok else 0
+        if good >= 2:
+            return True, seen
+        if time.monotonic() > deadline:
+            return False, seen
+        time.sleep(0.2)
+
+
+def op_switch(app, req, data):
+    """current -> req["release"], reload, health gate; a failed gate switches this host back
+    (and reloads) when it had a live release before."""
+    fd = hold(app, req["run_id"])
+    release = req["release"]
+    if not os.path.isdir(os.path.join(app.releases, release)):
+        raise Fail("release %s is not on this host" % release)
+    before = app.live()
+    point(app, release)
+    how = reload(app)
+    passed, seen = health(app, req, release)
+    answer = {"ok": passed, "previous": before, "seen": seen, "how": how}
+    if not passed and before and before != release and req.get("revert", True):
+        point(app, before)
+        reload(app)
+        back, seen_back = health(app, req, before)
+        answer.update(reverted=before, revert_ok=back, revert_seen=seen_back)
+    os.close(fd)
+    return answer
+
+
+def op_finish(app, req, data):
+    """States in the manifest, old releases pruned, the audit line, the lock released."""
+    fd = hold(app, req["run_id"])
+    live = app.live()
+    gone = req.get("discard")
+    if gone and gone != live:           # a prepared release whose deploy stopped before the switch
+        shutil.rmtree(os.path.join(app.releases, gone), ignore_errors=True)
+        app.save([e for e in app.manifest() if e["id"] != gone])
+    entries = app.manifest()
+    for e in entries:
+        new = req.get("states", {}).get(e["id"])
+        if new:
+            e["state"] = new
+            e["%s_at" % new.replace("-", "_")] = now()
+        if e["id"] == live and e["state"] in GOOD:
+            e["state"] = "live"
+        elif e["state"] == "live" and e["id"] != live:
+            e["state"] = "retired"
+    pruned = prune(app, entries, live, req["keep"])
+    app.save([e for e in entries if e["id"] not in pruned])
+    line = dict(req["audit"], host=os.uname()[1], current=live)
+    os.makedirs(os.path.dirname(req["audit_log"]), 0o750, exist_ok=True)
+    with open(req["audit_log"], "a") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+    os.close(fd)
+    release_lock(app, req["run_id"])
+    return {"ok": True, "pruned": pruned, "current": live, "manifest": app.manifest()}
+
+
+def prune(app, entries, live, keep):
+    """The oldest releases beyond `keep`: never current, never the newest good one."""
+    ids = sorted(e["id"] for e in entries)
+    good = sorted(e["id"] for e in entries if e["state"] in GOOD)
+    protect = {live, good[-1] if good else None}
+    extra = [i for i in ids if i not in protect][:max(0, len(ids) - keep)]
+    for rid in extra:
+        shutil.rmtree(os.path.join(app.releases, rid), ignore_errors=True)
+    return extra
+
+
+def release_lock(app, run_id):
+    holder = read_json(app.lock + "/owner.json") or {}
+    if holder.get("run_id") == run_id:
+        gone = "%s.done-%d" % (app.lock, os.getpid())
+        os.rename(app.lock, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def op_unlock(app, req, data):
+    """Release the lock: this run's (a failed deploy), or any (`deploy.unlock`, after asking)."""
+    holder = read_json(app.lock + "/owner.json")
+    if holder is None and not os.path.isdir(app.lock):
+        return {"ok": True, "holder": None}
+    if req.get("force"):
+        if busy(app):
+            return {"ok": False, "holder": holder, "busy": True}
+        gone = "%s.removed-%d" % (app.lock, os.getpid())
+        os.rename(app.lock, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    else:
+        release_lock(app, req["run_id"])
+    return {"ok": True, "holder": holder}
+
+
+def op_list(app, req, data):
+    holder = read_json(app.lock + "/owner.json")
+    return {"ok": True, "manifest": app.manifest(), "current": app.live(), "lock": holder}
+
+
+OPS = {"lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
+       "list": op_list}
+
+
+def main(req, data):
+    started = time.monotonic()
+    app = App(req)
+    try:
+        answer = OPS[req["op"]](app, req, data)
+    except Fail as e:
+        answer = {"ok": False, "error": str(e)}
+    except Exception as e:
+        answer = {"ok": False, "error": "%s: %s" % (type(e).__name__, e),
+                  "traceback": traceback.format_exc()}
+    answer.update(commands=app.commands, seconds=round(time.monotonic() - started, 3))
+    sys.stdout.write(MARKER + json.dumps(answer) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__provisioner_deploy__":
+    main(REQ, DATA)  # noqa: F821  (given by the bootstrap: the request and the rest of stdin)
