@@ -66,7 +66,8 @@ def _checkout(source: str) -> tuple[Path, str]:
     if not folder.is_dir():
         raise InputError(Problem(None, None, "source", f"{source} is not a folder",
                                  "set the app's `source` to a git checkout (or a folder in one)"))
-    return folder, _git("rev-parse", "--show-prefix", cwd=folder).strip()
+    top = _git("rev-parse", "--show-toplevel", cwd=folder).strip()
+    return Path(top), _git("rev-parse", "--show-prefix", cwd=folder).strip()
 
 
 def build(source: str, ref: str) -> Artifact:

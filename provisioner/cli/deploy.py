@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 from invoke import Collection, Exit, task
@@ -45,16 +46,19 @@ def _flow(task_name, *, env, app, limit, json, yes, verbose, body) -> None:
         raise Exit(code=code)
 
 
-@task(help={**HELP, "ref": "git ref to deploy (default: the app's `ref`)"},
+@task(help={**HELP, "ref": "git ref to deploy (default: the app's `ref`)",
+            "source": "build from this git folder or URL instead of the app's `source` (a "
+                      "fork, a clone with a hotfix)"},
       incrementable=["verbose"], default=True)
-def deploy(c, env="local", app=None, ref=None, limit=None, serial=1, yes=False, json=False,
-           verbose=0):
+def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1, yes=False,
+           json=False, verbose=0):
     """Ship a new release: build once, prepare every host in parallel, switch in batches
     behind a health gate; a failed gate switches the whole fleet back (exit 1)."""
     def body(fleet, prepare=False, prepared=None):
         if prepare:
             batch = int_flag(serial, "serial", 1)
-            return batch, build(fleet.app.source, ref or fleet.app.ref)
+            where = str(Path(source).absolute()) if source and "://" not in source else source
+            return batch, build(where or fleet.app.source, ref or fleet.app.ref)
         batch, artifact = prepared
         return flows.deploy(fleet, artifact, batch)
     _flow("deploy", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose, body=body)

@@ -216,7 +216,15 @@ def op_lock(app, req, data):
     fd = hold(app, req["owner"]["run_id"])
     answer = {"ok": True, "took_over": got.get("took_over"), "cleaned": clean(app)}
     if req.get("artifact"):
-        answer.update(prepare(app, req, data))
+        try:
+            answer.update(prepare(app, req, data))
+        except BaseException:
+            # a failed prepare lets go of the lock; a deploy that died keeps it (with who and
+            # when) until the next deploy takes it over and says so
+            os.close(fd)
+            if not controller_gone():
+                release_lock(app, req["owner"]["run_id"])
+            raise
     answer["manifest"] = app.manifest()
     answer["current"] = app.live()
     os.close(fd)
