@@ -7,6 +7,7 @@ releases.json, .deploy.lock/}.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import subprocess
@@ -76,8 +77,9 @@ def build(source: str, ref: str) -> Artifact:
     where, prefix = _checkout(source)
     commit = _git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}", cwd=where).strip()
     tree = f"{commit}:{prefix}" if prefix else commit
-    data = subprocess.run(["git", "-C", str(where), "archive", "--format=tar.gz", tree],
-                          capture_output=True, timeout=600, check=True).stdout
+    tar = subprocess.run(["git", "-C", str(where), "archive", "--format=tar", tree],
+                         capture_output=True, timeout=600, check=True).stdout
+    data = gzip.compress(tar, mtime=0)          # the same commit gives the same sha256
     return Artifact(data, hashlib.sha256(data).hexdigest(), commit, ref)
 
 

@@ -90,10 +90,12 @@ class Load:
 
 
 def load(connect: Callable[[], http.client.HTTPConnection], total: int, threads: int = 8,
-         path: str = "/", at: dict[int, Callable[[], None]] | None = None) -> Load:
+         path: str = "/", at: dict[int, Callable[[], None]] | None = None,
+         until: threading.Event | None = None) -> Load:
     """`total` GETs of `path` over `threads` keep-alive connections (a failed one is opened
     again). `at` = {n: fn}: one at a time and in order of n, fn() runs once n requests have
-    completed, while the load goes on. Each request has the connection's timeout: bounded."""
+    completed, while the load goes on. `until`: stop early once it is set (e.g. by the last
+    fn). Each request has the connection's timeout: bounded."""
     out = Load()
     lock = threading.Lock()
     progress = threading.Condition(lock)
@@ -109,7 +111,7 @@ def load(connect: Callable[[], http.client.HTTPConnection], total: int, threads:
         conn = connect()
         while True:
             with lock:
-                if taken[0] >= total:
+                if taken[0] >= total or (until is not None and until.is_set()):
                     break
                 taken[0] += 1
             t0 = time.monotonic()

@@ -334,11 +334,13 @@ def dependencies(app, release_dir):
         return "none (no dependencies)"
     if live:
         old = os.path.join(app.releases, live)
-        if sha_of(old + "/package-lock.json") == lock and os.path.isdir(old + "/node_modules"):
+        if sha_of(old + "/package-lock.json") == lock:
+            if not os.path.isdir(old + "/node_modules"):      # npm ci made none: no packages
+                return "none (package-lock.json as in %s, which has no node_modules)" % live
             app.commands += 1
             subprocess.run(["cp", "-al", old + "/node_modules", release_dir + "/node_modules"],
                            check=True)
-            return "linked from " + live
+            return "hard-linked from " + live
     cache = app.shared + "/.npm"
     os.makedirs(cache, 0o700, exist_ok=True)
     user = pwd.getpwnam(app.user)

@@ -1,0 +1,237 @@
+"""`invoke deploy`, `rollback`, `releases` and `deploy.unlock` on the testbed, as a user runs
+them: the sample app from a scratch git repository made here (one commit per version), shipped
+to web1 and web2 while a bounded load goes through lb1 (a fixed count of requests, each with a
+timeout, stopped early once the last operation is done)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, invoke
+from engine_helpers import ADDRESSES, sh
+from http_load import Connection, load, trusting
+from provisioner.testbed import acme
+
+WEB = ("web1", "web2")
+NAME = "app.test"
+MAX_REQUESTS = 20000            # per load: an upper bound; each load stops when its work is done
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=test", "-c",
+                           "user.email=test@example.com", *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The sample app at four commits: v1; v2 (another answer, same package-lock.json); broken
+    (its /health answers 500 on web2 only); slow (a new package-lock.json and an install that
+    takes 40 s: a window to kill a deploy in)."""
+    repo = tmp_path_factory.mktemp("sample-repo")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for f in ("package.json", "package-lock.json", "server.js"):
+        (repo / f).write_bytes((REPO / "examples" / "sample-app" / f).read_bytes())
+    commits = {}
+
+    def commit(label):
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-qm", label)
+        commits[label] = _git(repo, "rev-parse", "HEAD")
+    commit("v1")
+    server = (repo / "server.js").read_text()
+    (repo / "server.js").write_text(server.replace("`sample-app ${appVersion}\\n`",
+                                                   "`sample-app ${appVersion} v2\\n`"))
+    commit("v2")
+    (repo / "server.js").write_text(server.replace(
+        "if (req.method === 'GET' && url === '/health') {",
+        "if (req.method === 'GET' && url === '/health' && require('os').hostname() === 'web2') {"
+        "\n    res.writeHead(500); res.end('broken on purpose\\n'); return;\n  }\n"
+        "  if (req.method === 'GET' && url === '/health') {"))
+    commit("broken")
+    (repo / "server.js").write_text(server)
+    pkg = json.loads((repo / "package.json").read_text())
+    pkg["scripts"]["postinstall"] = "sleep 40"
+    pkg["version"] = "1.0.1"
+    (repo / "package.json").write_text(json.dumps(pkg, indent=2) + "\n")
+    lock = json.loads((repo / "package-lock.json").read_text())
+    lock["version"] = lock["packages"][""]["version"] = "1.0.1"
+    (repo / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
+    commit("slow")
+    return repo, commits
+
+
+@pytest.fixture(scope="module")
+def fleet(testbed):
+    """web1, web2 and lb1 provisioned (converged in seconds when they already are)."""
+    invoke("provision", "--env", "local", "--limit", "app,lb", "--yes", timeout=3000)
+    return WEB
+
+
+def deploy(repo, ref, *more, task="deploy"):
+    args = [task, "--env", "local", "--yes", *more]
+    if task == "deploy":
+        args += ["--source", str(repo), "--ref", ref]
+    t0 = time.monotonic()
+    r = invoke(*args, check=False, timeout=600)
+    r.seconds = time.monotonic() - t0
+    print(f"\ninvoke {' '.join(args)}: exit {r.returncode} in {r.seconds:.1f} s\n{r.stdout}{r.stderr}")
+    return r
+
+
+def health(host: str) -> dict:
+    out = sh(host, "python3 -c \"import urllib.request as u; print(u.urlopen("
+                   "'http://127.0.0.1:3000/health', timeout=5).read().decode())\"").stdout
+    return json.loads(out)
+
+
+def current(host: str) -> str:
+    return sh(host, "readlink /srv/sample/current").stdout.strip().rpartition("/")[2]
+
+
+def releases() -> dict:
+    return json.loads(invoke("releases", "--env", "local", "--json").stdout)["hosts"]
+
+
+def through_lb(ops) -> tuple:
+    """A bounded load through lb1 while ops() runs (it starts after 200 requests)."""
+    done = threading.Event()
+    results = []
+
+    def run():
+        try:
+            results.append(ops())
+        finally:
+            done.set()
+    result = load(lambda: Connection(NAME, ADDRESSES["lb1"], trusting(str(acme.ROOT_FILE))),
+                  MAX_REQUESTS, threads=6, at={200: run}, until=done)
+    print(f"\nload through lb1: {result.summary()}")
+    return result, results[0] if results else None
+
+
+def test_deploys_and_a_rollback_under_load_lose_no_request(fleet, repo):
+    repo, commits = repo
+    first = deploy(repo, commits["v1"])              # whatever ran before: v1 is live now
+    assert first.returncode == 0
+    v1 = current("web1")
+
+    def ops():
+        steps = []
+        for ref in ("v2", "v1"):
+            r = deploy(repo, commits[ref])
+            steps.append((ref, r.returncode, {h: health(h)["release"] for h in WEB},
+                          {h: current(h) for h in WEB}, r.stdout))
+            if ref == "v2":
+                back = deploy(repo, None, task="rollback")
+                steps.append(("rollback", back.returncode, {h: health(h)["release"] for h in WEB},
+                              {h: current(h) for h in WEB}, back.stdout))
+        return steps
+    result, steps = through_lb(ops)
+    assert result.failed == [], result.failed[:5]
+    assert len(steps) == 3
+    (_, code2, health2, cur2, out2), (_, code_rb, health_rb, _, _), (_, code1, health1, cur1, out1) = steps
+    assert (code2, code_rb, code1) == (0, 0, 0)
+    v2 = cur2["web1"]
+    assert v2.endswith(commits["v2"][:12]) and cur2["web2"] == v2 and set(health2.values()) == {v2}
+    assert set(health_rb.values()) == {v1}, "the rollback goes back to the release before v2"
+    new_v1 = cur1["web1"]
+    assert new_v1 != v1 and new_v1.endswith(commits["v1"][:12]) and set(health1.values()) == {new_v1}
+    # the same package-lock.json: node_modules is not installed again
+    assert "npm ci" not in out2 and "package-lock.json as in" in out2 or "hard-linked" in out2
+    states = {e["id"]: e["state"] for e in releases()["web2"]["releases"]}
+    assert (states[new_v1], states[v2], states[v1]) == ("live", "rolled-back", "retired")
+
+
+def test_a_failed_health_gate_switches_the_whole_fleet_back(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    before = {h: current(h) for h in WEB}
+
+    result, r = through_lb(lambda: deploy(repo, commits["broken"]))
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "web2 | sample | switch" in out and "health gate failed" in out and "500" in out, out
+    assert "switched back to " + before["web2"] in out
+    # web1 had passed its gate: it went back too, the fleet runs one release
+    assert {h: current(h) for h in WEB} == before
+    assert {h: health(h)["release"] for h in WEB} == before
+    assert result.failed == [], result.failed[:5]
+    broken = [e for e in releases()["web1"]["releases"] if e["commit"] == commits["broken"]]
+    assert [e["state"] for e in broken] == ["failed"]
+    again = deploy(repo, None, task="rollback")     # a failed release is never a target
+    assert broken[0]["id"] not in again.stdout
+
+
+def _wait_for(what, predicate, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_second_deploy_exits_4_and_a_killed_one_is_cleaned_and_taken_over(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    before = {h: current(h) for h in WEB}
+    slow = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--env", "local", "--yes",
+                             "--source", str(repo), "--ref", commits["slow"]], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for("the slow deploy's install", lambda: all(
+            sh(h, "ls -d /srv/sample/releases/*.building", check=False).returncode == 0 for h in WEB))
+        second = deploy(repo, commits["v2"])
+        assert second.returncode == 4
+        err = second.stderr
+        assert "deploy lock of sample held by" in err and "started 20" in err and "pid" in err, err
+        slow.send_signal(signal.SIGKILL)                 # kill -9 during prepare
+        slow.wait(timeout=10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert {h: current(h) for h in WEB} == before
+    # the helper on each server sees its controller gone: it stops npm and removes the half
+    # release; the lock stays, with who and when, until the next deploy takes it over
+    _wait_for("the half releases to go", lambda: all(
+        sh(h, "ls -d /srv/sample/releases/*.building", check=False).returncode != 0 for h in WEB), 20)
+    assert all(releases()[h]["lock"] for h in WEB)
+    after = deploy(repo, commits["v2"])
+    assert after.returncode == 0
+    assert after.stdout.count("took over the lock of a dead run") == 2, after.stdout
+    assert {h: health(h)["release"] for h in WEB} == {h: current(h) for h in WEB}
+    assert all(not releases()[h]["lock"] for h in WEB)
+
+
+def test_unlock_shows_and_removes_a_lock_a_deploy_elsewhere_left(fleet, repo):
+    owner = {"run_id": "0" * 32, "who": "alice", "from": "laptop", "pid": 4242, "task": "deploy",
+             "env": "local", "started": "2026-06-01T10:00:00+00:00", "started_epoch": time.time(),
+             "ttl": 3600}
+    sh("web1", f"mkdir /srv/sample/.deploy.lock && echo '{json.dumps(owner)}' "
+               "> /srv/sample/.deploy.lock/owner.json")
+    try:
+        r = deploy(*repo, task="rollback")
+        assert r.returncode == 4 and "alice@laptop (pid 4242)" in r.stderr
+        assert "started 2026-06-01T10:00:00" in r.stderr
+        assert releases()["web2"]["lock"] is None, "the lock taken on web2 was given back"
+        out = invoke("deploy.unlock", "--env", "local", "--yes").stdout
+        assert "web1: held by alice@laptop" in out and "web1: lock removed" in out
+    finally:
+        sh("web1", "rm -rf /srv/sample/.deploy.lock")
+
+
+def test_no_secret_in_the_output_at_vvv(fleet, repo):
+    repo, commits = repo
+    secrets = json.loads(invoke("vault.view", "--env", "local", "--reveal").stdout)
+    assert secrets
+    r = deploy(repo, commits["v2"], "-vvv")
+    assert r.returncode == 0
+    out = r.stdout + r.stderr + invoke("releases", "--env", "local", "--json").stdout
+    assert "npm" in out or "health" in out
+    leaked = [name for name, value in secrets.items() if value in out]
+    assert leaked == []
