@@ -147,8 +147,8 @@ def ssh_audit_fails(address: str) -> list[str]:
 
 
 def copy_sample_app(server: str, dest: str = "/srv/sample") -> None:
-    """examples/sample-app into dest on server, as a deploy would put it (deploys do not exist
-    yet: the app's files come from here)."""
+    """examples/sample-app's files into dest on server, for role tests that start the app with
+    their own inventory (the whole env deploys it with `invoke deploy`)."""
     import base64
     for f in ("package.json", "server.js"):
         data = base64.b64encode((REPO / "examples" / "sample-app" / f).read_bytes()).decode()

@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, Run, copy_sample_app, inventory, report, sh
+from engine_helpers import ADDRESSES, Run, inventory, report, sh
 from http_load import Connection, PlainConnection, get, load, trusting
 from provisioner.inventory import load_inventory
 from provisioner.testbed import acme
@@ -41,9 +41,8 @@ def served(testbed):
     """lb1 from never-provisioned, the app servers converged, twice."""
     assert acme.ROOT_FILE.exists(), "no pebble root: `invoke testbed.up` starts pebble"
     invoke("testbed.reset", LB)
-    for app in ("web1", "web2"):
-        copy_sample_app(app, "/srv/sample/current")   # as a deploy would; the runs start it
     first = provision()
+    invoke("deploy", "--env", "local", "--yes", timeout=600)   # the sample app, live on web1+web2
     second = provision()
     return {"first": first, "second": second}
 
