@@ -19,7 +19,12 @@ const port = Number(process.env.PORT || 3000);
 const host = process.env.HOST || '0.0.0.0';
 const appVersion = process.env.APP_VERSION || version;
 
+let closing = false;
+
 const server = http.createServer((req, res) => {
+  if (closing) {
+    res.setHeader('Connection', 'close');   // a proxy's keep-alive connection ends with this answer
+  }
   const url = req.url.split('?')[0];
   if (req.method === 'GET' && url === '/health') {
     const body = JSON.stringify({ status: 'ok', version: appVersion, release });
@@ -40,11 +45,20 @@ server.listen(port, host, () => {
   console.log(`sample-app ${appVersion} listening on ${host}:${port} (pid ${process.pid})`);
 });
 
-// pm2 sends SIGINT on stop/reload: finish the requests in flight, then exit.
+// pm2 sends SIGINT on stop/reload (after the new instance listens) and SIGKILL 1.6 s later:
+// stop accepting, close idle keep-alive connections (a proxy would send its next request into
+// a closing socket), answer what is in flight with `Connection: close`, then exit.
 function shutdown(signal) {
+  if (closing) {
+    return;
+  }
+  closing = true;
   console.log(`sample-app: ${signal}, closing`);
   server.close(() => process.exit(0));
-  setTimeout(() => process.exit(0), 5000).unref();
+  if (server.closeIdleConnections) {
+    server.closeIdleConnections();
+  }
+  setTimeout(() => process.exit(0), 1400).unref();
 }
 process.on('SIGINT', () => shutdown('SIGINT'));
 process.on('SIGTERM', () => shutdown('SIGTERM'));
