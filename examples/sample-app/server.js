@@ -45,20 +45,23 @@ server.listen(port, host, () => {
   console.log(`sample-app ${appVersion} listening on ${host}:${port} (pid ${process.pid})`);
 });
 
-// pm2 sends SIGINT on stop/reload (after the new instance listens) and SIGKILL 1.6 s later:
-// stop accepting, close idle keep-alive connections (a proxy would send its next request into
-// a closing socket), answer what is in flight with `Connection: close`, then exit.
+// A proxy keeps idle connections to the app for up to a minute (nginx: keepalive_timeout 60 s):
+// the app must not close them sooner, or the proxy may send a request into a closing socket.
+server.keepAliveTimeout = 65000;
+server.headersTimeout = 66000;
+
+// pm2 sends SIGINT on stop/reload (once the new instance listens), and SIGKILL 1.6 s later.
+// For one second this instance still answers, each answer with `Connection: close`, so the
+// proxy retires its keep-alive connections itself, after an answer, never mid-request; then it
+// stops accepting (close() also drops the connections still idle) and exits.
 function shutdown(signal) {
   if (closing) {
     return;
   }
   closing = true;
   console.log(`sample-app: ${signal}, closing`);
-  server.close(() => process.exit(0));
-  if (server.closeIdleConnections) {
-    server.closeIdleConnections();
-  }
-  setTimeout(() => process.exit(0), 1400).unref();
+  setTimeout(() => server.close(() => process.exit(0)), 1000).unref();
+  setTimeout(() => process.exit(0), 1500).unref();
 }
 process.on('SIGINT', () => shutdown('SIGINT'));
 process.on('SIGTERM', () => shutdown('SIGTERM'));
