@@ -9,6 +9,7 @@ flags.install()
 ns = Collection(provision.provision, provision.check, hostvars.show_vars, plans.apply, plans.drift,
                 report.report, status.status, logs.logs, deploy.rollback, deploy.releases)
 ns.add_collection(deploy.ns)
+ns.add_collection(deploy.db_ns)
 ns.add_collection(provision.hosts_ns)
 ns.add_collection(testbed.ns)
 ns.add_collection(vault.ns)

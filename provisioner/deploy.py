@@ -161,6 +161,32 @@ class Fleet:
             return "ok", f"current {a['current']}{pruned}; lock released", a
         self.each(hosts, "finish", fn)
 
+    def db_host(self) -> Host:
+        return self.inv.hosts[self.app.database[0]]
+
+    def backup(self, release: str) -> dict:
+        """pg_dump -Fc on the database host, named after the release about to migrate."""
+        def fn(h: Host):
+            a = call(self.conn(h), {"op": "backup", "app": self.app.name, "release": release,
+                                    "database": self.app.database[1]})
+            if not a.get("ok"):
+                return "failed", a.get("error", "failed"), a
+            return "changed", (f"database {self.app.database[1]} saved to {a['path']} "
+                               f"({a['size']} bytes): `invoke db.restore --before {release}`"), a
+        return self.each([self.db_host()], "backup before migrating", fn)[self.db_host().name]
+
+    def migrate(self, host: Host, release: str, argv: tuple, env: dict | None = None) -> bool:
+        """argv in `release` on `host`, as the app user with the app's env; its output goes
+        with the step (secrets redacted by the event stream)."""
+        def fn(h: Host):
+            a = call(self.conn(h), self.base(h, "migrate", release=release, argv=list(argv),
+                                             env=env or {}))
+            if not a.get("ok"):
+                return "failed", a.get("error", "failed"), a
+            last = (a.get("output") or "").strip().splitlines()
+            return "changed", f"{' '.join(argv)} in {release}: {last[-1] if last else 'done'}", a
+        return bool(self.each([host], "migrate", fn)[host.name].get("ok"))
+
     def unlock(self, hosts: list[Host]) -> None:
         """Release this run's lock where it was taken (a run that stops early)."""
         def fn(h: Host):
@@ -211,6 +237,11 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
         if prepared:          # the release goes again: nothing of this deploy stays anywhere
             fleet.finish(prepared, {}, "prepare failed", discard=release)
         return code
+    if fleet.app.migrate:     # once, before any switch; a failed migration switches nothing
+        if not fleet.backup(release).get("ok") or \
+                not fleet.migrate(fleet.hosts[0], release, fleet.app.migrate):
+            fleet.finish(fleet.hosts, {}, "migration failed", discard=release)
+            return EXIT_FAILED
     passed, back, failed = rollout(fleet, release, serial)
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
                  "ok" if passed else "health gate failed")
@@ -223,7 +254,7 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
     return EXIT_FAILED
 
 
-def rollback(fleet: Fleet, to: str | None, serial: int) -> int:
+def rollback(fleet: Fleet, to: str | None, serial: int, with_migrations: bool = False) -> int:
     answers = fleet.lock(fleet.hosts)
     code = _refused(fleet, answers)
     if code is not None:
@@ -235,6 +266,16 @@ def rollback(fleet: Fleet, to: str | None, serial: int) -> int:
         fleet.unlock(fleet.hosts)
         return fleet.events.fail_run(EXIT_FAILED, str(e))
     currents = {a.get("current") for a in answers.values()} - {target, None}
+    if with_migrations:
+        # the down migrations of what is rolled back, run by the newest release (it knows
+        # them), newest first; TARGET_RELEASE_DIR tells it which ones the target lacks
+        first = fleet.hosts[0]
+        newest = answers[first.name].get("current")
+        if newest and newest != target and not fleet.migrate(
+                first, newest, fleet.app.migrate_down,
+                {"TARGET_RELEASE_DIR": f"/srv/{fleet.app.name}/releases/{target}"}):
+            fleet.unlock(fleet.hosts)
+            return EXIT_FAILED
     passed, _, failed = rollout(fleet, target, serial)
     states = {target: "live", **{c: "rolled-back" for c in currents}} if passed else {}
     fleet.finish(fleet.hosts, states, "ok" if passed else "health gate failed")

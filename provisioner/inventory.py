@@ -35,6 +35,11 @@ apps:                              # optional; name -> app that `invoke deploy` 
     health_timeout: 30             # seconds
     shared: [.env, uploads/]       # kept across releases in /srv/<name>/shared (/ = a folder)
     keep: 5                        # releases kept per host (>= 2)
+    migrate: [node, migrate.js, up]          # argv, once per deploy, in the new release, before
+                                   # any switch, as the app user with its pm2 env (secrets too)
+    migrate_down: [node, migrate.js, down]   # argv for `rollback --with-migrations`, run in the
+                                   # release rolled back, TARGET_RELEASE_DIR = the one going live
+    database: {host: db1, name: shop}   # PostgreSQL: `pg_dump -Fc` there before each migration
 ```
 Names of hosts and groups: letters, digits, `.`, `_`, `-` (a host and a group may not share a
 name: `--limit` takes either). Every host must be in at least one group. Two hosts may not share
@@ -281,6 +286,14 @@ def _check_ref(value: str) -> str:
 
 
 AppName = Annotated[str, AfterValidator(_check_app_name)]
+Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class DatabaseSpec(_Spec):
+    example: ClassVar[str] = "{host: db1, name: app}"
+    host: Name = _f(expect="the inventory host PostgreSQL runs on", example="db1")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = _f(
+        expect="the database name", example="app")
 
 
 class AppSpec(_Spec):
@@ -303,6 +316,14 @@ class AppSpec(_Spec):
         example="[.env, uploads/, logs/]")
     keep: Annotated[int, Field(ge=2)] = _f(5, expect="releases kept per host (2 or more)",
                                             example="5")
+    migrate: Argv | None = _f(None, expect="a command as a list (argv), run once per deploy in "
+                                           "the new release before any switch", example="[node, migrate.js, up]")
+    migrate_down: Argv | None = _f(None, expect="a command as a list (argv), run by `rollback "
+                                                "--with-migrations` in the release rolled back",
+                                   example="[node, migrate.js, down]")
+    database: DatabaseSpec | None = _f(None, expect="the app's PostgreSQL database, backed up "
+                                                    "before each migration: {host, name}",
+                                       example="{host: db1, name: app}")
 
 
 class InventorySpec(_Spec):
@@ -542,7 +563,16 @@ class _Checker:
             self.check_vars(_mapping(host).get("vars"), ("hosts", hname, "vars"))
         self.check_addresses(hosts, _mapping(data.get("ssh")).get("port"))
         for aname, app in _mapping(data.get("apps")).items():
-            group = _mapping(app).get("group")
+            app = _mapping(app)
+            db_host = _mapping(app.get("database")).get("host")
+            if isinstance(db_host, str) and db_host not in hosts:
+                self.add(("apps", aname, "database", "host"), f"app '{aname}' keeps its "
+                         f"database on host '{db_host}', which the inventory does not define",
+                         f"name one of the hosts: {', '.join(map(str, hosts))}")
+            if app.get("migrate") and not app.get("database"):
+                self.add(("apps", aname, "migrate"), f"app '{aname}' migrates but names no "
+                         "database to back up first", "add `database: {host: db1, name: app}`")
+            group = app.get("group")
             if isinstance(group, str) and group not in groups:
                 self.add(("apps", aname, "group"), f"app '{aname}' runs on group '{group}', "
                          "which the inventory does not define",
@@ -712,6 +742,9 @@ class App:
     shared: tuple[str, ...]
     keep: int
     line: int | None = None
+    migrate: tuple[str, ...] | None = None
+    migrate_down: tuple[str, ...] | None = None
+    database: tuple[str, str] | None = None      # (host, database name)
 
 
 @dataclass(frozen=True)
@@ -1051,5 +1084,8 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
         roles={n: r for n, r in roles.items() if n in used_roles}, lines=dict(doc.lines),
         apps={name: App(name, a.source if "://" in a.source or a.source.startswith("git@")
                         else str(_rel(base, a.source)), a.ref, a.group, a.port, a.health_path,
-                        a.health_timeout, tuple(a.shared), a.keep, doc.lines.get(("apps", name)))
+                        a.health_timeout, tuple(a.shared), a.keep, doc.lines.get(("apps", name)),
+                        tuple(a.migrate) if a.migrate else None,
+                        tuple(a.migrate_down) if a.migrate_down else None,
+                        (a.database.host, a.database.name) if a.database else None)
               for name, a in spec.apps.items()})

@@ -1,5 +1,5 @@
 'use strict';
-// A tiny HTTP app: GET /health answers {"status": "ok", "version": ..., "release": ...}.
+// A tiny HTTP app: GET /health answers {"status": "ok", "version", "release", "database"}.
 // PORT comes from the environment (pm2's ecosystem file sets it); APP_VERSION overrides the
 // version from package.json. `invoke deploy` writes the release id into ./RELEASE: the health
 // gate waits for /health to name the new release.
@@ -7,6 +7,7 @@ const fs = require('fs');
 const http = require('http');
 const path = require('path');
 const { version } = require('./package.json');
+const db = require('./db').pool();
 
 let release = null;
 try {
@@ -27,9 +28,15 @@ const server = http.createServer((req, res) => {
   }
   const url = req.url.split('?')[0];
   if (req.method === 'GET' && url === '/health') {
-    const body = JSON.stringify({ status: 'ok', version: appVersion, release });
-    res.writeHead(200, { 'Content-Type': 'application/json', 'Cache-Control': 'no-store' });
-    res.end(body + '\n');
+    // the database answers (when there is one), or the app is not healthy: 503
+    const check = db ? db.query('SELECT 1').then(() => 'ok', (e) => `down: ${e.message}`)
+      : Promise.resolve('none');
+    check.then((database) => {
+      const ok = database === 'ok' || database === 'none';
+      const body = JSON.stringify({ status: ok ? 'ok' : 'unhealthy', version: appVersion, release, database });
+      res.writeHead(ok ? 200 : 503, { 'Content-Type': 'application/json', 'Cache-Control': 'no-store' });
+      res.end(body + '\n');
+    });
     return;
   }
   if (req.method === 'GET' && url === '/') {

@@ -12,7 +12,7 @@ from provisioner import deploy as flows
 from provisioner import lock as run_lock
 from provisioner.cli.common import FLAG_HELP, fail_input, int_flag, load
 from provisioner.connection import Connection, Unreachable
-from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError
+from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
 from provisioner.events import Events
 from provisioner.releases import RemoteError, build, call
 
@@ -64,16 +64,22 @@ def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1
     _flow("deploy", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose, body=body)
 
 
-@task(help={**HELP, "to": "the release id to go back to (default: the previous good one)"},
+@task(help={**HELP, "to": "the release id to go back to (default: the previous good one)",
+            "with_migrations": "first run the app's `migrate_down` in the release rolled back"},
       incrementable=["verbose"])
-def rollback(c, env="local", app=None, to=None, limit=None, serial=1, yes=False, json=False,
-             verbose=0):
+def rollback(c, env="local", app=None, to=None, limit=None, serial=1, with_migrations=False,
+             yes=False, json=False, verbose=0):
     """Make the previous good release live again on every host (no build, no upload), with the
     same switch, reload and health gate as a deploy."""
     def body(fleet, prepare=False, prepared=None):
         if prepare:
+            if with_migrations and not fleet.app.migrate_down:
+                raise InputError(Problem(fleet.inv.path, fleet.app.line, f"apps.{fleet.app.name}",
+                                         "--with-migrations, but the app has no `migrate_down`",
+                                         "add `migrate_down: [node, migrate.js, down]` (your "
+                                         "command), or leave out --with-migrations"))
             return int_flag(serial, "serial", 1)
-        return flows.rollback(fleet, to, prepared)
+        return flows.rollback(fleet, to, prepared, with_migrations)
     _flow("rollback", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose,
           body=body)
 
@@ -155,4 +161,47 @@ def unlock(c, env="local", app=None, limit=None, yes=False):
         raise Exit(code=EXIT_FAILED)
 
 
+@task(help={"env": FLAG_HELP["env"], "app": HELP["app"],
+            "before": "the release whose pre-migration backup is restored",
+            "yes": "restore without asking"})
+def restore(c, before, env="local", app=None, yes=False):
+    """Restore the app's database from the backup taken before RELEASE migrated it
+    (pg_restore --clean); asks first, naming the database and the backup's time."""
+    try:
+        inv, _ = load(env, interactive=sys.stdin.isatty())
+        the_app = inv.app(app)
+        if not the_app.database:
+            raise InputError(Problem(inv.path, the_app.line, f"apps.{the_app.name}",
+                                     "the app names no database", "add `database: {host, name}`"))
+    except InputError as e:
+        raise fail_input(str(e)) from None
+    host = inv.hosts[the_app.database[0]]
+    base = {"app": the_app.name, "database": the_app.database[1], "release": before}
+    with Connection(host, inv.known_hosts, host.sudo_password) as conn:
+        try:
+            found = call(conn, {**base, "op": "backups"})["backups"]
+            if before not in found:
+                raise fail_input(f"{host.name}: no backup taken before release {before}; "
+                                 f"backups: {', '.join(found) or 'none'}")
+            b = found[before]
+            what = (f"database {the_app.database[1]} on {host.name} from {b['path']} "
+                    f"(taken {b['at']}, before release {before} migrated)")
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise fail_input(f"not restored: pass --yes to restore {what}")
+                if input(f"Restore {what}? Its current content is replaced. [y/N] ") \
+                        .strip().lower() not in ("y", "yes"):
+                    print("nothing restored")
+                    return
+            a = call(conn, {**base, "op": "restore"})
+        except (Unreachable, RemoteError) as e:
+            print(str(e), file=sys.stderr)
+            raise Exit(code=EXIT_UNREACHABLE if isinstance(e, Unreachable) else EXIT_FAILED)
+    if not a.get("ok"):
+        print(f"{host.name}: restore failed: {a.get('error')}", file=sys.stderr)
+        raise Exit(code=EXIT_FAILED)
+    print(f"restored {what}")
+
+
 ns = Collection("deploy", deploy, unlock)
+db_ns = Collection("db", restore)

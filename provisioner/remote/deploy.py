@@ -49,8 +49,8 @@ class App:
         self.current = self.root + "/current"
         self.manifest_path = self.root + "/releases.json"
         self.lock = self.root + "/.deploy.lock"
-        self.user = req["user"]
-        self.home = req["home"]
+        self.user = req.get("user")            # the app user (not on a database host)
+        self.home = req.get("home")
         self.commands = 0
 
     # --- manifest ---------------------------------------------------------------------------
@@ -85,17 +85,18 @@ class App:
             return None
 
     # --- commands ---------------------------------------------------------------------------
-    def as_user(self, argv, cwd=None, env=None, timeout=900):
-        """argv as the app user with a clean environment (+ env); the output, or Fail. Stops
-        (and kills the command) when the controller is gone: a killed deploy leaves no
-        command running."""
-        base = {"HOME": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    def as_user(self, argv, cwd=None, env=None, timeout=900, user=None, home=None):
+        """argv as the app user (or `user`) with a clean environment (+ env); the output, or
+        Fail. Stops (and kills the command) when the controller is gone: a killed deploy
+        leaves no command running. The environment goes to runuser through its own
+        environment, never its argv (it may hold the app's secrets)."""
+        base = {"HOME": home or self.home or "/", "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "LANG": "C.UTF-8"}
         base.update(env or {})
-        full = ["runuser", "-u", self.user, "--", "env", "-i"] + \
-            ["%s=%s" % kv for kv in sorted(base.items())] + list(argv)
+        full = ["runuser", "-u", user or self.user, "--"] + list(argv)
         self.commands += 1
         proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=base)
         out = []
         deadline = time.monotonic() + timeout
         while True:
@@ -521,7 +522,76 @@ def op_list(app, req, data):
     return {"ok": True, "manifest": app.manifest(), "current": app.live(), "lock": holder}
 
 
-OPS = {"lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
+# --- the database: backups before migrations, migrations, restores --------------------------
+
+BACKUPS = "/var/backups/provisioner"
+
+
+def backup_path(app, release):
+    return "%s/%s/before-%s.dump" % (BACKUPS, app.name, release)
+
+
+def op_backup(app, req, data):
+    """pg_dump -Fc of the app's database as postgres, named after the release about to
+    migrate it: what `invoke db.restore --before RELEASE` restores."""
+    path = backup_path(app, req["release"])
+    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+    pg = pwd.getpwnam("postgres")
+    for d in (BACKUPS, os.path.dirname(path)):
+        os.chown(d, pg.pw_uid, pg.pw_gid)
+        os.chmod(d, 0o700)
+    app.as_user(["pg_dump", "-Fc", "-f", path + ".tmp", req["database"]], user="postgres",
+                home=pg.pw_dir, cwd="/")
+    os.rename(path + ".tmp", path)
+    return {"ok": True, "path": path, "size": os.path.getsize(path)}
+
+
+def op_backups(app, req, data):
+    """The pre-migration backups kept for the app: {release: {path, at, size}}."""
+    folder = "%s/%s" % (BACKUPS, app.name)
+    found = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("before-") and name.endswith(".dump"):
+            st = os.stat(os.path.join(folder, name))
+            found[name[len("before-"):-len(".dump")]] = {
+                "path": os.path.join(folder, name), "size": st.st_size,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime))}
+    return {"ok": True, "backups": found}
+
+
+def op_restore(app, req, data):
+    """pg_restore --clean of the backup taken before `release`, as postgres."""
+    path = backup_path(app, req["release"])
+    if not os.path.exists(path):
+        raise Fail("no backup %s on this host" % path)
+    pg = pwd.getpwnam("postgres")
+    out = app.as_user(["pg_restore", "--clean", "--if-exists", "--single-transaction",
+                       "-d", req["database"], path], user="postgres", home=pg.pw_dir, cwd="/")
+    return {"ok": True, "path": path, "output": out[-2000:]}
+
+
+def app_env(app):
+    """The pm2 app's environment as its ecosystem file (role pm2) sets it: what the app sees."""
+    eco = app.root + "/ecosystem.config.js"
+    out = app.as_user(["node", "-e", "const a = require(process.argv[1]).apps[0];"
+                       "process.stdout.write(JSON.stringify(a.env || {}))", eco], cwd=app.root)
+    return {str(k): str(v) for k, v in json.loads(out).items()}
+
+
+def op_migrate(app, req, data):
+    """The migrate (or migrate_down) command in a release, as the app user with the app's
+    environment (secrets included, in the environment only)."""
+    fd = hold(app, req["run_id"])
+    where = os.path.join(app.releases, req["release"])
+    env = app_env(app)
+    env.update(req.get("env") or {})
+    out = app.as_user(req["argv"], cwd=where, env=env)
+    os.close(fd)
+    return {"ok": True, "output": out[-4000:]}
+
+
+OPS = {"backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
+       "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
        "list": op_list}
 
 
