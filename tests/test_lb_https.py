@@ -31,14 +31,15 @@ FAILOVER_REQUESTS = 3000             # bounded: a fixed count, each request with
 
 
 def provision(*args: str):
-    r = invoke("provision", "--env", "local", "--json", "--yes", "--limit", "app,lb", *args,
+    r = invoke("provision", "--env", "local", "--json", "--yes", "--limit", "app,db,lb", *args,
                check=False, timeout=3000)
     return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
 def served(testbed):
-    """lb1 from never-provisioned, the app servers converged, twice."""
+    """lb1 from never-provisioned, the app and database servers converged, twice; the sample
+    app deployed between the two runs (its health gate asks the database)."""
     assert acme.ROOT_FILE.exists(), "no pebble root: `invoke testbed.up` starts pebble"
     invoke("testbed.reset", LB)
     first = provision()

@@ -93,7 +93,8 @@ class App:
         base = {"HOME": home or self.home or "/", "PATH": "/usr/local/bin:/usr/bin:/bin",
                 "LANG": "C.UTF-8"}
         base.update(env or {})
-        full = ["runuser", "-u", user or self.user, "--"] + list(argv)
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"    # our PATH (sudo's), not base's
+        full = [runuser, "-u", user or self.user, "--"] + list(argv)
         self.commands += 1
         proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=base)
