@@ -230,7 +230,11 @@ def rollout(fleet: Fleet, release: str, serial: int) -> tuple[bool, list[Host], 
 
 def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
     release = release_id(artifact.commit)
-    answers = fleet.lock(fleet.hosts, artifact, release)
+    with ThreadPoolExecutor(max_workers=1) as side:
+        # the pre-migration backup is taken on the database host while the app hosts prepare
+        backup = side.submit(fleet.backup, release) if fleet.app.migrate else None
+        answers = fleet.lock(fleet.hosts, artifact, release)
+        backed_up = backup is None or backup.result().get("ok")
     prepared = [h for h in fleet.hosts if answers[h.name].get("ok")]
     code = _refused(fleet, answers)
     if code is not None:
@@ -238,8 +242,7 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
             fleet.finish(prepared, {}, "prepare failed", discard=release)
         return code
     if fleet.app.migrate:     # once, before any switch; a failed migration switches nothing
-        if not fleet.backup(release).get("ok") or \
-                not fleet.migrate(fleet.hosts[0], release, fleet.app.migrate):
+        if not backed_up or not fleet.migrate(fleet.hosts[0], release, fleet.app.migrate):
             fleet.finish(fleet.hosts, {}, "migration failed", discard=release)
             return EXIT_FAILED
     passed, back, failed = rollout(fleet, release, serial)

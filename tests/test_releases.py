@@ -125,3 +125,18 @@ def test_rollback_goes_to_the_newest_earlier_good_release_never_a_failed_one() -
         rollback_target({"web1": m, "web2": _m("r4", ("r4", "live"))}, "r1")
     with pytest.raises(ValueError, match="no earlier release passed its health gate"):
         rollback_target({"web1": _m("r1", ("r1", "live"))}, None)
+
+
+def test_migrations_need_a_database_on_a_known_host(root: Path) -> None:
+    text = APPS + "    migrate: [node, migrate.js, up]\n"
+    p = only(fail(root, text), "apps.shop.migrate")
+    assert "names no database to back up first" in p.message and "database:" in p.fix
+    text = APPS + "    migrate: [node, migrate.js, up]\n    database: {host: db9, name: shop}\n"
+    p = only(fail(root, text), "apps.shop.database.host")
+    assert "host 'db9', which the inventory does not define" in p.message
+    assert "web1, web2, db1" in p.fix
+    text = APPS + "    migrate: node migrate.js up\n    database: {host: db1, name: shop}\n"
+    assert only(fail(root, text), "apps.shop.migrate").message.startswith("expected a command as a list")
+    inv = load(root, APPS + "    migrate: [node, migrate.js, up]\n    database: {host: db1, name: shop}\n")
+    assert inv.app("shop").migrate == ("node", "migrate.js", "up")
+    assert inv.app("shop").database == ("db1", "shop")

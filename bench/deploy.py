@@ -1,0 +1,96 @@
+"""What a deploy costs, measured in one run on web1 + web2: a code-only deploy (package-lock.json
+unchanged: node_modules hard-linked), the same deploy with `npm ci` every time (a new
+package-lock.json each round) for the ratio, and a rollback. Wall time of the whole
+`invoke deploy` / `invoke rollback` (build, SSH, prepare, switch, health gate, finish) and
+remote execs per host, from the --json recap. Targets (issue 14): code-only 8 s, rollback 3 s.
+
+    python3 bench/deploy.py [--rounds 3]
+
+Needs the testbed with the local env provisioned (`invoke testbed.up`, then
+`invoke provision --env local`). Deploys examples/sample-app from a scratch git repository
+(one commit per round) made in a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=bench", "-c",
+                           "user.email=bench@example.com", *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def commit(repo: Path, label: str, new_lock: bool) -> str:
+    """A commit that changes the code (and the lock file's root version with new_lock)."""
+    server = repo / "server.js"
+    server.write_text(server.read_text() + f"// {label}\n")
+    if new_lock:
+        lock = json.loads((repo / "package-lock.json").read_text())
+        lock["packages"][""]["version"] = lock["version"] = f"1.0.{int(time.time() * 1000)}"
+        (repo / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
+        pkg = json.loads((repo / "package.json").read_text())
+        pkg["version"] = lock["version"]
+        (repo / "package.json").write_text(json.dumps(pkg, indent=2) + "\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", label)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def timed(*args: str) -> tuple[float, dict]:
+    """Wall time of `invoke ARGS --json` and its recap; exits on a failure."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "invoke", *args, "--env", "local", "--yes",
+                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    seconds = time.monotonic() - t0
+    if r.returncode != 0:
+        sys.exit(f"invoke {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    recap = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-1]
+    return seconds, recap
+
+
+def execs(recap: dict, hosts=("web1", "web2")) -> str:
+    return ", ".join(f"{h} {recap['hosts'][h]['remote_commands']}" for h in hosts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="deploys of each kind (1..10)")
+    a = p.parse_args()
+    if not 1 <= a.rounds <= 10:
+        p.error("--rounds 1..10")
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        repo = Path(tmp) / "sample-app"
+        shutil.copytree(REPO / "examples" / "sample-app", repo)
+        git(repo, "init", "-q")
+        base = commit(repo, "base", new_lock=False)
+        timed("deploy", "--source", str(repo), "--ref", base)       # warm-up: a live release
+        results: dict[str, list[float]] = {"code-only": [], "npm ci": [], "rollback": []}
+        last = {}
+        for i in range(a.rounds):
+            for kind, new_lock in (("code-only", False), ("npm ci", True)):
+                sha = commit(repo, f"{kind} {i}", new_lock)
+                seconds, last[kind] = timed("deploy", "--source", str(repo), "--ref", sha)
+                results[kind].append(seconds)
+            seconds, last["rollback"] = timed("rollback")
+            results["rollback"].append(seconds)
+        for kind, times in results.items():
+            print(f"{kind:<10} median {statistics.median(times):5.2f} s  "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in times)}); execs per host: "
+                  f"{execs(last[kind])}")
+        ratio = statistics.median(results["npm ci"]) / statistics.median(results["code-only"])
+        print(f"npm ci every time / code-only: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
