@@ -4,7 +4,7 @@ package-lock.json each round) for the ratio, and a rollback. Wall time of the wh
 `invoke deploy` / `invoke rollback` (build, SSH, prepare, switch, health gate, finish) and
 remote execs per host, from the --json recap. Targets (issue 14): code-only 8 s, rollback 3 s.
 
-    python3 bench/deploy.py [--rounds 3]
+    python3 bench/deploy.py [--rounds 3] [--serial 1]
 
 Needs the testbed with the local env provisioned (`invoke testbed.up`, then
 `invoke provision --env local`). Deploys examples/sample-app from a scratch git repository
@@ -47,11 +47,14 @@ def commit(repo: Path, label: str, new_lock: bool) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
+SERIAL = ["--serial", "1"]
+
+
 def timed(*args: str) -> tuple[float, dict]:
     """Wall time of `invoke ARGS --json` and its recap; exits on a failure."""
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "invoke", *args, "--env", "local", "--yes",
-                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                        "--json", *SERIAL], cwd=REPO, capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"invoke {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
@@ -66,9 +69,11 @@ def execs(recap: dict, hosts=("web1", "web2")) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3, help="deploys of each kind (1..10)")
+    p.add_argument("--serial", type=int, default=1, help="hosts switched at a time (1 or 2)")
     a = p.parse_args()
-    if not 1 <= a.rounds <= 10:
-        p.error("--rounds 1..10")
+    if not 1 <= a.rounds <= 10 or a.serial not in (1, 2):
+        p.error("--rounds 1..10, --serial 1 or 2")
+    SERIAL[1] = str(a.serial)
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         repo = Path(tmp) / "sample-app"
         shutil.copytree(REPO / "examples" / "sample-app", repo)
