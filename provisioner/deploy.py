@@ -58,6 +58,7 @@ class Fleet:
     task: str
     conns: dict[str, Connection] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)     # unreachable host -> why: left alone
 
     def __post_init__(self):
         self.owner = run_lock.owner(self.events.run_id, self.task, self.inv.env)
@@ -80,9 +81,15 @@ class Fleet:
         reported as a step; an unreachable host or a broken helper is a step too."""
         def one(h: Host):
             t0 = time.monotonic()
+            if h.name in self.lost:         # not asked again: each try would wait for it
+                self.events.step(host=h.name, role=self.app.name, resource=resource,
+                                 status="skipped", reason="unreachable earlier in this run",
+                                 seconds=0.0)
+                return h.name, {"ok": False, "unreachable": True, "skipped": True}
             try:
                 status, reason, answer = fn(h)
             except Unreachable as e:
+                self.lost[h.name] = str(e)
                 status, reason, answer = "unreachable", str(e), {"ok": False, "unreachable": True}
             except RemoteError as e:
                 status, reason, answer = "failed", str(e), {"ok": False, "error": str(e)}
@@ -134,7 +141,9 @@ class Fleet:
             req = self.base(h, "switch", release=release, revert=revert, port=self.app.port,
                             health_path=self.app.health_path,
                             health_timeout=self.app.health_timeout)
-            a = call(self.conn(h), req)
+            # bounded: reload, the gate and maybe a switch back; a host cut off mid-switch
+            # must not hold the rollout for the whole command timeout
+            a = call(self.conn(h), req, timeout=3 * self.app.health_timeout + 120)
             if a.get("ok"):
                 return "changed", (f"current -> {release} (was {a['previous'] or 'none'}), pm2 "
                                    f"{a['how']}, health: {a['seen']}"), a
@@ -250,11 +259,19 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
                  "ok" if passed else "health gate failed")
     if passed:
         return EXIT_OK
-    if any(a.get("unreachable") for a in failed.values()):
-        fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(failed)} unreachable during the "
-                              f"rollout of {release}; the others were switched back")
+    if fleet.lost:
+        where = "; ".join(f"{h.name} on {_on(fleet, h, release, back)}" for h in fleet.hosts)
+        fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(fleet.lost)} unreachable during "
+                              f"the rollout of {release}: {where}")
         return EXIT_UNREACHABLE
     return EXIT_FAILED
+
+
+def _on(fleet: Fleet, host: Host, release: str, switched_back: list[Host]) -> str:
+    """Which release a host is left on after a failed rollout, as far as this run knows."""
+    if host.name in fleet.lost:
+        return "an unknown release (unreachable; its deploy lock stays until a deploy takes it over)"
+    return "the release it ran before" + (" (switched back)" if host in switched_back else "")
 
 
 def rollback(fleet: Fleet, to: str | None, serial: int, with_migrations: bool = False) -> int:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from provisioner.connection import Unreachable
 from provisioner.errors import InputError, Problem
 
 MARKER = b"\n--provisioner-deploy-v1--\n"      # must match provisioner/remote/deploy.py
@@ -99,11 +100,16 @@ def command() -> list[str]:
     return ["python3", "-c", BOOTSTRAP]
 
 
-def call(conn, request: dict, data: bytes = b"") -> dict:
-    """One exec of the server side: its answer ({"ok": bool, ...}) or RemoteError."""
+def call(conn, request: dict, data: bytes = b"", timeout: float | None = None) -> dict:
+    """One exec of the server side: its answer ({"ok": bool, ...}), RemoteError, or
+    Unreachable when no answer came within `timeout` (default: the host's command timeout)."""
     head = json.dumps({**request, "code": source()}, separators=(",", ":")).encode()
-    r = conn.run(command(), stdin=head + b"\n" + data)
+    r = conn.run(command(), stdin=head + b"\n" + data, timeout=timeout)
     pos = r.stdout.rfind(MARKER)
+    if pos < 0 and r.rc == 124 and timeout:
+        conn.close()
+        raise Unreachable(f"{conn.label}: no answer within {timeout:.0f} s (network cut, or the "
+                          "host hangs); what it did is not known")
     if pos < 0:
         detail = (r.stderr or r.stdout).decode("utf-8", "replace").strip()[-2000:]
         raise RemoteError(f"the deploy helper did not answer (exit {r.rc}): {detail}")

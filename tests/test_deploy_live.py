@@ -286,3 +286,27 @@ def test_rollback_with_migrations_runs_the_down_migration(fleet, repo):
     assert psql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' "
                 "AND column_name = 'tag'") == "0"
     assert {h: health(h)["release"] for h in WEB} == {h: v1 for h in WEB}
+
+
+def test_a_host_cut_off_mid_rollout_exits_3_and_the_fleet_stays_on_one_release(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    before = {h: current(h) for h in WEB}
+    rollout = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--env", "local", "--yes",
+                                "--source", str(repo), "--ref", commits["v2"]], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for("web1's switch", lambda: current("web1") != before["web1"], 120)
+        invoke("testbed.cut", "web2")                  # while web1 switches (serial 1)
+        out, err = rollout.communicate(timeout=300)
+    finally:
+        if rollout.poll() is None:
+            rollout.kill()
+        invoke("testbed.heal", "web2")
+    print(out, err)
+    assert rollout.returncode == 3
+    assert "web2 unreachable during the rollout" in err and "web1 on the release it ran before" in err
+    assert current("web1") == before["web1"] and current("web2") == before["web2"]
+    assert {h: health(h)["release"] for h in WEB} == before
+    after = deploy(repo, commits["v1"])            # takes over the lock the cut left on web2
+    assert after.returncode == 0 and "took over the lock of a dead run" in after.stdout
