@@ -1,20 +1,20 @@
-"""`invoke deploy`, `invoke deploy.unlock`, `invoke rollback` and `invoke releases`."""
+"""`invoke deploy`, `invoke deploy.unlock`, `invoke rollback`, `invoke releases` and
+`invoke db.restore`.
+
+The engine (inventory validation, SSH) is imported inside the tasks: `invoke --list` and
+`--help` stay light."""
 from __future__ import annotations
 
 import json as jsonlib
 import sys
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from provisioner import deploy as flows
 from provisioner import lock as run_lock
 from provisioner.cli.common import FLAG_HELP, fail_input, int_flag, load
-from provisioner.connection import Connection, Unreachable
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
-from provisioner.events import Events
-from provisioner.releases import RemoteError, build, call
 
 HELP = {**{k: FLAG_HELP[k] for k in ("env", "json", "yes", "verbose")},
         "app": "the app of the inventory's `apps:` (default: the only one)",
@@ -25,6 +25,8 @@ HELP = {**{k: FLAG_HELP[k] for k in ("env", "json", "yes", "verbose")},
 def _flow(task_name, *, env, app, limit, json, yes, verbose, body) -> None:
     """Inventory and flags checked before any server is touched (exit 2), then body(fleet)
     -> exit code, with the event stream's recap at the end."""
+    from provisioner import deploy as flows
+    from provisioner.events import Events
     events = Events(task=task_name, env=env, json_out=bool(json), verbose=int(verbose or 0),
                     diff=False, check=False)
     with events:
@@ -54,6 +56,9 @@ def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1
            json=False, verbose=0):
     """Ship a new release: build once, prepare every host in parallel, switch in batches
     behind a health gate; a failed gate switches the whole fleet back (exit 1)."""
+    from provisioner import deploy as flows
+    from provisioner.releases import build
+
     def body(fleet, prepare=False, prepared=None):
         if prepare:
             batch = int_flag(serial, "serial", 1)
@@ -71,6 +76,8 @@ def rollback(c, env="local", app=None, to=None, limit=None, serial=1, with_migra
              yes=False, json=False, verbose=0):
     """Make the previous good release live again on every host (no build, no upload), with the
     same switch, reload and health gate as a deploy."""
+    from provisioner import deploy as flows
+
     def body(fleet, prepare=False, prepared=None):
         if prepare:
             if with_migrations and not fleet.app.migrate_down:
@@ -86,6 +93,10 @@ def rollback(c, env="local", app=None, to=None, limit=None, serial=1, with_migra
 
 def _ask_hosts(env, app, limit, op_request):
     """One exec on every host of the app (in parallel): {host: answer or the error text}."""
+    from provisioner import deploy as flows
+    from provisioner.connection import Connection, Unreachable
+    from provisioner.events import Events
+    from provisioner.releases import RemoteError, call
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
         the_app = inv.app(app)
@@ -167,6 +178,8 @@ def unlock(c, env="local", app=None, limit=None, yes=False):
 def restore(c, before, env="local", app=None, yes=False):
     """Restore the app's database from the backup taken before RELEASE migrated it
     (pg_restore --clean); asks first, naming the database and the backup's time."""
+    from provisioner.connection import Connection, Unreachable
+    from provisioner.releases import RemoteError, call
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
         the_app = inv.app(app)
