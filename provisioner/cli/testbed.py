@@ -73,6 +73,7 @@ def _print_package_path() -> bool:
         print(f"pebble's logs: {_state_dir() / 'logs'}/pebble*.log; `invoke testbed.up` "
               "restarts them")
         healthy = False
+    from provisioner import testbed as tb
     for what, error in tb.sinks.health():
         print(f"alerts:       {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
         healthy = healthy and error is None
