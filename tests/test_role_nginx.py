@@ -179,3 +179,22 @@ def test_only_static_files_are_compressed_over_tls(tmp_path, gzip):
     server, static = tls.split("location ^~ /assets/ {", 1)
     assert "\n    gzip off;\n" in server
     assert ("gzip on;" in static.split("}", 1)[0]) is gzip
+
+
+def test_a_site_taken_out_of_nginx_sites_is_disabled_and_hand_made_links_stay(tmp_path):
+    v, ctx = ctx_for(tmp_path)
+    stale = [r for r in ROLE.resources(v, ctx) if r.id == "sites enabled in /etc/nginx/sites-enabled"][0]
+    avail = "/etc/nginx/sites-available"
+    entries = {"app.conf": f"{avail}/app.conf", "app-tls.conf": f"{avail}/app-tls.conf",
+               "old.conf": f"{avail}/old.conf", "old-tls.conf": f"{avail}/old-tls.conf",
+               "mine.conf": "/srv/mine/nginx.conf"}          # made by hand, pointing elsewhere
+    facts = Facts({"dirs": {"/etc/nginx/sites-enabled": {"entries": {
+        n: {"type": "link", "target": t} for n, t in entries.items()}}}})
+    change, = stale.plan(facts)
+    assert change.action == "disable" and change.notify == ("reload nginx",)
+    assert [s["run"] for s in change.steps] == [
+        ["rm", "-f", "--", "/etc/nginx/sites-enabled/old-tls.conf", "/etc/nginx/sites-enabled/old.conf"]]
+    del entries["old.conf"], entries["old-tls.conf"]
+    facts = Facts({"dirs": {"/etc/nginx/sites-enabled": {"entries": {
+        n: {"type": "link", "target": t} for n, t in entries.items()}}}})
+    assert [type(x).__name__ for x in stale.plan(facts)] == ["Noop"]

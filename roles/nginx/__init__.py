@@ -23,13 +23,17 @@ handshake. Each site has two files in sites-available:
   whose certificate is missing.
 
 Every change goes through one file group checked by `nginx -t` over the whole configuration
-(all reverted on failure) and a graceful reload.
+(all reverted on failure) and a graceful reload. A site taken out of `nginx_sites` is disabled:
+its links in sites-enabled go (its files stay in sites-available, Debian's way), so nginx stops
+serving it on the same run; links made by hand to files elsewhere are left alone.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-from provisioner.api import apt, file_group, files, handler, links, reject, systemd, templates
+from provisioner.api import (Change, Noop, apt, file_group, files, handler, links, reject, run_step,
+                             systemd, templates)
 
 HANDLER = "reload nginx"
 AVAILABLE, ENABLED = "/etc/nginx/sites-available", "/etc/nginx/sites-enabled"
@@ -166,6 +170,37 @@ def http2_directive(os: dict) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class StaleSites:
+    """The links in sites-enabled that this role (or letsencrypt) made for a site no longer in
+    nginx_sites: `<name>.conf` and `<name>-tls.conf` pointing into sites-available."""
+    keep: tuple[str, ...]             # the sites in nginx_sites
+
+    @property
+    def id(self) -> str:
+        return f"sites enabled in {ENABLED}"
+
+    def facts(self) -> dict:
+        return {"dirs": [ENABLED]}
+
+    def stale(self, facts) -> list[str]:
+        wanted = {f"{n}{suffix}.conf" for n in self.keep for suffix in ("", "-tls")}
+        return sorted(name for name, e in (facts.dir(ENABLED) or {}).items()
+                      if e.get("type") == "link" and name.endswith(".conf") and name not in wanted
+                      and str(e.get("target") or "").startswith(f"{AVAILABLE}/"))
+
+    def plan(self, facts) -> list:
+        stale = self.stale(facts)
+        if not stale:
+            return [Noop(self.id, "only the sites of nginx_sites")]
+        return [Change(self.id, "disable", f"not in nginx_sites: {', '.join(stale)}",
+                       (run_step(["rm", "-f", "--", *(f"{ENABLED}/{n}" for n in stale)]),),
+                       None, (HANDLER,))]
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
 def resources(v, ctx):
     c = dict(check(v, ctx), http2_directive=http2_directive(ctx.os))
     yield apt.packages(["nginx"])
@@ -182,6 +217,7 @@ def resources(v, ctx):
             links.link(f"{ENABLED}/{s['name']}.conf", f"{AVAILABLE}/{s['name']}.conf"),
         ]
     yield file_group("nginx", members, check=["nginx", "-t", "-q"], notify=HANDLER)
+    yield StaleSites(tuple(s["name"] for s in c["sites"]))
     yield systemd.service("nginx", enabled=True, running=True)
 
 
