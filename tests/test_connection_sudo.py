@@ -85,7 +85,6 @@ class ScriptedSudo:
         return self.done
 
     eof_received = property(lambda self: self.done)
-    closed = False
 
     def recv_exit_status(self):
         return self.rc

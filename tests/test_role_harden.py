@@ -48,8 +48,7 @@ def _host(**kw):
 
 
 def _ctx(virt="systemd-nspawn", **host):
-    return SimpleNamespace(host=_host(**host), inventory=SimpleNamespace(known_hosts=Path("/nonexistent"), env="puretest",
-                                                                         roles_for=lambda name: ["harden"]),
+    return SimpleNamespace(host=_host(**host), inventory=SimpleNamespace(known_hosts=Path("/nonexistent"), env="puretest"),
                            os={"virt": virt}, check=False)
 
 
