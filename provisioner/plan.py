@@ -29,7 +29,9 @@ DIGEST_CHARS = 16        # 64 bits: tells two states apart; the plan is no place
 # Fact fields that move on their own, without anyone changing the server: they would make
 # every plan look drifted. What they decide (an apt list refresh) still shows in the changes,
 # which apply compares by digest.
-_VOLATILE = {"timers": ("last", "next"), "http": ("headers", "body")}
+# A unit's sub-state too: a timer is "waiting" or, while its service runs, "running" (its
+# active and enabled states, which the plans use, do not move).
+_VOLATILE = {"timers": ("last", "next"), "http": ("headers", "body"), "services": ("sub",)}
 
 
 def digest(value: Any) -> str:

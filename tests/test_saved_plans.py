@@ -140,10 +140,15 @@ def test_a_role_that_plans_more_than_the_plan_holds_is_not_applied(inv, tmp_path
 
 def test_plan_facts_ignore_what_moves_on_its_own():
     a = {"os": {"id": "debian"}, "packages": {"installed": {"nginx": "1.22"}, "lists_age": 5},
-         "timers": {"x": {"active": "active", "last": "1", "next": "2"}}}
+         "timers": {"x": {"active": "active", "last": "1", "next": "2"}},
+         "services": {"x.timer": {"active": "active", "sub": "waiting", "enabled": "enabled"}}}
     b = {"os": {"id": "debian"}, "packages": {"installed": {"nginx": "1.22"}, "lists_age": 900},
-         "timers": {"x": {"active": "active", "last": "7", "next": "8"}}}
+         "timers": {"x": {"active": "active", "last": "7", "next": "8"}},
+         "services": {"x.timer": {"active": "active", "sub": "running", "enabled": "enabled"}}}
     assert plan.fact_items(a) == plan.fact_items(b)
+    b["services"]["x.timer"]["enabled"] = "disabled"
+    assert plan.drifted(plan.fact_items(a), plan.fact_items(b)) == ["service x.timer"]
+    b["services"]["x.timer"]["enabled"] = "enabled"
     b["packages"]["installed"]["nginx"] = "1.24"
     assert plan.drifted(plan.fact_items(a), plan.fact_items(b)) == ["package nginx"]
 
