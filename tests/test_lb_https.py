@@ -207,3 +207,35 @@ def test_testssl_finds_nothing_not_ok_and_nothing_vulnerable(served):
     assert not_ok == [], "\n".join(not_ok)
     assert "VULNERABLE" not in out.replace("not vulnerable", "")
     assert "Testing protocols" in out or "SSLv2" in out, "testssl printed no protocol section"
+
+
+def test_a_site_taken_out_of_nginx_sites_is_no_longer_served(served, tmp_path):
+    """A second site, then the same inventory without it: nginx stops answering for it on that
+    run (its links in sites-enabled go, its files stay in sites-available), the first site keeps
+    answering, and the env's own run still finds lb1 converged."""
+    local = load_inventory("local")
+    lb_vars = {k: v for k, v in local.hostvars(LB).items() if k.startswith("nginx_")}
+    app = lb_vars["nginx_sites"][0]
+    old = dict(app, name="old", server_names=["old.test"])
+
+    def run_with(sites):
+        inv = inventory(tmp_path, ["web1", "web2", LB], [], name="lbsites",
+                        ssh={"user": "deploy", "bootstrap_user": "root"},
+                        groups={"app": {"hosts": ["web1", "web2"], "roles": []},
+                                "lb": {"hosts": [LB], "roles": ["nginx"],
+                                       "vars": dict(lb_vars, nginx_sites=sites)}})
+        run = Run(inv, limit=LB)
+        assert run.exit_code == 0, run.report("failed")
+        return run
+
+    run_with([app, old])
+    assert get(PlainConnection("old.test", ADDRESS), "/").status == 301
+    run = run_with([app])
+    [step] = [e for e in run.steps(LB) if e["resource"] == "sites enabled in /etc/nginx/sites-enabled"]
+    assert step["status"] == "changed" and "old.conf" in step["reason"], step
+    with pytest.raises(http.client.RemoteDisconnected):         # 444, like any unknown name
+        get(PlainConnection("old.test", ADDRESS), "/")
+    assert https().status == 200
+    assert sh(LB, "test -f /etc/nginx/sites-available/old.conf", check=False).returncode == 0
+    r, events = provision()
+    assert r.returncode == 0 and events[-1]["changed"] == 0, report(events, "changed", "failed")
