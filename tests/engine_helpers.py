@@ -148,8 +148,9 @@ def ssh_audit_fails(address: str) -> list[str]:
 
 def copy_sample_app(server: str, dest: str = "/srv/sample") -> None:
     """examples/sample-app's files into dest on server, for role tests that start the app with
-    their own inventory (the whole env deploys it with `invoke deploy`)."""
+    their own inventory (the whole env deploys it with `invoke deploy`). Without PGHOST in its
+    environment the app needs no npm dependency: db.js loads the PostgreSQL client only then."""
     import base64
-    for f in ("package.json", "server.js"):
+    for f in ("package.json", "server.js", "db.js"):
         data = base64.b64encode((REPO / "examples" / "sample-app" / f).read_bytes()).decode()
         sh(server, f"mkdir -p {dest} && echo {data} | base64 -d > {dest}/{f}")

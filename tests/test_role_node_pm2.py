@@ -404,7 +404,9 @@ class TestLive:
 
     def test_the_app_answers_health_over_the_network_and_inside(self, provisioned):
         status, body = health()
-        assert status == 200 and body == {"status": "ok", "version": "1.0.0"}
+        # no release (copied, not deployed) and no database in this app's environment
+        assert status == 200 and body == {"status": "ok", "version": "1.0.0", "release": None,
+                                          "database": "none"}
         inside = th(SERVER).check_output(
             f"python3 -c \"import urllib.request; print(urllib.request.urlopen("
             f"'http://127.0.0.1:{PORT}/health').read().decode())\"")
