@@ -28,22 +28,25 @@ from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import Facts, FileFact, check_key
 from provisioner.inventory import USER_RE, Host, Inventory
+from provisioner.monitoring import (EXPORTERS, PORT_RANGE as EXPORTER_PORT_RANGE, TEXTFILE_DIR,
+                                    agent_hosts, exporters_of, monitoring_sources)
 from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd, templates, ufw, users
 from provisioner.ops.groups import group as file_group
 from provisioner.ops._base import (PlanError, abs_path, directory as directory_step, file_fact,
                                    run as run_step, sha256, write as write_step)
 from provisioner.secret import Secret
+from provisioner.sshkeys import known_host_lines, ssh_keypair
 from provisioner.templating import Rendered, is_secret, render
 
 handler = systemd.handler          # steps for a handler: optional validate, then the action
 
 __all__ = [
-    "Change", "Connection", "Facts", "FileFact", "Guard", "Host", "Inventory", "NotAResource",
+    "Change", "Connection", "EXPORTERS", "EXPORTER_PORT_RANGE", "Facts", "FileFact", "Guard", "Host", "Inventory", "NotAResource",
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
-    "Unreachable", "VarContext", "VarError", "abs_path", "apt", "check_key", "commands",
-    "config_settings", "directory_step", "file_fact", "file_group", "files", "handler",
-    "is_secret", "lines", "links", "private_address", "reject", "render", "run_step", "sha256", "sysctl", "systemd",
-    "templates", "ufw", "users", "write_step",
+    "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "commands",
+    "config_settings", "directory_step", "exporters_of", "file_fact", "file_group", "files", "handler",
+    "is_secret", "known_host_lines", "lines", "links", "monitoring_sources", "private_address", "reject", "render", "run_step", "sha256", "ssh_keypair", "sysctl", "systemd",
+    "TEXTFILE_DIR", "templates", "ufw", "users", "write_step",
 ]
 
 

@@ -256,8 +256,10 @@ class Connection:
                               f"{connect_error(e, address, port, timeout)}") from None
 
     def run(self, argv: list[str], stdin: bytes | None = None, sudo: bool = True,
-            timeout: float | None = None) -> Result:
-        """Run argv (as root through sudo unless the login user is root), feeding stdin."""
+            timeout: float | None = None, on_stdout=None) -> Result:
+        """Run argv (as root through sudo unless the login user is root), feeding stdin.
+        on_stdout(bytes): each chunk of output as it arrives, for commands that stream (logs
+        --follow); the Result then holds no stdout and no output limit applies."""
         import paramiko
         self.open()
         data = stdin or b""
@@ -281,13 +283,13 @@ class Connection:
             self.open()
             chan = self._conn.transport.open_session(timeout=self.host.connect_timeout)
         try:
-            return self._exec(chan, shlex.join(argv), data, timeout, started, asks)
+            return self._exec(chan, shlex.join(argv), data, timeout, started, asks, on_stdout)
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.close()
             raise Unreachable(f"{self.label}: connection lost during a command: {e}") from None
 
     def _exec(self, chan, command: str, data: bytes, timeout: float, started: float,
-              asks: _SudoTalk | None = None) -> Result:
+              asks: _SudoTalk | None = None, on_stdout=None) -> Result:
         chan.exec_command(command)
 
         def send_stdin() -> None:
@@ -299,7 +301,9 @@ class Connection:
             send_stdin()
         out, err = bytearray(), bytearray()
         while True:
-            if chan.recv_ready():
+            if chan.recv_ready() and on_stdout is not None:
+                on_stdout(chan.recv(65536))
+            elif chan.recv_ready():
                 out += chan.recv(65536)
                 if len(out) > MAX_STDOUT:
                     chan.close()
@@ -321,6 +325,8 @@ class Connection:
                         send_stdin()
                         asks = None
             elif chan.exit_status_ready() and chan.eof_received:
+                break
+            elif chan.closed:                 # closed under us (logs --follow ended by Ctrl-C)
                 break
             else:
                 left = timeout - (time.monotonic() - started)

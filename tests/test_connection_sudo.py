@@ -85,6 +85,7 @@ class ScriptedSudo:
         return self.done
 
     eof_received = property(lambda self: self.done)
+    closed = False
 
     def recv_exit_status(self):
         return self.rc

@@ -126,7 +126,7 @@ def test_local_inventory_targets_the_testbed() -> None:
     inv = load_inventory("local")
     assert {n: h.address for n, h in inv.hosts.items()} == {
         "web1": "10.77.0.11", "web2": "10.77.0.12", "db1": "10.77.0.13", "vault": "10.77.0.14",
-        "lb1": "10.77.0.15"}
+        "lb1": "10.77.0.15", "mon1": "10.77.0.16"}
     assert inv.known_hosts == REPO / ".testbed" / "known_hosts"
     web1 = inv.hosts["web1"]
     assert (web1.user, web1.bootstrap_user, web1.port, web1.key, web1.jump) == (
@@ -134,9 +134,11 @@ def test_local_inventory_targets_the_testbed() -> None:
     assert [h.name for h in inv.hosts_in("app")] == ["web1", "web2"]
     assert [h.name for h in inv.hosts_in("db")] == ["db1"]
     assert [h.name for h in inv.hosts_in("backup")] == ["vault"]
-    assert inv.roles_for("web1") == ["base", "harden", "node", "pm2"]
-    assert inv.roles_for("db1") == ["base", "harden", "postgresql", "redis"]
-    assert inv.roles_for("vault") == ["base", "harden"]
+    assert inv.roles_for("web1") == ["base", "harden", "node", "pm2", "restic", "monitoring_agent"]
+    assert inv.roles_for("db1") == ["base", "harden", "postgresql", "redis", "pgbackrest",
+                                    "monitoring_agent"]
+    assert inv.roles_for("vault") == ["base", "harden", "pgbackrest", "restic", "monitoring_agent"]
+    assert inv.roles_for("mon1") == ["base", "harden", "monitoring", "monitoring_agent"]
 
 
 def test_prod_goes_through_the_bastion_and_needs_the_sudo_secret() -> None:

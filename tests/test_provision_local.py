@@ -1,5 +1,5 @@
-"""Acceptance: `invoke provision --env local` takes five fresh servers to hardened app, database,
-backup and load balancer servers; the second run changes nothing; then what a user would check, over real SSH
+"""Acceptance: `invoke provision --env local` takes six fresh servers to hardened app, database,
+backup, load balancer and monitoring servers; the second run changes nothing; then what a user would check, over real SSH
 as the deploy user (root login is closed by then)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import invoke
 from engine_helpers import ADDRESSES, REPO, report, sh, ssh_audit_fails
 from provisioner.testbed import config
 
-HOSTS = ["web1", "web2", "db1", "vault", "lb1"]
+HOSTS = ["web1", "web2", "db1", "vault", "lb1", "mon1"]
 SSH_CONFIG = str(REPO / ".testbed" / "ssh_config")
 KEY = str(REPO / ".testbed" / "id_ed25519")
 
@@ -119,9 +119,15 @@ def test_ports_listen_only_where_intended(provisioned):
     db = _listening(deploy("db1"))
     assert {"127.0.0.1:5432", f"{ADDRESSES['db1']}:5432", "127.0.0.1:6379", f"{ADDRESSES['db1']}:6379"} <= db
     assert not any(a.startswith(("0.0.0.0:", "*:", "[::]:")) and not a.endswith(":22") for a in db), db
+    # every host: the node exporter on its private address (role monitoring_agent)
+    assert {f"{ADDRESSES['db1']}:9100", f"{ADDRESSES['db1']}:9187", f"{ADDRESSES['db1']}:9121"} <= db
     for name in ("web1", "web2", "vault"):
         ports = {a.rsplit(":", 1)[1] for a in _listening(deploy(name)) if not a.startswith(("127.", "[::1]"))}
-        assert ports <= {"22", "3000"}, f"{name} listens on {ports}"
+        assert ports <= {"22", "3000", "9100"}, f"{name} listens on {ports}"
+        assert f"{ADDRESSES[name]}:9100" in _listening(deploy(name))
+    mon = _listening(deploy("mon1"))
+    assert {f"{ADDRESSES['mon1']}:{p}" for p in (9090, 9093, 9100)} | {"127.0.0.1:9115"} <= mon
+    assert not any(a.startswith(("0.0.0.0:", "*:", "[::]:")) and not a.endswith(":22") for a in mon), mon
 
 
 def test_app_servers_have_node_and_pm2_as_the_app_user(provisioned):

@@ -48,7 +48,8 @@ def _host(**kw):
 
 
 def _ctx(virt="systemd-nspawn", **host):
-    return SimpleNamespace(host=_host(**host), inventory=SimpleNamespace(known_hosts=Path("/nonexistent"), env="puretest"),
+    return SimpleNamespace(host=_host(**host), inventory=SimpleNamespace(known_hosts=Path("/nonexistent"), env="puretest",
+                                                                         roles_for=lambda name: ["harden"]),
                            os={"virt": virt}, check=False)
 
 

@@ -39,8 +39,12 @@ from provisioner.change import Noop
 from provisioner.facts import Facts
 from provisioner.roles import available_roles, load_role
 from provisioner.secret import Secret
+from provisioner.testbed import config as tb_config
 
 SERVER = server_for_tests("vault")
+# the repository suite follows the server's release (vault is trixie; bench servers bookworm)
+CODENAME = next((spec.release for spec in tb_config.inventory_servers() if spec.name == SERVER),
+                "bookworm")
 FIXTURES = REPO / "tests" / "fixtures" / "mongodb"
 ADMIN_PW = "adm-Pw'7\"q</x>-never-print"
 APP_PW = "app-Pw-93kd-never-print"
@@ -476,13 +480,13 @@ def test_repository_and_key_are_set_up_without_installing(tmp_path, fresh):
     assert src.mode == 0o644 and src.user == "root"
     assert src.content_string == (
         "# managed by provisioner\nTypes: deb\nURIs: https://repo.mongodb.org/apt/debian\n"
-        "Suites: bookworm/mongodb-org/7.0\nComponents: main\n"
+        f"Suites: {CODENAME}/mongodb-org/7.0\nComponents: main\n"
         f"Signed-By: {KEYRING.format(v='7.0')}\n")
     key = h.file(KEYRING.format(v="7.0"))
     assert key.mode == 0o644 and key.user == "root" and key.sha256sum == repo.key_sha256
     # apt reads the file: the index it would fetch, printed without fetching anything
     uris = h.check_output("apt-get update --print-uris")
-    assert "repo.mongodb.org/apt/debian/dists/bookworm/mongodb-org/7.0/InRelease" in uris
+    assert f"repo.mongodb.org/apt/debian/dists/{CODENAME}/mongodb-org/7.0/InRelease" in uris
     # and did not fetch: no apt-get update ran, nothing of MongoDB is installed
     assert sh(fresh, "ls /var/lib/apt/lists; stat -c %Y " + stamp + " 2>/dev/null || true").stdout == lists_before
     assert not h.package("mongodb-org-server").is_installed and not h.exists("mongosh")
@@ -495,7 +499,7 @@ def test_repository_and_key_are_set_up_without_installing(tmp_path, fresh):
     removed = [e for e in run.steps(status="changed") if e["resource"] == "mongodb repositories of other series"]
     assert removed and SOURCES.format(v="7.0") in removed[0]["reason"]
     assert not h.file(SOURCES.format(v="7.0")).exists and not h.file(KEYRING.format(v="7.0")).exists
-    assert "Suites: bookworm/mongodb-org/8.0" in h.file(SOURCES.format(v="8.0")).content_string
+    assert f"Suites: {CODENAME}/mongodb-org/8.0" in h.file(SOURCES.format(v="8.0")).content_string
     assert Run(inv8).host(fresh)["changed"] == 0
 
     # a bad var fails the plan, naming the var; the server is left as it was

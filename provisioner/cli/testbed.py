@@ -73,14 +73,18 @@ def _print_package_path() -> bool:
         print(f"pebble's logs: {_state_dir() / 'logs'}/pebble*.log; `invoke testbed.up` "
               "restarts them")
         healthy = False
+    from provisioner import testbed as tb
+    for what, error in tb.sinks.health():
+        print(f"alerts:       {what:<30} {'ok' if error is None else 'FAILED: ' + error}")
+        healthy = healthy and error is None
     return healthy
 
 
 @task
 def status(c):
     """One line per test server (address, state, SSH answering, memory, network), then the
-    package path servers use (apt index, .deb, HTTPS registries) and the test ACME server
-    (pebble): exit 1 when any part fails."""
+    package path servers use (apt index, .deb, HTTPS registries), the test ACME server
+    (pebble) and the alert sink: exit 1 when any part fails."""
     _print_status()
     if not _print_package_path():
         raise Exit(code=1)

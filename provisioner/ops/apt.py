@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from provisioner import humanize
 from provisioner.change import Change, Noop
 from provisioner.facts import Facts
 from provisioner.ops import _base as b
@@ -61,15 +62,7 @@ def update_steps() -> tuple[dict, ...]:
 
 
 def _age(seconds: int | None) -> str:
-    if seconds is None:
-        return "never fetched"
-    if seconds < 120:
-        return f"{seconds} s old"
-    if seconds < 7200:
-        return f"{seconds // 60} min old"
-    if seconds < 172800:
-        return f"{seconds // 3600} h old"
-    return f"{seconds // 86400} days old"
+    return "never fetched" if seconds is None else f"{humanize.age(seconds)} old"
 
 
 @dataclass(frozen=True)

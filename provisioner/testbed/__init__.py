@@ -1,7 +1,8 @@
 """Local test servers: real Debian 12 with systemd as PID 1, each with its own address and sshd,
 booted with systemd-nspawn on a host bridge. See shared/TESTBED-NOTES.md for the checked facts.
 
-    up(count)      base image (cached), bridge, proxies, ACME server, servers; twice is a no-op
+    up(count)      base image (cached), bridge, proxies, ACME server, alert sink (SMTP +
+                   webhook, sinks.py), servers; twice is a no-op
     down()         stops what the testbed started (by PID), removes servers and interfaces
     status()       one row per server; package_path(), acme_health(): the host-side services
     stop/start/reset/cut/heal(name), shell(name)
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import base as base_image
-from . import acme, network, servers
+from . import acme, network, servers, sinks
 from .secrets import ensure_local_vault
 from .config import APT_CACHE_PORT, CACHE_DIR, RUN_DIR, STATE_DIR, Layout, ServerSpec, TestbedError, layout
 
@@ -48,6 +49,8 @@ def preflight(lay: Layout, log=print) -> None:
                         "containers): run it as root, e.g. `sudo invoke testbed.up`")
     missing = sorted({pkg for tool, pkg in TOOLS.items()
                       if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}")})
+    if not sinks.available():
+        missing.append("python3-aiosmtpd")
     if missing:
         problems.append(f"missing tools; install them with `apt-get install -y {' '.join(missing)}`")
     CACHE_DIR.mkdir(parents=True, exist_ok=True) if os.geteuid() == 0 else None
@@ -173,6 +176,7 @@ def up(count: int | None = None, log=print) -> UpReport:
     network.bridge_up(lay)
     network.proxies_up(lay, _registry_hosts)
     acme.up(lay, log)
+    sinks.up(lay)                       # where the monitoring server sends its alerts
     for release, base in bases.items():
         said = base_image.refresh_lists(base, f"http://{lay.gateway}:{APT_CACHE_PORT}",
                                         servers.mounted_on(base))
@@ -211,7 +215,7 @@ def down(log=print) -> list[str]:
             done.append(f"stopped {name}" if stopped else f"removed {name}")
     for name in names:
         servers.destroy(name)
-    done += [f"stopped {p}" for p in network.proxies_down() + acme.down()]
+    done += [f"stopped {p}" for p in network.proxies_down() + acme.down() + sinks.down()]
     if network.bridge_down():
         done.append(f"removed bridge {network.BRIDGE}")
     (STATE_DIR / "layout.json").unlink(missing_ok=True)

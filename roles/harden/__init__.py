@@ -29,8 +29,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.api import (USER_RE, Connection, Guard, Noop, VarError, abs_path, apt, commands,
-                             files, lines, run_step, sysctl, systemd, templates, ufw, users)
+from provisioner.api import (EXPORTER_PORT_RANGE, USER_RE, Connection, Guard, Noop, VarError, abs_path,
+                             apt, commands, exporters_of, files, lines, monitoring_sources, run_step,
+                             sysctl, systemd, templates, ufw, users)
 
 CONTAINERS = {"systemd-nspawn", "lxc", "lxc-libvirt", "docker", "podman", "rkt", "openvz", "wsl",
               "proot", "pouch", "container-other"}
@@ -300,6 +301,17 @@ def check(v: dict, ctx) -> Settings:
             rules.append(ufw.as_rule({"action": "allow", "proto": "tcp", **item}))
         except (ValueError, TypeError) as e:
             raise _bad(f"harden_allowed_ports[{i}]", str(e), "fix that entry") from None
+    # role monitoring_agent's exporters listen on the private address; only the monitoring
+    # servers (hosts with role monitoring) may reach them
+    if exporters_of(ctx.inventory, ctx.host.name):
+        for src in monitoring_sources(ctx.inventory):
+            if src == ctx.host.address:
+                continue                          # a host scraping itself goes over loopback
+            try:
+                rules.append(ufw.rule("allow", EXPORTER_PORT_RANGE, "tcp", src, comment="monitoring"))
+            except ValueError as e:
+                raise _bad("harden_allowed_ports", f"the monitoring server's address {src!r}: {e}",
+                           "give hosts with role monitoring an IP address in the inventory") from None
     if v["harden_ufw_outgoing"] not in ufw.POLICY_WORDS:
         raise _bad("harden_ufw_outgoing", f"{v['harden_ufw_outgoing']!r} is unknown", "use allow, deny or reject")
     try:

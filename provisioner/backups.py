@@ -1,0 +1,308 @@
+"""What `invoke backup`, `invoke backup.status` and `invoke restore` decide, without a server:
+which units run where, how old each job's last success is, whether a restore time is usable, and
+the restore's script. provisioner/cli/backup.py does the talking to servers.
+
+The inventory says where everything is: hosts with the pgbackrest role are either the repository
+host (`pgbackrest_repo_host`, which runs every backup: one systemd unit per stanza and kind) or
+a database server (one stanza, named after the host); hosts with the restic role are either its
+SFTP repository host or a source host, which runs its own restic jobs."""
+from __future__ import annotations
+
+import runpy
+import shlex
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from provisioner import humanize
+from provisioner.errors import InputError, Problem
+from provisioner.roles import REPO_ROOT
+
+if TYPE_CHECKING:            # annotations only: `invoke --list` loads this module
+    from provisioner.inventory import Host, Inventory
+
+KINDS = ("full", "diff", "incr")
+# a backup of a bigger kind also makes a smaller one fresh: a full is a diff and an incr too
+COVERED_BY = {"full": ("full",), "diff": ("full", "diff"), "incr": ("full", "diff", "incr")}
+JOB_TOOL = "/usr/local/lib/provisioner/backupjob.py"
+# the server-side job tool's own parser of `pgbackrest info`, the one its metrics use
+_job = runpy.run_path(str(REPO_ROOT / "roles" / "pgbackrest" / "backupjob.py"), run_name="backupjob")
+pgbackrest_summary = _job["pgbackrest_summary"]
+restic_summary = _job["restic_summary"]
+restic_time = _job["restic_time"]
+RESTIC_JOBS = ("backup", "check")         # what backup.status watches (forget is housekeeping)
+RESTIC_ENV = "/etc/restic/env"
+
+
+@dataclass(frozen=True)
+class Stanza:
+    name: str            # the database server's inventory name
+    repo: str            # its repository host's inventory name
+
+
+def stanzas(inv: Inventory) -> list[Stanza]:
+    """Every database server the pgbackrest role backs up, with its repository host."""
+    out = []
+    for name in inv.hosts:
+        if "pgbackrest" not in inv.roles_for(name):
+            continue
+        v = inv.hostvars(name)
+        if v["pgbackrest_repo_host"] != name:
+            out.append(Stanza(name, v["pgbackrest_repo_host"]))
+    return out
+
+
+def no_backups(inv: Inventory, what: str) -> InputError:
+    return InputError([Problem(inv.path, None, "roles", f"no host of env {inv.env!r} has the "
+                               f"pgbackrest role, so there is nothing to {what}",
+                               "give the repository host and the database servers the "
+                               "pgbackrest role (see roles/pgbackrest/defaults.yml)")])
+
+
+def selected(inv: Inventory, hosts: list[Host]) -> list[Stanza]:
+    """The stanzas `--limit` reaches: a database server's own, or every stanza of a selected
+    repository host."""
+    names = {h.name for h in hosts}
+    return [s for s in stanzas(inv) if s.name in names or s.repo in names]
+
+
+def restic_sources(inv: Inventory, hosts: list[Host] | None = None) -> list[str]:
+    """Source hosts of the restic role (in `hosts`, or all): those run restic jobs."""
+    names = None if hosts is None else {h.name for h in hosts}
+    return [n for n in inv.hosts if "restic" in inv.roles_for(n)
+            and inv.hostvars(n)["restic_repo_host"] != n and (names is None or n in names)]
+
+
+def units(stanza: Stanza, kind: str) -> str:
+    return f"pgbackrest-{stanza.name}-{kind}"
+
+
+def verify_units(inv: Inventory, hosts: list[Host]) -> dict[str, list[str]]:
+    """{host: drill units} for `invoke backup.verify`."""
+    units_: dict[str, list[str]] = {}
+    for s in selected(inv, hosts):
+        if inv.hostvars(s.repo)["pgbackrest_drill"]:
+            units_.setdefault(s.repo, []).append(units(s, "verify"))
+    for name in restic_sources(inv, hosts):
+        if inv.hostvars(name)["restic_drill"]:
+            units_.setdefault(name, []).append("restic-verify")
+    return units_
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise InputError([Problem("command line", None, "--kind", f"{kind!r} is not a backup kind",
+                                  "pass --kind full, diff or incr (incr makes a full backup "
+                                  "when the stanza has none yet)")])
+    return kind
+
+
+# --- status -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    host: str             # the database server
+    kind: str
+    last_success: float | None
+    age_s: float | None
+    max_age_h: float
+    size_bytes: int | None
+    repo_size_bytes: int | None
+    last_ok: bool | None
+    detail: str           # PostgreSQL: the newest archived WAL segment; restic: snapshots
+    problem: str | None   # why the row is red; None when green
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _problem(last: float | None, age: float | None, max_h: float, st: dict) -> str | None:
+    if last is None:
+        return "never succeeded"
+    if age > max_h * 3600:
+        return f"older than {max_h:g} h"
+    if st.get("ok") is False:
+        return f"last run failed (exit {st.get('exit')})"
+    return None
+
+
+def _job_row(host: str, kind: str, st: dict, now: float, max_h: float, detail: str) -> Row:
+    """A row from a job's status file alone (drills, restic check)."""
+    last = st.get("last_success")
+    age = None if last is None else max(0.0, now - last)
+    return Row(host, kind, last, age, max_h, st.get("size_bytes"), st.get("repo_size_bytes"),
+               st.get("ok"), detail, _problem(last, age, max_h, st))
+
+
+def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -> list[Row]:
+    """One row per stanza and kind of `repo`, from its `backupjob.py status` answer (the
+    server's clock, the jobs' status files, `pgbackrest info`)."""
+    now = answer["now"]
+    v = inv.hostvars(repo)
+    limits = v["pgbackrest_max_age_hours"]
+    info = answer.get("pgbackrest") or []
+    rows = []
+    for s in [s for s in wanted if s.repo == repo]:
+        summary = pgbackrest_summary(info, s.name)
+        for kind in KINDS:
+            st = answer["jobs"].get(units(s, kind)) or {}
+            stops = [summary.get("last_stop", {}).get(k) for k in COVERED_BY[kind]]
+            last = max([t for t in stops + [st.get("last_success")] if t], default=None)
+            age = None if last is None else max(0.0, now - last)
+            problem = _problem(last, age, limits[kind], st)
+            if answer.get("pgbackrest_error"):
+                problem = f"pgbackrest info failed: {answer['pgbackrest_error']}"
+            rows.append(Row(s.name, kind, last, age, limits[kind], st.get("size_bytes"),
+                            summary.get("repo_size_bytes"), st.get("ok"),
+                            "WAL " + (summary.get("wal_max") or "-"), problem))
+        if v["pgbackrest_drill"]:
+            rows.append(_job_row(s.name, "verify", answer["jobs"].get(units(s, "verify")) or {},
+                                 now, v["pgbackrest_drill_max_age_hours"], "restore drill"))
+    return rows
+
+
+def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
+    """A restic source host's rows (backup, check) from its `backupjob.py status` answer."""
+    now = answer["now"]
+    v = inv.hostvars(host)
+    limits = v["restic_max_age_hours"]
+    summary = restic_summary(answer.get("restic") or [])
+    detail = f"{summary['snapshots']} snapshots" + (
+        f", latest {summary['latest_id']}" if summary.get("latest_id") else "")
+    rows = []
+    for job in RESTIC_JOBS:
+        st = answer["jobs"].get(f"restic-{job}") or {}
+        last = st.get("last_success")
+        if job == "backup" and summary.get("latest_time"):
+            last = max(last or 0, summary["latest_time"])
+        age = None if last is None else max(0.0, now - last)
+        problem = _problem(last, age, limits[job], st)
+        if job == "backup" and answer.get("restic_error"):
+            problem = f"restic snapshots failed: {answer['restic_error']}"
+        rows.append(Row(host, f"files {job}", last, age, limits[job], st.get("size_bytes"),
+                        st.get("repo_size_bytes"), st.get("ok"), detail, problem))
+    if v["restic_drill"]:
+        rows.append(_job_row(host, "files verify", answer["jobs"].get("restic-verify") or {},
+                             now, limits["verify"], "restore drill"))
+    return rows
+
+
+def snapshot_at(snapshots: list, at: datetime | None, host: str) -> dict:
+    """The newest snapshot taken at or before `at` (or the newest of all)."""
+    usable = [s for s in snapshots if restic_time(s.get("time")) is not None
+              and (at is None or restic_time(s["time"]) <= at.timestamp())]
+    if not usable:
+        when = "" if at is None else f" at or before {at:%Y-%m-%d %H:%M:%S} UTC"
+        raise InputError([Problem("command line", None, "--at", f"{host} has no restic "
+                                  f"snapshot{when}", "pick a later time, or run `invoke backup "
+                                  f"--limit {host}` first")])
+    return max(usable, key=lambda s: restic_time(s["time"]))
+
+
+def check_restore_path(path: str, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or "\n" in path \
+            or any(part == ".." for part in path.split("/")):
+        raise InputError([Problem("command line", None, what, f"{path!r} is not an absolute path",
+                                  f"pass e.g. {what} /srv/shop/shared/uploads")])
+    return path.rstrip("/") or "/"
+
+
+def _or_dash(fn, value) -> str:
+    return "-" if value is None else fn(value)
+
+
+def table(rows: list[Row]) -> str:
+    head = ("HOST", "KIND", "LAST SUCCESS (UTC)", "AGE", "MAX", "ADDED", "REPOSITORY", "ARCHIVE",
+            "STATE")
+    body = [(r.host, r.kind,
+             "-" if r.last_success is None else
+             datetime.fromtimestamp(r.last_success, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+             _or_dash(humanize.age, r.age_s), f"{r.max_age_h:g} h",
+             _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes),
+             r.detail, "ok" if r.ok else f"STALE: {r.problem}")
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
+                     for line in (head, *body))
+
+
+# --- restore ------------------------------------------------------------------------------------
+
+def parse_at(text: str, now: datetime) -> datetime:
+    """--at: an ISO 8601 time with its zone ('2026-12-01T18:40:00Z', '2026-12-01 19:40:00+01:00'),
+    in the past. A time without a zone is refused: a restore must not guess one."""
+    def bad(problem: str) -> InputError:
+        return InputError([Problem("command line", None, "--at", problem,
+                                   "pass a time with its zone, e.g. --at "
+                                   "'2026-12-01T18:40:00Z' (UTC) or '2026-12-01 19:40:00+01:00'")])
+    try:
+        at = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise bad(f"{text!r} is not an ISO 8601 time") from None
+    if at.tzinfo is None:
+        raise bad(f"{text!r} has no time zone")
+    at = at.astimezone(timezone.utc)
+    if at > now:
+        raise bad(f"{at:%Y-%m-%d %H:%M:%S} UTC is in the future (now: {now:%Y-%m-%d %H:%M:%S} UTC)")
+    return at
+
+
+def check_window(at: datetime, summary: dict, stanza: str) -> None:
+    """The time must come after the end of the oldest backup still kept (what PITR starts from)."""
+    first = summary.get("first_stop")
+    if not summary.get("backups") or first is None:
+        raise InputError([Problem("command line", None, "--at", f"stanza {stanza} has no backup "
+                                  "yet, so nothing can be restored",
+                                  f"run `invoke backup --limit {stanza}` first")])
+    if at.timestamp() < first:
+        start = datetime.fromtimestamp(first, timezone.utc)
+        raise InputError([Problem("command line", None, "--at",
+                                  f"{at:%Y-%m-%d %H:%M:%S} UTC is before the oldest backup of "
+                                  f"{stanza} still kept (it ended {start:%Y-%m-%d %H:%M:%S} UTC)",
+                                  "pick a later time, inside the retention window")])
+
+
+def target(at: datetime) -> str:
+    """pgBackRest's --target for a UTC time (PostgreSQL's recovery_target_time syntax)."""
+    return at.strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def restore_script(stanza: str, unit: str, port: int, at: datetime) -> list[str]:
+    """argv of one exec on the database server: archive the WAL still in pg_wal (so the target
+    is reachable), stop the cluster (every write stops with it), restore in place with --delta
+    (only files that differ are fetched), start, and wait until recovery reached the target and
+    promoted. pgBackRest writes restore_command and the recovery target itself."""
+    psql = ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-p", str(port), "-Atc"]
+    restore = ["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}", "--delta",
+               "--type=time", f"--target={target(at)}", "--target-action=promote", "restore"]
+    q = shlex.join
+    script = f"""set -e
+{q(psql + ['SELECT pg_switch_wal()'])} >/dev/null 2>&1 || true
+{q(['systemctl', 'stop', unit])}
+{q(restore)}
+{q(['systemctl', 'start', unit])}
+# recovery replays the archive up to the target, then promotes; nothing to wait on but polling
+i=0
+until [ "$({q(psql + ['SELECT pg_is_in_recovery()'])} 2>/dev/null)" = f ]; do
+  i=$((i+1)); [ $i -le 600 ] || {{ echo "PostgreSQL still in recovery after 5 minutes" >&2; exit 1; }}
+  sleep 0.5
+done
+"""
+    return ["sh", "-c", script]
+
+
+def restic_restore_script(snapshot: str, path: str, target: str) -> list[str]:
+    """argv of one exec on the source host: restic's environment, a target that is absent or
+    empty (never over live data), then the restore of `path` only (restic puts it under
+    target with its whole path)."""
+    q = shlex.quote
+    script = f"""set -e
+set -a; . {q(RESTIC_ENV)}; set +a
+if [ -e {q(target)} ] && [ -n "$(ls -A {q(target)} 2>/dev/null)" ]; then
+  echo {q(target)}" exists and is not empty: pass a new --target (a restore never overwrites)" >&2
+  exit 3
+fi
+restic restore {q(snapshot)} --target {q(target)} --include {q(path)}
+"""
+    return ["sh", "-c", script]

@@ -1,0 +1,23 @@
+"""Figures as people read them in reports: ages and sizes."""
+from __future__ import annotations
+
+
+def age(seconds: float) -> str:
+    """'45 s', '12 min', '5 h', '3 days': whole units, rounded down."""
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def size(n: float) -> str:
+    """'512 B', '4.2 MiB', '1.5 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,104 @@
+"""Restore drills, pure: the file comparison, the scratch cluster's configuration, the files drill
+end to end with a stand-in restic, and the drill units the roles write. The drills themselves
+run live in tests/test_backup_live.py."""
+from __future__ import annotations
+
+import os
+import runpy
+import stat
+from pathlib import Path
+
+import pytest
+
+import roles.pgbackrest as pgrole
+from provisioner.api import RoleContext
+from test_role_pgbackrest import TRIXIE, make_inventory
+
+drill = runpy.run_path(str(Path(pgrole.__file__).parent / "drill.py"), run_name="drill")
+
+
+def tree(root: Path, files: dict) -> None:
+    for rel, (text, mtime) in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        os.utime(p, (mtime, mtime))
+
+
+def test_unchanged_files_are_compared_and_a_differing_one_is_named(tmp_path):
+    live, restored = tmp_path / "live", tmp_path / "restored"
+    tree(live, {"etc/a": ("same", 1000), "etc/b": ("live!", 1000), "etc/c": ("newer", 2000)})
+    tree(restored, {"etc/a": ("same", 1000), "etc/b": ("rot!!", 1000), "etc/c": ("older", 1000),
+                    "etc/gone": ("x", 1000)})
+    r = drill["compare_tree"](str(restored), str(live))
+    assert r == {"compared": 2, "changed_since": 1, "gone_since": 1,
+                 "differ": [str(live / "etc" / "b")]}
+
+
+def test_the_scratch_cluster_listens_on_its_socket_only():
+    conf = drill["scratch_conf"]("/var/lib/pgbackrest-drill/db1", 54329)
+    assert "port = 54329\nlisten_addresses = ''\n" in conf
+    assert "unix_socket_directories = '/var/lib/pgbackrest-drill/db1'" in conf
+    assert "hot_standby = off" in conf and "archive_mode = off" in conf
+
+
+@pytest.fixture
+def fake_restic(tmp_path, monkeypatch):
+    """A `restic` that 'restores' a prepared tree into --target (restic's own layout)."""
+    snapshot = tmp_path / "snapshot"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "restic"
+    script.write_text(f"#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --target ] && t=$2; shift; done\n"
+                      f"cp -a {snapshot}/. \"$t\"/\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return snapshot
+
+
+def test_the_files_drill_passes_on_a_faithful_snapshot_and_cleans_up(tmp_path, fake_restic, capsys):
+    live = tmp_path / "live"
+    tree(live, {"a.txt": ("alpha", 1000), "sub/b.txt": ("beta", 1000)})
+    tree(fake_restic / str(live).lstrip("/"), {"a.txt": ("alpha", 1000), "sub/b.txt": ("beta", 1000)})
+    scratch = tmp_path / "scratch"
+    assert drill["main"](["files", "--scratch", str(scratch), str(live)]) == 0
+    out = capsys.readouterr().out
+    assert '"compared": 2' in out and '"differ": []' in out
+    assert not scratch.exists()
+
+
+def test_the_files_drill_fails_on_a_corrupt_snapshot(tmp_path, fake_restic, capsys):
+    live = tmp_path / "live"
+    tree(live, {"a.txt": ("alpha", 1000)})
+    tree(fake_restic / str(live).lstrip("/"), {"a.txt": ("alpHa", 1000)})
+    assert drill["main"](["files", "--scratch", str(tmp_path / "s"), str(live)]) == 1
+    assert "1 restored file(s) differ" in capsys.readouterr().err
+
+
+def test_the_repository_host_gets_a_drill_per_stanza_and_no_cluster_of_its_own(tmp_path):
+    inv = make_inventory(tmp_path)
+    v = inv.hostvars("vault")
+    r = {x.id: x for x in pgrole.resources(v, RoleContext(inv.hosts["vault"], inv, TRIXIE, False))}
+    ids = list(r)
+    line = next(x for k, x in r.items() if k.startswith("line /etc/postgresql-common/createcluster.conf"))
+    assert line.line == "create_main_cluster = false"
+    assert ids.index("apt pgbackrest") < ids.index(line.id) < ids.index("apt postgresql-17")
+    service = r["file /etc/systemd/system/pgbackrest-db1-verify.service"].content.text
+    assert ("--lock pgbackrest-db1 --user pgbackrest --drill -- /usr/bin/python3 "
+            "/usr/local/lib/provisioner/drill.py pg --stanza db1 --bin /usr/lib/postgresql/17/bin "
+            "--port 54329 --scratch /var/lib/pgbackrest-drill/db1") in service
+    assert r["service pgbackrest-db1-verify.timer"].enabled
+    off = make_inventory(tmp_path, pgbackrest_drill=False)
+    r = {x.id for x in pgrole.resources(off.hostvars("vault"),
+                                        RoleContext(off.hosts["vault"], off, TRIXIE, False))}
+    assert not any("verify" in x or "postgresql-17" in x for x in r)
+
+
+def test_the_drill_expects_the_databases_the_inventory_declares(tmp_path):
+    inv = make_inventory(tmp_path)
+    s = pgrole.check(inv.hostvars("vault"), RoleContext(inv.hosts["vault"], inv, TRIXIE,
+                                                        False))["stanzas"][0]
+    assert s.databases == ("app",)
+    argv = pgrole.drill_command(inv.hostvars("vault"), s, 1)
+    assert argv[-4:] == ["--scratch", "/var/lib/pgbackrest-drill/db1", "--expect-db", "app"]
+    assert argv[argv.index("--port") + 1] == "54330"        # one port per further stanza

@@ -1,0 +1,254 @@
+"""Roles monitoring and monitoring_agent, pure: what the local inventory generates (targets,
+probes, firewall), the files checked by the very tools the server runs (promtool, amtool,
+the blackbox exporter's own check where installed), the rules' behaviour with `promtool test
+rules`, and bad vars refused with the var's name before any server is touched.
+The live half is tests/test_monitoring_live.py."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import roles.harden
+import roles.monitoring as mon
+import roles.monitoring_agent as agent
+from engine_helpers import REPO
+from provisioner.api import RoleContext, VarError
+from provisioner.inventory import load_inventory_file
+from provisioner.secret import Secret
+
+SECRET = "smtp-Pw-not-shown-0001"
+
+
+def local(**extra_vars):
+    """inventories/local.yml with every vault reference resolved to a fake secret."""
+    inv = load_inventory_file(REPO / "inventories" / "local.yml")
+    inv = inv.resolve({name: Secret(f"{name}-0123456789abcdef") for name in inv.vault_refs()})
+    for k, v in extra_vars.items():
+        inv.groups["monitoring"].vars[k] = v
+    return inv
+
+
+def ctx(inv, host):
+    return RoleContext(inv.hosts[host], inv, {"virt": "none", "version_id": "12"}, False)
+
+
+def built(role, inv, host):
+    return {r.id: r for r in role.resources(inv.hostvars(host), ctx(inv, host))}
+
+
+def content(resources, path):
+    for r in resources.values():
+        for member in getattr(r, "members", None) or [r]:
+            if getattr(member, "path", None) == path:
+                return member.content.text
+    raise KeyError(path)
+
+
+def test_targets_come_from_the_inventory():
+    inv = local()
+    c = mon.check(inv.hostvars("mon1"), ctx(inv, "mon1"))
+    jobs = {j["job_name"]: j for j in mon.scrape_configs(c, inv)}
+    node = {sc["labels"]["instance"]: sc["targets"][0] for sc in jobs["node"]["static_configs"]}
+    assert node == {"web1": "10.77.0.11:9100", "web2": "10.77.0.12:9100", "db1": "10.77.0.13:9100",
+                    "vault": "10.77.0.14:9100", "lb1": "10.77.0.15:9100", "mon1": "10.77.0.16:9100"}
+    assert [sc["labels"]["instance"] for sc in jobs["postgres"]["static_configs"]] == ["db1"]
+    assert [sc["labels"]["instance"] for sc in jobs["redis"]["static_configs"]] == ["db1"]
+    assert [sc["labels"]["instance"] for sc in jobs["nginx"]["static_configs"]] == ["lb1"]
+    probe = jobs["blackbox"]["static_configs"]
+    assert probe == [{"targets": ["https://10.77.0.15/health"],
+                      "labels": {"instance": "app@lb1", "site": "app", "host": "lb1",
+                                 "module": "https_app"}}]
+    box = yaml.safe_load(mon.blackbox_yml(c, inv))["modules"]["https_app"]["http"]
+    assert box["headers"] == {"Host": "app.test"} and box["tls_config"]["server_name"] == "app.test"
+
+
+def test_harden_opens_the_exporters_to_the_monitoring_server_only(tmp_path):
+    inv = local()
+    # harden insists on the inventory key's public half once the testbed has made the key
+    key = inv.hosts["db1"].key
+    if not key.exists():
+        key = tmp_path / "k"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    keys = {"harden_deploy_inventory_key": False, "harden_deploy_keys": [pub]}
+
+    def monitoring_rules(host):
+        v = dict(inv.hostvars(host), **keys)
+        return [(r.port, r.proto, r.src) for r in roles.harden.check(v, ctx(inv, host)).rules
+                if r.comment == "monitoring"]
+    assert monitoring_rules("db1") == [("9100:9187", "tcp", "10.77.0.16")]
+    # mon1 scrapes itself over loopback: no rule for its own address
+    assert monitoring_rules("mon1") == []
+
+
+def test_agent_exporters_follow_the_host_roles_and_listen_on_the_private_address():
+    inv = local()
+    db = built(agent, inv, "db1")
+    env = content(db, "/etc/default/prometheus-redis-exporter")
+    assert "--web.listen-address=10.77.0.13:9121" in env and "redis_password-0123456789abcdef" in env
+    redis = db["template /etc/default/prometheus-redis-exporter"]
+    assert redis.mode == "0600" and "redis_password-0123456789abcdef" not in redis.content.display
+    node = content(db, "/etc/default/prometheus-node-exporter")
+    assert "--web.listen-address=10.77.0.13:9100" in node and "--collector.systemd" in node
+    web = built(agent, inv, "web1")
+    assert not any("postgres" in i or "nginx" in i for i in web)
+    cfg = content(web, agent.METRICS_CONFIG)
+    assert '"apps": [\n   "sample"\n  ]' in cfg and '"unit": "pm2-app.service"' in cfg
+    lb = built(agent, inv, "lb1")
+    assert "listen 127.0.0.1:8079;" in content(lb, agent.STUB_STATUS_CONF)
+
+
+def test_a_public_listen_address_is_refused():
+    inv = local()
+    v = dict(inv.hostvars("web1"), monitoring_agent_listen_address="8.8.8.8")
+    with pytest.raises(ValueError, match="monitoring_agent_listen_address.*public"):
+        agent.check(v, ctx(inv, "web1"))
+
+
+@pytest.mark.parametrize("var,value", [
+    ("monitoring_alert_for", "15 seconds"), ("monitoring_disk_percent", 100),
+    ("monitoring_retention_size", "5G"), ("monitoring_email_to", ["not-an-address"]),
+    ("monitoring_smtp_host", "mail.example.com"), ("monitoring_webhook_urls", ["ftp://x"]),
+    ("monitoring_smtp_password", "plain-text"), ("monitoring_extra_rules", [{"alert": "X"}]),
+    ("monitoring_extra_rules", [{"alert": "X", "expr": "up\n== 0"}]),
+])
+def test_bad_vars_are_refused_naming_the_var(var, value):
+    inv = local()
+    v = dict(inv.hostvars("mon1"), **{var: value})
+    with pytest.raises(VarError, match=var):
+        mon.check(v, ctx(inv, "mon1"))
+
+
+def test_the_smtp_password_is_in_the_file_and_never_in_its_diff():
+    inv = local(monitoring_smtp_username="alerts", monitoring_smtp_password=Secret(SECRET))
+    res = built(mon, inv, "mon1")
+    f = res[f"template {mon.ALERTMANAGER}"]
+    assert SECRET in f.content.text
+    assert SECRET not in f.content.display and "smtp_auth_password: '***'" in f.content.display
+
+
+need_promtool = pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian's "
+                                   "prometheus package, .ci/setup) is not installed")
+
+
+def _write_config(tmp_path: Path, inv) -> Path:
+    res = built(mon, inv, "mon1")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "prometheus.yml").write_text(content(res, mon.CONFIG))
+    (tmp_path / "rules" / "provisioner.yml").write_text(content(res, mon.RULES))
+    (tmp_path / "alertmanager.yml").write_text(
+        res[f"template {mon.ALERTMANAGER}"].content.text)
+    return tmp_path
+
+
+@need_promtool
+def test_promtool_and_amtool_accept_what_the_role_writes(tmp_path):
+    d = _write_config(tmp_path, local())
+    p = subprocess.run(["promtool", "check", "config", str(d / "prometheus.yml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "SUCCESS: 21 rules found" in p.stdout + p.stderr
+    if shutil.which("amtool"):
+        p = subprocess.run(["amtool", "check-config", str(d / "alertmanager.yml")],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+@need_promtool
+def test_a_bad_extra_rule_passes_the_var_check_and_fails_promtool(tmp_path):
+    """What the file group relies on to roll back and keep Prometheus on its old rules."""
+    inv = local(monitoring_extra_rules=[{"alert": "Broken", "expr": "rate(up[5m]"}])
+    d = _write_config(tmp_path, inv)
+    p = subprocess.run(["promtool", "check", "config", str(d / "prometheus.yml")],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "Broken" in p.stdout + p.stderr + "Broken"
+
+
+RULE_TESTS = """
+rule_files: [rules/provisioner.yml]
+evaluation_interval: 5s
+tests:
+  - interval: 5s
+    input_series:
+      - series: 'pm2_app_online_instances{instance="web2",app="sample"}'
+        values: '2 2 0 0 0 0 0 0 0'
+      - series: 'node_filesystem_avail_bytes{instance="web1",mountpoint="/mnt/t",fstype="tmpfs"}'
+        values: '1 1 1 1 1 1 1 1 1'
+      - series: 'node_filesystem_size_bytes{instance="web1",mountpoint="/mnt/t",fstype="tmpfs"}'
+        values: '10 10 10 10 10 10 10 10 10'
+      - series: 'probe_ssl_earliest_cert_expiry{instance="app@lb1",site="app",host="lb1"}'
+        values: '432000 432000 432000 432000 432000 432000 432000 432000 432000'
+      - series: 'provisioner_backup_last_success_timestamp_seconds{instance="db1",backup="pg"}'
+        values: '0 0 0 0 0 0 0 0 0'
+      - series: 'provisioner_backup_max_age_seconds{instance="db1",backup="pg"}'
+        values: '10 10 10 10 10 10 10 10 10'
+    alert_rule_test:
+      - eval_time: 40s
+        alertname: AppDown
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: web2, app: sample}
+            exp_annotations:
+              summary: app sample on web2 has no instance online
+              runbook: "`invoke logs --app <app>`; as the app user `pm2 status`, `pm2 logs`; `invoke rollback` if a deploy broke it"
+      - eval_time: 5s
+        alertname: AppDown
+        exp_alerts: []
+      - eval_time: 40s
+        alertname: DiskAlmostFull
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: web1, mountpoint: /mnt/t, fstype: tmpfs}
+            exp_annotations:
+              summary: /mnt/t on web1 is 90% full
+              runbook: "`du -xh --max-depth=2 <mountpoint> | sort -h | tail`; old releases, logs, backups"
+      - eval_time: 40s
+        alertname: BackupStale
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: db1, backup: pg}
+            exp_annotations:
+              summary: backup pg on db1 is older than its schedule allows
+              runbook: "the backup job's journal (`systemctl list-timers`, `journalctl -u <job>`); run `invoke backup` once fixed"
+"""
+
+
+@need_promtool
+def test_the_rules_fire_on_the_figures_they_watch(tmp_path):
+    d = _write_config(tmp_path, local())
+    (d / "rules.test.yml").write_text(RULE_TESTS)
+    p = subprocess.run(["promtool", "test", "rules", "rules.test.yml"], cwd=d,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path):
+    """roles/monitoring_agent/host_metrics.py on this machine: the access log's new lines only,
+    a rotated log read from its start, the output for the textfile collector."""
+    import json
+    import sys
+    log = tmp_path / "access.log"
+    line = ('10.0.0.1 - - [01/Dec/2026:10:00:00 +0000] "GET / HTTP/1.1" {status} 12 "-" "x" '
+            'host=a request_time={t} upstream=1 upstream_status={status} upstream_time={t}\n')
+    log.write_text(line.format(status=200, t="0.004") + line.format(status=502, t="1.5"))
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"out": str(tmp_path / "out.prom"), "state": str(tmp_path / "st"),
+                               "pm2": None, "fail2ban": False, "nginx_log": str(log)}))
+
+    def run() -> dict:
+        subprocess.run([sys.executable, str(REPO / "roles/monitoring_agent/host_metrics.py"), str(cfg)],
+                       check=True)
+        return dict(l.rsplit(" ", 1) for l in (tmp_path / "out.prom").read_text().splitlines())
+    got = run()
+    assert got['nginx_http_responses_total{code="5xx"}'] == "1"
+    assert got['nginx_http_request_duration_seconds_bucket{le="1"}'] == "1"
+    assert got["nginx_http_request_duration_seconds_count"] == "2"
+    assert run()["nginx_http_request_duration_seconds_count"] == "2"      # nothing new: same
+    log.rename(tmp_path / "access.log.1")                                  # logrotate
+    log.write_text(line.format(status=503, t="0.2"))
+    got = run()
+    assert got['nginx_http_responses_total{code="5xx"}'] == "2" and got[
+        "nginx_http_request_duration_seconds_count"] == "3"
+    assert got['provisioner_host_metrics_ok{part="nginx"}'] == "1"

@@ -1,0 +1,224 @@
+"""Role pgbackrest, pure: which side a host is on, the keys both sides derive, rendered configs,
+the version guard, the job wrapper's status and metrics. The live tests are in
+tests/test_backup_live.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+import roles.pgbackrest as role
+from provisioner.api import RoleContext, VarError
+from provisioner.facts import Facts
+from provisioner.inventory import load_inventory_file
+from provisioner.ops import PlanError
+from provisioner.secret import Secret
+from provisioner.sshkeys import known_host_lines, ssh_keypair
+
+CIPHER, SEED = "cipher-pass-0123456789-abcdef", "ssh-seed-0123456789-abcdefgh"
+DB1, VAULT = "10.77.0.13", "10.77.0.14"
+KEYS = {DB1: "AAAAC3NzaC1lZDI1NTE5AAAAIDB1hostkeyDB1hostkeyDB1hostkeyDB1hostk",
+        VAULT: "AAAAC3NzaC1lZDI1NTE5AAAAIHZhdWx0a2V5dmF1bHRrZXl2YXVsdGtleXZhdWx0"}
+TRIXIE = {"id": "debian", "version_id": "13", "codename": "trixie", "virt": "none"}
+
+
+def make_inventory(tmp_path, *, known=True, app_roles=(), vault_roles=(), **env_vars):
+    (tmp_path / "known_hosts").write_text(
+        "".join(f"{a} ssh-ed25519 {k}\n" for a, k in KEYS.items()) if known else "")
+    doc = {"env": "bk", "known_hosts": "known_hosts", "ssh": {"user": "root"},
+           "vars": {"pgbackrest_repo_host": "vault", "pgbackrest_cipher_pass": "@cipher",
+                    "pgbackrest_ssh_seed": "@seed", **({"restic_repo_host": "vault",
+                    "restic_password": "@cipher", "restic_ssh_seed": "@seed"}
+                    if "restic" in app_roles else {}), **env_vars},
+           "hosts": {"db1": {"address": DB1}, "vault": {"address": VAULT},
+                     "web1": {"address": "10.77.0.11"}},
+           "groups": {"db": {"hosts": ["db1"], "roles": ["harden", "postgresql", "pgbackrest"]},
+                      "backup": {"hosts": ["vault"], "roles": ["harden", "pgbackrest", *vault_roles]},
+                      "app": {"hosts": ["web1"], "roles": list(app_roles)}}}
+    doc["hosts"]["db1"]["vars"] = {"postgresql_databases": [{"name": "app", "owner": "postgres"}]}
+    text = json.dumps(doc).replace('"@cipher"', "!vault cipher").replace('"@seed"', "!vault seed")
+    (tmp_path / "bk.yml").write_text(text)
+    inv = load_inventory_file(tmp_path / "bk.yml")
+    return inv.resolve({"cipher": Secret(CIPHER), "seed": Secret(SEED),
+                        "pg_app_password": Secret("x" * 20)})
+
+
+def ctx(inv, name, os=TRIXIE):
+    return inv.hostvars(name), RoleContext(inv.hosts[name], inv, os, False)
+
+
+def built(inv, name):
+    v, c = ctx(inv, name)
+    return {r.id: r for r in role.resources(v, c)}
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+def test_a_derived_key_is_a_valid_openssh_key_and_the_same_every_time(tmp_path):
+    priv, pub = ssh_keypair(Secret(SEED), "pgbackrest repo", "c@x")
+    assert ssh_keypair(Secret(SEED), "pgbackrest repo", "c@x") == (priv, pub)
+    assert ssh_keypair(Secret(SEED), "pgbackrest db", "c@x")[1] != pub
+    path = tmp_path / "k"
+    path.write_text(priv.reveal())
+    path.chmod(0o600)
+    out = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == pub.split()[:2]
+    assert SEED not in repr(priv) and str(priv) == "***"
+
+
+def test_a_seed_must_be_a_secret():
+    with pytest.raises(TypeError, match="secret"):
+        ssh_keypair(SEED, "x", "c")
+
+
+def test_known_host_lines_pick_the_peer_only(tmp_path):
+    (tmp_path / "kh").write_text(f"{DB1} ssh-ed25519 {KEYS[DB1]}\n[{DB1}]:2222 ssh-rsa AAAA\n"
+                                 f"{VAULT} ssh-ed25519 {KEYS[VAULT]}\n# comment\n")
+    assert known_host_lines(tmp_path / "kh", DB1) == [f"{DB1} ssh-ed25519 {KEYS[DB1]}"]
+    assert known_host_lines(tmp_path / "missing", DB1) == []
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def test_sides_come_from_the_inventory(tmp_path):
+    inv = make_inventory(tmp_path)
+    repo = role.check(*ctx(inv, "vault"))
+    assert repo["side"] == "repo" and repo["ssh_group"] == "sshusers"
+    assert [(s.name, s.data, s.port) for s in repo["stanzas"]] == [
+        ("db1", "/var/lib/postgresql/17/main", 5432)]
+    db = role.check(*ctx(inv, "db1"))
+    assert db["side"] == "db" and db["repo"].name == "vault"
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("pgbackrest_repo_host", "nas", "'nas' is not a host"),
+    ("pgbackrest_db_group", "dbs", "no group 'dbs'"),
+    ("pgbackrest_version", "2", "not a version"),
+    ("pgbackrest_retention_days", 0, "not a number of days"),
+    ("pgbackrest_compress_type", "xz", "unknown"),
+    ("pgbackrest_schedule", {"full": "weekly"}, "one calendar expression per backup kind"),
+    ("pgbackrest_schedule", {"full": "weekly\nExecStart=/bin/sh", "diff": "daily",
+                             "incr": "hourly"}, "one line"),
+    ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": "1"}, "one number of hours per"),
+    ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": 0}, "0 or less"),
+])
+def test_bad_vars_are_refused_with_the_var_named(tmp_path, var, value, message):
+    inv = make_inventory(tmp_path, **{var: value})
+    with pytest.raises(VarError, match=message) as e:
+        role.check(*ctx(inv, "vault"))
+    assert e.value.var.startswith(var)
+
+
+def test_a_plain_text_passphrase_is_refused(tmp_path):
+    inv = make_inventory(tmp_path)
+    v, c = ctx(inv, "vault")
+    v["pgbackrest_cipher_pass"] = "a-plain-text-passphrase-in-the-file"
+    with pytest.raises(VarError, match="secret") as e:
+        role.check(v, c)
+    assert "!vault" in e.value.fix
+
+
+def test_a_host_that_is_neither_side_is_refused(tmp_path):
+    inv = make_inventory(tmp_path, app_roles=["pgbackrest"])
+    v, c = ctx(inv, "web1")
+    with pytest.raises(VarError, match="neither the repository host"):
+        role.check(v, c)
+
+
+def test_a_peer_missing_from_known_hosts_is_refused_once_connected(tmp_path):
+    inv = make_inventory(tmp_path, known=False)
+    role.check(*ctx(inv, "db1", os=None))              # `invoke check`: no server yet, fine
+    with pytest.raises(VarError, match="known_hosts has no key of the repository host vault"):
+        role.check(*ctx(inv, "db1"))
+
+
+# --- what each side gets ------------------------------------------------------------------------
+
+def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp_path):
+    inv = make_inventory(tmp_path)
+    r = built(inv, "vault")
+    conf = r["template /etc/pgbackrest.conf"]
+    assert (conf.mode, conf.owner, conf.group) == ("0640", "root", "pgbackrest")
+    text = conf.content.text
+    assert f"repo1-cipher-pass={CIPHER}" in text and CIPHER not in conf.content.display
+    assert "repo1-cipher-type=aes-256-cbc" in text and "repo1-retention-full-type=time" in text
+    assert "[db1]\npg1-host=10.77.0.13\npg1-host-user=postgres\n" \
+           "pg1-path=/var/lib/postgresql/17/main\npg1-port=5432" in text
+    user = r["user pgbackrest"]
+    db_pub = ssh_keypair(Secret(SEED), "pgbackrest db", "x")[1].rsplit(" ", 1)[0]
+    (key,) = user.authorized_keys
+    assert key.startswith("no-agent-forwarding,no-X11-forwarding,no-port-forwarding,no-pty,"
+                          'command="/usr/bin/pgbackrest ${SSH_ORIGINAL_COMMAND#* }" ')
+    assert db_pub in key and user.groups == ("sshusers",)
+    assert r["file /var/lib/pgbackrest/.ssh/known_hosts"].content.text == \
+        f"{DB1} ssh-ed25519 {KEYS[DB1]}\n"
+    assert r["file /var/lib/pgbackrest/.ssh/id_ed25519"].content.display is None
+    for kind, max_age in (("full", 691200), ("diff", 172800), ("incr", 10800)):
+        assert r[f"service pgbackrest-db1-{kind}.timer"].enabled
+        service = r[f"file /etc/systemd/system/pgbackrest-db1-{kind}.service"].content.text
+        assert (f"ExecStart=/usr/bin/python3 /usr/local/lib/provisioner/backupjob.py run --job "
+                f"pgbackrest-db1-{kind} --lock pgbackrest-db1 --user pgbackrest --stanza db1 "
+                f"--max-age-seconds {max_age} "
+                f'--prepare "[\\"pgbackrest\\", \\"--stanza=db1\\", \\"stanza-create\\"]" '
+                f"-- pgbackrest --stanza=db1 --type={kind} backup") in service
+    timer = r["file /etc/systemd/system/pgbackrest-db1-full.timer"].content.text
+    assert "OnCalendar=Sun *-*-* 01:00:00" in timer and "Persistent=true" in timer
+    assert not any("60-pgbackrest" in rid for rid in r)
+
+
+def test_the_database_server_archives_to_the_repository_and_holds_no_cipher(tmp_path):
+    inv = make_inventory(tmp_path)
+    r = built(inv, "db1")
+    conf = r["template /etc/pgbackrest.conf"].content.text
+    assert "repo1-host=10.77.0.14\nrepo1-host-user=pgbackrest" in conf
+    assert "[db1]\npg1-path=/var/lib/postgresql/17/main\npg1-port=5432" in conf
+    assert "cipher" not in conf.replace("no cipher key", "") and CIPHER not in conf
+    archive = r["template /etc/postgresql/17/main/conf.d/60-pgbackrest.conf"]
+    assert "archive_command = 'pgbackrest --stanza=db1 archive-push %p'" in archive.content.text
+    assert "archive_mode = on" in archive.content.text and archive.notify == (role.RESTART,)
+    repo_pub = ssh_keypair(Secret(SEED), "pgbackrest repo", "x")[1].rsplit(" ", 1)[0]
+    (key,) = r["user postgres"].authorized_keys
+    assert repo_pub in key and "command=" in key
+    assert r["file /var/lib/postgresql/.ssh/known_hosts"].content.text == \
+        f"{VAULT} ssh-ed25519 {KEYS[VAULT]}\n"
+    assert not any(rid.startswith("file /etc/systemd") for rid in r)
+    steps = role.handlers(*ctx(inv, "db1"))[role.RESTART]
+    assert steps[-1]["run"][-2:] == ["17/main", "postgresql@17-main"]
+
+
+def test_both_sides_derive_matching_keys(tmp_path):
+    inv = make_inventory(tmp_path)
+    repo, db = built(inv, "vault"), built(inv, "db1")
+    repo_private = repo["file /var/lib/pgbackrest/.ssh/id_ed25519"].content.text
+    db_private = db["file /var/lib/postgresql/.ssh/id_ed25519"].content.text
+    path = tmp_path / "k"
+    for private, authorized in ((repo_private, db["user postgres"].authorized_keys[0]),
+                                (db_private, repo["user pgbackrest"].authorized_keys[0])):
+        path.write_text(private)
+        path.chmod(0o600)
+        pub = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], capture_output=True,
+                             text=True, check=True).stdout.split()[1]
+        assert f" {pub} " in authorized
+
+
+# --- the version guard --------------------------------------------------------------------------
+
+def plan_version(want, installed=None, candidate=None):
+    facts = Facts({"packages": {"installed": {"pgbackrest": installed}},
+                   "package_candidates": {"pgbackrest": candidate}})
+    return role.SameVersion(want, "12").plan(facts)
+
+
+def test_the_same_version_passes():
+    assert "2.55-1" in plan_version("2.55", candidate="2.55-1")[0].why
+    assert plan_version("2.55", installed="2.55-1+b1")
+
+
+def test_another_version_stops_the_run_before_anything_is_installed():
+    with pytest.raises(PlanError) as e:
+        plan_version("2.55", candidate="2.45-1")
+    text = str(e.value)
+    assert "Debian 12" in text and "2.45-1" in text and "pgbackrest_version" in text
+    assert "Nothing was installed" in text
