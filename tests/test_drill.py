@@ -102,3 +102,56 @@ def test_the_drill_expects_the_databases_the_inventory_declares(tmp_path):
     argv = pgrole.drill_command(inv.hostvars("vault"), s, 1)
     assert argv[-4:] == ["--scratch", "/var/lib/pgbackrest-drill/db1", "--expect-db", "app"]
     assert argv[argv.index("--port") + 1] == "54330"        # one port per further stanza
+
+
+# --- the scratch cluster's promotion (found live: psql ran while it still replayed WAL) ----------
+
+CONTROLDATA = """pg_control version number:            1700
+Database cluster state:               {state}
+pg_control last modified:             Tue 01 Dec 2026 19:21:11 UTC
+"""
+
+
+def test_the_cluster_state_is_read_from_pg_controldata():
+    assert drill["cluster_state"](CONTROLDATA.format(state="in archive recovery")) == "in archive recovery"
+    assert drill["cluster_state"](CONTROLDATA.format(state="in production")) == "in production"
+    assert drill["cluster_state"]("garbage\n") is None
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def test_the_drill_waits_until_recovery_ended_before_it_connects():
+    answers = iter([(False, "cluster state in archive recovery")] * 5 + [(True, "in production")])
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return next(answers)
+    clock = Clock()
+    drill["wait_for_promotion"](probe, 60, sleep=clock.sleep, clock=clock)
+    assert len(calls) == 6 and clock.t == 2.5
+
+
+def test_a_recovery_that_never_ends_fails_the_drill_within_its_bound():
+    clock = Clock()
+    with pytest.raises(RuntimeError, match=r"did not finish its recovery within 10 s "
+                                           r"\(cluster state in archive recovery\)"):
+        drill["wait_for_promotion"](lambda: (False, "cluster state in archive recovery"), 10,
+                                    sleep=clock.sleep, clock=clock)
+    assert 10 <= clock.t <= 10.5
+
+
+def test_a_cluster_that_stops_during_recovery_fails_the_drill_at_once():
+    def probe():
+        raise RuntimeError("the restored cluster stopped during its recovery: FATAL: ...")
+    with pytest.raises(RuntimeError, match="stopped during its recovery"):
+        drill["wait_for_promotion"](probe, 10, sleep=lambda s: None)

@@ -45,11 +45,55 @@ def scratch_conf(scratch: str, port: int) -> str:
     """A configuration for the scratch cluster: Debian keeps a cluster's configuration in /etc,
     so the restored folder has none. No TCP, a socket in the scratch folder, trust for local
     connections only (the socket is in a folder only its owner can enter). hot_standby off:
-    nothing connects before recovery ended, so `pg_ctl -w` waits for the promotion."""
+    nothing connects before recovery ended (pg_ctl -w returns at the consistent point, so pg()
+    waits for the promotion: wait_for_promotion)."""
     return (f"port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{scratch}'\n"
             f"hba_file = '{scratch}/drill_hba.conf'\nident_file = '{scratch}/drill_ident.conf'\n"
             "hot_standby = off\nshared_buffers = 32MB\nmax_connections = 100\n"
             "archive_mode = off\nlogging_collector = off\n")
+
+
+PROMOTE_TIMEOUT = 900          # seconds the restored cluster may take to replay WAL and promote
+
+
+def cluster_state(controldata: str) -> str | None:
+    """`Database cluster state` from pg_controldata's output (LANG=C), e.g. "in production"."""
+    for line in controldata.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Database cluster state":
+            return value.strip()
+    return None
+
+
+def _probe(bindir: str, data: str, sock: str, port: int) -> tuple[bool, str]:
+    """(ready, what it is doing): ready once recovery ended (the control file says "in
+    production") and the server accepts connections (pg_isready exit 0). Raises when the
+    server is gone (a failed recovery shuts it down)."""
+    if _run([f"{bindir}/pg_ctl", "-D", data, "status"]).returncode != 0:
+        log = os.path.join(sock, "drill.log")
+        tail = open(log, encoding="utf-8", errors="replace").read()[-2000:] if os.path.exists(log) else ""
+        raise RuntimeError(f"the restored cluster stopped during its recovery: {tail.strip()}")
+    state = cluster_state(_run([f"{bindir}/pg_controldata", "-D", data],
+                               env={**os.environ, "LANG": "C", "LC_ALL": "C"}).stdout)
+    if state != "in production":
+        return False, f"cluster state {state or 'unknown'}"
+    ready = _run([f"{bindir}/pg_isready", "-q", "-h", sock, "-p", str(port)]).returncode == 0
+    return ready, "in production" if ready else "in production, not accepting connections yet"
+
+
+def wait_for_promotion(probe, timeout: float, sleep=time.sleep, clock=time.monotonic) -> None:
+    """Wait until probe() says ready. `pg_ctl -w start` returns once the restored cluster is
+    consistent, while it still replays WAL up to the backup's end and before it promotes; with
+    hot_standby off nothing can connect until then ("Hot standby mode is disabled")."""
+    deadline, doing = clock() + timeout, "not probed"
+    while True:
+        ready, doing = probe()
+        if ready:
+            return
+        if clock() >= deadline:
+            raise RuntimeError(f"the restored cluster did not finish its recovery within "
+                               f"{timeout:g} s ({doing})")
+        sleep(0.5)
 
 
 def pg(a) -> dict:
@@ -77,6 +121,7 @@ def pg(a) -> dict:
                os.path.join(sock, "drill.log"), "-o", f"-c config_file={sock}/drill.conf",
                "start"], "starting the restored cluster")
         started = True
+        wait_for_promotion(lambda: _probe(a.bin, data, sock, a.port), PROMOTE_TIMEOUT)
         psql = ["psql", "-X", "-h", sock, "-p", str(a.port), "-U", "postgres", "-At"]
         dbs = _must(psql + ["-d", "postgres", "-c", "SELECT datname FROM pg_database WHERE "
                             "datallowconn AND NOT datistemplate ORDER BY 1"], "listing databases").split()
