@@ -205,7 +205,11 @@ def test_a_backup_under_write_load_restores_to_a_consistent_database(backed_up):
     task("restore", "--limit", DB, "--at", at, "--yes")
     count, low, high = psql("SELECT count(*), min(n), max(n) FROM load").split("|")
     assert int(count) > 0 and int(low) == 1 and int(high) == int(count)
-    assert sh(DB, "runuser -u postgres -- pg_amcheck --install-missing --all --quiet", check=False).returncode == 0
+    # Debian keeps pg_amcheck with the server's binaries, off PATH (the exec's PATH is the host's)
+    major = int(psql("SHOW server_version_num", db="postgres")) // 10000
+    amcheck = sh(DB, f"runuser -u postgres -- /usr/lib/postgresql/{major}/bin/pg_amcheck "
+                     "--install-missing --all --quiet", check=False)
+    assert amcheck.returncode == 0, amcheck.stderr
 
 
 # --- restic: web1's files on vault ----------------------------------------------------------------
