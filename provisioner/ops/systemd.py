@@ -2,7 +2,7 @@
 
     systemd.service(name, enabled=None, running=None)
     systemd.unit_file(name, content, mode="0644", notify=())   -> files.File (+ daemon-reload)
-    systemd.handler(action, unit, validate=None)                -> list of steps
+    systemd.handler(action, unit, validate=None, stay_up=0)     -> list of steps
 
 enabled/running None = not managed. "nginx" means "nginx.service". A unit the facts do not
 know yet (LoadState not-found: perhaps a package of the same role installs it) is planned
@@ -110,10 +110,40 @@ def unit_file(name: str, content: str, *, mode: str | int = "0644",
                       group="root", notify=notify, after=[["systemctl", "daemon-reload"]])
 
 
-def handler(action: str, unit: str, validate: Sequence[str] | None = None) -> list[dict]:
-    """Steps for a role handler: optionally validate (e.g. ["nginx", "-t"]), then act."""
+# `systemctl start/restart` of a Type=simple unit succeeds as soon as the process is forked: a
+# daemon that dies a moment later (a flag it refuses, an address it cannot bind, a SIGHUP that
+# arrives before it handles SIGHUP, which systemd counts as a clean exit) would pass the run and
+# be found dead by the next one. This step fails unless the unit is active at each of `seconds`
+# checks, one a second, and shows the unit's last journal lines when it is not.
+STAY_UP = """unit=$1 n=$2
+i=0
+while [ "$i" -lt "$n" ]; do
+  sleep 1
+  if ! systemctl is-active --quiet -- "$unit"; then
+    echo "$unit did not stay up ($(systemctl is-active -- "$unit")) $((i + 1)) s after its $3:" >&2
+    journalctl -u "$unit" -n 20 --no-pager -o cat >&2
+    exit 1
+  fi
+  i=$((i + 1))
+done
+"""
+
+
+def stays_up(unit: str, seconds: int, after: str = "start") -> dict:
+    """A step failing unless `unit` is still active `seconds` seconds later (see STAY_UP)."""
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 1 <= seconds <= 60:
+        raise ValueError(f"stay_up must be 1 to 60 seconds, not {seconds!r}")
+    return b.run(["sh", "-c", STAY_UP, "stay-up", unit_name(unit), str(seconds), after])
+
+
+def handler(action: str, unit: str, validate: Sequence[str] | None = None,
+            stay_up: int = 0) -> list[dict]:
+    """Steps for a role handler: optionally validate (e.g. ["nginx", "-t"]), then act; with
+    stay_up=N, then fail unless the unit is still active N seconds later (stays_up)."""
     if action not in ACTIONS:
         raise ValueError(f"handler action must be one of {ACTIONS}, not {action!r}")
     steps = [b.run(validate)] if validate else []
     steps.append(systemctl(action, "--", unit_name(unit)))
+    if stay_up:
+        steps.append(stays_up(unit, stay_up, action))
     return steps

@@ -44,6 +44,7 @@ HOSTPORT_RE = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}\Z")
 EMAIL_RE = re.compile(r"[^@\s'\"<>]+@[A-Za-z0-9.-]+\Z")
 URL_RE = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/?=&%-]*)?\Z")
 RULE_KEYS = {"alert", "expr", "for", "severity", "summary", "runbook"}
+STAY_UP = 3              # seconds a (re)started daemon must stay active for its handler to pass
 HEADER = "# Managed by provisioner (role monitoring): edits here are overwritten.\n"
 
 
@@ -260,8 +261,13 @@ def resources(v, ctx):
 
 
 def handlers(v, ctx):
+    """Handlers run in the order defined: a unit's reload before its restart. The other way
+    round, a run that changed both a unit's /etc/default file and its config sent SIGHUP to the
+    process the restart had just forked, before it handles SIGHUP: it died, and with the
+    packages' Restart=on-failure (SIGHUP is a clean exit to systemd) stayed dead. Each handler
+    then fails the run unless the unit is still active STAY_UP seconds later."""
     out = {}
     for unit in PACKAGES:
-        out[f"restart {unit}"] = handler("restart", unit)
-        out[f"reload {unit}"] = handler("reload", unit)
+        out[f"reload {unit}"] = handler("reload", unit, stay_up=STAY_UP)
+        out[f"restart {unit}"] = handler("restart", unit, stay_up=STAY_UP)
     return out
