@@ -252,3 +252,59 @@ def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path)
     assert got['nginx_http_responses_total{code="5xx"}'] == "2" and got[
         "nginx_http_request_duration_seconds_count"] == "3"
     assert got['provisioner_host_metrics_ok{part="nginx"}'] == "1"
+
+
+# --- handlers (found live: alertmanager and the blackbox exporter dead after the first run) ------
+
+def test_a_unit_s_reload_runs_before_its_restart_and_both_check_it_stayed_up():
+    """A run that changed a unit's /etc/default file and its config notifies both handlers; the
+    agent runs them in the order defined. A reload after the restart sent SIGHUP to a process
+    that did not handle it yet: it died (systemd: a clean exit, so Restart=on-failure left it)."""
+    inv = local()
+    hs = mon.handlers(inv.hostvars("mon1"), ctx(inv, "mon1"))
+    names = list(hs)
+    for unit in mon.PACKAGES:
+        assert names.index(f"reload {unit}") < names.index(f"restart {unit}")
+        for action in ("reload", "restart"):
+            steps = hs[f"{action} {unit}"]
+            assert steps[-2]["run"] == ["systemctl", action, "--", f"{unit}.service"]
+            assert steps[-1]["run"][:2] == ["sh", "-c"] and steps[-1]["run"][4:] == [
+                f"{unit}.service", str(mon.STAY_UP), action]
+    for steps in agent.handlers(inv.hostvars("db1"), ctx(inv, "db1")).values():
+        if steps[-1]["run"][:2] == ["sh", "-c"]:
+            assert steps[-2]["run"][1] == "restart"
+
+
+def _stay_up(tmp_path, states: list[str], seconds: int):
+    """The stay-up step's script with stand-in systemctl/journalctl: systemctl answers
+    is-active with the next of `states`."""
+    from provisioner.ops import systemd
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (tmp_path / "states").write_text("\n".join(states) + "\n")
+    (bin_ / "systemctl").write_text(
+        "#!/bin/sh\nf=%s\ns=$(head -1 $f); sed -i 1d $f; [ \"$2\" = --quiet ] || echo \"$s\"\n"
+        "[ \"$s\" = active ]\n" % (tmp_path / "states"))
+    (bin_ / "journalctl").write_text("#!/bin/sh\necho 'level=error msg=\"listen: bind failed\"'\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    step = systemd.stays_up("prometheus-alertmanager", seconds, "restart")
+    return subprocess.run(step["run"], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_}:/usr/bin:/bin"})
+
+
+def test_the_stay_up_step_passes_a_unit_that_stays_active(tmp_path):
+    assert _stay_up(tmp_path, ["active", "active"], 2).returncode == 0
+
+
+def test_the_stay_up_step_fails_a_unit_that_died_and_shows_its_journal(tmp_path):
+    r = _stay_up(tmp_path, ["active", "inactive", "inactive"], 2)
+    assert r.returncode == 1
+    assert "prometheus-alertmanager.service did not stay up (inactive) 2 s after its restart" in r.stderr
+    assert "bind failed" in r.stderr
+
+
+def test_the_stay_up_step_fails_a_crash_loop(tmp_path):
+    """Restart=on-failure between two crashes: `activating` (auto-restart) is not up."""
+    r = _stay_up(tmp_path, ["activating", "activating"], 2)
+    assert r.returncode == 1 and "(activating)" in r.stderr
