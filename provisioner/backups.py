@@ -111,6 +111,7 @@ class Row:
     last_ok: bool | None
     detail: str           # PostgreSQL: the newest archived WAL segment; restic: snapshots
     problem: str | None   # why the row is red; None when green
+    due: bool = True      # False: a check job whose timer has not fired yet (not_yet_due)
 
     @property
     def ok(self) -> bool:
@@ -127,10 +128,22 @@ def _problem(last: float | None, age: float | None, max_h: float, st: dict) -> s
     return None
 
 
-def _job_row(host: str, kind: str, st: dict, now: float, max_h: float, detail: str) -> Row:
-    """A row from a job's status file alone (drills, restic check)."""
+def not_yet_due(st: dict, timer: dict | None) -> bool:
+    """A check job (restore drill, restic check) that never ran, neither by hand nor by its
+    timer, which has not fired yet: right after the backups are set up a weekly drill is not
+    late, and a status that stayed red for a week would teach users to ignore it. Once its
+    timer fired, a drill with no success is red; so is one whose timer the server does not
+    report (no fact, no benefit of the doubt)."""
+    return not st and timer is not None and timer.get("last_trigger") is None
+
+
+def _job_row(host: str, kind: str, st: dict, now: float, max_h: float, detail: str,
+             timer: dict | None = None) -> Row:
+    """A row from a job's status file and its timer (drills, restic check)."""
     last = st.get("last_success")
     age = None if last is None else max(0.0, now - last)
+    if not_yet_due(st, timer):
+        return Row(host, kind, None, None, max_h, None, None, None, detail, None, due=False)
     return Row(host, kind, last, age, max_h, st.get("size_bytes"), st.get("repo_size_bytes"),
                st.get("ok"), detail, _problem(last, age, max_h, st))
 
@@ -157,8 +170,10 @@ def status_rows(inv: Inventory, repo: str, answer: dict, wanted: list[Stanza]) -
                             summary.get("repo_size_bytes"), st.get("ok"),
                             "WAL " + (summary.get("wal_max") or "-"), problem))
         if v["pgbackrest_drill"]:
-            rows.append(_job_row(s.name, "verify", answer["jobs"].get(units(s, "verify")) or {},
-                                 now, v["pgbackrest_drill_max_age_hours"], "restore drill"))
+            job = units(s, "verify")
+            rows.append(_job_row(s.name, "verify", answer["jobs"].get(job) or {}, now,
+                                 v["pgbackrest_drill_max_age_hours"], "restore drill",
+                                 (answer.get("timers") or {}).get(job)))
     return rows
 
 
@@ -171,8 +186,13 @@ def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
     detail = f"{summary['snapshots']} snapshots" + (
         f", latest {summary['latest_id']}" if summary.get("latest_id") else "")
     rows = []
+    timers = answer.get("timers") or {}
     for job in RESTIC_JOBS:
         st = answer["jobs"].get(f"restic-{job}") or {}
+        if job == "check" and not_yet_due(st, timers.get("restic-check")):
+            rows.append(_job_row(host, "files check", st, now, limits[job], detail,
+                                 timers.get("restic-check")))
+            continue
         last = st.get("last_success")
         if job == "backup" and summary.get("latest_time"):
             last = max(last or 0, summary["latest_time"])
@@ -184,7 +204,7 @@ def restic_rows(inv: Inventory, host: str, answer: dict) -> list[Row]:
                         st.get("repo_size_bytes"), st.get("ok"), detail, problem))
     if v["restic_drill"]:
         rows.append(_job_row(host, "files verify", answer["jobs"].get("restic-verify") or {},
-                             now, limits["verify"], "restore drill"))
+                             now, limits["verify"], "restore drill", timers.get("restic-verify")))
     return rows
 
 
@@ -220,7 +240,7 @@ def table(rows: list[Row]) -> str:
              datetime.fromtimestamp(r.last_success, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
              _or_dash(humanize.age, r.age_s), f"{r.max_age_h:g} h",
              _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes),
-             r.detail, "ok" if r.ok else f"STALE: {r.problem}")
+             r.detail, "not yet due" if not r.due else "ok" if r.ok else f"STALE: {r.problem}")
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()

@@ -91,8 +91,14 @@ def test_timers_status_file_and_metrics_after_a_backup(backed_up):
     status = task("backup.status", "--limit", DB, "--json")
     rows = json.loads(status.stdout)
     assert {(r["host"], r["kind"], r["ok"]) for r in rows} == {
-        ("db1", "full", True), ("db1", "diff", True), ("db1", "incr", True)}
-    assert all(r["detail"].startswith("WAL 0000") for r in rows)
+        ("db1", "full", True), ("db1", "diff", True), ("db1", "incr", True), ("db1", "verify", True)}
+    assert all(r["detail"].startswith("WAL 0000") for r in rows if r["kind"] != "verify")
+    # the weekly drill has not run and its timer has not fired yet: not due, not red
+    [drill] = [r for r in rows if r["kind"] == "verify"]
+    assert drill["due"] is False and drill["last_success"] is None, drill
+    assert sh(REPO_HOST, "systemctl show -p LastTriggerUSec --timestamp=unix "
+                         "pgbackrest-db1-verify.timer").stdout.strip() in ("LastTriggerUSec=",
+                                                                          "LastTriggerUSec=n/a")
 
 
 def test_point_in_time_restore_brings_back_a_dropped_table(backed_up):
@@ -246,7 +252,9 @@ def test_forget_and_check_run_and_the_status_reads_them(backed_up):
         st = json.loads(sh(SOURCE, f"cat /var/lib/provisioner/backup/restic-{job}.json").stdout)
         assert st["ok"], st
     rows = json.loads(task("backup.status", "--limit", SOURCE, "--json").stdout)
-    assert {(r["kind"], r["ok"]) for r in rows} == {("files backup", True), ("files check", True)}
+    # the drill's row: green while its timer has not fired (test_the_restore_drills... runs it)
+    assert {(r["kind"], r["ok"], r["due"]) for r in rows} == {
+        ("files backup", True, True), ("files check", True, True), ("files verify", True, False)}
     assert rows[0]["detail"].split()[1] == "snapshots" and int(rows[0]["detail"].split()[0]) >= 1
     prom = sh(SOURCE, "cat /var/lib/prometheus/node-exporter/backup_restic-backup.prom").stdout
     assert 'provisioner_backup_repository_size_bytes{backup="restic-backup"}' in prom
@@ -280,5 +288,6 @@ def test_the_restore_drills_pass_and_their_results_are_readable(backed_up):
                        "| grep '^drill result: ' | tail -1").stdout
     assert json.loads(files.split("drill result: ", 1)[1])["compared"] > 10
     rows = json.loads(task("backup.status", "--limit", f"{DB},{SOURCE}", "--json").stdout)
-    assert {(r["host"], r["kind"]) for r in rows if r["ok"]} >= {
-        ("db1", "verify"), ("web1", "files verify")}
+    # green because they passed just now, not because they are not due yet
+    assert {(r["host"], r["kind"]) for r in rows if r["ok"] and r["due"]
+            and r["last_success"] is not None} >= {("db1", "verify"), ("web1", "files verify")}

@@ -316,3 +316,81 @@ def test_restore_files_refuses_a_host_without_restic():
     r = invoke("restore.files", "--env", "local", "--host", "db1", "--path", "/etc", check=False,
                timeout=60)
     assert r.returncode == 2
+
+
+# --- check jobs not due yet (found live: a fresh setup's status was red until the weekly drill) --
+
+SHOW = """Id=pgbackrest-db1-full.timer
+LastTriggerUSec=@1796152838
+
+Id=pgbackrest-db1-verify.timer
+LastTriggerUSec=
+
+Id=restic-verify.timer
+LastTriggerUSec=n/a
+
+Id=restic-check.timer
+LastTriggerUSec=Sat 2026-12-05 05:00:00 UTC
+"""
+
+
+def test_the_timers_last_triggers_are_read_from_systemctl_show():
+    assert tool["timer_triggers"](SHOW) == {
+        "pgbackrest-db1-full": {"last_trigger": 1796152838.0},
+        "pgbackrest-db1-verify": {"last_trigger": None},
+        "restic-verify": {"last_trigger": None}}      # an unreadable value: no fact at all
+    assert tool["timer_triggers"]("") == {}
+
+
+def _drill_row(tmp_path, jobs=None, timers=None):
+    inv = make_inventory(tmp_path)
+    now = 1764615605 + 600
+    doc = {**answer(now, jobs), **({"timers": timers} if timers is not None else {})}
+    return {r.kind: r for r in backups.status_rows(inv, "vault", doc, backups.stanzas(inv))}
+
+
+def test_a_drill_whose_timer_never_fired_is_not_yet_due_and_green(tmp_path):
+    rows = _drill_row(tmp_path, timers={"pgbackrest-db1-verify": {"last_trigger": None}})
+    drill = rows["verify"]
+    assert drill.ok and not drill.due and drill.last_success is None
+    line = next(x for x in backups.table(list(rows.values())).splitlines() if " verify " in x)
+    assert line.endswith("not yet due") and "STALE" not in line
+
+
+def test_a_drill_that_never_succeeded_after_its_timer_fired_is_red(tmp_path):
+    fired = {"pgbackrest-db1-verify": {"last_trigger": 1764615605.0}}
+    assert _drill_row(tmp_path, timers=fired)["verify"].problem == "never succeeded"
+    # no fact about the timer (an older server tool, a timer gone): strict
+    assert _drill_row(tmp_path)["verify"].problem == "never succeeded"
+    assert _drill_row(tmp_path, timers={})["verify"].problem == "never succeeded"
+
+
+def test_a_drill_run_by_hand_that_failed_is_red_before_its_timer_fired(tmp_path):
+    jobs = {"pgbackrest-db1-verify": {"ok": False, "exit": 1, "last_success": None}}
+    rows = _drill_row(tmp_path, jobs, timers={"pgbackrest-db1-verify": {"last_trigger": None}})
+    assert not rows["verify"].ok and rows["verify"].due
+
+
+def test_backups_that_never_ran_stay_red_whatever_their_timers_say(tmp_path):
+    """No backup at all is a risk now, not a check that is not due: only drills and restic's
+    check get the grace."""
+    inv = make_inventory(tmp_path)
+    timers = {f"pgbackrest-db1-{k}": {"last_trigger": None} for k in ("full", "diff", "incr", "verify")}
+    rows = backups.status_rows(inv, "vault", {**answer(time.time(), info=[]), "timers": timers},
+                               backups.stanzas(inv))
+    assert {r.kind: r.ok for r in rows} == {"full": False, "diff": False, "incr": False, "verify": True}
+
+
+def test_restic_check_and_drill_not_yet_due(tmp_path):
+    inv = make_inventory(tmp_path, app_roles=["restic"], vault_roles=["restic"])
+    newest = backups.restic_time("2026-12-01T02:15:03Z")
+    jobs = {"restic-backup": {"ok": True, "last_success": newest}}
+    never = {"last_trigger": None}
+    rows = backups.restic_rows(inv, "web1", {"now": newest + 60, "jobs": jobs, "restic": SNAPSHOTS,
+                                             "timers": {"restic-check": never, "restic-verify": never}})
+    assert [(r.kind, r.ok, r.due) for r in rows] == [
+        ("files backup", True, True), ("files check", True, False), ("files verify", True, False)]
+    fired = {"last_trigger": newest}
+    rows = backups.restic_rows(inv, "web1", {"now": newest + 60, "jobs": jobs, "restic": SNAPSHOTS,
+                                             "timers": {"restic-check": fired, "restic-verify": fired}})
+    assert [r.problem for r in rows] == [None, "never succeeded", "never succeeded"]

@@ -18,14 +18,16 @@ backup (bytes added to the repository) and of the repository; with `--size-cmd` 
 printing JSON with `total_size`, like `restic stats --json --mode raw-data`) it is the
 repository's size and how much it grew during the run.
 
-`status` prints every job's status and, with --pgbackrest-user, `pgbackrest info`'s JSON, with
---restic-env (restic's environment file) `restic snapshots --json`: what `invoke backup.status`
-reads in one exec per host.
+`status` prints every job's status, when each job's timer last fired (`timers`: a job whose
+timer never fired is not due yet; see provisioner/backups.py) and, with --pgbackrest-user,
+`pgbackrest info`'s JSON, with --restic-env (restic's environment file) `restic snapshots
+--json`: what `invoke backup.status` reads in one exec per host.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import glob
 import json
 import os
 import re
@@ -37,6 +39,7 @@ STATUS_DIR = "/var/lib/provisioner/backup"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 LOCK_DIR = "/run/lock"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}\Z")
+UNIT_DIR = "/etc/systemd/system"       # where the roles write the jobs' timers
 
 
 def pgbackrest_summary(info: list, stanza: str) -> dict:
@@ -222,13 +225,42 @@ def _when(ts) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "never"
 
 
+def timer_triggers(show: str) -> dict:
+    """{job: {"last_trigger": unix time or None}} from `systemctl show --timestamp=unix -p Id
+    -p LastTriggerUSec` of the jobs' timers (blocks split by blank lines). A timer that never
+    fired has an empty (or n/a, or 0) LastTriggerUSec; a value this cannot read leaves the job
+    out (no fact: the status stays strict)."""
+    out = {}
+    for block in show.strip().split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        unit, value = props.get("Id", ""), props.get("LastTriggerUSec")
+        if not unit.endswith(".timer") or value is None:
+            continue
+        value = value.strip()
+        if value in ("", "n/a", "0"):
+            out[unit[:-6]] = {"last_trigger": None}
+        elif re.fullmatch(r"@[0-9]+(\.[0-9]+)?", value):
+            out[unit[:-6]] = {"last_trigger": float(value[1:])}
+    return out
+
+
+def _timers() -> dict:
+    units = sorted(os.path.basename(p) for pattern in ("pgbackrest-*.timer", "restic-*.timer")
+                   for p in glob.glob(os.path.join(UNIT_DIR, pattern)))
+    if not units:
+        return {}
+    r = subprocess.run(["systemctl", "show", "--timestamp=unix", "-p", "Id", "-p",
+                        "LastTriggerUSec", "--", *units], capture_output=True, text=True)
+    return timer_triggers(r.stdout) if r.returncode == 0 else {}
+
+
 def status(a) -> int:
     jobs = {}
     if os.path.isdir(STATUS_DIR):
         for name in sorted(os.listdir(STATUS_DIR)):
             if name.endswith(".json"):
                 jobs[name[:-5]] = _previous(name[:-5])
-    out = {"now": time.time(), "jobs": jobs}
+    out = {"now": time.time(), "jobs": jobs, "timers": _timers()}
     if a.pgbackrest_user:
         info = subprocess.run(_as(a.pgbackrest_user, ["pgbackrest", "--output=json", "info"]),
                               capture_output=True, text=True)
