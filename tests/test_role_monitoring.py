@@ -308,3 +308,18 @@ def test_the_stay_up_step_fails_a_crash_loop(tmp_path):
     """Restart=on-failure between two crashes: `activating` (auto-restart) is not up."""
     r = _stay_up(tmp_path, ["activating", "activating"], 2)
     assert r.returncode == 1 and "(activating)" in r.stderr
+
+
+def test_the_node_exporter_watches_volumes_under_mnt_and_media():
+    """Debian's default --collector.filesystem.mount-points-exclude hides /mnt and /media."""
+    import re
+    inv = local()
+    text = content(built(agent, inv, "web1"), "/etc/default/prometheus-node-exporter")
+    [regex] = re.findall(r"--collector\.filesystem\.mount-points-exclude=(\S+?)\"?\s", text + " ")
+    assert regex == agent.MOUNT_POINTS_EXCLUDE
+    for kept in ("/", "/mnt/volume_fra1_01", "/media/backup", "/srv", "/var/lib/postgresql"):
+        assert not re.search(regex, kept), kept
+    for left in ("/run", "/run/user/0", "/dev/shm", "/proc", "/sys/fs/cgroup",
+                 "/var/lib/docker/overlay2/x"):
+        assert re.search(regex, left), left
+    assert "\\" not in regex and not re.search(r"\$[A-Za-z_{]", regex)

@@ -67,6 +67,12 @@ def check(v: dict, ctx) -> dict:
             "fail2ban": "harden" in roles, "nginx": "nginx" in exporters}
 
 
+# Debian's node exporter also leaves out /mnt and /media, where block volumes are often mounted
+# (a full volume there raised no alert: found live); only the kernel's and runtime mounts stay
+# out. No backslash and no `$NAME` in it: it passes through systemd's EnvironmentFile and $ARGS.
+MOUNT_POINTS_EXCLUDE = "^/(dev|proc|run|sys|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)"
+
+
 def _env_file(exporter: str, body: str) -> files.File:
     return files.file(f"/etc/default/{PACKAGES[exporter]}",
                       "# Managed by provisioner (role monitoring_agent)\n" + body,
@@ -78,7 +84,8 @@ def resources(v, ctx):
     addr, ex = c["address"], c["exporters"]
     yield apt.packages([PACKAGES[e] for e in ex])
     yield _env_file("node", f'ARGS="--web.listen-address={addr}:{EXPORTERS["node"][1]} '
-                            f'--collector.textfile.directory={TEXTFILE_DIR} --collector.systemd"\n')
+                            f'--collector.textfile.directory={TEXTFILE_DIR} --collector.systemd '
+                            f'--collector.filesystem.mount-points-exclude={MOUNT_POINTS_EXCLUDE}"\n')
     if "postgres" in ex:
         yield commands.command(["runuser", "-u", "postgres", "--", "psql", "-X", "-v",
                                 "ON_ERROR_STOP=1", "-c", PG_ROLE_SQL],
