@@ -4,10 +4,12 @@ PROVISIONER_KEEP_TESTBED=1 (handy while developing: the next run then starts in 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,23 @@ def testbed():
             tb.down()
 
 
+# The modules that check the whole local env share one provisioned env (`local_env`), in this
+# order: the acceptance checks first, deploys (which change releases and the database) last.
+LOCAL_ENV_MODULES = ("test_provision_local", "test_lb_https", "test_provision_local_monitoring",
+                     "test_backup_live", "test_deploy_live")
+
+
+def _run_order(item) -> tuple:
+    """Tests that reset or rebuild the local env's servers run before the modules sharing
+    `local_env` (which must find it as provisioned); tests that take the testbed down, last."""
+    teardown = item.get_closest_marker("testbed_teardown") is not None
+    if "local_env" not in getattr(item, "fixturenames", ()):
+        return (teardown, 0)
+    module = item.module.__name__.rpartition(".")[2]
+    listed = module in LOCAL_ENV_MODULES
+    return (teardown, 1 + (LOCAL_ENV_MODULES.index(module) if listed else len(LOCAL_ENV_MODULES)))
+
+
 def pytest_collection_modifyitems(config, items):
     # The live tier is every test that needs the testbed, found by its fixture (directly or
     # through another fixture) so that no test can forget its marker: `-m "not live"` runs
@@ -57,8 +76,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "testbed" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.live)
-    # Tests that take the testbed down must come after every test that uses it.
-    items.sort(key=lambda item: item.get_closest_marker("testbed_teardown") is not None)
+    items.sort(key=_run_order)           # stable: file order within each group
+
+
+def provision_env(*args: str, timeout: float = 3000):
+    """`invoke provision --env local --json --yes ARGS`: the process and its JSON events."""
+    r = invoke("provision", "--env", "local", "--json", "--yes", *args, check=False, timeout=timeout)
+    return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def local_env(testbed):
+    """The whole local env from fresh servers, as a user brings it up: provision, deploy the
+    sample app, provision again. Shared by the modules in LOCAL_ENV_MODULES, each of which leaves
+    the env as it found it; run before them, never between, the tests that reset servers."""
+    from provisioner.testbed import config
+    for server in config.inventory_servers():
+        invoke("testbed.reset", server.name)
+    t0 = time.monotonic()
+    first = provision_env()
+    first_s = time.monotonic() - t0
+    deployed = invoke("deploy", "--env", "local", "--yes", check=False, timeout=900)
+    t0 = time.monotonic()
+    second = provision_env()
+    print(f"\nlocal env: fresh provision {first_s:.0f} s, converged run {time.monotonic() - t0:.1f} s")
+    return {"first": first, "deploy": deployed, "second": second}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, invoke
-from engine_helpers import ADDRESSES, sh
+from engine_helpers import ADDRESSES, sh, wait_for
 from http_load import Connection, load, trusting
 from provisioner.testbed import acme
 
@@ -84,9 +84,9 @@ def repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed):
-    """web1, web2, db1 and lb1 provisioned (converged in seconds when they already are)."""
-    invoke("provision", "--env", "local", "--limit", "app,db,lb", "--yes", timeout=3000)
+def fleet(local_env):
+    """web1, web2, db1 and lb1 provisioned, the sample app live (conftest's shared env)."""
+    assert local_env["deploy"].returncode == 0, local_env["deploy"].stderr[-3000:]
     return WEB
 
 
@@ -99,6 +99,13 @@ def deploy(repo, ref, *more, task="deploy"):
     r.seconds = time.monotonic() - t0
     print(f"\ninvoke {' '.join(args)}: exit {r.returncode} in {r.seconds:.1f} s\n{r.stdout}{r.stderr}")
     return r
+
+
+def deploy_in_background(repo, ref, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`invoke deploy` of REF from REPO, running while the test acts on the servers."""
+    return subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--env", "local", "--yes",
+                             "--source", str(repo), "--ref", ref], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def health(host: str) -> dict:
@@ -185,23 +192,14 @@ def test_a_failed_health_gate_switches_the_whole_fleet_back(fleet, repo):
     assert broken[0]["id"] not in again.stdout
 
 
-def _wait_for(what, predicate, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def test_a_second_deploy_exits_4_and_a_killed_one_is_cleaned_and_taken_over(fleet, repo):
     repo, commits = repo
     assert deploy(repo, commits["v1"]).returncode == 0
     before = {h: current(h) for h in WEB}
-    slow = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--env", "local", "--yes",
-                             "--source", str(repo), "--ref", commits["slow"]], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    slow = deploy_in_background(repo, commits["slow"], stderr=subprocess.STDOUT)
     try:
-        _wait_for("the slow deploy's install", lambda: all(
-            sh(h, "ls -d /srv/sample/releases/*.building", check=False).returncode == 0 for h in WEB))
+        wait_for("the slow deploy's install", lambda: all(
+            sh(h, "ls -d /srv/sample/releases/*.building", check=False).returncode == 0 for h in WEB), 60)
         second = deploy(repo, commits["v2"])
         assert second.returncode == 4
         err = second.stderr
@@ -214,7 +212,7 @@ def test_a_second_deploy_exits_4_and_a_killed_one_is_cleaned_and_taken_over(flee
     assert {h: current(h) for h in WEB} == before
     # the helper on each server sees its controller gone: it stops npm and removes the half
     # release; the lock stays, with who and when, until the next deploy takes it over
-    _wait_for("the half releases to go", lambda: all(
+    wait_for("the half releases to go", lambda: all(
         sh(h, "ls -d /srv/sample/releases/*.building", check=False).returncode != 0 for h in WEB), 20)
     assert all(releases()[h]["lock"] for h in WEB)
     after = deploy(repo, commits["v2"])
@@ -292,11 +290,9 @@ def test_a_host_cut_off_mid_rollout_exits_3_and_the_fleet_stays_on_one_release(f
     repo, commits = repo
     assert deploy(repo, commits["v1"]).returncode == 0
     before = {h: current(h) for h in WEB}
-    rollout = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--env", "local", "--yes",
-                                "--source", str(repo), "--ref", commits["v2"]], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rollout = deploy_in_background(repo, commits["v2"])
     try:
-        _wait_for("web1's switch", lambda: current("web1") != before["web1"], 120)
+        wait_for("web1's switch", lambda: current("web1") != before["web1"], 120)
         invoke("testbed.cut", "web2")                  # while web1 switches (serial 1)
         out, err = rollout.communicate(timeout=300)
     finally:

@@ -8,7 +8,6 @@ testssl.sh on the host (`bash .ci/setup` installs both)."""
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import shutil
 import ssl
@@ -18,8 +17,8 @@ import time
 import pytest
 from cryptography import x509
 
-from conftest import invoke
-from engine_helpers import ADDRESSES, Run, inventory, report, sh
+from conftest import provision_env
+from engine_helpers import ADDRESSES, Run, inventory, report, sh, wait_for
 from http_load import Connection, PlainConnection, get, load, trusting
 from provisioner.inventory import load_inventory
 from provisioner.testbed import acme
@@ -31,21 +30,15 @@ FAILOVER_REQUESTS = 3000             # bounded: a fixed count, each request with
 
 
 def provision(*args: str):
-    r = invoke("provision", "--env", "local", "--json", "--yes", "--limit", "app,db,lb", *args,
-               check=False, timeout=3000)
-    return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return provision_env("--limit", "app,db,lb", *args)
 
 
 @pytest.fixture(scope="module")
-def served(testbed):
-    """lb1 from never-provisioned, the app and database servers converged, twice; the sample
-    app deployed between the two runs (its health gate asks the database)."""
+def served(local_env):
+    """lb1 from never-provisioned with the rest of the env, the sample app deployed, the env
+    provisioned again (conftest's shared session fixture)."""
     assert acme.ROOT_FILE.exists(), "no pebble root: `invoke testbed.up` starts pebble"
-    invoke("testbed.reset", LB)
-    first = provision()
-    invoke("deploy", "--env", "local", "--yes", timeout=600)   # the sample app, live on web1+web2
-    second = provision()
-    return {"first": first, "second": second}
+    return local_env
 
 
 def root() -> str:
@@ -235,22 +228,17 @@ def test_a_site_taken_out_of_nginx_sites_is_no_longer_served(served, tmp_path):
         except http.client.RemoteDisconnected:
             return None
 
-    def settles_on(want) -> bool:
+    def settles_on(want) -> None:
         # a graceful reload returns before the new workers take over: old ones may answer
         # for a moment, so look again for up to 10 s
-        deadline = time.monotonic() + 10
-        while old_site() != want:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-        return True
+        wait_for(f"old.test to answer {want}", lambda: old_site() == want, 10, every=0.2)
 
     run_with([app, old])
-    assert settles_on(301)
+    settles_on(301)
     run = run_with([app])
     [step] = [e for e in run.steps(LB) if e["resource"] == "sites enabled in /etc/nginx/sites-enabled"]
     assert step["status"] == "changed" and "old.conf" in step["reason"], step
-    assert settles_on(None)                     # 444, like any unknown name
+    settles_on(None)                     # 444, like any unknown name
     assert https().status == 200
     assert sh(LB, "test -f /etc/nginx/sites-available/old.conf", check=False).returncode == 0
     r, events = provision()

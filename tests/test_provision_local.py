@@ -3,7 +3,6 @@ backup, load balancer and monitoring servers; the second run changes nothing; th
 as the deploy user (root login is closed by then)."""
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -11,7 +10,7 @@ import paramiko
 import pytest
 import testinfra
 
-from conftest import invoke
+from conftest import invoke, provision_env
 from engine_helpers import ADDRESSES, REPO, report, sh, ssh_audit_fails
 from provisioner.testbed import config
 
@@ -26,24 +25,14 @@ def deploy(name: str):
 
 
 def provision(*args: str):
-    r = invoke("provision", "--env", "local", "--json", "--yes", *args, check=False, timeout=3000)
-    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    return r, events
+    return provision_env(*args)
 
 
 @pytest.fixture(scope="module")
-def provisioned(testbed):
-    for name in HOSTS:
-        invoke("testbed.reset", name)
-    t0 = time.monotonic()
-    first, first_events = provision()
-    first_seconds = time.monotonic() - t0
-    t0 = time.monotonic()
-    second, second_events = provision()
-    second_seconds = time.monotonic() - t0
-    print(f"\nfresh provision of {len(HOSTS)} servers in parallel: {first_seconds:.0f} s; "
-          f"converged run: {second_seconds:.1f} s")
-    return {"first": (first, first_events), "second": (second, second_events)}
+def provisioned(local_env):
+    """Six fresh servers provisioned, the sample app deployed, the env provisioned again
+    (conftest's session fixture, shared with the other modules that check the env)."""
+    return local_env
 
 
 def test_first_run_provisions_every_host_without_failures(provisioned):
@@ -52,6 +41,11 @@ def test_first_run_provisions_every_host_without_failures(provisioned):
     assert r.returncode == 0, report(events, "failed", "unreachable")
     assert recap["event"] == "recap" and recap["failed"] == 0 and recap["unreachable"] == 0
     assert all(recap["hosts"][h]["changed"] > 0 for h in HOSTS)
+
+
+def test_the_sample_app_deploys_on_the_fresh_env(provisioned):
+    d = provisioned["deploy"]
+    assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
 
 
 def test_second_run_changes_nothing_in_three_execs_per_host(provisioned):

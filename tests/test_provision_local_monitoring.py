@@ -3,11 +3,8 @@
 on the gateway (provisioner/testbed/sinks.py); the local inventory shortens the timings
 (scrape 5 s, `for: 15s`, group_wait 5 s, host metrics every 10 s).
 
-The file name sorts right after test_provision_local.py on purpose: that module provisions the
-whole env from fresh servers, so the fixture here finds it converged, deploys the sample app the
-way a user does (`invoke deploy`: a release with its npm dependencies, the pg client among them,
-health-gated behind lb1) and runs the env once more. Run alone, the fixture's first run
-provisions what is missing. Every wait is bounded; every test undoes what it planted, in
+The env comes from conftest's `local_env` (six fresh servers provisioned, the sample app
+deployed with `invoke deploy`, the env provisioned again), shared with the other env modules. Every wait is bounded; every test undoes what it planted, in
 `finally`.
 """
 from __future__ import annotations
@@ -32,19 +29,10 @@ APP_USER, APP_HOME = "app", "/home/app"
 TEXTFILE = "/var/lib/prometheus/node-exporter"
 
 
-def provision(*args: str):
-    r = invoke("provision", "--env", "local", "--json", "--yes", *args, check=False, timeout=3000)
-    return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-
-
 @pytest.fixture(scope="module")
-def monitored(testbed):
-    first = provision()
-    # the sample app live on web1+web2 (its health gate asks db1); a hand-copied folder has no
-    # node_modules and crash-loops in pm2
-    invoke("deploy", "--env", "local", "--yes", timeout=600)
-    second = provision()
-    return {"first": first, "second": second}
+def monitored(local_env):
+    """The env with mon1, the sample app deployed (conftest's shared session fixture)."""
+    return local_env
 
 
 def api(path: str, **params) -> dict:
