@@ -143,20 +143,14 @@ def _check_address(value: str) -> str:
     raise _custom("address", f"'{value}' is not an IP address or a DNS name", fix)
 
 
-def _check_user(value: str) -> str:
-    if USER_RE.match(value):
-        return value
-    raise _custom("user", f"'{value}' is not a valid Linux user name",
-                  "use lowercase letters, digits, '_' and '-', starting with a letter or '_' "
-                  "(at most 32 characters)")
-
-
-def _check_name(value: str) -> str:
-    if NAME_RE.match(value):
-        return value
-    raise _custom("name", f"invalid name '{value}'",
-                  "use letters, digits, '.', '_' and '-' (no spaces or commas: names are used "
-                  "in --limit)")
+def _matching(regex: re.Pattern, kind: str, problem: str, fix: str):
+    """A string type that must match `regex`; else an error of `kind` saying `problem` (with
+    {value}) and `fix`."""
+    def check(value: str) -> str:
+        if regex.match(value):
+            return value
+        raise _custom(kind, problem.format(value=value), fix)
+    return Annotated[str, AfterValidator(check)]
 
 
 def _vault_only(value: Any) -> VaultRef:
@@ -169,8 +163,12 @@ def _vault_only(value: Any) -> VaultRef:
 
 
 Address = Annotated[str, AfterValidator(_check_address)]
-User = Annotated[str, AfterValidator(_check_user)]
-Name = Annotated[str, AfterValidator(_check_name)]
+User = _matching(USER_RE, "user", "'{value}' is not a valid Linux user name",
+                 "use lowercase letters, digits, '_' and '-', starting with a letter or '_' "
+                 "(at most 32 characters)")
+Name = _matching(NAME_RE, "name", "invalid name '{value}'",
+                 "use letters, digits, '.', '_' and '-' (no spaces or commas: names are used "
+                 "in --limit)")
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 PathStr = Annotated[str, Field(min_length=1)]
@@ -254,14 +252,6 @@ class GroupSpec(_Spec):
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")      # as pm2_apps / node_apps: /srv/<name>
 
 
-def _check_app_name(value: str) -> str:
-    if APP_NAME_RE.match(value):
-        return value
-    raise _custom("app_name", f"invalid app name '{value}'",
-                  "use lowercase letters, digits, '.', '_' and '-' (it names /srv/<app> and the "
-                  "pm2 app)")
-
-
 def _check_shared(value: str) -> str:
     parts = value.rstrip("/").split("/")
     if value.startswith("/") or not value.rstrip("/") or any(p in ("", ".", "..") for p in parts):
@@ -285,7 +275,9 @@ def _check_ref(value: str) -> str:
                   "write a branch, tag or commit, e.g. main, v1.2.0 or HEAD")
 
 
-AppName = Annotated[str, AfterValidator(_check_app_name)]
+AppName = _matching(APP_NAME_RE, "app_name", "invalid app name '{value}'",
+                    "use lowercase letters, digits, '.', '_' and '-' (it names /srv/<app> and "
+                    "the pm2 app)")
 Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
 

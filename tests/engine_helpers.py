@@ -109,6 +109,17 @@ def provision_twice(inv, *, reset=(), prepare=None, **run_kw) -> SimpleNamespace
                            converged_s=time.monotonic() - t1)
 
 
+def wait_for(what: str, probe, timeout: float, every: float = 0.3) -> float:
+    """Poll `probe()` until it is true, at most `timeout` seconds; the moment it was
+    (time.monotonic()). Raises naming `what` when it never was."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return time.monotonic()
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def sh(name: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
     """A root command inside a test server without SSH (also works after hardening)."""
     from provisioner import testbed

@@ -23,7 +23,7 @@ import testinfra
 import roles.harden
 from conftest import invoke
 import engine_helpers
-from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh, ssh_audit_fails
+from engine_helpers import ADDRESSES, REPO, Run, inventory, provision_twice, sh, ssh_audit_fails, wait_for
 from provisioner import lock
 from provisioner.facts import Facts
 from provisioner.inventory import Host
@@ -622,15 +622,6 @@ def _lockout_controller(tmp, **lockout):
                              str(tmp / "deadman.yml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _wait_for(what, probe, timeout, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return time.monotonic()
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 def _armed():
     return "provisioner-revert-" in sh(SERVER, "systemctl list-timers --all --no-legend").stdout
 
@@ -655,19 +646,19 @@ def test_a_controller_killed_before_its_guard_the_server_reverts_the_lockout(har
     since = sh(SERVER, "date +%s").stdout.strip()
     proc = _lockout_controller(hardened.tmp, harden_ssh_allow_groups=["wheel"])
     try:
-        armed = _wait_for("the revert timer armed", _armed, 120)
+        armed = wait_for("the revert timer armed", _armed, 120, every=0.05)
         proc.kill()                                  # kill -9: no guard, no rollback, no finish
         proc.wait()
         # the agent on the server goes on without its controller: the lockout lands ...
-        _wait_for("the lockout applied", _locked_out_on_disk, 30)
-        _wait_for("deploy locked out", lambda: not _deploy_logs_in(), 30, every=1)
+        wait_for("the lockout applied", _locked_out_on_disk, 30, every=0.05)
+        wait_for("deploy locked out", lambda: not _deploy_logs_in(), 30, every=1)
         # ... and the server undoes it by itself within the bound
-        _wait_for("a fresh login as deploy", _deploy_logs_in, armed + REVERT + 20 - time.monotonic(), every=2)
+        wait_for("a fresh login as deploy", _deploy_logs_in, armed + REVERT + 20 - time.monotonic(), every=2)
         assert time.monotonic() - armed <= REVERT + 20
         assert "allowgroups sshusers" in sh(SERVER, "sshd -T").stdout
         # the login can come back while the revert unit still runs its last step: its
         # "Finished" line follows within seconds
-        _wait_for("the revert unit finished", lambda: _revert_ran_since(since), 30, every=1)
+        wait_for("the revert unit finished", lambda: _revert_ran_since(since), 30, every=1)
     finally:
         proc.kill()
         proc.wait()
@@ -687,17 +678,17 @@ def test_a_server_cut_off_mid_guard_reverts_the_lockout(hardened):
     proc = _lockout_controller(hardened.tmp, harden_ssh_extra_lines=["ListenAddress 127.0.0.1"])
     cut = False
     try:
-        _wait_for("the revert timer armed", _armed, 120)
-        reloaded = _wait_for("sshd reloaded on loopback only", _listening_on_loopback_only, 60, every=0.02)
+        wait_for("the revert timer armed", _armed, 120, every=0.05)
+        reloaded = wait_for("sshd reloaded on loopback only", _listening_on_loopback_only, 60, every=0.02)
         tb.cut(SERVER)                               # the guard is retrying its login now
         cut = True
         time.sleep(REVERT + 10)                      # the whole bound passes while cut off
         tb.heal(SERVER)
         cut = False
-        _wait_for("a fresh login as deploy", _deploy_logs_in, 20, every=2)
+        wait_for("a fresh login as deploy", _deploy_logs_in, 20, every=2)
         assert time.monotonic() - reloaded <= REVERT + 40
         # the server's timer did it, not the guard
-        _wait_for("the revert unit finished", lambda: _revert_ran_since(since), 30, every=1)
+        wait_for("the revert unit finished", lambda: _revert_ran_since(since), 30, every=1)
         assert not _listening_on_loopback_only()
     finally:
         if cut:
