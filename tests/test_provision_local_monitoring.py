@@ -83,7 +83,7 @@ def test_prometheus_scrapes_every_target_the_inventory_implies(monitored):
     assert set(seen) == expected and set(seen.values()) == {"1"}, seen
     [probe] = api("/api/v1/query", query='probe_success{site="app"}')["result"]
     assert probe["value"][1] == "1"
-    [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2"}')["result"]
+    [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2",app="sample"}')["result"]
     assert online["value"][1] == "2"
 
 

@@ -222,3 +222,19 @@ def test_another_version_stops_the_run_before_anything_is_installed():
     text = str(e.value)
     assert "Debian 12" in text and "2.45-1" in text and "pgbackrest_version" in text
     assert "Nothing was installed" in text
+
+
+# --- the stanza, from the first run ---------------------------------------------------------------
+
+def test_the_repository_host_creates_the_stanza_once_waiting_for_the_database_server(tmp_path):
+    r = built(make_inventory(tmp_path), "vault")
+    stanza = r["stanza db1"]
+    info = "/var/lib/pgbackrest/backup/db1/backup.info"
+    assert stanza.facts() == {"files": [info]}
+    [change] = stanza.plan(Facts({"files": {info: {"exists": False}}}))
+    [step] = change.steps
+    assert step["run"] == ["runuser", "-u", "pgbackrest", "--", "pgbackrest", "--stanza=db1",
+                           "--log-level-console=warn", "stanza-create"]
+    assert step["attempts"] * step["delay"] >= 300          # a whole env's first run meanwhile
+    [noop] = stanza.plan(Facts({"files": {info: {"exists": True, "type": "file"}}}))
+    assert noop.why.startswith("the repository has it")

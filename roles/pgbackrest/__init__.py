@@ -26,7 +26,7 @@ import runpy
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.api import (Noop, PlanError, apt, files, handler, is_secret,
+from provisioner.api import (Change, Noop, PlanError, apt, files, handler, is_secret,
                              known_host_lines, lines, reject, render, run_step, ssh_keypair, systemd, templates,
                              users)
 from roles import postgresql as pg
@@ -38,6 +38,11 @@ backupjob = runpy.run_path(str(HERE / "backupjob.py"), run_name="backupjob")   #
 TOOL_DIR = "/usr/local/lib/provisioner"
 JOB = f"{TOOL_DIR}/backupjob.py"
 DRILL = f"{TOOL_DIR}/drill.py"
+# The known_hosts beside it comes from the inventory: ssh must neither trust a key on first
+# sight nor rewrite the file (UpdateHostKeys, on by default, drops the key types a hardened
+# peer no longer serves: the next run would find the file changed).
+SSH_CONFIG = ("# Managed by provisioner (role pgbackrest)\nHost *\n    StrictHostKeyChecking yes\n"
+              "    UpdateHostKeys no\n    BatchMode yes\n")
 DRILL_DIR = "/var/lib/pgbackrest-drill"
 REPO_USER = "pgbackrest"
 KINDS = ("full", "diff", "incr")
@@ -204,6 +209,41 @@ class SameVersion:
         return {}
 
 
+STANZA_WAIT = 600          # s: a first run of the whole env sets the database server up meanwhile
+
+
+@dataclass(frozen=True)
+class StanzaCreated:
+    """The repository holds the stanza from the first run on: without it every WAL segment the
+    database server pushes fails (and the archive alert fires) until the first backup would
+    create it. In a first run of the whole env the database server is still being set up
+    (PostgreSQL, its pgBackRest, the key): stanza-create is tried again, for a bounded time."""
+    stanza: str
+    repo_path: str
+
+    @property
+    def id(self) -> str:
+        return f"stanza {self.stanza}"
+
+    @property
+    def info(self) -> str:
+        return f"{self.repo_path}/backup/{self.stanza}/backup.info"
+
+    def facts(self) -> dict:
+        return {"files": [self.info]}
+
+    def plan(self, facts) -> list:
+        if facts.file(self.info).exists:
+            return [Noop(self.id, f"the repository has it ({self.info})")]
+        create = ["runuser", "-u", REPO_USER, "--", "pgbackrest", f"--stanza={self.stanza}",
+                  "--log-level-console=warn", "stanza-create"]
+        return [Change(self.id, "create", "not in the repository yet", (
+            run_step(create, attempts=STANZA_WAIT // 10, timeout=120) | {"delay": 10},))]
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
 def keys(v, name: str) -> dict:
     """The two key pairs: `repo` logs in from the repository host to the database servers'
     postgres, `db` from a database server to the repository's pgbackrest user."""
@@ -271,6 +311,8 @@ def _repo(v, ctx, c, pair, groups):
                                                                    s.name, ctx)})
     yield files.file(f"{home}/.ssh/known_hosts", "".join(k + "\n" for k in known),
                      mode="0644", owner=REPO_USER, group=REPO_USER)
+    yield files.file(f"{home}/.ssh/config", SSH_CONFIG, mode="0644", owner=REPO_USER,
+                     group=REPO_USER)
     stanzas = c["stanzas"]
     yield templates.template(
         "/etc/pgbackrest.conf", "pgbackrest/repo.conf.j2",
@@ -282,6 +324,7 @@ def _repo(v, ctx, c, pair, groups):
                      for s in stanzas]},
         mode="0640", owner="root", group=REPO_USER)
     for s in stanzas:
+        yield StanzaCreated(s.name, home)
         for kind in KINDS:
             yield from job_units("pgbackrest", unit(s.name, kind),
                                  f"pgBackRest {kind} backup of {s.name}",
@@ -346,6 +389,8 @@ def _db(v, ctx, c, pair, groups):
     known = _known(ctx.inventory, repo.address, f"the repository host {repo.name}", ctx)
     yield files.file(f"{home}/.ssh/known_hosts", "".join(k + "\n" for k in known),
                      mode="0644", owner="postgres", group="postgres")
+    yield files.file(f"{home}/.ssh/config", SSH_CONFIG, mode="0644", owner="postgres",
+                     group="postgres")
     for d in ("/var/log/pgbackrest", "/var/spool/pgbackrest"):
         yield files.directory(d, mode="0750", owner="postgres", group="postgres")
     yield templates.template(
