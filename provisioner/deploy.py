@@ -5,6 +5,8 @@ through the event stream (role: the app's name; resources: lock, prepare, switch
 deploy:   build the artifact once -> lock + prepare on every host in parallel (nothing live
           changes) -> switch in batches (--serial, default 1 host): symlink, pm2 reload, health
           gate -> finish on every host (manifest, prune, audit line, lock released).
+          --canary N: the first batch is N hosts, held and watched (their health on loopback,
+          their 5xx rate in the load balancers' access logs) before the other batches.
           A failed gate switches that host back; hosts switched before it go back too, so the
           fleet never runs two releases after a failed deploy.
 rollback: lock on every host -> the same switch to the previous good release -> finish.
@@ -23,6 +25,50 @@ from provisioner.inventory import App, Host, Inventory
 from provisioner.releases import Artifact, RemoteError, batches, call, release_id, rollback_target
 
 AUDIT_LOG = run_lock.AUDIT_LOG
+
+
+@dataclass(frozen=True)
+class Canary:
+    """`deploy --canary N`: the first N hosts switch first and are held `hold` seconds while
+    watched; more than `max_5xx` percent of their answers being 5xx, or their health check
+    failing, switches every switched host back."""
+    hosts: int
+    hold: float
+    max_5xx: float
+    balancers: tuple[Host, ...]        # where the canaries' answers are logged
+
+
+def load_balancers(inv: Inventory, app: App) -> list[Host]:
+    """The hosts whose role nginx proxies a site to the app's group and port (roles/nginx:
+    `nginx_sites` entries with upstream_group and upstream_port)."""
+    return [h for h in inv.hosts.values() if "nginx" in inv.roles_for(h.name) and any(
+        isinstance(s, dict) and s.get("upstream_group") == app.group
+        and s.get("upstream_port") == app.port for s in inv.hostvars(h.name).get("nginx_sites") or [])]
+
+
+def canary_plan(inv: Inventory, app: App, hosts: list[Host], n: int,
+                hold: float | None) -> Canary | None:
+    """--canary N (0: none) checked against the fleet and the inventory: InputError before any
+    server is touched."""
+    if not n:
+        return None
+    if n >= len(hosts):
+        fix = (f"pass --canary {len(hosts) - 1} or fewer" if len(hosts) > 1 else
+               "a canary needs two hosts or more: deploy without --canary")
+        raise InputError(Problem("command line", None, "--canary",
+                                 f"--canary {n} leaves no host to deploy after the canaries: app "
+                                 f"{app.name} runs on {len(hosts)} host(s) here "
+                                 f"({', '.join(h.name for h in hosts)})", fix))
+    balancers = load_balancers(inv, app)
+    if not balancers:
+        raise InputError(Problem(inv.path, app.line, f"apps.{app.name}",
+                                 f"no host runs role nginx with a site whose upstream_group is "
+                                 f"{app.group} and upstream_port {app.port}: the canaries' 5xx "
+                                 "rate cannot be watched",
+                                 "add that site to the load balancer's `nginx_sites`, or deploy "
+                                 "without --canary"))
+    return Canary(n, app.canary_hold if hold is None else hold, app.canary_max_5xx,
+                  tuple(balancers))
 
 
 def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
@@ -155,6 +201,44 @@ class Fleet:
                               f"{self.app.health_path}: saw {a['seen']}{back}"), a
         return self.each(hosts, f"switch {release}", fn)
 
+    def watch(self, canaries: list[Host], release: str, canary: Canary) -> dict[str, dict]:
+        """Hold the canaries `canary.hold` seconds: their health URL on loopback (one exec
+        each) and their answers in every load balancer's access log (one exec each), all at
+        once. Returns the answers of the watchers that saw trouble, each with "why"."""
+        upstreams = [f"{h.address}:{self.app.port}" for h in canaries]
+        bound = canary.hold + 120        # a host cut off mid-hold must not hold the run
+
+        def health(h: Host):
+            a = call(self.conn(h), self.base(h, "watch", release=release, hold=canary.hold,
+                                             port=self.app.port, health_path=self.app.health_path),
+                     timeout=bound)
+            if "error" in a:
+                return "failed", a["error"], a
+            a["why"] = (f"healthy through the {canary.hold:g} s hold ({a['asked']} checks)"
+                        if a["ok"] else f"canary {h.name} turned unhealthy during the hold: "
+                        f"127.0.0.1:{self.app.port}{self.app.health_path} answered {a['seen']}")
+            return ("ok" if a["ok"] else "failed"), a["why"], a
+
+        def errors(h: Host):
+            a = call(self.conn(h), {"op": "watch_5xx", "app": self.app.name, "hold": canary.hold,
+                                    "upstreams": upstreams, "max_5xx": canary.max_5xx},
+                     timeout=bound)
+            if "error" in a:
+                return "failed", a["error"], a
+            counts = ", ".join(f"{n} x {st}" for st, n in sorted(a["statuses"].items()))
+            a["why"] = (f"{h.name} logged {a['errors']} 5xx of {a['answers']} answers from "
+                        f"{', '.join(upstreams)} (limit {canary.max_5xx:g} %)"
+                        + (f": {counts}" if counts else ": no request reached them"))
+            return ("ok" if a["ok"] else "failed"), a["why"], a
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            watched = pool.submit(self.each, canaries, f"canary {release}", health)
+            logged = pool.submit(self.each, list(canary.balancers), "canary 5xx rate", errors)
+            answers = [(n, a) for n, a in watched.result().items()] + \
+                [(n, a) for n, a in logged.result().items()]
+        return {n: dict(a, canary=True, why=a.get("why") or a.get("error") or "unreachable")
+                for n, a in answers if not a.get("ok")}
+
     def finish(self, hosts: list[Host], states: dict[str, str], result: str,
                discard: str | None = None) -> None:
         def fn(h: Host):
@@ -222,14 +306,21 @@ def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:
     return EXIT_UNREACHABLE if all(a.get("unreachable") for a in bad) else EXIT_FAILED
 
 
-def rollout(fleet: Fleet, release: str, serial: int) -> tuple[bool, list[Host], dict]:
-    """Switch batch by batch; on the first failure, switch back every host this rollout
-    switched. Returns (passed, hosts that ended on the old release, the failed answers)."""
+def rollout(fleet: Fleet, release: str, serial: int,
+            canary: Canary | None = None) -> tuple[bool, list[Host], dict]:
+    """Switch batch by batch (a canary batch first, held and watched); on the first failure,
+    switch back every host this rollout switched. Returns (passed, hosts that ended on the
+    old release, the failed answers)."""
+    plan = batches(fleet.hosts, serial)
+    if canary:
+        plan = [fleet.hosts[:canary.hosts]] + batches(fleet.hosts[canary.hosts:], serial)
     done: list[tuple[Host, str | None]] = []
-    for batch in batches(fleet.hosts, serial):
+    for i, batch in enumerate(plan):
         answers = fleet.switch(batch, release)
         failed = {n: a for n, a in answers.items() if not a.get("ok")}
         done += [(h, answers[h.name].get("previous")) for h in batch if h.name not in failed]
+        if canary and i == 0 and not failed:
+            failed = fleet.watch(batch, release, canary)
         if failed:
             for previous in {p for _, p in done if p}:
                 fleet.switch([h for h, p in done if p == previous], previous, revert=False)
@@ -237,7 +328,7 @@ def rollout(fleet: Fleet, release: str, serial: int) -> tuple[bool, list[Host], 
     return True, [], {}
 
 
-def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
+def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None = None) -> int:
     release = release_id(artifact.commit)
     with ThreadPoolExecutor(max_workers=1) as side:
         # the pre-migration backup is taken on the database host while the app hosts prepare
@@ -254,9 +345,10 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
         if not backed_up or not fleet.migrate(fleet.hosts[0], release, fleet.app.migrate):
             fleet.finish(fleet.hosts, {}, "migration failed", discard=release)
             return EXIT_FAILED
-    passed, back, failed = rollout(fleet, release, serial)
+    passed, back, failed = rollout(fleet, release, serial, canary)
+    seen = [a["why"] for a in failed.values() if a.get("canary")]
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
-                 "ok" if passed else "health gate failed")
+                 "ok" if passed else "canary failed" if seen else "health gate failed")
     if passed:
         return EXIT_OK
     if fleet.lost:
@@ -264,6 +356,10 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int) -> int:
         fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(fleet.lost)} unreachable during "
                               f"the rollout of {release}: {where}")
         return EXIT_UNREACHABLE
+    if seen:
+        return fleet.events.fail_run(EXIT_FAILED, f"canary of {release} failed: {'; '.join(seen)}; "
+                                     f"switched back: {', '.join(h.name for h in back)}, to the "
+                                     "release each ran before")
     return EXIT_FAILED
 
 

@@ -316,6 +316,11 @@ class AppSpec(_Spec):
     database: DatabaseSpec | None = _f(None, expect="the app's PostgreSQL database, backed up "
                                                     "before each migration: {host, name}",
                                        example="{host: db1, name: app}")
+    canary_hold: Seconds = _f(60, expect="seconds `deploy --canary N` holds its canary hosts, "
+                                         "watching their health and 5xx rate", example="60")
+    canary_max_5xx: Annotated[float, Field(ge=0, le=100)] = _f(
+        1.0, expect="the percentage (0-100) of the canaries' answers through the load balancer "
+                    "that may be 5xx during the hold", example="1")
 
 
 class InventorySpec(_Spec):
@@ -737,6 +742,8 @@ class App:
     migrate: tuple[str, ...] | None = None
     migrate_down: tuple[str, ...] | None = None
     database: tuple[str, str] | None = None      # (host, database name)
+    canary_hold: float = 60.0
+    canary_max_5xx: float = 1.0                  # percent
 
 
 @dataclass(frozen=True)
@@ -1079,5 +1086,6 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
                         a.health_timeout, tuple(a.shared), a.keep, doc.lines.get(("apps", name)),
                         tuple(a.migrate) if a.migrate else None,
                         tuple(a.migrate_down) if a.migrate_down else None,
-                        (a.database.host, a.database.name) if a.database else None)
+                        (a.database.host, a.database.name) if a.database else None,
+                        a.canary_hold, a.canary_max_5xx)
               for name, a in spec.apps.items()})

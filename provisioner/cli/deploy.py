@@ -50,22 +50,29 @@ def _flow(task_name, *, env, app, limit, json, yes, verbose, body) -> None:
 
 @task(help={**HELP, "ref": "git ref to deploy (default: the app's `ref`)",
             "source": "build from this git folder or URL instead of the app's `source` (a "
-                      "fork, a clone with a hotfix)"},
+                      "fork, a clone with a hotfix)",
+            "canary": "switch N hosts first and hold them, watching their health and 5xx rate, "
+                      "before the others",
+            "canary_hold": "seconds the canaries are held (default: the app's `canary_hold`, 60)"},
       incrementable=["verbose"], default=True)
-def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1, yes=False,
-           json=False, verbose=0):
+def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1, canary=0,
+           canary_hold=None, yes=False, json=False, verbose=0):
     """Ship a new release: build once, prepare every host in parallel, switch in batches
-    behind a health gate; a failed gate switches the whole fleet back (exit 1)."""
+    behind a health gate (--canary N: N hosts first, held and watched); a failed gate or
+    canary switches the whole fleet back (exit 1)."""
     from provisioner import deploy as flows
     from provisioner.releases import build
 
     def body(fleet, prepare=False, prepared=None):
         if prepare:
             batch = int_flag(serial, "serial", 1)
+            hold = None if canary_hold is None else int_flag(canary_hold, "canary-hold", 1)
+            plan = flows.canary_plan(fleet.inv, fleet.app, fleet.hosts,
+                                     int_flag(canary, "canary", 0), hold)
             where = str(Path(source).absolute()) if source and "://" not in source else source
-            return batch, build(where or fleet.app.source, ref or fleet.app.ref)
-        batch, artifact = prepared
-        return flows.deploy(fleet, artifact, batch)
+            return batch, plan, build(where or fleet.app.source, ref or fleet.app.ref)
+        batch, plan, artifact = prepared
+        return flows.deploy(fleet, artifact, batch, plan)
     _flow("deploy", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose, body=body)
 
 

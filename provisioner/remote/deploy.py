@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import select
 import shutil
 import subprocess
@@ -406,24 +407,29 @@ def reload(app):
     return "started"
 
 
+def probe(url, release):
+    """One ask of the health URL: (healthy: 200 naming `release`, what the answer was)."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            body = r.read(4096).decode("utf-8", "replace")
+            return r.status == 200 and release in body, "%d %s" % (r.status, body.strip()[:300])
+    except Exception as e:                 # HTTPError, refused, reset, timeout
+        code = getattr(e, "code", None)
+        return False, ("%s %s" % (code, e.read(300).decode("utf-8", "replace").strip()) if code
+                       else "%s: %s" % (type(e).__name__, e))
+
+
+def health_url(req):
+    return "http://127.0.0.1:%d%s" % (req["port"], req["health_path"])
+
+
 def health(app, req, release):
     """Ask the health URL on loopback until it answers 200 naming `release`, or time out.
     Returns (passed, what the last answer was)."""
-    url = "http://127.0.0.1:%d%s" % (req["port"], req["health_path"])
     deadline = time.monotonic() + req["health_timeout"]
-    seen = "no answer"
     good = 0
     while True:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as r:
-                body = r.read(4096).decode("utf-8", "replace")
-                seen = "%d %s" % (r.status, body.strip()[:300])
-                ok = r.status == 200 and release in body
-        except Exception as e:                 # HTTPError, refused, reset, timeout
-            code = getattr(e, "code", None)
-            seen = "%s %s" % (code, e.read(300).decode("utf-8", "replace").strip()) if code \
-                else "%s: %s" % (type(e).__name__, e)
-            ok = False
+        ok, seen = probe(health_url(req), release)
         # two answers in a row: every instance of a 2-instance cluster is usually asked
         good = good + 1 if ok else 0
         if good >= 2:
@@ -452,6 +458,88 @@ def op_switch(app, req, data):
         answer.update(reverted=before, revert_ok=back, revert_seen=seen_back)
     os.close(fd)
     return answer
+
+
+# --- the canary's hold: its health on loopback, its 5xx rate in the load balancers' logs ----
+
+ACCESS_LOG = "/var/log/nginx/access.log"          # role nginx: one log, format `timed`
+UPSTREAM_RE = re.compile(r" upstream=(.*?) upstream_status=(.*?) upstream_time=")
+MIN_ANSWERS = 100      # a rate judged before the hold ends needs this many answers behind it
+
+
+def canary_statuses(line, upstreams):
+    """The statuses the `upstreams` (addr:port) gave to one request of an access log line in
+    role nginx's `timed` format. nginx lists every server it tried (", " between tries, " : "
+    across internal redirects): a canary's 502 hidden by a retry on another server counts."""
+    m = UPSTREAM_RE.search(line)
+    if not m:
+        return []
+    addrs, statuses = re.split(r", | : ", m.group(1)), re.split(r", | : ", m.group(2))
+    return [st for addr, st in zip(addrs, statuses) if addr in upstreams]
+
+
+def too_many_5xx(errors, answers, max_percent, final):
+    """Over the threshold: at the end of the hold, of what was seen; before it, only once the
+    errors pass the threshold of MIN_ANSWERS answers (a first 502 is not yet a rate)."""
+    if final:
+        return answers > 0 and errors * 100 > max_percent * answers
+    return errors * 100 > max_percent * max(answers, MIN_ANSWERS)
+
+
+def op_watch(app, req, data):
+    """On a canary: its health URL once a second for the hold; unhealthy at the second failing
+    answer in a row (one slow answer is not a verdict). Ends early then."""
+    fd = hold(app, req["run_id"])
+    deadline = time.monotonic() + req["hold"]
+    bad, asked, seen = 0, 0, "no answer"
+    while time.monotonic() < deadline and not controller_gone():
+        ok, seen = probe(health_url(req), req["release"])
+        asked += 1
+        bad = 0 if ok else bad + 1
+        if bad >= 2:
+            break
+        time.sleep(1)
+    os.close(fd)
+    return {"ok": bad < 2, "seen": seen, "asked": asked}
+
+
+def op_watch_5xx(app, req, data):
+    """On a load balancer: follow nginx's access log for the hold, counting the canaries'
+    answers and their 5xx; ends early once over the threshold. Answers counts only (a log line
+    may hold a token in its URL: none is sent back)."""
+    path, ups = req.get("log") or ACCESS_LOG, set(req["upstreams"])
+    log = open(path, "rb")
+    log.seek(0, 2)
+    inode = os.fstat(log.fileno()).st_ino
+    deadline = time.monotonic() + req["hold"]
+    answers, errors, seen, rest = 0, 0, {}, b""
+    try:
+        while time.monotonic() < deadline and not controller_gone():
+            chunk = log.read(1 << 20)
+            if not chunk:
+                try:                        # rotated: the path names a new file now
+                    if os.stat(path).st_ino != inode:
+                        log.close()
+                        log = open(path, "rb")
+                        inode = os.fstat(log.fileno()).st_ino
+                        continue
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.3)
+                continue
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                for st in canary_statuses(line.decode("utf-8", "replace"), ups):
+                    answers += 1
+                    seen[st] = seen.get(st, 0) + 1
+                    errors += st.startswith("5")
+            if too_many_5xx(errors, answers, req["max_5xx"], final=False):
+                break
+    finally:
+        log.close()
+    return {"ok": not too_many_5xx(errors, answers, req["max_5xx"], final=True),
+            "answers": answers, "errors": errors, "statuses": seen}
 
 
 def op_finish(app, req, data):
@@ -593,7 +681,7 @@ def op_migrate(app, req, data):
 
 OPS = {"backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
-       "list": op_list}
+       "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx}
 
 
 def main(req, data):

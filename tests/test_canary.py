@@ -1,0 +1,181 @@
+"""`invoke deploy --canary N` without a server: the inventory keys, the flag checked before
+any server is touched, the load balancers found from role nginx's sites, the access log read
+for the canaries' answers, and the rollout order (canaries first, held, then --serial batches;
+a canary in trouble switches every switched host back). Live: tests/test_deploy_live.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner import deploy as flows
+from provisioner.errors import InputError
+from provisioner.inventory import Host
+from provisioner.remote.deploy import canary_statuses, too_many_5xx
+from test_inventory import fail, line_of, load, only, root  # noqa: F401  (fixture)
+from test_releases import APPS
+
+LB = APPS.replace("""  db:
+    hosts: [db1]""", """  lb:
+    hosts: [db1]
+    roles: [nginx]
+    vars:
+      nginx_sites: [{name: shop, server_names: [shop.test], upstream_group: app, upstream_port: 3000}]
+  db:
+    hosts: [db1]""")
+
+
+@pytest.fixture
+def lb_root(root: Path) -> Path:
+    (root / "roles" / "nginx").mkdir()
+    (root / "roles" / "nginx" / "defaults.yml").write_text("nginx_sites: []\n")
+    return root
+
+
+def _line(upstream: str, status: str) -> str:
+    """An access log line in role nginx's `timed` format (templates/nginx/nginx.conf.j2)."""
+    return ('10.77.0.1 - - [01/Dec/2026:19:30:00 +0000] "GET /?token=s3cret HTTP/1.1" 200 20 "-" '
+            f'"load" host=app.test request_time=0.004 upstream={upstream} '
+            f'upstream_status={status} upstream_time=0.003')
+
+
+@pytest.mark.parametrize("upstream, status, want", [
+    ("10.77.0.11:3000", "200", ["200"]),
+    ("10.77.0.12:3000", "500", []),                                  # not a canary
+    ("10.77.0.11:3000, 10.77.0.12:3000", "502, 200", ["502"]),       # hidden by a retry: counted
+    ("10.77.0.12:3000, 10.77.0.11:3000", "504, 503", ["503"]),
+    ("10.77.0.12:3000 : 10.77.0.11:3000", "200 : 500", ["500"]),     # an internal redirect
+    ("-", "-", []),                                                  # static file, no upstream
+])
+def test_a_log_line_gives_the_statuses_the_canaries_answered(upstream, status, want):
+    assert canary_statuses(_line(upstream, status), {"10.77.0.11:3000"}) == want
+
+
+def test_a_line_of_another_format_counts_nothing():
+    assert canary_statuses('10.0.0.1 - - [x] "GET / HTTP/1.1" 502 0', {"10.77.0.11:3000"}) == []
+
+
+@pytest.mark.parametrize("errors, answers, final, over", [
+    (0, 0, True, False),          # no traffic: nothing seen, nothing over
+    (1, 100, True, False),        # 1 % of 100 is the limit, not over it
+    (2, 100, True, True),
+    (1, 10, True, True),          # at the end, a rate of what was seen
+    (1, 10, False, False),        # before the end, a first 5xx is not yet a rate ...
+    (2, 10, False, True),         # ... two are over 1 % of MIN_ANSWERS (100)
+])
+def test_the_threshold_of_5xx(errors, answers, final, over):
+    assert too_many_5xx(errors, answers, 1.0, final) is over
+
+
+def test_an_app_gets_canary_defaults_and_bad_ones_name_the_key(root: Path):
+    app = load(root, APPS).app(None)
+    assert (app.canary_hold, app.canary_max_5xx) == (60, 1.0)
+    text = APPS.replace("group: app", "group: app\n    canary_max_5xx: 150")
+    p = only(fail(root, text), "apps.shop.canary_max_5xx")
+    assert p.line == line_of(text, "canary_max_5xx:") and "(0-100)" in p.message
+    assert "got the integer 150" in p.message and p.fix == "write e.g. `canary_max_5xx: 1`"
+
+
+def test_the_load_balancers_are_the_nginx_hosts_proxying_to_the_app(lb_root: Path):
+    inv = load(lb_root, LB)
+    app = inv.app(None)
+    assert [h.name for h in flows.load_balancers(inv, app)] == ["db1"]
+    other = load(lb_root, LB.replace("upstream_port: 3000", "upstream_port: 4000"))
+    assert flows.load_balancers(other, other.app(None)) == []
+
+
+def test_a_canary_plan_takes_the_hold_from_the_flag_or_the_app(lb_root: Path):
+    inv = load(lb_root, LB)
+    app, hosts = inv.app(None), inv.hosts_in("app")
+    assert flows.canary_plan(inv, app, hosts, 0, None) is None
+    plan = flows.canary_plan(inv, app, hosts, 1, None)
+    assert (plan.hosts, plan.hold, plan.max_5xx, [h.name for h in plan.balancers]) == \
+        (1, 60, 1.0, ["db1"])
+    assert flows.canary_plan(inv, app, hosts, 1, 5).hold == 5
+
+
+def test_a_canary_of_every_host_is_refused_with_a_fix(lb_root: Path):
+    inv = load(lb_root, LB)
+    with pytest.raises(InputError) as e:
+        flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 2, None)
+    text = str(e.value)
+    assert "--canary 2 leaves no host" in text and "web1, web2" in text
+    assert "pass --canary 1 or fewer" in text
+    with pytest.raises(InputError) as e:
+        flows.canary_plan(inv, inv.app(None), inv.hosts_in("app")[:1], 1, None)
+    assert "a canary needs two hosts or more" in str(e.value)
+
+
+def test_a_canary_without_a_load_balancer_is_refused_naming_the_app(root: Path):
+    inv = load(root, APPS)
+    with pytest.raises(InputError) as e:
+        flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, None)
+    (p,) = e.value.problems
+    assert p.key == "apps.shop" and str(p.file).endswith("inventories/test.yml")
+    assert "upstream_group is app and upstream_port 3000" in p.message
+    assert "nginx_sites" in p.fix
+
+
+class FakeFleet:
+    """What rollout() asks of a Fleet: switch (every switch recorded) and watch."""
+    def __init__(self, n: int, trouble: str | None = None):
+        self.hosts = [Host(f"web{i}", f"10.0.0.{i}", 22, "admin", None, None, None, 10, 900)
+                      for i in range(1, n + 1)]
+        self.trouble, self.log = trouble, []
+
+    def switch(self, hosts, release, revert=True):
+        self.log.append(("switch", [h.name for h in hosts], release))
+        return {h.name: {"ok": True, "previous": "old"} for h in hosts}
+
+    def watch(self, hosts, release, canary):
+        self.log.append(("watch", [h.name for h in hosts], canary.hold))
+        return {"lb1": {"ok": False, "canary": True, "why": self.trouble}} if self.trouble else {}
+
+
+CANARY = flows.Canary(hosts=1, hold=30, max_5xx=1.0, balancers=())
+
+
+def test_canaries_switch_first_and_are_held_then_the_rest_in_serial_batches():
+    fleet = FakeFleet(5)
+    passed, back, failed = flows.rollout(fleet, "new", 2, CANARY)
+    assert (passed, back, failed) == (True, [], {})
+    assert fleet.log == [("switch", ["web1"], "new"), ("watch", ["web1"], 30),
+                         ("switch", ["web2", "web3"], "new"), ("switch", ["web4", "web5"], "new")]
+
+
+def test_a_canary_in_trouble_switches_it_back_and_nothing_else_moves():
+    fleet = FakeFleet(3, trouble="lb1 logged 5 5xx of 40 answers")
+    passed, back, failed = flows.rollout(fleet, "new", 1,
+                                         flows.Canary(2, 30, 1.0, ()))
+    assert not passed and [h.name for h in back] == ["web1", "web2"]
+    assert failed["lb1"]["why"] == "lb1 logged 5 5xx of 40 answers"
+    assert fleet.log == [("switch", ["web1", "web2"], "new"), ("watch", ["web1", "web2"], 30),
+                         ("switch", ["web1", "web2"], "old")]
+
+
+def test_the_load_balancer_watch_follows_the_log_and_stops_early_when_over(tmp_path: Path):
+    """op_watch_5xx on a real file: only lines written after it starts count; a rotation (a
+    new file at the path) is followed; enough 5xx end the hold early."""
+    import threading
+    import time
+
+    from provisioner.remote import deploy as remote
+    log = tmp_path / "access.log"
+    log.write_text(_line("10.77.0.11:3000", "500") + "\n")            # before the hold: not counted
+
+    def traffic():
+        time.sleep(0.4)
+        with log.open("a") as f:
+            f.write("".join(_line("10.77.0.11:3000", "200") + "\n" for _ in range(50)))
+        log.rename(tmp_path / "access.log.1")
+        log.write_text("".join(_line("10.77.0.11:3000, 10.77.0.12:3000", "502, 200") + "\n"
+                               for _ in range(3)))
+    t = threading.Thread(target=traffic)
+    t.start()
+    t0 = time.monotonic()
+    a = remote.op_watch_5xx(None, {"log": str(log), "upstreams": ["10.77.0.11:3000"],
+                                   "hold": 20, "max_5xx": 1.0}, None)
+    t.join()
+    assert time.monotonic() - t0 < 10, "over the threshold: the hold ends early"
+    assert (a["ok"], a["answers"], a["errors"], a["statuses"]) == \
+        (False, 53, 3, {"200": 50, "502": 3})
