@@ -35,10 +35,12 @@ def _git(repo: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """The sample app at six commits: v1; v2 (another answer, same package-lock.json); broken
+    """The sample app at eight commits: v1; v2 (another answer, same package-lock.json); broken
     (its /health answers 500 on web2 only); slow (a new package-lock.json and an install that
     takes 40 s: a window to kill a deploy in); destructive (v1 + a migration that deletes the
-    first note); tag (v1 + a migration that adds a column, and its down migration)."""
+    first note); tag (v1 + a migration that adds a column, and its down migration); sickening
+    (v1 whose /health answers 500 once a process is 8 s old: past the gate, within a canary's
+    hold); erring (v1 whose / answers 503 on web1: nginx retries on web2, its log keeps the 503)."""
     repo = tmp_path_factory.mktemp("sample-repo") / "sample-app"
     shutil.copytree(REPO / "examples" / "sample-app", repo)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -80,6 +82,20 @@ def repo(tmp_path_factory):
         "module.exports = {\n  async up(db) { await db.query('ALTER TABLE notes ADD COLUMN tag "
         "text'); },\n  async down(db) { await db.query('ALTER TABLE notes DROP COLUMN tag'); },\n};\n")
     commit("tag")
+    (repo / "migrations" / "002_tag.js").unlink()
+    (repo / "server.js").write_text(server.replace(
+        "if (req.method === 'GET' && url === '/health') {",
+        "if (req.method === 'GET' && url === '/health' && process.uptime() > 8) {"
+        "\n    res.writeHead(500); res.end('sick on purpose\\n'); return;\n  }\n"
+        "  if (req.method === 'GET' && url === '/health') {"))
+    commit("sickening")
+    (repo / "server.js").write_text(server.replace(
+        "if (req.method === 'GET' && url === '/') {",
+        "if (req.method === 'GET' && url === '/' && require('os').hostname() === 'web1') {"
+        "\n    res.writeHead(503); res.end('erring on purpose\\n'); return;\n  }\n"
+        "  if (req.method === 'GET' && url === '/') {"))
+    commit("erring")
+    (repo / "server.js").write_text(server)
     return repo, commits
 
 
@@ -306,3 +322,53 @@ def test_a_host_cut_off_mid_rollout_exits_3_and_the_fleet_stays_on_one_release(f
     assert {h: health(h)["release"] for h in WEB} == before
     after = deploy(repo, commits["v1"])            # takes over the lock the cut left on web2
     assert after.returncode == 0 and "took over the lock of a dead run" in after.stdout
+
+
+# --- canaries (deploy --canary N): web1 first, held, watched; web2 follows or nothing moves ---
+
+def test_a_healthy_canary_is_held_then_the_rest_follows(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    result, r = through_lb(lambda: deploy(repo, commits["v2"], "--canary", "1",
+                                          "--canary-hold", "5"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "healthy through the 5 s hold" in out and "lb1 logged 0 5xx of" in out, out
+    assert "lb1 logged 0 5xx of 0 answers" not in out, "the load reached the canary"
+    v2 = current("web1")
+    assert v2.endswith(commits["v2"][:12]) and current("web2") == v2
+    assert {h: health(h)["release"] for h in WEB} == {h: v2 for h in WEB}
+    assert result.failed == [], result.failed[:5]
+
+
+def test_a_canary_turning_unhealthy_switches_back_and_exits_1(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    before = {h: current(h) for h in WEB}
+    t0 = time.monotonic()
+    result, r = through_lb(lambda: deploy(repo, commits["sickening"], "--canary", "1",
+                                          "--canary-hold", "30"))
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "canary web1 turned unhealthy during the hold" in out and "500 sick on purpose" in out
+    assert "switched back: web1" in out, out
+    assert {h: current(h) for h in WEB} == before, "web2 never moved; web1 went back"
+    assert {h: health(h)["release"] for h in WEB} == before
+    sick = [e for e in releases()["web1"]["releases"] if e["commit"] == commits["sickening"]]
+    assert [e["state"] for e in sick] == ["failed"]
+    assert result.failed == [], result.failed[:5]
+    print(f"canary caught and switched back in {time.monotonic() - t0:.1f} s")
+
+
+def test_a_canary_over_the_5xx_threshold_switches_back_and_exits_1(fleet, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+    before = {h: current(h) for h in WEB}
+    result, r = through_lb(lambda: deploy(repo, commits["erring"], "--canary", "1",
+                                          "--canary-hold", "60"))
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "lb1 logged" in out and "x 503" in out and "(limit 1 %)" in out, out
+    assert {h: current(h) for h in WEB} == before
+    # nginx retried every 503 on web2: the load saw none of them
+    assert result.failed == [], result.failed[:5]
