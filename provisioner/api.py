@@ -24,6 +24,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from provisioner import colours
 from provisioner.change import Change, Noop
 from provisioner.connection import Connection, Unreachable
 from provisioner.facts import Facts, FileFact, check_key
@@ -43,7 +44,7 @@ handler = systemd.handler          # steps for a handler: optional validate, the
 __all__ = [
     "Change", "Connection", "EXPORTERS", "EXPORTER_PORT_RANGE", "Facts", "FileFact", "Guard", "Host", "Inventory", "NotAResource",
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
-    "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "commands",
+    "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "colours", "commands",
     "config_settings", "directory_step", "exporters_of", "file_fact", "file_group", "files", "handler",
     "is_secret", "known_host_lines", "lines", "links", "monitoring_sources", "private_address", "reject", "render", "run_step", "sha256", "ssh_keypair", "sysctl", "systemd",
     "TEXTFILE_DIR", "templates", "ufw", "users", "write_step",

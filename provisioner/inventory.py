@@ -85,7 +85,7 @@ import re
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import (Annotated, Any, Callable, ClassVar, Iterable, Mapping, Union, get_args,
+from typing import (Annotated, Any, Callable, ClassVar, Iterable, Literal, Mapping, Union, get_args,
                     get_origin)
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -316,6 +316,12 @@ class AppSpec(_Spec):
     database: DatabaseSpec | None = _f(None, expect="the app's PostgreSQL database, backed up "
                                                     "before each migration: {host, name}",
                                        example="{host: db1, name: app}")
+    strategy: Literal["reload", "blue-green"] = _f(
+        "reload", expect="how a release goes live: reload (pm2 reload of the app in place) or "
+                         "blue-green (two pm2 apps, <app>-blue on `port` and <app>-green on "
+                         "`green_port`; the load balancer flips between them)", example="blue-green")
+    green_port: Port | None = _f(None, expect="the port of the green colour (strategy blue-green; "
+                                              "default: port + 1)", example="3001")
     canary_hold: Seconds = _f(60, expect="seconds `deploy --canary N` holds its canary hosts, "
                                          "watching their health and 5xx rate", example="60")
     canary_max_5xx: Annotated[float, Field(ge=0, le=100)] = _f(
@@ -569,6 +575,18 @@ class _Checker:
             if app.get("migrate") and not app.get("database"):
                 self.add(("apps", aname, "migrate"), f"app '{aname}' migrates but names no "
                          "database to back up first", "add `database: {host: db1, name: app}`")
+            green, port = app.get("green_port"), app.get("port", 3000)
+            if green is not None and app.get("strategy") != "blue-green":
+                self.add(("apps", aname, "green_port"), f"app '{aname}' has a green_port but "
+                         f"its strategy is {app.get('strategy', 'reload')}",
+                         "add `strategy: blue-green`, or remove green_port")
+            elif app.get("strategy") == "blue-green" and green in (None, port) \
+                    and port == 65535:
+                self.add(("apps", aname, "port"), f"app '{aname}': the green colour's port "
+                         "would be port + 1 = 65536", "give `green_port` another port")
+            elif app.get("strategy") == "blue-green" and green == port:
+                self.add(("apps", aname, "green_port"), f"app '{aname}': blue and green both "
+                         f"listen on {port}", "give green_port another port than `port`")
             group = app.get("group")
             if isinstance(group, str) and group not in groups:
                 self.add(("apps", aname, "group"), f"app '{aname}' runs on group '{group}', "
@@ -744,6 +762,13 @@ class App:
     database: tuple[str, str] | None = None      # (host, database name)
     canary_hold: float = 60.0
     canary_max_5xx: float = 1.0                  # percent
+    strategy: str = "reload"                     # or "blue-green"
+    green_port: int | None = None                # blue-green: green's port (blue: `port`)
+
+    @property
+    def colours(self) -> dict[str, int]:
+        """blue-green: each colour's port ({} for reload)."""
+        return {"blue": self.port, "green": self.green_port} if self.green_port else {}
 
 
 @dataclass(frozen=True)
@@ -1087,5 +1112,6 @@ def _build(spec: InventorySpec, doc: YamlDoc, roles: dict[str, RoleInfo]) -> Inv
                         tuple(a.migrate) if a.migrate else None,
                         tuple(a.migrate_down) if a.migrate_down else None,
                         (a.database.host, a.database.name) if a.database else None,
-                        a.canary_hold, a.canary_max_5xx)
+                        a.canary_hold, a.canary_max_5xx, a.strategy,
+                        (a.green_port or a.port + 1) if a.strategy == "blue-green" else None)
               for name, a in spec.apps.items()})

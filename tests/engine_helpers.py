@@ -32,8 +32,8 @@ def test_server(default: str) -> str:
 
 def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict | None = None,
               host_vars: dict | None = None, ssh: dict | None = None, name: str = "enginetest",
-              groups: dict | None = None):
-    """`groups` ({name: {"hosts": [..], "roles": [..], "vars"?: {..}}}) replaces the one group
+              groups: dict | None = None, apps: dict | None = None):
+    """`apps`: the inventory's `apps:` section. `groups` ({name: {"hosts": [..], "roles": [..], "vars"?: {..}}}) replaces the one group
     "all" (every host, `roles`), e.g. for a role that reads another group's hosts."""
     ssh_doc = {"user": "root", "key": str(REPO / ".testbed" / "id_ed25519"), "connect_timeout": 5,
                **(ssh or {})}
@@ -46,6 +46,8 @@ def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict 
                   for h in hosts},
         "groups": groups if groups is not None else {"all": {"hosts": hosts, "roles": roles}},
     }
+    if apps:
+        doc["apps"] = apps
     path = tmp_path / f"{name}.yml"
     path.write_text(json.dumps(doc, indent=1))          # JSON is YAML
     return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from engine_helpers import ADDRESSES, inventory
+from provisioner import colours
 from provisioner.api import RoleContext, VarError
 from provisioner.facts import Facts
 from provisioner.ops import plan_all
@@ -24,15 +25,20 @@ TRIXIE = {"id": "debian", "version_id": "13", "codename": "trixie", "virt": "non
 BOOKWORM = {"id": "debian", "version_id": "12", "codename": "bookworm", "virt": "none"}
 
 
-def ctx_for(tmp_path, os=TRIXIE, **lb_vars):
+# the app behind SITE deployed blue-green: blue on 3000, green on 3001
+BLUE_GREEN = {"app": {"source": "../app", "group": "app", "strategy": "blue-green"}}
+
+
+def ctx_for(tmp_path, os=TRIXIE, apps=None, **lb_vars):
     groups = {"app": {"hosts": ["web1", "web2"], "roles": []},
               "lb": {"hosts": ["lb1"], "roles": ["nginx"], "vars": {"nginx_sites": [SITE], **lb_vars}}}
-    inv = inventory(tmp_path, ["web1", "web2", "lb1"], [], groups=groups, name="nginxtest")
+    inv = inventory(tmp_path, ["web1", "web2", "lb1"], [], groups=groups, name="nginxtest",
+                    apps=apps)
     return inv.hostvars("lb1"), RoleContext(inv.hosts["lb1"], inv, os, False)
 
 
-def rendered(tmp_path, os=TRIXIE, **lb_vars) -> dict[str, str]:
-    v, ctx = ctx_for(tmp_path, os, **lb_vars)
+def rendered(tmp_path, os=TRIXIE, apps=None, **lb_vars) -> dict[str, str]:
+    v, ctx = ctx_for(tmp_path, os, apps, **lb_vars)
     group = [r for r in ROLE.resources(v, ctx) if r.id == "file group nginx"][0]
     return {m.path: getattr(m, "content", None) and m.content.text for m in group.members}
 
@@ -77,18 +83,23 @@ def test_http2_is_written_the_way_each_release_s_nginx_reads_it(tmp_path, os, on
 
 
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed on this machine")
-@pytest.mark.parametrize("enabled", [("app.conf",), ("app.conf", "app-tls.conf")],
-                         ids=["before the certificate", "with TLS"])
-def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enabled):
+@pytest.mark.parametrize("enabled, apps", [
+    (("app.conf",), None), (("app.conf", "app-tls.conf"), None),
+    (("app.conf", "app-tls.conf"), BLUE_GREEN)],
+    ids=["before the certificate", "with TLS", "blue-green, green live"])
+def test_the_rendered_configuration_passes_this_machine_s_nginx_t(tmp_path, enabled, apps):
     """Whole config as the server gets it, before role letsencrypt enabled the TLS server and
     after (a throwaway certificate), checked by the real nginx of this machine's release
-    (http2 spelled the way it reads it)."""
+    (http2 spelled the way it reads it); for a blue-green app with deploy's live file."""
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     major, minor = map(int, re.search(r"nginx/(\d+)\.(\d+)", version).groups())
     os = TRIXIE if (major, minor) >= (1, 25) else BOOKWORM
-    files = rendered(tmp_path, os)
+    files = rendered(tmp_path, os, apps)
+    if apps:
+        files[colours.live_path("app")] = colours.live_conf("app", "green")
+        (tmp_path / "etc" / "live").mkdir(parents=True)
     root = tmp_path / "etc"
-    shutil.copytree("/etc/nginx", root, symlinks=True)
+    shutil.copytree("/etc/nginx", root, symlinks=True, dirs_exist_ok=True)
     tls = root / "tls"
     tls.mkdir()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -198,3 +209,30 @@ def test_a_site_taken_out_of_nginx_sites_is_disabled_and_hand_made_links_stay(tm
     facts = Facts({"dirs": {"/etc/nginx/sites-enabled": {"entries": {
         n: {"type": "link", "target": t} for n, t in entries.items()}}}})
     assert [type(x).__name__ for x in stale.plan(facts)] == ["Noop"]
+
+
+def test_a_blue_green_site_has_both_colours_and_proxies_to_the_live_one(tmp_path):
+    tls = rendered(tmp_path, apps=BLUE_GREEN)["/etc/nginx/sites-available/app-tls.conf"]
+    assert "upstream app_blue {" in tls and "upstream app_green {" in tls
+    assert f"server {ADDRESSES['web1']}:3000 " in tls and f"server {ADDRESSES['web2']}:3001 " in tls
+    assert "include /etc/nginx/live/app.conf;" in tls and "app_app" not in tls
+    assert tls.count("proxy_pass http://$app_live;") == 3          # /, the rate limit, the cache
+    (tmp_path / "plain").mkdir()
+    plain = rendered(tmp_path / "plain")["/etc/nginx/sites-available/app-tls.conf"]
+    assert "upstream app_app {" in plain and "/etc/nginx/live" not in plain
+
+
+def test_the_live_colour_is_written_once_and_then_left_to_deploy(tmp_path):
+    """Provision never flips a site back nor calls deploy's flip drift: the live file is
+    written (blue) only when it is missing."""
+    v, ctx = ctx_for(tmp_path, apps=BLUE_GREEN)
+    live, = [r for r in ROLE.resources(v, ctx) if r.id == "live colour of site app"]
+    change, = live.plan(Facts({"files": {"/etc/nginx/live/app.conf": {"exists": False}}}))
+    assert change.notify == ("reload nginx",)
+    assert colours.live_colour("app", __import__("base64").b64decode(
+        change.steps[0]["b64"]).decode()) == "blue"
+    flipped = {"exists": True, "type": "file", "content": colours.live_conf("app", "green")}
+    noop, = live.plan(Facts({"files": {"/etc/nginx/live/app.conf": flipped}}))
+    assert type(noop).__name__ == "Noop" and "deploy's: green" in noop.why
+    (tmp_path / "plain").mkdir()
+    assert not [r for r in ROLE.resources(*ctx_for(tmp_path / "plain")) if "live" in r.id]

@@ -22,6 +22,12 @@ handshake. Each site has two files in sites-available:
   once that certificate exists (issued or self-signed), so `nginx -t` never sees a TLS block
   whose certificate is missing.
 
+A site whose upstream_group and upstream_port are those of an app with `strategy: blue-green`
+(the inventory's `apps:`) gets two upstreams, `<name>_blue` on the app's `port` and
+`<name>_green` on its `green_port`, and proxies to the one named in `/etc/nginx/live/<name>.conf`.
+That file is `invoke deploy`'s (it flips it); this role writes it only when it is missing, so a
+provision never flips a site back nor reports drift (see provisioner/colours.py).
+
 Every change goes through one file group checked by `nginx -t` over the whole configuration
 (all reverted on failure) and a graceful reload. A site taken out of `nginx_sites` is disabled:
 its links in sites-enabled go (its files stay in sites-available, Debian's way), so nginx stops
@@ -32,8 +38,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from provisioner.api import (Change, Noop, apt, file_group, files, handler, links, reject, run_step,
-                             systemd, templates)
+from provisioner.api import (Change, Noop, apt, colours, file_group, files, handler, links, reject,
+                             run_step, systemd, templates, write_step)
 
 HANDLER = "reload nginx"
 AVAILABLE, ENABLED = "/etc/nginx/sites-available", "/etc/nginx/sites-enabled"
@@ -129,9 +135,21 @@ def _site(i: int, s, ctx, seen: set) -> dict:
             reject(f"{at}", f"location {loc} is given twice or is /",
                    "give each static path, rate limit and cached path its own location below /")
     return {"name": name, "server_names": names, "servers": servers, "port": port,
+            "colours": _colours(ctx, name, group, port),
             "static": static, "rate_limits": limits, "cache": cache,
             "cache_dir": f"{CACHE_DIR}/{name}",
             "cert": f"{TLS_DIR}/{name}/fullchain.pem", "key": f"{TLS_DIR}/{name}/privkey.pem"}
+
+
+def _colours(ctx, site: str, group: str, port: int) -> dict | None:
+    """A blue-green app behind this site: each colour's upstream name and port, the live file
+    and the variable it sets (None: one upstream, `<site>_app`)."""
+    for app in getattr(ctx.inventory, "apps", {}).values():
+        if app.group == group and app.port == port and app.colours:
+            return {"upstreams": [{"name": colours.upstream(site, c), "port": p}
+                                  for c, p in app.colours.items()],
+                    "live_path": colours.live_path(site), "live_var": colours.live_var(site)}
+    return None
 
 
 def check(v: dict, ctx) -> dict:
@@ -201,6 +219,36 @@ class StaleSites:
         return {}
 
 
+@dataclass(frozen=True)
+class LiveColour:
+    """A blue-green site's live file, written (blue) only when missing: afterwards it is
+    `invoke deploy`'s, whatever colour it names."""
+    site: str
+
+    @property
+    def id(self) -> str:
+        return f"live colour of site {self.site}"
+
+    @property
+    def path(self) -> str:
+        return colours.live_path(self.site)
+
+    def facts(self) -> dict:
+        return {"files": [self.path]}
+
+    def plan(self, facts) -> list:
+        f = facts.file(self.path)
+        if f.exists:
+            return [Noop(self.id, f"deploy's: {colours.live_colour(self.site, f.content) or '?'}"
+                                  f" (in {self.path})")]
+        return [Change(self.id, "write", f"{self.path} absent: blue until the first deploy",
+                       (write_step(self.path, colours.live_conf(self.site, "blue"), "0644",
+                                   "root", "root"),), None, (HANDLER,))]
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
 def resources(v, ctx):
     c = dict(check(v, ctx), http2_directive=http2_directive(ctx.os))
     yield apt.packages(["nginx"])
@@ -208,6 +256,11 @@ def resources(v, ctx):
     for s in c["sites"]:
         if s["cache"]:
             yield files.directory(s["cache_dir"], mode="0700", owner="www-data", group="root")
+    if any(s["colours"] for s in c["sites"]):
+        yield files.directory(colours.LIVE_DIR)
+    for s in c["sites"]:          # before the group: its nginx -t reads them
+        if s["colours"]:
+            yield LiveColour(s["name"])
     members = [templates.template("/etc/nginx/nginx.conf", "nginx/nginx.conf.j2", c)]
     for s in c["sites"]:
         site = dict(c, site=s)
