@@ -36,6 +36,21 @@ def upstream(site: str, colour: str) -> str:
     return f"{site}_{colour}"
 
 
+def process(app: str, colour: str) -> str:
+    """The pm2 app of one colour of an app (role pm2 writes it, deploy starts it)."""
+    return f"{app}-{colour}"
+
+
+def ecosystem(app: str, colour: str | None) -> str:
+    """The pm2 ecosystem file of an app (colour None) or of one of its colours."""
+    return f"/srv/{app}/ecosystem{'-' + colour if colour else ''}.config.js"
+
+
+def link(app: str, colour: str) -> str:
+    """The link a colour runs from: /srv/<app>/<colour> -> releases/<id>."""
+    return f"/srv/{app}/{colour}"
+
+
 def live_conf(site: str, colour: str) -> str:
     """The file's whole text: a map whose only value is the live colour's upstream."""
     return (f"# Managed by invoke deploy (blue-green): the colour site {site} sends requests to.\n"

@@ -484,3 +484,29 @@ class TestLive:
         assert time.monotonic() - t0 < 90
         assert health()[1]["status"] == "ok"                     # the other app is untouched
         sh(SERVER, f"{PM2_AS_APP} delete crashy")
+
+
+def _blue_green_ctx():
+    app = SimpleNamespace(colours={"blue": 3000, "green": 3001})
+    return SimpleNamespace(os=CTX.os, check=False, inventory=SimpleNamespace(apps={"sample": app}))
+
+
+def test_a_blue_green_app_runs_as_two_pm2_apps_one_per_colour_and_port():
+    app = {"name": "sample", "script": "server.js", "instances": 2, "env": {"PORT": "9"}}
+    rs = list(PM2.resources(defaults(pm2_apps=[app]), _blue_green_ctx()))
+    assert [r.id for r in rs][-5:] == [
+        "directory /srv/sample", "template /srv/sample/ecosystem-blue.config.js",
+        "pm2 app sample-blue", "template /srv/sample/ecosystem-green.config.js",
+        "pm2 app sample-green"]
+    for colour, port in (("blue", 3000), ("green", 3001)):
+        eco = next(r for r in rs if r.id == f"template /srv/sample/ecosystem-{colour}.config.js")
+        text = eco.content.text
+        assert f'name: "sample-{colour}"' in text and f'cwd: "/srv/sample/{colour}"' in text
+        assert f'"PORT": "{port}"' in text
+        proc = next(r for r in rs if r.id == f"pm2 app sample-{colour}")
+        assert proc.script == f"/srv/sample/{colour}/server.js"    # not there: not started yet
+
+
+def test_a_blue_green_app_refuses_a_cwd_of_its_own():
+    with pytest.raises(ValueError, match="blue-green app runs each colour from /srv/sample/<colour>"):
+        list(PM2.resources(defaults(pm2_apps=[SAMPLE_APP]), _blue_green_ctx()))

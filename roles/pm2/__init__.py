@@ -29,6 +29,12 @@ Needs the `node` role on the same host (before it): Node.js, npm and the app use
   (delete + start: instances and exec_mode changes apply too); zero-downtime reloads belong to
   deploys. An app whose script does not exist yet (no release deployed) is not started.
 
+An app the inventory's `apps:` deploys with `strategy: blue-green` runs as two pm2 apps,
+`<name>-blue` and `<name>-green`, each from its own ecosystem file
+(/srv/<name>/ecosystem-<colour>.config.js), its own folder (/srv/<name>/<colour>, a link
+`invoke deploy` points at a release) and with PORT set to the colour's port (`port` and
+`green_port` of the app). A colour no deploy has used yet is not started.
+
 An app: {name, script, cwd, args, instances, exec_mode, max_memory_restart, env}
   name                lowercase letters, digits, '.', '_', '-' (required; /srv/<name>)
   script              file to run, relative to cwd or absolute (required)
@@ -46,8 +52,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.api import (Change, Noop, Secret, abs_path, check_key, file_fact, files, is_secret,
-                             render, run_step, sha256, systemd, templates, write_step)
+from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
+                             is_secret, render, run_step, sha256, systemd, templates, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -431,6 +437,26 @@ def ecosystem(app: dict, user: str):
     })
 
 
+def processes(raw: dict, app: dict, ctx) -> list[tuple[str, dict]]:
+    """(ecosystem path, checked app) of each pm2 app a pm2_apps entry runs as: itself, or
+    for a blue-green app of the inventory one per colour (see the module docstring)."""
+    name = app["name"]
+    deployed = getattr(getattr(ctx, "inventory", None), "apps", {}).get(name)
+    if not deployed or not deployed.colours:
+        return [(colours.ecosystem(name, None), app)]
+    if raw.get("cwd") or app["script"].startswith("/"):
+        raise ValueError(f"pm2_apps {name}: a blue-green app runs each colour from "
+                         f"/srv/{name}/<colour>: remove `cwd` and give `script` relative to it")
+    out = []
+    for colour, port in deployed.colours.items():
+        cwd = colours.link(name, colour)
+        out.append((colours.ecosystem(name, colour), dict(
+            app, name=colours.process(name, colour), cwd=cwd,
+            script_path=posixpath.join(cwd, app["script"]),
+            env={**app["env"], "PORT": str(port)})))
+    return out
+
+
 def check(v, ctx) -> list[dict]:
     """The role's vars judged (ValueError naming the var); the apps with defaults filled in."""
     if "node_app_user" not in v or "node_app_home" not in v:
@@ -466,15 +492,15 @@ def resources(v, ctx):
             ("compress", _conf_text(v["pm2_logrotate_compress"])),
             ("rotateInterval", v["pm2_logrotate_rotate_interval"]),
         ))
-    for app in apps:
-        folder = f"/srv/{app['name']}"
-        path = f"{folder}/ecosystem.config.js"
-        rendered = ecosystem(app, user)
-        yield files.directory(folder, mode="0750", owner=user, group=user)
-        yield dataclasses.replace(files.file(path, rendered, mode="0600", owner=user, group=user),
-                                  kind="template", src="pm2/ecosystem.config.js.j2")
-        yield Pm2App(app["name"], user, home, path, sha256(rendered.text), app["script_path"],
-                     str(app["instances"]))
+    for raw, app in zip(v["pm2_apps"], apps):
+        yield files.directory(f"/srv/{app['name']}", mode="0750", owner=user, group=user)
+        for path, proc in processes(raw, app, ctx):
+            rendered = ecosystem(proc, user)
+            yield dataclasses.replace(files.file(path, rendered, mode="0600", owner=user,
+                                                 group=user),
+                                      kind="template", src="pm2/ecosystem.config.js.j2")
+            yield Pm2App(proc["name"], user, home, path, sha256(rendered.text),
+                         proc["script_path"], str(proc["instances"]))
 
 
 def handlers(v, ctx):
