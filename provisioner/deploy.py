@@ -7,9 +7,12 @@ deploy:   build the artifact once -> lock + prepare on every host in parallel (n
           gate -> finish on every host (manifest, prune, audit line, lock released).
           --canary N: the first batch is N hosts, held and watched (their health on loopback,
           their 5xx rate in the load balancers' access logs) before the other batches.
+          blue-green: the idle colour of every host switches at once, passes its gate on its
+          own port, then the load balancers flip to it (go_live).
           A failed gate switches that host back; hosts switched before it go back too, so the
           fleet never runs two releases after a failed deploy.
 rollback: lock on every host -> the same switch to the previous good release -> finish.
+          blue-green: when the idle colour still runs that release and answers, only the flip.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from provisioner import balancers as lbs
+from provisioner import colours
 from provisioner import lock as run_lock
 from provisioner.connection import Connection, Unreachable
 from provisioner.errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_UNREACHABLE, InputError,
@@ -38,20 +43,17 @@ class Canary:
     balancers: tuple[Host, ...]        # where the canaries' answers are logged
 
 
-def load_balancers(inv: Inventory, app: App) -> list[Host]:
-    """The hosts whose role nginx proxies a site to the app's group and port (roles/nginx:
-    `nginx_sites` entries with upstream_group and upstream_port)."""
-    return [h for h in inv.hosts.values() if "nginx" in inv.roles_for(h.name) and any(
-        isinstance(s, dict) and s.get("upstream_group") == app.group
-        and s.get("upstream_port") == app.port for s in inv.hostvars(h.name).get("nginx_sites") or [])]
-
-
 def canary_plan(inv: Inventory, app: App, hosts: list[Host], n: int,
                 hold: float | None) -> Canary | None:
     """--canary N (0: none) checked against the fleet and the inventory: InputError before any
     server is touched."""
     if not n:
         return None
+    if app.colours:
+        raise InputError(Problem("command line", None, "--canary", f"app {app.name} deploys "
+                                 "blue-green: its load balancers flip every host at once",
+                                 "deploy without --canary (the new colour passes its health "
+                                 "gate before any request reaches it)"))
     if n >= len(hosts):
         fix = (f"pass --canary {len(hosts) - 1} or fewer" if len(hosts) > 1 else
                "a canary needs two hosts or more: deploy without --canary")
@@ -59,7 +61,7 @@ def canary_plan(inv: Inventory, app: App, hosts: list[Host], n: int,
                                  f"--canary {n} leaves no host to deploy after the canaries: app "
                                  f"{app.name} runs on {len(hosts)} host(s) here "
                                  f"({', '.join(h.name for h in hosts)})", fix))
-    balancers = load_balancers(inv, app)
+    balancers = [h for h, _ in lbs.balancers(inv, app)]
     if not balancers:
         raise InputError(Problem(inv.path, app.line, f"apps.{app.name}",
                                  f"no host runs role nginx with a site whose upstream_group is "
@@ -73,7 +75,8 @@ def canary_plan(inv: Inventory, app: App, hosts: list[Host], n: int,
 
 def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
     """The app's hosts (its group, narrowed by --limit), each checked to run the app's pm2 app
-    as the node role's user: InputError before any server is touched."""
+    as the node role's user (blue-green: behind a load balancer too, and all of them: the
+    flip moves every host): InputError before any server is touched."""
     group = inv.hosts_in(app.group)
     chosen = {h.name for h in inv.select(limit)} if limit else {h.name for h in group}
     hosts = [h for h in group if h.name in chosen]
@@ -90,6 +93,17 @@ def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
                                     f"host {h.name} (group {app.group}) has no pm2 app named "
                                     f"{app.name}", f"give group {app.group} the roles node and pm2 "
                                     f"and a `pm2_apps` entry `{{name: {app.name}, script: ...}}`"))
+    if app.colours and not lbs.balancers(inv, app):
+        problems.append(Problem(inv.path, app.line, f"apps.{app.name}.strategy",
+                                f"app {app.name} deploys blue-green, but no host runs role nginx "
+                                f"with a site whose upstream_group is {app.group} and "
+                                f"upstream_port {app.port}: nothing would flip to the new colour",
+                                "add that site to the load balancer's `nginx_sites`, or use "
+                                "`strategy: reload`"))
+    if app.colours and len(hosts) != len(group):
+        problems.append(Problem("command line", None, "--limit", f"app {app.name} deploys "
+                                "blue-green: the load balancers flip every host of group "
+                                f"{app.group} at once", "leave out --limit"))
     if problems:
         raise InputError(problems)
     return hosts
@@ -107,14 +121,25 @@ class Fleet:
     lost: dict[str, str] = field(default_factory=dict)     # unreachable host -> why: left alone
 
     def __post_init__(self):
+        self.balancers = lbs.balancers(self.inv, self.app)        # [(host, its sites)]
+        self.sites = {h.name: sites for h, sites in self.balancers}
         self.owner = run_lock.owner(self.events.run_id, self.task, self.inv.env)
         job = f" ({self.owner['ci_job']})" if self.owner.get("ci_job") else ""
         self.owner["by"] = f"{self.owner['who']}@{self.owner['from']}{job}"
 
     def base(self, host: Host, op: str, **more) -> dict:
         v = self.inv.hostvars(host.name)
-        return {"op": op, "app": self.app.name, "user": v["node_app_user"],
-                "home": v["node_app_home"], "run_id": self.events.run_id, **more}
+        req = {"op": op, "app": self.app.name, "user": v["node_app_user"],
+               "home": v["node_app_home"], "run_id": self.events.run_id}
+        if self.app.colours:      # blue-green: each colour's link and port; any one's env
+            req.update(colours={c: {"link": colours.link(self.app.name, c), "port": p}
+                                for c, p in self.app.colours.items()},
+                       health_path=self.app.health_path,
+                       ecosystem=colours.ecosystem(self.app.name, colours.COLOURS[0]))
+        return {**req, **more}
+
+    def call(self, host: Host, request: dict, timeout: float | None = None) -> dict:
+        return call(self.conn(host), request, timeout=timeout)
 
     def conn(self, host: Host) -> Connection:
         if host.name not in self.conns:
@@ -182,24 +207,33 @@ class Fleet:
                                          f"{answer['install']}"] + notes), answer
         return self.each(hosts, "prepare" if artifact else "lock", fn)
 
-    def switch(self, hosts: list[Host], release: str, revert: bool = True) -> dict[str, dict]:
+    def switch(self, hosts: list[Host], release: str, revert: bool = True,
+               colour: str | None = None) -> dict[str, dict]:
+        """current (blue-green: `colour`'s link and pm2 app) -> release, reload, health gate
+        on the port it listens on."""
+        port = self.app.colours[colour] if colour else self.app.port
+        where = {"link": colours.link(self.app.name, colour),
+                 "process": colours.process(self.app.name, colour),
+                 "ecosystem": colours.ecosystem(self.app.name, colour)} if colour else {}
+
         def fn(h: Host):
-            req = self.base(h, "switch", release=release, revert=revert, port=self.app.port,
+            req = self.base(h, "switch", release=release, revert=revert, port=port,
                             health_path=self.app.health_path,
-                            health_timeout=self.app.health_timeout)
+                            health_timeout=self.app.health_timeout, **where)
             # bounded: reload, the gate and maybe a switch back; a host cut off mid-switch
             # must not hold the rollout for the whole command timeout
             a = call(self.conn(h), req, timeout=3 * self.app.health_timeout + 120)
             if a.get("ok"):
-                return "changed", (f"current -> {release} (was {a['previous'] or 'none'}), pm2 "
-                                   f"{a['how']}, health: {a['seen']}"), a
+                return "changed", (f"{colour or 'current'} -> {release} (was "
+                                   f"{a['previous'] or 'none'}), pm2 {a['how']}, health: "
+                                   f"{a['seen']}"), a
             if "error" in a:
                 return "failed", a["error"], a
             back = (f"; switched back to {a['reverted']}, health: {a['revert_seen']}"
                     if a.get("reverted") else "; nothing to switch back to")
-            return "failed", (f"health gate failed for {release} on 127.0.0.1:{self.app.port}"
+            return "failed", (f"health gate failed for {release} on 127.0.0.1:{port}"
                               f"{self.app.health_path}: saw {a['seen']}{back}"), a
-        return self.each(hosts, f"switch {release}", fn)
+        return self.each(hosts, f"switch {colour + ' ' if colour else ''}{release}", fn)
 
     def watch(self, canaries: list[Host], release: str, canary: Canary) -> dict[str, dict]:
         """Hold the canaries `canary.hold` seconds: their health URL on loopback (one exec
@@ -240,14 +274,16 @@ class Fleet:
                 for n, a in answers if not a.get("ok")}
 
     def finish(self, hosts: list[Host], states: dict[str, str], result: str,
-               discard: str | None = None) -> None:
+               discard: str | None = None, point: str | None = None) -> None:
+        """point (blue-green, after the flip): current -> that release."""
         def fn(h: Host):
             audit = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "task": self.task, "app": self.app.name, "env": self.inv.env,
                      "by": self.owner["by"], "run_id": self.events.run_id, "result": result,
                      "states": states}
             a = call(self.conn(h), self.base(h, "finish", states=states, keep=self.app.keep,
-                                             audit=audit, audit_log=AUDIT_LOG, discard=discard))
+                                             audit=audit, audit_log=AUDIT_LOG, discard=discard,
+                                             point=point))
             if not a.get("ok"):
                 return "failed", a.get("error", "failed"), a
             pruned = f"; pruned {', '.join(a['pruned'])}" if a.get("pruned") else ""
@@ -306,8 +342,8 @@ def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:
     return EXIT_UNREACHABLE if all(a.get("unreachable") for a in bad) else EXIT_FAILED
 
 
-def rollout(fleet: Fleet, release: str, serial: int,
-            canary: Canary | None = None) -> tuple[bool, list[Host], dict]:
+def rollout(fleet: Fleet, release: str, serial: int, canary: Canary | None = None,
+            colour: str | None = None) -> tuple[bool, list[Host], dict]:
     """Switch batch by batch (a canary batch first, held and watched); on the first failure,
     switch back every host this rollout switched. Returns (passed, hosts that ended on the
     old release, the failed answers)."""
@@ -316,16 +352,49 @@ def rollout(fleet: Fleet, release: str, serial: int,
         plan = [fleet.hosts[:canary.hosts]] + batches(fleet.hosts[canary.hosts:], serial)
     done: list[tuple[Host, str | None]] = []
     for i, batch in enumerate(plan):
-        answers = fleet.switch(batch, release)
+        answers = fleet.switch(batch, release, colour=colour)
         failed = {n: a for n, a in answers.items() if not a.get("ok")}
         done += [(h, answers[h.name].get("previous")) for h in batch if h.name not in failed]
         if canary and i == 0 and not failed:
             failed = fleet.watch(batch, release, canary)
         if failed:
             for previous in {p for _, p in done if p}:
-                fleet.switch([h for h, p in done if p == previous], previous, revert=False)
+                fleet.switch([h for h, p in done if p == previous], previous, revert=False,
+                             colour=colour)
             return False, [h for h, _ in done], failed
     return True, [], {}
+
+
+def go_live(fleet: Fleet, release: str, answers: dict[str, dict]) -> tuple[bool, list[Host], dict]:
+    """blue-green: the idle colour runs `release` on every host (switched at once and gated
+    on its own port, unless it already runs it and answers: a rollback), then every load
+    balancer flips to it. Nothing serves the new release before the flip; a failed gate
+    switches the idle colour back (it stays the way back); a refused flip flips back the
+    load balancers that had flipped. Returns what rollout() returns."""
+    live, seen = lbs.live_colour(fleet)
+    if live is None:
+        return False, [], {"lb": {"ok": False, "why": f"the load balancers do not agree on a "
+                                  f"live colour ({seen}): provision them, or flip them by hand"}}
+    idle = colours.other(live)
+    if not all(_runs(answers[h.name], idle, release) for h in fleet.hosts):
+        passed, back, failed = rollout(fleet, release, 0, colour=idle)
+        if not passed:
+            return passed, back, failed
+    flipped = lbs.flip(fleet, idle)
+    refused = {n: a for n, a in flipped.items() if not a.get("ok")}
+    if refused:
+        if len(refused) < len(flipped):
+            lbs.flip(fleet, live)
+        return False, [], {n: dict(a, why=f"{n}: flip to {idle} refused: "
+                                          f"{a.get('error', 'unreachable')}")
+                           for n, a in refused.items()}
+    return True, [], {}
+
+
+def _runs(lock_answer: dict, colour: str, release: str) -> bool:
+    """Whether the lock phase saw `colour` run `release` and answer healthy on this host."""
+    seen = (lock_answer.get("colours") or {}).get(colour) or {}
+    return seen.get("release") == release and bool(seen.get("healthy"))
 
 
 def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None = None) -> int:
@@ -345,10 +414,14 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
         if not backed_up or not fleet.migrate(fleet.hosts[0], release, fleet.app.migrate):
             fleet.finish(fleet.hosts, {}, "migration failed", discard=release)
             return EXIT_FAILED
-    passed, back, failed = rollout(fleet, release, serial, canary)
-    seen = [a["why"] for a in failed.values() if a.get("canary")]
+    if fleet.app.colours:
+        passed, back, failed = go_live(fleet, release, answers)
+    else:
+        passed, back, failed = rollout(fleet, release, serial, canary)
+    seen = [a["why"] for a in failed.values() if a.get("why")]
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
-                 "ok" if passed else "canary failed" if seen else "health gate failed")
+                 "ok" if passed else "canary failed" if seen else "health gate failed",
+                 point=release if passed and fleet.app.colours else None)
     if passed:
         return EXIT_OK
     if fleet.lost:
@@ -356,10 +429,12 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
         fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(fleet.lost)} unreachable during "
                               f"the rollout of {release}: {where}")
         return EXIT_UNREACHABLE
-    if seen:
+    if seen and canary:
         return fleet.events.fail_run(EXIT_FAILED, f"canary of {release} failed: {'; '.join(seen)}; "
                                      f"switched back: {', '.join(h.name for h in back)}, to the "
                                      "release each ran before")
+    if seen:
+        return fleet.events.fail_run(EXIT_FAILED, f"{release} did not go live: {'; '.join(seen)}")
     return EXIT_FAILED
 
 
@@ -392,9 +467,16 @@ def rollback(fleet: Fleet, to: str | None, serial: int, with_migrations: bool = 
                 {"TARGET_RELEASE_DIR": f"/srv/{fleet.app.name}/releases/{target}"}):
             fleet.unlock(fleet.hosts)
             return EXIT_FAILED
-    passed, _, failed = rollout(fleet, target, serial)
+    if fleet.app.colours:
+        passed, _, failed = go_live(fleet, target, answers)
+    else:
+        passed, _, failed = rollout(fleet, target, serial)
     states = {target: "live", **{c: "rolled-back" for c in currents}} if passed else {}
-    fleet.finish(fleet.hosts, states, "ok" if passed else "health gate failed")
+    fleet.finish(fleet.hosts, states, "ok" if passed else "health gate failed",
+                 point=target if passed and fleet.app.colours else None)
     if passed:
         return EXIT_OK
+    seen = [a["why"] for a in failed.values() if a.get("why")]
+    if seen:
+        return fleet.events.fail_run(EXIT_FAILED, f"{target} did not go live: {'; '.join(seen)}")
     return EXIT_UNREACHABLE if all(a.get("unreachable") for a in failed.values()) else EXIT_FAILED

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner import balancers as lbs
 from provisioner import deploy as flows
 from provisioner.errors import InputError
 from provisioner.inventory import Host
@@ -79,9 +80,9 @@ def test_an_app_gets_canary_defaults_and_bad_ones_name_the_key(root: Path):
 def test_the_load_balancers_are_the_nginx_hosts_proxying_to_the_app(lb_root: Path):
     inv = load(lb_root, LB)
     app = inv.app(None)
-    assert [h.name for h in flows.load_balancers(inv, app)] == ["db1"]
+    assert [(h.name, sites) for h, sites in lbs.balancers(inv, app)] == [("db1", ("shop",))]
     other = load(lb_root, LB.replace("upstream_port: 3000", "upstream_port: 4000"))
-    assert flows.load_balancers(other, other.app(None)) == []
+    assert lbs.balancers(other, other.app(None)) == []
 
 
 def test_a_canary_plan_takes_the_hold_from_the_flag_or_the_app(lb_root: Path):
@@ -123,7 +124,7 @@ class FakeFleet:
                       for i in range(1, n + 1)]
         self.trouble, self.log = trouble, []
 
-    def switch(self, hosts, release, revert=True):
+    def switch(self, hosts, release, revert=True, colour=None):
         self.log.append(("switch", [h.name for h in hosts], release))
         return {h.name: {"ok": True, "previous": "old"} for h in hosts}
 

@@ -8,6 +8,8 @@ Layout of an app (ROOT = /srv/<app>):
     ROOT/releases/<id>.building   a release being prepared (removed when its deploy dies)
     ROOT/shared/               paths kept across releases, linked into each release
     ROOT/current -> releases/<id>   swapped atomically (symlink beside it, then rename)
+    ROOT/blue, ROOT/green -> releases/<id>   blue-green: what each colour's pm2 app runs
+                               (current: the live colour's release, set once the flip is done)
     ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}]
     ROOT/.deploy.lock/         the deploy lock: made by one mkdir; owner.json says who
 States: prepared -> live -> retired (passed its health gate: a rollback target) | failed |
@@ -123,14 +125,24 @@ class App:
         return self.as_user(["/usr/local/bin/pm2"] + list(args), cwd=self.home,
                             env={"PM2_HOME": self.home + "/.pm2"})
 
-    def online(self):
-        """Instances of the app pm2 reports online."""
+    def online(self, name=None):
+        """Instances of the app (or of pm2 app `name`: a colour) pm2 reports online."""
         try:
             apps = json.loads(self.pm2("jlist") or "[]")
         except ValueError:
             return 0
-        return sum(1 for a in apps if a.get("name") == self.name
+        return sum(1 for a in apps if a.get("name") == (name or self.name)
                    and (a.get("pm2_env") or {}).get("status") == "online")
+
+    def colour_links(self, colours):
+        """blue-green: {colour: the release its link points to, or None}."""
+        out = {}
+        for colour, c in (colours or {}).items():
+            try:
+                out[colour] = os.path.basename(os.readlink(c["link"]))
+            except OSError:
+                out[colour] = None
+        return out
 
 
 def controller_gone():
@@ -217,7 +229,7 @@ def op_lock(app, req, data):
     if not got["acquired"]:
         return dict(got, ok=False)
     fd = hold(app, req["owner"]["run_id"])
-    answer = {"ok": True, "took_over": got.get("took_over"), "cleaned": clean(app)}
+    answer = {"ok": True, "took_over": got.get("took_over"), "cleaned": clean(app, req.get("colours"))}
     if req.get("artifact"):
         try:
             answer.update(prepare(app, req, data))
@@ -230,12 +242,20 @@ def op_lock(app, req, data):
             raise
     answer["manifest"] = app.manifest()
     answer["current"] = app.live()
+    if req.get("colours"):       # blue-green: what each colour runs, and whether it answers
+        answer["colours"] = {}
+        for colour, rel in app.colour_links(req["colours"]).items():
+            url = health_url({"port": req["colours"][colour]["port"],
+                              "health_path": req["health_path"]})
+            healthy, seen = probe(url, rel) if rel else (False, "never started")
+            answer["colours"][colour] = {"release": rel, "healthy": healthy, "seen": seen}
     os.close(fd)
     return answer
 
 
-def clean(app):
+def clean(app, colours=None):
     os.makedirs(app.releases, 0o755, exist_ok=True)
+    running = set(app.colour_links(colours).values())    # blue-green: each colour's release
     live = app.live()
     entries = app.manifest()
     cleaned = []
@@ -246,7 +266,7 @@ def clean(app):
             cleaned.append(name)
     keep = []
     for e in entries:
-        if e.get("state") == "prepared" and e["id"] != live:
+        if e.get("state") == "prepared" and e["id"] != live and e["id"] not in running:
             shutil.rmtree(os.path.join(app.releases, e["id"]), ignore_errors=True)
             cleaned.append(e["id"])
         else:
@@ -376,28 +396,28 @@ def link_shared(app, release_dir, shared, uid, gid):
         os.symlink(target, here)
 
 
-def point(app, release):
-    """current -> releases/<release>, atomically: a new link beside it, renamed over it."""
-    tmp = app.current + ".tmp"
+def point(link, release):
+    """link (current, or a colour's) -> releases/<release>, atomically: a new link beside
+    it, renamed over it."""
+    tmp = link + ".tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.symlink("releases/" + release, tmp)
-    os.rename(tmp, app.current)
+    os.rename(tmp, link)
 
 
-def reload(app):
-    """pm2 reload (cluster mode: one instance at a time, no request dropped); the first
-    release starts the app from the ecosystem file role pm2 wrote, and records its stamp so
-    that the next provision sees it started from that file."""
-    if app.online():
-        app.pm2("reload", app.name)
+def reload(app, name, eco):
+    """pm2 reload of pm2 app `name` (cluster mode: one instance at a time, no request
+    dropped); the first release starts it from the ecosystem file role pm2 wrote, and records
+    its stamp so that the next provision sees it started from that file."""
+    if app.online(name):
+        app.pm2("reload", name)
         return "reloaded"
-    eco = app.root + "/ecosystem.config.js"
     if not os.path.exists(eco):
         raise Fail("%s is missing: provision the host first (role pm2 writes it)" % eco)
     app.pm2("start", eco)
     app.pm2("save")
-    stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, app.name)
+    stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, name)
     if os.path.isdir(os.path.dirname(stamp)):
         with open(stamp, "w") as f:
             f.write(sha_of(eco) + "\n")
@@ -440,20 +460,27 @@ def health(app, req, release):
 
 
 def op_switch(app, req, data):
-    """current -> req["release"], reload, health gate; a failed gate switches this host back
-    (and reloads) when it had a live release before."""
+    """current (blue-green: the idle colour's link) -> req["release"], reload, health gate
+    on the port given; a failed gate switches this host back (and reloads) when it had a
+    release there before."""
     fd = hold(app, req["run_id"])
     release = req["release"]
+    link = req.get("link") or app.current
+    name = req.get("process") or app.name
+    eco = req.get("ecosystem") or app.root + "/ecosystem.config.js"
     if not os.path.isdir(os.path.join(app.releases, release)):
         raise Fail("release %s is not on this host" % release)
-    before = app.live()
-    point(app, release)
-    how = reload(app)
+    try:
+        before = os.path.basename(os.readlink(link))
+    except OSError:
+        before = None
+    point(link, release)
+    how = reload(app, name, eco)
     passed, seen = health(app, req, release)
     answer = {"ok": passed, "previous": before, "seen": seen, "how": how}
     if not passed and before and before != release and req.get("revert", True):
-        point(app, before)
-        reload(app)
+        point(link, before)
+        reload(app, name, eco)
         back, seen_back = health(app, req, before)
         answer.update(reverted=before, revert_ok=back, revert_seen=seen_back)
     os.close(fd)
@@ -545,6 +572,8 @@ def op_watch_5xx(app, req, data):
 def op_finish(app, req, data):
     """States in the manifest, old releases pruned, the audit line, the lock released."""
     fd = hold(app, req["run_id"])
+    if req.get("point"):            # blue-green: the flip is done, current names what is live
+        point(app.current, req["point"])
     live = app.live()
     gone = req.get("discard")
     if gone and gone != live:           # a prepared release whose deploy stopped before the switch
@@ -560,7 +589,8 @@ def op_finish(app, req, data):
             e["state"] = "live"
         elif e["state"] == "live" and e["id"] != live:
             e["state"] = "retired"
-    pruned = prune(app, entries, live, req["keep"])
+    running = set(app.colour_links(req.get("colours")).values())
+    pruned = prune(app, entries, {live} | running, req["keep"])
     app.save([e for e in entries if e["id"] not in pruned])
     line = dict(req["audit"], host=os.uname()[1], current=live)
     os.makedirs(os.path.dirname(req["audit_log"]), 0o750, exist_ok=True)
@@ -571,11 +601,12 @@ def op_finish(app, req, data):
     return {"ok": True, "pruned": pruned, "current": live, "manifest": app.manifest()}
 
 
-def prune(app, entries, live, keep):
-    """The oldest releases beyond `keep`: never current, never the newest good one."""
+def prune(app, entries, running, keep):
+    """The oldest releases beyond `keep`: never current or a colour's, never the newest good
+    one."""
     ids = sorted(e["id"] for e in entries)
     good = sorted(e["id"] for e in entries if e["state"] in GOOD)
-    protect = {live, good[-1] if good else None}
+    protect = set(running) | {good[-1] if good else None}
     extra = [i for i in ids if i not in protect][:max(0, len(ids) - keep)]
     for rid in extra:
         shutil.rmtree(os.path.join(app.releases, rid), ignore_errors=True)
@@ -661,7 +692,7 @@ def op_restore(app, req, data):
 
 def app_env(app):
     """The pm2 app's environment as its ecosystem file (role pm2) sets it: what the app sees."""
-    eco = app.root + "/ecosystem.config.js"
+    eco = app.req.get("ecosystem") or app.root + "/ecosystem.config.js"
     out = app.as_user(["node", "-e", "const a = require(process.argv[1]).apps[0];"
                        "process.stdout.write(JSON.stringify(a.env || {}))", eco], cwd=app.root)
     return {str(k): str(v) for k, v in json.loads(out).items()}
@@ -679,7 +710,56 @@ def op_migrate(app, req, data):
     return {"ok": True, "output": out[-4000:]}
 
 
-OPS = {"backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
+# --- the load balancer's side of blue-green: the live colour files --------------------------
+
+def op_colours(app, req, data):
+    """The live files of the app's sites (their text, None when missing)."""
+    return {"ok": True, "files": {p: read_text(p) for p in req["files"]}}
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def op_flip(app, req, data):
+    """Write the live files (each beside itself, then renamed over it), check the whole
+    configuration with `nginx -t`, reload nginx gracefully; a failed check puts the old
+    files back and reloads nothing."""
+    old = {p: read_text(p) for p in req["files"]}
+    for path, text in req["files"].items():
+        write_atomic(path, text)
+    app.commands += 1
+    check = subprocess.run(["nginx", "-t", "-q"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    if check.returncode != 0:
+        for path, text in old.items():
+            if text is None:
+                os.unlink(path)
+            else:
+                write_atomic(path, text)
+        raise Fail("nginx -t refused the flip (old files kept):\n%s"
+                   % check.stdout.decode("utf-8", "replace")[-2000:])
+    app.commands += 1
+    subprocess.run(["systemctl", "reload", "nginx"], check=True, stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT)
+    return {"ok": True, "before": old}
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+
+
+OPS = {"colours": op_colours, "flip": op_flip, "backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
        "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx}
 

@@ -1,0 +1,162 @@
+"""`strategy: blue-green` without a server: the inventory keys, what is refused before any
+server is touched, and the flows (provisioner/deploy.py: go_live, deploy, rollback) against a
+simulation of the server side: what each host's colours run, what the load balancer's live
+file says. Live: tests/test_deploy_live.py (blue-green under load through lb1)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from provisioner import colours
+from provisioner import deploy as flows
+from provisioner.errors import InputError
+from provisioner.events import Events
+from test_canary import LB, lb_root  # noqa: F401  (fixture)
+from test_inventory import fail, load, only, root  # noqa: F401  (fixture)
+
+BG = LB.replace("    group: app\n", "    group: app\n    strategy: blue-green\n")
+
+
+@pytest.fixture
+def bg_root(lb_root: Path) -> Path:
+    """The test roles, with the app user the node role makes (deploys run pm2 as it)."""
+    with (lb_root / "roles" / "node" / "defaults.yml").open("a") as f:
+        f.write("node_app_user: app\nnode_app_home: /home/app\n")
+    return lb_root
+
+
+def test_green_listens_on_port_plus_one_unless_told(lb_root: Path):
+    root = lb_root
+    assert load(root, BG).app(None).colours == {"blue": 3000, "green": 3001}
+    assert load(root, BG.replace("strategy: blue-green", "strategy: blue-green\n    "
+                                 "green_port: 4000")).app(None).colours == {"blue": 3000,
+                                                                            "green": 4000}
+    assert load(root, LB).app(None).colours == {}
+
+
+@pytest.mark.parametrize("edit, key, says", [
+    ("strategy: blue-green\n    green_port: 3000", "apps.shop.green_port", "both listen on 3000"),
+    ("strategy: reload\n    green_port: 3001", "apps.shop.green_port", "strategy is reload"),
+    ("strategy: purple", "apps.shop.strategy", "blue-green"),
+])
+def test_bad_blue_green_keys_name_the_key(lb_root: Path, edit, key, says):
+    root = lb_root
+    p = only(fail(root, BG.replace("strategy: blue-green", edit)), key)
+    assert says in p.message + (p.fix or ""), str(p)
+
+
+def test_blue_green_without_a_load_balancer_or_with_limit_is_refused(bg_root: Path):
+    inv = load(bg_root, BG.replace("upstream_port: 3000", "upstream_port: 4000"))
+    with pytest.raises(InputError) as e:
+        flows.app_hosts(inv, inv.app(None), None)
+    assert "nothing would flip to the new colour" in str(e.value)
+    inv = load(bg_root, BG)
+    with pytest.raises(InputError) as e:
+        flows.app_hosts(inv, inv.app(None), "web1")
+    assert "leave out --limit" in str(e.value)
+    with pytest.raises(InputError) as e:
+        flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, None)
+    assert "flip every host at once" in str(e.value)
+
+
+class Servers:
+    """The server side as the flows see it: per host each colour's release and which releases
+    answer healthy; the load balancer's live files. Records every request."""
+
+    def __init__(self, blue=None, green=None, live="blue", sick=()):
+        self.colour = {h: {"blue": blue, "green": green} for h in ("web1", "web2")}
+        self.live, self.sick, self.current, self.log = live, set(sick), {}, []
+
+    def call(self, host, req, data=b"", timeout=None):
+        op, name = req["op"], host
+        self.log.append((name, op, req.get("release") or req.get("point")))
+        if op == "lock":
+            return {"ok": True, "current": self.current.get(name),
+                    "manifest": [{"id": r, "state": "retired"} for r in ("r1", "r2")],
+                    "colours": {c: {"release": r, "healthy": r is not None and
+                                    (name, r) not in self.sick}
+                                for c, r in self.colour[name].items()}}
+        if op == "switch":
+            colour = req["link"].rsplit("/", 1)[1]
+            before = self.colour[name][colour]
+            self.colour[name][colour] = req["release"]
+            ok = (name, req["release"]) not in self.sick
+            if not ok and before and req["revert"]:
+                self.colour[name][colour] = before
+            return {"ok": ok, "previous": before, "seen": "200" if ok else "500", "how": "reloaded",
+                    **({} if ok or not before else {"reverted": before, "revert_seen": "200"})}
+        if op == "colours":
+            return {"ok": True, "files": {p: colours.live_conf("shop", self.live)
+                                          for p in req["files"]}}
+        if op == "flip":
+            self.live = colours.live_colour("shop", next(iter(req["files"].values())))
+            return {"ok": True, "seconds": 0.05}
+        if op == "finish":
+            if req.get("point"):
+                self.current[name] = req["point"]
+            return {"ok": True, "current": self.current.get(name)}
+        raise AssertionError(op)
+
+
+def fleet_of(inv, servers: Servers, monkeypatch) -> flows.Fleet:
+    class Conn:
+        commands = 0
+
+        def __init__(self, host):
+            self.host = host
+
+        def close(self):
+            pass
+    monkeypatch.setattr(flows.Fleet, "conn", lambda self, h: Conn(h.name))
+    monkeypatch.setattr(flows, "call", lambda conn, req, data=b"", timeout=None:
+                        servers.call(conn.host, req, data, timeout))
+    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
+                    stream_out=io.StringIO(), stream_err=io.StringIO())
+    return flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
+
+
+def test_a_release_starts_as_the_idle_colour_then_the_load_balancer_flips(bg_root, monkeypatch):
+    servers = Servers(blue="r1", live="blue")
+    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
+    passed, back, failed = flows.go_live(fleet, "r2", answers)
+    assert (passed, back, failed) == (True, [], {})
+    assert servers.colour["web1"] == servers.colour["web2"] == {"blue": "r1", "green": "r2"}
+    assert servers.live == "green"
+    ops = [(h, op) for h, op, _ in servers.log[2:]]
+    # both hosts' green switched (gated) before the one flip on the load balancer (db1 here)
+    assert ops[0] == ("db1", "colours") and ops[-1] == ("db1", "flip")
+    assert sorted(ops[1:3]) == [("web1", "switch"), ("web2", "switch")]
+
+
+def test_a_failed_gate_flips_nothing_and_the_idle_colour_goes_back(bg_root, monkeypatch):
+    servers = Servers(blue="r1", green="r0", live="blue", sick=[("web2", "r2")])
+    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
+    passed, _, failed = flows.go_live(fleet, "r2", answers)
+    assert not passed and list(failed) == ["web2"]
+    assert servers.live == "blue", "nothing flipped: the new release never served a request"
+    # web1's green passed its gate and went back: green is still the way back to r0
+    assert servers.colour["web1"] == servers.colour["web2"] == {"blue": "r1", "green": "r0"}
+
+
+def test_a_rollback_is_only_the_flip_when_the_old_colour_still_runs_it(bg_root, monkeypatch):
+    servers = Servers(blue="r1", green="r2", live="green")
+    servers.current = {"web1": "r2", "web2": "r2"}
+    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    assert flows.rollback(fleet, None, 1) == 0
+    assert servers.live == "blue" and servers.current == {"web1": "r1", "web2": "r1"}
+    assert not [x for x in servers.log if x[1] == "switch"], "no switch, no reload: a flip"
+    assert [op for _, op, _ in servers.log].count("flip") == 1
+
+
+def test_load_balancers_that_disagree_stop_the_flow_before_any_switch(bg_root, monkeypatch):
+    servers = Servers(blue="r1", live="blue")
+    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    servers.live = "purple"                           # a hand-edited live file: no colour
+    answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
+    passed, _, failed = flows.go_live(fleet, "r2", answers)
+    assert not passed and "do not agree on a live colour" in failed["lb"]["why"]
+    assert not [x for x in servers.log if x[1] in ("switch", "flip")]
