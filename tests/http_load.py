@@ -75,6 +75,7 @@ class Load:
     statuses: list = field(default_factory=list)     # per request: HTTP status or the error
     latencies: list = field(default_factory=list)    # seconds, successful requests
     seconds: float = 0.0
+    retried: int = 0         # GETs sent again after nginx closed a kept-alive connection
 
     @property
     def failed(self) -> list:
@@ -86,16 +87,22 @@ class Load:
         return (f"{len(self.statuses)} requests in {self.seconds:.1f} s: "
                 f"{len(self.statuses) / self.seconds if self.seconds else 0:.0f} req/s, "
                 f"p50 {p(0.50):.1f} ms, p99 {p(0.99):.1f} ms, "
-                f"mean {statistics.fmean(lat) * 1000:.1f} ms, {len(self.failed)} failed")
+                f"mean {statistics.fmean(lat) * 1000:.1f} ms, {len(self.failed)} failed"
+                + (f", {self.retried} retried on a new connection" if self.retried else ""))
 
 
 def load(connect: Callable[[], http.client.HTTPConnection], total: int, threads: int = 8,
          path: str = "/", at: dict[int, Callable[[], None]] | None = None,
-         until: threading.Event | None = None) -> Load:
+         until: threading.Event | None = None, retry_closed: bool = False) -> Load:
     """`total` GETs of `path` over `threads` keep-alive connections (a failed one is opened
     again). `at` = {n: fn}: one at a time and in order of n, fn() runs once n requests have
     completed, while the load goes on. `until`: stop early once it is set (e.g. by the last
-    fn). Each request has the connection's timeout: bounded."""
+    fn). Each request has the connection's timeout: bounded.
+
+    retry_closed: a GET whose kept-alive connection the server closed before any answer came is
+    sent once more on a new connection, as browsers and most HTTP clients do. nginx's graceful
+    reload closes its idle client connections (documented behaviour; blue-green's flip reloads
+    it): without this, a client that does not retry sees that close as a failure."""
     out = Load()
     lock = threading.Lock()
     progress = threading.Condition(lock)
@@ -115,16 +122,25 @@ def load(connect: Callable[[], http.client.HTTPConnection], total: int, threads:
                     break
                 taken[0] += 1
             t0 = time.monotonic()
-            try:
-                conn.request("GET", path)
-                r = conn.getresponse()
-                r.read()
-                status: object = r.status
-                if r.will_close:
+            for attempt in (1, 2):
+                reused = conn.sock is not None
+                try:
+                    conn.request("GET", path)
+                    r = conn.getresponse()
+                    r.read()
+                    status: object = r.status
+                    if r.will_close:
+                        conn.close()
+                except (OSError, http.client.HTTPException) as e:
+                    status = f"{type(e).__name__}: {e}"
                     conn.close()
-            except (OSError, http.client.HTTPException) as e:
-                status = f"{type(e).__name__}: {e}"
-                conn.close()
+                    if retry_closed and reused and attempt == 1 and isinstance(
+                            e, (http.client.RemoteDisconnected, ConnectionResetError,
+                                BrokenPipeError)):
+                        with lock:
+                            out.retried += 1
+                        continue
+                break
             dt = time.monotonic() - t0
             with progress:
                 out.statuses.append(status)

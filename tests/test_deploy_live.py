@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from bluegreen_env import PORTS as COLOUR_PORT
+from bluegreen_env import blue_green_env
 from conftest import REPO, invoke
 from engine_helpers import ADDRESSES, sh, wait_for
-from http_load import Connection, load, trusting
+from http_load import Connection, get, load, trusting
 from provisioner.testbed import acme
 
 WEB = ("web1", "web2")
@@ -106,8 +108,8 @@ def fleet(local_env):
     return WEB
 
 
-def deploy(repo, ref, *more, task="deploy"):
-    args = [task, "--env", "local", "--yes", *more]
+def deploy(repo, ref, *more, task="deploy", env="local"):
+    args = [task, "--env", env, "--yes", *more]
     if task == "deploy":
         args += ["--source", str(repo), "--ref", ref]
     t0 = time.monotonic()
@@ -124,9 +126,9 @@ def deploy_in_background(repo, ref, stderr=subprocess.PIPE) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def health(host: str) -> dict:
+def health(host: str, port: int = 3000) -> dict:
     out = sh(host, "python3 -c \"import urllib.request as u; print(u.urlopen("
-                   "'http://127.0.0.1:3000/health', timeout=5).read().decode())\"").stdout
+                   f"'http://127.0.0.1:{port}/health', timeout=5).read().decode())\"").stdout
     return json.loads(out)
 
 
@@ -138,8 +140,14 @@ def releases() -> dict:
     return json.loads(invoke("releases", "--env", "local", "--json").stdout)["hosts"]
 
 
-def through_lb(ops) -> tuple:
-    """A bounded load through lb1 while ops() runs (it starts after 200 requests)."""
+def lb() -> Connection:
+    return Connection(NAME, ADDRESSES["lb1"], trusting(str(acme.ROOT_FILE)))
+
+
+def through_lb(ops, retry_closed: bool = False) -> tuple:
+    """A bounded load through lb1 while ops() runs (it starts after 200 requests).
+    retry_closed: a GET on a kept-alive connection nginx closed at a reload is sent again, as
+    clients do (see http_load.load)."""
     done = threading.Event()
     results = []
 
@@ -148,8 +156,8 @@ def through_lb(ops) -> tuple:
             results.append(ops())
         finally:
             done.set()
-    result = load(lambda: Connection(NAME, ADDRESSES["lb1"], trusting(str(acme.ROOT_FILE))),
-                  MAX_REQUESTS, threads=3, at={200: run}, until=done)
+    result = load(lb, MAX_REQUESTS, threads=3, at={200: run}, until=done,
+                  retry_closed=retry_closed)
     print(f"\nload through lb1: {result.summary()}")
     assert len(result.statuses) < MAX_REQUESTS, "the load ended before the operations did"
     return result, results[0] if results else None
@@ -371,4 +379,84 @@ def test_a_canary_over_the_5xx_threshold_switches_back_and_exits_1(fleet, repo):
     assert "lb1 logged" in out and "x 503" in out and "(limit 1 %)" in out, out
     assert {h: current(h) for h in WEB} == before
     # nginx retried every 503 on web2: the load saw none of them
+    assert result.failed == [], result.failed[:5]
+
+
+# --- blue-green (strategy: blue-green): last in this module, they convert the sample app -----
+
+@pytest.fixture(scope="module")
+def bluegreen(fleet):
+    """env localbg: the sample app deployed blue-green on the same servers (bluegreen_env)."""
+    def provision(env):
+        invoke("provision", "--env", env, "--limit", "app,lb", "--yes", timeout=3000)
+    with blue_green_env(provision) as env:
+        yield env
+
+
+def through_lb_health() -> str:
+    """The release lb1 serves (its /health, through nginx)."""
+    return json.loads(get(lb(), "/health").body)["release"]
+
+
+def flip_seconds(out: str) -> float:
+    """The seconds of the flip step (`-> <colour> (nginx -t, reload) in X s`)."""
+    import re
+    found = re.findall(r"\(nginx -t, reload\) in ([0-9.]+) s", out)
+    assert found, out
+    return max(map(float, found))
+
+
+def test_blue_green_deploys_and_a_flip_back_lose_no_request(bluegreen, repo):
+    repo, commits = repo
+    first = deploy(repo, commits["v1"], env=bluegreen)   # the first: green; `sample` retires
+    assert first.returncode == 0, first.stdout + first.stderr
+    v1 = current("web1")
+    assert through_lb_health() == v1
+
+    def ops():
+        steps = []
+        r = deploy(repo, commits["v2"], env=bluegreen)
+        steps.append(("v2", r.returncode, through_lb_health(), r.stdout + r.stderr, r.seconds))
+        t0 = time.monotonic()
+        back = deploy(repo, None, task="rollback", env=bluegreen)
+        steps.append(("rollback", back.returncode, through_lb_health(), back.stdout + back.stderr,
+                      time.monotonic() - t0))
+        return steps
+    result, steps = through_lb(ops, retry_closed=True)
+    (_, code2, live2, out2, _), (_, code_rb, live_rb, out_rb, rb_seconds) = steps
+    assert (code2, code_rb) == (0, 0), out2 + out_rb
+    v2 = current("web2")
+    assert v2.endswith(commits["v2"][:12]) and live2 == v2
+    assert live_rb == v1, "the rollback flipped back to the colour still running v1"
+    assert "| switch" not in out_rb, "a rollback to what the old colour runs is only a flip"
+    # both colours run: each answers on its own port with its own release
+    assert {health(h, COLOUR_PORT["green"])["release"] for h in WEB} == {v1}
+    assert {health(h, COLOUR_PORT["blue"])["release"] for h in WEB} == {v2}
+    assert {h: current(h) for h in WEB} == {h: v1 for h in WEB}
+    states = {e["id"]: e["state"] for e in releases()["web1"]["releases"]}
+    assert (states[v1], states[v2]) == ("live", "rolled-back")
+    print(f"\nrollback (a flip): {rb_seconds:.2f} s in all, the flip on lb1 "
+          f"{flip_seconds(out_rb):.2f} s; load retried {result.retried} GET(s) on a new "
+          "connection after nginx's reloads")
+    assert result.failed == [], result.failed[:5]
+
+
+def test_a_blue_green_release_failing_its_gate_is_never_served(bluegreen, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"], env=bluegreen).returncode == 0
+    live = current("web1")
+    idle = next(c for c, port in COLOUR_PORT.items() if health("web1", port)["release"] != live)
+    idle_before = {h: health(h, COLOUR_PORT[idle]) for h in WEB}
+    result, r = through_lb(lambda: deploy(repo, commits["broken"], env=bluegreen),
+                           retry_closed=True)
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert f"web2 | sample | switch {idle}" in out and "health gate failed" in out, out
+    assert "flip to" not in out, "nothing flipped"
+    assert through_lb_health() == live and {h: current(h) for h in WEB} == {h: live for h in WEB}
+    # the idle colour went back to what it ran: still the way back for a rollback
+    assert {h: health(h, COLOUR_PORT[idle])["release"] for h in WEB} == \
+        {h: a["release"] for h, a in idle_before.items()}
+    broken = [e for e in releases()["web1"]["releases"] if e["commit"] == commits["broken"]]
+    assert [e["state"] for e in broken] == ["failed"]
     assert result.failed == [], result.failed[:5]

@@ -574,6 +574,7 @@ def op_finish(app, req, data):
     fd = hold(app, req["run_id"])
     if req.get("point"):            # blue-green: the flip is done, current names what is live
         point(app.current, req["point"])
+        retire_single(app)
     live = app.live()
     gone = req.get("discard")
     if gone and gone != live:           # a prepared release whose deploy stopped before the switch
@@ -599,6 +600,20 @@ def op_finish(app, req, data):
     os.close(fd)
     release_lock(app, req["run_id"])
     return {"ok": True, "pruned": pruned, "current": live, "manifest": app.manifest()}
+
+
+def retire_single(app):
+    """An app turned blue-green still runs its old pm2 app `<app>` (started by a deploy or
+    role pm2, which left its stamp): once a colour is live it serves nothing, and in pm2's
+    cluster mode it would share the blue port with <app>-blue. Deleted (and the list saved)."""
+    stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, app.name)
+    if os.path.exists(stamp):
+        try:
+            app.pm2("delete", app.name)
+        except Fail:                    # not in pm2's list any more: nothing to stop
+            pass
+        app.pm2("save")
+        os.unlink(stamp)
 
 
 def prune(app, entries, running, keep):

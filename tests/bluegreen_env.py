@@ -1,0 +1,54 @@
+"""The testbed's sample app deployed blue-green, for the live tests (tests/test_deploy_live.py)
+and bench/deploy.py --blue-green: env `localbg` is inventories/local.yml with `strategy:
+blue-green` for the sample app (blue on 3000, green on 3001, which the app group's firewall
+then allows from the test network) and the same servers and vault. Made for the duration of a
+`with`, provisioned (web1, web2: two pm2 apps each; lb1: both colours' upstreams); afterwards
+the colours are deleted and `provision --env local` runs the app as before (pm2 `sample`
+from `current`)."""
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine_helpers import sh
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = "localbg"                                   # git-ignored: /inventories/localbg.*
+PORTS = {"blue": 3000, "green": 3001}
+WEB = ("web1", "web2")
+EDITS = (("env: local", f"env: {ENV}"),
+         ("    group: app\n    health_timeout: 10",
+          "    group: app\n    strategy: blue-green\n    health_timeout: 10"),
+         ("harden_allowed_ports: [{port: 3000, proto: tcp, from: 10.77.0.0/24}]",
+          "harden_allowed_ports: [{port: 3000, proto: tcp, from: 10.77.0.0/24}, "
+          "{port: 3001, proto: tcp, from: 10.77.0.0/24}]"))
+PM2 = ("runuser -u app -- env -i HOME=/home/app PM2_HOME=/home/app/.pm2 "
+       "PATH=/usr/local/bin:/usr/bin:/bin /usr/local/bin/pm2")
+
+
+@contextmanager
+def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
+    """provision(env): `invoke provision --env <env> --limit app,lb --yes`, failing loudly."""
+    inventories = REPO / "inventories"
+    text = (inventories / "local.yml").read_text()
+    for old, new in EDITS:
+        assert old in text, f"inventories/local.yml changed: {old!r} is not in it"
+        text = text.replace(old, new, 1)
+    made = [inventories / f"{ENV}.yml"]
+    made[0].write_text(text)
+    for suffix in (".vault", ".vault-password"):
+        if (inventories / f"local{suffix}").exists():
+            shutil.copy2(inventories / f"local{suffix}", inventories / f"{ENV}{suffix}")
+            made.append(inventories / f"{ENV}{suffix}")
+    try:
+        provision(ENV)
+        yield ENV
+    finally:
+        for h in WEB:
+            sh(h, f"{PM2} delete sample-blue sample-green; {PM2} save; "
+                  "rm -f /home/app/.pm2/provisioner-sample-*.ecosystem.sha256", check=False)
+        for path in made:
+            path.unlink(missing_ok=True)
+        provision("local")
