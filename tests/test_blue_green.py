@@ -160,3 +160,30 @@ def test_load_balancers_that_disagree_stop_the_flow_before_any_switch(bg_root, m
     passed, _, failed = flows.go_live(fleet, "r2", answers)
     assert not passed and "do not agree on a live colour" in failed["lb"]["why"]
     assert not [x for x in servers.log if x[1] in ("switch", "flip")]
+
+
+@pytest.mark.parametrize("nginx_t", [0, 1])
+def test_the_flip_on_a_load_balancer_checks_nginx_and_keeps_the_old_file_when_refused(
+        tmp_path, monkeypatch, nginx_t):
+    """op_flip with stand-ins for nginx and systemctl on PATH: the file is replaced and nginx
+    reloaded, or (nginx -t refuses) the old file is back and nothing reloaded."""
+    from provisioner.remote import deploy as remote
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, rc in (("nginx", nginx_t), ("systemctl", 0)):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho \"$0 $*\" >> {tmp_path}/ran\n"
+                                    f"{'echo emerg: bad >&2' if rc else ''}\nexit {rc}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    live = tmp_path / "app.conf"
+    live.write_text(colours.live_conf("app", "blue"))
+    req = {"app": "app", "files": {str(live): colours.live_conf("app", "green")}}
+    if nginx_t:
+        with pytest.raises(remote.Fail, match="nginx -t refused the flip"):
+            remote.op_flip(remote.App(req), req, None)
+        assert colours.live_colour("app", live.read_text()) == "blue"
+        assert "systemctl" not in (tmp_path / "ran").read_text()
+    else:
+        assert remote.op_flip(remote.App(req), req, None)["ok"]
+        assert colours.live_colour("app", live.read_text()) == "green"
+        assert (tmp_path / "ran").read_text().splitlines()[-1].endswith("systemctl reload nginx")
