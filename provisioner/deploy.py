@@ -420,8 +420,8 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
         passed, back, failed = rollout(fleet, release, serial, canary)
     seen = [a["why"] for a in failed.values() if a.get("why")]
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
-                 "ok" if passed else "canary failed" if seen else "health gate failed",
-                 point=release if passed and fleet.app.colours else None)
+                 _result(passed, seen, canary), point=release if passed and fleet.app.colours
+                 else None)
     if passed:
         return EXIT_OK
     if fleet.lost:
@@ -436,6 +436,16 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
     if seen:
         return fleet.events.fail_run(EXIT_FAILED, f"{release} did not go live: {'; '.join(seen)}")
     return EXIT_FAILED
+
+
+def _result(passed: bool, seen: list[str], canary: Canary | None) -> str:
+    """The audit line's result: a failed gate's switch answers carry no "why"; a canary's
+    watchers and a blue-green's load balancers do."""
+    if passed:
+        return "ok"
+    if seen:
+        return "canary failed" if canary else "did not go live: " + "; ".join(seen)
+    return "health gate failed"
 
 
 def _on(fleet: Fleet, host: Host, release: str, switched_back: list[Host]) -> str:
@@ -472,11 +482,11 @@ def rollback(fleet: Fleet, to: str | None, serial: int, with_migrations: bool = 
     else:
         passed, _, failed = rollout(fleet, target, serial)
     states = {target: "live", **{c: "rolled-back" for c in currents}} if passed else {}
-    fleet.finish(fleet.hosts, states, "ok" if passed else "health gate failed",
+    seen = [a["why"] for a in failed.values() if a.get("why")]
+    fleet.finish(fleet.hosts, states, _result(passed, seen, None),
                  point=target if passed and fleet.app.colours else None)
     if passed:
         return EXIT_OK
-    seen = [a["why"] for a in failed.values() if a.get("why")]
     if seen:
         return fleet.events.fail_run(EXIT_FAILED, f"{target} did not go live: {'; '.join(seen)}")
     return EXIT_UNREACHABLE if all(a.get("unreachable") for a in failed.values()) else EXIT_FAILED

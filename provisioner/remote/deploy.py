@@ -229,7 +229,8 @@ def op_lock(app, req, data):
     if not got["acquired"]:
         return dict(got, ok=False)
     fd = hold(app, req["owner"]["run_id"])
-    answer = {"ok": True, "took_over": got.get("took_over"), "cleaned": clean(app, req.get("colours"))}
+    answer = {"ok": True, "took_over": got.get("took_over"),
+              "cleaned": clean(app, req.get("colours"))}
     if req.get("artifact"):
         try:
             answer.update(prepare(app, req, data))
