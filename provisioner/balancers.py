@@ -36,7 +36,8 @@ def live_colour(fleet) -> tuple[str | None, str]:
         return "ok", ", ".join(f"site {s}: {c or 'no live file'}"
                                for s, c in a["live"].items()), a
     answers = fleet.each([h for h, _ in fleet.balancers], "live colour", fn)
-    seen = {f"{n} site {s}": c for n, a in answers.items() for s, c in (a.get("live") or {}).items()}
+    seen = {f"{n} site {s}": c for n, a in answers.items()
+            for s, c in (a.get("live") or {}).items()}
     found = set(seen.values())
     text = "; ".join(f"{k}: {v or 'none'}" for k, v in seen.items()) or "no answer"
     if all(a.get("ok") for a in answers.values()) and len(found) == 1 and None not in found:

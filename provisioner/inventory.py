@@ -319,7 +319,8 @@ class AppSpec(_Spec):
     strategy: Literal["reload", "blue-green"] = _f(
         "reload", expect="how a release goes live: reload (pm2 reload of the app in place) or "
                          "blue-green (two pm2 apps, <app>-blue on `port` and <app>-green on "
-                         "`green_port`; the load balancer flips between them)", example="blue-green")
+                         "`green_port`; the load balancer flips between them)",
+        example="blue-green")
     green_port: Port | None = _f(None, expect="the port of the green colour (strategy blue-green; "
                                               "default: port + 1)", example="3001")
     canary_hold: Seconds = _f(60, expect="seconds `deploy --canary N` holds its canary hosts, "

@@ -33,7 +33,8 @@ def test_server(default: str) -> str:
 def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict | None = None,
               host_vars: dict | None = None, ssh: dict | None = None, name: str = "enginetest",
               groups: dict | None = None, apps: dict | None = None):
-    """`apps`: the inventory's `apps:` section. `groups` ({name: {"hosts": [..], "roles": [..], "vars"?: {..}}}) replaces the one group
+    """`apps`: the inventory's `apps:` section.
+    `groups` ({name: {"hosts": [..], "roles": [..], "vars"?: {..}}}) replaces the one group
     "all" (every host, `roles`), e.g. for a role that reads another group's hosts."""
     ssh_doc = {"user": "root", "key": str(REPO / ".testbed" / "id_ed25519"), "connect_timeout": 5,
                **(ssh or {})}

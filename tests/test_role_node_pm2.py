@@ -508,5 +508,5 @@ def test_a_blue_green_app_runs_as_two_pm2_apps_one_per_colour_and_port():
 
 
 def test_a_blue_green_app_refuses_a_cwd_of_its_own():
-    with pytest.raises(ValueError, match="blue-green app runs each colour from /srv/sample/<colour>"):
+    with pytest.raises(ValueError, match="blue-green app runs each colour from /srv/sample/"):
         list(PM2.resources(defaults(pm2_apps=[SAMPLE_APP]), _blue_green_ctx()))

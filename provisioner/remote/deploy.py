@@ -775,7 +775,8 @@ def write_atomic(path, text):
     os.rename(tmp, path)
 
 
-OPS = {"colours": op_colours, "flip": op_flip, "backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
+OPS = {"colours": op_colours, "flip": op_flip,
+       "backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
        "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx}
 
