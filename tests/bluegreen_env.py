@@ -2,9 +2,10 @@
 and bench/deploy.py --blue-green: env `localbg` is inventories/local.yml with `strategy:
 blue-green` for the sample app (blue on 3000, green on 3001, which the app group's firewall
 then allows from the test network) and the same servers and vault. Made for the duration of a
-`with`, provisioned (web1, web2: two pm2 apps each; lb1: both colours' upstreams); afterwards
-the colours are deleted and `provision --env local` runs the app as before (pm2 `sample`
-from `current`)."""
+`with`, provisioned (web1, web2: two pm2 apps each; lb1: both colours' upstreams, blue live:
+the old pm2 app `sample` on 3000, until the first deploy goes live as green and retires it);
+afterwards the colours are deleted, `provision --env local` runs the app as before (pm2
+`sample` from `current`) and lb1's live file goes (the next time starts from blue again)."""
 from __future__ import annotations
 
 import shutil
@@ -24,6 +25,7 @@ EDITS = (("env: local", f"env: {ENV}"),
          ("harden_allowed_ports: [{port: 3000, proto: tcp, from: 10.77.0.0/24}]",
           "harden_allowed_ports: [{port: 3000, proto: tcp, from: 10.77.0.0/24}, "
           "{port: 3001, proto: tcp, from: 10.77.0.0/24}]"))
+LIVE_FILE = "/etc/nginx/live/app.conf"
 PM2 = ("runuser -u app -- env -i HOME=/home/app PM2_HOME=/home/app/.pm2 "
        "PATH=/usr/local/bin:/usr/bin:/bin /usr/local/bin/pm2")
 
@@ -43,6 +45,7 @@ def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
             shutil.copy2(inventories / f"local{suffix}", inventories / f"{ENV}{suffix}")
             made.append(inventories / f"{ENV}{suffix}")
     try:
+        sh("lb1", f"rm -f {LIVE_FILE}")        # left by a run that stopped before its cleanup
         provision(ENV)
         yield ENV
     finally:
@@ -52,3 +55,4 @@ def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
         for path in made:
             path.unlink(missing_ok=True)
         provision("local")
+        sh("lb1", f"rm -f {LIVE_FILE}")        # no longer included by the site
