@@ -30,6 +30,15 @@ PM2 = ("runuser -u app -- env -i HOME=/home/app PM2_HOME=/home/app/.pm2 "
        "PATH=/usr/local/bin:/usr/bin:/bin /usr/local/bin/pm2")
 
 
+def reset_colours() -> None:
+    """No colour on the app hosts: their pm2 apps deleted (and the list saved), their stamps
+    and links gone (role pm2 would start a colour whose link exists)."""
+    for h in WEB:
+        sh(h, f"{PM2} delete sample-blue sample-green; {PM2} save; "
+              "rm -f /home/app/.pm2/provisioner-sample-*.ecosystem.sha256 "
+              "/srv/sample/blue /srv/sample/green", check=False)
+
+
 @contextmanager
 def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
     """provision(env): `invoke provision --env <env> --limit app,lb --yes`, failing loudly."""
@@ -45,13 +54,12 @@ def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
             shutil.copy2(inventories / f"local{suffix}", inventories / f"{ENV}{suffix}")
             made.append(inventories / f"{ENV}{suffix}")
     try:
-        sh("lb1", f"rm -f {LIVE_FILE}")        # left by a run that stopped before its cleanup
+        reset_colours()                        # left by a run that stopped before its cleanup
+        sh("lb1", f"rm -f {LIVE_FILE}")
         provision(ENV)
         yield ENV
     finally:
-        for h in WEB:
-            sh(h, f"{PM2} delete sample-blue sample-green; {PM2} save; "
-                  "rm -f /home/app/.pm2/provisioner-sample-*.ecosystem.sha256", check=False)
+        reset_colours()
         for path in made:
             path.unlink(missing_ok=True)
         provision("local")

@@ -338,7 +338,7 @@ def test_a_healthy_canary_is_held_then_the_rest_follows(fleet, repo):
     repo, commits = repo
     assert deploy(repo, commits["v1"]).returncode == 0
     result, r = through_lb(lambda: deploy(repo, commits["v2"], "--canary", "1",
-                                          "--canary-hold", "5"))
+                                          "--canary-hold", "5", "-v"))   # -v: ok steps too
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "healthy through the 5 s hold" in out and "lb1 logged " in out, out
