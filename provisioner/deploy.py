@@ -16,6 +16,7 @@ rollback: lock on every host -> the same switch to the previous good release -> 
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -238,31 +239,55 @@ class Fleet:
     def watch(self, canaries: list[Host], release: str, canary: Canary) -> dict[str, dict]:
         """Hold the canaries `canary.hold` seconds: their health URL on loopback (one exec
         each) and their answers in every load balancer's access log (one exec each), all at
-        once. Returns the answers of the watchers that saw trouble, each with "why"."""
+        once; the first to see trouble stops the others (one more exec each), so the switch-
+        back follows at once. Returns the answers of the watchers that saw trouble, each with
+        "why"."""
         upstreams = [f"{h.address}:{self.app.port}" for h in canaries]
         bound = canary.hold + 120        # a host cut off mid-hold must not hold the run
+        stop_once = threading.Lock()
+
+        def trouble() -> None:
+            if not stop_once.acquire(blocking=False):
+                return
+            def stop(h: Host):
+                try:
+                    self.call(h, {"op": "stop_watch", "app": self.app.name,
+                                  "run_id": self.events.run_id}, timeout=30)
+                except (Unreachable, RemoteError):
+                    pass                 # that watcher ends with its hold
+            with ThreadPoolExecutor(max_workers=len(canaries) + len(canary.balancers)) as pool:
+                list(pool.map(stop, [*canaries, *canary.balancers]))
+
+        def stopped(a: dict) -> str:
+            return "; stopped early: another watcher saw trouble" if a.get("stopped") else ""
 
         def health(h: Host):
-            a = call(self.conn(h), self.base(h, "watch", release=release, hold=canary.hold,
-                                             port=self.app.port, health_path=self.app.health_path),
-                     timeout=bound)
+            a = self.call(h, self.base(h, "watch", release=release, hold=canary.hold,
+                                       port=self.app.port, health_path=self.app.health_path),
+                          timeout=bound)
+            if not a.get("ok"):
+                trouble()
             if "error" in a:
                 return "failed", a["error"], a
             a["why"] = (f"healthy through the {canary.hold:g} s hold ({a['asked']} checks)"
-                        if a["ok"] else f"canary {h.name} turned unhealthy during the hold: "
-                        f"127.0.0.1:{self.app.port}{self.app.health_path} answered {a['seen']}")
+                        f"{stopped(a)}" if a["ok"] else f"canary {h.name} turned unhealthy "
+                        f"during the hold: 127.0.0.1:{self.app.port}{self.app.health_path} "
+                        f"answered {a['seen']}")
             return ("ok" if a["ok"] else "failed"), a["why"], a
 
         def errors(h: Host):
-            a = call(self.conn(h), {"op": "watch_5xx", "app": self.app.name, "hold": canary.hold,
-                                    "upstreams": upstreams, "max_5xx": canary.max_5xx},
-                     timeout=bound)
+            a = self.call(h, {"op": "watch_5xx", "app": self.app.name, "hold": canary.hold,
+                              "upstreams": upstreams, "max_5xx": canary.max_5xx,
+                              "run_id": self.events.run_id}, timeout=bound)
+            if not a.get("ok"):
+                trouble()
             if "error" in a:
                 return "failed", a["error"], a
             counts = ", ".join(f"{n} x {st}" for st, n in sorted(a["statuses"].items()))
             a["why"] = (f"{h.name} logged {a['errors']} 5xx of {a['answers']} answers from "
                         f"{', '.join(upstreams)} (limit {canary.max_5xx:g} %)"
-                        + (f": {counts}" if counts else ": no request reached them"))
+                        + (f": {counts}" if counts else ": no request reached them")
+                        + (stopped(a) if a["ok"] else ""))
             return ("ok" if a["ok"] else "failed"), a["why"], a
 
         with ThreadPoolExecutor(max_workers=2) as pool:

@@ -13,18 +13,10 @@ from provisioner import colours
 from provisioner import deploy as flows
 from provisioner.errors import InputError
 from provisioner.events import Events
-from test_canary import LB, lb_root  # noqa: F401  (fixture)
+from test_canary import LB, deploy_root, lb_root  # noqa: F401  (fixtures)
 from test_inventory import fail, load, only, root  # noqa: F401  (fixture)
 
 BG = LB.replace("    group: app\n", "    group: app\n    strategy: blue-green\n")
-
-
-@pytest.fixture
-def bg_root(lb_root: Path) -> Path:
-    """The test roles, with the app user the node role makes (deploys run pm2 as it)."""
-    with (lb_root / "roles" / "node" / "defaults.yml").open("a") as f:
-        f.write("node_app_user: app\nnode_app_home: /home/app\n")
-    return lb_root
 
 
 def test_green_listens_on_port_plus_one_unless_told(lb_root: Path):
@@ -47,12 +39,12 @@ def test_bad_blue_green_keys_name_the_key(lb_root: Path, edit, key, says):
     assert says in p.message + (p.fix or ""), str(p)
 
 
-def test_blue_green_without_a_load_balancer_or_with_limit_is_refused(bg_root: Path):
-    inv = load(bg_root, BG.replace("upstream_port: 3000", "upstream_port: 4000"))
+def test_blue_green_without_a_load_balancer_or_with_limit_is_refused(deploy_root: Path):
+    inv = load(deploy_root, BG.replace("upstream_port: 3000", "upstream_port: 4000"))
     with pytest.raises(InputError) as e:
         flows.app_hosts(inv, inv.app(None), None)
     assert "nothing would flip to the new colour" in str(e.value)
-    inv = load(bg_root, BG)
+    inv = load(deploy_root, BG)
     with pytest.raises(InputError) as e:
         flows.app_hosts(inv, inv.app(None), "web1")
     assert "leave out --limit" in str(e.value)
@@ -117,9 +109,9 @@ def fleet_of(inv, servers: Servers, monkeypatch) -> flows.Fleet:
     return flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
 
 
-def test_a_release_starts_as_the_idle_colour_then_the_load_balancer_flips(bg_root, monkeypatch):
+def test_a_release_starts_as_the_idle_colour_then_the_load_balancer_flips(deploy_root, monkeypatch):
     servers = Servers(blue="r1", live="blue")
-    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    fleet = fleet_of(load(deploy_root, BG), servers, monkeypatch)
     answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
     passed, back, failed = flows.go_live(fleet, "r2", answers)
     assert (passed, back, failed) == (True, [], {})
@@ -131,9 +123,9 @@ def test_a_release_starts_as_the_idle_colour_then_the_load_balancer_flips(bg_roo
     assert sorted(ops[1:3]) == [("web1", "switch"), ("web2", "switch")]
 
 
-def test_a_failed_gate_flips_nothing_and_the_idle_colour_goes_back(bg_root, monkeypatch):
+def test_a_failed_gate_flips_nothing_and_the_idle_colour_goes_back(deploy_root, monkeypatch):
     servers = Servers(blue="r1", green="r0", live="blue", sick=[("web2", "r2")])
-    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    fleet = fleet_of(load(deploy_root, BG), servers, monkeypatch)
     answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
     passed, _, failed = flows.go_live(fleet, "r2", answers)
     assert not passed and list(failed) == ["web2"]
@@ -142,19 +134,19 @@ def test_a_failed_gate_flips_nothing_and_the_idle_colour_goes_back(bg_root, monk
     assert servers.colour["web1"] == servers.colour["web2"] == {"blue": "r1", "green": "r0"}
 
 
-def test_a_rollback_is_only_the_flip_when_the_old_colour_still_runs_it(bg_root, monkeypatch):
+def test_a_rollback_is_only_the_flip_when_the_old_colour_still_runs_it(deploy_root, monkeypatch):
     servers = Servers(blue="r1", green="r2", live="green")
     servers.current = {"web1": "r2", "web2": "r2"}
-    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    fleet = fleet_of(load(deploy_root, BG), servers, monkeypatch)
     assert flows.rollback(fleet, None, 1) == 0
     assert servers.live == "blue" and servers.current == {"web1": "r1", "web2": "r1"}
     assert not [x for x in servers.log if x[1] == "switch"], "no switch, no reload: a flip"
     assert [op for _, op, _ in servers.log].count("flip") == 1
 
 
-def test_load_balancers_that_disagree_stop_the_flow_before_any_switch(bg_root, monkeypatch):
+def test_load_balancers_that_disagree_stop_the_flow_before_any_switch(deploy_root, monkeypatch):
     servers = Servers(blue="r1", live="blue")
-    fleet = fleet_of(load(bg_root, BG), servers, monkeypatch)
+    fleet = fleet_of(load(deploy_root, BG), servers, monkeypatch)
     servers.live = "purple"                           # a hand-edited live file: no colour
     answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
     passed, _, failed = flows.go_live(fleet, "r2", answers)

@@ -33,6 +33,14 @@ def lb_root(root: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def deploy_root(lb_root: Path) -> Path:
+    """The test roles, with the app user the node role makes (deploys run pm2 as it)."""
+    with (lb_root / "roles" / "node" / "defaults.yml").open("a") as f:
+        f.write("node_app_user: app\nnode_app_home: /home/app\n")
+    return lb_root
+
+
 def _line(upstream: str, status: str) -> str:
     """An access log line in role nginx's `timed` format (templates/nginx/nginx.conf.j2)."""
     return ('10.77.0.1 - - [01/Dec/2026:19:30:00 +0000] "GET /?token=s3cret HTTP/1.1" 200 20 "-" '
@@ -180,3 +188,50 @@ def test_the_load_balancer_watch_follows_the_log_and_stops_early_when_over(tmp_p
     assert time.monotonic() - t0 < 10, "over the threshold: the hold ends early"
     assert (a["ok"], a["answers"], a["errors"], a["statuses"]) == \
         (False, 53, 3, {"200": 50, "502": 3})
+
+
+def test_a_watcher_stops_early_when_another_saw_trouble(tmp_path: Path, monkeypatch):
+    """op_stop_watch (sent by the controller once one watcher failed) ends the others' hold."""
+    import threading
+    import time
+    import uuid
+
+    from provisioner.remote import deploy as remote
+    monkeypatch.setattr(remote, "stop_path", lambda req: str(tmp_path / f"{req['run_id']}.stop"))
+    log = tmp_path / "access.log"
+    log.write_text("")
+    req = {"log": str(log), "upstreams": ["10.77.0.11:3000"], "hold": 30, "max_5xx": 1.0,
+           "run_id": uuid.uuid4().hex}
+    threading.Timer(0.5, remote.op_stop_watch, (None, req, None)).start()
+    t0 = time.monotonic()
+    a = remote.op_watch_5xx(None, req, None)
+    assert time.monotonic() - t0 < 5 and a["ok"] and a["stopped"] and a["answers"] == 0
+
+
+def test_the_controller_stops_every_watcher_once_one_fails(deploy_root: Path, monkeypatch):
+    """Fleet.watch: the canary's health watcher fails at once; the load balancer's watcher is
+    stopped (op stop_watch on every watched host, once) instead of holding the whole time."""
+    import io
+    import threading
+
+    from provisioner.events import Events
+    inv = load(deploy_root, LB)
+    stopped, sent = threading.Event(), []
+
+    def fake_call(host, req, timeout=None):
+        sent.append((host.name, req["op"]))
+        if req["op"] == "watch":
+            return {"ok": False, "seen": "500 sick", "asked": 2}
+        if req["op"] == "watch_5xx":
+            assert stopped.wait(10), "never stopped"
+            return {"ok": True, "answers": 7, "errors": 0, "statuses": {"200": 7}, "stopped": True}
+        stopped.set()
+        return {"ok": True}
+    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
+                    stream_out=io.StringIO(), stream_err=io.StringIO())
+    fleet = flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
+    monkeypatch.setattr(fleet, "call", fake_call)
+    canary = flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, 30)
+    failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
+    assert list(failed) == ["web1"] and "turned unhealthy" in failed["web1"]["why"]
+    assert sorted(op for _, op in sent if op == "stop_watch") == ["stop_watch"] * 2

@@ -514,13 +514,31 @@ def too_many_5xx(errors, answers, max_percent, final):
     return errors * 100 > max_percent * max(answers, MIN_ANSWERS)
 
 
+def stop_path(req):
+    """The file that ends every watcher of this run on this host: a watcher that saw trouble
+    has the controller write it on the others (op stop_watch), so the switch-back need not
+    wait for the rest of their hold."""
+    return "/run/provisioner-watch-%s.stop" % req.get("run_id")
+
+
+def watching(req, deadline):
+    return (time.monotonic() < deadline and not controller_gone()
+            and not (req.get("run_id") and os.path.exists(stop_path(req))))
+
+
+def op_stop_watch(app, req, data):
+    with open(stop_path(req), "w"):
+        pass
+    return {"ok": True}
+
+
 def op_watch(app, req, data):
     """On a canary: its health URL once a second for the hold; unhealthy at the second failing
-    answer in a row (one slow answer is not a verdict). Ends early then."""
+    answer in a row (one slow answer is not a verdict). Ends early then, or when stopped."""
     fd = hold(app, req["run_id"])
     deadline = time.monotonic() + req["hold"]
     bad, asked, seen = 0, 0, "no answer"
-    while time.monotonic() < deadline and not controller_gone():
+    while watching(req, deadline):
         ok, seen = probe(health_url(req), req["release"])
         asked += 1
         bad = 0 if ok else bad + 1
@@ -528,7 +546,8 @@ def op_watch(app, req, data):
             break
         time.sleep(1)
     os.close(fd)
-    return {"ok": bad < 2, "seen": seen, "asked": asked}
+    return {"ok": bad < 2, "seen": seen, "asked": asked,
+            "stopped": bad < 2 and time.monotonic() < deadline}
 
 
 def op_watch_5xx(app, req, data):
@@ -542,7 +561,7 @@ def op_watch_5xx(app, req, data):
     deadline = time.monotonic() + req["hold"]
     answers, errors, seen, rest = 0, 0, {}, b""
     try:
-        while time.monotonic() < deadline and not controller_gone():
+        while watching(req, deadline):
             chunk = log.read(1 << 20)
             if not chunk:
                 try:                        # rotated: the path names a new file now
@@ -567,7 +586,8 @@ def op_watch_5xx(app, req, data):
     finally:
         log.close()
     return {"ok": not too_many_5xx(errors, answers, req["max_5xx"], final=True),
-            "answers": answers, "errors": errors, "statuses": seen}
+            "answers": answers, "errors": errors, "statuses": seen,
+            "stopped": time.monotonic() < deadline}
 
 
 def op_finish(app, req, data):
@@ -778,7 +798,8 @@ def write_atomic(path, text):
 OPS = {"colours": op_colours, "flip": op_flip,
        "backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
-       "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx}
+       "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx,
+       "stop_watch": op_stop_watch}
 
 
 def main(req, data):
