@@ -422,10 +422,29 @@ def _runs(lock_answer: dict, colour: str, release: str) -> bool:
     return seen.get("release") == release and bool(seen.get("healthy"))
 
 
+def _lock_first(fleet: Fleet) -> int | None:
+    """The deploy lock on every host, alone (one exec each): None when every host is ours;
+    else the locks taken are given back and the exit code returned (4 naming the holders)."""
+    answers = fleet.lock(fleet.hosts)
+    code = _refused(fleet, answers)
+    if code is not None:
+        fleet.unlock([h for h in fleet.hosts if answers[h.name].get("ok")])
+    return code
+
+
 def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None = None) -> int:
     release = release_id(artifact.commit)
+    if fleet.app.migrate:
+        # the database is dumped only once every host is ours: a deploy that a lock refuses
+        # (another deploy runs) must not dump, let alone while that one migrates. The lock
+        # alone first costs one exec per host, paid only by apps that migrate.
+        code = _lock_first(fleet)
+        if code is not None:
+            return code
     with ThreadPoolExecutor(max_workers=1) as side:
         # the pre-migration backup is taken on the database host while the app hosts prepare
+        # (the lock phase again: this run's lock is taken again at once, then the release
+        # prepared)
         backup = side.submit(fleet.backup, release) if fleet.app.migrate else None
         answers = fleet.lock(fleet.hosts, artifact, release)
         backed_up = backup is None or backup.result().get("ok")
