@@ -313,7 +313,33 @@ class Fleet:
                 return "failed", a.get("error", "failed"), a
             pruned = f"; pruned {', '.join(a['pruned'])}" if a.get("pruned") else ""
             return "ok", f"current {a['current']}{pruned}; lock released", a
-        self.each(hosts, "finish", fn)
+        finished = self.each(hosts, "finish", fn)
+        if self.app.database and hosts == self.hosts:
+            self.prune_dumps(finished)
+
+    def prune_dumps(self, finished: dict[str, dict]) -> None:
+        """The pre-migration dumps go with their releases: once every host of the app has
+        finished (its releases pruned), the database host removes the dumps of releases
+        older than every release a host keeps (remote dumps_to_prune). Only a run that saw
+        every host's releases decides: after --limit, or a host that did not finish, the
+        dumps stay until a run that does."""
+        group = [h.name for h in self.inv.hosts_in(self.app.group)]
+        unknown = [n for n in group if not finished.get(n, {}).get("ok")]
+        kept = sorted({e["id"] for a in finished.values() for e in a.get("manifest") or []}
+                      | {a["current"] for a in finished.values() if a.get("current")})
+
+        def fn(h: Host):
+            if unknown:
+                return ("skipped", f"dumps kept: the releases on {', '.join(unknown)} are "
+                        "not known to this run (--limit, or no finish there)", {"ok": True})
+            a = call(self.conn(h), {"op": "prune_backups", "app": self.app.name, "kept": kept})
+            if not a.get("ok"):
+                return "failed", a.get("error", "failed"), a
+            if not a["pruned"]:
+                return "ok", "no dump to prune: every release they were taken before is kept", a
+            return "changed", (f"pruned the dumps taken before {', '.join(a['pruned'])} "
+                               "(their releases are pruned on every host)"), a
+        self.each([self.db_host()], "prune dumps", fn)
 
     def db_host(self) -> Host:
         return self.inv.hosts[self.app.database[0]]

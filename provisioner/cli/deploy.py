@@ -199,10 +199,11 @@ def restore(c, before, env="local", app=None, yes=False):
     base = {"app": the_app.name, "database": the_app.database[1], "release": before}
     with Connection(host, inv.known_hosts, host.sudo_password) as conn:
         try:
-            found = call(conn, {**base, "op": "backups"})["backups"]
+            listed = call(conn, {**base, "op": "backups"})
+            found = listed["backups"]
             if before not in found:
-                raise fail_input(f"{host.name}: no backup taken before release {before}; "
-                                 f"backups: {', '.join(found) or 'none'}")
+                raise fail_input(missing_backup(host.name, the_app, before, found,
+                                                listed.get("pruned") or {}))
             b = found[before]
             what = (f"database {the_app.database[1]} on {host.name} from {b['path']} "
                     f"(taken {b['at']}, before release {before} migrated)")
@@ -221,6 +222,20 @@ def restore(c, before, env="local", app=None, yes=False):
         print(f"{host.name}: restore failed: {a.get('error')}", file=sys.stderr)
         raise Exit(code=EXIT_FAILED)
     print(f"restored {what}")
+
+
+def missing_backup(host: str, app, release: str, found: dict, pruned: dict) -> str:
+    """Why `db.restore --before RELEASE` has nothing to restore: the dump went with its
+    release (pruned beyond the app's `keep`), or none was ever taken before that release."""
+    kept = f"backups kept: {', '.join(found) or 'none'}"
+    if release in pruned:
+        return (f"{host}: the backup taken before release {release} was pruned at "
+                f"{pruned[release]['at']}, together with the release (app {app.name} keeps "
+                f"{app.keep} releases; a dump goes once its release is gone from every host); "
+                f"{kept}. Restore that state from your own database backups; to keep dumps "
+                f"longer, raise `keep` in the app's entry of `apps:`")
+    return (f"{host}: no backup taken before release {release} (only a deploy that runs "
+            f"migrations takes one); {kept}. See `invoke releases` for the release ids")
 
 
 ns = Collection("deploy", deploy, unlock)

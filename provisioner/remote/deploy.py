@@ -681,10 +681,16 @@ def op_list(app, req, data):
 # --- the database: backups before migrations, migrations, restores --------------------------
 
 BACKUPS = "/var/backups/provisioner"
+PRUNED_KEPT = 1000      # entries of pruned.json: what db.restore can still explain
 
 
 def backup_path(app, release):
     return "%s/%s/before-%s.dump" % (BACKUPS, app.name, release)
+
+
+def pruned_path(app):
+    """{release: {at, size}} of the dumps pruned with their releases (op prune_backups)."""
+    return "%s/%s/pruned.json" % (BACKUPS, app.name)
 
 
 def op_backup(app, req, data):
@@ -702,7 +708,7 @@ def op_backup(app, req, data):
     return {"ok": True, "path": path, "size": os.path.getsize(path)}
 
 
-def op_backups(app, req, data):
+def backups(app):
     """The pre-migration backups kept for the app: {release: {path, at, size}}."""
     folder = "%s/%s" % (BACKUPS, app.name)
     found = {}
@@ -712,7 +718,41 @@ def op_backups(app, req, data):
             found[name[len("before-"):-len(".dump")]] = {
                 "path": os.path.join(folder, name), "size": st.st_size,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime))}
-    return {"ok": True, "backups": found}
+    return found
+
+
+def op_backups(app, req, data):
+    """The backups kept, and those pruned with their releases (db.restore names them)."""
+    return {"ok": True, "backups": backups(app), "pruned": read_json(pruned_path(app)) or {}}
+
+
+def dumps_to_prune(dumps, kept):
+    """The dumps (release ids: the release each was taken before) that go with their releases:
+    those older than every release a host of the app still keeps (`kept`: the ids in every
+    host's manifest after its prune, and every current). So a dump stays while its release
+    is on any host (current and the newest good one always are), and the dump of a release
+    that never went anywhere (its migration failed: what db.restore is for) stays until the
+    releases of its time are pruned. Nothing is known without a kept release: nothing goes."""
+    if not kept:
+        return []
+    oldest = min(kept)
+    return sorted(d for d in dumps if d < oldest)
+
+
+def op_prune_backups(app, req, data):
+    """Remove the dumps dumps_to_prune() chooses; each one is recorded in pruned.json (the
+    newest PRUNED_KEPT), so that db.restore can say the dump was pruned, and when."""
+    found = backups(app)
+    gone = dumps_to_prune(found, req["kept"])
+    if not gone:
+        return {"ok": True, "pruned": []}
+    record = read_json(pruned_path(app)) or {}
+    for release in gone:
+        os.unlink(found[release]["path"])
+        record[release] = {"at": now(), "size": found[release]["size"]}
+    newest = sorted(record)[-PRUNED_KEPT:]
+    write_atomic(pruned_path(app), json.dumps({r: record[r] for r in newest}, indent=1))
+    return {"ok": True, "pruned": gone}
 
 
 def op_restore(app, req, data):
@@ -796,7 +836,8 @@ def write_atomic(path, text):
 
 
 OPS = {"colours": op_colours, "flip": op_flip,
-       "backup": op_backup, "backups": op_backups, "restore": op_restore, "migrate": op_migrate,
+       "backup": op_backup, "backups": op_backups, "prune_backups": op_prune_backups,
+       "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
        "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx,
        "stop_watch": op_stop_watch}
