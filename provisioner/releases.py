@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import subprocess
 from dataclasses import dataclass
@@ -92,7 +93,12 @@ def release_id(commit: str, when: datetime | None = None) -> str:
 
 @lru_cache(maxsize=1)
 def source() -> str:
-    return SOURCE.read_text(encoding="utf-8")
+    """What the server runs: the helpers remote/deploy.py shares with the agent (one copy
+    of each, in remote/agent.py; each imports what it uses), then remote/deploy.py. Line
+    numbers in a traceback from the server are off by the shared lines."""
+    from provisioner.remote import agent
+    shared = "".join(inspect.getsource(fn) + "\n\n" for fn in (agent.flock_held,))
+    return shared + SOURCE.read_text(encoding="utf-8")
 
 
 def command() -> list[str]:

@@ -140,3 +140,32 @@ def test_migrations_need_a_database_on_a_known_host(root: Path) -> None:
     inv = load(root, APPS + "    migrate: [node, migrate.js, up]\n    database: {host: db1, name: shop}\n")
     assert inv.app("shop").migrate == ("node", "migrate.js", "up")
     assert inv.app("shop").database == ("db1", "shop")
+
+
+def test_the_deploy_helper_runs_alone_with_the_flock_helper_it_shares_with_the_agent(tmp_path):
+    """What a server runs (releases.source()): the agent's flock_held, then remote/deploy.py,
+    in a Python without site-packages or the provisioner package (-I -S, as on a server)."""
+    import fcntl
+    import os
+    import sys
+
+    from provisioner import releases
+    from provisioner.remote import agent
+    held = tmp_path / "busy"
+    held.touch()
+    fd = os.open(held, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)                      # an exec of the run, still alive
+    driver = ("import sys; ns = {'REQ': {'op': 'list', 'app': 'no-such-app'}, 'DATA': None,"
+              " '__name__': '__provisioner_deploy__'}; "
+              "exec(compile(sys.stdin.read(), 'provisioner-deploy', 'exec'), ns); "
+              "print(ns['flock_held'](sys.argv[1]), ns['flock_held'](sys.argv[2]))")
+    try:
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", driver, str(held),
+                            str(tmp_path / "missing")], input=releases.source(), text=True,
+                           capture_output=True, cwd=tmp_path, timeout=60)
+    finally:
+        os.close(fd)
+    assert r.returncode == 0, r.stderr
+    assert '"ok": true' in r.stdout and r.stdout.strip().endswith("True False")
+    assert releases.source().count("def flock_held(") == 1
+    assert agent._exec_busy(str(tmp_path)) is False              # no exec.lock there

@@ -707,11 +707,15 @@ def _age(holder):
     return time.time() - max(holder.get("started_epoch", 0), holder.get("refreshed_epoch", 0))
 
 
-def _exec_busy(d):
-    """True while an exec of the lock's run holds EXEC_LOCK (it is alive)."""
+def flock_held(path):
+    """True while a process holds a flock on `path` (an exec of a lock's run: it is alive);
+    False when nobody does or the file is missing. One test lock, given up at once.
+    Self-contained (its own imports): provisioner/releases.py sends this function's source
+    ahead of the deploy helper (remote/deploy.py), whose busy flock it tests too."""
     import fcntl
+    import os
     try:
-        fd = os.open(os.path.join(d, EXEC_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -721,6 +725,11 @@ def _exec_busy(d):
         return True
     finally:
         os.close(fd)
+
+
+def _exec_busy(d):
+    """True while an exec of the lock's run holds EXEC_LOCK (it is alive)."""
+    return flock_held(os.path.join(d, EXEC_LOCK))
 
 
 def _write_json(path, doc):

@@ -30,6 +30,11 @@ import time
 import traceback
 import urllib.request
 
+if __name__ != "__provisioner_deploy__":
+    # imported on the controller (tests); on a server, provisioner/releases.py sent the
+    # source of the helpers shared with the agent ahead of this file's
+    from provisioner.remote.agent import flock_held
+
 MARKER = "\n--provisioner-deploy-v1--\n"      # must match provisioner/releases.py
 GOOD = ("live", "retired")                     # states of releases that passed a health gate
 
@@ -52,6 +57,7 @@ class App:
         self.current = self.root + "/current"
         self.manifest_path = self.root + "/releases.json"
         self.lock = self.root + "/.deploy.lock"
+        self.busy = self.lock + "/busy"        # flock'd by every exec of the lock's run
         self.user = req.get("user")            # the app user (not on a database host)
         self.home = req.get("home")
         self.commands = 0
@@ -170,7 +176,7 @@ def take_lock(app, owner, take_from):
             stale = age > holder.get("ttl", 4 * 3600)
             if not (stale or (take_from and holder.get("run_id") == take_from)):
                 return {"acquired": False, "holder": holder, "age": age}
-            if busy(app):
+            if flock_held(app.busy):        # an exec of that run still runs here
                 return {"acquired": False, "holder": holder, "age": age, "busy": True}
             gone = "%s.taken-%d" % (app.lock, os.getpid())
             try:
@@ -186,28 +192,13 @@ def take_lock(app, owner, take_from):
     raise Fail("the deploy lock %s keeps changing hands; try again" % app.lock)
 
 
-def busy(app):
-    """Whether an exec of the lock's run is still running here (it holds the busy flock)."""
-    try:
-        fd = os.open(app.lock + "/busy", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def hold(app, run_id):
     """Check the lock is this run's and hold its busy flock for this exec."""
     holder = read_json(app.lock + "/owner.json") or {}
     if holder.get("run_id") != run_id:
         raise Fail("the deploy lock is no longer this run's (held by %s@%s since %s)"
                    % (holder.get("who"), holder.get("from"), holder.get("started")))
-    fd = os.open(app.lock + "/busy", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(app.busy, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -663,7 +654,7 @@ def op_unlock(app, req, data):
     if holder is None and not os.path.isdir(app.lock):
         return {"ok": True, "holder": None}
     if req.get("force"):
-        if busy(app):
+        if flock_held(app.busy):
             return {"ok": False, "holder": holder, "busy": True}
         gone = "%s.removed-%d" % (app.lock, os.getpid())
         os.rename(app.lock, gone)
