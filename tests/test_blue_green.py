@@ -92,7 +92,9 @@ class Servers:
         raise AssertionError(op)
 
 
-def fleet_of(inv, servers: Servers, monkeypatch) -> flows.Fleet:
+def fleet_of(inv, servers, monkeypatch, hosts=None) -> flows.Fleet:
+    """A Fleet of `hosts` (default: group app) whose every exec is servers.call(host name,
+    request, data, timeout); fleet.output(): its NDJSON events, then its lines on stderr."""
     class Conn:
         commands = 0
 
@@ -104,9 +106,13 @@ def fleet_of(inv, servers: Servers, monkeypatch) -> flows.Fleet:
     monkeypatch.setattr(flows.Fleet, "conn", lambda self, h: Conn(h.name))
     monkeypatch.setattr(flows, "call", lambda conn, req, data=b"", timeout=None:
                         servers.call(conn.host, req, data, timeout))
+    out, err = io.StringIO(), io.StringIO()
     events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
-                    stream_out=io.StringIO(), stream_err=io.StringIO())
-    return flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
+                    stream_out=out, stream_err=err)
+    fleet = flows.Fleet(inv, hosts or inv.hosts_in("app"), inv.app(None), events, "deploy")
+    fleet.output = lambda: out.getvalue() + err.getvalue()
+    fleet.json_out = out.getvalue
+    return fleet
 
 
 def test_a_release_starts_as_the_idle_colour_then_the_load_balancer_flips(deploy_root, monkeypatch):

@@ -5,7 +5,6 @@ The flows (provisioner/deploy.py) run against a simulation of the server side. L
 tests/test_deploy_live.py (migrations, db.restore)."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import pytest
 
 from provisioner import deploy as flows
 from provisioner.cli.deploy import missing_backup
-from provisioner.events import Events
 from provisioner.releases import Artifact
 from provisioner.remote import deploy as remote
+import test_blue_green as blue_green
 from test_canary import deploy_root, lb_root  # noqa: F401  (fixtures)
 from test_inventory import load, root  # noqa: F401  (fixture)
 from test_releases import APPS
@@ -65,26 +64,9 @@ class Servers:
 
 
 def fleet_of(inv, servers: Servers, monkeypatch, limit=None) -> flows.Fleet:
-    class Conn:
-        commands = 0
-
-        def __init__(self, host):
-            self.host = host
-
-        def close(self):
-            pass
-    monkeypatch.setattr(flows.Fleet, "conn", lambda self, h: Conn(h.name))
-    monkeypatch.setattr(flows, "call", lambda conn, req, data=b"", timeout=None:
-                        servers.call(conn.host, req, data, timeout))
     monkeypatch.setattr(flows, "release_id", lambda commit: "r2")
-    out, err = io.StringIO(), io.StringIO()
-    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
-                    stream_out=out, stream_err=err)
     hosts = [h for h in inv.hosts_in("app") if limit is None or h.name in limit]
-    fleet = flows.Fleet(inv, hosts, inv.app(None), events, "deploy")
-    fleet.output = lambda: out.getvalue() + err.getvalue()     # NDJSON events, then the lines
-    fleet.json_out = out.getvalue
-    return fleet
+    return blue_green.fleet_of(inv, servers, monkeypatch, hosts)
 
 
 def events_of(fleet) -> list[dict]:
