@@ -74,10 +74,12 @@ def canary_plan(inv: Inventory, app: App, hosts: list[Host], n: int,
                   tuple(balancers))
 
 
-def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
+def app_hosts(inv: Inventory, app: App, limit: str | None, switching: bool = True) -> list[Host]:
     """The app's hosts (its group, narrowed by --limit), each checked to run the app's pm2 app
-    as the node role's user (blue-green: behind a load balancer too, and all of them: the
-    flip moves every host): InputError before any server is touched."""
+    as the node role's user (for a deploy or rollback of a blue-green app, `switching`: behind
+    a load balancer too, and all of them: the flip moves every host; `releases` and
+    `deploy.unlock` only read or unlock, on any of them): InputError before any server is
+    touched."""
     group = inv.hosts_in(app.group)
     chosen = {h.name for h in inv.select(limit)} if limit else {h.name for h in group}
     hosts = [h for h in group if h.name in chosen]
@@ -94,14 +96,14 @@ def app_hosts(inv: Inventory, app: App, limit: str | None) -> list[Host]:
                                     f"host {h.name} (group {app.group}) has no pm2 app named "
                                     f"{app.name}", f"give group {app.group} the roles node and pm2 "
                                     f"and a `pm2_apps` entry `{{name: {app.name}, script: ...}}`"))
-    if app.colours and not lbs.balancers(inv, app):
+    if switching and app.colours and not lbs.balancers(inv, app):
         problems.append(Problem(inv.path, app.line, f"apps.{app.name}.strategy",
                                 f"app {app.name} deploys blue-green, but no host runs role nginx "
                                 f"with a site whose upstream_group is {app.group} and "
                                 f"upstream_port {app.port}: nothing would flip to the new colour",
                                 "add that site to the load balancer's `nginx_sites`, or use "
                                 "`strategy: reload`"))
-    if app.colours and len(hosts) != len(group):
+    if switching and app.colours and len(hosts) != len(group):
         problems.append(Problem("command line", None, "--limit", f"app {app.name} deploys "
                                 "blue-green: the load balancers flip every host of group "
                                 f"{app.group} at once", "leave out --limit"))

@@ -53,6 +53,20 @@ def test_blue_green_without_a_load_balancer_or_with_limit_is_refused(deploy_root
     assert "flip every host at once" in str(e.value)
 
 
+def test_releases_and_unlock_take_limit_on_a_blue_green_app(deploy_root: Path):
+    """deploy.unlock asks again with --limit set to the hosts holding a lock: refusing
+    --limit there left a blue-green app's stale lock on one host impossible to remove."""
+    (deploy_root / "roles" / "pm2").mkdir()
+    (deploy_root / "roles" / "pm2" / "defaults.yml").write_text("pm2_apps: []\n")
+    inv = load(deploy_root, BG.replace("roles: [base, node]\n    vars: {node_port: 3002}",
+                                       "roles: [base, node, pm2]\n"
+                                       "    vars: {pm2_apps: [{name: shop, script: server.js}]}"))
+    with pytest.raises(InputError, match="leave out --limit"):
+        flows.app_hosts(inv, inv.app(None), "web1")
+    hosts = flows.app_hosts(inv, inv.app(None), "web1", switching=False)
+    assert [h.name for h in hosts] == ["web1"]
+
+
 class Servers:
     """The server side as the flows see it: per host each colour's release and which releases
     answer healthy; the load balancer's live files. Records every request."""

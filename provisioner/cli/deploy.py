@@ -107,7 +107,8 @@ def _ask_hosts(env, app, limit, op_request):
     try:
         inv, _ = load(env, interactive=sys.stdin.isatty())
         the_app = inv.app(app)
-        hosts = flows.app_hosts(inv, the_app, limit)
+        # deploy.unlock narrows to the hosts holding a lock: any of a blue-green app's too
+        hosts = flows.app_hosts(inv, the_app, limit, switching=False)
     except InputError as e:
         raise fail_input(str(e)) from None
     fleet = flows.Fleet(inv, hosts, the_app, Events(task="releases", env=env, json_out=False,
