@@ -467,16 +467,40 @@ def op_switch(app, req, data):
     except OSError:
         before = None
     point(link, release)
-    how = reload(app, name, eco)
+    try:
+        how = reload(app, name, eco)
+    except Fail as e:
+        raise Fail("pm2 could not run %s: %s\n%s" % (release, e, undo_switch(
+            app, link, before, release, name, eco)))
     passed, seen = health(app, req, release)
     answer = {"ok": passed, "previous": before, "seen": seen, "how": how}
     if not passed and before and before != release and req.get("revert", True):
         point(link, before)
-        reload(app, name, eco)
-        back, seen_back = health(app, req, before)
+        try:
+            reload(app, name, eco)
+            back, seen_back = health(app, req, before)
+        except Fail as e:
+            back, seen_back = False, "pm2 reload failed: %s" % e
         answer.update(reverted=before, revert_ok=back, revert_seen=seen_back)
     os.close(fd)
     return answer
+
+
+def undo_switch(app, link, before, release, name, eco):
+    """After pm2 failed to start or reload `release` (a reload may have moved some instances
+    already): the link back where it was, and pm2 reloaded onto that, so the link never names
+    a release pm2 does not run. Returns what was done, for the error."""
+    if before == release:
+        return "%s stays on %s, where it was" % (link, release)
+    if before is None:
+        os.unlink(link)                 # there was none: a provision would start what it names
+        return "%s removed again (it named no release before)" % link
+    point(link, before)
+    try:
+        reload(app, name, eco)
+    except Fail as e:
+        return "%s is back on %s, but pm2 failed to reload that too: %s" % (link, before, e)
+    return "%s is back on %s (pm2 reloaded)" % (link, before)
 
 
 # --- the canary's hold: its health on loopback, its 5xx rate in the load balancers' logs ----

@@ -1,0 +1,95 @@
+"""The server side of a switch (remote/deploy.py op_switch) on an app folder in tmp_path, pm2 and
+the health URL stood in: whatever fails, the link (current, or a colour's) is left naming the
+release pm2 runs. Live: tests/test_deploy_live.py."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from provisioner.remote import deploy as remote
+
+RUN = "a" * 32
+
+
+def app_in(root: Path, releases=("r1", "r2"), current="r1") -> remote.App:
+    """An App whose /srv/<app> is `root`, with the releases, current, and this run's lock."""
+    app = remote.App({"app": "shop", "user": "app", "home": str(root / "home")})
+    app.root, app.releases, app.current = str(root), str(root / "releases"), str(root / "current")
+    app.lock, app.manifest_path = str(root / ".deploy.lock"), str(root / "releases.json")
+    app.busy = app.lock + "/busy"
+    for r in releases:
+        (root / "releases" / r).mkdir(parents=True)
+    if current:
+        os.symlink(f"releases/{current}", app.current)
+    os.mkdir(app.lock)
+    (Path(app.lock) / "owner.json").write_text(json.dumps({"run_id": RUN}))
+    return app
+
+
+def switch(app: remote.App, release="r2") -> dict:
+    req = {"run_id": RUN, "release": release, "port": 3000, "health_path": "/health",
+           "health_timeout": 1}
+    return remote.op_switch(app, req, None)
+
+
+def stand_in(monkeypatch, fail_reload_of=(), healthy=("r1", "r2")):
+    """pm2: a reload fails while the link names a release in fail_reload_of; health: healthy
+    when the release asked for is in `healthy`. Returns the releases pm2 was asked to run."""
+    ran = []
+
+    def reload(app, name, eco):
+        release = os.path.basename(os.readlink(app.current))
+        ran.append(release)
+        if release in fail_reload_of:
+            raise remote.Fail(f"pm2 reload exited 1: {release} crashed at start")
+        return "reloaded"
+    monkeypatch.setattr(remote, "reload", reload)
+    monkeypatch.setattr(remote, "health", lambda app, req, release: (
+        release in healthy, "200 ok" if release in healthy else "500 sick"))
+    return ran
+
+
+def test_a_switch_that_passes_its_gate_leaves_the_link_on_the_release(tmp_path, monkeypatch):
+    app = app_in(tmp_path)
+    stand_in(monkeypatch)
+    a = switch(app)
+    assert a["ok"] and a["previous"] == "r1" and app.live() == "r2"
+
+
+def test_a_failed_gate_switches_back_and_reloads(tmp_path, monkeypatch):
+    app = app_in(tmp_path)
+    ran = stand_in(monkeypatch, healthy=("r1",))
+    a = switch(app)
+    assert not a["ok"] and a["reverted"] == "r1" and a["revert_ok"] and app.live() == "r1"
+    assert ran == ["r2", "r1"]
+
+
+def test_a_failed_pm2_reload_puts_the_link_back_and_reloads_the_old_release(tmp_path,
+                                                                          monkeypatch):
+    app = app_in(tmp_path)
+    ran = stand_in(monkeypatch, fail_reload_of=("r2",))
+    with pytest.raises(remote.Fail) as e:
+        switch(app)
+    assert app.live() == "r1", "current never names a release pm2 failed to run"
+    assert ran == ["r2", "r1"]
+    assert "pm2 could not run r2: pm2 reload exited 1: r2 crashed at start" in str(e.value)
+    assert "is back on r1 (pm2 reloaded)" in str(e.value)
+
+
+def test_a_failed_first_start_removes_the_link_it_made(tmp_path, monkeypatch):
+    app = app_in(tmp_path, current=None)
+    stand_in(monkeypatch, fail_reload_of=("r2",))
+    with pytest.raises(remote.Fail, match="removed again .it named no release before"):
+        switch(app)
+    assert not os.path.lexists(app.current)
+
+
+def test_a_failed_reload_back_after_a_failed_gate_is_said(tmp_path, monkeypatch):
+    app = app_in(tmp_path)
+    stand_in(monkeypatch, fail_reload_of=("r1",), healthy=())
+    a = switch(app)
+    assert not a["ok"] and a["reverted"] == "r1" and not a["revert_ok"]
+    assert a["revert_seen"].startswith("pm2 reload failed: pm2 reload exited 1")
