@@ -398,8 +398,8 @@ def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:
 def rollout(fleet: Fleet, release: str, serial: int, canary: Canary | None = None,
             colour: str | None = None) -> tuple[bool, list[Host], dict]:
     """Switch batch by batch (a canary batch first, held and watched); on the first failure,
-    switch back every host this rollout switched. Returns (passed, hosts that ended on the
-    old release, the failed answers)."""
+    switch back every host this rollout switched. Returns (passed, the hosts switched back,
+    the failed answers: with "left" those of hosts still on `release`, see _switch_back)."""
     plan = batches(fleet.hosts, serial)
     if canary:
         plan = [fleet.hosts[:canary.hosts]] + batches(fleet.hosts[canary.hosts:], serial)
@@ -411,11 +411,35 @@ def rollout(fleet: Fleet, release: str, serial: int, canary: Canary | None = Non
         if canary and i == 0 and not failed:
             failed = fleet.watch(batch, release, canary)
         if failed:
-            for previous in {p for _, p in done if p}:
-                fleet.switch([h for h, p in done if p == previous], previous, revert=False,
-                             colour=colour)
-            return False, [h for h, _ in done], failed
+            back, left = _switch_back(fleet, done, release, colour)
+            return False, back, {**failed, **left}
     return True, [], {}
+
+
+def _switch_back(fleet: Fleet, done: list[tuple[Host, str | None]], release: str,
+                 colour: str | None) -> tuple[list[Host], dict[str, dict]]:
+    """Every host of `done` (switched to `release`, with what it ran before) back to that.
+    Returns (the hosts back, {host: why} of those still on `release`: it ran nothing before
+    (a first deploy), or its switch back failed), so the output never claims a host went
+    back that did not."""
+    back, left = [], {}
+    for previous in sorted({p for _, p in done if p}):
+        hosts = [h for h, p in done if p == previous]
+        answers = fleet.switch(hosts, previous, revert=False, colour=colour)
+        for h in hosts:
+            a = answers[h.name]
+            if a.get("ok"):
+                back.append(h)
+            else:
+                left[h.name] = {"ok": False, "left": True, "why": (
+                    f"{h.name} still runs {release}: its switch back to {previous} failed "
+                    f"({a.get('error') or a.get('seen') or 'unreachable'})")}
+    for h, previous in done:
+        if previous is None:
+            left[h.name] = {"ok": False, "left": True, "why": (
+                f"{h.name} still runs {release}: it ran no release before, nothing to switch "
+                "back to")}
+    return back, left
 
 
 def go_live(fleet: Fleet, release: str, answers: dict[str, dict]) -> tuple[bool, list[Host], dict]:
@@ -490,23 +514,27 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
         passed, back, failed = go_live(fleet, release, answers)
     else:
         passed, back, failed = rollout(fleet, release, serial, canary)
-    seen = [a["why"] for a in failed.values() if a.get("why")]
+    seen = [a["why"] for a in failed.values() if a.get("why") and not a.get("left")]
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
                  _result(passed, seen, canary), point=release if passed and fleet.app.colours
                  else None)
     if passed:
         return EXIT_OK
+    left = "".join(f"; {a['why']}" for a in failed.values() if a.get("left"))
     if fleet.lost:
-        where = "; ".join(f"{h.name} on {_on(fleet, h, release, back)}" for h in fleet.hosts)
+        where = "; ".join(f"{h.name} on {_on(fleet, h, release, back, failed)}"
+                          for h in fleet.hosts)
         fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(fleet.lost)} unreachable during "
                               f"the rollout of {release}: {where}")
         return EXIT_UNREACHABLE
     if seen and canary:
-        return fleet.events.fail_run(EXIT_FAILED, f"canary of {release} failed: {'; '.join(seen)}; "
-                                     f"switched back: {', '.join(h.name for h in back)}, to the "
-                                     "release each ran before")
-    if seen:
-        return fleet.events.fail_run(EXIT_FAILED, f"{release} did not go live: {'; '.join(seen)}")
+        went = (f"; switched back: {', '.join(h.name for h in back)}, to the release each "
+                "ran before" if back else "")
+        return fleet.events.fail_run(EXIT_FAILED, f"canary of {release} failed: "
+                                     f"{'; '.join(seen)}{went}{left}")
+    if seen or left:
+        gate = "; ".join(seen) or "a health gate failed (see above)"
+        return fleet.events.fail_run(EXIT_FAILED, f"{release} did not go live: {gate}{left}")
     return EXIT_FAILED
 
 
@@ -520,10 +548,13 @@ def _result(passed: bool, seen: list[str], canary: Canary | None) -> str:
     return "health gate failed"
 
 
-def _on(fleet: Fleet, host: Host, release: str, switched_back: list[Host]) -> str:
+def _on(fleet: Fleet, host: Host, release: str, switched_back: list[Host],
+        failed: dict[str, dict]) -> str:
     """Which release a host is left on after a failed rollout, as far as this run knows."""
     if host.name in fleet.lost:
         return "an unknown release (unreachable; its deploy lock stays until a deploy takes it over)"
+    if failed.get(host.name, {}).get("left"):
+        return f"{release} (not switched back)"
     return "the release it ran before" + (" (switched back)" if host in switched_back else "")
 
 

@@ -126,15 +126,21 @@ def test_a_canary_without_a_load_balancer_is_refused_naming_the_app(root: Path):
 
 
 class FakeFleet:
-    """What rollout() asks of a Fleet: switch (every switch recorded) and watch."""
-    def __init__(self, n: int, trouble: str | None = None):
+    """What rollout() asks of a Fleet: switch (every switch recorded) and watch. Each host
+    ran `previous` before (None: nothing, a first deploy); a switch back (to "old") fails on
+    the hosts in `stuck`."""
+    def __init__(self, n: int, trouble: str | None = None, previous: str | None = "old",
+                 stuck=()):
         self.hosts = [Host(f"web{i}", f"10.0.0.{i}", 22, "admin", None, None, None, 10, 900)
                       for i in range(1, n + 1)]
-        self.trouble, self.log = trouble, []
+        self.trouble, self.log, self.previous, self.stuck = trouble, [], previous, set(stuck)
 
     def switch(self, hosts, release, revert=True, colour=None):
         self.log.append(("switch", [h.name for h in hosts], release))
-        return {h.name: {"ok": True, "previous": "old"} for h in hosts}
+        if release == "old":
+            return {h.name: {"ok": h.name not in self.stuck, "previous": "new",
+                             "seen": "500 sick"} for h in hosts}
+        return {h.name: {"ok": True, "previous": self.previous} for h in hosts}
 
     def watch(self, hosts, release, canary):
         self.log.append(("watch", [h.name for h in hosts], canary.hold))
@@ -160,6 +166,18 @@ def test_a_canary_in_trouble_switches_it_back_and_nothing_else_moves():
     assert failed["lb1"]["why"] == "lb1 logged 5 5xx of 40 answers"
     assert fleet.log == [("switch", ["web1", "web2"], "new"), ("watch", ["web1", "web2"], 30),
                          ("switch", ["web1", "web2"], "old")]
+
+
+def test_a_host_that_ran_nothing_before_or_could_not_go_back_is_not_said_switched_back():
+    fleet = FakeFleet(3, trouble="canary web1 turned unhealthy", previous=None)
+    passed, back, failed = flows.rollout(fleet, "new", 1, CANARY)
+    assert not passed and back == [] and fleet.log[-1][0] == "watch", "nothing to go back to"
+    assert failed["web1"] == {"ok": False, "left": True, "why": "web1 still runs new: it ran "
+                              "no release before, nothing to switch back to"}
+    fleet = FakeFleet(3, trouble="lb1 logged 5 5xx", stuck={"web2"})
+    passed, back, failed = flows.rollout(fleet, "new", 1, flows.Canary(2, 30, 1.0, ()))
+    assert [h.name for h in back] == ["web1"]
+    assert failed["web2"]["why"] == "web2 still runs new: its switch back to old failed (500 sick)"
 
 
 def test_the_load_balancer_watch_follows_the_log_and_stops_early_when_over(tmp_path: Path):
@@ -235,3 +253,29 @@ def test_the_controller_stops_every_watcher_once_one_fails(deploy_root: Path, mo
     failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
     assert list(failed) == ["web1"] and "turned unhealthy" in failed["web1"]["why"]
     assert sorted(op for _, op in sent if op == "stop_watch") == ["stop_watch"] * 2
+
+
+def test_a_failed_canary_of_a_first_deploy_says_the_canary_still_runs_it(deploy_root: Path,
+                                                                          monkeypatch):
+    """The whole flow (deploy()) against stand-ins of the server side: nothing ran before on
+    web1, so the failed canary cannot go back, and the error says so instead of claiming it
+    was switched back."""
+    import test_blue_green as blue_green
+    from provisioner.releases import Artifact
+
+    class Servers:
+        def call(self, host, req, data=b"", timeout=None):
+            return {"lock": {"ok": True, "current": None, "manifest": [], "install": "npm ci"},
+                    "switch": {"ok": True, "previous": None, "seen": "200", "how": "started"},
+                    "watch": {"ok": False, "seen": "500 sick", "asked": 2},
+                    "watch_5xx": {"ok": True, "answers": 0, "errors": 0, "statuses": {}},
+                    "stop_watch": {"ok": True},
+                    "finish": {"ok": True, "current": None, "manifest": []}}[req["op"]]
+    inv = load(deploy_root, LB)
+    fleet = blue_green.fleet_of(inv, Servers(), monkeypatch)
+    canary = flows.canary_plan(inv, inv.app(None), fleet.hosts, 1, 5)
+    assert flows.deploy(fleet, Artifact(b"", "0" * 64, "c" * 40, "main"), 1, canary) == 1
+    out = fleet.output()
+    assert "canary web1 turned unhealthy during the hold" in out
+    assert "web1 still runs" in out and "it ran no release before" in out
+    assert "switched back: web1" not in out
