@@ -60,6 +60,25 @@ def test_a_log_line_gives_the_statuses_the_canaries_answered(upstream, status, w
     assert canary_statuses(_line(upstream, status), {"10.77.0.11:3000"}) == want
 
 
+def test_a_canary_addressed_by_name_is_counted_by_the_address_nginx_logs(monkeypatch):
+    """nginx logs the address it resolved a server's name to: the watcher resolves the same
+    name on the load balancer, so a canary whose inventory address is a name is counted."""
+    import socket
+
+    from provisioner.remote import deploy as remote
+
+    def getaddrinfo(host, port, type=0):
+        if host != "web1.example.com":
+            raise socket.gaierror("unknown")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.77.0.11", port)),
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fd00::11", port, 0, 0))]
+    monkeypatch.setattr(remote.socket, "getaddrinfo", getaddrinfo)
+    names = remote.log_names(["web1.example.com:3000", "nowhere.invalid:3000"])
+    assert names == {"web1.example.com:3000", "10.77.0.11:3000", "[fd00::11]:3000",
+                     "nowhere.invalid:3000"}
+    assert canary_statuses(_line("10.77.0.11:3000", "502"), names) == ["502"]
+
+
 def test_a_line_of_another_format_counts_nothing():
     assert canary_statuses('10.0.0.1 - - [x] "GET / HTTP/1.1" 502 0', {"10.77.0.11:3000"}) == []
 

@@ -23,6 +23,7 @@ import pwd
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -521,6 +522,23 @@ def canary_statuses(line, upstreams):
     return [st for addr, st in zip(addrs, statuses) if addr in upstreams]
 
 
+def log_names(upstreams):
+    """The canaries ("address:port", their inventory address) as nginx's log names them.
+    nginx resolves a server given by name when it loads its configuration and logs the
+    address it connected to: a name is resolved here the same way, on the same host, or a
+    canary addressed by name would never be counted (and a hold would see no answer)."""
+    names = set(upstreams)
+    for upstream in upstreams:
+        host, _, port = upstream.rpartition(":")
+        try:
+            found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue                      # as given: nginx would not have started without it
+        for family, _, _, _, addr in found:
+            names.add(("[%s]:%s" if family == socket.AF_INET6 else "%s:%s") % (addr[0], port))
+    return names
+
+
 def too_many_5xx(errors, answers, max_percent, final):
     """Over the threshold: at the end of the hold, of what was seen; before it, only once the
     errors pass the threshold of MIN_ANSWERS answers (a first 502 is not yet a rate)."""
@@ -569,7 +587,7 @@ def op_watch_5xx(app, req, data):
     """On a load balancer: follow nginx's access log for the hold, counting the canaries'
     answers and their 5xx; ends early once over the threshold. Answers counts only (a log line
     may hold a token in its URL: none is sent back)."""
-    path, ups = req.get("log") or ACCESS_LOG, set(req["upstreams"])
+    path, ups = req.get("log") or ACCESS_LOG, log_names(req["upstreams"])
     log = open(path, "rb")
     log.seek(0, 2)
     inode = os.fstat(log.fileno()).st_ino
