@@ -165,3 +165,16 @@ def test_db_restore_says_when_the_dump_went_with_its_release(deploy_root: Path):
     assert "backups kept: r3" in text and "raise `keep`" in text
     text = missing_backup("db1", app, "r9", {}, {})
     assert "no backup taken before release r9" in text and "backups kept: none" in text
+
+
+def test_db_restore_releases_and_unlock_print_what_servers_said_with_secrets_masked(
+        monkeypatch, capsys):
+    """pg_restore's, npm's or pm2's error text goes to the terminal through say()."""
+    import sys
+
+    from provisioner import secret
+    from provisioner.cli.deploy import say
+    monkeypatch.setattr(secret, "REDACTOR", secret.Redactor())
+    secret.REDACTOR.register("pg-app-password-7f3a")
+    say("db1: restore failed: FATAL: password pg-app-password-7f3a rejected", file=sys.stderr)
+    assert capsys.readouterr().err == f"db1: restore failed: FATAL: password {secret.MASK} rejected\n"

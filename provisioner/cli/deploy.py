@@ -22,6 +22,13 @@ HELP = {**{k: FLAG_HELP[k] for k in ("env", "json", "yes", "verbose")},
         "limit": "only these hosts of the app's group, comma-separated"}
 
 
+def say(*parts, file=None) -> None:
+    """print(), with every secret the run knows masked: these tasks print what servers
+    answered (errors of pg_restore, npm, pm2), which may quote one."""
+    from provisioner.secret import REDACTOR
+    print(*(REDACTOR.redact(str(p)) for p in parts), file=file)
+
+
 def _flow(task_name, *, env, app, limit, json, yes, verbose, body) -> None:
     """Inventory and flags checked before any server is touched (exit 2), then body(fleet)
     -> exit code, with the event stream's recap at the end."""
@@ -130,22 +137,22 @@ def releases(c, env="local", app=None, limit=None, json=False):
     """Per host: every release (id, commit, state, when, by whom) and which one is current."""
     the_app, answers = _ask_hosts(env, app, limit, {"op": "list"})
     if json:
-        print(jsonlib.dumps({"app": the_app.name, "hosts": {
+        say(jsonlib.dumps({"app": the_app.name, "hosts": {
             n: ({"current": a["current"], "releases": a["manifest"], "lock": a["lock"]}
                 if a.get("ok") else {"error": a.get("error")}) for n, a in answers.items()}},
             indent=1))
     else:
         for name, a in answers.items():
             if not a.get("ok"):
-                print(f"{name}: {a.get('error')}")
+                say(f"{name}: {a.get('error')}")
                 continue
             lock = f" (locked by {run_lock.holder_text(a['lock'])})" if a.get("lock") else ""
-            print(f"{name}: {the_app.name}{lock}")
+            say(f"{name}: {the_app.name}{lock}")
             for e in reversed(a["manifest"]):
                 mark = "*" if e["id"] == a["current"] else " "
-                print(f"  {mark} {e['id']}  {e['state']:<11} {e['commit'][:12]}  {e['at']}  {e['by']}")
+                say(f"  {mark} {e['id']}  {e['state']:<11} {e['commit'][:12]}  {e['at']}  {e['by']}")
             if not a["manifest"]:
-                print("    (no release)")
+                say("    (no release)")
     if any(not a.get("ok") for a in answers.values()):
         raise Exit(code=EXIT_UNREACHABLE if all("unreachable" in str(a.get("error", "")) or
                                                 "cannot connect" in str(a.get("error", ""))
@@ -161,7 +168,7 @@ def unlock(c, env="local", app=None, limit=None, yes=False):
     _, answers = _ask_hosts(env, app, limit, {"op": "list"})
     held = {n: a["lock"] for n, a in answers.items() if a.get("ok") and a.get("lock")}
     for n, a in answers.items():
-        print(f"{n}: " + (a.get("error") or (f"held by {run_lock.holder_text(a['lock'])}"
+        say(f"{n}: " + (a.get("error") or (f"held by {run_lock.holder_text(a['lock'])}"
                                               if a.get("lock") else "not locked")))
     if not held:
         return
@@ -169,11 +176,11 @@ def unlock(c, env="local", app=None, limit=None, yes=False):
         if not sys.stdin.isatty():
             raise fail_input("not removed: pass --yes to remove the lock without a terminal")
         if input(f"Remove the deploy lock on {', '.join(held)}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing removed")
+            say("nothing removed")
             return
     _, done = _ask_hosts(env, app, ",".join(held), {"op": "unlock", "force": True})
     for n, a in done.items():
-        print(f"{n}: " + ("lock removed" if a.get("ok") else
+        say(f"{n}: " + ("lock removed" if a.get("ok") else
                           "not removed: a command of that run still runs there" if a.get("busy")
                           else f"not removed: {a.get('error')}"))
     if any(not a.get("ok") for a in done.values()):
@@ -213,16 +220,16 @@ def restore(c, before, env="local", app=None, yes=False):
                     raise fail_input(f"not restored: pass --yes to restore {what}")
                 if input(f"Restore {what}? Its current content is replaced. [y/N] ") \
                         .strip().lower() not in ("y", "yes"):
-                    print("nothing restored")
+                    say("nothing restored")
                     return
             a = call(conn, {**base, "op": "restore"})
         except (Unreachable, RemoteError) as e:
-            print(str(e), file=sys.stderr)
+            say(str(e), file=sys.stderr)
             raise Exit(code=EXIT_UNREACHABLE if isinstance(e, Unreachable) else EXIT_FAILED)
     if not a.get("ok"):
-        print(f"{host.name}: restore failed: {a.get('error')}", file=sys.stderr)
+        say(f"{host.name}: restore failed: {a.get('error')}", file=sys.stderr)
         raise Exit(code=EXIT_FAILED)
-    print(f"restored {what}")
+    say(f"restored {what}")
 
 
 def missing_backup(host: str, app, release: str, found: dict, pruned: dict) -> str:
