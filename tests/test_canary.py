@@ -245,6 +245,20 @@ def test_a_watcher_stops_early_when_another_saw_trouble(tmp_path: Path, monkeypa
     assert time.monotonic() - t0 < 5 and a["ok"] and a["stopped"] and a["answers"] == 0
 
 
+def test_a_stop_removes_the_stop_files_of_runs_a_day_old(tmp_path: Path, monkeypatch):
+    import os
+    import time
+
+    from provisioner.remote import deploy as remote
+    monkeypatch.setattr(remote, "stop_path", lambda req: str(tmp_path / f"{req['run_id']}.stop"))
+    old, recent = tmp_path / "old.stop", tmp_path / "recent.stop"
+    old.touch()
+    recent.touch()
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    remote.op_stop_watch(None, {"run_id": "now"}, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["now.stop", "recent.stop"]
+
+
 def test_the_controller_stops_every_watcher_once_one_fails(deploy_root: Path, monkeypatch):
     """Fleet.watch: the canary's health watcher fails at once; the load balancer's watcher is
     stopped (op stop_watch on every watched host, once) instead of holding the whole time."""

@@ -16,6 +16,7 @@ States: prepared -> live -> retired (passed its health gate: a rollback target) 
 rolled-back.
 """
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -559,7 +560,18 @@ def watching(req, deadline):
             and not (req.get("run_id") and os.path.exists(stop_path(req))))
 
 
+STOP_FILES_KEPT = 86400       # seconds: an older stop file's run is over
+
+
 def op_stop_watch(app, req, data):
+    """Stop this run's watchers here. The stop also reaches watchers that had ended (the one
+    that saw trouble, at least), so its file would stay in /run: those of runs a day old go."""
+    for old in glob.glob(stop_path({"run_id": "*"})):
+        try:
+            if time.time() - os.stat(old).st_mtime > STOP_FILES_KEPT:
+                os.unlink(old)
+        except OSError:
+            pass                    # another run's stop removed it first
     with open(stop_path(req), "w"):
         pass
     return {"ok": True}
