@@ -423,6 +423,10 @@ def _switch_back(fleet: Fleet, done: list[tuple[Host, str | None]], release: str
     (a first deploy), or its switch back failed), so the output never claims a host went
     back that did not."""
     back, left = [], {}
+
+    def still(h: Host) -> str:
+        # blue-green: the idle colour, which no load balancer sends requests to
+        return (f"{h.name}'s {colour} (not served)" if colour else h.name) + f" still runs {release}"
     for previous in sorted({p for _, p in done if p}):
         hosts = [h for h, p in done if p == previous]
         answers = fleet.switch(hosts, previous, revert=False, colour=colour)
@@ -432,13 +436,12 @@ def _switch_back(fleet: Fleet, done: list[tuple[Host, str | None]], release: str
                 back.append(h)
             else:
                 left[h.name] = {"ok": False, "left": True, "why": (
-                    f"{h.name} still runs {release}: its switch back to {previous} failed "
+                    f"{still(h)}: its switch back to {previous} failed "
                     f"({a.get('error') or a.get('seen') or 'unreachable'})")}
     for h, previous in done:
         if previous is None:
             left[h.name] = {"ok": False, "left": True, "why": (
-                f"{h.name} still runs {release}: it ran no release before, nothing to switch "
-                "back to")}
+                f"{still(h)}: it ran no release before, nothing to switch back to")}
     return back, left
 
 

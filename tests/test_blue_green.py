@@ -154,6 +154,16 @@ def test_a_failed_gate_flips_nothing_and_the_idle_colour_goes_back(deploy_root, 
     assert servers.colour["web1"] == servers.colour["web2"] == {"blue": "r1", "green": "r0"}
 
 
+def test_a_failed_gate_of_a_colour_never_started_says_it_serves_nothing(deploy_root, monkeypatch):
+    servers = Servers(blue="r1", green=None, live="blue", sick=[("web2", "r2")])
+    fleet = fleet_of(load(deploy_root, BG), servers, monkeypatch)
+    answers = {h.name: servers.call(h.name, {"op": "lock"}) for h in fleet.hosts}
+    passed, back, failed = flows.go_live(fleet, "r2", answers)
+    assert not passed and back == [] and servers.live == "blue"
+    assert failed["web1"]["why"] == ("web1's green (not served) still runs r2: it ran no "
+                                     "release before, nothing to switch back to")
+
+
 def test_a_rollback_is_only_the_flip_when_the_old_colour_still_runs_it(deploy_root, monkeypatch):
     servers = Servers(blue="r1", green="r2", live="green")
     servers.current = {"web1": "r2", "web2": "r2"}
