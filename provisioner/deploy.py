@@ -204,8 +204,8 @@ class Fleet:
                                            if answer.get("busy") else ""))
                     return "skipped", answer["locked"], answer
                 return "failed", answer.get("error", "failed"), answer
-            if artifact is None:
-                return "ok", "; ".join(["locked"] + notes), answer
+            if artifact is None:      # a lock taken over, a dead deploy's leftovers gone: changes
+                return ("changed" if notes else "ok"), "; ".join(["locked"] + notes), answer
             return "changed", "; ".join([f"release {release} prepared: node_modules "
                                          f"{answer['install']}"] + notes), answer
         return self.each(hosts, "prepare" if artifact else "lock", fn)

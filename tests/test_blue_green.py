@@ -108,7 +108,8 @@ class Servers:
 
 def fleet_of(inv, servers, monkeypatch, hosts=None) -> flows.Fleet:
     """A Fleet of `hosts` (default: group app) whose every exec is servers.call(host name,
-    request, data, timeout); fleet.output(): its NDJSON events, then its lines on stderr."""
+    request, data, timeout); fleet.output(): its NDJSON events (fleet.json_out()), then its
+    lines on stderr (fleet.lines())."""
     class Conn:
         commands = 0
 
@@ -125,7 +126,7 @@ def fleet_of(inv, servers, monkeypatch, hosts=None) -> flows.Fleet:
                     stream_out=out, stream_err=err)
     fleet = flows.Fleet(inv, hosts or inv.hosts_in("app"), inv.app(None), events, "deploy")
     fleet.output = lambda: out.getvalue() + err.getvalue()
-    fleet.json_out = out.getvalue
+    fleet.json_out, fleet.lines = out.getvalue, err.getvalue
     return fleet
 
 

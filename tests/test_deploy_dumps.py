@@ -95,6 +95,26 @@ def test_the_dump_is_taken_only_once_every_host_is_locked(deploy_root: Path, mon
     assert ops.index("backup") < ops.index("migrate") < ops.index("switch")
 
 
+def test_a_lock_taken_over_first_is_said_at_the_default_verbosity(deploy_root: Path,
+                                                                  monkeypatch):
+    """The takeover moved to the lock-only exec (it was the prepare step's news): it is a
+    change, so it shows without -v, as before."""
+    servers = Servers()
+    answer = servers.call
+
+    def call(host, req, data=b"", timeout=None):
+        a = answer(host, req, data, timeout)
+        if req["op"] == "lock" and not req.get("artifact"):
+            a.update(took_over=OTHER_RUN, cleaned=["r9.building"])
+        return a
+    servers.call = call
+    fleet = fleet_of(load(deploy_root, MIGRATES), servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 0
+    lines = fleet.lines()
+    assert lines.count("took over the lock of a dead run: alice@laptop") == 2
+    assert "removed what a dead deploy left: r9.building" in lines
+
+
 def test_an_app_without_migrations_locks_and_prepares_in_one_exec(deploy_root: Path, monkeypatch):
     servers = Servers()
     fleet = fleet_of(load(deploy_root, APPS), servers, monkeypatch)
