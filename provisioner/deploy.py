@@ -426,7 +426,8 @@ def _switch_back(fleet: Fleet, done: list[tuple[Host, str | None]], release: str
 
     def still(h: Host) -> str:
         # blue-green: the idle colour, which no load balancer sends requests to
-        return (f"{h.name}'s {colour} (not served)" if colour else h.name) + f" still runs {release}"
+        where = f"{h.name}'s {colour} (not served)" if colour else h.name
+        return f"{where} still runs {release}"
     for previous in sorted({p for _, p in done if p}):
         hosts = [h for h, p in done if p == previous]
         answers = fleet.switch(hosts, previous, revert=False, colour=colour)
@@ -523,6 +524,13 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
                  else None)
     if passed:
         return EXIT_OK
+    return _failed(fleet, release, canary, back, failed, seen)
+
+
+def _failed(fleet: Fleet, release: str, canary: Canary | None, back: list[Host],
+            failed: dict[str, dict], seen: list[str]) -> int:
+    """The exit code of a deploy that did not go live, its error saying what was seen and
+    where each host is: 3 with a host lost, else 1."""
     left = "".join(f"; {a['why']}" for a in failed.values() if a.get("left"))
     if fleet.lost:
         where = "; ".join(f"{h.name} on {_on(fleet, h, release, back, failed)}"

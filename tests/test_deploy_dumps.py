@@ -197,4 +197,5 @@ def test_db_restore_releases_and_unlock_print_what_servers_said_with_secrets_mas
     monkeypatch.setattr(secret, "REDACTOR", secret.Redactor())
     secret.REDACTOR.register("pg-app-password-7f3a")
     say("db1: restore failed: FATAL: password pg-app-password-7f3a rejected", file=sys.stderr)
-    assert capsys.readouterr().err == f"db1: restore failed: FATAL: password {secret.MASK} rejected\n"
+    said = capsys.readouterr().err
+    assert said == f"db1: restore failed: FATAL: password {secret.MASK} rejected\n"
