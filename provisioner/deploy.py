@@ -295,10 +295,15 @@ class Fleet:
         with ThreadPoolExecutor(max_workers=2) as pool:
             watched = pool.submit(self.each, canaries, f"canary {release}", health)
             logged = pool.submit(self.each, list(canary.balancers), "canary 5xx rate", errors)
+            interrupted = _wait_or_stop([watched, logged], trouble)
             answers = [(n, a) for n, a in watched.result().items()] + \
                 [(n, a) for n, a in logged.result().items()]
-        return {n: dict(a, canary=True, why=a.get("why") or a.get("error") or "unreachable")
-                for n, a in answers if not a.get("ok")}
+        failed = {n: dict(a, canary=True, why=a.get("why") or a.get("error") or "unreachable")
+                  for n, a in answers if not a.get("ok")}
+        if interrupted:
+            failed["controller"] = {"ok": False, "canary": True,
+                                    "why": "the hold was interrupted (Ctrl-C)"}
+        return failed
 
     def finish(self, hosts: list[Host], states: dict[str, str], result: str,
                discard: str | None = None, point: str | None = None) -> None:
@@ -381,6 +386,22 @@ class Fleet:
             self.events.host_done(name, remote_commands=c.commands,
                                   seconds=time.monotonic() - self.started[name])
             c.close()
+
+
+def _wait_or_stop(futures: list, stop) -> bool:
+    """Wait for every future. A Ctrl-C meanwhile (someone ending a canary's hold) calls
+    stop(), so the watchers end at once and the canaries are switched back as after trouble,
+    rather than the run dying after the hold with the fleet on two releases and its lock
+    left: True then. A second Ctrl-C ends the process as usual."""
+    try:
+        for f in futures:
+            f.result()
+        return False
+    except KeyboardInterrupt:
+        stop()
+        for f in futures:
+            f.result()
+        return True
 
 
 def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:

@@ -312,3 +312,39 @@ def test_a_failed_canary_of_a_first_deploy_says_the_canary_still_runs_it(deploy_
     assert "canary web1 turned unhealthy during the hold" in out
     assert "web1 still runs" in out and "it ran no release before" in out
     assert "switched back: web1" not in out
+
+
+def test_a_ctrl_c_during_the_hold_stops_the_watchers_and_fails_the_canary(deploy_root: Path,
+                                                                          monkeypatch):
+    """Someone ends the hold with Ctrl-C: the watchers are stopped at once and the canary
+    fails (rollout() then switches it back) instead of the run dying after the hold."""
+    import io
+    import os
+    import signal
+    import threading
+    import time
+
+    from provisioner.events import Events
+    inv = load(deploy_root, LB)
+    stopped, sent = threading.Event(), []
+
+    def fake_call(host, req, timeout=None):
+        sent.append((host.name, req["op"]))
+        if req["op"] in ("watch", "watch_5xx"):
+            assert stopped.wait(10), "never stopped"
+            return {"ok": True, "seen": "200 ok", "asked": 1, "answers": 3, "errors": 0,
+                    "statuses": {"200": 3}, "stopped": True}
+        stopped.set()
+        return {"ok": True}
+    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
+                    stream_out=io.StringIO(), stream_err=io.StringIO())
+    fleet = flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
+    monkeypatch.setattr(fleet, "call", fake_call)
+    canary = flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, 30)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()     # a real Ctrl-C
+    t0 = time.monotonic()
+    failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
+    assert time.monotonic() - t0 < 10
+    assert failed == {"controller": {"ok": False, "canary": True,
+                                     "why": "the hold was interrupted (Ctrl-C)"}}
+    assert sorted(op for _, op in sent if op == "stop_watch") == ["stop_watch"] * 2
