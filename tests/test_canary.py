@@ -259,13 +259,24 @@ def test_a_stop_removes_the_stop_files_of_runs_a_day_old(tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["now.stop", "recent.stop"]
 
 
+def watched_fleet(inv, fake_call, monkeypatch) -> tuple[flows.Fleet, flows.Canary]:
+    """A Fleet of group app whose every exec is fake_call(host, request, timeout), and a
+    canary plan of web1 held 30 s."""
+    import io
+
+    from provisioner.events import Events
+    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
+                    stream_out=io.StringIO(), stream_err=io.StringIO())
+    fleet = flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
+    monkeypatch.setattr(fleet, "call", fake_call)
+    return fleet, flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, 30)
+
+
 def test_the_controller_stops_every_watcher_once_one_fails(deploy_root: Path, monkeypatch):
     """Fleet.watch: the canary's health watcher fails at once; the load balancer's watcher is
     stopped (op stop_watch on every watched host, once) instead of holding the whole time."""
-    import io
     import threading
 
-    from provisioner.events import Events
     inv = load(deploy_root, LB)
     stopped, sent = threading.Event(), []
 
@@ -278,11 +289,7 @@ def test_the_controller_stops_every_watcher_once_one_fails(deploy_root: Path, mo
             return {"ok": True, "answers": 7, "errors": 0, "statuses": {"200": 7}, "stopped": True}
         stopped.set()
         return {"ok": True}
-    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
-                    stream_out=io.StringIO(), stream_err=io.StringIO())
-    fleet = flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
-    monkeypatch.setattr(fleet, "call", fake_call)
-    canary = flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, 30)
+    fleet, canary = watched_fleet(inv, fake_call, monkeypatch)
     failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
     assert list(failed) == ["web1"] and "turned unhealthy" in failed["web1"]["why"]
     assert sorted(op for _, op in sent if op == "stop_watch") == ["stop_watch"] * 2
@@ -318,13 +325,11 @@ def test_a_ctrl_c_during_the_hold_stops_the_watchers_and_fails_the_canary(deploy
                                                                           monkeypatch):
     """Someone ends the hold with Ctrl-C: the watchers are stopped at once and the canary
     fails (rollout() then switches it back) instead of the run dying after the hold."""
-    import io
     import os
     import signal
     import threading
     import time
 
-    from provisioner.events import Events
     inv = load(deploy_root, LB)
     stopped, sent = threading.Event(), []
 
@@ -336,11 +341,7 @@ def test_a_ctrl_c_during_the_hold_stops_the_watchers_and_fails_the_canary(deploy
                     "statuses": {"200": 3}, "stopped": True}
         stopped.set()
         return {"ok": True}
-    events = Events(task="deploy", env="test", json_out=True, verbose=0, diff=False, check=False,
-                    stream_out=io.StringIO(), stream_err=io.StringIO())
-    fleet = flows.Fleet(inv, inv.hosts_in("app"), inv.app(None), events, "deploy")
-    monkeypatch.setattr(fleet, "call", fake_call)
-    canary = flows.canary_plan(inv, inv.app(None), inv.hosts_in("app"), 1, 30)
+    fleet, canary = watched_fleet(inv, fake_call, monkeypatch)
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()     # a real Ctrl-C
     t0 = time.monotonic()
     failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
