@@ -416,16 +416,16 @@ def test_blue_green_deploys_and_a_flip_back_lose_no_request(bluegreen, repo):
     def ops():
         steps = []
         r = deploy(repo, commits["v2"], env=bluegreen)
-        steps.append(("v2", r.returncode, through_lb_health(), r.stdout + r.stderr, r.seconds))
+        steps.append(("v2", r.returncode, through_lb_health(), r.stdout + r.stderr, current("web2")))
         t0 = time.monotonic()
         back = deploy(repo, None, task="rollback", env=bluegreen)
         steps.append(("rollback", back.returncode, through_lb_health(), back.stdout + back.stderr,
                       time.monotonic() - t0))
         return steps
     result, steps = through_lb(ops, retry_closed=True)
-    (_, code2, live2, out2, _), (_, code_rb, live_rb, out_rb, rb_seconds) = steps
+    (_, code2, live2, out2, v2), (_, code_rb, live_rb, out_rb, rb_seconds) = steps
     assert (code2, code_rb) == (0, 0), out2 + out_rb
-    v2 = current("web2")
+    # `current` follows the flip: read after the v2 deploy, before the rollback flipped back
     assert v2.endswith(commits["v2"][:12]) and live2 == v2
     assert live_rb == v1, "the rollback flipped back to the colour still running v1"
     assert "| switch" not in out_rb, "a rollback to what the old colour runs is only a flip"
