@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from provisioner import agent, lock, ops, platforms
+from provisioner import agent, apt_batch, lock, ops, platforms
 from provisioner import plan as saved_plan
 from provisioner.api import Guard, NotAResource, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
@@ -120,7 +120,9 @@ class Runner:
     def run_host(self, host: Host) -> HostResult:
         """Execs on a converged host: one for os facts (+ the run lock), one for every role's
         facts, one to release the lock; a role's facts are gathered again only when an earlier
-        role changed this host, so later roles always plan against what earlier ones did."""
+        role changed this host, so later roles always plan against what earlier ones did.
+        Missing packages of every role are installed first in one exec (apt_batch), after
+        which every role's facts are gathered again."""
         if self.stop:                      # a host of this batch still waiting for a fork
             return self._not_started(host, self.stop.reason)
         started = time.monotonic()
@@ -162,13 +164,21 @@ class Runner:
                 shared = Facts(self._facts(conn, merged)) if plans else None
                 if self.events.check:
                     res.facts = saved_plan.fact_items(shared.raw if shared else {})
-                why = self._plan_refusal(host, plans, shared) if self.opts.saved is not None else None
+                # the packages every role will install, in one apt transaction before them
+                batch = (apt_batch.plan(batch_input(plans), shared) if shared is not None
+                         else apt_batch.NOTHING)
+                why = self._plan_refusal(host, plans, shared, batch) if self.opts.saved is not None else None
                 if why:                     # before any change: the host is left as it is
                     res.status, res.error = "refused", why
                     self.events.step(host=host.name, role=None, resource="saved plan",
                                      status="skipped", reason=f"refused: {why}",
                                      seconds=time.monotonic() - started)
                     plans = []
+                if batch.change is not None and plans and not self.stop:
+                    shared = self._run_batch(conn, host, batch, merged, shared, res)
+                    if res.failed:
+                        self._skip_roles(host, plans, "not run: the package batch failed before it")
+                        plans = []
                 for i, p in enumerate(plans):
                     if self.stop:
                         self._skip_roles(host, plans[i:], f"not run: {self.stop.reason}")
@@ -218,22 +228,61 @@ class Runner:
                               error=None if res.status in ("locked", "refused") else res.error)
         return res
 
-    def _plan_refusal(self, host: Host, plans: list, shared: Facts | None) -> str | None:
+    def _plan_refusal(self, host: Host, plans: list, shared: Facts | None,
+                      batch: apt_batch.Batch) -> str | None:
         """Why the saved plan must not be applied to this host now (its facts drifted, or
-        they plan other changes), or None. Planning is local: no exec."""
+        they plan other changes), or None. Planning is local: no exec. The roles plan as
+        check mode planned them: after the package batch."""
         mine = self.opts.saved.get(host.name)
         if mine is None:
             return "the plan holds nothing for this host"
         now = {}
+        after = shared
+        if batch.change is not None:
+            now[apt_batch.PLAN_KEY] = [batch.change]
+            after = shared.overlay(batch.expect)
         for p in plans:
             if isinstance(p, RoleError) or shared is None:
                 return None              # the run reports it as the failure it is
             try:
-                now[p.name] = [c for _r, result in ops.plan_all(p.resources, shared)
+                now[p.name] = [c for _r, result in ops.plan_all(p.resources, after)
                                for c in result if isinstance(c, Change)]
             except Exception:            # the role's run reports it, as a provision would
                 return None
         return mine.refusal(shared.raw if shared else {}, now)
+
+    def _run_batch(self, conn: Connection, host: Host, batch: apt_batch.Batch, request: dict,
+                   facts: Facts, res: HostResult) -> Facts:
+        """The package batch in one apply exec; then every role's facts gathered again in one
+        exec (the packages brought their files, users and services), which the roles plan
+        from. Check mode: reported, and the roles plan as if it had run (their package steps
+        say "installed by this run"). Returns the facts the roles start from."""
+        t0 = time.monotonic()
+        c = batch.change
+
+        def step(status: str, reason: str, output=None):
+            self.events.step(host=host.name, role=None, resource=c.resource, status=status,
+                             reason=reason, seconds=time.monotonic() - t0, output=output)
+
+        if self.events.check:
+            res.planned[apt_batch.PLAN_KEY] = [saved_plan.change_entry(c)]
+            res.changed += 1
+            step("changed", f"would {c.action}: {c.why}")
+            return facts.overlay(batch.expect)
+        apply = agent.apply_request([c])
+        apply["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
+        try:
+            out = agent.call(conn, "apply", apply)["results"][0]
+        except (agent.AgentError, KeyError, IndexError) as e:
+            out = {"status": "failed", "error": str(e)}
+        if out.get("status") != "ok":
+            res.failed += 1
+            step("failed", apt_batch.failure(batch.names, out.get("output"), out.get("error"),
+                                             out.get("rc")), output=out.get("output"))
+            return facts
+        res.changed += 1
+        step("changed", f"{c.action}: {c.why}")
+        return Facts(self._facts(conn, request))
 
     def _skip_roles(self, host: Host, plans: list, why: str) -> None:
         for p in plans:
@@ -453,6 +502,12 @@ class Runner:
             said += ": fix it through the open session or the console"
         step(f"guard {g.name}", "failed", f"{error}; {said}")
         return False
+
+
+def batch_input(plans: list) -> list[tuple[str, list | None]]:
+    """The roles as the package batch plans them: (name, resources), None for one that
+    failed to prepare (the run stops there)."""
+    return [(p.name, None if isinstance(p, RoleError) else p.resources) for p in plans]
 
 
 def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:

@@ -1,0 +1,169 @@
+"""One apt transaction for the packages a host's roles will install, before the roles run.
+
+Each role installs its packages in its own step, one role after the other: on a fresh server
+that is one `apt-get install` per role, each reading the package lists, downloading, then
+unpacking and running dpkg's triggers (man-db, systemd) again. Installed together they cost
+one of each. The roles still run as before: their own package steps then find the packages
+installed and report ok.
+
+A package resource of a role moves into the batch only when installing it before the roles
+cannot change what the run does. It stays in its role's own step when:
+- it is not a plain install (state `latest` or `absent`, or `install_recommends`): those have
+  their own apt semantics, and are rare;
+- a resource before it in the host's order changes where packages come from or which version
+  wins (an apt repository, a file under sources.list.d, keyrings or preferences): installing
+  first would take the package from elsewhere, or fail to find it;
+- a resource before it in its own role changes something: the role put it first on purpose
+  (postgresql's check that no older cluster holds the data, a config file the package's
+  install reads);
+- its role, or a role before it, cannot be planned: the run stops there, and a role that
+  never runs must not have installed anything;
+- another role asks for the same package at another version.
+Roles are planned here against the facts gathered before any of them ran, as check mode does:
+a role's changes that only show after an earlier role ran are not seen. That is the check
+mode's limit too, and none of the roles' package steps depends on an earlier role's files.
+
+Everything here is pure: the runner applies the change in one exec and gathers the facts again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from provisioner.change import Change
+from provisioner.facts import Facts
+from provisioner.ops import apt, plan_all
+
+RESOURCE = "apt batch: "      # its step's resource: the names follow
+PLAN_KEY = "(apt batch)"      # its change's key in a saved plan (no role can be named so)
+
+# Where apt reads which packages exist and which version wins: a change there comes first.
+# Not apt.conf.d: harden's unattended-upgrades settings live there, and apt's options do not
+# move a package's origin (a proxy setting would only make the batch fail loudly).
+APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/", "/etc/apt/keyrings/",
+               "/etc/apt/trusted.gpg", "/etc/apt/preferences", "/usr/share/keyrings/")
+
+
+@dataclass(frozen=True)
+class Left:
+    """A package resource that stays in its role's own step, and why."""
+    role: str
+    resource: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    names: tuple[str, ...] = ()          # the package specs the batch installs
+    roles: tuple[str, ...] = ()          # the roles they come from, in order
+    left: tuple[Left, ...] = ()          # package resources with work left to their roles
+    change: Change | None = None         # None: nothing to install before the roles
+    expect: dict = dataclasses.field(default_factory=dict)   # packages after it (check mode)
+
+
+NOTHING = Batch()
+
+
+def batchable(r: Any) -> bool:
+    return (isinstance(r, apt.Packages) and r.state == "present"
+            and not r.install_recommends)
+
+
+def _installs(r: Any, facts: Facts) -> bool:
+    return any(isinstance(c, Change) for c in r.plan(facts))
+
+
+def _changes_apt_sources(r: Any, changes: list[Change]) -> bool:
+    if isinstance(r, apt.Repository):
+        return True
+    return any(p.startswith(APT_SOURCES) for c in changes for p in c.paths)
+
+
+def _name(spec: str) -> str:
+    return spec.split("=", 1)[0]
+
+
+def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Batch:
+    """The batch of a host whose roles, in run order, are `roles` ((name, resources); None
+    for a role that could not be prepared), planned from the facts gathered before any ran.
+
+    On a host where every plain package is installed (a converged one), this is a lookup per
+    package and nothing more: no role is planned."""
+    try:
+        if not any(batchable(r) and _installs(r, facts)
+                   for _role, rs in roles if rs is not None for r in rs):
+            return NOTHING
+    except Exception:           # facts it cannot read: the roles' own steps report it
+        return NOTHING
+    names: dict[str, str] = {}            # package -> the spec batched for it
+    max_ages: list[int | None] = []
+    from_roles: list[str] = []
+    left: list[Left] = []
+    sources_changed_by = None             # the first earlier resource that changes apt's sources
+    for role, resources in roles:
+        if resources is None:
+            break                         # the run stops at this role: none after it runs
+        try:
+            planned = plan_all(resources, facts)
+        except Exception:                 # its run will report it; it stops there too
+            break
+        first_change = None               # the first resource of this role that changes something
+        for r, result in planned:
+            changes = [c for c in result if isinstance(c, Change)]
+            if not changes:
+                continue
+            if isinstance(r, apt.Packages):
+                why = _why_not(r, sources_changed_by, first_change, names)
+                if why is None:
+                    for spec in r.names:
+                        names.setdefault(_name(spec), spec)
+                    max_ages.append(r.update_cache_max_age)
+                    if role not in from_roles:
+                        from_roles.append(role)
+                    continue              # it moves before the roles: not a change of its role
+                left.append(Left(role, r.id, why))
+            first_change = first_change or r.id
+            if _changes_apt_sources(r, changes):
+                sources_changed_by = sources_changed_by or r.id
+    if not names:
+        return Batch(left=tuple(left))
+    ages = [a for a in max_ages if a is not None]
+    # only what is missing (a resource may list some installed ones too), and the strictest
+    # wish of the batched resources: a refresh when any of them would refresh
+    missing = [s for s in names.values() if _installs(apt.packages([s]), facts)]
+    together = apt.packages(missing, update_cache_max_age=min(ages) if ages else None)
+    change = next(c for c in together.plan(facts) if isinstance(c, Change))
+    why = f"{change.why}; for role{'s' if len(from_roles) > 1 else ''} {', '.join(from_roles)}"
+    if left:
+        why += "; left to their roles: " + "; ".join(f"{x.resource} ({x.role}: {x.why})" for x in left)
+    change = dataclasses.replace(change, resource=RESOURCE + " ".join(together.names), why=why)
+    return Batch(together.names, tuple(from_roles), tuple(left), change, together.expect(facts))
+
+
+def _why_not(r: apt.Packages, sources_changed_by: str | None, first_change: str | None,
+             names: dict[str, str]) -> str | None:
+    if not batchable(r):
+        return ("installs recommended packages" if r.install_recommends
+                else f"state {r.state}") + ": its own transaction"
+    if sources_changed_by:
+        return f"after {sources_changed_by}, which changes where packages come from"
+    if first_change:
+        return f"after {first_change} of its role, which changes something first"
+    other = [f"{names[_name(s)]} != {s}" for s in r.names
+             if _name(s) in names and names[_name(s)] != s]
+    if other:
+        return f"another role asks for another version ({', '.join(other)})"
+    return None
+
+
+_APT_ERROR = re.compile(r"^(E: |dpkg: error)")
+
+
+def failure(names: Sequence[str], output: str | None, error: str | None, rc: Any) -> str:
+    """A failed batch's reason: the packages, and apt's own error lines (or the last line)."""
+    lines = [x.strip() for x in (output or "").splitlines() if x.strip()]
+    said = [x for x in lines if _APT_ERROR.match(x)] or lines[-1:]
+    cause = "; ".join(said[-3:]) or error or f"exit {rc}"
+    return f"install of {' '.join(names)} failed: {cause}"
