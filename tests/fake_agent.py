@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from provisioner import agent
+from provisioner.facts import Facts, check_key
 
 
 class AgentConn:
@@ -45,3 +46,19 @@ def two_role_inventory(tmp_path, env: str, role_source: str, default: str):
            "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
     (tmp_path / f"{env}.yml").write_text(json.dumps(doc))
     return load_inventory_file(tmp_path / f"{env}.yml", roles_root=[tmp_path / "roles"])
+
+
+def fresh_server(request: dict, os_facts: dict) -> Facts:
+    """What a never-provisioned server answers to `request` (a facts request): nothing the
+    roles ask for exists."""
+    absent = {"files": {"exists": False}, "sysctl": {"value": None, "persisted": []},
+              "http": {"error": "connection refused"}}
+    d = {"os": os_facts}
+    for kind, keys in request.items():
+        if kind == "packages":
+            d[kind] = {"installed": {k: None for k in keys}, "lists_age": None}
+        elif kind == "checks":
+            d[kind] = {check_key(k["argv"] if isinstance(k, dict) else k): 1 for k in keys}
+        elif kind != "os":
+            d[kind] = {k: absent.get(kind) for k in keys}
+    return Facts(d)

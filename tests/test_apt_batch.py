@@ -8,8 +8,10 @@ import pytest
 
 from provisioner import apt_batch
 from provisioner.change import Change, Noop
-from provisioner.facts import Facts, check_key
+from provisioner.facts import Facts
 from provisioner.ops import PlanError, apt, files, request, templates
+
+from fake_agent import fresh_server
 
 KEY = "LS0tLS1CRUdJTiBQR1AgUFVCTElDIEtFWSBCTE9DSy0tLS0tCg=="     # "-----BEGIN PGP ..." base64
 
@@ -265,21 +267,6 @@ def test_the_change_is_a_plain_apt_install():
 
 
 # --- the local env's own roles ---------------------------------------------------------------
-
-def fresh_server(request: dict, os_facts: dict) -> Facts:
-    """What a never-provisioned server answers: nothing of what the roles ask for exists."""
-    absent = {"files": {"exists": False}, "sysctl": {"value": None, "persisted": []},
-              "http": {"error": "connection refused"}}
-    d = {"os": os_facts}
-    for kind, keys in request.items():
-        if kind == "packages":
-            d[kind] = {"installed": {k: None for k in keys}, "lists_age": None}
-        elif kind == "checks":
-            d[kind] = {check_key(k["argv"] if isinstance(k, dict) else k): 1 for k in keys}
-        elif kind != "os":
-            d[kind] = {k: absent.get(kind) for k in keys}
-    return Facts(d)
-
 
 def test_on_fresh_servers_every_package_of_the_local_env_joins_the_batch():
     from provisioner.api import RoleContext
