@@ -1,0 +1,149 @@
+"""Fresh servers: `invoke provision` of web1 (base, harden, node, pm2) and of the whole local env
+on never-provisioned servers with a warm package cache, then a converged run of each; wall
+time, and SSH execs per host of the converged run. The issue's targets: web1 in 35 s, the env
+in 60 s, the converged run still 3 execs per host.
+
+    invoke testbed.up
+    python3 bench/fresh_provision.py [--rounds 3] [--only web1,env] [--unbatched]
+
+Each fresh run first replaces the servers it provisions with never-provisioned ones
+(provisioner.testbed.reset: the same base image, new host keys): whatever was on them is gone.
+One unmeasured fresh run of the env comes first: the testbed's apt proxy then holds every
+.deb (npm's registry is tunnelled, not cached). `--unbatched` also runs each fresh provision
+with the package batch off (each role installs its own packages, as before provisioner/
+apt_batch.py), interleaved, so that one run shows what the batch is worth. After each fresh
+run it prints where the time went per host: the batch step and each role, from the run's
+--json events.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGETS = {"web1": 35.0, "env": 60.0}
+LIMITS = {"web1": ["--limit", "web1"], "env": []}
+# the real `invoke` program with the batch planned as empty: every role installs its own
+UNBATCHED = """
+import sys
+from provisioner import apt_batch
+apt_batch.plan = lambda roles, facts: apt_batch.NOTHING
+from invoke.main import program
+program.run(["invoke", *sys.argv[1:]])
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="fresh runs of each (median)")
+    ap.add_argument("--only", default="web1,env", help="web1, env or both")
+    ap.add_argument("--unbatched", action="store_true",
+                    help="also each fresh run with the package batch off")
+    a = ap.parse_args(argv)
+    a.only = [x for x in a.only.split(",") if x]
+    if not a.only or any(x not in TARGETS for x in a.only):
+        ap.error(f"--only: {','.join(a.only) or 'nothing'}: choose from web1, env")
+    if a.rounds < 1:
+        ap.error("--rounds must be 1 or more")
+    return a
+
+
+def argv(what: str, batched: bool = True) -> list[str]:
+    head = [sys.executable, "-m", "invoke"] if batched else [sys.executable, "-c", UNBATCHED]
+    return [*head, "provision", "--env", "local", *LIMITS[what], "--yes", "--json"]
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def where_time_went(evs: list[dict]) -> dict[str, dict[str, float]]:
+    """{host: {"apt batch" or role: seconds}}. A step's `seconds` count from the start of its
+    role (or of the batch), so a role took as long as its last step says."""
+    out: dict[str, dict[str, float]] = {}
+    for e in evs:
+        if e.get("event") != "step":
+            continue
+        if e["role"] is None and not e["resource"].startswith("apt batch: "):
+            continue
+        key = e["role"] or "apt batch"
+        host = out.setdefault(e["host"], {})
+        host[key] = max(host.get(key, 0.0), e["seconds"])
+    return out
+
+
+def time_lines(evs: list[dict]) -> list[str]:
+    return [f"    {host}: " + ", ".join(f"{k} {s:.1f}" for k, s in parts.items())
+            for host, parts in sorted(where_time_went(evs).items())]
+
+
+def recap(evs: list[dict]) -> dict:
+    last = evs[-1] if evs else {}
+    if last.get("event") != "recap":
+        raise SystemExit("the run printed no recap")
+    return last
+
+
+def provision(what: str, batched: bool = True) -> tuple[float, list[dict]]:
+    t0 = time.monotonic()
+    p = subprocess.run(argv(what, batched), cwd=REPO, capture_output=True, text=True, timeout=3600)
+    wall = time.monotonic() - t0
+    evs = events(p.stdout)
+    r = recap(evs)
+    if p.returncode != 0 or r["failed"] or r["unreachable"]:
+        bad = [e for e in evs if e.get("status") in ("failed", "unreachable")]
+        raise SystemExit(f"provision {what} exited {p.returncode}: {bad[:5]}\n{p.stderr[-3000:]}")
+    return wall, evs
+
+
+def reset(what: str) -> None:
+    from provisioner import testbed
+    from provisioner.testbed import config
+    names = ["web1"] if what == "web1" else [s.name for s in config.inventory_servers()]
+    for name in names:
+        testbed.reset(name, log=lambda m: None)
+
+
+def fresh(what: str, batched: bool) -> tuple[float, list[dict]]:
+    reset(what)
+    return provision(what, batched)
+
+
+def main(argv_: list[str] | None = None) -> None:
+    a = parse_args(argv_)
+    variants = [True, False] if a.unbatched else [True]
+    print("warming the package cache: one fresh run of the env (not measured)", flush=True)
+    fresh("env", True)
+    walls: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(a.rounds):
+        for what in a.only:
+            for batched in variants:
+                wall, evs = fresh(what, batched)
+                walls.setdefault((what, batched), []).append(wall)
+                print(f"fresh {what}{'' if batched else ' (unbatched)'}: {wall:.1f} s, "
+                      f"{recap(evs)['changed']} changed", flush=True)
+                print("\n".join(time_lines(evs)), flush=True)
+    converged = {}
+    for what in a.only:
+        wall, evs = provision(what)
+        r = recap(evs)
+        converged[what] = (wall, r["changed"], sorted({h["remote_commands"] for h in r["hosts"].values()}))
+    print(f"medians of {a.rounds} fresh runs (warm package cache)")
+    for (what, batched), w in walls.items():
+        target = f" (target {TARGETS[what]:.0f} s)" if batched else " (package batch off)"
+        print(f"fresh {what:<5}{'' if batched else ' unbatched'}: {statistics.median(w):6.1f} s{target}; "
+              f"runs {' '.join(f'{x:.1f}' for x in w)}")
+    for what, (wall, changed, execs) in converged.items():
+        print(f"converged {what}: {wall:.2f} s, {changed} changed, SSH execs per host "
+              f"{'/'.join(map(str, execs))} (target 3)")
+
+
+if __name__ == "__main__":
+    main()
