@@ -36,14 +36,22 @@ def all_applied(request: dict) -> dict:
 def two_role_inventory(tmp_path, env: str, role_source: str, default: str):
     """Env `env`: web1 and web2 (TEST-NET addresses: never reached) with roles one and two, each
     `role_source` and the defaults line `default` with {name} filled in."""
+    return roles_inventory(tmp_path, env, {
+        name: (role_source.replace("{name}", name), default.replace("{name}", name))
+        for name in ("one", "two")})
+
+
+def roles_inventory(tmp_path, env: str, roles: dict[str, tuple[str, str]]):
+    """Env `env`: web1 and web2 (TEST-NET addresses: never reached) with these roles, in this
+    order: name -> (its source, its defaults line)."""
     from provisioner.inventory import load_inventory_file
-    for name in ("one", "two"):
+    for name, (source, default) in roles.items():
         (tmp_path / "roles" / name).mkdir(parents=True)
-        (tmp_path / "roles" / name / "defaults.yml").write_text(default.replace("{name}", name) + "\n")
-        (tmp_path / "roles" / name / "__init__.py").write_text(role_source.replace("{name}", name))
+        (tmp_path / "roles" / name / "defaults.yml").write_text(default + "\n")
+        (tmp_path / "roles" / name / "__init__.py").write_text(source)
     doc = {"env": env, "known_hosts": str(tmp_path / "known_hosts"), "ssh": {"user": "root"},
            "hosts": {"web1": {"address": "192.0.2.1"}, "web2": {"address": "192.0.2.2"}},
-           "groups": {"all": {"hosts": ["web1", "web2"], "roles": ["one", "two"]}}}
+           "groups": {"all": {"hosts": ["web1", "web2"], "roles": list(roles)}}}
     (tmp_path / f"{env}.yml").write_text(json.dumps(doc))
     return load_inventory_file(tmp_path / f"{env}.yml", roles_root=[tmp_path / "roles"])
 
