@@ -1,4 +1,5 @@
-"""One apt transaction for the packages a host's roles will install, before the roles run.
+"""One apt transaction for the packages a host's roles will install, right after the host's
+firewall is up.
 
 Each role installs its packages in its own step, one role after the other: on a fresh server
 that is one `apt-get install` per role, each reading the package lists, downloading, then
@@ -6,22 +7,36 @@ unpacking and running dpkg's triggers (man-db, systemd) again. Installed togethe
 one of each. The roles still run as before: their own package steps then find the packages
 installed and report ok.
 
-A package resource of a role moves into the batch only when installing it before the roles
+Where it happens: a package's service starts listening when it is installed (nginx's default
+site on :80, PostgreSQL, Redis, Prometheus and its exporters), so no package may be installed
+before the host's firewall is up. The batch therefore takes place right after the host's first
+role that brings the firewall up (one with an enabled `ufw.firewall` resource: role harden) and
+covers only the roles after it; that role and the roles before it (base) install their own
+packages in their own steps, as without a batch. If that role fails, or is reverted by its
+guard, the roles after it do not run and neither does the batch. A host none of whose roles of
+this run brings a firewall up (none in its inventory, or left out by --roles) batches from its
+first role: nothing there is behind a firewall of this run anyway.
+
+A package resource of a role moves into the batch only when installing it before its role
 cannot change what the run does. It stays in its role's own step when:
 - it is not a plain install (state `latest` or `absent`, or `install_recommends`): those have
   their own apt semantics, and are rare;
-- a resource before it in the host's order changes where packages come from or which version
-  wins (an apt repository, a file under sources.list.d, keyrings or preferences): installing
-  first would take the package from elsewhere, or fail to find it;
+- a resource before it among the batch's roles changes where packages come from or which
+  version wins (an apt repository, a file under sources.list.d, keyrings or preferences):
+  installing first would take the package from elsewhere, or fail to find it;
 - a resource before it in its own role changes something: the role put it first on purpose
   (postgresql's check that no older cluster holds the data, a config file the package's
   install reads);
 - its role, or a role before it, cannot be planned: the run stops there, and a role that
   never runs must not have installed anything;
 - another role asks for the same package at another version.
-Roles are planned here against the facts gathered before any of them ran, as check mode does:
-a role's changes that only show after an earlier role ran are not seen. That is the check
-mode's limit too, and none of the roles' package steps depends on an earlier role's files.
+A run plans the batch when it gets there, from the facts as the roles before it left them (one
+facts exec for the batch's roles when one of those changed the host). Its roles are planned
+against those facts, as check mode does: a role's changes that only show after an earlier role
+ran are not seen. That is the check mode's limit too, and none of the roles' package steps
+depends on an earlier role's files. Check mode (and `invoke apply`'s check of a saved plan)
+plans it from the facts gathered before any role ran, with the packages the roles before it
+would install counted as installed (`foresee`).
 
 Everything here is pure: the runner applies the change in one exec and gathers the facts again.
 """
@@ -34,7 +49,7 @@ from typing import Any, Sequence
 
 from provisioner.change import Change
 from provisioner.facts import Facts
-from provisioner.ops import apt, plan_all
+from provisioner.ops import apt, plan_all, ufw
 
 RESOURCE = "apt batch: "      # its step's resource: the names follow
 PLAN_KEY = "(apt batch)"      # its change's key in a saved plan (no role can be named so)
@@ -59,7 +74,7 @@ class Batch:
     names: tuple[str, ...] = ()          # the package specs the batch installs
     roles: tuple[str, ...] = ()          # the roles they come from, in order
     left: tuple[Left, ...] = ()          # package resources with work left to their roles
-    change: Change | None = None         # None: nothing to install before the roles
+    change: Change | None = None         # None: nothing to install before its roles
     expect: dict = dataclasses.field(default_factory=dict)   # packages after it (check mode)
 
 
@@ -69,6 +84,51 @@ NOTHING = Batch()
 def batchable(r: Any) -> bool:
     return (isinstance(r, apt.Packages) and r.state == "present"
             and not r.install_recommends)
+
+
+def brings_up_firewall(r: Any) -> bool:
+    """A resource after which the host's firewall is on (role harden's ufw)."""
+    return isinstance(r, ufw.Firewall) and r.enabled
+
+
+def start(roles: Sequence[tuple[str, Sequence[Any] | None]]) -> int:
+    """Where the batch takes place in the host's role order (an index into `roles`): right
+    after the first role that brings the firewall up; 0, before every role, when none does."""
+    for i, (_role, resources) in enumerate(roles):
+        if resources is not None and any(brings_up_firewall(r) for r in resources):
+            return i + 1
+    return 0
+
+
+def wanted(roles: Sequence[tuple[str, Sequence[Any] | None]]) -> bool:
+    """Whether these roles hold a package resource the batch could take (installed or not):
+    without one there is nothing to plan, and no facts to gather for it."""
+    for _role, resources in roles:
+        if resources is None:
+            return False
+        if any(batchable(r) for r in resources):
+            return True
+    return False
+
+
+def foresee(roles: Sequence[tuple[str, Sequence[Any] | None]], at: int,
+            facts: Facts) -> tuple[Batch, Facts]:
+    """The batch as check mode sees it at `at` (start(roles)), from the facts gathered before
+    any role ran: the packages the roles before it install are counted as installed (with
+    fresh lists when they refresh them), as they are when the batch runs. Also the facts the
+    roles after it plan from. The same for check mode and for a saved plan's check."""
+    if not wanted(roles[at:]) or any(rs is None for _role, rs in roles[:at]):
+        return NOTHING, facts           # no batch, or the run stops before it
+    before = facts
+    try:
+        for _role, resources in roles[:at]:
+            for r in resources:
+                if isinstance(r, apt.Packages) and _installs(r, before):
+                    before = before.overlay(r.expect(before))
+    except Exception:                   # facts it cannot read: the roles' own steps report it
+        return NOTHING, facts
+    batch = plan(roles[at:], before)
+    return batch, before.overlay(batch.expect)
 
 
 def _installs(r: Any, facts: Facts) -> bool:
@@ -86,8 +146,9 @@ def _name(spec: str) -> str:
 
 
 def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Batch:
-    """The batch of a host whose roles, in run order, are `roles` ((name, resources); None
-    for a role that could not be prepared), planned from the facts gathered before any ran.
+    """The batch of the roles it covers, in run order (from start() on: (name, resources),
+    None for a role that could not be prepared), planned from the facts as they are before
+    the first of them runs.
 
     On a host where every plain package is installed (a converged one), this is a lookup per
     package and nothing more: no role is planned."""
@@ -122,7 +183,7 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Bat
                     max_ages.append(r.update_cache_max_age)
                     if role not in from_roles:
                         from_roles.append(role)
-                    continue              # it moves before the roles: not a change of its role
+                    continue              # it moves into the batch: not a change of its role
                 left.append(Left(role, r.id, why))
             first_change = first_change or r.id
             if _changes_apt_sources(r, changes):

@@ -121,8 +121,9 @@ class Runner:
         """Execs on a converged host: one for os facts (+ the run lock), one for every role's
         facts, one to release the lock; a role's facts are gathered again only when an earlier
         role changed this host, so later roles always plan against what earlier ones did.
-        Missing packages of every role are installed first in one exec (apt_batch), after
-        which every role's facts are gathered again."""
+        The package batch (apt_batch) takes place right after the role that brings the
+        firewall up (before the first role when none does): the missing packages of the roles
+        after it in one exec, after which their facts are gathered again."""
         if self.stop:                      # a host of this batch still waiting for a fork
             return self._not_started(host, self.stop.reason)
         started = time.monotonic()
@@ -164,25 +165,24 @@ class Runner:
                 shared = Facts(self._facts(conn, merged)) if plans else None
                 if self.events.check:
                     res.facts = saved_plan.fact_items(shared.raw if shared else {})
-                # the packages every role will install, in one apt transaction before them
-                batch = (apt_batch.plan(batch_input(plans), shared) if shared is not None
-                         else apt_batch.NOTHING)
-                why = self._plan_refusal(host, plans, shared, batch) if self.opts.saved is not None else None
+                # the packages of the roles after the firewall's, in one apt transaction there
+                at = apt_batch.start(batch_input(plans))
+                why = self._plan_refusal(host, plans, shared, at) if self.opts.saved is not None else None
                 if why:                     # before any change: the host is left as it is
                     res.status, res.error = "refused", why
                     self.events.step(host=host.name, role=None, resource="saved plan",
                                      status="skipped", reason=f"refused: {why}",
                                      seconds=time.monotonic() - started)
                     plans = []
-                if batch.change is not None and plans and not self.stop:
-                    shared = self._run_batch(conn, host, batch, merged, shared, res)
-                    if res.failed:
-                        self._skip_roles(host, plans, "not run: the package batch failed before it")
-                        plans = []
                 for i, p in enumerate(plans):
                     if self.stop:
                         self._skip_roles(host, plans[i:], f"not run: {self.stop.reason}")
                         break
+                    if i == at:              # never before the firewall role (if any) is done
+                        shared = self._run_batch(conn, host, plans, at, shared, res)
+                        if res.failed:
+                            self._skip_roles(host, plans[i:], "not run: the package batch failed before it")
+                            break
                     changed_before = res.changed
                     self._run_role(conn, host, p, shared, res)
                     if res.failed:                       # said, so that no one takes them as done
@@ -228,37 +228,63 @@ class Runner:
                               error=None if res.status in ("locked", "refused") else res.error)
         return res
 
-    def _plan_refusal(self, host: Host, plans: list, shared: Facts | None,
-                      batch: apt_batch.Batch) -> str | None:
+    def _plan_refusal(self, host: Host, plans: list, shared: Facts | None, at: int) -> str | None:
         """Why the saved plan must not be applied to this host now (its facts drifted, or
         they plan other changes), or None. Planning is local: no exec. The roles plan as
-        check mode planned them: after the package batch."""
+        check mode planned them: those after the package batch's place, after it."""
         mine = self.opts.saved.get(host.name)
         if mine is None:
             return "the plan holds nothing for this host"
+        if any(isinstance(p, RoleError) for p in plans):
+            return None                  # the run reports it as the failure it is
         now = {}
-        after = shared
+        batch, after = apt_batch.foresee(batch_input(plans), at, shared)
         if batch.change is not None:
             now[apt_batch.PLAN_KEY] = [batch.change]
-            after = shared.overlay(batch.expect)
-        for p in plans:
-            if isinstance(p, RoleError) or shared is None:
-                return None              # the run reports it as the failure it is
+        for i, p in enumerate(plans):
             try:
-                now[p.name] = [c for _r, result in ops.plan_all(p.resources, after)
+                now[p.name] = [c for _r, result in ops.plan_all(p.resources, shared if i < at else after)
                                for c in result if isinstance(c, Change)]
             except Exception:            # the role's run reports it, as a provision would
                 return None
         return mine.refusal(shared.raw if shared else {}, now)
 
-    def _run_batch(self, conn: Connection, host: Host, batch: apt_batch.Batch, request: dict,
-                   facts: Facts, res: HostResult) -> Facts:
-        """The package batch in one apply exec; then every role's facts gathered again in one
-        exec (the packages brought their files, users and services), which the roles plan
-        from. Check mode: reported, and the roles plan as if it had run (their package steps
-        say "installed by this run"). Returns the facts the roles start from."""
+    def _run_batch(self, conn: Connection, host: Host, plans: list, at: int,
+                   shared: Facts | None, res: HostResult) -> Facts | None:
+        """The package batch of the roles plans[at:], planned now: from `shared`, or when an
+        earlier role made those stale, from their facts gathered in one exec (which they then
+        plan from, instead of each gathering its own). Then the install in one apply exec and
+        their facts gathered again in one exec (the packages brought their files, users and
+        services). Check mode: planned as check mode plans (apt_batch.foresee), reported, and
+        the roles plan as if it had run (their package steps say "installed by this run").
+        `invoke apply`: a batch the saved plan does not hold (planned after the earlier roles'
+        changes) is not sent. Returns the facts the roles after it start from."""
         t0 = time.monotonic()
+        later = batch_input(plans[at:])
+        if not apt_batch.wanted(later):          # nothing it could take: not even a facts exec
+            return shared
+        request = ops.merge_requests(p.request for p in plans[at:] if not isinstance(p, RoleError))
+
+        def gather() -> Facts | None:
+            try:
+                return Facts(self._facts(conn, request))
+            except (FactError, agent.AgentError) as e:
+                res.failed += 1
+                self.events.step(host=host.name, role=None, resource="apt batch", status="failed",
+                                 reason=f"facts: {type(e).__name__}: {e}",
+                                 seconds=time.monotonic() - t0)
+                return None
+
+        if self.events.check:
+            batch, after = apt_batch.foresee(batch_input(plans), at, shared)
+        else:
+            after = shared if shared is not None else gather()
+            if after is None:
+                return None
+            batch = apt_batch.plan(later, after)
         c = batch.change
+        if c is None:
+            return after
 
         def step(status: str, reason: str, output=None):
             self.events.step(host=host.name, role=None, resource=c.resource, status=status,
@@ -268,7 +294,13 @@ class Runner:
             res.planned[apt_batch.PLAN_KEY] = [saved_plan.change_entry(c)]
             res.changed += 1
             step("changed", f"would {c.action}: {c.why}")
-            return facts.overlay(batch.expect)
+            return after
+        if (self.opts.saved is not None and saved_plan.change_digest(c)
+                not in self.opts.saved[host.name].allowed(apt_batch.PLAN_KEY)):
+            res.failed += 1
+            step("failed", "not in the plan (planned after the earlier roles' changes); nothing "
+                 "was installed: make a new plan now that those are done")
+            return after
         apply = agent.apply_request([c])
         apply["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
         try:
@@ -279,10 +311,10 @@ class Runner:
             res.failed += 1
             step("failed", apt_batch.failure(batch.names, out.get("output"), out.get("error"),
                                              out.get("rc")), output=out.get("output"))
-            return facts
+            return after
         res.changed += 1
         step("changed", f"{c.action}: {c.why}")
-        return Facts(self._facts(conn, request))
+        return gather()
 
     def _skip_roles(self, host: Host, plans: list, why: str) -> None:
         for p in plans:

@@ -1,5 +1,6 @@
-"""The package batch, planned without servers: which packages a host's roles install together
-before the roles run, which stay in their roles' own steps and why, and what the failure says."""
+"""The package batch, planned without servers: where it takes place (right after the role that
+brings the firewall up), which packages the roles after that install together, which stay in
+their roles' own steps and why, and what the failure says."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import pytest
 from provisioner import apt_batch
 from provisioner.change import Change, Noop
 from provisioner.facts import Facts
-from provisioner.ops import PlanError, apt, files, request, templates
+from provisioner.ops import PlanError, apt, files, request, templates, ufw
 
 from fake_agent import fresh_server
 
@@ -260,6 +261,48 @@ def test_a_resource_whose_packages_are_partly_there_batches_only_the_missing_one
     assert b.change.steps[-1]["run"][-1] == "npm"
 
 
+# --- where it takes place: never before the firewall is up ----------------------------------------
+
+FIREWALL = ufw.firewall([ufw.rule("limit", 22, "tcp")])
+WALLED = [("base", [apt.packages(["curl"])]), ("harden", [apt.packages(["ufw"]), FIREWALL]),
+          ("nginx", [apt.packages(["nginx"])]), ("redis", [apt.packages(["redis-server"])])]
+
+
+def test_it_takes_place_right_after_the_role_that_brings_the_firewall_up():
+    assert apt_batch.start(WALLED) == 2
+    # found by its resource, not by its name; the first such role counts
+    moved = [("base", [apt.packages(["curl"]), FIREWALL])] + WALLED[1:]
+    assert apt_batch.start(moved) == 1
+    # a firewall left off brings nothing up; without one the batch takes place first
+    off = ufw.firewall([], enabled=False)
+    assert apt_batch.start([WALLED[0], ("harden", [off])] + WALLED[2:]) == 0
+    assert apt_batch.start([WALLED[0]] + WALLED[2:]) == 0
+    assert apt_batch.start([("broken", None)] + WALLED[1:]) == 2
+    assert apt_batch.start(WALLED[:2]) == 2                # nothing after it: no batch
+
+
+def test_check_mode_counts_what_the_roles_before_it_install_as_installed():
+    # on a fresh server with never-fetched lists: harden refreshes them and installs ufw, which
+    # a later role wants too; the batch then neither refreshes again nor installs ufw again
+    roles = WALLED[:2] + [("nginx", [apt.packages(["nginx", "ufw"])])] + WALLED[3:]
+    first = facts(roles, lists_age=None)
+    b, after = apt_batch.foresee(roles, 2, first)
+    assert b.names == ("nginx", "redis-server") and b.roles == ("nginx", "redis")
+    assert not any("update" in s.get("run", []) for s in b.change.steps)
+    assert after.package("ufw") and after.package("nginx") and after.package("curl")
+    # the same as a run plans it there, from the facts the roles before it left
+    then = facts(roles, installed={"curl": "8.5", "ufw": "0.36"}, lists_age=5)
+    assert apt_batch.plan(roles[2:], then).change.steps == b.change.steps
+
+
+def test_check_mode_has_no_batch_where_the_run_stops_first_or_nothing_comes_after():
+    assert apt_batch.foresee([("base", None)] + WALLED[1:], 2, facts(WALLED))[0] is apt_batch.NOTHING
+    assert apt_batch.foresee(WALLED[:2], 2, facts(WALLED))[0] is apt_batch.NOTHING
+    only_files = WALLED[:2] + [("app", [files.directory("/srv/app")])]
+    assert not apt_batch.wanted(only_files[2:])
+    assert apt_batch.foresee(only_files, 2, facts(only_files))[0] is apt_batch.NOTHING
+
+
 def test_the_change_is_a_plain_apt_install():
     c = batch(WEB1).change
     assert isinstance(c, Change) and c.action == "install" and c.notify == ()
@@ -268,7 +311,7 @@ def test_the_change_is_a_plain_apt_install():
 
 # --- the local env's own roles ---------------------------------------------------------------
 
-def test_on_fresh_servers_every_package_of_the_local_env_joins_the_batch():
+def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch():
     from provisioner.api import RoleContext
     from provisioner.inventory import load_inventory
     from provisioner.roles import load_role
@@ -285,13 +328,15 @@ def test_on_fresh_servers_every_package_of_the_local_env_joins_the_batch():
         v = dict(inv.hostvars(host.name))      # the testbed's key is not there without a testbed
         v["harden_deploy_keys"] = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOFdR8qAnLr1vYdyU6hv5d9UXpqt6tFLpdBz4Ba0qmoh t"]
         roles = [(r, resource_list(load_role(inv.roles[r]), v, ctx)) for r in inv.roles_for(host.name)]
-        b = apt_batch.plan(roles, fresh_server(request(x for _r, rs in roles for x in rs), os_facts))
+        at = apt_batch.start(roles)
+        # right after harden, found by its ufw resource
+        assert roles[at - 1][0] == "harden" and any(map(apt_batch.brings_up_firewall, roles[at - 1][1]))
+        b, _after = apt_batch.foresee(roles, at, fresh_server(request(x for _r, rs in roles for x in rs), os_facts))
         assert b.left == (), b.left
-        got[host.name] = (b.roles, b.names)
+        got[host.name] = (b.roles, set(b.names))
+    assert got["web1"] == (("node",), {"nodejs", "npm"})
+    assert got["db1"] == (("postgresql", "redis"), {"postgresql-17", "redis-server"})
+    assert got["lb1"][0] == ("nginx", "letsencrypt") and {"nginx", "certbot"} <= got["lb1"][1]
+    assert got["vault"] == ((), set())             # base, harden: nothing after the firewall
     harden = {"ufw", "fail2ban", "unattended-upgrades"}
-    assert got["web1"][0] == ("harden", "node") and harden | {"nodejs", "npm"} <= set(got["web1"][1])
-    assert got["db1"][0] == ("harden", "postgresql", "redis")
-    assert {"postgresql-17", "redis-server"} <= set(got["db1"][1])
-    assert got["lb1"][0] == ("harden", "nginx", "letsencrypt")
-    assert {"nginx", "certbot"} <= set(got["lb1"][1])
-    assert got["vault"][0] == ("harden",)
+    assert not harden & set().union(*(names for _roles, names in got.values()))

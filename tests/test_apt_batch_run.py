@@ -1,7 +1,9 @@
 """The package batch through the real runner and event stream, without servers: a fake server
-keeps packages and files and answers the agent's requests. Fresh host: one install for every
-role, the roles' own package steps ok; converged host: no exec more; check mode shows it; a
-saved plan carries it; a failure names the packages and apt's error."""
+keeps packages, files and ufw's state and answers the agent's requests. Fresh host: one install
+for every role, the roles' own package steps ok; converged host: no exec more; check mode shows
+it; a saved plan carries it; a failure names the packages and apt's error. With a role that
+brings the firewall up (harden's ufw): the batch comes right after it, never before, and covers
+only the roles after it."""
 from __future__ import annotations
 
 import base64
@@ -12,9 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from fake_agent import AgentConn, two_role_inventory
+from fake_agent import AgentConn, roles_inventory, two_role_inventory
 from provisioner import apt_batch, plan
 from provisioner.events import Events
+from provisioner.facts import check_key
+from provisioner.ops import ufw
 from provisioner.runner import Options, Runner
 
 ROLE = '''from provisioner.ops import apt, files
@@ -26,15 +30,31 @@ def resources(v, ctx):
 '''
 
 
-class FakeServer:
-    """Packages (name -> version) and files (path -> text); `missing` packages apt cannot find."""
+# a role that brings the firewall up, as harden does (its rules do not matter here)
+HARDEN = '''from provisioner.ops import apt, ufw
 
-    def __init__(self, packages=(), files=None, missing=()):
+
+def resources(v, ctx):
+    yield apt.packages(["ufw"])
+    yield ufw.firewall([])
+'''
+
+
+class FakeServer:
+    """Packages (name -> version) and files (path -> text); `missing` packages apt cannot find,
+    `pulls` the packages an install brings too (its dependencies), `failing` the resources whose
+    change fails. `applied`: the resources of the changes applied, in order."""
+
+    def __init__(self, packages=(), files=None, missing=(), pulls=None, failing=()):
         self.packages = {p: "1.0" for p in packages}
         self.files = dict(files or {})
         self.missing = set(missing)
+        self.pulls = dict(pulls or {})
+        self.failing = set(failing)
+        self.checks: dict[str, int] = {}
         self.ops: list[str] = []
         self.installs: list[list[str]] = []
+        self.applied: list[str] = []
 
     def answer(self, op, req):
         self.ops.append(op)
@@ -42,7 +62,9 @@ class FakeServer:
             body = {"os": {"id": "debian", "version_id": "12"},
                     "packages": {"installed": {n: self.packages.get(n) for n in req.get("packages", [])},
                                  "lists_age": 60},
-                    "files": {p: self._file(p) for p in req.get("files", [])}}
+                    "files": {p: self._file(p) for p in req.get("files", [])},
+                    "checks": {check_key(k): self.checks.get(check_key(k), 1)
+                               for k in req.get("checks", [])}}
             if "run_lock" in req:
                 body["run_lock"] = {"acquired": True}
             return {"facts": body}
@@ -59,9 +81,14 @@ class FakeServer:
                 "content": self.files[path]}
 
     def _change(self, change):
+        self.applied.append(change["resource"])
+        if change["resource"] in self.failing:
+            return {"id": change["id"], "status": "failed", "rc": 1, "error": "step 1 (run): exit 1"}
         for step in change["steps"]:
             if "write" in step:
                 self.files[step["write"]] = base64.b64decode(step["b64"]).decode()
+            elif step.get("run", [None])[0] == "ufw":
+                self._ufw(step["run"][1:])
             elif "install" in step.get("run", []):
                 names = [a for a in step["run"][step["run"].index("install") + 1:]
                          if not a.startswith("-")]
@@ -72,8 +99,19 @@ class FakeServer:
                             "error": "step 1 (run): exit 100", "output": "$ apt-get install\n"
                             "Reading package lists...\n" + "".join(
                                 f"E: Unable to locate package {n}\n" for n in gone)}
-                self.packages.update({n: "1.0" for n in names})
+                self.packages.update({n: "1.0" for n in names + [d for n in names
+                                                                 for d in self.pulls.get(n, [])]})
         return {"id": change["id"], "status": "ok", "rc": 0}
+
+    def _ufw(self, args):
+        if args == ["--force", "enable"]:
+            self.files[ufw.CONF] = "ENABLED=yes\n"
+            self.checks[check_key(ufw.LOADED_CHECK)] = 0
+        elif args[0] == "default":          # ufw default deny incoming
+            key = ufw.POLICY_KEYS[args[2]]
+            kept = [x for x in self.files.get(ufw.DEFAULTS, "IPV6=yes\n").splitlines()
+                    if not x.startswith(key + "=")]
+            self.files[ufw.DEFAULTS] = "\n".join(kept + [f'{key}="{ufw.POLICY_WORDS[args[1]]}"']) + "\n"
 
 
 @pytest.fixture
@@ -90,8 +128,10 @@ def run(inv, server, *, check=False, saved=None, task="provision"):
     conn = AgentConn(server.answer)
     results = Runner(inv, events, Options(saved=saved), connect=lambda h: conn).run(hosts)
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    steps = [e for e in lines if e["event"] == "step"]
     return SimpleNamespace(result=results[0], events=events, execs=conn.commands,
-                           steps={(e["role"], e["resource"]): e for e in lines if e["event"] == "step"})
+                           steps={(e["role"], e["resource"]): e for e in steps},
+                           order=[(e["role"], e["resource"]) for e in steps])
 
 
 def converged():
@@ -173,3 +213,86 @@ def test_a_failed_batch_names_the_packages_and_apts_error_and_runs_no_role(inv):
         assert skipped["status"] == "skipped" and "package batch failed" in skipped["reason"]
     assert server.files == {} and r.events.exit_code(detailed=False) == 1
     assert server.ops == ["facts", "facts", "apply", "finish"]
+
+
+# --- with a role that brings the firewall up ---------------------------------------------------
+
+@pytest.fixture
+def walled(tmp_path):
+    """Roles base, harden (ufw: the firewall), one, two, in the order the inventories list them."""
+    return roles_inventory(tmp_path, "walltest", {
+        "base": (ROLE.replace("{name}", "base"), "base_x: 1"), "harden": (HARDEN, "harden_x: 1"),
+        **{n: (ROLE.replace("{name}", n), f"{n}_x: 1") for n in ("one", "two")}})
+
+
+def test_no_package_of_a_later_role_is_installed_before_the_firewall_is_up(walled):
+    server = FakeServer()
+    r = run(walled, server)
+    assert server.installs == [["pkg-base"], ["ufw"], ["pkg-one", "pkg-two"]]
+    up = len(server.applied) - server.applied[::-1].index("ufw")     # after harden's last ufw change
+    assert server.applied[up:up + 1] == ["apt batch: pkg-one pkg-two"]
+    # the roles up to the firewall's install their own, as without a batch
+    assert r.steps[("base", "apt pkg-base")]["status"] == "changed"
+    assert r.steps[("harden", "apt ufw")]["status"] == "changed"
+    batch = r.steps[(None, "apt batch: pkg-one pkg-two")]
+    assert batch["status"] == "changed" and "for roles one, two" in batch["reason"]
+    assert r.order.index((None, "apt batch: pkg-one pkg-two")) > r.order.index(("harden", "ufw"))
+    for role in ("one", "two"):
+        assert r.steps[(role, f"apt pkg-{role}")]["status"] == "ok"
+    assert r.result.status == "changed" and r.events.exit_code(detailed=False) == 0
+    # lock+os, every role's facts, base, harden's own facts, harden, the facts of one and two,
+    # the batch, those facts again, one, two's own facts, two, unlock
+    assert server.ops == ["facts", "facts", "apply", "facts", "apply", "facts", "apply", "facts",
+                          "apply", "facts", "apply", "finish"]
+    # converged: 3 execs, the batch plans nothing
+    again = run(walled, server)
+    assert again.execs == 3 and again.result.changed == 0 and len(server.installs) == 3
+
+
+def test_a_failed_firewall_role_leaves_every_later_package_uninstalled(walled):
+    server = FakeServer(failing={"ufw"})
+    r = run(walled, server)
+    assert server.installs == [["pkg-base"], ["ufw"]]
+    assert not [k for k in r.steps if k[0] is None]
+    for role in ("one", "two"):
+        assert r.steps[(role, "role")]["status"] == "skipped"
+    assert r.events.exit_code(detailed=False) == 1
+
+
+def test_check_mode_shows_the_batch_after_the_firewall_role(walled):
+    server = FakeServer()
+    r = run(walled, server, check=True)
+    assert "apply" not in server.ops and r.execs == 2
+    assert list(r.result.planned) == ["base", "harden", apt_batch.PLAN_KEY, "one", "two"]
+    assert r.steps[("harden", "apt ufw")]["reason"].startswith("would install: ufw absent")
+    batch = r.steps[(None, "apt batch: pkg-one pkg-two")]
+    assert batch["status"] == "changed" and "for roles one, two" in batch["reason"]
+    assert r.order.index((None, "apt batch: pkg-one pkg-two")) > r.order.index(("harden", "ufw"))
+    assert "installed by this run" in r.steps[("one", "apt pkg-one")]["reason"]
+
+
+def test_a_saved_plan_applies_the_batch_after_the_firewall_role(walled, tmp_path):
+    path = tmp_path / "plan.json"
+    plan.write(path, plan.from_results(walled.env, [run(walled, FakeServer(), check=True).result],
+                                       commit="c0ffee"))
+    server = FakeServer()
+    applied = run(walled, server, saved=plan.read(path).hosts, task="apply")
+    assert applied.result.status == "changed"
+    assert server.installs == [["pkg-base"], ["ufw"], ["pkg-one", "pkg-two"]]
+    assert applied.execs == run(walled, FakeServer()).execs          # what a provision costs
+
+
+def test_a_batch_the_saved_plan_does_not_hold_is_not_sent(walled, tmp_path):
+    """ufw's install brought pkg-one too: after harden the batch is not the one reviewed."""
+    path = tmp_path / "plan.json"
+    pulls = {"ufw": ["pkg-one"]}
+    plan.write(path, plan.from_results(walled.env, [run(walled, FakeServer(pulls=pulls), check=True).result],
+                                       commit="c0ffee"))
+    server = FakeServer(pulls=pulls)
+    applied = run(walled, server, saved=plan.read(path).hosts, task="apply")
+    batch = applied.steps[(None, "apt batch: pkg-two")]
+    assert batch["status"] == "failed" and batch["reason"].startswith("not in the plan")
+    assert server.installs == [["pkg-base"], ["ufw"]] and "pkg-two" not in server.packages
+    for role in ("one", "two"):
+        assert applied.steps[(role, "role")]["status"] == "skipped"
+    assert applied.events.exit_code(detailed=False) == 1
