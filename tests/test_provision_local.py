@@ -48,6 +48,21 @@ def test_the_sample_app_deploys_on_the_fresh_env(provisioned):
     assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
 
 
+def test_no_package_of_a_later_role_was_installed_before_the_firewall(provisioned):
+    """The first run, on fresh servers: each host's package batch comes after harden brought
+    ufw up and before any step of a later role (every host has one: monitoring_agent)."""
+    _r, events = provisioned["first"]
+    for h in HOSTS:
+        steps = [(e["role"], e["resource"]) for e in events if e.get("event") == "step" and e["host"] == h]
+        batch = [i for i, (role, resource) in enumerate(steps)
+                 if role is None and resource.startswith("apt batch: ")]
+        assert len(batch) == 1, steps
+        before, after = steps[:batch[0]], steps[batch[0] + 1:]
+        assert ("harden", "ufw") in before
+        assert {role for role, _ in before} <= {"base", "harden"}
+        assert after and not {role for role, _ in after} & {None, "base", "harden"}
+
+
 def test_second_run_changes_nothing_in_three_execs_per_host(provisioned):
     r, events = provisioned["second"]
     recap = events[-1]
