@@ -123,14 +123,28 @@ def wait_for(what: str, probe, timeout: float, every: float = 0.3) -> float:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def sh(name: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh(name: str, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """A root command inside a test server without SSH (also works after hardening)."""
     from provisioner import testbed
     proc = subprocess.run(testbed.shell_argv(name, ["/bin/sh", "-c", command]), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name}: {command!r} exited {proc.returncode}: {proc.stderr}")
     return proc
+
+
+def psql(server: str, sql: str, db: str = "postgres", check: bool = True,
+         timeout: float = 120) -> str:
+    """SQL on a test server's PostgreSQL as postgres (peer login), the answer unaligned."""
+    quoted = sql.replace("'", "'\\''")
+    return sh(server, f"runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -d {db} -Atc '{quoted}'",
+              check=check, timeout=timeout).stdout.strip()
+
+
+def db_now(server: str) -> str:
+    """The server's database clock (the one recovery compares with), as an ISO time with its zone."""
+    return psql(server, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                        "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
 
 
 SNAPSHOT = r"""

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import invoke
+import engine_helpers
 from engine_helpers import REPO, sh
 
 DB, REPO_HOST, SOURCE = "db1", "vault", "web1"
@@ -23,15 +24,12 @@ MARKER = "marker-4f1c9e-restore-me"
 
 def psql(sql: str, db: str = "app", check: bool = True) -> str:
     """SQL on db1 as postgres (peer login), the answer unaligned."""
-    quoted = sql.replace("'", "'\\''")
-    return sh(DB, f"runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -d {db} -Atc '{quoted}'",
-              check=check).stdout.strip()
+    return engine_helpers.psql(DB, sql, db, check)
 
 
 def db_now() -> str:
     """db1's clock (the one recovery compares with), as an ISO time with its zone."""
-    return psql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
-                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+    return engine_helpers.db_now(DB)
 
 
 def task(*args: str, check: bool = True):
