@@ -85,6 +85,7 @@ def test_size_does_not_reveal_exact_lengths():
 
 def test_defaults_are_strong_and_reading_follows_the_file(monkeypatch):
     monkeypatch.undo()           # the real default_kdf
+    monkeypatch.setattr(secret_mod, "REDACTOR", Redactor())     # still a private registry
     kdf = vault.default_kdf()
     if isinstance(kdf, Argon2idParams):
         assert kdf.memory_kib >= 64 * 1024 and kdf.iterations >= 3
@@ -232,17 +233,18 @@ def test_failed_write_leaves_the_old_file_intact(root, monkeypatch, failing):
 
     def boom(*a, **kw):
         raise OSError(28, "No space left on device")
-    if failing == "encrypt":
-        from cryptography.hazmat.primitives.ciphers import aead
-        monkeypatch.setattr(aead.AESGCM, "encrypt", boom)
-    else:
-        monkeypatch.setattr(vault.os, failing.split(".")[1], boom)
-
-    with pytest.raises((VaultError, OSError)) as e:
-        save_vault(path, {"db_password": "new"}, PW, kdf=FAST_SCRYPT)
+    # only the failure is undone after: monkeypatch.undo() would also give the process-wide
+    # redactor back, and "old" loaded below would then be masked in every later test's output
+    with monkeypatch.context() as m:
+        if failing == "encrypt":
+            from cryptography.hazmat.primitives.ciphers import aead
+            m.setattr(aead.AESGCM, "encrypt", boom)
+        else:
+            m.setattr(vault.os, failing.split(".")[1], boom)
+        with pytest.raises((VaultError, OSError)) as e:
+            save_vault(path, {"db_password": "new"}, PW, kdf=FAST_SCRYPT)
     if isinstance(e.value, VaultError):
         assert "unchanged" in str(e.value)
-    monkeypatch.undo()
     assert path.read_bytes() == before
     assert _siblings(path) == names                       # no temp file left behind
     assert load_vault(path, PW)["db_password"].reveal() == "old"
