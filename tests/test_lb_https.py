@@ -38,6 +38,9 @@ def served(local_env):
     """lb1 from never-provisioned with the rest of the env, the sample app deployed, the env
     provisioned again (conftest's shared session fixture)."""
     assert acme.ROOT_FILE.exists(), "no pebble root: `invoke testbed.up` starts pebble"
+    # mon1's probes before the first deploy found nothing on :3000, and nginx skips an app
+    # server for nginx_fail_timeout (10 s) after nginx_max_fails: the env has just been deployed
+    wait_for("app.test to answer 200 through lb1", lambda: https("/health").status == 200, 30, every=1)
     return local_env
 
 
