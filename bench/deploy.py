@@ -81,7 +81,7 @@ def flip_seconds(recap: dict) -> float:
 
 
 def blue_green(rounds: int) -> None:
-    sys.path[:0] = [str(REPO / "tests")]
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]   # this checkout, whatever pip installed
     from bluegreen_env import blue_green_env
 
     def provision(env: str) -> None:
