@@ -24,10 +24,6 @@ def deploy(name: str):
     return testinfra.get_host(f"ssh://deploy@{name}", ssh_config=SSH_CONFIG, sudo=True)
 
 
-def provision(*args: str):
-    return provision_env(*args)
-
-
 @pytest.fixture(scope="module")
 def provisioned(local_env):
     """Six fresh servers provisioned, the sample app deployed, the env provisioned again
@@ -72,7 +68,7 @@ def test_second_run_changes_nothing_in_three_execs_per_host(provisioned):
 
 
 def test_check_mode_on_the_converged_env_reports_nothing_pending(provisioned):
-    r, events = provision("--check", "--detailed-exitcode")
+    r, events = provision_env("--check", "--detailed-exitcode")
     assert r.returncode == 0, report(events, "changed", "failed")
 
 
@@ -192,7 +188,7 @@ def test_ssh_audit_finds_no_failure_on_either_release(provisioned, name):
 def test_the_agent_runs_with_the_releases_own_python(provisioned, name):
     """The agent is stdlib-only Python: Debian 13 runs it on 3.13 (no crypt module), 12 on 3.11."""
     release = next(s.release for s in config.inventory_servers() if s.name == name)
-    r, events = provision("--limit", name, "--check")
+    r, events = provision_env("--limit", name, "--check")
     assert r.returncode == 0, report(events, "failed")
     python = deploy(name).check_output("python3 -c 'import sys; print(sys.version_info[:2])'")
     assert python == {"trixie": "(3, 13)", "bookworm": "(3, 11)"}[release]
