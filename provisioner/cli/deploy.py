@@ -84,9 +84,11 @@ def deploy(c, env="local", app=None, ref=None, source=None, limit=None, serial=1
 
 
 @task(help={**HELP, "to": "the release id to go back to (default: the previous good one)",
+            "serial": "switch N hosts at a time (default 0: all at once, as the release went "
+                      "live on each of them before)",
             "with_migrations": "first run the app's `migrate_down` in the release rolled back"},
       incrementable=["verbose"])
-def rollback(c, env="local", app=None, to=None, limit=None, serial=1, with_migrations=False,
+def rollback(c, env="local", app=None, to=None, limit=None, serial=0, with_migrations=False,
              yes=False, json=False, verbose=0):
     """Make the previous good release live again on every host (no build, no upload), with the
     same switch, reload and health gate as a deploy."""
@@ -99,7 +101,7 @@ def rollback(c, env="local", app=None, to=None, limit=None, serial=1, with_migra
                                          "--with-migrations, but the app has no `migrate_down`",
                                          "add `migrate_down: [node, migrate.js, down]` (your "
                                          "command), or leave out --with-migrations"))
-            return int_flag(serial, "serial", 1)
+            return int_flag(serial, "serial", 0)
         return flows.rollback(fleet, to, prepared, with_migrations)
     _flow("rollback", env=env, app=app, limit=limit, json=json, yes=yes, verbose=verbose,
           body=body)
