@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from provisioner import balancers as lbs
@@ -27,6 +27,7 @@ from provisioner import lock as run_lock
 from provisioner.connection import Connection, Unreachable
 from provisioner.errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_UNREACHABLE, InputError,
                                 Problem)
+from provisioner.interrupt import Stop, on_signals
 from provisioner.inventory import App, Host, Inventory
 from provisioner.releases import Artifact, RemoteError, batches, call, release_id, rollback_target
 
@@ -122,6 +123,7 @@ class Fleet:
     conns: dict[str, Connection] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)     # unreachable host -> why: left alone
+    stop: Stop = field(default_factory=Stop)     # Ctrl-C / SIGTERM during the rollout
 
     def __post_init__(self):
         self.balancers = lbs.balancers(self.inv, self.app)        # [(host, its sites)]
@@ -292,17 +294,17 @@ class Fleet:
                         + (stopped(a) if a["ok"] else ""))
             return ("ok" if a["ok"] else "failed"), a["why"], a
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with on_signals(self.stop), ThreadPoolExecutor(max_workers=2) as pool:
             watched = pool.submit(self.each, canaries, f"canary {release}", health)
             logged = pool.submit(self.each, list(canary.balancers), "canary 5xx rate", errors)
-            interrupted = _wait_or_stop([watched, logged], trouble)
+            interrupted = _wait_or_stop([watched, logged], trouble, self.stop)
             answers = [(n, a) for n, a in watched.result().items()] + \
                 [(n, a) for n, a in logged.result().items()]
         failed = {n: dict(a, canary=True, why=a.get("why") or a.get("error") or "unreachable")
                   for n, a in answers if not a.get("ok")}
         if interrupted:
             failed["controller"] = {"ok": False, "canary": True,
-                                    "why": "the hold was interrupted (Ctrl-C)"}
+                                    "why": f"the hold was interrupted ({self.stop.name})"}
         return failed
 
     def finish(self, hosts: list[Host], states: dict[str, str], result: str,
@@ -388,20 +390,15 @@ class Fleet:
             c.close()
 
 
-def _wait_or_stop(futures: list, stop) -> bool:
-    """Wait for every future. A Ctrl-C meanwhile (someone ending a canary's hold) calls
-    stop(), so the watchers end at once and the canaries are switched back as after trouble,
-    rather than the run dying after the hold with the fleet on two releases and its lock
-    left: True then. A second Ctrl-C ends the process as usual."""
-    try:
-        for f in futures:
-            f.result()
-        return False
-    except KeyboardInterrupt:
-        stop()
-        for f in futures:
-            f.result()
-        return True
+def _wait_or_stop(futures: list, trouble, stop: Stop) -> bool:
+    """Wait for every future. A stop asked for meanwhile (Ctrl-C or SIGTERM ending a canary's
+    hold) calls trouble(), so the watchers end at once and the canaries are switched back as
+    after trouble, rather than the run dying after the hold with the fleet on two releases and
+    its lock left: True then. A second signal ends the process as usual."""
+    while wait(futures, timeout=0.2).not_done:
+        if stop:
+            trouble()              # once: it stops the watchers only the first time
+    return bool(stop)
 
 
 def _refused(fleet: Fleet, answers: dict[str, dict]) -> int | None:
@@ -425,15 +422,24 @@ def rollout(fleet: Fleet, release: str, serial: int, canary: Canary | None = Non
     if canary:
         plan = [fleet.hosts[:canary.hosts]] + batches(fleet.hosts[canary.hosts:], serial)
     done: list[tuple[Host, str | None]] = []
-    for i, batch in enumerate(plan):
-        answers = fleet.switch(batch, release, colour=colour)
-        failed = {n: a for n, a in answers.items() if not a.get("ok")}
-        done += [(h, answers[h.name].get("previous")) for h in batch if h.name not in failed]
-        if canary and i == 0 and not failed:
-            failed = fleet.watch(batch, release, canary)
-        if failed:
-            back, left = _switch_back(fleet, done, release, colour)
-            return False, back, {**failed, **left}
+    # A first Ctrl-C or SIGTERM lets the batch being switched finish, then switches back every
+    # host this rollout switched, as a failed gate does: the fleet never stays on two releases
+    # because someone stopped the run between batches. A second signal ends it at once.
+    with on_signals(fleet.stop):
+        for i, batch in enumerate(plan):
+            if fleet.stop:
+                failed = {"controller": {"ok": False, "why": (
+                    f"{fleet.stop.reason} before {', '.join(h.name for h in batch)} switched")}}
+            else:
+                answers = fleet.switch(batch, release, colour=colour)
+                failed = {n: a for n, a in answers.items() if not a.get("ok")}
+                done += [(h, answers[h.name].get("previous")) for h in batch
+                         if h.name not in failed]
+                if canary and i == 0 and not failed:
+                    failed = fleet.watch(batch, release, canary)
+            if failed:
+                back, left = _switch_back(fleet, done, release, colour)
+                return False, back, {**failed, **left}
     return True, [], {}
 
 
@@ -551,7 +557,7 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
 def _failed(fleet: Fleet, release: str, canary: Canary | None, back: list[Host],
             failed: dict[str, dict], seen: list[str]) -> int:
     """The exit code of a deploy that did not go live, its error saying what was seen and
-    where each host is: 3 with a host lost, else 1."""
+    where each host is: 3 with a host lost, 128 + the signal's number when stopped, else 1."""
     left = "".join(f"; {a['why']}" for a in failed.values() if a.get("left"))
     if fleet.lost:
         where = "; ".join(f"{h.name} on {_on(fleet, h, release, back, failed)}"
@@ -559,15 +565,18 @@ def _failed(fleet: Fleet, release: str, canary: Canary | None, back: list[Host],
         fleet.events.fail_run(EXIT_UNREACHABLE, f"{', '.join(fleet.lost)} unreachable during "
                               f"the rollout of {release}: {where}")
         return EXIT_UNREACHABLE
+    code = fleet.stop.code if fleet.stop else EXIT_FAILED
     if seen and canary:
         went = (f"; switched back: {', '.join(h.name for h in back)}, to the release each "
                 "ran before" if back else "")
-        return fleet.events.fail_run(EXIT_FAILED, f"canary of {release} failed: "
+        return fleet.events.fail_run(code, f"canary of {release} failed: "
                                      f"{'; '.join(seen)}{went}{left}")
     if seen or left:
         gate = "; ".join(seen) or "a health gate failed (see above)"
-        return fleet.events.fail_run(EXIT_FAILED, f"{release} did not go live: {gate}{left}")
-    return EXIT_FAILED
+        went = (f"; switched back: {', '.join(h.name for h in back)}" if fleet.stop and back
+                else "")
+        return fleet.events.fail_run(code, f"{release} did not go live: {gate}{went}{left}")
+    return code
 
 
 def _result(passed: bool, seen: list[str], canary: Canary | None) -> str:
@@ -623,5 +632,6 @@ def rollback(fleet: Fleet, to: str | None, serial: int, with_migrations: bool = 
     if passed:
         return EXIT_OK
     if seen:
-        return fleet.events.fail_run(EXIT_FAILED, f"{target} did not go live: {'; '.join(seen)}")
+        return fleet.events.fail_run(fleet.stop.code if fleet.stop else EXIT_FAILED,
+                                     f"{target} did not go live: {'; '.join(seen)}")
     return EXIT_UNREACHABLE if all(a.get("unreachable") for a in failed.values()) else EXIT_FAILED

@@ -37,8 +37,12 @@ class Stop:
         return 128 + int(self.signum or signal.SIGINT)
 
     @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
     def reason(self) -> str:
-        return f"the run was interrupted ({signal.Signals(self.signum or signal.SIGINT).name})"
+        return f"the run was interrupted ({self.name})"
 
 
 @contextmanager

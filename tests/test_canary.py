@@ -4,6 +4,8 @@ for the canaries' answers, and the rollout order (canaries first, held, then --s
 a canary in trouble switches every switched host back). Live: tests/test_deploy_live.py."""
 from __future__ import annotations
 
+import signal
+
 from pathlib import Path
 
 import pytest
@@ -153,9 +155,16 @@ class FakeFleet:
         self.hosts = [Host(f"web{i}", f"10.0.0.{i}", 22, "admin", None, None, None, 10, 900)
                       for i in range(1, n + 1)]
         self.trouble, self.log, self.previous, self.stuck = trouble, [], previous, set(stuck)
+        self.stop = flows.Stop()
+        self.stop_after: int | None = None      # a Ctrl-C while this many switches ran
+
+    def ctrl_c_during_switch(self, n: int) -> None:
+        self.stop_after = n
 
     def switch(self, hosts, release, revert=True, colour=None):
         self.log.append(("switch", [h.name for h in hosts], release))
+        if self.stop_after == sum(1 for e in self.log if e[0] == "switch"):
+            self.stop.request(signal.SIGINT)             # arrives while this batch switches
         if release == "old":
             return {h.name: {"ok": h.name not in self.stuck, "previous": "new",
                              "seen": "500 sick"} for h in hosts}
@@ -185,6 +194,26 @@ def test_a_canary_in_trouble_switches_it_back_and_nothing_else_moves():
     assert failed["lb1"]["why"] == "lb1 logged 5 5xx of 40 answers"
     assert fleet.log == [("switch", ["web1", "web2"], "new"), ("watch", ["web1", "web2"], 30),
                          ("switch", ["web1", "web2"], "old")]
+
+
+def test_a_ctrl_c_between_batches_switches_back_every_host_already_switched():
+    """The batch being switched finishes; no later batch starts; the fleet goes back to one
+    release, as after a failed gate."""
+    fleet = FakeFleet(3)
+    fleet.ctrl_c_during_switch(2)
+    passed, back, failed = flows.rollout(fleet, "new", 1)
+    assert not passed and [h.name for h in back] == ["web1", "web2"]
+    assert failed["controller"]["why"] == ("the run was interrupted (SIGINT) before web3 "
+                                           "switched")
+    assert fleet.log == [("switch", ["web1"], "new"), ("switch", ["web2"], "new"),
+                         ("switch", ["web1", "web2"], "old")]
+
+
+def test_a_ctrl_c_during_the_last_batch_lets_the_rollout_finish():
+    fleet = FakeFleet(2)
+    fleet.ctrl_c_during_switch(2)
+    assert flows.rollout(fleet, "new", 1) == (True, [], {})
+    assert [e[2] for e in fleet.log] == ["new", "new"]
 
 
 def test_a_host_that_ran_nothing_before_or_could_not_go_back_is_not_said_switched_back():
@@ -347,5 +376,39 @@ def test_a_ctrl_c_during_the_hold_stops_the_watchers_and_fails_the_canary(deploy
     failed = fleet.watch(inv.hosts_in("app")[:1], "r2", canary)
     assert time.monotonic() - t0 < 10
     assert failed == {"controller": {"ok": False, "canary": True,
-                                     "why": "the hold was interrupted (Ctrl-C)"}}
+                                     "why": "the hold was interrupted (SIGINT)"}}
     assert sorted(op for _, op in sent if op == "stop_watch") == ["stop_watch"] * 2
+
+
+def test_a_ctrl_c_mid_deploy_exits_130_with_the_fleet_back_on_one_release(deploy_root: Path,
+                                                                           monkeypatch):
+    """The whole flow (deploy()) with a real SIGINT while web1 switches (serial 1): web2 is
+    never switched, web1 goes back, the release is marked failed, exit 130 naming why."""
+    import os
+
+    import test_blue_green as blue_green
+    from provisioner.releases import Artifact
+    switched = []
+
+    class Servers:
+        def call(self, host, req, data=b"", timeout=None):
+            if req["op"] == "switch":
+                switched.append((host, req["release"]))
+                if len(switched) == 1:
+                    os.kill(os.getpid(), signal.SIGINT)          # a real Ctrl-C
+                return {"ok": True, "previous": "r1", "seen": "200", "how": "reloaded"}
+            if req["op"] == "finish":
+                finished.append((host, req.get("states")))
+            return {"ok": True, "current": "r1", "manifest": [], "install": "linked"}
+    finished = []
+    inv = load(deploy_root, LB)
+    fleet = blue_green.fleet_of(inv, Servers(), monkeypatch)
+    assert [h.name for h in fleet.hosts] == ["web1", "web2"]
+    code = flows.deploy(fleet, Artifact(b"", "0" * 64, "c" * 40, "main"), 1)
+    assert code == 130
+    new = switched[0][1]
+    assert switched == [("web1", new), ("web1", "r1")]
+    assert sorted(h for h, _ in finished) == ["web1", "web2"]
+    assert all(states == {new: "failed"} for _, states in finished)
+    assert ("the run was interrupted (SIGINT) before web2 switched; switched back: web1"
+            in fleet.output())
