@@ -52,6 +52,11 @@ def stanzas(inv: Inventory) -> list[Stanza]:
     return out
 
 
+def stanza_of(inv: Inventory, host: str) -> Stanza | None:
+    """The stanza of database server `host` when the env's pgbackrest role backs it up."""
+    return next((s for s in stanzas(inv) if s.name == host), None)
+
+
 def no_backups(inv: Inventory, what: str) -> InputError:
     return InputError([Problem(inv.path, None, "roles", f"no host of env {inv.env!r} has the "
                                f"pgbackrest role, so there is nothing to {what}",
@@ -87,6 +92,22 @@ def verify_units(inv: Inventory, hosts: list[Host]) -> dict[str, list[str]]:
         if inv.hostvars(name)["restic_drill"]:
             units_.setdefault(name, []).append("restic-verify")
     return units_
+
+
+def output(result) -> str:
+    """A command's stdout and stderr as text, for an error."""
+    return (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+
+
+def start_unit(conn, unit: str) -> tuple[float, str | None]:
+    """Start job `unit` through a connection the caller holds and wait for it (a oneshot:
+    `systemctl start` returns when the job ended). Returns (seconds, None) or (seconds, what
+    failed with the end of the unit's journal)."""
+    r = conn.run(["systemctl", "start", f"{unit}.service"])
+    if r.ok:
+        return r.seconds, None
+    log = conn.run(["journalctl", "-u", f"{unit}.service", "-n", "15", "--no-pager", "-o", "cat"])
+    return r.seconds, f"{output(r) or 'failed'}\n{output(log)}"
 
 
 def check_kind(kind: str) -> str:
@@ -288,14 +309,79 @@ def target(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S.%f+00")
 
 
-def restore_script(stanza: str, unit: str, port: int, at: datetime) -> list[str]:
+@dataclass(frozen=True)
+class Target:
+    """Where a point-in-time restore stops, in pgBackRest's terms."""
+    type: str                 # time or name
+    value: str                # --target
+    said: str                 # the target for people: the confirmation and the output
+    set: str | None = None    # the backup set to replay from (None: pgBackRest picks)
+
+
+def time_target(at: datetime, info: list, stanza: str) -> Target:
+    """`invoke restore --at`: pgBackRest picks the newest backup that ended before the time."""
+    check_window(at, pgbackrest_summary(info, stanza), stanza)
+    return Target("time", target(at), f"{at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def lsn(text: str) -> int:
+    """A PostgreSQL LSN ('16/B374D848') as a number."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def _ended_before(backup: dict, point: dict) -> bool:
+    stop = (backup.get("lsn") or {}).get("stop")
+    if stop:
+        return lsn(stop) <= lsn(point["lsn"])
+    # a backup of a pgBackRest without LSNs in its info: its end time, on the same clock
+    ended = (backup.get("timestamp") or {}).get("stop")
+    made = datetime.fromisoformat(point["at"].replace("Z", "+00:00")).timestamp()
+    return ended is not None and ended < made
+
+
+def point_target(point: dict, release: str, info: list, stanza: str) -> Target:
+    """A restore point made before `release` migrated (a record of remote/deploy.py
+    op_restore_point). Recovery must start from a backup that ended before the point, and for a
+    name target pgBackRest takes the newest backup of all (which may end after it, and recovery
+    would never reach the point): the set is chosen here, as pgBackRest chooses one for an LSN
+    target. Retention may have expired every such backup: InputError saying so."""
+    backups_ = next((s.get("backup") or [] for s in info or [] if s.get("name") == stanza), [])
+    usable = [b for b in backups_ if _ended_before(b, point)]
+    said = (f"restore point {point['name']} ({point['at'].replace('T', ' ').rstrip('Z')} UTC, "
+            f"made before release {release} migrated)")
+    if usable:
+        return Target("name", point["name"], said, usable[-1]["label"])
+    first = (backups_[0].get("timestamp") or {}).get("stop") if backups_ else None
+    oldest = datetime.fromtimestamp(first, timezone.utc) if first else None
+    kept = (f"the oldest it keeps ended {oldest:%Y-%m-%d %H:%M:%S} UTC" if oldest
+            else "it keeps none")
+    raise InputError([Problem("command line", None, "--before", (
+        f"the repository of stanza {stanza} no longer holds a backup that ended before {said}: "
+        f"{kept} (retention expired the older ones), so there is nothing to replay up to that "
+        "point. Nothing was changed"), "rewind to a later moment inside the retention window "
+        "with `invoke restore --at TIME` (`invoke backup.status` shows the backups); to keep "
+        "this far back next time, raise pgbackrest_retention_days")])
+
+
+def restore_question(stanza: str, cluster: str, databases: list[str], to: Target) -> str:
+    """The confirmation of an in-place restore: it rewinds the cluster, not one database."""
+    declared = ", ".join(databases) or "none"
+    return (f"Rewind the WHOLE PostgreSQL cluster on {stanza} (cluster {cluster}: every database "
+            f"in it, not only the app's; the inventory declares: {declared}) to {to.said}? The "
+            "cluster stops (every write with it) and everything written to any of its databases "
+            "after that moment is lost.")
+
+
+def restore_script(stanza: str, unit: str, port: int, to: Target) -> list[str]:
     """argv of one exec on the database server: archive the WAL still in pg_wal (so the target
     is reachable), stop the cluster (every write stops with it), restore in place with --delta
     (only files that differ are fetched), start, and wait until recovery reached the target and
     promoted. pgBackRest writes restore_command and the recovery target itself."""
     psql = ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-p", str(port), "-Atc"]
     restore = ["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}", "--delta",
-               "--type=time", f"--target={target(at)}", "--target-action=promote", "restore"]
+               f"--type={to.type}", f"--target={to.value}",
+               *([f"--set={to.set}"] if to.set else []), "--target-action=promote", "restore"]
     q = shlex.join
     script = f"""set -e
 {q(psql + ['SELECT pg_switch_wal()'])} >/dev/null 2>&1 || true

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from provisioner import backups
 from provisioner import balancers as lbs
 from provisioner import colours
 from provisioner import lock as run_lock
@@ -32,6 +33,9 @@ from provisioner.inventory import App, Host, Inventory
 from provisioner.releases import Artifact, RemoteError, batches, call, release_id, rollback_target
 
 AUDIT_LOG = run_lock.AUDIT_LOG
+# seconds `pgbackrest check` waits for the WAL holding a pre-migration restore point to reach
+# the repository (pgBackRest's own default)
+ARCHIVE_WAIT = 60
 
 
 @dataclass(frozen=True)
@@ -327,11 +331,11 @@ class Fleet:
             self.prune_dumps(finished)
 
     def prune_dumps(self, finished: dict[str, dict]) -> None:
-        """The pre-migration dumps go with their releases: once every host of the app has
-        finished (its releases pruned), the database host removes the dumps of releases
-        older than every release a host keeps (remote dumps_to_prune). Only a run that saw
-        every host's releases decides: after --limit, or a host that did not finish, the
-        dumps stay until a run that does."""
+        """The pre-migration backups (dumps, restore points' records) go with their releases:
+        once every host of the app has finished (its releases pruned), the database host
+        removes those of releases older than every release a host keeps (remote
+        dumps_to_prune). Only a run that saw every host's releases decides: after --limit, or
+        a host that did not finish, they stay until a run that does."""
         group = [h.name for h in self.inv.hosts_in(self.app.group)]
         unknown = [n for n in group if not finished.get(n, {}).get("ok")]
         kept = sorted({e["id"] for a in finished.values() for e in a.get("manifest") or []}
@@ -339,30 +343,76 @@ class Fleet:
 
         def fn(h: Host):
             if unknown:
-                return ("skipped", f"dumps kept: the releases on {', '.join(unknown)} are "
-                        "not known to this run (--limit, or no finish there)", {"ok": True})
+                return ("skipped", f"pre-migration backups kept: the releases on "
+                        f"{', '.join(unknown)} are not known to this run (--limit, or no finish "
+                        "there)", {"ok": True})
             a = call(self.conn(h), {"op": "prune_backups", "app": self.app.name, "kept": kept})
             if not a.get("ok"):
                 return "failed", a.get("error", "failed"), a
             if not a["pruned"]:
-                return "ok", "no dump to prune: every release they were taken before is kept", a
-            return "changed", (f"pruned the dumps taken before {', '.join(a['pruned'])} "
-                               "(their releases are pruned on every host)"), a
-        self.each([self.db_host()], "prune dumps", fn)
+                return "ok", ("no pre-migration backup to prune: every release they were taken "
+                              "before is kept"), a
+            return "changed", (f"pruned the pre-migration backups taken before "
+                               f"{', '.join(a['pruned'])} (their releases are pruned on every "
+                               "host)"), a
+        self.each([self.db_host()], "prune backups", fn)
 
     def db_host(self) -> Host:
         return self.inv.hosts[self.app.database[0]]
 
     def backup(self, release: str) -> dict:
-        """pg_dump -Fc on the database host, named after the release about to migrate."""
-        def fn(h: Host):
+        """Before `release` migrates, on the database host: when the env's pgbackrest role
+        backs that host up, a restore point archived to the repository (db.restore rewinds
+        the whole cluster to it); otherwise pg_dump -Fc of the app's database."""
+        stanza = backups.stanza_of(self.inv, self.db_host().name)
+
+        def dump(h: Host):
             a = call(self.conn(h), {"op": "backup", "app": self.app.name, "release": release,
                                     "database": self.app.database[1]})
             if not a.get("ok"):
                 return "failed", a.get("error", "failed"), a
             return "changed", (f"database {self.app.database[1]} saved to {a['path']} "
                                f"({a['size']} bytes): `invoke db.restore --before {release}`"), a
-        return self.each([self.db_host()], "backup before migrating", fn)[self.db_host().name]
+
+        def point(h: Host):
+            req = {"op": "restore_point", "app": self.app.name, "release": release,
+                   "database": self.app.database[1], "stanza": stanza.name,
+                   "port": self.inv.hostvars(h.name)["postgresql_port"],
+                   "archive_timeout": ARCHIVE_WAIT}
+            a = call(self.conn(h), req)
+            first = ""
+            if a.get("no_backup"):
+                problem = self.first_backup(stanza)
+                if problem:
+                    return "failed", problem, {"ok": False, "error": problem}
+                first = (f"stanza {stanza.name} had no backup yet: took a full one on "
+                         f"{stanza.repo} first; ")
+                a = call(self.conn(h), req)
+                if a.get("no_backup"):
+                    a["error"] = (f"{a['error']}, even after the full backup unit ran on "
+                                  f"{stanza.repo} (it skips while another backup of the stanza "
+                                  "runs): wait for `invoke backup.status --env "
+                                  f"{self.inv.env} --limit {stanza.name}` to show one, then "
+                                  "deploy again")
+            if not a.get("ok"):
+                return "failed", a.get("error", "failed"), a
+            return "changed", (f"{first}restore point {a['name']} at {a['lsn']} (WAL {a['wal']} "
+                               f"archived to {stanza.repo}, stanza {stanza.name}): `invoke "
+                               f"db.restore --before {release}` rewinds the whole PostgreSQL "
+                               f"cluster on {h.name} to it"), a
+        return self.each([self.db_host()], "backup before migrating",
+                         dump if stanza is None else point)[self.db_host().name]
+
+    def first_backup(self, stanza: backups.Stanza) -> str | None:
+        """A full backup of `stanza` now, by its timer's own unit on the repository host (the
+        database server cannot back itself up there): None, or what failed."""
+        unit = backups.units(stanza, "full")
+        _, problem = backups.start_unit(self.conn(self.inv.hosts[stanza.repo]), unit)
+        if problem is None:
+            return None
+        return (f"stanza {stanza.name} has no backup in the repository yet, and its full backup "
+                f"({unit} on {stanza.repo}) failed: {problem}\nfix that, then run `invoke backup "
+                f"--env {self.inv.env} --limit {stanza.name} --kind full` and deploy again")
 
     def migrate(self, host: Host, release: str, argv: tuple, env: dict | None = None) -> bool:
         """argv in `release` on `host`, as the app user with the app's env; its output goes

@@ -39,7 +39,9 @@ apps:                              # optional; name -> app that `invoke deploy` 
                                    # any switch, as the app user with its pm2 env (secrets too)
     migrate_down: [node, migrate.js, down]   # argv for `rollback --with-migrations`, run in the
                                    # release rolled back, TARGET_RELEASE_DIR = the one going live
-    database: {host: db1, name: shop}   # PostgreSQL: `pg_dump -Fc` there before each migration
+    database: {host: db1, name: shop}   # PostgreSQL, backed up before each migration: a
+                                   # pgBackRest restore point when the env's pgbackrest role
+                                   # backs the host up, else `pg_dump -Fc` there
 ```
 Names of hosts and groups: letters, digits, `.`, `_`, `-` (a host and a group may not share a
 name: `--limit` takes either). Every host must be in at least one group. Two hosts may not share

@@ -8,15 +8,13 @@ afterwards the colours are deleted, `provision --env local` runs the app as befo
 `sample` from `current`) and lb1's live file goes (the next time starts from blue again)."""
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator
 
+from derived_env import derived_env
 from engine_helpers import sh
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = "localbg"                                   # git-ignored: /inventories/localbg.*
+ENV = "localbg"
 PORTS = {"blue": 3000, "green": 3001}
 WEB = ("web1", "web2")
 EDITS = (("env: local", f"env: {ENV}"),
@@ -42,25 +40,15 @@ def reset_colours() -> None:
 @contextmanager
 def blue_green_env(provision: Callable[[str], object]) -> Iterator[str]:
     """provision(env): `invoke provision --env <env> --limit app,lb --yes`, failing loudly."""
-    inventories = REPO / "inventories"
-    text = (inventories / "local.yml").read_text()
-    for old, new in EDITS:
-        assert old in text, f"inventories/local.yml changed: {old!r} is not in it"
-        text = text.replace(old, new, 1)
-    made = [inventories / f"{ENV}.yml"]
-    made[0].write_text(text)
-    for suffix in (".vault", ".vault-password"):
-        if (inventories / f"local{suffix}").exists():
-            shutil.copy2(inventories / f"local{suffix}", inventories / f"{ENV}{suffix}")
-            made.append(inventories / f"{ENV}{suffix}")
     try:
-        reset_colours()                        # left by a run that stopped before its cleanup
-        sh("lb1", f"rm -f {LIVE_FILE}")
-        provision(ENV)
-        yield ENV
+        with derived_env(ENV, EDITS):
+            try:
+                reset_colours()                # left by a run that stopped before its cleanup
+                sh("lb1", f"rm -f {LIVE_FILE}")
+                provision(ENV)
+                yield ENV
+            finally:
+                reset_colours()
     finally:
-        reset_colours()
-        for path in made:
-            path.unlink(missing_ok=True)
         provision("local")
         sh("lb1", f"rm -f {LIVE_FILE}")        # no longer included by the site

@@ -88,8 +88,9 @@ def provision_env(*args: str, timeout: float = 3000):
 @pytest.fixture(scope="session")
 def local_env(testbed):
     """The whole local env from fresh servers, as a user brings it up: provision, deploy the
-    sample app, provision again. Shared by the modules in LOCAL_ENV_MODULES, each of which leaves
-    the env as it found it; run before them, never between, the tests that reset servers."""
+    sample app (its migration's restore point first takes db1's first full backup on vault),
+    provision again. Shared by the modules in LOCAL_ENV_MODULES, each of which leaves the env
+    as it found it; run before them, never between, the tests that reset servers."""
     from provisioner.testbed import config
     for server in config.inventory_servers():
         invoke("testbed.reset", server.name)

@@ -211,8 +211,9 @@ def test_a_time_before_the_oldest_backup_or_without_backups_is_refused():
 
 
 def test_the_restore_script_archives_stops_restores_in_place_and_waits_for_promotion():
+    at = backups.parse_at("2026-12-01T18:40:00Z", NOW)
     argv = backups.restore_script("db1", "postgresql@17-main", 5432,
-                                  backups.parse_at("2026-12-01T18:40:00Z", NOW))
+                                  backups.time_target(at, INFO, "db1"))
     assert argv[:2] == ["sh", "-c"]
     lines = argv[2].splitlines()
     assert lines[0] == "set -e"
@@ -220,8 +221,87 @@ def test_the_restore_script_archives_stops_restores_in_place_and_waits_for_promo
         "pg_switch_wal", "systemctl stop postgresql@17-main", "pgbackrest --stanza=db1 --delta",
         "systemctl start postgresql@17-main", "pg_is_in_recovery")]
     assert order == sorted(order)
-    assert ("'--target=2026-12-01 18:40:00.000000+00' --target-action=promote restore"
-            in argv[2])
+    assert ("--type=time '--target=2026-12-01 18:40:00.000000+00' --target-action=promote "
+            "restore" in argv[2])
+    assert "--set" not in argv[2], "for a time pgBackRest picks the backup itself"
+
+
+# --- restore points made before a deploy migrates (db.restore --before) ------------------------
+
+# made after the fixture's incremental ended (lsn 0/6000100, 2025-12-01 19:00:05 UTC)
+POINT = {"kind": "pgbackrest", "stanza": "db1", "name": "sample-20251201T193000Z-3f2a9c1b7d4e",
+         "lsn": "0/7000090", "wal": "000000010000000000000007", "at": "2025-12-01T19:30:00Z"}
+RELEASE = "20251201T193000Z-3f2a9c1b7d4e"
+
+
+def test_lsns_compare_as_numbers():
+    assert backups.lsn("0/7000090") == 0x7000090
+    assert backups.lsn("1/0") > backups.lsn("0/FFFFFFFF")
+
+
+def test_a_restore_point_replays_from_the_newest_backup_that_ended_before_it():
+    """pgBackRest would take the newest backup of all for a name target: the set is named."""
+    to = backups.point_target(POINT, RELEASE, INFO, "db1")
+    assert (to.type, to.value, to.set) == ("name", POINT["name"],
+                                           "20261201-180000F_20261201-190000I")
+    assert to.said == (f"restore point {POINT['name']} (2025-12-01 19:30:00 UTC, made before "
+                       f"release {RELEASE} migrated)")
+    # a point between the full and the incremental: the incremental ended after it
+    earlier = dict(POINT, lsn="0/5000000")
+    assert backups.point_target(earlier, RELEASE, INFO, "db1").set == "20261201-180000F"
+    argv = backups.restore_script("db1", "postgresql@17-main", 5432, to)[2]
+    assert (f"--type=name --target={POINT['name']} --set=20261201-180000F_20261201-190000I "
+            "--target-action=promote restore") in argv
+
+
+def test_without_lsns_the_backups_end_time_decides():
+    info = json.loads(json.dumps(INFO))
+    for b in info[0]["backup"]:
+        del b["lsn"]
+    point = dict(POINT, at="2025-12-01T18:30:00Z")        # after the full only
+    assert backups.point_target(point, RELEASE, info, "db1").set == "20261201-180000F"
+
+
+def test_a_restore_point_older_than_every_backup_kept_says_retention_expired_them():
+    """Nothing of pgBackRest runs: the user reads why, and what to do instead."""
+    old = dict(POINT, lsn="0/2000000", at="2025-11-01T10:00:00Z")
+    with pytest.raises(InputError) as e:
+        backups.point_target(old, RELEASE, INFO, "db1")
+    text = str(e.value)
+    assert "--before: the repository of stanza db1 no longer holds a backup that ended before " \
+           f"restore point {POINT['name']} (2025-11-01 10:00:00 UTC" in text
+    assert "the oldest it keeps ended 2025-12-01 18:00:12 UTC (retention expired the older " \
+           "ones)" in text and "Nothing was changed" in text
+    assert "`invoke restore --at TIME`" in text and "pgbackrest_retention_days" in text
+    with pytest.raises(InputError, match="it keeps none"):
+        backups.point_target(POINT, RELEASE, INFO, "db2")
+
+
+def test_the_confirmation_says_the_whole_cluster_is_rewound():
+    to = backups.point_target(POINT, RELEASE, INFO, "db1")
+    q = backups.restore_question("db1", "17/main", ["app"], to)
+    assert q.startswith("Rewind the WHOLE PostgreSQL cluster on db1 (cluster 17/main: every "
+                        "database in it, not only the app's; the inventory declares: app) to "
+                        f"restore point {POINT['name']} (2025-12-01 19:30:00 UTC, made before "
+                        f"release {RELEASE} migrated)?")
+    assert "everything written to any of its databases after that moment is lost" in q
+    at = backups.time_target(backups.parse_at("2026-12-01T18:40:00Z", NOW), INFO, "db1")
+    assert "to 2026-12-01 18:40:00 UTC?" in backups.restore_question("db1", "17/main", [], at)
+
+
+def test_the_restore_confirmation_without_a_terminal_names_what_yes_would_do(monkeypatch):
+    from provisioner.cli import backup as cli
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    with pytest.raises(InputError) as e:
+        cli.ask("Rewind the WHOLE PostgreSQL cluster on db1 ...?", "db1")
+    assert "--yes: a restore needs a confirmation and there is no terminal to ask on: Rewind " \
+           "the WHOLE PostgreSQL cluster on db1" in str(e.value)
+
+
+def test_the_stanza_of_a_database_server(tmp_path):
+    inv = make_inventory(tmp_path)
+    assert backups.stanza_of(inv, "db1") == backups.Stanza("db1", "vault")
+    assert backups.stanza_of(inv, "vault") is None and backups.stanza_of(inv, "web1") is None
 
 
 # --- the CLI: bad input, exit 2, before any server ----------------------------------------------

@@ -1,17 +1,24 @@
-"""The pre-migration dumps (`pg_dump -Fc` before a deploy migrates) without a server: taken
-only once the deploy lock is held on every host; pruned with the releases they were taken
-before, never while a host keeps that release; `db.restore --before` saying when a dump went.
-The flows (provisioner/deploy.py) run against a simulation of the server side. Live:
-tests/test_deploy_live.py (migrations, db.restore)."""
+"""The pre-migration backups without a server: a `pg_dump -Fc`, or a pgBackRest restore point
+when the env's pgbackrest role backs the database server up; taken only once the deploy lock
+is held on every host; pruned with the releases they were taken before, never while a host
+keeps that release; `db.restore --before` choosing how to restore, and saying when a backup
+went. The flows (provisioner/deploy.py) run against a simulation of the server side. Live:
+tests/test_deploy_live.py (migrations, db.restore on both paths)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from invoke import Exit
 
+from derived_env import NO_BACKUP_EDITS, derived_text
+from provisioner import backups
 from provisioner import deploy as flows
 from provisioner.cli.deploy import missing_backup
+from provisioner.errors import InputError
+from provisioner.inventory import load_inventory, load_inventory_file
 from provisioner.releases import Artifact
 from provisioner.remote import deploy as remote
 import test_blue_green as blue_green
@@ -28,10 +35,11 @@ class Servers:
     """The server side as the deploy flow sees it: web1 and web2 (their releases; a lock
     another run holds), db1 (its dumps). Records every request in order."""
 
-    def __init__(self, held=(), releases=("r1",), dumps=()):
-        self.held, self.log = set(held), []
+    def __init__(self, held=(), releases=("r1",), dumps=(), backup_sets=1):
+        self.held, self.log, self.requests = set(held), [], []
         self.releases = {h: list(releases) for h in ("web1", "web2")}
         self.dumps = set(dumps)
+        self.backup_sets = backup_sets        # in the pgBackRest repository
 
     def call(self, host, req, data=b"", timeout=None):
         op = req["op"]
@@ -44,6 +52,14 @@ class Servers:
         if op == "backup":
             self.dumps.add(req["release"])
             return {"ok": True, "path": f"/var/backups/before-{req['release']}.dump", "size": 9}
+        if op == "restore_point":
+            self.requests.append(req)
+            if not self.backup_sets:
+                return {"ok": False, "no_backup": True, "error": "stanza db1 has no backup"}
+            self.dumps.add(req["release"])
+            return {"ok": True, "kind": "pgbackrest", "name": f"sample-{req['release']}",
+                    "lsn": "0/7000090", "wal": "000000010000000000000007",
+                    "at": "2026-06-01T10:00:00Z", "stanza": req["stanza"]}
         if op == "migrate":
             return {"ok": True, "output": "up 001.js"}
         if op == "switch":
@@ -159,7 +175,7 @@ def test_after_limit_the_dumps_stay(deploy_root: Path, monkeypatch):
     assert flows.deploy(fleet, ARTIFACT, 1) == 0
     assert "prune_backups" not in [op for _, op in servers.log]
     assert servers.dumps == {"r0", "r1", "r2"}
-    skipped = [e for e in events_of(fleet) if e.get("resource") == "prune dumps"]
+    skipped = [e for e in events_of(fleet) if e.get("resource") == "prune backups"]
     assert skipped and "releases on web2 are not known to this run" in skipped[0]["reason"]
 
 
@@ -177,6 +193,166 @@ def test_op_prune_backups_removes_the_dumps_and_records_them(tmp_path: Path, mon
     assert remote.op_prune_backups(app, {"kept": ["r3"]}, None) == {"ok": True, "pruned": []}
 
 
+# --- pgBackRest instead of pg_dump, when the env's backups cover the database server --------
+
+def local_fleet(servers: Servers, monkeypatch, inv=None) -> flows.Fleet:
+    """The local env's sample app (db1 a stanza of vault's pgBackRest), or `inv`."""
+    return fleet_of(inv or load_inventory("local"), servers, monkeypatch)
+
+
+def ops_of(servers: Servers) -> list[str]:
+    return [op for _, op in servers.log]
+
+
+def test_with_the_envs_pgbackrest_a_restore_point_replaces_the_dump(monkeypatch):
+    servers = Servers()
+    fleet = local_fleet(servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 0
+    ops = ops_of(servers)
+    assert "backup" not in ops and ("db1", "restore_point") in servers.log
+    assert max(i for i, op in enumerate(ops[:2]) if op == "lock") < ops.index("restore_point") \
+        < ops.index("migrate") < ops.index("switch")
+    [req] = servers.requests
+    assert (req["stanza"], req["database"], req["port"], req["release"]) == \
+        ("db1", "app", 5432, "r2")
+    assert req["archive_timeout"] == flows.ARCHIVE_WAIT
+    assert ("restore point sample-r2 at 0/7000090 (WAL 000000010000000000000007 archived to "
+            "vault, stanza db1): `invoke db.restore --before r2` rewinds the whole PostgreSQL "
+            "cluster on db1 to it") in fleet.lines()
+
+
+def test_an_env_without_the_pgbackrest_role_dumps_as_before(tmp_path: Path, monkeypatch):
+    """localnb (the live tests' env without backups): the same servers, a pg_dump."""
+    (tmp_path / "localnb.yml").write_text(derived_text(NO_BACKUP_EDITS))
+    inv = load_inventory_file(tmp_path / "localnb.yml")
+    assert backups.stanzas(inv) == [] and backups.stanzas(load_inventory("local"))
+    servers = Servers()
+    assert flows.deploy(local_fleet(servers, monkeypatch, inv), ARTIFACT, 1) == 0
+    assert ("db1", "backup") in servers.log and "restore_point" not in ops_of(servers)
+
+
+def test_without_a_backup_set_a_full_backup_is_taken_first(monkeypatch):
+    servers = Servers(backup_sets=0)
+    started = []
+
+    def start_unit(conn, unit):
+        started.append((conn.host, unit))
+        servers.backup_sets = 1
+        return 12.5, None
+    monkeypatch.setattr(flows.backups, "start_unit", start_unit)
+    fleet = local_fleet(servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 0
+    assert started == [("vault", "pgbackrest-db1-full")]
+    assert ops_of(servers).count("restore_point") == 2
+    assert "stanza db1 had no backup yet: took a full one on vault first; restore point " \
+           "sample-r2" in fleet.lines()
+
+
+@pytest.mark.parametrize("problem, says", [
+    ("exit 1\nbackup job pgbackrest-db1-full FAILED", "stanza db1 has no backup in the "
+     "repository yet, and its full backup (pgbackrest-db1-full on vault) failed: exit 1"),
+    # the unit ran, but skipped: a timer's backup of the stanza still runs
+    (None, "even after the full backup unit ran on vault (it skips while another backup of "
+     "the stanza runs): wait for `invoke backup.status --env local --limit db1`"),
+])
+def test_no_base_backup_stops_the_deploy_before_it_migrates(problem, says, monkeypatch):
+    servers = Servers(backup_sets=0)
+    monkeypatch.setattr(flows.backups, "start_unit", lambda conn, unit: (1.0, problem))
+    fleet = local_fleet(servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 1
+    assert not {"migrate", "switch"} & set(ops_of(servers))
+    assert says in fleet.output()
+    if problem:
+        assert "backup job pgbackrest-db1-full FAILED" in fleet.output()
+        assert "run `invoke backup --env local --limit db1 --kind full` and deploy again" \
+            in fleet.output()
+
+
+def test_a_restore_points_name_fits_postgresqls_63_characters():
+    release = "20260601T100427Z-3f2a9c1b7d4e"
+    assert remote.point_name(remote.App({"app": "shop"}), release) == f"shop-{release}"
+    long = remote.point_name(remote.App({"app": "a" * 64}), release)
+    assert len(long) == remote.POINT_NAME_MAX and long.endswith("a-" + release)
+
+
+INFO_ONE_SET = json.dumps([{"name": "db1", "backup": [{"label": "20260601-090000F"}]}])
+
+
+@pytest.fixture
+def db_host(tmp_path: Path, monkeypatch):
+    """The database host's side in tmp_path: what runs as postgres is answered by `answers`
+    (argv[0] -> output, or a Fail) and recorded in `ran`."""
+    import pwd
+    from types import SimpleNamespace
+    monkeypatch.setattr(remote, "BACKUPS", str(tmp_path))
+    monkeypatch.setattr(remote.pwd, "getpwnam", lambda name: SimpleNamespace(
+        pw_uid=os.getuid(), pw_gid=os.getgid(), pw_dir=str(tmp_path)) if name == "postgres"
+        else pwd.getpwnam(name))
+    host = SimpleNamespace(ran=[], answers={
+        "pgbackrest": INFO_ONE_SET, "psql": "0/7000090|000000010000000000000007|1780308000.5\n"})
+
+    def as_user(self, argv, cwd=None, env=None, timeout=900, user=None, home=None):
+        host.ran.append((user, argv, timeout))
+        out = host.answers["check" if argv[-1] == "check" else argv[0]]
+        if isinstance(out, Exception):
+            raise out
+        return out
+    monkeypatch.setattr(remote.App, "as_user", as_user)
+    return host
+
+
+REQ = {"op": "restore_point", "app": "shop", "release": "r2", "database": "app",
+       "stanza": "db1", "port": 5432, "archive_timeout": 60}
+
+
+def test_op_restore_point_makes_the_point_waits_for_its_wal_and_records_it(db_host, tmp_path):
+    db_host.answers["check"] = ""
+    app = remote.App(REQ)
+    a = remote.op_restore_point(app, REQ, None)
+    assert a["ok"] and (a["name"], a["lsn"], a["wal"], a["at"], a["base"]) == (
+        "shop-r2", "0/7000090", "000000010000000000000007", "2026-06-01T10:00:00Z",
+        "20260601-090000F")
+    users = {u for u, _, _ in db_host.ran}
+    assert users == {"postgres"}
+    (_, info, _), (_, psql, _), (_, check, bound) = db_host.ran
+    assert info[:2] == ["pgbackrest", "--stanza=db1"] and info[-1] == "info"
+    assert psql[-1].startswith("WITH p AS (SELECT pg_create_restore_point('shop-r2') AS lsn)")
+    assert psql[psql.index("-p") + 1] == "5432" and psql[psql.index("-d") + 1] == "app"
+    assert "--archive-timeout=60" in check and check[-1] == "check" and bound > 60
+    # one list with the dumps: db.restore and the pruning see both kinds
+    (tmp_path / "shop" / "before-r1.dump").write_bytes(b"PGDMP")
+    listed = remote.op_backups(app, {}, None)["backups"]
+    assert listed["r1"]["kind"] == "dump"
+    assert {k: listed["r2"][k] for k in ("kind", "stanza", "name", "lsn", "at")} == {
+        "kind": "pgbackrest", "stanza": "db1", "name": "shop-r2", "lsn": "0/7000090",
+        "at": "2026-06-01T10:00:00Z"}
+    assert remote.op_prune_backups(app, {"kept": ["r3"]}, None) == {"ok": True,
+                                                                  "pruned": ["r1", "r2"]}
+    assert list(tmp_path.joinpath("shop").iterdir()) == [tmp_path / "shop" / "pruned.json"]
+    pruned = remote.op_backups(app, {}, None)["pruned"]
+    assert (pruned["r2"]["kind"], pruned["r2"]["taken"]) == ("pgbackrest", "2026-06-01T10:00:00Z")
+    assert pruned["r1"]["kind"] == "dump"
+
+
+def test_op_restore_point_without_a_backup_set_makes_nothing(db_host, tmp_path):
+    db_host.answers["pgbackrest"] = json.dumps([{"name": "db1", "backup": []}])
+    a = remote.op_restore_point(remote.App(REQ), REQ, None)
+    assert a["no_backup"] and not a["ok"] and "stanza db1 has no backup" in a["error"]
+    assert [argv[0] for _, argv, _ in db_host.ran] == ["pgbackrest"]
+    assert not list(tmp_path.joinpath("shop").glob("before-*"))
+
+
+def test_op_restore_point_whose_wal_is_not_archived_fails_and_records_nothing(db_host, tmp_path):
+    db_host.answers["check"] = remote.Fail("pgbackrest --stanza=db1 --log-level-console=off "
+                                           "exited 82:\nERROR: [082]: WAL segment "
+                                           "000000010000000000000007 was not archived")
+    with pytest.raises(remote.Fail) as e:
+        remote.op_restore_point(remote.App(REQ), REQ, None)
+    assert "restore point shop-r2 made, but the WAL holding it did not reach the repository" \
+           in str(e.value) and "was not archived" in str(e.value)
+    assert not list(tmp_path.joinpath("shop").glob("before-*"))
+
+
 def test_db_restore_says_when_the_dump_went_with_its_release(deploy_root: Path):
     app = load(deploy_root, MIGRATES).app(None)
     text = missing_backup("db1", app, "r1", {"r3": {}}, {"r1": {"at": "2026-06-01T10:00:00Z"}})
@@ -185,6 +361,90 @@ def test_db_restore_says_when_the_dump_went_with_its_release(deploy_root: Path):
     assert "backups kept: r3" in text and "raise `keep`" in text
     text = missing_backup("db1", app, "r9", {}, {})
     assert "no backup taken before release r9" in text and "backups kept: none" in text
+
+
+def test_db_restore_says_when_a_restore_points_record_went_and_how_to_reach_it():
+    app = load_inventory("local").app(None)
+    text = missing_backup("db1", app, "r1", {"r3": {}}, {"r1": {
+        "at": "2026-06-02T10:00:00Z", "kind": "pgbackrest", "taken": "2026-06-01T09:59:58Z"}})
+    assert "record of the restore point made before release r1 (at 2026-06-01T09:59:58Z) was " \
+           "pruned at 2026-06-02T10:00:00Z, together with the release" in text
+    assert "`invoke restore --at '2026-06-01T09:59:58Z'` rewinds the whole cluster" in text
+
+
+@pytest.fixture
+def restore_cli(monkeypatch):
+    """`invoke db.restore` of the local env against a database host answering `listed`; the
+    point-in-time restore (cli/backup.py restore_to) recorded instead of run."""
+    from types import SimpleNamespace
+
+    from provisioner import connection, releases
+    from provisioner.cli import backup as backup_cli
+    from provisioner.cli import deploy as cli
+    got = SimpleNamespace(calls=[], rewound=[], inv=load_inventory("local"), listed={})
+    monkeypatch.setattr(cli, "load", lambda env, interactive: (got.inv, []))
+
+    class Conn:
+        def __init__(self, *a):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(connection, "Connection", Conn)
+
+    def call(conn, req, data=b"", timeout=None):
+        got.calls.append(req["op"])
+        return {"ok": True, "backups": got.listed, "pruned": {}} if req["op"] == "backups" \
+            else {"ok": True}
+    monkeypatch.setattr(releases, "call", call)
+    monkeypatch.setattr(backup_cli, "restore_to", lambda inv, stanza, pick, confirm:
+                        got.rewound.append((stanza, pick, confirm)))
+    got.run = lambda **kw: cli.restore.body(None, before="r2", env="local", **kw)
+    return got
+
+
+POINT = {"kind": "pgbackrest", "stanza": "db1", "name": "sample-r2", "lsn": "0/7000090",
+         "at": "2026-06-01T10:00:00Z", "path": "/var/backups/provisioner/sample/before-r2.json"}
+
+
+def test_db_restore_of_a_restore_point_rewinds_the_cluster_through_invoke_restore(restore_cli,
+                                                                                   capsys):
+    restore_cli.listed = {"r2": POINT}
+    restore_cli.run(yes=True)
+    assert restore_cli.calls == ["backups"], "no pg_restore"
+    [(stanza, pick, confirm)] = restore_cli.rewound
+    assert stanza == backups.Stanza("db1", "vault") and confirm("any question") is True
+    info = [{"name": "db1", "backup": [{"label": "F1", "lsn": {"stop": "0/6000100"}},
+                                       {"label": "F2", "lsn": {"stop": "0/8000000"}}]}]
+    to = pick(info)
+    assert (to.type, to.value, to.set) == ("name", "sample-r2", "F1")
+    assert "rewound the PostgreSQL cluster on db1 to restore point sample-r2, made before " \
+           "release r2 migrated" in capsys.readouterr().out
+
+
+def test_db_restore_of_a_dump_restores_the_dump_even_where_pgbackrest_runs(restore_cli, capsys):
+    restore_cli.listed = {"r2": {"kind": "dump", "path": "/var/backups/provisioner/sample/"
+                                 "before-r2.dump", "at": "2026-06-01T10:00:00Z", "size": 9}}
+    restore_cli.run(yes=True)
+    assert restore_cli.calls == ["backups", "restore"] and not restore_cli.rewound
+    assert "restored database app on db1 from /var/backups/provisioner/sample/before-r2.dump " \
+           "(taken 2026-06-01T10:00:00Z, before release r2 migrated)" in capsys.readouterr().out
+
+
+def test_db_restore_of_a_restore_point_in_an_env_without_pgbackrest_says_which_env(
+        restore_cli, tmp_path, capsys):
+    (tmp_path / "localnb.yml").write_text(derived_text(NO_BACKUP_EDITS))
+    restore_cli.inv = load_inventory_file(tmp_path / "localnb.yml")
+    restore_cli.listed = {"r2": POINT}
+    with pytest.raises(Exit) as e:
+        restore_cli.run(yes=True)
+    assert e.value.code == 2 and not restore_cli.rewound
+    err = capsys.readouterr().err
+    assert "restore point sample-r2 of pgBackRest stanza db1, and env localnb gives db1 no " \
+           "pgbackrest role" in err and "with the env whose pgbackrest role backs db1 up" in err
 
 
 def test_db_restore_releases_and_unlock_print_what_servers_said_with_secrets_masked(

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+import engine_helpers
 from bluegreen_env import PORTS as COLOUR_PORT
 from bluegreen_env import blue_green_env
 from conftest import REPO, invoke
+from derived_env import NO_BACKUP_EDITS, NO_BACKUPS, derived_env
 from engine_helpers import ADDRESSES, sh, wait_for
 from http_load import Connection, get, load, trusting
 from provisioner.testbed import acme
@@ -130,6 +132,14 @@ def health(host: str, port: int = 3000) -> dict:
     out = sh(host, "python3 -c \"import urllib.request as u; print(u.urlopen("
                    f"'http://127.0.0.1:{port}/health', timeout=5).read().decode())\"").stdout
     return json.loads(out)
+
+
+def healthy_on(release: str) -> bool:
+    """Every app host answers its health check (which asks the database) with `release`."""
+    try:
+        return all(health(h)["release"] == release for h in WEB)
+    except Exception:                  # the check's request failed: not healthy yet
+        return False
 
 
 def current(host: str) -> str:
@@ -275,25 +285,76 @@ def test_no_secret_in_the_output_at_vvv(fleet, repo):
     assert leaked == []
 
 
-def psql(sql: str) -> str:
-    return sh("db1", f"runuser -u postgres -- psql -tA -d app -c \"{sql}\"").stdout.strip()
+def psql(sql: str, db: str = "app") -> str:
+    return engine_helpers.psql("db1", sql, db)
+
+
+FIRST_NOTE = "SELECT count(*) FROM notes WHERE body = 'first note'"
+
+
+def db_restore(env: str, release: str, *more: str):
+    """`invoke db.restore` without a terminal, as in CI: it asks nothing, --yes or exit 2."""
+    return invoke("db.restore", "--env", env, "--before", release, *more, check=False,
+                  timeout=900, stdin=subprocess.DEVNULL)
 
 
 def test_a_destructive_migration_is_undone_by_db_restore(fleet, repo):
+    """The local env backs db1 up with pgBackRest: the deploy makes a restore point instead of
+    a dump, and db.restore rewinds the whole cluster to it."""
     repo, commits = repo
     assert deploy(repo, commits["v1"]).returncode == 0
-    assert psql("SELECT count(*) FROM notes WHERE body = 'first note'") == "1"
+    assert psql(FIRST_NOTE) == "1"
     r = deploy(repo, commits["destructive"])
     assert r.returncode == 0
-    assert "up 002_forget_the_first_note.js" in r.stdout and "saved to /var/backups" in r.stdout
-    assert psql("SELECT count(*) FROM notes WHERE body = 'first note'") == "0"
     release = current("web1")
-    refused = invoke("db.restore", "--env", "local", "--before", release, check=False)
+    point = f"sample-{release}"
+    assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
+    assert f"restore point {point} at " in r.stdout and "archived to vault, stanza db1" in r.stdout
+    assert "saved to /var/backups" not in r.stdout, "no pg_dump where pgBackRest runs"
+    assert psql(FIRST_NOTE) == "0"
+    # written after the point in another database: the rewind takes the whole cluster back
+    psql("DROP TABLE IF EXISTS after_the_point; CREATE TABLE after_the_point (n int)",
+         db="postgres")
+    refused = db_restore("local", release)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr      # never without asking
+    assert "Rewind the WHOLE PostgreSQL cluster on db1" in refused.stderr, refused.stderr
+    assert f"to restore point {point}" in refused.stderr and psql(FIRST_NOTE) == "0"
+    done = db_restore("local", release, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored and promoted" in done.stderr
+    assert f"rewound the PostgreSQL cluster on db1 to restore point {point}" in done.stdout
+    assert psql(FIRST_NOTE) == "1"
+    assert psql("SELECT count(*) FROM pg_tables WHERE tablename = 'after_the_point'",
+                db="postgres") == "0"
+    wait_for("the app's health (its database check) after the rewind",
+             lambda: healthy_on(release), 60)
+
+
+@pytest.fixture(scope="module")
+def unbacked(fleet):
+    """env localnb: local without the pgbackrest role, on the same servers. Nothing to
+    provision: only the deploy and db.restore read which roles the database server has."""
+    with derived_env(NO_BACKUPS, NO_BACKUP_EDITS) as env:
+        yield env
+
+
+def test_without_backup_roles_the_deploy_dumps_and_db_restore_restores_the_dump(unbacked, repo):
+    repo, commits = repo
+    assert deploy(repo, commits["v1"], env=unbacked).returncode == 0
+    assert psql(FIRST_NOTE) == "1"
+    r = deploy(repo, commits["destructive"], env=unbacked)
+    assert r.returncode == 0
+    release = current("web1")
+    assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
+    assert f"saved to /var/backups/provisioner/sample/before-{release}.dump" in r.stdout
+    assert "restore point" not in r.stdout
+    assert psql(FIRST_NOTE) == "0"
+    refused = db_restore(unbacked, release)
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr
     assert "database app on db1" in refused.stderr and "taken 20" in refused.stderr
-    done = invoke("db.restore", "--env", "local", "--before", release, "--yes")
-    assert "restored database app on db1" in done.stdout
-    assert psql("SELECT count(*) FROM notes WHERE body = 'first note'") == "1"
+    done = db_restore(unbacked, release, "--yes")
+    assert "restored database app on db1" in done.stdout, done.stdout + done.stderr
+    assert psql(FIRST_NOTE) == "1"
 
 
 def test_rollback_with_migrations_runs_the_down_migration(fleet, repo):

@@ -29,10 +29,6 @@ def _say(text: str) -> None:
     print(REDACTOR.redact(text), file=sys.stderr, flush=True)
 
 
-def _out(result) -> str:
-    return (result.stdout + result.stderr).decode("utf-8", "replace").strip()
-
-
 def _conn(inv: Inventory, name: str) -> Connection:
     host = inv.hosts[name]
     return Connection(host, inv.known_hosts, host.sudo_password)
@@ -47,13 +43,11 @@ def run_units(inv: Inventory, units: dict[str, list[str]], say=_say) -> list[str
         with _conn(inv, name) as conn:
             for unit in host_units:
                 say(f"{name}: {unit} ...")
-                r = conn.run(["systemctl", "start", f"{unit}.service"])
-                if r.ok:
-                    say(f"{name}: {unit} ok in {r.seconds:.1f}s")
+                seconds, problem = backups.start_unit(conn, unit)
+                if problem is None:
+                    say(f"{name}: {unit} ok in {seconds:.1f}s")
                     continue
-                log = conn.run(["journalctl", "-u", f"{unit}.service", "-n", "15", "--no-pager",
-                                "-o", "cat"])
-                failed.append(f"{unit} on {name}: {_out(r) or 'failed'}\n{_out(log)}")
+                failed.append(f"{unit} on {name}: {problem}")
     return failed
 
 
@@ -73,7 +67,7 @@ def backup_units(inv: Inventory, hosts, kind: str) -> dict[str, list[str]]:
 def _status(conn: Connection, name: str, *args: str) -> dict:
     r = conn.run(["python3", backups.JOB_TOOL, "status", *args])
     if not r.ok:
-        raise Failed(f"{name}: reading the backup status failed: {_out(r)}")
+        raise Failed(f"{name}: reading the backup status failed: {backups.output(r)}")
     return jsonlib.loads(r.stdout)
 
 
@@ -108,13 +102,14 @@ def restore_files(inv: Inventory, host: str, path: str, at: datetime | None, tar
         snap = backups.snapshot_at(answer.get("restic") or [], at, host)
         r = conn.run(backups.restic_restore_script(snap["id"], path, target))
         if not r.ok:
-            raise Failed(f"{host}: the restore failed (exit {r.rc}): {_out(r)}")
+            raise Failed(f"{host}: the restore failed (exit {r.rc}): {backups.output(r)}")
     say(f"{host}: {path} from snapshot {snap['id'][:8]} ({snap['time']}) restored under {target}")
     return snap["id"]
 
 
-def restore_to(inv: Inventory, stanza: backups.Stanza, at: datetime, confirm, say=_say) -> float:
-    """Point-in-time restore of one database server, in place. `confirm(question)` returns
+def restore_to(inv: Inventory, stanza: backups.Stanza, pick, confirm, say=_say) -> float:
+    """Point-in-time restore of one database server, in place. `pick(pgbackrest info)` gives
+    the backups.Target (InputError when the repository cannot reach it), `confirm(question)`
     whether to go on. Returns the seconds the restore took."""
     v = inv.hostvars(stanza.name)
     version = str(v["postgresql_version"])
@@ -127,20 +122,18 @@ def restore_to(inv: Inventory, stanza: backups.Stanza, at: datetime, confirm, sa
         info = conn.run(["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza.name}",
                          "--output=json", "info"])
         if not info.ok:
-            raise Failed(f"{stanza.name}: pgbackrest info failed: {_out(info)}")
-        backups.check_window(at, backups.pgbackrest_summary(jsonlib.loads(info.stdout),
-                                                            stanza.name), stanza.name)
-        databases = ", ".join(d["name"] for d in v["postgresql_databases"] or []) or "no app database"
-        question = (f"Restore PostgreSQL on {stanza.name} (cluster {version}/"
-                    f"{v['postgresql_cluster']}, databases: {databases}) to "
-                    f"{at:%Y-%m-%d %H:%M:%S} UTC? The cluster stops (every write with it) and "
-                    "everything written after that time is lost.")
+            raise Failed(f"{stanza.name}: pgbackrest info failed: {backups.output(info)}")
+        to = pick(jsonlib.loads(info.stdout))
+        question = backups.restore_question(
+            stanza.name, f"{version}/{v['postgresql_cluster']}",
+            [d["name"] for d in v["postgresql_databases"] or []], to)
         if not confirm(question):
             raise Exit("restore not confirmed: nothing was changed", code=EXIT_FAILED)
-        say(f"{stanza.name}: restoring to {backups.target(at)} ...")
-        r = conn.run(backups.restore_script(stanza.name, unit, v["postgresql_port"], at))
+        say(f"{stanza.name}: restoring to {to.said}" + (f" from backup {to.set}" if to.set else "")
+            + " ...")
+        r = conn.run(backups.restore_script(stanza.name, unit, v["postgresql_port"], to))
         if not r.ok:
-            raise Failed(f"{stanza.name}: the restore failed (exit {r.rc}): {_out(r)}")
+            raise Failed(f"{stanza.name}: the restore failed (exit {r.rc}): {backups.output(r)}")
         say(f"{stanza.name}: restored and promoted in {r.seconds:.1f}s")
         return r.seconds
 
@@ -154,7 +147,7 @@ def _nothing(inv: Inventory, what: str) -> InputError:
                                "name one of: " + ", ".join(names))])
 
 
-def _guarded(fn):
+def guarded(fn):
     """Exit codes as documented: 2 bad input, 3 unreachable, 1 failed."""
     try:
         return fn()
@@ -180,7 +173,7 @@ def backup_now(c, env="local", limit=None, kind="incr"):
         failed = run_units(inv, backup_units(inv, hosts, k))
         if failed:
             raise Failed("backup FAILED:\n" + "\n".join(failed))
-    _guarded(go)
+    guarded(go)
 
 
 @task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"]})
@@ -197,7 +190,7 @@ def verify(c, env="local", limit=None):
         failed = run_units(inv, units)
         if failed:
             raise Failed("restore drill FAILED:\n" + "\n".join(failed))
-    _guarded(go)
+    guarded(go)
 
 
 @task(help={"env": FLAG_HELP["env"], "limit": FLAG_HELP["limit"], "json": "rows as JSON on stdout"})
@@ -208,7 +201,7 @@ def status(c, env="local", limit=None, json=False):
     def go():
         inv, hosts = load(env, sys.stdin.isatty(), limit)
         return gather_status(inv, hosts)
-    rows = _guarded(go)
+    rows = guarded(go)
     if json:
         print(jsonlib.dumps([{**r.__dict__, "ok": r.ok} for r in rows]))
     else:
@@ -236,8 +229,10 @@ def restore_db(c, at, env="local", limit=None, yes=False):
                                       f"{len(wanted)} database servers are selected "
                                       f"({', '.join(s.name for s in wanted)})",
                                       "name the one to restore: --limit NAME")])
-        return restore_to(inv, wanted[0], when, lambda q: yes or _ask(q, wanted[0].name))
-    _guarded(go)
+        stanza = wanted[0]
+        return restore_to(inv, stanza, lambda info: backups.time_target(when, info, stanza.name),
+                          lambda q: yes or ask(q, stanza.name))
+    guarded(go)
 
 
 @task(name="files", positional=[], auto_shortflags=False,
@@ -259,18 +254,21 @@ def restore_files_task(c, host, path, env="local", at=None, target=None):
                                       "host of the restic role", "name one of: " + ", ".join(
                                           backups.restic_sources(inv)) or "none")])
         restore_files(inv, host, where, when, into)
-    _guarded(go)
+    guarded(go)
 
 
-def _no_terminal() -> InputError:
+def _no_terminal(question: str | None = None) -> InputError:
+    asked = f": {question}" if question else ""
     return InputError([Problem("command line", None, "--yes", "a restore needs a confirmation "
-                               "and there is no terminal to ask on",
+                               f"and there is no terminal to ask on{asked}",
                                "pass --yes once you are sure of the server and the time")])
 
 
-def _ask(question: str, name: str) -> bool:
+def ask(question: str, name: str) -> bool:
+    """The confirmation of a restore: the server's name typed back (no terminal: InputError
+    with the question, so a script's log says what --yes would do)."""
     if not sys.stdin.isatty():
-        raise _no_terminal()
+        raise _no_terminal(question)
     _say(question)
     return input(f"Type the server's name ({name}) to go on: ").strip() == name
 

@@ -193,8 +193,10 @@ def unlock(c, env="local", app=None, limit=None, yes=False):
             "before": "the release whose pre-migration backup is restored",
             "yes": "restore without asking"})
 def restore(c, before, env="local", app=None, yes=False):
-    """Restore the app's database from the backup taken before RELEASE migrated it
-    (pg_restore --clean); asks first, naming the database and the backup's time."""
+    """Undo what RELEASE's migration did to the app's database, from the backup taken before
+    it (asks first, naming what changes): a pgBackRest restore point rewinds the whole
+    PostgreSQL cluster to that moment; a dump is restored into the app's database
+    (pg_restore --clean)."""
     from provisioner.connection import Connection, Unreachable
     from provisioner.releases import RemoteError, call
     try:
@@ -215,35 +217,68 @@ def restore(c, before, env="local", app=None, yes=False):
                 raise fail_input(missing_backup(host.name, the_app, before, found,
                                                 listed.get("pruned") or {}))
             b = found[before]
-            what = (f"database {the_app.database[1]} on {host.name} from {b['path']} "
-                    f"(taken {b['at']}, before release {before} migrated)")
-            if not yes:
-                if not sys.stdin.isatty():
-                    raise fail_input(f"not restored: pass --yes to restore {what}")
-                if input(f"Restore {what}? Its current content is replaced. [y/N] ") \
-                        .strip().lower() not in ("y", "yes"):
-                    say("nothing restored")
-                    return
-            a = call(conn, {**base, "op": "restore"})
+            if b.get("kind") != "pgbackrest":
+                _restore_dump(conn, host, the_app, base, b, yes)
+                return
         except (Unreachable, RemoteError) as e:
             say(str(e), file=sys.stderr)
             raise Exit(code=EXIT_UNREACHABLE if isinstance(e, Unreachable) else EXIT_FAILED)
+    _rewind(inv, host, before, b, yes)
+
+
+def _restore_dump(conn, host, the_app, base: dict, dump: dict, yes: bool) -> None:
+    from provisioner.releases import call
+    what = (f"database {the_app.database[1]} on {host.name} from {dump['path']} "
+            f"(taken {dump['at']}, before release {base['release']} migrated)")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail_input(f"not restored: pass --yes to restore {what}")
+        if input(f"Restore {what}? Its current content is replaced. [y/N] ") \
+                .strip().lower() not in ("y", "yes"):
+            say("nothing restored")
+            return
+    a = call(conn, {**base, "op": "restore"})
     if not a.get("ok"):
         say(f"{host.name}: restore failed: {a.get('error')}", file=sys.stderr)
         raise Exit(code=EXIT_FAILED)
     say(f"restored {what}")
 
 
+def _rewind(inv, host, release: str, point: dict, yes: bool) -> None:
+    """A restore point's record: `invoke restore`'s point-in-time restore, stopping at it."""
+    from provisioner import backups
+    from provisioner.cli import backup as backup_cli
+    stanza = backups.stanza_of(inv, host.name)
+    if stanza is None:
+        raise fail_input(f"{host.name}: the backup taken before release {release} is restore "
+                         f"point {point['name']} of pgBackRest stanza {point['stanza']}, and "
+                         f"env {inv.env} gives {host.name} no pgbackrest role, so it cannot "
+                         "restore it\n    fix: run db.restore with the env whose pgbackrest "
+                         f"role backs {host.name} up")
+    backup_cli.guarded(lambda: backup_cli.restore_to(
+        inv, stanza, lambda info: backups.point_target(point, release, info, stanza.name),
+        lambda question: yes or backup_cli.ask(question, stanza.name)))
+    say(f"rewound the PostgreSQL cluster on {host.name} to restore point {point['name']}, "
+        f"made before release {release} migrated")
+
+
 def missing_backup(host: str, app, release: str, found: dict, pruned: dict) -> str:
-    """Why `db.restore --before RELEASE` has nothing to restore: the dump went with its
+    """Why `db.restore --before RELEASE` has nothing to restore: the backup went with its
     release (pruned beyond the app's `keep`), or none was ever taken before that release."""
     kept = f"backups kept: {', '.join(found) or 'none'}"
     if release in pruned:
+        gone = pruned[release]
+        went = (f"together with the release (app {app.name} keeps {app.keep} releases; a "
+                "backup goes once its release is gone from every host); " + kept)
+        keep = "to keep them longer, raise `keep` in the app's entry of `apps:`"
+        if gone.get("kind") == "pgbackrest":
+            return (f"{host}: the record of the restore point made before release {release} "
+                    f"(at {gone['taken']}) was pruned at {gone['at']}, {went}. While pgBackRest's "
+                    f"retention still reaches that time, `invoke restore --at '{gone['taken']}'` "
+                    f"rewinds the whole cluster to it (the second before the point); {keep}")
         return (f"{host}: the backup taken before release {release} was pruned at "
-                f"{pruned[release]['at']}, together with the release (app {app.name} keeps "
-                f"{app.keep} releases; a dump goes once its release is gone from every host); "
-                f"{kept}. Restore that state from your own database backups; to keep dumps "
-                f"longer, raise `keep` in the app's entry of `apps:`")
+                f"{gone['at']}, {went}. Restore that state from your own database backups; "
+                f"{keep}")
     return (f"{host}: no backup taken before release {release} (only a deploy that runs "
             f"migrations takes one); {kept}. See `invoke releases` for the release ids")
 

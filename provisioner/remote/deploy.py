@@ -756,42 +756,120 @@ def op_list(app, req, data):
 
 BACKUPS = "/var/backups/provisioner"
 PRUNED_KEPT = 1000      # entries of pruned.json: what db.restore can still explain
+POINT_NAME_MAX = 63     # PostgreSQL keeps this many characters of a restore point's name
 
 
 def backup_path(app, release):
     return "%s/%s/before-%s.dump" % (BACKUPS, app.name, release)
 
 
+def point_path(app, release):
+    """The record of a restore point made before `release` migrated (op_restore_point)."""
+    return "%s/%s/before-%s.json" % (BACKUPS, app.name, release)
+
+
 def pruned_path(app):
-    """{release: {at, size}} of the dumps pruned with their releases (op prune_backups)."""
+    """{release: {at, size, kind, taken}} of the backups pruned with their releases (op
+    prune_backups)."""
     return "%s/%s/pruned.json" % (BACKUPS, app.name)
+
+
+def backup_folder(app):
+    """The app's folder of pre-migration backups, postgres's alone. Returns postgres's passwd
+    entry (pg_dump, psql and pgBackRest run as postgres)."""
+    folder = "%s/%s" % (BACKUPS, app.name)
+    os.makedirs(folder, 0o700, exist_ok=True)
+    pg = pwd.getpwnam("postgres")
+    for d in (BACKUPS, folder):
+        os.chown(d, pg.pw_uid, pg.pw_gid)
+        os.chmod(d, 0o700)
+    return pg
 
 
 def op_backup(app, req, data):
     """pg_dump -Fc of the app's database as postgres, named after the release about to
     migrate it: what `invoke db.restore --before RELEASE` restores."""
     path = backup_path(app, req["release"])
-    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-    pg = pwd.getpwnam("postgres")
-    for d in (BACKUPS, os.path.dirname(path)):
-        os.chown(d, pg.pw_uid, pg.pw_gid)
-        os.chmod(d, 0o700)
+    pg = backup_folder(app)
     app.as_user(["pg_dump", "-Fc", "-f", path + ".tmp", req["database"]], user="postgres",
                 home=pg.pw_dir, cwd="/")
     os.rename(path + ".tmp", path)
     return {"ok": True, "path": path, "size": os.path.getsize(path)}
 
 
+def point_name(app, release):
+    """`<app>-<release>`, the app's name cut to fit: recovery stops at the first point of a
+    name, and the release id (time and commit) keeps it unique."""
+    room = POINT_NAME_MAX - len(release) - 1
+    return "%s-%s" % (app.name[:max(room, 1)], release)
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def op_restore_point(app, req, data):
+    """Instead of a dump, when the env's pgBackRest backs the database server up: a named
+    restore point, recorded beside the dumps, that `db.restore --before` rewinds the cluster
+    to. Without a backup set in the repository nothing could be replayed up to it: the
+    answer says so (no_backup) and makes nothing. `pgbackrest check` then switches the WAL
+    and waits, within archive_timeout seconds, until that segment is in the repository;
+    PostgreSQL archives segments in order, so the restore point's is there too."""
+    pg = backup_folder(app)
+    stanza = req["stanza"]
+
+    def postgres(argv, timeout=900):
+        return app.as_user(argv, user="postgres", home=pg.pw_dir, cwd="/", timeout=timeout)
+    # only the JSON on the output (as_user merges stderr into it): an error alone on stderr
+    info = json.loads(postgres(["pgbackrest", "--stanza=" + stanza, "--log-level-console=off",
+                                "--log-level-stderr=error", "--output=json", "info"]) or "[]")
+    sets = next((s.get("backup") or [] for s in info if s.get("name") == stanza), [])
+    if not sets:
+        return {"ok": False, "no_backup": True,
+                "error": "stanza %s has no backup in the repository yet: a restore point would "
+                         "have nothing to be replayed from" % stanza}
+    name = point_name(app, req["release"])
+    out = postgres(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-p", str(req["port"]),
+                    "-d", req["database"], "-c",
+                    "WITH p AS (SELECT pg_create_restore_point(%s) AS lsn) SELECT lsn, "
+                    "pg_walfile_name(lsn), extract(epoch FROM clock_timestamp()) FROM p"
+                    % sql_literal(name)])
+    lsn, wal, epoch = out.strip().splitlines()[-1].split("|")
+    try:
+        postgres(["pgbackrest", "--stanza=" + stanza, "--log-level-console=off",
+                  "--archive-timeout=%d" % req["archive_timeout"], "check"],
+                 timeout=req["archive_timeout"] + 120)
+    except Fail as e:
+        raise Fail("restore point %s made, but the WAL holding it did not reach the repository "
+                   "(%s); archiving must work before a migration can be undone: see `invoke "
+                   "backup.status`. %s" % (name, wal, e))
+    record = {"kind": "pgbackrest", "stanza": stanza, "name": name, "lsn": lsn, "wal": wal,
+              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(epoch))),
+              "base": sets[-1].get("label")}
+    path = point_path(app, req["release"])
+    write_atomic(path, json.dumps(record, indent=1))
+    return dict(record, ok=True, path=path)
+
+
 def backups(app):
-    """The pre-migration backups kept for the app: {release: {path, at, size}}."""
+    """The pre-migration backups kept for the app, one list of both kinds: {release: {kind,
+    path, at, size}}, a restore point's record with its own fields (op_restore_point)."""
     folder = "%s/%s" % (BACKUPS, app.name)
     found = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.startswith("before-") and name.endswith(".dump"):
-            st = os.stat(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if not name.startswith("before-"):
+            continue
+        if name.endswith(".dump"):
+            st = os.stat(path)
             found[name[len("before-"):-len(".dump")]] = {
-                "path": os.path.join(folder, name), "size": st.st_size,
+                "kind": "dump", "path": path, "size": st.st_size,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime))}
+        elif name.endswith(".json"):
+            record = read_json(path)
+            if record:
+                found[name[len("before-"):-len(".json")]] = dict(
+                    record, path=path, size=os.path.getsize(path))
     return found
 
 
@@ -806,7 +884,8 @@ def dumps_to_prune(dumps, kept):
     host's manifest after its prune, and every current). So a dump stays while its release
     is on any host (current and the newest good one always are), and the dump of a release
     that never went anywhere (its migration failed: what db.restore is for) stays until the
-    releases of its time are pruned. Nothing is known without a kept release: nothing goes."""
+    releases of its time are pruned. Nothing is known without a kept release: nothing goes.
+    A restore point's record goes the same way (the WAL needs nothing removed)."""
     if not kept:
         return []
     oldest = min(kept)
@@ -814,8 +893,8 @@ def dumps_to_prune(dumps, kept):
 
 
 def op_prune_backups(app, req, data):
-    """Remove the dumps dumps_to_prune() chooses; each one is recorded in pruned.json (the
-    newest PRUNED_KEPT), so that db.restore can say the dump was pruned, and when."""
+    """Remove the dumps and records dumps_to_prune() chooses; each one is recorded in
+    pruned.json (the newest PRUNED_KEPT), so that db.restore can say it was pruned, and when."""
     found = backups(app)
     gone = dumps_to_prune(found, req["kept"])
     if not gone:
@@ -823,7 +902,8 @@ def op_prune_backups(app, req, data):
     record = read_json(pruned_path(app)) or {}
     for release in gone:
         os.unlink(found[release]["path"])
-        record[release] = {"at": now(), "size": found[release]["size"]}
+        record[release] = {"at": now(), "size": found[release]["size"],
+                           "kind": found[release]["kind"], "taken": found[release]["at"]}
     newest = sorted(record)[-PRUNED_KEPT:]
     write_atomic(pruned_path(app), json.dumps({r: record[r] for r in newest}, indent=1))
     return {"ok": True, "pruned": gone}
@@ -910,7 +990,8 @@ def write_atomic(path, text):
 
 
 OPS = {"colours": op_colours, "flip": op_flip,
-       "backup": op_backup, "backups": op_backups, "prune_backups": op_prune_backups,
+       "backup": op_backup, "restore_point": op_restore_point, "backups": op_backups,
+       "prune_backups": op_prune_backups,
        "restore": op_restore, "migrate": op_migrate,
        "lock": op_lock, "switch": op_switch, "finish": op_finish, "unlock": op_unlock,
        "list": op_list, "watch": op_watch, "watch_5xx": op_watch_5xx,
