@@ -246,7 +246,7 @@ def test_changes_are_audited_and_check_runs_are_not(tmp_path, fresh_web2):
     assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
 
 
-def test_secrets_never_appear_in_output_events_diffs_or_the_journal(tmp_path, testbed):
+def test_secrets_never_appear_in_output_events_diffs_or_the_journal(tmp_path, testbed, forget_secrets):
     value = "pw-7Hq2-never-print-me"
     path = tmp_path / "secrettest.yml"
     path.write_text(f"""env: secrettest
@@ -349,7 +349,7 @@ groups:
     return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
 
 
-def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
+def test_sudo_password_from_the_vault(tmp_path, fresh_web2, forget_secrets):
     password = "sudo-Pw-83kd-secret"
     inv = _sudo_user(tmp_path, fresh_web2, password, "ALL=(ALL) ALL")
     run = Run(inv.resolve({"ops_sudo": Secret(password)}), verbose=3)
@@ -361,7 +361,7 @@ def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
     assert wrong.exit_code == 1
 
 
-def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2):
+def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2, forget_secrets):
     """Once sudo asks for no password (harden's sudoers), the password must not be sent: it
     used to reach the agent as the first line of its request, and every exec failed."""
     password = "sudo-Pw-19fj-secret"

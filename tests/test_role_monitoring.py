@@ -20,6 +20,10 @@ from provisioner.api import RoleContext, VarError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 SECRET = "smtp-Pw-not-shown-0001"
 
 
