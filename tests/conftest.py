@@ -4,7 +4,6 @@ PROVISIONER_KEEP_TESTBED=1 (handy while developing: the next run then starts in 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -141,8 +140,9 @@ def pytest_collection_modifyitems(config, items):
 
 def provision_env(*args: str, timeout: float = 3000):
     """`invoke provision --env local --json --yes ARGS`: the process and its JSON events."""
+    from engine_helpers import json_events
     r = invoke("provision", "--env", "local", "--json", "--yes", *args, check=False, timeout=timeout)
-    return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, json_events(r.stdout)
 
 
 @pytest.fixture(scope="session")

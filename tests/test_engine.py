@@ -12,7 +12,9 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, inventory, provision_twice, sh, snapshot
+from engine_helpers import (
+    ADDRESSES, REPO, TEST_ROLES, Run, inventory, json_events, provision_twice, sh, snapshot,
+)
 from provisioner.connection import Connection, HostKeyError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
@@ -116,7 +118,7 @@ def test_a_stopped_server_is_unreachable_while_the_others_complete(testbed):
     finally:
         invoke("testbed.start", "vault")
     assert r.returncode == 3, r.stderr
-    events = [json.loads(line) for line in r.stdout.splitlines()]
+    events = json_events(r.stdout, strict=True)
     recap = events[-1]
     assert recap["event"] == "recap"
     assert recap["hosts"]["vault"]["unreachable"] == 1
@@ -436,7 +438,7 @@ def test_sigterm_mid_apply_lets_the_apply_finish_and_ends_on_a_recap(tmp_path, t
             child.kill()
         sh("db1", "pkill -fx 'sleep 20'", check=False)
     assert child.returncode == 143, out + err
-    lines = [json.loads(x) for x in out.splitlines()]
+    lines = json_events(out, strict=True)
     steps = {(e["role"], e["resource"]): e for e in lines if e["event"] == "step"}
     assert steps[("opsdemo", "command pause")]["status"] == "changed"     # finished, reported
     assert steps[("base", "role")]["status"] == "skipped"
