@@ -85,6 +85,9 @@ def test_prometheus_scrapes_every_target_the_inventory_implies(monitored):
     assert probe["value"][1] == "1"
     [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2",app="sample"}')["result"]
     assert online["value"][1] == "2"
+    # pm2-logrotate runs beside the app on web1 and web2, as a pm2 module: no app series for it
+    apps = {s["metric"]["app"] for s in api("/api/v1/query", query='{__name__=~"pm2_.+", app!=""}')["result"]}
+    assert "sample" in apps and "pm2-logrotate" not in apps, apps
 
 
 def test_exporters_answer_mon1_only_and_listen_on_the_private_address(monitored):
