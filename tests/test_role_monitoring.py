@@ -2,7 +2,7 @@
 probes, firewall), the files checked by the very tools the server runs (promtool, amtool,
 the blackbox exporter's own check where installed), the rules' behaviour with `promtool test
 rules`, and bad vars refused with the var's name before any server is touched.
-The live half is tests/test_monitoring_live.py."""
+The live half is tests/test_provision_local_monitoring.py."""
 from __future__ import annotations
 
 import json
