@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]   # this checkout, whatever pip installed
+from engine_helpers import json_events  # noqa: E402
 
 
 def git(repo: Path, *args: str) -> str:
@@ -66,7 +68,7 @@ def timed(*args: str) -> tuple[float, dict]:
     seconds = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"invoke {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
-    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    events = json_events(r.stdout)
     recap = dict(events[-1], steps=[e for e in events if e.get("event") == "step"])
     return seconds, recap
 
@@ -81,7 +83,6 @@ def flip_seconds(recap: dict) -> float:
 
 
 def blue_green(rounds: int) -> None:
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]   # this checkout, whatever pip installed
     from bluegreen_env import blue_green_env
 
     def provision(env: str) -> None:

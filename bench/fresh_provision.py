@@ -18,7 +18,6 @@ run it prints where the time went per host: the batch step and each role, from t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from engine_helpers import json_events  # noqa: E402
 
 TARGETS = {"web1": 35.0, "env": 60.0}
 LIMITS = {"web1": ["--limit", "web1"], "env": []}
@@ -60,10 +60,6 @@ def argv(what: str, batched: bool = True) -> list[str]:
     return [*head, "provision", "--env", "local", *LIMITS[what], "--yes", "--json"]
 
 
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-
-
 def where_time_went(evs: list[dict]) -> dict[str, dict[str, float]]:
     """{host: {"apt batch" or role: seconds}}. A step's `seconds` count from the start of its
     role (or of the batch), so a role took as long as its last step says."""
@@ -95,7 +91,7 @@ def provision(what: str, batched: bool = True) -> tuple[float, list[dict]]:
     t0 = time.monotonic()
     p = subprocess.run(argv(what, batched), cwd=REPO, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
-    evs = events(p.stdout)
+    evs = json_events(p.stdout)
     r = recap(evs)
     if p.returncode != 0 or r["failed"] or r["unreachable"]:
         bad = [e for e in evs if e.get("status") in ("failed", "unreachable")]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from engine_helpers import sh  # noqa: E402
+from engine_helpers import json_events, sh  # noqa: E402
 from provisioner.testbed import config  # noqa: E402
 
 # RSS (kB) and CPU ticks (utime + stime) of every process whose name is one of ours
@@ -58,7 +58,7 @@ def main() -> None:
             print(f"{h:6} {name:32} {rss / 1024:7.1f} MB  {cpu:5.2f} % CPU")
     r = subprocess.run([sys.executable, "-m", "invoke", "provision", "--env", "local", "--json",
                         "--yes"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    recap = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")][-1]
+    recap = json_events(r.stdout)[-1]
     execs = {h: recap["hosts"][h]["remote_commands"] for h in hosts}
     print(f"converged provision: changed {recap['changed']}, execs per host {execs}")
     print(json.dumps({"processes": rows, "execs_per_host": execs}))

@@ -54,6 +54,13 @@ def inventory(tmp_path: Path, hosts: list[str], roles: list[str], *, vars: dict 
     return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
 
 
+def json_events(stdout: str, *, strict: bool = False) -> list[dict]:
+    """The events of a `--json` run's stdout, one JSON object a line. Lines that do not start
+    with "{" are passed over, unless strict: then every line must be an event, and any other
+    raises json.JSONDecodeError (for tests that the stream holds nothing else)."""
+    return [json.loads(line) for line in stdout.splitlines() if strict or line.startswith("{")]
+
+
 def report(events: list[dict], *statuses: str) -> str:
     """The steps with these statuses, whole (reason and command output), as an assertion
     message. Also printed: pytest cuts long assertion messages, never captured output."""
@@ -82,7 +89,7 @@ class Run:
                                                          max_fail_percentage=max_fail_percentage)).run(hosts)
         self.recap = self.events.recap()
         self.exit_code = self.events.exit_code(detailed=check)
-        self.lines = [json.loads(line) for line in self.out.getvalue().splitlines()]
+        self.lines = json_events(self.out.getvalue(), strict=True)
 
     def steps(self, host=None, status=None):
         return [e for e in self.lines if e["event"] == "step"

@@ -311,7 +311,7 @@ def test_the_change_is_a_plain_apt_install():
 
 # --- the local env's own roles ---------------------------------------------------------------
 
-def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch(tmp_path):
+def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch(tmp_path, forget_secrets):
     import dataclasses
     from provisioner.api import RoleContext
     from provisioner.inventory import load_inventory

@@ -155,7 +155,8 @@ def test_a_wrong_passphrase_fails_clearly_and_changes_nothing(backed_up):
     task("backup", "--limit", DB, "--kind", "incr")                         # the right one works again
 
 
-def test_backup_status_turns_red_when_the_incremental_timer_stops(backed_up, tmp_path):
+def test_backup_status_turns_red_when_the_incremental_timer_stops(backed_up, tmp_path,
+                                                                  forget_secrets):
     """An inventory like local's with a 2-second threshold for incremental backups (never
     sleep for hours): with the timer stopped, the status goes red and exits 1."""
     from provisioner.cli.backup import gather_status

@@ -18,6 +18,10 @@ from provisioner import backups
 from provisioner.errors import InputError
 from test_role_pgbackrest import make_inventory
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 JOB = Path(__file__).resolve().parents[1] / "roles" / "pgbackrest" / "backupjob.py"
 INFO = json.loads((Path(__file__).parent / "fixtures" / "backup" / "pgbackrest-info.json").read_text())
 tool = backups._job

@@ -5,7 +5,6 @@ Each test runs the real `invoke` program (tasks.py's namespace) in a subprocess,
 throwaway checkout root that holds only an inventory and the real roles."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from engine_helpers import json_events
 from sshpeers import Silent, SshServer, closed_port, ed25519_key, known_line, write_private_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def cli(root: Path, *argv: str, stdin: str = "", timeout: float = 120) -> subpro
 
 
 def events(proc: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    return json_events(proc.stdout, strict=True)
 
 
 def make_root(tmp_path: Path, hosts: dict[str, int], *, known: str | None = "",

@@ -14,6 +14,10 @@ import roles.pgbackrest as pgrole
 from provisioner.api import RoleContext
 from test_role_pgbackrest import TRIXIE, make_inventory
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 drill = runpy.run_path(str(Path(pgrole.__file__).parent / "drill.py"), run_name="drill")
 
 

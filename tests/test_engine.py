@@ -12,7 +12,9 @@ import pytest
 import testinfra
 
 from conftest import invoke
-from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, inventory, provision_twice, sh, snapshot
+from engine_helpers import (
+    ADDRESSES, REPO, TEST_ROLES, Run, inventory, json_events, provision_twice, sh, snapshot,
+)
 from provisioner.connection import Connection, HostKeyError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
@@ -116,7 +118,7 @@ def test_a_stopped_server_is_unreachable_while_the_others_complete(testbed):
     finally:
         invoke("testbed.start", "vault")
     assert r.returncode == 3, r.stderr
-    events = [json.loads(line) for line in r.stdout.splitlines()]
+    events = json_events(r.stdout, strict=True)
     recap = events[-1]
     assert recap["event"] == "recap"
     assert recap["hosts"]["vault"]["unreachable"] == 1
@@ -246,7 +248,7 @@ def test_changes_are_audited_and_check_runs_are_not(tmp_path, fresh_web2):
     assert sh(fresh_web2, "test -e /var/lib/provisioner/run.lock", check=False).returncode == 1
 
 
-def test_secrets_never_appear_in_output_events_diffs_or_the_journal(tmp_path, testbed):
+def test_secrets_never_appear_in_output_events_diffs_or_the_journal(tmp_path, testbed, forget_secrets):
     value = "pw-7Hq2-never-print-me"
     path = tmp_path / "secrettest.yml"
     path.write_text(f"""env: secrettest
@@ -349,7 +351,7 @@ groups:
     return load_inventory_file(path, roles_root=[TEST_ROLES, REPO / "roles"])
 
 
-def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
+def test_sudo_password_from_the_vault(tmp_path, fresh_web2, forget_secrets):
     password = "sudo-Pw-83kd-secret"
     inv = _sudo_user(tmp_path, fresh_web2, password, "ALL=(ALL) ALL")
     run = Run(inv.resolve({"ops_sudo": Secret(password)}), verbose=3)
@@ -361,7 +363,7 @@ def test_sudo_password_from_the_vault(tmp_path, fresh_web2):
     assert wrong.exit_code == 1
 
 
-def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2):
+def test_a_sudo_password_with_nopasswd_sudoers_still_runs(tmp_path, fresh_web2, forget_secrets):
     """Once sudo asks for no password (harden's sudoers), the password must not be sent: it
     used to reach the agent as the first line of its request, and every exec failed."""
     password = "sudo-Pw-19fj-secret"
@@ -436,7 +438,7 @@ def test_sigterm_mid_apply_lets_the_apply_finish_and_ends_on_a_recap(tmp_path, t
             child.kill()
         sh("db1", "pkill -fx 'sleep 20'", check=False)
     assert child.returncode == 143, out + err
-    lines = [json.loads(x) for x in out.splitlines()]
+    lines = json_events(out, strict=True)
     steps = {(e["role"], e["resource"]): e for e in lines if e["event"] == "step"}
     assert steps[("opsdemo", "command pause")]["status"] == "changed"     # finished, reported
     assert steps[("base", "role")]["status"] == "skipped"

@@ -56,7 +56,7 @@ def test_grep_filters_on_the_server(tmp_path):
     assert [logs.parse(l)["msg"] for l in out.splitlines()] == ["ERROR x"]
 
 
-def test_secrets_and_escape_codes_never_reach_the_terminal():
+def test_secrets_and_escape_codes_never_reach_the_terminal(forget_secrets):
     Secret(SECRET)                                 # registered with the redactor, as the vault does
     line = logs.format_line("web1", {"ts": 0, "src": "app\x1b[31m", "msg": f"pw={SECRET} \x1b[0mok\x07"})
     assert SECRET not in line and "\x1b" not in line and "\x07" not in line

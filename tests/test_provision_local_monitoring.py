@@ -85,6 +85,9 @@ def test_prometheus_scrapes_every_target_the_inventory_implies(monitored):
     assert probe["value"][1] == "1"
     [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2",app="sample"}')["result"]
     assert online["value"][1] == "2"
+    # pm2-logrotate runs beside the app on web1 and web2, as a pm2 module: no app series for it
+    apps = {s["metric"]["app"] for s in api("/api/v1/query", query='{__name__=~"pm2_.+", app!=""}')["result"]}
+    assert "sample" in apps and "pm2-logrotate" not in apps, apps
 
 
 def test_exporters_answer_mon1_only_and_listen_on_the_private_address(monitored):
@@ -161,7 +164,7 @@ def _mon1_run(**monitoring_vars) -> Run:
     return Run(with_secrets(inv, False), limit=MON)
 
 
-def test_a_certificate_inside_the_threshold_raises_the_expiry_alert(monitored):
+def test_a_certificate_inside_the_threshold_raises_the_expiry_alert(monitored, forget_secrets):
     """pebble's certificates live 90 days: a 365-day threshold makes lb1's one 'expiring'."""
     try:
         run = _mon1_run(monitoring_cert_days=365)
@@ -172,7 +175,7 @@ def test_a_certificate_inside_the_threshold_raises_the_expiry_alert(monitored):
         assert run.exit_code == 0, run.report("failed")
 
 
-def test_a_bad_rule_fails_the_run_and_prometheus_keeps_its_rules(monitored):
+def test_a_bad_rule_fails_the_run_and_prometheus_keeps_its_rules(monitored, forget_secrets):
     rules = "/etc/prometheus/rules/provisioner.yml"
     before = sh(MON, f"sha256sum {rules} /etc/prometheus/prometheus.yml").stdout
     run = _mon1_run(monitoring_extra_rules=[{"alert": "Broken", "expr": "rate(up[5m]"}])
@@ -213,7 +216,7 @@ def test_status_names_a_stopped_app_and_exits_non_zero(monitored):
         pm2("web2", "start", "sample")
 
 
-def test_logs_merge_hosts_and_redact_the_vaults_secrets(monitored):
+def test_logs_merge_hosts_and_redact_the_vaults_secrets(monitored, forget_secrets):
     secret = _vault_secret("pg_app_password")
     for host in ("web1", "web2"):
         sh(host, f"logger -t livetest 'from {host}: the password is {secret}'")

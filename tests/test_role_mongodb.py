@@ -41,6 +41,10 @@ from provisioner.roles import available_roles, load_role
 from provisioner.secret import Secret
 from provisioner.testbed import config as tb_config
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 SERVER = server_for_tests("vault")
 # the repository suite follows the server's release (vault is trixie; bench servers bookworm)
 CODENAME = next((spec.release for spec in tb_config.inventory_servers() if spec.name == SERVER),

@@ -2,11 +2,14 @@
 probes, firewall), the files checked by the very tools the server runs (promtool, amtool,
 the blackbox exporter's own check where installed), the rules' behaviour with `promtool test
 rules`, and bad vars refused with the var's name before any server is touched.
-The live half is tests/test_monitoring_live.py."""
+The live half is tests/test_provision_local_monitoring.py."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,10 @@ from engine_helpers import REPO
 from provisioner.api import RoleContext, VarError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
+
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
 
 SECRET = "smtp-Pw-not-shown-0001"
 
@@ -224,11 +231,18 @@ def test_the_rules_fire_on_the_figures_they_watch(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def host_metrics(cfg: Path, path: str | None = None) -> dict:
+    """roles/monitoring_agent/host_metrics.py run on this machine (PATH: `path` first): what it
+    wrote for the textfile collector, {series: value}."""
+    env = dict(os.environ, PATH=f"{path}:{os.environ['PATH']}") if path else None
+    subprocess.run([sys.executable, str(REPO / "roles/monitoring_agent/host_metrics.py"), str(cfg)],
+                   check=True, env=env)
+    out = json.loads(cfg.read_text())["out"]
+    return dict(line.rsplit(" ", 1) for line in Path(out).read_text().splitlines())
+
+
 def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path):
-    """roles/monitoring_agent/host_metrics.py on this machine: the access log's new lines only,
-    a rotated log read from its start, the output for the textfile collector."""
-    import json
-    import sys
+    """The access log's new lines only, a rotated log read from its start."""
     log = tmp_path / "access.log"
     line = ('10.0.0.1 - - [01/Dec/2026:10:00:00 +0000] "GET / HTTP/1.1" {status} 12 "-" "x" '
             'host=a request_time={t} upstream=1 upstream_status={status} upstream_time={t}\n')
@@ -236,22 +250,46 @@ def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path)
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"out": str(tmp_path / "out.prom"), "state": str(tmp_path / "st"),
                                "pm2": None, "fail2ban": False, "nginx_log": str(log)}))
-
-    def run() -> dict:
-        subprocess.run([sys.executable, str(REPO / "roles/monitoring_agent/host_metrics.py"), str(cfg)],
-                       check=True)
-        return dict(l.rsplit(" ", 1) for l in (tmp_path / "out.prom").read_text().splitlines())
-    got = run()
+    got = host_metrics(cfg)
     assert got['nginx_http_responses_total{code="5xx"}'] == "1"
     assert got['nginx_http_request_duration_seconds_bucket{le="1"}'] == "1"
     assert got["nginx_http_request_duration_seconds_count"] == "2"
-    assert run()["nginx_http_request_duration_seconds_count"] == "2"      # nothing new: same
+    assert host_metrics(cfg)["nginx_http_request_duration_seconds_count"] == "2"   # nothing new
     log.rename(tmp_path / "access.log.1")                                  # logrotate
     log.write_text(line.format(status=503, t="0.2"))
-    got = run()
+    got = host_metrics(cfg)
     assert got['nginx_http_responses_total{code="5xx"}'] == "2" and got[
         "nginx_http_request_duration_seconds_count"] == "3"
     assert got['provisioner_host_metrics_ok{part="nginx"}'] == "1"
+
+
+def test_host_metrics_reports_pm2_apps_and_not_pm2_s_own_modules(tmp_path):
+    """pm2-logrotate is in `pm2 jlist` beside the apps, marked as a module: as an app it made
+    AppDown page when it stopped, and AppRestartLoop when it restarted."""
+    procs = [{"name": "sample", "pm_id": i, "monit": {"memory": 1000, "cpu": 0.5},
+              "pm2_env": {"status": status, "NODE_APP_INSTANCE": i, "restart_time": i}}
+             for i, status in enumerate(("online", "stopped"))]
+    procs.append({"name": "pm2-logrotate", "pm_id": 2, "monit": {"memory": 500, "cpu": 0},
+                  "pm2_env": {"status": "stopped", "pmx_module": True, "restart_time": 9}})
+    (tmp_path / "jlist.json").write_text(json.dumps(procs))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (("systemctl", "exit 0"),                    # the daemon's unit is active
+                         ("runuser", f"cat {tmp_path / 'jlist.json'}")):          # pm2 jlist
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"out": str(tmp_path / "out.prom"), "state": str(tmp_path / "st"),
+                               "pm2": {"user": "app", "home": "/home/app", "unit": "pm2-app.service",
+                                       "apps": ["sample"]},
+                               "fail2ban": False, "nginx_log": None}))
+    got = host_metrics(cfg, str(bin_dir))
+    assert got['provisioner_host_metrics_ok{part="pm2"}'] == "1"
+    assert got["pm2_daemon_up"] == "1"
+    assert got['pm2_app_online_instances{app="sample"}'] == "1"
+    assert got['pm2_up{app="sample",pm2_instance="1"}'] == "0"
+    assert got['pm2_restarts_total{app="sample",pm2_instance="1"}'] == "1"
+    assert [s for s in got if "pm2-logrotate" in s] == []
 
 
 # --- handlers (found live: alertmanager and the blackbox exporter dead after the first run) ------

@@ -32,6 +32,10 @@ from provisioner.inventory import load_inventory_file
 from provisioner.roles import available_roles, load_role
 from provisioner.secret import Secret
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 SERVER = engine_helpers.test_server("web2")
 SECRET = "tok-Zx81-never-print-me"
 PORT = 3000

@@ -16,6 +16,10 @@ from provisioner.ops import PlanError
 from provisioner.secret import Secret
 from provisioner.sshkeys import known_host_lines, ssh_keypair
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 CIPHER, SEED = "cipher-pass-0123456789-abcdef", "ssh-seed-0123456789-abcdefgh"
 DB1, VAULT = "10.77.0.13", "10.77.0.14"
 KEYS = {DB1: "AAAAC3NzaC1lZDI1NTE5AAAAIDB1hostkeyDB1hostkeyDB1hostkeyDB1hostk",

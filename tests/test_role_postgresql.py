@@ -29,6 +29,10 @@ from provisioner.roles import available_roles, load_role
 from provisioner.api import RoleContext
 from provisioner.secret import Secret
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 ROLE = load_role(available_roles()["postgresql"])
 PGTOOL = roles.postgresql.pgtool
 

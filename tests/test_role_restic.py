@@ -12,6 +12,10 @@ from provisioner.api import RoleContext, VarError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
 
+# the secrets these tests resolve, and those role code derives from them, register with the
+# process-wide redactor as in a run; forgotten after each test
+pytestmark = pytest.mark.usefixtures("forget_secrets")
+
 PASSWORD, SEED = "restic-pass-0123456789-abcdef", "restic-seed-0123456789-abcdef"
 WEB1, VAULT = "10.77.0.11", "10.77.0.14"
 HOSTKEY = "AAAAC3NzaC1lZDI1NTE5AAAAIHZhdWx0a2V5dmF1bHRrZXl2YXVsdGtleXZhdWx0"

@@ -231,7 +231,7 @@ def test_bad_plan_flags_and_files_are_exit_2_before_any_host(tmp_path):
     assert r.returncode == 2 and "--shard: expected k/n" in r.stderr
 
 
-def test_a_plan_holds_no_secret_value(tmp_path):
+def test_a_plan_holds_no_secret_value(tmp_path, forget_secrets):
     from fake_agent import two_role_inventory
     from provisioner.secret import Secret
     Secret("plan-s3cret-value")                       # as a vault value registers itself

@@ -15,6 +15,7 @@ import pytest
 import testinfra
 
 from conftest import REPO, invoke
+from engine_helpers import json_events
 from provisioner.testbed import base as base_image
 from provisioner.testbed import acme, config, network, procs, supervise
 
@@ -195,7 +196,7 @@ def test_a_server_with_day_old_apt_lists_refreshes_them_and_provisions(testbed):
     try:
         r = invoke("provision", "--env", "local", "--limit", name, "--json", "--yes", check=False,
                    timeout=900)
-        events = [json.loads(line) for line in r.stdout.splitlines()]
+        events = json_events(r.stdout, strict=True)
         failed = [e for e in events if e.get("status") in ("failed", "unreachable")]
         assert r.returncode == 0 and not failed, f"{failed}\n{r.stderr[-3000:]}"
         refreshed = [e for e in events if e["event"] == "step" and e["status"] == "changed"
