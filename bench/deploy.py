@@ -2,7 +2,9 @@
 unchanged: node_modules hard-linked), the same deploy with `npm ci` every time (a new
 package-lock.json each round) for the ratio, and a rollback. Wall time of the whole
 `invoke deploy` / `invoke rollback` (build, SSH, prepare, switch, health gate, finish) and
-remote execs per host, from the --json recap. Targets (issue 14): code-only 8 s, rollback 3 s.
+remote execs per host, from the --json recap, and the median seconds of each step. Targets
+(issue 14): code-only 8 s, rollback 3 s. `--serial` is the deploys'; the rollback switches every
+host at once, as `invoke rollback` does by default.
 
 --blue-green: the same app deployed blue-green (env localbg, made and removed by
 tests/bluegreen_env.py; it provisions web1, web2 and lb1 for it, and for `local` again at the
@@ -63,8 +65,10 @@ def timed(*args: str) -> tuple[float, dict]:
     """Wall time of `invoke ARGS --json` and its recap (with every step event of the run
     under "steps"); exits on a failure."""
     t0 = time.monotonic()
+    # --serial is the deploys' (a rollback switches every host at once, its default)
+    serial = SERIAL if args[0] == "deploy" else []
     r = subprocess.run([sys.executable, "-m", "invoke", *args, "--env", ENV[0], "--yes",
-                        "--json", *SERIAL], cwd=REPO, capture_output=True, text=True, timeout=900)
+                        "--json", *serial], cwd=REPO, capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"invoke {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
@@ -75,6 +79,16 @@ def timed(*args: str) -> tuple[float, dict]:
 
 def execs(recap: dict, hosts=("web1", "web2")) -> str:
     return ", ".join(f"{h} {recap['hosts'][h]['remote_commands']}" for h in hosts)
+
+
+def where(recaps: list[dict]) -> str:
+    """Median seconds of each step of these runs, in the order of the first: where the time
+    went (steps on different hosts overlap; a host's switches in --serial batches do not)."""
+    steps: dict[str, list[float]] = {}
+    for recap in recaps:
+        for e in recap["steps"]:
+            steps.setdefault(f"{e['host']} {e['resource'].split(' 2')[0]}", []).append(e["seconds"])
+    return ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items())
 
 
 def flip_seconds(recap: dict) -> float:
@@ -134,18 +148,20 @@ def main() -> None:
         base = commit(repo, "base", new_lock=False)
         timed("deploy", "--source", str(repo), "--ref", base)       # warm-up: a live release
         results: dict[str, list[float]] = {"code-only": [], "npm ci": [], "rollback": []}
-        last = {}
+        recaps: dict[str, list[dict]] = {kind: [] for kind in results}
         for i in range(a.rounds):
             for kind, new_lock in (("code-only", False), ("npm ci", True)):
                 sha = commit(repo, f"{kind} {i}", new_lock)
-                seconds, last[kind] = timed("deploy", "--source", str(repo), "--ref", sha)
+                seconds, recap = timed("deploy", "--source", str(repo), "--ref", sha)
                 results[kind].append(seconds)
-            seconds, last["rollback"] = timed("rollback")
+                recaps[kind].append(recap)
+            seconds, recap = timed("rollback")
             results["rollback"].append(seconds)
+            recaps["rollback"].append(recap)
         for kind, times in results.items():
             print(f"{kind:<10} median {statistics.median(times):5.2f} s  "
                   f"(runs: {', '.join(f'{t:.2f}' for t in times)}); execs per host: "
-                  f"{execs(last[kind])}")
+                  f"{execs(recaps[kind][-1])}\n           steps (s): {where(recaps[kind])}")
         ratio = statistics.median(results["npm ci"]) / statistics.median(results["code-only"])
         print(f"npm ci every time / code-only: {ratio:.2f}x")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,32 @@ def test_a_failed_reload_back_after_a_failed_gate_is_said(tmp_path, monkeypatch)
     a = switch(app)
     assert not a["ok"] and a["reverted"] == "r1" and not a["revert_ok"]
     assert a["revert_seen"].startswith("pm2 reload failed: pm2 reload exited 1")
+
+
+def test_node_modules_are_hard_linked_from_the_live_release_else_the_newest_twin(tmp_path,
+                                                                                 monkeypatch):
+    """After a rollback the live release is older than the one that installed the packages a
+    new release asks for: that one lends its node_modules, not npm ci. No twin: npm ci."""
+    app = app_in(tmp_path, releases=("r1", "r2", "r3"), current="r1")
+    app.shared, app.user = str(tmp_path / "shared"), pwd.getpwuid(os.getuid()).pw_name
+    ran = []
+    monkeypatch.setattr(app, "as_user", lambda argv, **kw: ran.append(argv[:2]))
+    for release, lock in (("r1", "old"), ("r2", "new"), ("r3", "old")):
+        folder = tmp_path / "releases" / release
+        (folder / "package-lock.json").write_text(lock)
+        (folder / "node_modules").mkdir()
+        (folder / "node_modules" / "from").write_text(release)
+    (tmp_path / "releases" / "r4.building").mkdir()          # half made: never a donor
+    (tmp_path / "releases" / "r4.building" / "package-lock.json").write_text("new")
+
+    def prepare(lock: str) -> tuple[str, str | None]:
+        new = tmp_path / "releases" / f"n-{lock}.building"
+        new.mkdir()
+        (new / "package-lock.json").write_text(lock)
+        how = remote.dependencies(app, str(new))
+        made = new / "node_modules" / "from"
+        return how, made.read_text() if made.exists() else None
+    assert prepare("old") == ("hard-linked from r1", "r1")       # live first, not newer r3
+    assert prepare("new") == ("hard-linked from r2", "r2")       # the newest twin
+    assert ran == []
+    assert prepare("other")[0] == "npm ci" and ran == [["npm", "ci"]]

@@ -368,26 +368,38 @@ def sha_of(path):
         return None
 
 
+def lock_twin(app, lock):
+    """A prepared release whose package-lock.json has sha256 `lock`: the live one first, then
+    the newest (after a rollback the live release is older than the one that last installed
+    these packages). Only prepared releases are folders without `.building`."""
+    live = app.live()
+    names = sorted((n for n in os.listdir(app.releases) if not n.endswith(".building")
+                    and n != live), reverse=True) if os.path.isdir(app.releases) else []
+    for name in ([live] if live else []) + names:
+        if sha_of(os.path.join(app.releases, name, "package-lock.json")) == lock:
+            return name
+    return None
+
+
 def dependencies(app, release_dir):
-    """node_modules: hard links to the live release's when package-lock.json is the same
+    """node_modules: hard links to a prepared release's when its package-lock.json is the same
     (seconds), else `npm ci --omit=dev` as the app user with a cache shared by releases."""
     lock = sha_of(release_dir + "/package-lock.json")
-    live = app.live()
     if lock is None:
         pkg = read_json(release_dir + "/package.json") or {}
         if pkg.get("dependencies"):
             raise Fail("package.json has dependencies but the release has no package-lock.json:"
                        " commit one (npm install writes it)")
         return "none (no dependencies)"
-    if live:
-        old = os.path.join(app.releases, live)
-        if sha_of(old + "/package-lock.json") == lock:
-            if not os.path.isdir(old + "/node_modules"):      # npm ci made none: no packages
-                return "none (package-lock.json as in %s, which has no node_modules)" % live
-            app.commands += 1
-            subprocess.run(["cp", "-al", old + "/node_modules", release_dir + "/node_modules"],
-                           check=True)
-            return "hard-linked from " + live
+    twin = lock_twin(app, lock)
+    if twin:
+        old = os.path.join(app.releases, twin)
+        if not os.path.isdir(old + "/node_modules"):          # npm ci made none: no packages
+            return "none (package-lock.json as in %s, which has no node_modules)" % twin
+        app.commands += 1
+        subprocess.run(["cp", "-al", old + "/node_modules", release_dir + "/node_modules"],
+                       check=True)
+        return "hard-linked from " + twin
     cache = app.shared + "/.npm"
     os.makedirs(cache, 0o700, exist_ok=True)
     user = pwd.getpwnam(app.user)
