@@ -17,6 +17,7 @@ import shlex
 import socket
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,13 +125,48 @@ class _Reject:
             "run `invoke hosts.trust --env ENV` to record it.")
 
 
+@lru_cache(maxsize=8)
+def _known_lines(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """(hostnames field, line) of each entry of a known_hosts file, read once per version."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f]
+    return tuple((line.split(None, 1)[0], line) for line in lines
+                 if line and not line.startswith("#"))
+
+
+def _names_match(field: str, name: str) -> bool:
+    """Does a hostnames field (comma-separated, plain or hashed |1|salt|hash) hold `name`? As
+    paramiko matches them (no patterns)."""
+    import paramiko
+    return any(h == name or (h.startswith("|1|") and paramiko.HostKeys.hash_host(name, h) == h)
+               for h in field.split(","))
+
+
+def host_keys_for(known_hosts: Path, host: str, port: int) -> paramiko.HostKeys:
+    """The entries of known_hosts for one server, as paramiko would look them up. paramiko's
+    HostKeys.load parses every key in the file and checks each entry against all entries before
+    it: per connection, quadratic in the file's length (most of a converged run's controller
+    CPU per host on 50 servers). Only this server's lines are parsed here."""
+    import paramiko
+    keys = paramiko.HostKeys()
+    try:
+        st = known_hosts.stat()
+    except FileNotFoundError:
+        return keys
+    name = host if port == 22 else f"[{host}]:{port}"
+    for field, line in _known_lines(str(known_hosts), st.st_mtime_ns, st.st_size):
+        if _names_match(field, name):
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            if entry is not None:
+                keys.add(name, entry.key.get_name(), entry.key)
+    return keys
+
+
 def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
     import paramiko
     client = conn.client
     client._system_host_keys = paramiko.HostKeys()      # ignore ~/.ssh/known_hosts
-    client._host_keys = paramiko.HostKeys()
-    if known_hosts.exists():
-        client._host_keys.load(str(known_hosts))
+    client._host_keys = host_keys_for(known_hosts, conn.host, conn.port)
     client.set_missing_host_key_policy(_Reject(label, known_hosts))
 
 
