@@ -15,6 +15,11 @@ import sys
 import time
 import urllib.request
 
+if __name__ != "__main__":
+    # imported on the controller (tests); on a server, provisioner/status.py sent the source
+    # of pm2_jlist ahead of this file's
+    from provisioner.remote.pm2 import pm2_jlist
+
 METRIC_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
 LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -76,7 +81,7 @@ def apps(cfg):
                             f"PM2_HOME={pm2['home']}/.pm2", "PATH=/usr/local/bin:/usr/bin:/bin",
                             "/usr/local/bin/pm2", "jlist"], timeout=30)
             try:
-                procs = json.loads(text[text.find("["):]) if rc == 0 else []
+                procs = pm2_jlist(text) if rc == 0 else []
             except ValueError:
                 procs = []
     for name in cfg.get("apps") or []:
