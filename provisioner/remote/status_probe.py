@@ -85,13 +85,14 @@ def apps(cfg):
             except ValueError:
                 procs = []
     for name in cfg.get("apps") or []:
-        mine = [p for p in procs if p.get("name") == name]
-        env = [p.get("pm2_env") or {} for p in mine]
+        # pm2's modules (pm2-logrotate) are listed beside the apps: no instance of an app
+        env = [p.get("pm2_env") or {} for p in procs if p.get("name") == name]
+        env = [e for e in env if not e.get("pmx_module")]
         try:
             release = os.path.basename(os.readlink(f"/srv/{name}/current"))
         except OSError:
             release = None
-        out.append({"name": name, "instances": len(mine),
+        out.append({"name": name, "instances": len(env),
                     "online": sum(e.get("status") == "online" for e in env),
                     "restarts": sum(int(e.get("restart_time", 0)) for e in env),
                     "release": release})
