@@ -35,6 +35,8 @@ from provisioner.ops import apt, commands, files, lines, links, sysctl, systemd,
 from provisioner.ops.groups import group as file_group
 from provisioner.ops._base import (PlanError, abs_path, directory as directory_step, file_fact,
                                    run as run_step, sha256, write as write_step)
+from provisioner.remote import with_helpers
+from provisioner.remote.pm2 import pm2_jlist
 from provisioner.secret import Secret
 from provisioner.sshkeys import known_host_lines, ssh_keypair
 from provisioner.templating import Rendered, is_secret, render
@@ -46,8 +48,8 @@ __all__ = [
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
     "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "colours", "commands",
     "config_settings", "directory_step", "exporters_of", "file_fact", "file_group", "files", "handler",
-    "is_secret", "known_host_lines", "lines", "links", "monitoring_sources", "private_address", "reject", "render", "run_step", "sha256", "ssh_keypair", "sysctl", "systemd",
-    "TEXTFILE_DIR", "templates", "ufw", "users", "write_step",
+    "is_secret", "known_host_lines", "lines", "links", "monitoring_sources", "pm2_jlist", "private_address", "reject", "render", "run_step", "sha256", "ssh_keypair", "sysctl", "systemd",
+    "TEXTFILE_DIR", "templates", "ufw", "users", "with_helpers", "write_step",
 ]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import inspect
 import json
 import subprocess
 from dataclasses import dataclass
@@ -93,12 +92,10 @@ def release_id(commit: str, when: datetime | None = None) -> str:
 
 @lru_cache(maxsize=1)
 def source() -> str:
-    """What the server runs: the helpers remote/deploy.py shares with the agent (one copy
-    of each, in remote/agent.py; each imports what it uses), then remote/deploy.py. Line
-    numbers in a traceback from the server are off by the shared lines."""
-    from provisioner.remote import agent
-    shared = "".join(inspect.getsource(fn) + "\n\n" for fn in (agent.flock_held,))
-    return shared + SOURCE.read_text(encoding="utf-8")
+    """What the server runs: remote/deploy.py with the helpers it shares with the agent (one
+    copy of each, in remote/agent.py) ahead of it."""
+    from provisioner.remote import agent, with_helpers
+    return with_helpers(SOURCE.read_text(encoding="utf-8"), agent.flock_held)
 
 
 def command() -> list[str]:

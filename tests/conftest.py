@@ -104,8 +104,7 @@ def redactor_guard(request):
 @pytest.fixture
 def forget_secrets():
     """For a test whose secrets must reach the process-wide redactor itself, as in a real run
-    (plan.py and cli/backup.py bind it at import, so a private Redactor would not reach them;
-    role code derives secrets of its own): what the test registers is forgotten after it."""
+    (role code derives secrets of its own): what the test registers is forgotten after it."""
     state = _redactor_state()
     yield
     _put_back(state)

@@ -19,6 +19,7 @@ import roles.harden
 import roles.monitoring as mon
 import roles.monitoring_agent as agent
 from engine_helpers import REPO
+from fake_pm2 import DAEMON_STARTED, jlist_output, pm2_host, proc
 from provisioner.api import RoleContext, VarError
 from provisioner.inventory import load_inventory_file
 from provisioner.secret import Secret
@@ -232,11 +233,12 @@ def test_the_rules_fire_on_the_figures_they_watch(tmp_path):
 
 
 def host_metrics(cfg: Path, path: str | None = None) -> dict:
-    """roles/monitoring_agent/host_metrics.py run on this machine (PATH: `path` first): what it
-    wrote for the textfile collector, {series: value}."""
+    """The host metrics script as the role installs it, run on this machine (PATH: `path`
+    first): what it wrote for the textfile collector, {series: value}."""
+    tool = cfg.parent / "host_metrics.py"
+    tool.write_text(agent.METRICS_SOURCE)
     env = dict(os.environ, PATH=f"{path}:{os.environ['PATH']}") if path else None
-    subprocess.run([sys.executable, str(REPO / "roles/monitoring_agent/host_metrics.py"), str(cfg)],
-                   check=True, env=env)
+    subprocess.run([sys.executable, str(tool), str(cfg)], check=True, env=env)
     out = json.loads(cfg.read_text())["out"]
     return dict(line.rsplit(" ", 1) for line in Path(out).read_text().splitlines())
 
@@ -263,27 +265,20 @@ def test_host_metrics_counts_each_nginx_line_once_and_follows_rotation(tmp_path)
     assert got['provisioner_host_metrics_ok{part="nginx"}'] == "1"
 
 
-def test_host_metrics_reports_pm2_apps_and_not_pm2_s_own_modules(tmp_path):
+@pytest.mark.parametrize("before", ["", DAEMON_STARTED], ids=["list-alone", "after-daemon-start"])
+def test_host_metrics_reports_pm2_apps_and_not_pm2_s_own_modules(tmp_path, before):
     """pm2-logrotate is in `pm2 jlist` beside the apps, marked as a module: as an app it made
-    AppDown page when it stopped, and AppRestartLoop when it restarted."""
-    procs = [{"name": "sample", "pm_id": i, "monit": {"memory": 1000, "cpu": 0.5},
-              "pm2_env": {"status": status, "NODE_APP_INSTANCE": i, "restart_time": i}}
-             for i, status in enumerate(("online", "stopped"))]
-    procs.append({"name": "pm2-logrotate", "pm_id": 2, "monit": {"memory": 500, "cpu": 0},
-                  "pm2_env": {"status": "stopped", "pmx_module": True, "restart_time": 9}})
-    (tmp_path / "jlist.json").write_text(json.dumps(procs))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, script in (("systemctl", "exit 0"),                    # the daemon's unit is active
-                         ("runuser", f"cat {tmp_path / 'jlist.json'}")):          # pm2 jlist
-        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
-        (bin_dir / name).chmod(0o755)
+    AppDown page when it stopped, and AppRestartLoop when it restarted. pm2's "[PM2] ..." lines
+    ahead of the list (it started its daemon) once hid every app: all were down."""
+    procs = [proc("sample", 0), proc("sample", 1, "stopped"),
+             proc("pm2-logrotate", 2, "stopped", module=True)]
+    bin_dir = pm2_host(tmp_path, jlist_output(procs, before))
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"out": str(tmp_path / "out.prom"), "state": str(tmp_path / "st"),
                                "pm2": {"user": "app", "home": "/home/app", "unit": "pm2-app.service",
                                        "apps": ["sample"]},
                                "fail2ban": False, "nginx_log": None}))
-    got = host_metrics(cfg, str(bin_dir))
+    got = host_metrics(cfg, bin_dir)
     assert got['provisioner_host_metrics_ok{part="pm2"}'] == "1"
     assert got["pm2_daemon_up"] == "1"
     assert got['pm2_app_online_instances{app="sample"}'] == "1"

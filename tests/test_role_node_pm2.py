@@ -17,6 +17,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,9 +28,11 @@ import pytest
 
 import engine_helpers
 from engine_helpers import ADDRESSES, REPO, TEST_ROLES, Run, copy_sample_app, provision_twice, sh
+from fake_pm2 import DAEMON_STARTED, jlist_output, pm2_host, proc
 from provisioner.facts import Facts, check_key
 from provisioner.change import Change, Noop
 from provisioner.inventory import load_inventory_file
+from provisioner.remote.pm2 import pm2_jlist
 from provisioner.roles import available_roles, load_role
 from provisioner.secret import Secret
 
@@ -274,6 +278,35 @@ def test_an_app_is_started_when_its_ecosystem_changed_or_it_is_not_online():
     assert steps[0][steps[0].index("env"):][:2] == ["env", "-i"]   # pm2 passes its env on to apps
 
 
+OUT_OF_DATE = ("\n>>>> In-memory PM2 is out-of-date, do:\n>>>> $ pm2 update\n"
+               "In memory PM2 version: 6.0.13\nLocal PM2 version: 6.0.14\n\n")
+BANNER = "\n                        -------------\n\n                          Runtime Edition\n\n"
+
+
+@pytest.mark.parametrize("before, after", [
+    (DAEMON_STARTED, ""), (BANNER + DAEMON_STARTED, ""),
+    (DAEMON_STARTED, OUT_OF_DATE),             # its version check answers on its own time
+], ids=["daemon-started", "first-call", "out-of-date-after"])
+def test_pm2_jlist_is_the_last_line_that_is_a_json_list(before, after):
+    """Not the output from its first "[": pm2's own lines around the list (lib/Client.js,
+    lib/binaries/CLI.js) made that no JSON."""
+    procs = [proc("sample", 0), proc("pm2-logrotate", 1, module=True)]
+    assert pm2_jlist(jlist_output(procs, before) + after) == procs
+
+
+def test_the_status_check_finds_the_apps_after_the_lines_pm2_prints_starting_its_daemon(tmp_path):
+    """pm2 jlist prints "[PM2] Spawning PM2 daemon ..." ahead of the list when it started its
+    daemon: read from the first "[", the list was not JSON, and every app looked down (6)."""
+    script = tmp_path / "pm2-app-status"
+    script.write_text(pm2mod.STATUS_CODE)
+    procs = [proc("sample", 0), proc("sample", 1), proc("pm2-logrotate", 2, module=True)]
+    path = pm2_host(tmp_path, jlist_output(procs))
+    r = subprocess.run([sys.executable, str(script), "pm2-app.service", "app", "/home/app",
+                        "/usr/local/bin/pm2", "sample", "2"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": f"{path}:/usr/bin:/bin"})
+    assert (r.returncode, r.stdout) == (0, "sample: 2 instance(s) online\n")
+
+
 # --- live --------------------------------------------------------------------------------------
 
 def th(name):
@@ -332,8 +365,7 @@ PM2_AS_APP = ("runuser -u app -- env -i HOME=/home/app PM2_HOME=/home/app/.pm2 "
 def jlist() -> list[dict]:
     """pm2's process list as the app user sees it (env values are dropped right here: they
     hold the secret, and a failing assert would print them)."""
-    out = sh(SERVER, f"{PM2_AS_APP} jlist").stdout
-    procs = json.loads(out[out.index("["):])
+    procs = pm2_jlist(sh(SERVER, f"{PM2_AS_APP} jlist").stdout)
     return [{"name": p["name"], "pid": p["pid"], "status": p["pm2_env"]["status"],
              "exec_mode": p["pm2_env"].get("exec_mode"), "module": bool(p["pm2_env"].get("pmx_module")),
              "username": p["pm2_env"].get("username")} for p in procs]

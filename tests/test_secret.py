@@ -10,7 +10,9 @@ import traceback
 import jinja2
 import pytest
 
-from provisioner import secret as secret_mod
+from provisioner import plan, secret as secret_mod
+from provisioner.change import Change
+from provisioner.cli import backup
 from provisioner.secret import (
     MASK, Redactor, Secret, json_default, redact, reveal,
 )
@@ -194,6 +196,17 @@ def test_secrets_register_with_the_process_wide_redactor():
     unregistered = "not-registered-51ab03"
     Secret(unregistered, register=False)
     assert secret_mod.REDACTOR.redact(unregistered) == unregistered
+
+
+def test_plans_and_backup_messages_redact_with_the_redactor_in_place_when_they_run(capsys):
+    """Each test's private Redactor (the fixture replaces secret.REDACTOR) reaches every output
+    path: plan.py and cli/backup.py once bound the process-wide one at import."""
+    Secret(VALUE)
+    entry = plan.change_entry(Change(f"file /etc/{VALUE}", "write", f"was {VALUE}", (),
+                                     diff=f"+{VALUE}"))
+    assert (entry["resource"], entry["why"], entry["diff"]) == ("file /etc/***", "was ***", "+***")
+    backup._say(f"pg_restore: password {VALUE} refused")
+    assert capsys.readouterr().err == "pg_restore: password *** refused\n"
 
 
 def test_a_template_outside_provisioner_templating_shows_stars(s):

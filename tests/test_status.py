@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 from engine_helpers import REPO
+from fake_pm2 import jlist_output, pm2_host, proc
 from provisioner import status
 from provisioner.cli import status as status_cli
 from provisioner.connection import Result, Unreachable
@@ -54,6 +55,30 @@ def test_the_probe_reads_textfile_backups_and_the_audit_log(tmp_path):
     assert "backup pg is 2 h old" in attention
     assert "app sample: 0 of 0 instances online" in attention
     assert "last provision failed (2026-12-01T10:00:00+00:00)" in attention
+
+
+def probe_apps(tmp_path, monkeypatch, procs: list[dict]) -> list[dict]:
+    """The probe's apps on a host where app `sample`'s pm2 daemon runs and `pm2 jlist` lists
+    `procs` after the lines of a daemon start."""
+    monkeypatch.setenv("PATH", f"{pm2_host(tmp_path, jlist_output(procs))}:/usr/bin:/bin")
+    return run_probe({"apps": ["sample"], "pm2": {"user": "app", "home": "/home/app"},
+                      "textfile": str(tmp_path), "alertmanager": None,
+                      "audit_log": str(tmp_path / "audit.log")})["apps"]
+
+
+def test_the_probe_finds_the_apps_after_the_lines_pm2_prints_starting_its_daemon(tmp_path,
+                                                                                monkeypatch):
+    """pm2 jlist prints "[PM2] Spawning PM2 daemon ..." ahead of the list when it started its
+    daemon: read from the first "[", the list was not JSON, and the probe saw no instance."""
+    apps = probe_apps(tmp_path, monkeypatch, [proc("sample", 0), proc("sample", 1, "stopped")])
+    assert apps == [{"name": "sample", "instances": 2, "online": 1, "restarts": 1, "release": None}]
+
+
+def test_the_probe_counts_no_pm2_module_as_an_instance_of_an_app_of_its_name(tmp_path, monkeypatch):
+    """pm2 lists its modules (pm2-logrotate) beside the apps, and nothing keeps an app from a
+    module's name: as in role pm2's status check and the host metrics, a module is no app."""
+    apps = probe_apps(tmp_path, monkeypatch, [proc("sample", 0), proc("sample", 1, module=True)])
+    assert [(a["instances"], a["online"]) for a in apps] == [(1, 1)]
 
 
 def test_a_healthy_host_needs_nothing_and_fills_one_row():

@@ -15,6 +15,11 @@ import sys
 import time
 import urllib.request
 
+if __name__ != "__main__":
+    # imported on the controller (tests); on a server, provisioner/status.py sent the source
+    # of pm2_jlist ahead of this file's
+    from provisioner.remote.pm2 import pm2_jlist
+
 METRIC_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
 LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -76,17 +81,18 @@ def apps(cfg):
                             f"PM2_HOME={pm2['home']}/.pm2", "PATH=/usr/local/bin:/usr/bin:/bin",
                             "/usr/local/bin/pm2", "jlist"], timeout=30)
             try:
-                procs = json.loads(text[text.find("["):]) if rc == 0 else []
+                procs = pm2_jlist(text) if rc == 0 else []
             except ValueError:
                 procs = []
     for name in cfg.get("apps") or []:
-        mine = [p for p in procs if p.get("name") == name]
-        env = [p.get("pm2_env") or {} for p in mine]
+        # pm2's modules (pm2-logrotate) are listed beside the apps: no instance of an app
+        env = [p.get("pm2_env") or {} for p in procs if p.get("name") == name]
+        env = [e for e in env if not e.get("pmx_module")]
         try:
             release = os.path.basename(os.readlink(f"/srv/{name}/current"))
         except OSError:
             release = None
-        out.append({"name": name, "instances": len(mine),
+        out.append({"name": name, "instances": len(env),
                     "online": sum(e.get("status") == "online" for e in env),
                     "restarts": sum(int(e.get("restart_time", 0)) for e in env),
                     "release": release})

@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 from provisioner.api import (EXPORTERS, TEXTFILE_DIR, apt, commands, exporters_of, file_group,
-                             files, handler, is_secret, private_address, reject, systemd,
-                             templates)
+                             files, handler, is_secret, pm2_jlist, private_address, reject,
+                             systemd, templates, with_helpers)
 
 HERE = Path(__file__).resolve().parent
-METRICS_SOURCE = (HERE / "host_metrics.py").read_text(encoding="utf-8")
+METRICS_SOURCE = with_helpers((HERE / "host_metrics.py").read_text(encoding="utf-8"), pm2_jlist)
 TOOL_DIR = "/usr/local/lib/provisioner"
 METRICS_TOOL = f"{TOOL_DIR}/host_metrics.py"
 METRICS_CONFIG = "/etc/provisioner/host-metrics.json"

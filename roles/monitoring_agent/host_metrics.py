@@ -18,7 +18,8 @@ The JSON config says what this host has: {"out": "<dir>/provisioner_host.prom",
   is read from its start): responses by status class, and request time as a histogram, so
   Prometheus can compute the 5xx rate and p99 latency (nginx's stub_status has neither).
 The output is written to a temporary file and renamed: the collector never reads half a file.
-Standard library only (it runs under the server's python3).
+Standard library only (it runs under the server's python3). The role installs it with
+pm2_jlist (provisioner/remote/pm2.py) ahead of its code.
 """
 import json
 import os
@@ -50,7 +51,7 @@ def pm2_lines(cfg):
                             "/usr/local/bin/pm2", "jlist"],
                            capture_output=True, text=True, timeout=30)
         try:
-            procs = json.loads(p.stdout[p.stdout.find("["):]) if p.returncode == 0 else []
+            procs = pm2_jlist(p.stdout) if p.returncode == 0 else []
         except ValueError:
             procs = []
     online = {name: 0 for name in cfg["apps"]}

@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
-                             is_secret, render, run_step, sha256, systemd, templates, write_step)
+                             is_secret, pm2_jlist, render, run_step, sha256, systemd, templates,
+                             with_helpers, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -204,18 +205,19 @@ class Pm2Module:
 # (read-only: it never starts a pm2 daemon, which `pm2 jlist` would do if none runs) and after a
 # start, waiting up to `wait` seconds for every instance to be online for `min_up` seconds (a
 # script that crashes at start-up is "online" for a moment between restarts). Its exit status
-# says why; its output is shown when a start fails. By hand:
+# says why; its output is shown when a start fails. pm2_jlist (provisioner/remote/pm2.py, shared
+# with the other scripts that ask pm2) goes ahead of its code. By hand:
 #   pm2-app-status pm2-app.service app /home/app /usr/local/bin/pm2 sample 2
 STATUS_SCRIPT = "/usr/local/lib/provisioner/pm2-app-status"
 STATUS_WHY = {0: "online", 2: "status script not installed yet",
               3: "the pm2 daemon (service) is not running", 4: "not in pm2's process list",
               5: "not every instance is online", 6: "pm2 could not be asked (pm2 jlist failed)"}
-STATUS_CODE = r"""#!/usr/bin/python3
+STATUS_CODE = with_helpers(r"""#!/usr/bin/python3
 # managed by provisioner (role pm2): is a pm2 app online with all its instances?
 # usage: pm2-app-status UNIT USER HOME PM2 NAME INSTANCES [WAIT_SECONDS [MIN_UPTIME_SECONDS]]
 # exit 0 online, 3 pm2 daemon (UNIT) not active, 4 app unknown to pm2, 5 instances not
 # (all) online, 6 pm2 jlist failed. Never starts a pm2 daemon.
-import json, os, subprocess, sys, time
+import os, subprocess, sys, time
 
 unit, user, home, pm2, name, want = sys.argv[1:7]
 wait = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
@@ -230,8 +232,7 @@ def status():
         return 3, unit + " is not active"
     try:
         p = subprocess.run(JLIST, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
-        out = p.stdout.decode("utf-8", "replace")
-        procs = json.loads(out[out.index("["):])
+        procs = pm2_jlist(p.stdout.decode("utf-8", "replace"))
     except Exception as e:
         return 6, "pm2 jlist failed: %s" % type(e).__name__
     mine = [x.get("pm2_env") or {} for x in procs if x.get("name") == name]
@@ -261,7 +262,7 @@ print(why)
 if rc:
     print("the app's logs: sudo -u %s PM2_HOME=%s/.pm2 pm2 logs %s --lines 50" % (user, home, name))
 sys.exit(rc)
-"""
+""", pm2_jlist)
 
 
 @dataclass(frozen=True)
