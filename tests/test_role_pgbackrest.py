@@ -172,6 +172,28 @@ def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp
     assert not any("60-pgbackrest" in rid for rid in r)
 
 
+@pytest.mark.parametrize("env_vars, block", [
+    ({}, True),                                                   # the default, on 2.55
+    ({"pgbackrest_block_incremental": False}, False),
+    ({"pgbackrest_version": "2.45"}, False),                      # Debian 12's: a beta there
+    ({"pgbackrest_version": "2.52"}, False),                      # might be 2.52.0
+    ({"pgbackrest_version": "2.53"}, True),
+])
+def test_block_incremental_is_on_where_the_version_has_it(tmp_path, env_vars, block):
+    text = built(make_inventory(tmp_path, **env_vars), "vault")[
+        "template /etc/pgbackrest.conf"].content.text
+    glob = text.split("\n[db1]\n")[0]
+    options = [line for line in glob.splitlines() if line.startswith(("repo1-bundle", "repo1-block"))]
+    # repo-block needs repo-bundle: both or neither, in [global] (the backup command's options)
+    assert options == (["repo1-bundle=y", "repo1-block=y"] if block else [])
+    assert "repo1-block" not in text[len(glob):]
+
+
+def test_the_database_server_gets_no_backup_options(tmp_path):
+    conf = built(make_inventory(tmp_path), "db1")["template /etc/pgbackrest.conf"].content.text
+    assert "bundle" not in conf and "block" not in conf
+
+
 def test_the_database_server_archives_to_the_repository_and_holds_no_cipher(tmp_path):
     inv = make_inventory(tmp_path)
     r = built(inv, "db1")

@@ -49,6 +49,9 @@ KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
 RESTART = "restart postgresql for archiving"
 VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
+# repo-block is a beta in 2.45 and final from 2.46; pgBackRest's user guide recommends 2.52.1 or
+# later, and pgbackrest_version names a major.minor: 2.53 is the first all of whose releases are
+BLOCK_SINCE = (2, 53)
 CALENDAR_RE = re.compile(r"^[A-Za-z0-9 *:.,/~+-]{1,100}\Z")
 # what a key may do when it logs in: run pgBackRest (its remote protocol), nothing else
 RESTRICT = ('no-agent-forwarding,no-X11-forwarding,no-port-forwarding,no-pty,'
@@ -141,6 +144,13 @@ def check(v, ctx) -> dict:
     _known(inv, inv.hosts[repo].address, f"the repository host {repo}", ctx)
     return {"side": "db", "stanza": _stanza(host, inv, ctx), "repo": inv.hosts[repo],
             "ssh_group": ssh_group}
+
+
+def block_incremental(v) -> bool:
+    """Whether the repository's new backups are block incremental (pgbackrest_block_incremental,
+    where the version the role installs has it)."""
+    version = tuple(int(x) for x in str(v["pgbackrest_version"]).split("."))
+    return bool(v["pgbackrest_block_incremental"]) and version >= BLOCK_SINCE
 
 
 def _per_kind(v, var: str, kind_type, what: str) -> dict:
@@ -320,6 +330,7 @@ def _repo(v, ctx, c, pair, groups):
          "retention_days": v["pgbackrest_retention_days"],
          "compress_type": v["pgbackrest_compress_type"],
          "process_max": v["pgbackrest_process_max"],
+         "block_incremental": block_incremental(v),
          "stanzas": [{"name": s.name, "address": s.address, "data": s.data or "", "port": s.port}
                      for s in stanzas]},
         mode="0640", owner="root", group=REPO_USER)
