@@ -178,7 +178,8 @@ def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp
     ({"pgbackrest_block_incremental": False}, False),
     ({"pgbackrest_version": "2.45"}, False),                      # Debian 12's: a beta there
     ({"pgbackrest_version": "2.52"}, False),                      # might be 2.52.0
-    ({"pgbackrest_version": "2.53"}, True),
+    ({"pgbackrest_version": "2.54"}, False),                      # might be before 2.54.2
+    ({"pgbackrest_version": "2.59"}, True),
 ])
 def test_block_incremental_is_on_where_the_version_has_it(tmp_path, env_vars, block):
     text = built(make_inventory(tmp_path, **env_vars), "vault")[

@@ -51,9 +51,10 @@ KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
 RESTART = "restart postgresql for archiving"
 VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
-# repo-block is a beta in 2.45 and final from 2.46; pgBackRest's user guide recommends 2.52.1 or
-# later, and pgbackrest_version names a major.minor: 2.53 is the first all of whose releases are
-BLOCK_SINCE = (2, 53)
+# repo-block is a beta in 2.45 and final from 2.46; the user guide recommends 2.52.1 or later, and
+# before 2.54.2 turning it off again made the backup set's earlier bundles unreadable. Versions
+# here are major.minor: 2.55 is the first all of whose releases have both
+BLOCK_SINCE = (2, 55)
 CALENDAR_RE = re.compile(r"^[A-Za-z0-9 *:.,/~+-]{1,100}\Z")
 # what a key may do when it logs in: run pgBackRest (its remote protocol), nothing else
 RESTRICT = ('no-agent-forwarding,no-X11-forwarding,no-port-forwarding,no-pty,'
