@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -410,3 +412,22 @@ def test_the_check_runs_from_stdin_and_reads_pgbackrests_json(tmp_path):
     fake.write_text("#!/bin/sh\necho 'ERROR: [056]: unable to find primary' >&2\nexit 56\n")
     out = subprocess.run(argv, input=source, text=True, capture_output=True, env=env)
     assert out.returncode == codes["UNKNOWN"], out.stderr
+
+
+def test_a_repository_host_that_does_not_answer_costs_the_check_its_timeout_and_no_process(tmp_path):
+    data, etc = cluster(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "runuser"           # pgbackrest's ssh, waiting on a host that is down
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path}/child\nwait\n")
+    fake.chmod(0o755)
+    source = (role.STANZA_CHECK_SOURCE.replace('ETC = "/etc/postgresql"', f'ETC = "{etc}"')
+              .replace("INFO_TIMEOUT = 40", "INFO_TIMEOUT = 1"))
+    t0 = time.monotonic()
+    out = subprocess.run(["python3", "-I", "-", *CHECK[2:6], "--data", data], input=source,
+                         text=True, capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                         timeout=60)
+    assert out.returncode == codes["UNKNOWN"], out.stderr
+    assert time.monotonic() - t0 < 30
+    state = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")
+    assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"     # killed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -76,12 +77,20 @@ def verdict(info, stanza: str, version: str, sysid: int) -> int:
 def read_info(stanza: str):
     """The repository's view of the stanza, as the database server's pgBackRest reads it
     (through the repository host, which holds the cipher key); no log file."""
-    r = subprocess.run(["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}",
-                        "--output=json", "--log-level-console=off", "--log-level-file=off",
-                        "info"], capture_output=True, text=True, timeout=INFO_TIMEOUT)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr.strip())
-    return json.loads(r.stdout)
+    # its own process group: a timeout (the repository host down) takes pgbackrest's ssh too
+    p = subprocess.Popen(["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}",
+                          "--output=json", "--log-level-console=off", "--log-level-file=off",
+                          "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=INFO_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    if p.returncode != 0:
+        raise RuntimeError(err.strip())
+    return json.loads(out)
 
 
 def decide(stanza: str, cluster: str, data: str, etc: str = ETC, info=read_info) -> int:
