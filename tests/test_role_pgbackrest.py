@@ -187,7 +187,8 @@ def test_block_incremental_is_on_where_the_version_has_it(tmp_path, env_vars, bl
     text = built(make_inventory(tmp_path, **env_vars), "vault")[
         "template /etc/pgbackrest.conf"].content.text
     glob = text.split("\n[db1]\n")[0]
-    options = [line for line in glob.splitlines() if line.startswith(("repo1-bundle", "repo1-block"))]
+    options = [line for line in glob.splitlines()
+               if line.startswith(("repo1-bundle", "repo1-block"))]
     # repo-block needs repo-bundle: both or neither, in [global] (the backup command's options)
     assert options == (["repo1-bundle=y", "repo1-block=y"] if block else [])
     assert "repo1-block" not in text[len(glob):]
@@ -270,14 +271,14 @@ def test_the_repository_host_creates_the_stanza_once_waiting_for_the_database_se
     assert noop.why.startswith("the repository has it")
 
 
-# --- the stanza after a major upgrade -------------------------------------------------------------
+# --- the stanza after a major upgrade -----------------------------------------------------------
 
 CHECK = ["python3", "-", "--stanza", "db1", "--cluster", "main", "--data",
          "/var/lib/postgresql/17/main"]
 codes = role.stanzacheck
 
 
-def test_the_database_server_checks_the_stanza_between_its_config_and_its_archive_settings(tmp_path):
+def test_the_database_server_checks_the_stanza_between_its_config_and_archive_settings(tmp_path):
     r = built(make_inventory(tmp_path), "db1")
     ids = list(r)
     conf, stanza = ids.index("template /etc/pgbackrest.conf"), ids.index("stanza db1 upgrade")
@@ -414,7 +415,7 @@ def test_the_check_runs_from_stdin_and_reads_pgbackrests_json(tmp_path):
     assert out.returncode == codes["UNKNOWN"], out.stderr
 
 
-def test_a_repository_host_that_does_not_answer_costs_the_check_its_timeout_and_no_process(tmp_path):
+def test_a_repository_host_that_does_not_answer_costs_its_timeout_and_leaves_no_process(tmp_path):
     data, etc = cluster(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

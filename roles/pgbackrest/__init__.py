@@ -263,10 +263,12 @@ class StanzaUpgraded:
     records the old cluster's version and system id, and pgBackRest refuses the new cluster's
     WAL (archive-push) and files (backup) until `stanza-upgrade`. It runs here, on the database
     server: the postgresql role's upgrade ran before this role, /etc/pgbackrest.conf already
-    points at the new cluster, and this role's archive settings reach that cluster only after
-    it. What the stanza records comes from stanzacheck.py, a check in the role's facts exec sent
-    on stdin (nothing to install first: the run that upgrades has it), which asks the repository
-    only while another major's cluster is on the server."""
+    points at the new cluster, and this role writes the new cluster's archive settings only
+    after it (settings pg_upgradecluster carried over make archive-push fail until then, and
+    PostgreSQL keeps the WAL and retries). What the stanza records comes from stanzacheck.py, a
+    check in the role's facts exec sent on stdin (nothing to install first: the run that
+    upgrades has it), which asks the repository only while another major's cluster is on the
+    server."""
     stanza: str
     version: str
     cluster: str
