@@ -10,7 +10,8 @@ repository host):
    wall time, pgBackRest's own time and the bytes it added to the repository (`pgbackrest info
    --output=json` on vault; a full backs up the whole cluster, benchdb being nearly all of it);
 4. a small change (`--updates` rows of pgbench_accounts) and an incremental (`--kind incr`):
-   time and bytes added (pgBackRest copies every file that changed whole: no block incremental);
+   time and bytes added (with pgbackrest_block_incremental, on by default, the changed blocks
+   of each changed file; without it, every changed file whole);
 5. a point-in-time restore (`invoke restore --env local --limit db1 --at T --yes`) to a time T
    after all of that: the app database loses nothing (the bench compares its content before and
    after), and a write the bench makes in benchdb after T is gone (the restore reached T, no

@@ -4,13 +4,16 @@ tests/test_backup_live.py."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 import roles.pgbackrest as role
 from provisioner.api import RoleContext, VarError
-from provisioner.facts import Facts
+from provisioner.facts import Facts, check_key
 from provisioner.inventory import load_inventory_file
 from provisioner.ops import PlanError
 from provisioner.secret import Secret
@@ -172,6 +175,30 @@ def test_the_repository_host_gets_the_cipher_the_timers_and_the_database_key(tmp
     assert not any("60-pgbackrest" in rid for rid in r)
 
 
+@pytest.mark.parametrize("env_vars, block", [
+    ({}, True),                                                   # the default, on 2.55
+    ({"pgbackrest_block_incremental": False}, False),
+    ({"pgbackrest_version": "2.45"}, False),                      # Debian 12's: a beta there
+    ({"pgbackrest_version": "2.52"}, False),                      # might be 2.52.0
+    ({"pgbackrest_version": "2.54"}, False),                      # might be before 2.54.2
+    ({"pgbackrest_version": "2.59"}, True),
+])
+def test_block_incremental_is_on_where_the_version_has_it(tmp_path, env_vars, block):
+    text = built(make_inventory(tmp_path, **env_vars), "vault")[
+        "template /etc/pgbackrest.conf"].content.text
+    glob = text.split("\n[db1]\n")[0]
+    options = [line for line in glob.splitlines()
+               if line.startswith(("repo1-bundle", "repo1-block"))]
+    # repo-block needs repo-bundle: both or neither, in [global] (the backup command's options)
+    assert options == (["repo1-bundle=y", "repo1-block=y"] if block else [])
+    assert "repo1-block" not in text[len(glob):]
+
+
+def test_the_database_server_gets_no_backup_options(tmp_path):
+    conf = built(make_inventory(tmp_path), "db1")["template /etc/pgbackrest.conf"].content.text
+    assert "bundle" not in conf and "block" not in conf
+
+
 def test_the_database_server_archives_to_the_repository_and_holds_no_cipher(tmp_path):
     inv = make_inventory(tmp_path)
     r = built(inv, "db1")
@@ -242,3 +269,166 @@ def test_the_repository_host_creates_the_stanza_once_waiting_for_the_database_se
     assert step["attempts"] * step["delay"] >= 300          # a whole env's first run meanwhile
     [noop] = stanza.plan(Facts({"files": {info: {"exists": True, "type": "file"}}}))
     assert noop.why.startswith("the repository has it")
+
+
+# --- the stanza after a major upgrade -----------------------------------------------------------
+
+CHECK = ["python3", "-", "--stanza", "db1", "--cluster", "main", "--data",
+         "/var/lib/postgresql/17/main"]
+codes = role.stanzacheck
+
+
+def test_the_database_server_checks_the_stanza_between_its_config_and_archive_settings(tmp_path):
+    r = built(make_inventory(tmp_path), "db1")
+    ids = list(r)
+    conf, stanza = ids.index("template /etc/pgbackrest.conf"), ids.index("stanza db1 upgrade")
+    # stanza-upgrade reads pg1-path from the new config, and runs before the new cluster gets
+    # the archive settings (the postgresql role's upgrade ran before this role)
+    assert conf < stanza < ids.index("template /etc/postgresql/17/main/conf.d/60-pgbackrest.conf")
+    assert r["stanza db1 upgrade"].facts() == {
+        "checks": [{"argv": CHECK, "stdin": role.STANZA_CHECK_SOURCE}],
+        "dirs": ["/etc/postgresql"]}
+    assert "stanza db1 upgrade" not in built(make_inventory(tmp_path), "vault")
+
+
+def plan_stanza(rc, majors=("15", "17")):
+    facts = Facts({"checks": {check_key(CHECK): rc}, "dirs": {"/etc/postgresql": {"entries": {
+        m: {"type": "dir", "target": None, "mtime": 0} for m in majors}}}})
+    return role.StanzaUpgraded("db1", "17", "main", "/var/lib/postgresql/17/main").plan(facts)
+
+
+@pytest.mark.parametrize("rc, reason", [
+    (codes["OLDER"], "the stanza records an older PostgreSQL major than this server's cluster "
+                     "17/main (PostgreSQL 15's cluster is still here: pg_upgradecluster moved "
+                     "the data)"),
+    (codes["OTHER_SYSTEM"], "the stanza records PostgreSQL 17 of another system id"),
+])
+def test_a_stanza_behind_the_cluster_is_upgraded_on_the_database_server(rc, reason):
+    [change] = plan_stanza(rc)
+    assert change.action == "upgrade" and change.why.startswith(reason)
+    assert change.why.endswith("archive-push and backups refuse the cluster until stanza-upgrade")
+    [step] = change.steps
+    assert step["run"] == ["runuser", "-u", "postgres", "--", "pgbackrest", "--stanza=db1",
+                           "--log-level-console=warn", "stanza-upgrade"]
+    assert step["attempts"] > 1 and step["delay"] > 0
+
+
+@pytest.mark.parametrize("rc, reason", [
+    (codes["MATCH"], "the stanza records this server's cluster 17/main"),     # the second run
+    (codes["NOT_UPGRADED"], "no other PostgreSQL major's cluster"),
+    (codes["NO_STANZA"], "the repository has no stanza db1 yet"),
+    (codes["NO_CLUSTER"], "no cluster in /var/lib/postgresql/17/main yet"),
+    (codes["UNKNOWN"], "could not compare this server's cluster 17/main with the stanza (check "
+                       "exit 6"),
+    (124, "could not compare this server's cluster 17/main with the stanza (check exit 124"),
+])
+def test_otherwise_the_stanza_is_left_alone_and_says_why(rc, reason):
+    [noop] = plan_stanza(rc)
+    assert noop.why.startswith(reason), noop.why
+
+
+def test_a_stanza_ahead_of_the_cluster_stops_the_role_with_how_to_go_on():
+    with pytest.raises(PlanError) as e:
+        plan_stanza(codes["NEWER"])
+    assert "never moves a stanza back" in str(e.value)
+    assert "pgbackrest --stanza=db1 stanza-upgrade" in str(e.value)
+
+
+# stanzacheck.py, what the check runs on the database server
+
+OLD_ID, NEW_ID = 7443182330010213476, 7512345678901234567
+
+
+def cluster(tmp_path, version="17", sysid=NEW_ID, others=("15",)):
+    """A data folder with PG_VERSION and pg_control, and /etc/postgresql's cluster folders."""
+    data = tmp_path / "data"
+    (data / "global").mkdir(parents=True)
+    (data / "PG_VERSION").write_text(version + "\n")
+    (data / "global" / "pg_control").write_bytes(struct.pack("=Q", sysid) + bytes(8184))
+    for m in (version, *others):
+        (tmp_path / "etc" / m / "main").mkdir(parents=True)
+    return str(data), str(tmp_path / "etc")
+
+
+def stanza_info(*dbs, code=0):
+    return [{"name": "db1", "status": {"code": code, "message": "?"},
+             "db": [{"id": i, "repo-key": 1, "system-id": sysid, "version": v}
+                    for i, (v, sysid) in enumerate(dbs, 1)]}]
+
+
+@pytest.mark.parametrize("dbs, code, expected", [
+    ([("15", OLD_ID)], 0, "OLDER"),                              # just after pg_upgradecluster
+    ([("15", OLD_ID), ("17", NEW_ID)], 0, "MATCH"),              # after stanza-upgrade
+    ([("17", NEW_ID), ("15", OLD_ID)], 0, "OLDER"),              # the newest id counts
+    ([("15", OLD_ID), ("17", OLD_ID + 1)], 0, "OTHER_SYSTEM"),   # 17 made again
+    ([("18", NEW_ID)], 0, "NEWER"),
+    ([], 1, "NO_STANZA"),                                        # missing stanza path
+    ([], 99, "UNKNOWN"),                                         # the repository unreachable
+])
+def test_the_check_compares_the_stanzas_current_database_with_the_cluster(tmp_path, dbs, code,
+                                                                          expected):
+    data, etc = cluster(tmp_path)
+    rc = codes["decide"]("db1", "main", data, etc, info=lambda s: stanza_info(*dbs, code=code))
+    assert rc == codes[expected]
+
+
+def test_majors_compare_as_numbers():
+    assert codes["verdict"](stanza_info(("9.6", 1)), "db1", "10", 2) == codes["OLDER"]
+    assert codes["verdict"](stanza_info(("17", 1)), "db1", "9.6", 2) == codes["NEWER"]
+    assert codes["verdict"]([{"name": "db2", "db": []}], "db1", "17", 2) == codes["UNKNOWN"]
+
+
+def test_the_repository_is_asked_only_while_another_majors_cluster_is_here(tmp_path):
+    def never(stanza):
+        raise AssertionError("asked the repository")
+    data, etc = cluster(tmp_path, others=())
+    assert codes["decide"]("db1", "main", data, etc, info=never) == codes["NOT_UPGRADED"]
+    assert codes["decide"]("db1", "main", str(tmp_path / "none"), etc, info=never) == \
+        codes["NO_CLUSTER"]
+
+    def unreachable(stanza):
+        raise RuntimeError("ssh: connect to host 10.77.0.14 port 22: Connection timed out")
+    data, etc = cluster(tmp_path / "b")
+    assert codes["decide"]("db1", "main", data, etc, info=unreachable) == codes["UNKNOWN"]
+
+
+def test_the_check_runs_from_stdin_and_reads_pgbackrests_json(tmp_path):
+    """As the agent runs it: `python3 -` with the source on stdin, standard library only. A fake
+    runuser on PATH stands in for `runuser -u postgres -- pgbackrest ... info`."""
+    data, etc = cluster(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "info.json").write_text(json.dumps(stanza_info(("15", OLD_ID))))
+    fake = bin_dir / "runuser"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncat {tmp_path}/info.json\n')
+    fake.chmod(0o755)
+    source = role.STANZA_CHECK_SOURCE.replace('ETC = "/etc/postgresql"', f'ETC = "{etc}"')
+    argv = ["python3", "-I", "-", *CHECK[2:6], "--data", data]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    out = subprocess.run(argv, input=source, text=True, capture_output=True, env=env)
+    assert out.returncode == codes["OLDER"], out.stderr
+    assert (tmp_path / "args").read_text().split() == [
+        "-u", "postgres", "--", "pgbackrest", "--stanza=db1", "--output=json",
+        "--log-level-console=off", "--log-level-file=off", "info"]
+    fake.write_text("#!/bin/sh\necho 'ERROR: [056]: unable to find primary' >&2\nexit 56\n")
+    out = subprocess.run(argv, input=source, text=True, capture_output=True, env=env)
+    assert out.returncode == codes["UNKNOWN"], out.stderr
+
+
+def test_a_repository_host_that_does_not_answer_costs_its_timeout_and_leaves_no_process(tmp_path):
+    data, etc = cluster(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "runuser"           # pgbackrest's ssh, waiting on a host that is down
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {tmp_path}/child\nwait\n")
+    fake.chmod(0o755)
+    source = (role.STANZA_CHECK_SOURCE.replace('ETC = "/etc/postgresql"', f'ETC = "{etc}"')
+              .replace("INFO_TIMEOUT = 40", "INFO_TIMEOUT = 1"))
+    t0 = time.monotonic()
+    out = subprocess.run(["python3", "-I", "-", *CHECK[2:6], "--data", data], input=source,
+                         text=True, capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                         timeout=60)
+    assert out.returncode == codes["UNKNOWN"], out.stderr
+    assert time.monotonic() - t0 < 30
+    state = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")
+    assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"     # killed

@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 JOB_SOURCE = (HERE / "backupjob.py").read_text(encoding="utf-8")
 DRILL_SOURCE = (HERE / "drill.py").read_text(encoding="utf-8")
 backupjob = runpy.run_path(str(HERE / "backupjob.py"), run_name="backupjob")   # shared parsing
+STANZA_CHECK_SOURCE = (HERE / "stanzacheck.py").read_text(encoding="utf-8")
+stanzacheck = runpy.run_path(str(HERE / "stanzacheck.py"), run_name="stanzacheck")   # exit codes
 TOOL_DIR = "/usr/local/lib/provisioner"
 JOB = f"{TOOL_DIR}/backupjob.py"
 DRILL = f"{TOOL_DIR}/drill.py"
@@ -49,6 +51,10 @@ KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
 RESTART = "restart postgresql for archiving"
 VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
+# repo-block is a beta in 2.45 and final from 2.46; the user guide recommends 2.52.1 or later, and
+# before 2.54.2 turning it off again made the backup set's earlier bundles unreadable. Versions
+# here are major.minor: 2.55 is the first all of whose releases have both
+BLOCK_SINCE = (2, 55)
 CALENDAR_RE = re.compile(r"^[A-Za-z0-9 *:.,/~+-]{1,100}\Z")
 # what a key may do when it logs in: run pgBackRest (its remote protocol), nothing else
 RESTRICT = ('no-agent-forwarding,no-X11-forwarding,no-port-forwarding,no-pty,'
@@ -141,6 +147,13 @@ def check(v, ctx) -> dict:
     _known(inv, inv.hosts[repo].address, f"the repository host {repo}", ctx)
     return {"side": "db", "stanza": _stanza(host, inv, ctx), "repo": inv.hosts[repo],
             "ssh_group": ssh_group}
+
+
+def block_incremental(v) -> bool:
+    """Whether the repository's new backups are block incremental (pgbackrest_block_incremental,
+    where the version the role installs has it)."""
+    version = tuple(int(x) for x in str(v["pgbackrest_version"]).split("."))
+    return bool(v["pgbackrest_block_incremental"]) and version >= BLOCK_SINCE
 
 
 def _per_kind(v, var: str, kind_type, what: str) -> dict:
@@ -244,6 +257,81 @@ class StanzaCreated:
         return {}
 
 
+@dataclass(frozen=True)
+class StanzaUpgraded:
+    """After a major upgrade in place (role postgresql, postgresql_upgrade) the stanza still
+    records the old cluster's version and system id, and pgBackRest refuses the new cluster's
+    WAL (archive-push) and files (backup) until `stanza-upgrade`. It runs here, on the database
+    server: the postgresql role's upgrade ran before this role, /etc/pgbackrest.conf already
+    points at the new cluster, and this role writes the new cluster's archive settings only
+    after it (settings pg_upgradecluster carried over make archive-push fail until then, and
+    PostgreSQL keeps the WAL and retries). What the stanza records comes from stanzacheck.py, a
+    check in the role's facts exec sent on stdin (nothing to install first: the run that
+    upgrades has it), which asks the repository only while another major's cluster is on the
+    server."""
+    stanza: str
+    version: str
+    cluster: str
+    data: str
+
+    @property
+    def id(self) -> str:
+        return f"stanza {self.stanza} upgrade"
+
+    @property
+    def check(self) -> list[str]:
+        return ["python3", "-", "--stanza", self.stanza, "--cluster", self.cluster,
+                "--data", self.data]
+
+    def facts(self) -> dict:
+        return {"checks": [{"argv": self.check, "stdin": STANZA_CHECK_SOURCE}],
+                "dirs": ["/etc/postgresql"]}
+
+    def plan(self, facts) -> list:
+        rc, here = facts.check(self.check), f"this server's cluster {self.version}/{self.cluster}"
+        c = stanzacheck
+        if rc == c["MATCH"]:
+            return [Noop(self.id, f"the stanza records {here}")]
+        if rc == c["NOT_UPGRADED"]:
+            return [Noop(self.id, "no other PostgreSQL major's cluster on this server: no upgrade "
+                                  "for the stanza to follow")]
+        if rc == c["NO_STANZA"]:
+            return [Noop(self.id, f"the repository has no stanza {self.stanza} yet: the "
+                                  f"repository host creates it from {here}")]
+        if rc == c["NO_CLUSTER"]:
+            return [Noop(self.id, f"no cluster in {self.data} yet")]
+        if rc == c["NEWER"]:
+            raise PlanError(
+                f"the repository's stanza {self.stanza} records a newer PostgreSQL major than "
+                f"{here} (a rollback to the old cluster?): this role never moves a stanza back, "
+                "and archive-push fails meanwhile. To back this cluster up, run `pgbackrest "
+                f"--stanza={self.stanza} stanza-upgrade` as postgres here; to go on with the "
+                "newer major, set postgresql_version to it")
+        older = [m for m in pg._majors(facts) if m != self.version]
+        if rc == c["OLDER"]:
+            why = (f"the stanza records an older PostgreSQL major than {here} (PostgreSQL "
+                   f"{', '.join(older) or '?'}'s cluster is still here: pg_upgradecluster moved "
+                   "the data)")
+        elif rc == c["OTHER_SYSTEM"]:
+            why = (f"the stanza records PostgreSQL {self.version} of another system id: {here} "
+                   "was made again since the stanza followed it (an upgrade done anew?)")
+        else:
+            return [Noop(self.id, f"could not compare {here} with the stanza (check exit {rc}: "
+                                  "the repository host unreachable, or another pgBackRest "
+                                  "there?); archive-push fails while they differ, the next "
+                                  "run compares again")]
+        argv = ["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={self.stanza}",
+                "--log-level-console=warn", "stanza-upgrade"]
+        # a backup that holds the stanza's lock on the repository host soon fails on the
+        # upgraded cluster: a few tries outlast it
+        return [Change(self.id, "upgrade", why + ": archive-push and backups refuse the cluster "
+                       "until stanza-upgrade", (run_step(argv, attempts=3, timeout=120)
+                                                | {"delay": 10},))]
+
+    def expect(self, facts) -> dict:
+        return {}
+
+
 def keys(v, name: str) -> dict:
     """The two key pairs: `repo` logs in from the repository host to the database servers'
     postgres, `db` from a database server to the repository's pgbackrest user."""
@@ -320,6 +408,7 @@ def _repo(v, ctx, c, pair, groups):
          "retention_days": v["pgbackrest_retention_days"],
          "compress_type": v["pgbackrest_compress_type"],
          "process_max": v["pgbackrest_process_max"],
+         "block_incremental": block_incremental(v),
          "stanzas": [{"name": s.name, "address": s.address, "data": s.data or "", "port": s.port}
                      for s in stanzas]},
         mode="0640", owner="root", group=REPO_USER)
@@ -378,7 +467,8 @@ def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str
 
 def _db(v, ctx, c, pair, groups):
     s, repo = c["stanza"], c["repo"]
-    pgc = {**pg._paths(*pg._cluster_of(v, ctx)), "version": s.version, "port": s.port}
+    version, cluster = pg._cluster_of(v, ctx)
+    pgc = {**pg._paths(version, cluster), "version": s.version, "port": s.port}
     # Debian's postgres user: its home is /var/lib/postgresql; only the repository host's key
     # gets in, and only to run pgBackRest
     yield users.user("postgres", groups=groups,
@@ -398,6 +488,7 @@ def _db(v, ctx, c, pair, groups):
         {"repo_name": repo.name, "repo_address": repo.address, "repo_user": REPO_USER,
          "stanza": s.name, "data": pgc["data"], "port": pgc["port"]},
         mode="0644", owner="root", group="root")
+    yield StanzaUpgraded(s.name, version, cluster, pgc["data"])
     yield templates.template(
         f"{pgc['etc']}/conf.d/60-pgbackrest.conf", "pgbackrest/archive.conf.j2",
         {"stanza": s.name, "archive_timeout": v["pgbackrest_archive_timeout"]},
