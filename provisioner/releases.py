@@ -92,10 +92,10 @@ def release_id(commit: str, when: datetime | None = None) -> str:
 
 @lru_cache(maxsize=1)
 def source() -> str:
-    """What the server runs: remote/deploy.py with the helpers it shares with the agent (one
-    copy of each, in remote/agent.py) ahead of it."""
-    from provisioner.remote import agent, with_helpers
-    return with_helpers(SOURCE.read_text(encoding="utf-8"), agent.flock_held)
+    """What the server runs: remote/deploy.py with the helpers it shares with the agent and
+    the roles (one copy of each, in remote/agent.py and remote/sql.py) ahead of it."""
+    from provisioner.remote import agent, sql, with_helpers
+    return with_helpers(SOURCE.read_text(encoding="utf-8"), agent.flock_held, sql.sql_literal)
 
 
 def command() -> list[str]:

@@ -34,8 +34,9 @@ import urllib.request
 
 if __name__ != "__provisioner_deploy__":
     # imported on the controller (tests); on a server, provisioner/releases.py sent the
-    # source of the helpers shared with the agent ahead of this file's
+    # source of the helpers shared with the agent and the roles ahead of this file's
     from provisioner.remote.agent import flock_held
+    from provisioner.remote.sql import sql_literal
 
 MARKER = "\n--provisioner-deploy-v1--\n"      # must match provisioner/releases.py
 GOOD = ("live", "retired")                     # states of releases that passed a health gate
@@ -814,10 +815,6 @@ def point_name(app, release):
     name, and the release id (time and commit) keeps it unique."""
     room = POINT_NAME_MAX - len(release) - 1
     return "%s-%s" % (app.name[:max(room, 1)], release)
-
-
-def sql_literal(text):
-    return "'" + text.replace("'", "''") + "'"
 
 
 def op_restore_point(app, req, data):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.api import (Change, Connection, Guard, Noop, PlanError, Secret, Unreachable, apt, commands,
-                             config_settings, files, is_secret, private_address, run_step, systemd,
-                             templates)
+                             config_settings, files, is_secret, private_address, run_step, sql_literal,
+                             systemd, templates)
 
 HERE = Path(__file__).resolve().parent
 TOOL_SOURCE = (HERE / "pgtool.py").read_text(encoding="utf-8")
@@ -54,10 +54,6 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _network(value, what: str) -> str:
     try:
         return str(ipaddress.ip_network(str(value), strict=True))
@@ -73,7 +69,7 @@ def _conf_value(value) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, str) and "\n" not in value and "\0" not in value:
-        return _quote_literal(value)
+        return sql_literal(value)
     raise ValueError(f"a postgresql.conf value must be a number, bool or one-line string, "
                      f"not {value!r}")
 
@@ -181,7 +177,7 @@ def config(v: dict, ctx) -> dict:
     lines = [f"{k} = {_conf_value(val)}" for k, val in settings.items()]
     lines += [f"{k} = {val}" for k, val in config_settings(
         "postgresql_settings", v["postgresql_settings"], file="postgresql.conf",
-        name_re=SETTING_RE, managed=settings, bools=("on", "off"), quote=_quote_literal).items()]
+        name_re=SETTING_RE, managed=settings, bools=("on", "off"), quote=sql_literal).items()]
 
     extra = v["postgresql_hba_extra"] or []
     if not isinstance(extra, list) or any(not isinstance(x, str) or "\n" in x for x in extra):
@@ -240,17 +236,17 @@ def _tool(cmd: str, cluster_id: str, *args: str) -> list[str]:
 
 def user_sql(name: str, verifier: str) -> str:
     return (f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
-            f"{_quote_literal(name)}) THEN CREATE ROLE {_quote_ident(name)}; END IF; END$$;\n"
-            f"ALTER ROLE {_quote_ident(name)} WITH LOGIN PASSWORD {_quote_literal(verifier)};\n")
+            f"{sql_literal(name)}) THEN CREATE ROLE {_quote_ident(name)}; END IF; END$$;\n"
+            f"ALTER ROLE {_quote_ident(name)} WITH LOGIN PASSWORD {sql_literal(verifier)};\n")
 
 
 def database_sql(d: dict) -> str:
-    q, lit = _quote_ident(d["name"]), _quote_literal(d["name"])
+    q, lit = _quote_ident(d["name"]), sql_literal(d["name"])
     create = (f"CREATE DATABASE {q} OWNER {_quote_ident(d['owner'])} TEMPLATE template0 "
-              f"ENCODING {_quote_literal(d['encoding'])} LOCALE {_quote_literal(d['locale'])}")
-    keep = ", ".join(_quote_literal(u) for u in d["users"])
+              f"ENCODING {sql_literal(d['encoding'])} LOCALE {sql_literal(d['locale'])}")
+    keep = ", ".join(sql_literal(u) for u in d["users"])
     sql = [
-        f"SELECT {_quote_literal(create)} WHERE NOT EXISTS "
+        f"SELECT {sql_literal(create)} WHERE NOT EXISTS "
         f"(SELECT FROM pg_database WHERE datname = {lit})",
         "\\gexec",
         f"ALTER DATABASE {q} OWNER TO {_quote_ident(d['owner'])};",
