@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -77,11 +79,23 @@ def build(source: str, ref: str) -> Artifact:
     checked on every host after the upload. What is not committed is not deployed."""
     where, prefix = _checkout(source)
     commit = _git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}", cwd=where).strip()
-    tree = f"{commit}:{prefix}" if prefix else commit
-    tar = subprocess.run(["git", "-C", str(where), "archive", "--format=tar", tree],
+    tar = subprocess.run(["git", "-C", str(where), "archive", "--format=tar", f"{commit}:{prefix}"],
                          capture_output=True, timeout=600, check=True).stdout
-    data = gzip.compress(tar, mtime=0)          # the same commit gives the same sha256
+    stamp = int(_git("show", "-s", "--format=%ct", commit, cwd=where))
+    data = gzip.compress(_stamped(tar, stamp), mtime=0)     # the same commit gives the same sha256
     return Artifact(data, hashlib.sha256(data).hexdigest(), commit, ref)
+
+
+def _stamped(tar: bytes, mtime: int) -> bytes:
+    """The tar with every member dated `mtime`. git archive dates the files of a tree (the app's
+    folder, not a whole commit) with the current time, so two builds of one commit differed."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as src, \
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src:
+            member.mtime = mtime
+            dst.addfile(member, src.extractfile(member) if member.isreg() else None)
+    return out.getvalue()
 
 
 def release_id(commit: str, when: datetime | None = None) -> str:

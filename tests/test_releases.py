@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import tarfile
 from datetime import datetime, timezone
@@ -71,7 +72,8 @@ def _repo(tmp_path: Path) -> Path:
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "v1"], check=True)
+    past = {**os.environ, "GIT_AUTHOR_DATE": "@1600000000 +0000", "GIT_COMMITTER_DATE": "@1600000000 +0000"}
+    subprocess.run([*git, "commit", "-qm", "v1"], check=True, env=past)
     (repo / "app" / "server.js").write_text("// v2 (not committed)\n")
     return repo
 
@@ -84,6 +86,7 @@ def test_the_artifact_is_the_committed_app_folder_and_its_sha256(tmp_path: Path)
         names = tar.getnames()
         assert "server.js" in names and "README" not in names
         assert tar.extractfile("server.js").read() == b"// v1\n"      # what is committed only
+        assert {m.mtime for m in tar.getmembers()} == {1600000000}      # dated by the commit, not now
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     assert art.commit == head
