@@ -146,8 +146,17 @@ def current(host: str) -> str:
     return sh(host, "readlink /srv/sample/current").stdout.strip().rpartition("/")[2]
 
 
-def releases() -> dict:
-    return json.loads(invoke("releases", "--env", "local", "--json").stdout)["hosts"]
+def releases(env: str = "local") -> dict:
+    return json.loads(invoke("releases", "--env", env, "--json").stdout)["hosts"]
+
+
+def backup_of(release: str, env: str = "local") -> dict:
+    """The pre-migration backup `invoke releases --json` shows for `release`, the same on
+    every app host."""
+    seen = [{e["id"]: e["backup"] for e in h["releases"]}[release]
+            for h in releases(env).values()]
+    assert all(b == seen[0] for b in seen), seen
+    return seen[0]
 
 
 def lb() -> Connection:
@@ -311,6 +320,9 @@ def test_a_destructive_migration_is_undone_by_db_restore(fleet, repo):
     assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
     assert f"restore point {point} at " in r.stdout and "archived to vault, stanza db1" in r.stdout
     assert "saved to /var/backups" not in r.stdout, "no pg_dump where pgBackRest runs"
+    shown = backup_of(release)
+    assert (shown["kind"], shown["host"], shown["name"], shown["stanza"]) == (
+        "pgbackrest", "db1", point, "db1"), shown
     assert psql(FIRST_NOTE) == "0"
     # written after the point in another database: the rewind takes the whole cluster back
     psql("DROP TABLE IF EXISTS after_the_point; CREATE TABLE after_the_point (n int)",
@@ -348,6 +360,10 @@ def test_without_backup_roles_the_deploy_dumps_and_db_restore_restores_the_dump(
     assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
     assert f"saved to /var/backups/provisioner/sample/before-{release}.dump" in r.stdout
     assert "restore point" not in r.stdout
+    shown = backup_of(release, unbacked)
+    assert (shown["kind"], shown["host"], shown["path"]) == (
+        "dump", "db1", f"/var/backups/provisioner/sample/before-{release}.dump"), shown
+    assert shown["size"] > 0
     assert psql(FIRST_NOTE) == "0"
     refused = db_restore(unbacked, release)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr

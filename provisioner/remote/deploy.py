@@ -10,7 +10,10 @@ Layout of an app (ROOT = /srv/<app>):
     ROOT/current -> releases/<id>   swapped atomically (symlink beside it, then rename)
     ROOT/blue, ROOT/green -> releases/<id>   blue-green: what each colour's pm2 app runs
                                (current: the live colour's release, set once the flip is done)
-    ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}]
+    ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}];
+                               `backup`: the pre-migration backup a deploy took before that
+                               release migrated (its kind, host, path or restore point), when
+                               there was one (manifests written before it have no such key)
     ROOT/.deploy.lock/         the deploy lock: made by one mkdir; owner.json says who
 States: prepared -> live -> retired (passed its health gate: a rollback target) | failed |
 rolled-back.
@@ -678,7 +681,8 @@ def op_watch_5xx(app, req, data):
 
 
 def op_finish(app, req, data):
-    """States in the manifest, old releases pruned, the audit line, the lock released."""
+    """States in the manifest (and the pre-migration backup of the release deployed), old
+    releases pruned, the audit line, the lock released."""
     fd = hold(app, req["run_id"])
     if req.get("point"):            # blue-green: the flip is done, current names what is live
         point(app.current, req["point"])
@@ -689,11 +693,14 @@ def op_finish(app, req, data):
         shutil.rmtree(os.path.join(app.releases, gone), ignore_errors=True)
         app.save([e for e in app.manifest() if e["id"] != gone])
     entries = app.manifest()
+    taken = req.get("backups") or {}     # what the database host saved before a release migrated
     for e in entries:
         new = req.get("states", {}).get(e["id"])
         if new:
             e["state"] = new
             e["%s_at" % new.replace("-", "_")] = now()
+        if e["id"] in taken:
+            e["backup"] = taken[e["id"]]
         if e["id"] == live and e["state"] in GOOD:
             e["state"] = "live"
         elif e["state"] == "live" and e["id"] != live:
@@ -807,7 +814,7 @@ def op_backup(app, req, data):
     app.as_user(["pg_dump", "-Fc", "-f", path + ".tmp", req["database"]], user="postgres",
                 home=pg.pw_dir, cwd="/")
     os.rename(path + ".tmp", path)
-    return {"ok": True, "path": path, "size": os.path.getsize(path)}
+    return {"ok": True, "path": path, "size": os.path.getsize(path), "at": now()}
 
 
 def point_name(app, release):
