@@ -307,6 +307,19 @@ def test_the_status_check_finds_the_apps_after_the_lines_pm2_prints_starting_its
     assert (r.returncode, r.stdout) == (0, "sample: 2 instance(s) online\n")
 
 
+def test_the_status_check_counts_no_pm2_module_as_an_instance_of_an_app_of_its_name(tmp_path):
+    """pm2_app_procs, as in the probe and the host metrics: counted as an instance, a module
+    named like the app would make it look short of instances (exit 5), and the role would
+    restart it at every run."""
+    script = tmp_path / "pm2-app-status"
+    script.write_text(pm2mod.STATUS_CODE)
+    path = pm2_host(tmp_path, jlist_output([proc("sample", 0), proc("sample", 1, module=True)]))
+    r = subprocess.run([sys.executable, str(script), "pm2-app.service", "app", "/home/app",
+                        "/usr/local/bin/pm2", "sample", "1"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": f"{path}:/usr/bin:/bin"})
+    assert (r.returncode, r.stdout) == (0, "sample: 1 instance(s) online\n")
+
+
 # --- live --------------------------------------------------------------------------------------
 
 def th(name):
