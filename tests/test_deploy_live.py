@@ -211,6 +211,9 @@ def test_deploys_and_a_rollback_under_load_lose_no_request(fleet, repo):
     assert new_v1 != v1 and new_v1.endswith(commits["v1"][:12]) and set(health1.values()) == {new_v1}
     # the same package-lock.json: node_modules is not installed again
     assert "npm ci" not in out2 and out2.count("node_modules hard-linked from") == 2, out2
+    # the reload found the app's own processes by the cwd pm2 keeps (pm_cwd) and its
+    # ecosystem file's: not one of them would have been a `pm2 start` (a restart, not a reload)
+    assert out2.count("pm2 reloaded") == 2 and "pm2 started" not in out2, out2
     states = {e["id"]: e["state"] for e in releases()["web2"]["releases"]}
     assert (states[new_v1], states[v2], states[v1]) == ("live", "rolled-back", "retired")
 

@@ -54,18 +54,28 @@ class Fail(Exception):
 
 
 PM2 = "/usr/local/bin/pm2"                    # role pm2's global install
-# argv: pm2's module folder, the pm2 app name. pm2's reload lock is honoured (a reload begun by
-# someone else fails this one), then each instance is reloaded on its own, concurrently.
+# argv: pm2's module folder, the pm2 app name, its ecosystem file. Only the app's own online
+# processes are reloaded: named so, no pm2 module (the rule of pm2_app_procs in
+# provisioner/remote/pm2.py: `pmx_module` in pm2_env), and run from the ecosystem file's `cwd`
+# (pm2 keeps it in pm_cwd, resolved as here; role pm2 writes /srv/<app>/current, or the
+# colour's /srv/<app>/<colour>), so that another process of that name is left alone. pm2's
+# reload lock is honoured (a reload begun by someone else fails this one), then each instance
+# is reloaded on its own, concurrently.
 PM2_RELOAD = r"""
-const [module, name] = process.argv.slice(1);
+const [module, name, eco] = process.argv.slice(1);
+const path = require('path');
 const pm2 = require(module);
 const lock = require(module + '/lib/Common.js');
 const fail = (e) => { console.error(String(e && e.message || e)); process.exit(1); };
+const conf = require(eco).apps[0];
+const cwd = conf.cwd ? path.resolve(conf.cwd) : null;
+const own = (p) => p.name === name && !p.pm2_env.pmx_module
+  && (cwd === null || p.pm2_env.pm_cwd === cwd);
 pm2.connect(false, (err) => {
   if (err) return fail(err);
   pm2.list((err, list) => {
     if (err) return fail(err);
-    const ids = list.filter((p) => p.name === name && p.pm2_env.status === 'online')
+    const ids = list.filter((p) => own(p) && p.pm2_env.status === 'online')
       .map((p) => p.pm_id);
     if (ids.length && lock.lockReload() > 0) {
       return fail('another pm2 reload is in progress on this host; try again in a minute');
@@ -164,15 +174,16 @@ class App:
         return self.as_user([PM2] + list(args), cwd=self.home,
                             env={"PM2_HOME": self.home + "/.pm2"})
 
-    def reload_online(self, name):
-        """pm2 reload of every online instance of pm2 app `name`, all at once: the number
+    def reload_online(self, name, eco):
+        """pm2 reload of every online instance of pm2 app `name` run from ecosystem file `eco`
+        (PM2_RELOAD: no pm2 module, no other process of that name), all at once: the number
         reloaded (0: none online, nothing done). One node process on pm2's own API in place of
         `pm2 jlist` + `pm2 reload` (two CLI start-ups), and the instances side by side: pm2's CLI
         reloads a cluster of two or fewer one instance after the other, so a host's reload took
         two of the app's graceful shutdowns in a row. Each old instance still stops only once
         its replacement listens, so the app never has fewer instances listening."""
         module = os.path.dirname(os.path.dirname(os.path.realpath(PM2)))
-        out = self.as_user(["/usr/bin/node", "-e", PM2_RELOAD, module, name], cwd=self.home,
+        out = self.as_user(["/usr/bin/node", "-e", PM2_RELOAD, module, name, eco], cwd=self.home,
                            env={"PM2_HOME": self.home + "/.pm2"}, what="pm2 reload " + name)
         return json.loads(out.strip().splitlines()[-1])["reloaded"]
 
@@ -450,10 +461,10 @@ def reload(app, name, eco):
     """pm2 reload of pm2 app `name` (cluster mode: one instance at a time, no request
     dropped); the first release starts it from the ecosystem file role pm2 wrote, and records
     its stamp so that the next provision sees it started from that file."""
-    if app.reload_online(name):
-        return "reloaded"
     if not os.path.exists(eco):
         raise Fail("%s is missing: provision the host first (role pm2 writes it)" % eco)
+    if app.reload_online(name, eco):
+        return "reloaded"
     app.pm2("start", eco)
     app.pm2("save")
     stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, name)
