@@ -312,8 +312,10 @@ class Fleet:
         return failed
 
     def finish(self, hosts: list[Host], states: dict[str, str], result: str,
-               discard: str | None = None, point: str | None = None) -> None:
-        """point (blue-green, after the flip): current -> that release."""
+               discard: str | None = None, point: str | None = None,
+               backups: dict[str, dict] | None = None) -> None:
+        """point (blue-green, after the flip): current -> that release. backups: {release: the
+        backup taken before it migrated} for each host's manifest (`invoke releases`)."""
         def fn(h: Host):
             audit = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "task": self.task, "app": self.app.name, "env": self.inv.env,
@@ -321,7 +323,7 @@ class Fleet:
                      "states": states}
             a = call(self.conn(h), self.base(h, "finish", states=states, keep=self.app.keep,
                                              audit=audit, audit_log=AUDIT_LOG, discard=discard,
-                                             point=point))
+                                             point=point, backups=backups or {}))
             if not a.get("ok"):
                 return "failed", a.get("error", "failed"), a
             pruned = f"; pruned {', '.join(a['pruned'])}" if a.get("pruned") else ""
@@ -580,7 +582,8 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
         # prepared)
         backup = side.submit(fleet.backup, release) if fleet.app.migrate else None
         answers = fleet.lock(fleet.hosts, artifact, release)
-        backed_up = backup is None or backup.result().get("ok")
+        taken = backup.result() if backup else None
+        backed_up = taken is None or taken.get("ok")
     prepared = [h for h in fleet.hosts if answers[h.name].get("ok")]
     code = _refused(fleet, answers)
     if code is not None:
@@ -596,12 +599,23 @@ def deploy(fleet: Fleet, artifact: Artifact, serial: int, canary: Canary | None 
     else:
         passed, back, failed = rollout(fleet, release, serial, canary)
     seen = [a["why"] for a in failed.values() if a.get("why") and not a.get("left")]
+    recorded = {release: backup_record(taken, fleet.db_host().name)} if taken else None
     fleet.finish(fleet.hosts, {release: "live" if passed else "failed"},
                  _result(passed, seen, canary), point=release if passed and fleet.app.colours
-                 else None)
+                 else None, backups=recorded)
     if passed:
         return EXIT_OK
     return _failed(fleet, release, canary, back, failed, seen)
+
+
+def backup_record(answer: dict, host: str) -> dict:
+    """What a release's manifest keeps of the backup taken before it migrated (the answer of
+    op backup or op restore_point, on the database host `host`): where it is and what it is,
+    so that `invoke releases` shows what `db.restore --before` can restore."""
+    kind = answer.get("kind", "dump")              # op backup's answer names no kind
+    keys = ("stanza", "name", "lsn", "at", "path") if kind == "pgbackrest" else \
+        ("path", "size", "at")
+    return {"kind": kind, "host": host, **{k: answer[k] for k in keys if k in answer}}
 
 
 def _failed(fleet: Fleet, release: str, canary: Canary | None, back: list[Host],

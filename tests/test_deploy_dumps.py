@@ -40,6 +40,7 @@ class Servers:
         self.releases = {h: list(releases) for h in ("web1", "web2")}
         self.dumps = set(dumps)
         self.backup_sets = backup_sets        # in the pgBackRest repository
+        self.finishes = {}                    # host -> its last finish request
 
     def call(self, host, req, data=b"", timeout=None):
         op = req["op"]
@@ -51,7 +52,8 @@ class Servers:
                     "manifest": [{"id": r, "state": "live"} for r in self.releases[host]]}
         if op == "backup":
             self.dumps.add(req["release"])
-            return {"ok": True, "path": f"/var/backups/before-{req['release']}.dump", "size": 9}
+            return {"ok": True, "path": f"/var/backups/before-{req['release']}.dump", "size": 9,
+                    "at": "2026-06-01T10:00:00Z"}
         if op == "restore_point":
             self.requests.append(req)
             if not self.backup_sets:
@@ -59,13 +61,16 @@ class Servers:
             self.dumps.add(req["release"])
             return {"ok": True, "kind": "pgbackrest", "name": f"sample-{req['release']}",
                     "lsn": "0/7000090", "wal": "000000010000000000000007",
-                    "at": "2026-06-01T10:00:00Z", "stanza": req["stanza"]}
+                    "at": "2026-06-01T10:00:00Z", "stanza": req["stanza"],
+                    "base": "20260601-090000F",
+                    "path": f"/var/backups/provisioner/sample/before-{req['release']}.json"}
         if op == "migrate":
             return {"ok": True, "output": "up 001.js"}
         if op == "switch":
             self.releases[host].append(req["release"])
             return {"ok": True, "previous": "r1", "seen": "200", "how": "reloaded"}
         if op == "finish":
+            self.finishes[host] = req
             keep = self.releases[host][-2:]                  # keep: 2
             self.releases[host] = keep
             return {"ok": True, "current": keep[-1], "pruned": [],
@@ -459,3 +464,125 @@ def test_db_restore_releases_and_unlock_print_what_servers_said_with_secrets_mas
     say("db1: restore failed: FATAL: password pg-app-password-7f3a rejected", file=sys.stderr)
     said = capsys.readouterr().err
     assert said == f"db1: restore failed: FATAL: password {secret.MASK} rejected\n"
+
+
+# --- `invoke releases`: each release's pre-migration backup, from its manifest ----------------
+
+DUMP = {"kind": "dump", "host": "db1", "path": "/var/backups/before-r2.dump", "size": 9,
+        "at": "2026-06-01T10:00:00Z"}
+
+
+def failing(servers: Servers, op: str, answer: dict) -> Servers:
+    """`servers`, whose `op` answers `answer` instead."""
+    real = servers.call
+    servers.call = lambda host, req, data=b"", timeout=None: (
+        dict(answer) if req["op"] == op else real(host, req, data, timeout))
+    return servers
+
+
+def test_a_deploy_records_its_dump_in_every_hosts_manifest(deploy_root: Path, monkeypatch):
+    servers = Servers()
+    assert flows.deploy(fleet_of(load(deploy_root, MIGRATES), servers, monkeypatch),
+                        ARTIFACT, 1) == 0
+    assert {h: req["backups"] for h, req in servers.finishes.items()} == {
+        "web1": {"r2": DUMP}, "web2": {"r2": DUMP}}
+
+
+def test_a_deploy_records_its_restore_point_not_the_helpers_bookkeeping(monkeypatch):
+    servers = Servers()
+    assert flows.deploy(local_fleet(servers, monkeypatch), ARTIFACT, 1) == 0
+    assert servers.finishes["web1"]["backups"] == {"r2": {
+        "kind": "pgbackrest", "host": "db1", "stanza": "db1", "name": "sample-r2",
+        "lsn": "0/7000090", "at": "2026-06-01T10:00:00Z",
+        "path": "/var/backups/provisioner/sample/before-r2.json"}}
+
+
+def test_a_release_that_failed_its_gate_keeps_its_backup_on_record(deploy_root: Path,
+                                                                     monkeypatch):
+    """Its migration ran: undoing it is what db.restore --before is for."""
+    servers = failing(Servers(), "switch", {"ok": False, "previous": "r1", "seen": "500",
+                                            "reverted": "r1", "revert_seen": "200"})
+    assert flows.deploy(fleet_of(load(deploy_root, MIGRATES), servers, monkeypatch),
+                        ARTIFACT, 1) == 1
+    assert servers.finishes["web1"]["states"] == {"r2": "failed"}
+    assert servers.finishes["web1"]["backups"] == {"r2": DUMP}
+
+
+@pytest.mark.parametrize("app, migrate", [
+    (APPS, None), (MIGRATES, {"ok": False, "error": "exit 1"})],
+    ids=["no migration", "failed migration: the release is discarded"])
+def test_no_backup_is_recorded_without_a_release_that_migrated(deploy_root: Path, monkeypatch,
+                                                               app, migrate):
+    servers = failing(Servers(), "migrate", migrate) if migrate else Servers()
+    flows.deploy(fleet_of(load(deploy_root, app), servers, monkeypatch), ARTIFACT, 1)
+    assert servers.finishes and all(req["backups"] == {} for req in servers.finishes.values())
+
+
+def test_finish_writes_the_backup_into_the_releases_entry_and_old_entries_stay(tmp_path: Path):
+    from test_deploy_switch import RUN, app_in
+    app = app_in(tmp_path, current="r2")
+    old = {"id": "r1", "commit": "c" * 40, "state": "live", "at": "2026-05-01T10:00:00Z",
+           "by": "alice@laptop"}                              # written before backups were
+    app.save([old, dict(old, id="r2", state="prepared")])
+    a = remote.op_finish(app, {"run_id": RUN, "states": {"r2": "live"}, "keep": 5, "audit": {},
+                               "audit_log": str(tmp_path / "audit.log"),
+                               "backups": {"r2": DUMP}}, None)
+    assert a["ok"]
+    r1, r2 = app.manifest()
+    assert r2["backup"] == DUMP and r2["state"] == "live"
+    assert r1 == dict(old, state="retired"), "r1 as it was, no backup key added"
+
+
+def test_the_record_names_the_dump_db_restore_restores(db_host, tmp_path: Path):
+    """op backup's answer, kept by the manifest, names the file (and size) that op backups
+    lists for db.restore."""
+    app = remote.App({"app": "shop"})
+    db_host.answers["pg_dump"] = ""
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "before-r2.dump.tmp").write_bytes(b"PGDMP-of-r2")   # as pg_dump -f
+    record = flows.backup_record(remote.op_backup(app, {"release": "r2", "database": "app"},
+                                                  None), "db1")
+    listed = remote.op_backups(app, {}, None)["backups"]["r2"]
+    assert (record["kind"], record["host"], record["path"], record["size"]) == (
+        "dump", "db1", listed["path"], 11)
+    assert record["at"].startswith("20") and record["at"].endswith("Z")
+
+
+@pytest.fixture
+def releases_cli(monkeypatch):
+    """`invoke releases` of the local env, each host answering with a manifest: r1 from before
+    backups were recorded, r2 migrated with a dump, r3 with a restore point."""
+    from provisioner.cli import deploy as cli
+    point = {"kind": "pgbackrest", "host": "db1", "stanza": "db1", "name": "sample-r3",
+             "lsn": "0/7000090", "at": "2026-06-03T10:00:00Z",
+             "path": "/var/backups/provisioner/sample/before-r3.json"}
+    entry = {"commit": "c" * 40, "state": "retired", "at": "2026-06-01T10:00:00Z",
+             "by": "alice@laptop"}
+    manifest = [dict(entry, id="r1"), dict(entry, id="r2", backup=dict(DUMP, size=3 << 20)),
+                dict(entry, id="r3", state="live", backup=point)]
+    answer = {"ok": True, "current": "r3", "lock": None, "manifest": manifest}
+    monkeypatch.setattr(cli, "_ask_hosts", lambda env, app, limit, op: (
+        load_inventory("local").app(None), {"web1": answer}))
+    return lambda **kw: cli.releases.body(None, env="local", **kw)
+
+
+def test_releases_shows_each_releases_backup_and_where_it_is(releases_cli, capsys):
+    releases_cli()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "web1: sample"
+    head, r3, r2, r1 = out[1:]
+    assert head.split()[-4:] == ["BACKUP", "BEFORE", "ITS", "MIGRATION"]
+    assert r3.split()[:3] == ["*", "r3", "live"] and r3.endswith(
+        "alice@laptop  restore point sample-r3 on db1 (pgBackRest stanza db1)")
+    assert r2.endswith("alice@laptop  pg_dump db1:/var/backups/before-r2.dump (3.0 MiB)")
+    assert r1.split()[:2] == ["r1", "retired"] and r1.endswith("alice@laptop  -")
+    assert len({line.index("alice") for line in (r1, r2, r3)}) == 1, "one column"
+
+
+def test_releases_json_gives_every_release_a_backup_field(releases_cli, capsys):
+    releases_cli(json=True)
+    doc = json.loads(capsys.readouterr().out)
+    backups_of = {e["id"]: e["backup"] for e in doc["hosts"]["web1"]["releases"]}
+    assert backups_of["r1"] is None, "an entry from before the record: null, not missing"
+    assert backups_of["r2"]["path"] == "/var/backups/before-r2.dump"
+    assert backups_of["r3"]["name"] == "sample-r3" and backups_of["r3"]["host"] == "db1"

@@ -146,8 +146,17 @@ def current(host: str) -> str:
     return sh(host, "readlink /srv/sample/current").stdout.strip().rpartition("/")[2]
 
 
-def releases() -> dict:
-    return json.loads(invoke("releases", "--env", "local", "--json").stdout)["hosts"]
+def releases(env: str = "local") -> dict:
+    return json.loads(invoke("releases", "--env", env, "--json").stdout)["hosts"]
+
+
+def backup_of(release: str, env: str = "local") -> dict:
+    """The pre-migration backup `invoke releases --json` shows for `release`, the same on
+    every app host."""
+    seen = [{e["id"]: e["backup"] for e in h["releases"]}[release]
+            for h in releases(env).values()]
+    assert all(b == seen[0] for b in seen), seen
+    return seen[0]
 
 
 def lb() -> Connection:
@@ -202,6 +211,9 @@ def test_deploys_and_a_rollback_under_load_lose_no_request(fleet, repo):
     assert new_v1 != v1 and new_v1.endswith(commits["v1"][:12]) and set(health1.values()) == {new_v1}
     # the same package-lock.json: node_modules is not installed again
     assert "npm ci" not in out2 and out2.count("node_modules hard-linked from") == 2, out2
+    # the reload found the app's own processes by the cwd pm2 keeps (pm_cwd) and its
+    # ecosystem file's: not one of them would have been a `pm2 start` (a restart, not a reload)
+    assert out2.count("pm2 reloaded") == 2 and "pm2 started" not in out2, out2
     states = {e["id"]: e["state"] for e in releases()["web2"]["releases"]}
     assert (states[new_v1], states[v2], states[v1]) == ("live", "rolled-back", "retired")
 
@@ -311,6 +323,9 @@ def test_a_destructive_migration_is_undone_by_db_restore(fleet, repo):
     assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
     assert f"restore point {point} at " in r.stdout and "archived to vault, stanza db1" in r.stdout
     assert "saved to /var/backups" not in r.stdout, "no pg_dump where pgBackRest runs"
+    shown = backup_of(release)
+    assert (shown["kind"], shown["host"], shown["name"], shown["stanza"]) == (
+        "pgbackrest", "db1", point, "db1"), shown
     assert psql(FIRST_NOTE) == "0"
     # written after the point in another database: the rewind takes the whole cluster back
     psql("DROP TABLE IF EXISTS after_the_point; CREATE TABLE after_the_point (n int)",
@@ -348,6 +363,10 @@ def test_without_backup_roles_the_deploy_dumps_and_db_restore_restores_the_dump(
     assert "up 002_forget_the_first_note.js" in r.stdout, r.stdout
     assert f"saved to /var/backups/provisioner/sample/before-{release}.dump" in r.stdout
     assert "restore point" not in r.stdout
+    shown = backup_of(release, unbacked)
+    assert (shown["kind"], shown["host"], shown["path"]) == (
+        "dump", "db1", f"/var/backups/provisioner/sample/before-{release}.dump"), shown
+    assert shown["size"] > 0
     assert psql(FIRST_NOTE) == "0"
     refused = db_restore(unbacked, release)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr

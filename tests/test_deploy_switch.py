@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from fake_pm2 import pm2_api, proc, reloaded
 from provisioner.remote import deploy as remote
+from provisioner.remote.pm2 import pm2_app_procs
 
 RUN = "a" * 32
 
@@ -123,3 +127,69 @@ def test_node_modules_are_hard_linked_from_the_live_release_else_the_newest_twin
     assert prepare("new") == ("hard-linked from r2", "r2")       # the newest twin
     assert ran == []
     assert prepare("other")[0] == "npm ci" and ran == [["npm", "ci"]]
+
+
+# --- which processes the reload takes (PM2_RELOAD, on pm2's API) --------------------------------
+
+needs_node = pytest.mark.skipif(not shutil.which("node"), reason="node is not installed here")
+
+
+def reload_app(tmp_path: Path, monkeypatch, procs: list[dict], name="shop",
+               cwd="/srv/shop/current") -> tuple[remote.App, str, Path]:
+    """An App whose pm2 lists `procs` (fake_pm2.pm2_api) and whose node is this machine's, with
+    the ecosystem file of pm2 app `name` run from `cwd`, as role pm2 writes it. Returns (the
+    app, the ecosystem file, pm2's folder)."""
+    folder = pm2_api(tmp_path, procs)
+    monkeypatch.setattr(remote, "PM2", str(folder / "bin" / "pm2"))
+    eco = tmp_path / "ecosystem.config.js"
+    eco.write_text("module.exports = {apps: [%s]};\n" % json.dumps(
+        {"name": name, "script": "server.js", "cwd": cwd}))
+    app = remote.App({"app": "shop", "user": "app", "home": str(tmp_path)})
+
+    def as_user(argv, cwd=None, env=None, timeout=900, user=None, home=None, what=None):
+        r = subprocess.run([shutil.which("node"), *argv[1:]], capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode:
+            raise remote.Fail(f"{what} exited {r.returncode}:\n{r.stderr}")
+        return r.stdout
+    monkeypatch.setattr(app, "as_user", as_user)
+    return app, str(eco), folder
+
+
+@needs_node
+def test_the_reload_takes_the_apps_own_processes_and_no_module_or_namesake(tmp_path,
+                                                                          monkeypatch):
+    procs = [proc("shop", 0), proc("shop", 1), proc("shop", 2, "stopped"),
+             # a pm2 module that carries the app's name (its cwd too, to test that rule alone)
+             proc("shop", 3, module=True, cwd="/srv/shop/current"),
+             # another process of that name, not started from the app's ecosystem file
+             proc("shop", 4, cwd="/home/app/tools"),
+             proc("pm2-logrotate", 5, module=True), proc("other", 6)]
+    app, eco, folder = reload_app(tmp_path, monkeypatch, procs)
+    assert app.reload_online("shop", eco) == 2
+    assert reloaded(folder) == [0, 1]
+    # the rule of the scripts that ask pm2 (pm2_app_procs), and the ecosystem file's cwd
+    assert reloaded(folder) == [p["pm_id"] for p in pm2_app_procs(procs, "shop")
+                                if p["pm2_env"]["status"] == "online"
+                                and p["pm2_env"]["pm_cwd"] == "/srv/shop/current"]
+
+
+@needs_node
+def test_a_colours_reload_takes_that_colours_processes(tmp_path, monkeypatch):
+    procs = [proc("shop-blue", 0, cwd="/srv/shop/blue"),
+             proc("shop-green", 1, cwd="/srv/shop/green"),
+             proc("shop-green", 2, module=True, cwd="/srv/shop/green")]
+    app, eco, folder = reload_app(tmp_path, monkeypatch, procs, "shop-green", "/srv/shop/green")
+    assert app.reload_online("shop-green", eco) == 1 and reloaded(folder) == [1]
+
+
+@needs_node
+def test_a_module_or_namesake_online_is_no_app_running_the_first_release_starts_it(
+        tmp_path, monkeypatch):
+    procs = [proc("shop", 0, module=True, cwd="/srv/shop/current"),
+             proc("shop", 1, cwd="/home/app/tools")]
+    app, eco, folder = reload_app(tmp_path, monkeypatch, procs)
+    started = []
+    monkeypatch.setattr(app, "pm2", lambda *args: started.append(args))
+    assert remote.reload(app, "shop", eco) == "started"
+    assert started == [("start", eco), ("save",)] and reloaded(folder) == []

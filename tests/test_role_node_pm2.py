@@ -294,17 +294,31 @@ def test_pm2_jlist_is_the_last_line_that_is_a_json_list(before, after):
     assert pm2_jlist(jlist_output(procs, before) + after) == procs
 
 
+def status_check(tmp_path, procs: list[dict], instances: int) -> tuple[int, str]:
+    """Role pm2's status check of app `sample` with `instances` wanted, run here on a host
+    whose `pm2 jlist` lists `procs` (after the lines of a daemon start): (exit, output)."""
+    script = tmp_path / "pm2-app-status"
+    script.write_text(pm2mod.STATUS_CODE)
+    path = pm2_host(tmp_path, jlist_output(procs))
+    r = subprocess.run([sys.executable, str(script), "pm2-app.service", "app", "/home/app",
+                        "/usr/local/bin/pm2", "sample", str(instances)], capture_output=True,
+                       text=True, timeout=60, env={"PATH": f"{path}:/usr/bin:/bin"})
+    return r.returncode, r.stdout
+
+
 def test_the_status_check_finds_the_apps_after_the_lines_pm2_prints_starting_its_daemon(tmp_path):
     """pm2 jlist prints "[PM2] Spawning PM2 daemon ..." ahead of the list when it started its
     daemon: read from the first "[", the list was not JSON, and every app looked down (6)."""
-    script = tmp_path / "pm2-app-status"
-    script.write_text(pm2mod.STATUS_CODE)
     procs = [proc("sample", 0), proc("sample", 1), proc("pm2-logrotate", 2, module=True)]
-    path = pm2_host(tmp_path, jlist_output(procs))
-    r = subprocess.run([sys.executable, str(script), "pm2-app.service", "app", "/home/app",
-                        "/usr/local/bin/pm2", "sample", "2"], capture_output=True, text=True,
-                       timeout=60, env={"PATH": f"{path}:/usr/bin:/bin"})
-    assert (r.returncode, r.stdout) == (0, "sample: 2 instance(s) online\n")
+    assert status_check(tmp_path, procs, 2) == (0, "sample: 2 instance(s) online\n")
+
+
+def test_the_status_check_counts_no_pm2_module_as_an_instance_of_an_app_of_its_name(tmp_path):
+    """pm2_app_procs, as in the probe and the host metrics: counted as an instance, a module
+    named like the app would make it look short of instances (exit 5), and the role would
+    restart it at every run."""
+    procs = [proc("sample", 0), proc("sample", 1, module=True)]
+    assert status_check(tmp_path, procs, 1) == (0, "sample: 1 instance(s) online\n")
 
 
 # --- live --------------------------------------------------------------------------------------

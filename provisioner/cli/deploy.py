@@ -136,11 +136,14 @@ def _ask_hosts(env, app, limit, op_request):
 @task(help={"env": FLAG_HELP["env"], "app": HELP["app"], "limit": HELP["limit"],
             "json": "one JSON document on stdout"})
 def releases(c, env="local", app=None, limit=None, json=False):
-    """Per host: every release (id, commit, state, when, by whom) and which one is current."""
+    """Per host: every release (id, commit, state, when, by whom, the backup taken before it
+    migrated) and which one is current."""
     the_app, answers = _ask_hosts(env, app, limit, {"op": "list"})
     if json:
         say(jsonlib.dumps({"app": the_app.name, "hosts": {
-            n: ({"current": a["current"], "releases": a["manifest"], "lock": a["lock"]}
+            n: ({"current": a["current"], "lock": a["lock"],
+                 # a manifest written before backups were recorded has no such key
+                 "releases": [{**e, "backup": e.get("backup")} for e in a["manifest"]]}
                 if a.get("ok") else {"error": a.get("error")}) for n, a in answers.items()}},
             indent=1))
     else:
@@ -150,16 +153,38 @@ def releases(c, env="local", app=None, limit=None, json=False):
                 continue
             lock = f" (locked by {run_lock.holder_text(a['lock'])})" if a.get("lock") else ""
             say(f"{name}: {the_app.name}{lock}")
-            for e in reversed(a["manifest"]):
-                mark = "*" if e["id"] == a["current"] else " "
-                say(f"  {mark} {e['id']}  {e['state']:<11} {e['commit'][:12]}  {e['at']}  {e['by']}")
-            if not a["manifest"]:
-                say("    (no release)")
+            for line in release_table(a["manifest"], a["current"]):
+                say(line)
     if any(not a.get("ok") for a in answers.values()):
         raise Exit(code=EXIT_UNREACHABLE if all("unreachable" in str(a.get("error", "")) or
                                                 "cannot connect" in str(a.get("error", ""))
                                                 for a in answers.values() if not a.get("ok"))
                    else EXIT_FAILED)
+
+
+def release_table(manifest: list[dict], current: str | None) -> list[str]:
+    """One host's releases, newest first, `*` marking current: id, state, commit, when, by
+    whom, and the backup taken before the release migrated (what `db.restore --before` can
+    restore), as the deploy recorded it in the manifest."""
+    if not manifest:
+        return ["    (no release)"]
+    rows = [("", "RELEASE", "STATE", "COMMIT", "AT", "BY", "BACKUP BEFORE ITS MIGRATION")] + [
+        ("*" if e["id"] == current else "", e["id"], e["state"], e["commit"][:12], e["at"],
+         e["by"], backup_text(e.get("backup"))) for e in reversed(manifest)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def backup_text(backup: dict | None) -> str:
+    """A release's pre-migration backup in a word or two and where it is; "-": none (the
+    deploy ran no migration, or the manifest predates the record)."""
+    from provisioner.humanize import size
+    if not backup:
+        return "-"
+    if backup["kind"] == "pgbackrest":
+        return (f"restore point {backup['name']} on {backup['host']} (pgBackRest stanza "
+                f"{backup['stanza']})")
+    return f"pg_dump {backup['host']}:{backup['path']} ({size(backup['size'])})"
 
 
 @task(help={"env": FLAG_HELP["env"], "app": HELP["app"], "limit": HELP["limit"],

@@ -10,7 +10,10 @@ Layout of an app (ROOT = /srv/<app>):
     ROOT/current -> releases/<id>   swapped atomically (symlink beside it, then rename)
     ROOT/blue, ROOT/green -> releases/<id>   blue-green: what each colour's pm2 app runs
                                (current: the live colour's release, set once the flip is done)
-    ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}]
+    ROOT/releases.json         the manifest: [{id, commit, ref, sha256, at, by, state, ...}];
+                               `backup`: the pre-migration backup a deploy took before that
+                               release migrated (its kind, host, path or restore point), when
+                               there was one (manifests written before it have no such key)
     ROOT/.deploy.lock/         the deploy lock: made by one mkdir; owner.json says who
 States: prepared -> live -> retired (passed its health gate: a rollback target) | failed |
 rolled-back.
@@ -51,18 +54,28 @@ class Fail(Exception):
 
 
 PM2 = "/usr/local/bin/pm2"                    # role pm2's global install
-# argv: pm2's module folder, the pm2 app name. pm2's reload lock is honoured (a reload begun by
-# someone else fails this one), then each instance is reloaded on its own, concurrently.
+# argv: pm2's module folder, the pm2 app name, its ecosystem file. Only the app's own online
+# processes are reloaded: named so, no pm2 module (the rule of pm2_app_procs in
+# provisioner/remote/pm2.py: `pmx_module` in pm2_env), and run from the ecosystem file's `cwd`
+# (pm2 keeps it in pm_cwd, resolved as here; role pm2 writes /srv/<app>/current, or the
+# colour's /srv/<app>/<colour>), so that another process of that name is left alone. pm2's
+# reload lock is honoured (a reload begun by someone else fails this one), then each instance
+# is reloaded on its own, concurrently.
 PM2_RELOAD = r"""
-const [module, name] = process.argv.slice(1);
+const [module, name, eco] = process.argv.slice(1);
+const path = require('path');
 const pm2 = require(module);
 const lock = require(module + '/lib/Common.js');
 const fail = (e) => { console.error(String(e && e.message || e)); process.exit(1); };
+const conf = require(eco).apps[0];
+const cwd = conf.cwd ? path.resolve(conf.cwd) : null;
+const own = (p) => p.name === name && !p.pm2_env.pmx_module
+  && (cwd === null || p.pm2_env.pm_cwd === cwd);
 pm2.connect(false, (err) => {
   if (err) return fail(err);
   pm2.list((err, list) => {
     if (err) return fail(err);
-    const ids = list.filter((p) => p.name === name && p.pm2_env.status === 'online')
+    const ids = list.filter((p) => own(p) && p.pm2_env.status === 'online')
       .map((p) => p.pm_id);
     if (ids.length && lock.lockReload() > 0) {
       return fail('another pm2 reload is in progress on this host; try again in a minute');
@@ -161,15 +174,16 @@ class App:
         return self.as_user([PM2] + list(args), cwd=self.home,
                             env={"PM2_HOME": self.home + "/.pm2"})
 
-    def reload_online(self, name):
-        """pm2 reload of every online instance of pm2 app `name`, all at once: the number
+    def reload_online(self, name, eco):
+        """pm2 reload of every online instance of pm2 app `name` run from ecosystem file `eco`
+        (PM2_RELOAD: no pm2 module, no other process of that name), all at once: the number
         reloaded (0: none online, nothing done). One node process on pm2's own API in place of
         `pm2 jlist` + `pm2 reload` (two CLI start-ups), and the instances side by side: pm2's CLI
         reloads a cluster of two or fewer one instance after the other, so a host's reload took
         two of the app's graceful shutdowns in a row. Each old instance still stops only once
         its replacement listens, so the app never has fewer instances listening."""
         module = os.path.dirname(os.path.dirname(os.path.realpath(PM2)))
-        out = self.as_user(["/usr/bin/node", "-e", PM2_RELOAD, module, name], cwd=self.home,
+        out = self.as_user(["/usr/bin/node", "-e", PM2_RELOAD, module, name, eco], cwd=self.home,
                            env={"PM2_HOME": self.home + "/.pm2"}, what="pm2 reload " + name)
         return json.loads(out.strip().splitlines()[-1])["reloaded"]
 
@@ -447,10 +461,10 @@ def reload(app, name, eco):
     """pm2 reload of pm2 app `name` (cluster mode: one instance at a time, no request
     dropped); the first release starts it from the ecosystem file role pm2 wrote, and records
     its stamp so that the next provision sees it started from that file."""
-    if app.reload_online(name):
-        return "reloaded"
     if not os.path.exists(eco):
         raise Fail("%s is missing: provision the host first (role pm2 writes it)" % eco)
+    if app.reload_online(name, eco):
+        return "reloaded"
     app.pm2("start", eco)
     app.pm2("save")
     stamp = "%s/.pm2/provisioner-%s.ecosystem.sha256" % (app.home, name)
@@ -678,7 +692,8 @@ def op_watch_5xx(app, req, data):
 
 
 def op_finish(app, req, data):
-    """States in the manifest, old releases pruned, the audit line, the lock released."""
+    """States in the manifest (and the pre-migration backup of the release deployed), old
+    releases pruned, the audit line, the lock released."""
     fd = hold(app, req["run_id"])
     if req.get("point"):            # blue-green: the flip is done, current names what is live
         point(app.current, req["point"])
@@ -689,11 +704,14 @@ def op_finish(app, req, data):
         shutil.rmtree(os.path.join(app.releases, gone), ignore_errors=True)
         app.save([e for e in app.manifest() if e["id"] != gone])
     entries = app.manifest()
+    taken = req.get("backups") or {}     # what the database host saved before a release migrated
     for e in entries:
         new = req.get("states", {}).get(e["id"])
         if new:
             e["state"] = new
             e["%s_at" % new.replace("-", "_")] = now()
+        if e["id"] in taken:
+            e["backup"] = taken[e["id"]]
         if e["id"] == live and e["state"] in GOOD:
             e["state"] = "live"
         elif e["state"] == "live" and e["id"] != live:
@@ -807,7 +825,7 @@ def op_backup(app, req, data):
     app.as_user(["pg_dump", "-Fc", "-f", path + ".tmp", req["database"]], user="postgres",
                 home=pg.pw_dir, cwd="/")
     os.rename(path + ".tmp", path)
-    return {"ok": True, "path": path, "size": os.path.getsize(path)}
+    return {"ok": True, "path": path, "size": os.path.getsize(path), "at": now()}
 
 
 def point_name(app, release):

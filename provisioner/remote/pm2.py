@@ -19,3 +19,13 @@ def pm2_jlist(output):
         if isinstance(procs, list):
             return procs
     raise ValueError("no process list in pm2 jlist's output")
+
+
+def pm2_app_procs(procs, name=None):
+    """The processes of apps in pm2's process list (of app `name` only, when given): not pm2's
+    own modules (pm2-logrotate), which pm2 lists beside the apps with `pmx_module` set in
+    their pm2_env; nothing keeps an app from a module's name, and as an app a module would be
+    counted, alerted on, reloaded. The one rule of every script that asks pm2; deploy's reload
+    (PM2_RELOAD in remote/deploy.py, JavaScript on pm2's API) applies it too."""
+    return [p for p in procs if not (p.get("pm2_env") or {}).get("pmx_module")
+            and (name is None or p.get("name") == name)]

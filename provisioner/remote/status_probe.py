@@ -17,8 +17,8 @@ import urllib.request
 
 if __name__ != "__main__":
     # imported on the controller (tests); on a server, provisioner/status.py sent the source
-    # of pm2_jlist ahead of this file's
-    from provisioner.remote.pm2 import pm2_jlist
+    # of pm2_jlist and pm2_app_procs ahead of this file's
+    from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist
 
 METRIC_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
 LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -85,9 +85,7 @@ def apps(cfg):
             except ValueError:
                 procs = []
     for name in cfg.get("apps") or []:
-        # pm2's modules (pm2-logrotate) are listed beside the apps: no instance of an app
-        env = [p.get("pm2_env") or {} for p in procs if p.get("name") == name]
-        env = [e for e in env if not e.get("pmx_module")]
+        env = [p.get("pm2_env") or {} for p in pm2_app_procs(procs, name)]
         try:
             release = os.path.basename(os.readlink(f"/srv/{name}/current"))
         except OSError:

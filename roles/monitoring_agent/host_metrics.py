@@ -11,15 +11,15 @@ The JSON config says what this host has: {"out": "<dir>/provisioner_host.prom",
 - pm2: per process online/restarts/memory/cpu from `pm2 jlist`, run as the app user only while
   its daemon's unit is active (`pm2 jlist` would otherwise start a stray daemon), and per
   expected app the number of online instances (0 when pm2 lost it: no series would not alert).
-  pm2's own modules (pm2-logrotate; `pmx_module` in their pm2_env) are left out: they are no
-  apps, and the app alerts would page for them.
+  pm2's own modules (pm2-logrotate) are left out (pm2_app_procs): they are no apps, and the
+  app alerts would page for them.
 - fail2ban: banned now, total bans and failures per jail (`fail2ban-client status <jail>`).
 - nginx: the access log's new lines since the last run (offset kept in `state`; a rotated log
   is read from its start): responses by status class, and request time as a histogram, so
   Prometheus can compute the 5xx rate and p99 latency (nginx's stub_status has neither).
 The output is written to a temporary file and renamed: the collector never reads half a file.
 Standard library only (it runs under the server's python3). The role installs it with
-pm2_jlist (provisioner/remote/pm2.py) ahead of its code.
+pm2_jlist and pm2_app_procs (provisioner/remote/pm2.py) ahead of its code.
 """
 import json
 import os
@@ -55,10 +55,8 @@ def pm2_lines(cfg):
         except ValueError:
             procs = []
     online = {name: 0 for name in cfg["apps"]}
-    for proc in procs:
+    for proc in pm2_app_procs(procs):
         env = proc.get("pm2_env") or {}
-        if env.get("pmx_module"):
-            continue
         name, inst = proc.get("name", "?"), env.get("NODE_APP_INSTANCE", proc.get("pm_id", 0))
         labels = f'app="{label(name)}",pm2_instance="{label(inst)}"'   # `instance` is the host's
         up = env.get("status") == PM2_STATUS_OK

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
-                             is_secret, pm2_jlist, render, run_step, sha256, systemd, templates,
-                             with_helpers, write_step)
+                             is_secret, pm2_app_procs, pm2_jlist, render, run_step, sha256, systemd,
+                             templates, with_helpers, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -205,8 +205,9 @@ class Pm2Module:
 # (read-only: it never starts a pm2 daemon, which `pm2 jlist` would do if none runs) and after a
 # start, waiting up to `wait` seconds for every instance to be online for `min_up` seconds (a
 # script that crashes at start-up is "online" for a moment between restarts). Its exit status
-# says why; its output is shown when a start fails. pm2_jlist (provisioner/remote/pm2.py, shared
-# with the other scripts that ask pm2) goes ahead of its code. By hand:
+# says why; its output is shown when a start fails. pm2_jlist and pm2_app_procs
+# (provisioner/remote/pm2.py, shared with the other scripts that ask pm2) go ahead of its code.
+# By hand:
 #   pm2-app-status pm2-app.service app /home/app /usr/local/bin/pm2 sample 2
 STATUS_SCRIPT = "/usr/local/lib/provisioner/pm2-app-status"
 STATUS_WHY = {0: "online", 2: "status script not installed yet",
@@ -235,8 +236,7 @@ def status():
         procs = pm2_jlist(p.stdout.decode("utf-8", "replace"))
     except Exception as e:
         return 6, "pm2 jlist failed: %s" % type(e).__name__
-    mine = [x.get("pm2_env") or {} for x in procs if x.get("name") == name]
-    mine = [e for e in mine if not e.get("pmx_module")]
+    mine = [x.get("pm2_env") or {} for x in pm2_app_procs(procs, name)]
     if not mine:
         return 4, name + " is not in pm2's process list"
     cpus = os.cpu_count() or 1
@@ -262,7 +262,7 @@ print(why)
 if rc:
     print("the app's logs: sudo -u %s PM2_HOME=%s/.pm2 pm2 logs %s --lines 50" % (user, home, name))
 sys.exit(rc)
-""", pm2_jlist)
+""", pm2_jlist, pm2_app_procs)
 
 
 @dataclass(frozen=True)
