@@ -8,6 +8,7 @@ a database server (one stanza, named after the host); hosts with the restic role
 SFTP repository host or a source host, which runs its own restic jobs."""
 from __future__ import annotations
 
+import json as jsonlib
 import runpy
 import shlex
 from dataclasses import dataclass
@@ -289,14 +290,20 @@ def parse_at(text: str, now: datetime) -> datetime:
     return at
 
 
+def _second(at: datetime) -> int:
+    """`at` as pgBackRest compares it with a backup's stop time: whole seconds."""
+    return int(at.timestamp())
+
+
 def check_window(at: datetime, summary: dict, stanza: str) -> None:
-    """The time must come after the end of the oldest backup still kept (what PITR starts from)."""
+    """The time must come after the end of the oldest backup still kept (what PITR starts from;
+    pgBackRest wants a backup that stopped before the time, in whole seconds)."""
     first = summary.get("first_stop")
     if not summary.get("backups") or first is None:
         raise InputError([Problem("command line", None, "--at", f"stanza {stanza} has no backup "
                                   "yet, so nothing can be restored",
                                   f"run `invoke backup --limit {stanza}` first")])
-    if at.timestamp() < first:
+    if _second(at) <= first:
         start = datetime.fromtimestamp(first, timezone.utc)
         raise InputError([Problem("command line", None, "--at",
                                   f"{at:%Y-%m-%d %H:%M:%S} UTC is before the oldest backup of "
@@ -315,13 +322,24 @@ class Target:
     type: str                 # time or name
     value: str                # --target
     said: str                 # the target for people: the confirmation and the output
-    set: str | None = None    # the backup set to replay from (None: pgBackRest picks)
+    set: str                  # the backup set to replay from (--set: the one checked)
+    flag: str = "--at"        # the command line's word for the target, for errors
+
+
+def _sets(info: list, stanza: str) -> list[dict]:
+    """The stanza's backup sets in `pgbackrest info --output=json`, oldest first."""
+    return next((s.get("backup") or [] for s in info or [] if s.get("name") == stanza), [])
 
 
 def time_target(at: datetime, info: list, stanza: str) -> Target:
-    """`invoke restore --at`: pgBackRest picks the newest backup that ended before the time."""
+    """`invoke restore --at`: the newest backup that stopped before the time, as pgBackRest
+    picks one for a time target (restore.c restoreBackupSet), named with --set so that the set
+    restore_to checks is the one restored from."""
     check_window(at, pgbackrest_summary(info, stanza), stanza)
-    return Target("time", target(at), f"{at:%Y-%m-%d %H:%M:%S} UTC")
+    before = [b for b in _sets(info, stanza)
+              if (b.get("timestamp") or {}).get("stop") is not None
+              and b["timestamp"]["stop"] < _second(at)]
+    return Target("time", target(at), f"{at:%Y-%m-%d %H:%M:%S} UTC", before[-1]["label"])
 
 
 def lsn(text: str) -> int:
@@ -346,12 +364,12 @@ def point_target(point: dict, release: str, info: list, stanza: str) -> Target:
     name target pgBackRest takes the newest backup of all (which may end after it, and recovery
     would never reach the point): the set is chosen here, as pgBackRest chooses one for an LSN
     target. Retention may have expired every such backup: InputError saying so."""
-    backups_ = next((s.get("backup") or [] for s in info or [] if s.get("name") == stanza), [])
+    backups_ = _sets(info, stanza)
     usable = [b for b in backups_ if _ended_before(b, point)]
     said = (f"restore point {point['name']} ({point['at'].replace('T', ' ').rstrip('Z')} UTC, "
             f"made before release {release} migrated)")
     if usable:
-        return Target("name", point["name"], said, usable[-1]["label"])
+        return Target("name", point["name"], said, usable[-1]["label"], "--before")
     first = (backups_[0].get("timestamp") or {}).get("stop") if backups_ else None
     oldest = datetime.fromtimestamp(first, timezone.utc) if first else None
     kept = (f"the oldest it keeps ended {oldest:%Y-%m-%d %H:%M:%S} UTC" if oldest
@@ -362,6 +380,106 @@ def point_target(point: dict, release: str, info: list, stanza: str) -> Target:
         "point. Nothing was changed"), "rewind to a later moment inside the retention window "
         "with `invoke restore --at TIME` (`invoke backup.status` shows the backups); to keep "
         "this far back next time, raise pgbackrest_retention_days")])
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster an in-place restore goes into: the major its unit starts and the system id
+    in its pg_control (None when that cannot be read, e.g. the data folder is gone)."""
+    major: str
+    system_id: int | None
+
+
+def info_script(stanza: str, data: str) -> list[str]:
+    """argv of one exec on the database server: the cluster's system id (the first 8 bytes of
+    pg_control, in the machine's byte order, as pgBackRest and stanzacheck.py read it; an empty
+    line when unreadable), then `pgbackrest info --output=json` of the stanza."""
+    control = f"{data}/global/pg_control"
+    q = shlex.join
+    script = f"""{q(['od', '-An', '-tu8', '-N8', '--', control])} 2>/dev/null | tr -d ' \\n'; echo
+exec {q(['runuser', '-u', 'postgres', '--', 'pgbackrest', f'--stanza={stanza}', '--output=json',
+         'info'])}
+"""
+    return ["sh", "-c", script]
+
+
+def parse_info(stdout: str) -> tuple[int | None, list]:
+    """(system id or None, pgbackrest info) from info_script's output. ValueError when the
+    info is no JSON."""
+    first, _, rest = stdout.partition("\n")
+    first = first.strip()
+    return (int(first) if first.isdigit() else None), jsonlib.loads(rest)
+
+
+def _stanza(info: list, stanza: str) -> dict:
+    return next((s for s in info or [] if isinstance(s, dict) and s.get("name") == stanza), {})
+
+
+def _db_of(stanza: dict, backup: dict) -> dict:
+    """The entry of the stanza's database history (`db`: one per cluster it followed, a new one
+    at each stanza-upgrade) that a backup set was taken of."""
+    ref = backup.get("database") or {}
+    return next((d for d in stanza.get("db") or [] if d.get("id") == ref.get("id")
+                 and d.get("repo-key", 1) == ref.get("repo-key", 1)), {})
+
+
+def _is_cluster(db: dict, cluster: Cluster) -> bool:
+    return str(db.get("version")) == cluster.major and (
+        cluster.system_id is None or db.get("system-id") == cluster.system_id)
+
+
+def _by_hand(stanza: str, to: Target, major: str) -> str:
+    argv = ["pgbackrest", f"--stanza={stanza}", f"--set={to.set}", f"--type={to.type}",
+            f"--target={to.value}", "--target-action=promote", "--archive-mode=off",
+            f"--pg1-path=/var/tmp/restore-{major}", "restore"]
+    return (f"restore set {to.set} by hand into a scratch cluster of PostgreSQL {major} (as "
+            f"postgres on {stanza}: `{shlex.join(argv)}`, then start it with "
+            f"/usr/lib/postgresql/{major}/bin/pg_ctl on a free port)")
+
+
+def check_restorable(info: list, stanza: str, to: Target, cluster: Cluster) -> None:
+    """Before anything is stopped: the set `to` replays from must be of the stanza's current
+    database (the newest entry of its history) and that entry the cluster the restore goes
+    into (same major, same system id). After a major upgrade (15 -> 17, then stanza-upgrade)
+    the repository keeps 15's sets until retention expires them, and pgBackRest restores
+    whatever set it is given: until the first backup of 17, a time only 15's sets cover would
+    put 15's files in 17's place. InputError naming the set, its major, the cluster's and what
+    to do instead."""
+    s = _stanza(info, stanza)
+    backup = next((b for b in s.get("backup") or [] if b.get("label") == to.set), {})
+    db = _db_of(s, backup)
+    current = max(s.get("db") or [{}], key=lambda d: d.get("id", 0))
+    if db and db is current and _is_cluster(db, cluster):
+        return
+    old = str(db.get("version", "?"))
+    sysid = f", system id {db['system-id']}" if db.get("system-id") is not None else ""
+    running = f"PostgreSQL {cluster.major}" + (
+        f" (system id {cluster.system_id})" if cluster.system_id is not None else "")
+    problem = (f"backup set {to.set} of stanza {stanza}, which {to.said} would be replayed "
+               f"from, is of PostgreSQL {old}{sysid}, and the cluster on {stanza} runs {running}"
+               f": restoring it would put {old}'s files in {cluster.major}'s place. Nothing "
+               "was changed")
+    hand = _by_hand(stanza, to, old)
+    if current.get("version") is not None and not _is_cluster(current, cluster):
+        problem += (f" (the stanza's current database is still PostgreSQL "
+                    f"{current['version']}: stanza-upgrade has not run since the cluster "
+                    "changed)")
+        fix = (f"run `invoke provision --limit {stanza}` (role pgbackrest runs stanza-upgrade), "
+               f"then `invoke backup --limit {stanza} --kind full`; the state in that set: {hand}")
+    else:
+        ours = [b for b in s.get("backup") or [] if _db_of(s, b) is current
+                and (b.get("timestamp") or {}).get("stop") is not None]
+        if ours:
+            first = datetime.fromtimestamp(ours[0]["timestamp"]["stop"], timezone.utc)
+            fix = (f"pick a time after {first:%Y-%m-%d %H:%M:%S} UTC, when the first backup of "
+                   f"PostgreSQL {cluster.major} on {stanza} ended (`invoke restore --at TIME`), "
+                   f"or {hand}")
+        else:
+            fix = (f"the repository holds no backup of PostgreSQL {cluster.major} on {stanza} "
+                   f"yet: take one now with `invoke backup --limit {stanza} --kind full` (due "
+                   "right after every major upgrade), and pick a time after it ends; for the "
+                   f"state in that set, {hand}")
+    raise InputError([Problem("command line", None, to.flag, problem, fix)])
 
 
 def restore_question(stanza: str, cluster: str, databases: list[str], to: Target) -> str:
@@ -381,7 +499,7 @@ def restore_script(stanza: str, unit: str, port: int, to: Target) -> list[str]:
     psql = ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-p", str(port), "-Atc"]
     restore = ["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}", "--delta",
                f"--type={to.type}", f"--target={to.value}",
-               *([f"--set={to.set}"] if to.set else []), "--target-action=promote", "restore"]
+               f"--set={to.set}", "--target-action=promote", "restore"]
     q = shlex.join
     script = f"""set -e
 {q(psql + ['SELECT pg_switch_wal()'])} >/dev/null 2>&1 || true
