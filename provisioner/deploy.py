@@ -385,8 +385,8 @@ class Fleet:
                 problem = self.first_backup(stanza)
                 if problem:
                     return "failed", problem, {"ok": False, "error": problem}
-                first = (f"stanza {stanza.name} had no backup yet: took a full one on "
-                         f"{stanza.repo} first; ")
+                first = (f"stanza {stanza.name} had {a.get('missing') or 'no backup yet'}: "
+                         f"took a full one on {stanza.repo} first; ")
                 a = call(self.conn(h), req)
                 if a.get("no_backup"):
                     a["error"] = (f"{a['error']}, even after the full backup unit ran on "

@@ -342,6 +342,50 @@ def test_op_restore_point_without_a_backup_set_makes_nothing(db_host, tmp_path):
     assert not list(tmp_path.joinpath("shop").glob("before-*"))
 
 
+# db1 after 15 -> 17 and stanza-upgrade: the repository keeps 15's full (db id 1)
+INFO_UPGRADED = [{"name": "db1",
+                  "db": [{"id": 1, "repo-key": 1, "system-id": 7443182330010213476, "version": "15"},
+                         {"id": 2, "repo-key": 1, "system-id": 7512345678901234567, "version": "17"}],
+                  "backup": [{"label": "20260601-090000F", "database": {"id": 1, "repo-key": 1}}]}]
+
+
+def test_op_restore_point_with_only_the_old_majors_sets_makes_nothing(db_host, tmp_path):
+    """Nothing of 17 can be replayed from 15's full: as with no set at all, the deploy first
+    takes a full backup (of 17)."""
+    db_host.answers["pgbackrest"] = json.dumps(INFO_UPGRADED)
+    a = remote.op_restore_point(remote.App(REQ), REQ, None)
+    assert a["no_backup"] and not a["ok"]
+    assert a["error"] == ("stanza db1 has no backup of its current cluster (PostgreSQL 17) yet, "
+                          "only of the one before it (a major upgrade) in the repository: a "
+                          "restore point would have nothing to be replayed from")
+    assert [argv[0] for _, argv, _ in db_host.ran] == ["pgbackrest"]
+    # once 17 has a full, the point is made on it
+    db_host.answers["pgbackrest"] = json.dumps([dict(INFO_UPGRADED[0], backup=[
+        *INFO_UPGRADED[0]["backup"], {"label": "20260601-100000F", "database": {"id": 2}}])])
+    db_host.answers["check"] = ""
+    assert remote.op_restore_point(remote.App(REQ), REQ, None)["base"] == "20260601-100000F"
+
+
+def test_a_deploy_after_a_major_upgrade_takes_the_new_majors_full_backup_first(monkeypatch):
+    servers = Servers(backup_sets=0)
+    answer = servers.call
+
+    def call(host, req, data=b"", timeout=None):
+        a = answer(host, req, data, timeout)
+        if a.get("no_backup"):
+            a["missing"] = ("no backup of its current cluster (PostgreSQL 17) yet, only of the "
+                            "one before it (a major upgrade)")
+        return a
+    servers.call = call
+    monkeypatch.setattr(flows.backups, "start_unit",
+                        lambda conn, unit: setattr(servers, "backup_sets", 1) or (3.0, None))
+    fleet = local_fleet(servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 0
+    assert "stanza db1 had no backup of its current cluster (PostgreSQL 17) yet, only of the one " \
+           "before it (a major upgrade): took a full one on vault first; restore point" \
+           in fleet.lines()
+
+
 def test_op_restore_point_whose_wal_is_not_archived_fails_and_records_nothing(db_host, tmp_path):
     db_host.answers["check"] = remote.Fail("pgbackrest --stanza=db1 --log-level-console=off "
                                            "exited 82:\nERROR: [082]: WAL segment "
