@@ -11,6 +11,7 @@ from __future__ import annotations
 import json as jsonlib
 import runpy
 import shlex
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -56,6 +57,19 @@ def stanzas(inv: Inventory) -> list[Stanza]:
 def stanza_of(inv: Inventory, host: str) -> Stanza | None:
     """The stanza of database server `host` when the env's pgbackrest role backs it up."""
     return next((s for s in stanzas(inv) if s.name == host), None)
+
+
+def first_backup_limit(inv: Inventory, stanza: Stanza) -> int:
+    """The seconds a deploy waits for the stanza's first full backup: the repository host's
+    pgbackrest_first_backup_timeout, checked as role pgbackrest checks it (InputError naming
+    where it was set, before any server is touched)."""
+    from provisioner.api import VarError
+    from roles.pgbackrest import first_backup_timeout
+    try:
+        return first_backup_timeout(inv.hostvars(stanza.repo))
+    except VarError as e:
+        file, line, key = inv.where(stanza.repo, e.var)
+        raise InputError([Problem(file, line, key, e.problem, e.fix)]) from None
 
 
 def no_backups(inv: Inventory, what: str) -> InputError:
@@ -107,8 +121,96 @@ def start_unit(conn, unit: str) -> tuple[float, str | None]:
     r = conn.run(["systemctl", "start", f"{unit}.service"])
     if r.ok:
         return r.seconds, None
+    return r.seconds, f"{output(r) or 'failed'}\n{_journal(conn, unit)}"
+
+
+def _journal(conn, unit: str) -> str:
+    """The end of the unit's journal, for an error."""
     log = conn.run(["journalctl", "-u", f"{unit}.service", "-n", "15", "--no-pager", "-o", "cat"])
-    return r.seconds, f"{output(r) or 'failed'}\n{output(log)}"
+    return output(log)
+
+
+# A unit waited for in bounded polls (run_unit): one exec waits on the server at most
+# UNIT_POLL seconds, looking at the unit every UNIT_LOOK seconds there (a local systemctl, no
+# round trip), and returns as soon as it ended.
+UNIT_POLL = 30
+UNIT_LOOK = 3
+UNIT_PROPS = ("Job", "ActiveState", "SubState", "Result", "ExecMainStatus")
+
+
+def unit_wait_script(unit: str, wait: int, start: bool = False) -> list[str]:
+    """argv of one exec: (with `start`) queue the unit's start without waiting for it, then
+    wait up to `wait` seconds for it to end; prints the unit's state (`systemctl show`). A
+    oneshot keeps its start job until it ended, so a queued start is never taken for the end
+    of an earlier run."""
+    service = f"{unit}.service"
+    show = shlex.join(["systemctl", "show", *[f"--property={p}" for p in UNIT_PROPS], "--",
+                       service])
+    begin = shlex.join(["systemctl", "start", "--no-block", "--", service]) + " || exit\n" \
+        if start else ""
+    script = f"""{begin}end=$(( $(date +%s) + {int(wait)} ))
+while :; do
+  s=$({show}) || exit
+  case "$s" in
+    *Job=[0-9]*|*ActiveState=activating*|*ActiveState=deactivating*|*ActiveState=reloading*) ;;
+    *) break ;;
+  esac
+  [ "$(date +%s)" -lt "$end" ] || break
+  sleep {UNIT_LOOK}
+done
+printf '%s\\n' "$s"
+"""
+    return ["sh", "-c", script]
+
+
+def unit_state(show: str) -> tuple[str, str]:
+    """("running" | "ok" | "failed", what systemd says) from unit_wait_script's output."""
+    props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+    active, result = props.get("ActiveState", ""), props.get("Result", "")
+    said = (f"{active or '?'} ({props.get('SubState') or '?'}), result {result or '?'}, exit "
+            f"status {props.get('ExecMainStatus') or '?'}")
+    if props.get("Job", "").strip() not in ("", "0") \
+            or active in ("activating", "deactivating", "reloading"):
+        return "running", said
+    if active == "failed" or result not in ("success", "") or not active:
+        return "failed", said
+    return "ok", said
+
+
+@dataclass(frozen=True)
+class UnitRun:
+    state: str            # ok; failed (problem: what, and the journal's end); running (at the
+    seconds: float        # limit: it goes on); unknown (a poll failed: it may still run)
+    problem: str | None = None
+
+
+def run_unit(conn, unit: str, limit: float, progress=None, clock=None) -> UnitRun:
+    """Start job `unit` (a oneshot) and wait for it in bounded polls: no exec lasts longer than
+    UNIT_POLL seconds, so the host's command timeout never bounds the job, and `limit` (seconds)
+    bounds the wait. progress(seconds) after each poll that found it running. At the limit the
+    unit goes on running (state "running"); a failed unit's problem ends with its journal."""
+    clock = clock or time.monotonic
+    t0 = clock()
+    r = conn.run(unit_wait_script(unit, max(1, min(UNIT_POLL, int(limit))), start=True),
+                 timeout=UNIT_POLL + 60)
+    started = False
+    while True:
+        seconds = clock() - t0
+        if not r.ok and not started:
+            return UnitRun("failed", seconds, f"{output(r) or 'failed'}\n{_journal(conn, unit)}")
+        if not r.ok:
+            return UnitRun("unknown", seconds, f"reading the state of {unit}.service failed "
+                                               f"(exit {r.rc}): {output(r)}")
+        started = True
+        state, said = unit_state(r.stdout.decode("utf-8", "replace"))
+        if state == "failed":
+            return UnitRun(state, seconds, f"{unit}.service {said}\n{_journal(conn, unit)}")
+        if state == "ok" or seconds >= limit:
+            return UnitRun(state, seconds)
+        if progress is not None:
+            progress(seconds)
+        wait = max(1, min(UNIT_POLL, int(limit - seconds)))
+        r = conn.run(unit_wait_script(unit, wait), timeout=UNIT_POLL + 60)
 
 
 def check_kind(kind: str) -> str:

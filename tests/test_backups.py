@@ -495,6 +495,136 @@ def test_the_stanza_of_a_database_server(tmp_path):
     assert backups.stanza_of(inv, "vault") is None and backups.stanza_of(inv, "web1") is None
 
 
+# --- a unit waited for in bounded polls (a deploy's first full backup) -------------------------
+
+class FakeSystemd:
+    """The repository host as run_unit sees it: a oneshot unit that runs `takes` seconds of a
+    fake clock and then ends with `result`. Each exec of unit_wait_script returns at once but
+    moves the clock by what the server would have waited; records every exec."""
+
+    RUNNING = "Job=4711\nActiveState=activating\nSubState=start\nResult=success\nExecMainStatus=0\n"
+    ENDED = {"success": "ActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n",
+             "exit-code": "ActiveState=failed\nSubState=failed\nResult=exit-code\n"
+                          "ExecMainStatus=1\n"}
+
+    def __init__(self, takes: float, result: str = "success", start_rc: int = 0,
+                 host: str = "vault"):
+        self.takes, self.result, self.start_rc, self.host = takes, result, start_rc, host
+        self.now, self.started_at, self.ran, self.timeouts = 1000.0, None, [], []
+        self.commands = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, argv, timeout=None, sudo=True, **kw):
+        from provisioner.connection import Result
+        self.ran.append(argv)
+        self.timeouts.append(timeout)
+        script = argv[-1]
+        if argv[0] == "journalctl":
+            return Result(0, b"backup job pgbackrest-db1-full FAILED: exit 1 after 61.0s\n", b"",
+                          0.1)
+        if "start --no-block" in script:
+            if self.start_rc:
+                return Result(self.start_rc, b"", b"Failed to start pgbackrest-db1-full.service: "
+                              b"Unit pgbackrest-db1-full.service not found.\n", 0.1)
+            self.started_at = self.now
+        wait = int(script.split("$(date +%s) + ")[1].split(" ")[0])
+        assert timeout is not None and wait <= backups.UNIT_POLL < timeout, "every exec bounded"
+        ends = self.started_at + self.takes
+        if self.now + wait < ends:
+            self.now += wait
+            return Result(0, self.RUNNING.encode(), b"", wait)
+        self.now = max(self.now, ends) + 1
+        return Result(0, self.ENDED[self.result].encode(), b"", 1.0)
+
+
+def test_a_unit_longer_than_the_command_timeout_is_waited_for_in_bounded_polls():
+    host, seen = FakeSystemd(takes=1000), []
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, seen.append, clock=host.clock)
+    assert (run.state, run.problem) == ("ok", None) and 1000 <= run.seconds <= 1002
+    assert "systemctl start --no-block -- pgbackrest-db1-full.service" in host.ran[0][-1]
+    assert all("--no-block" not in a[-1] for a in host.ran[1:]), "started once"
+    # 30 s per exec: 34 round trips for 1000 s, progress after each that found it running
+    assert len(host.ran) == 34 and seen == [30.0 * i for i in range(1, 34)]
+
+
+def test_a_unit_that_ends_within_the_first_poll_costs_one_exec():
+    host = FakeSystemd(takes=12)
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, clock=host.clock)
+    assert run.state == "ok" and len(host.ran) == 1
+
+
+def test_a_failed_unit_says_so_with_its_journal():
+    host = FakeSystemd(takes=61, result="exit-code")
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, clock=host.clock)
+    assert run.state == "failed"
+    assert run.problem == ("pgbackrest-db1-full.service failed (failed), result exit-code, exit "
+                           "status 1\nbackup job pgbackrest-db1-full FAILED: exit 1 after 61.0s")
+    refused = FakeSystemd(takes=1, start_rc=5)
+    run = backups.run_unit(refused, "pgbackrest-db1-full", 3600, clock=refused.clock)
+    assert run.state == "failed" and "Unit pgbackrest-db1-full.service not found" in run.problem
+
+
+def test_at_the_limit_the_wait_ends_and_the_unit_goes_on():
+    host, seen = FakeSystemd(takes=10_000), []
+    run = backups.run_unit(host, "pgbackrest-db1-full", 100, seen.append, clock=host.clock)
+    assert run.state == "running" and run.seconds == 100 and run.problem is None
+    assert seen == [30, 60, 90], "the last poll waits only what is left of the limit"
+    assert not [a for a in host.ran if "stop" in a[-1] or "kill" in a[-1]]
+
+
+@pytest.mark.parametrize("show, state", [
+    (FakeSystemd.RUNNING, "running"),
+    ("ActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n", "ok"),
+    # queued, not started yet: the last run's success must not count
+    ("Job=12\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n",
+     "running"),
+    ("Job=\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n", "ok"),
+    ("ActiveState=failed\nSubState=failed\nResult=exit-code\nExecMainStatus=2\n", "failed"),
+    ("ActiveState=inactive\nSubState=dead\nResult=timeout\nExecMainStatus=0\n", "failed"),
+    ("", "failed"),
+])
+def test_the_units_state_from_systemctl_show(show, state):
+    assert backups.unit_state(show)[0] == state
+
+
+def test_the_wait_script_waits_while_the_start_job_is_there(tmp_path):
+    """The shell script itself, against a fake systemctl: it queues the start once, looks
+    again while the unit has a job or is activating, and prints the state it ended in."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    states = tmp_path / "states"
+    states.write_text(FakeSystemd.RUNNING.replace("\n", ";") + "\n"
+                      + "Job=9;ActiveState=inactive;SubState=dead;Result=success;\n"
+                      + "ActiveState=inactive;SubState=dead;Result=success;ExecMainStatus=0;\n")
+    log = tmp_path / "log"
+    (bin_ / "systemctl").write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+[ "$1" = show ] || exit 0
+line=$(head -n 1 {states}); [ $(wc -l < {states}) -gt 1 ] && sed -i 1d {states}
+printf '%s' "$line" | tr ';' '\\n'
+""")
+    (bin_ / "sleep").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    argv = backups.unit_wait_script("pgbackrest-db1-full", 30, start=True)
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert backups.unit_state(r.stdout) == ("ok", "inactive (dead), result success, exit status 0")
+    calls = log.read_text().splitlines()
+    assert calls[0] == "start --no-block -- pgbackrest-db1-full.service"
+    assert [c.split()[0] for c in calls[1:]] == ["show"] * 3
+    # a poll that is not the first starts nothing, and gives up at its own bound
+    states.write_text(FakeSystemd.RUNNING.replace("\n", ";") + "\n")
+    log.write_text("")
+    r = subprocess.run(backups.unit_wait_script("pgbackrest-db1-full", 1), env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert backups.unit_state(r.stdout)[0] == "running"
+    assert "start" not in log.read_text()
+
+
 # --- the CLI: bad input, exit 2, before any server ----------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
