@@ -8,8 +8,10 @@ a database server (one stanza, named after the host); hosts with the restic role
 SFTP repository host or a source host, which runs its own restic jobs."""
 from __future__ import annotations
 
+import json as jsonlib
 import runpy
 import shlex
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -55,6 +57,19 @@ def stanzas(inv: Inventory) -> list[Stanza]:
 def stanza_of(inv: Inventory, host: str) -> Stanza | None:
     """The stanza of database server `host` when the env's pgbackrest role backs it up."""
     return next((s for s in stanzas(inv) if s.name == host), None)
+
+
+def first_backup_limit(inv: Inventory, stanza: Stanza) -> int:
+    """The seconds a deploy waits for the stanza's first full backup: the repository host's
+    pgbackrest_first_backup_timeout, checked as role pgbackrest checks it (InputError naming
+    where it was set, before any server is touched)."""
+    from provisioner.api import VarError
+    from roles.pgbackrest import first_backup_timeout
+    try:
+        return first_backup_timeout(inv.hostvars(stanza.repo))
+    except VarError as e:
+        file, line, key = inv.where(stanza.repo, e.var)
+        raise InputError([Problem(file, line, key, e.problem, e.fix)]) from None
 
 
 def no_backups(inv: Inventory, what: str) -> InputError:
@@ -106,8 +121,96 @@ def start_unit(conn, unit: str) -> tuple[float, str | None]:
     r = conn.run(["systemctl", "start", f"{unit}.service"])
     if r.ok:
         return r.seconds, None
+    return r.seconds, f"{output(r) or 'failed'}\n{_journal(conn, unit)}"
+
+
+def _journal(conn, unit: str) -> str:
+    """The end of the unit's journal, for an error."""
     log = conn.run(["journalctl", "-u", f"{unit}.service", "-n", "15", "--no-pager", "-o", "cat"])
-    return r.seconds, f"{output(r) or 'failed'}\n{output(log)}"
+    return output(log)
+
+
+# A unit waited for in bounded polls (run_unit): one exec waits on the server at most
+# UNIT_POLL seconds, looking at the unit every UNIT_LOOK seconds there (a local systemctl, no
+# round trip), and returns as soon as it ended.
+UNIT_POLL = 30
+UNIT_LOOK = 3
+UNIT_PROPS = ("Job", "ActiveState", "SubState", "Result", "ExecMainStatus")
+
+
+def unit_wait_script(unit: str, wait: int, start: bool = False) -> list[str]:
+    """argv of one exec: (with `start`) queue the unit's start without waiting for it, then
+    wait up to `wait` seconds for it to end; prints the unit's state (`systemctl show`). A
+    oneshot keeps its start job until it ended, so a queued start is never taken for the end
+    of an earlier run."""
+    service = f"{unit}.service"
+    show = shlex.join(["systemctl", "show", *[f"--property={p}" for p in UNIT_PROPS], "--",
+                       service])
+    begin = shlex.join(["systemctl", "start", "--no-block", "--", service]) + " || exit\n" \
+        if start else ""
+    script = f"""{begin}end=$(( $(date +%s) + {int(wait)} ))
+while :; do
+  s=$({show}) || exit
+  case "$s" in
+    *Job=[0-9]*|*ActiveState=activating*|*ActiveState=deactivating*|*ActiveState=reloading*) ;;
+    *) break ;;
+  esac
+  [ "$(date +%s)" -lt "$end" ] || break
+  sleep {UNIT_LOOK}
+done
+printf '%s\\n' "$s"
+"""
+    return ["sh", "-c", script]
+
+
+def unit_state(show: str) -> tuple[str, str]:
+    """("running" | "ok" | "failed", what systemd says) from unit_wait_script's output."""
+    props = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+    active, result = props.get("ActiveState", ""), props.get("Result", "")
+    said = (f"{active or '?'} ({props.get('SubState') or '?'}), result {result or '?'}, exit "
+            f"status {props.get('ExecMainStatus') or '?'}")
+    if props.get("Job", "").strip() not in ("", "0") \
+            or active in ("activating", "deactivating", "reloading"):
+        return "running", said
+    if active == "failed" or result not in ("success", "") or not active:
+        return "failed", said
+    return "ok", said
+
+
+@dataclass(frozen=True)
+class UnitRun:
+    state: str            # ok; failed (problem: what, and the journal's end); running (at the
+    seconds: float        # limit: it goes on); unknown (a poll failed: it may still run)
+    problem: str | None = None
+
+
+def run_unit(conn, unit: str, limit: float, progress=None, clock=None) -> UnitRun:
+    """Start job `unit` (a oneshot) and wait for it in bounded polls: no exec lasts longer than
+    UNIT_POLL seconds, so the host's command timeout never bounds the job, and `limit` (seconds)
+    bounds the wait. progress(seconds) after each poll that found it running. At the limit the
+    unit goes on running (state "running"); a failed unit's problem ends with its journal."""
+    clock = clock or time.monotonic
+    t0 = clock()
+    r = conn.run(unit_wait_script(unit, max(1, min(UNIT_POLL, int(limit))), start=True),
+                 timeout=UNIT_POLL + 60)
+    started = False
+    while True:
+        seconds = clock() - t0
+        if not r.ok and not started:
+            return UnitRun("failed", seconds, f"{output(r) or 'failed'}\n{_journal(conn, unit)}")
+        if not r.ok:
+            return UnitRun("unknown", seconds, f"reading the state of {unit}.service failed "
+                                               f"(exit {r.rc}): {output(r)}")
+        started = True
+        state, said = unit_state(r.stdout.decode("utf-8", "replace"))
+        if state == "failed":
+            return UnitRun(state, seconds, f"{unit}.service {said}\n{_journal(conn, unit)}")
+        if state == "ok" or seconds >= limit:
+            return UnitRun(state, seconds)
+        if progress is not None:
+            progress(seconds)
+        wait = max(1, min(UNIT_POLL, int(limit - seconds)))
+        r = conn.run(unit_wait_script(unit, wait), timeout=UNIT_POLL + 60)
 
 
 def check_kind(kind: str) -> str:
@@ -289,14 +392,20 @@ def parse_at(text: str, now: datetime) -> datetime:
     return at
 
 
+def _second(at: datetime) -> int:
+    """`at` as pgBackRest compares it with a backup's stop time: whole seconds."""
+    return int(at.timestamp())
+
+
 def check_window(at: datetime, summary: dict, stanza: str) -> None:
-    """The time must come after the end of the oldest backup still kept (what PITR starts from)."""
+    """The time must come after the end of the oldest backup still kept (what PITR starts from;
+    pgBackRest wants a backup that stopped before the time, in whole seconds)."""
     first = summary.get("first_stop")
     if not summary.get("backups") or first is None:
         raise InputError([Problem("command line", None, "--at", f"stanza {stanza} has no backup "
                                   "yet, so nothing can be restored",
                                   f"run `invoke backup --limit {stanza}` first")])
-    if at.timestamp() < first:
+    if _second(at) <= first:
         start = datetime.fromtimestamp(first, timezone.utc)
         raise InputError([Problem("command line", None, "--at",
                                   f"{at:%Y-%m-%d %H:%M:%S} UTC is before the oldest backup of "
@@ -315,13 +424,24 @@ class Target:
     type: str                 # time or name
     value: str                # --target
     said: str                 # the target for people: the confirmation and the output
-    set: str | None = None    # the backup set to replay from (None: pgBackRest picks)
+    set: str                  # the backup set to replay from (--set: the one checked)
+    flag: str = "--at"        # the command line's word for the target, for errors
+
+
+def _sets(info: list, stanza: str) -> list[dict]:
+    """The stanza's backup sets in `pgbackrest info --output=json`, oldest first."""
+    return next((s.get("backup") or [] for s in info or [] if s.get("name") == stanza), [])
 
 
 def time_target(at: datetime, info: list, stanza: str) -> Target:
-    """`invoke restore --at`: pgBackRest picks the newest backup that ended before the time."""
+    """`invoke restore --at`: the newest backup that stopped before the time, as pgBackRest
+    picks one for a time target (restore.c restoreBackupSet), named with --set so that the set
+    restore_to checks is the one restored from."""
     check_window(at, pgbackrest_summary(info, stanza), stanza)
-    return Target("time", target(at), f"{at:%Y-%m-%d %H:%M:%S} UTC")
+    before = [b for b in _sets(info, stanza)
+              if (b.get("timestamp") or {}).get("stop") is not None
+              and b["timestamp"]["stop"] < _second(at)]
+    return Target("time", target(at), f"{at:%Y-%m-%d %H:%M:%S} UTC", before[-1]["label"])
 
 
 def lsn(text: str) -> int:
@@ -346,12 +466,12 @@ def point_target(point: dict, release: str, info: list, stanza: str) -> Target:
     name target pgBackRest takes the newest backup of all (which may end after it, and recovery
     would never reach the point): the set is chosen here, as pgBackRest chooses one for an LSN
     target. Retention may have expired every such backup: InputError saying so."""
-    backups_ = next((s.get("backup") or [] for s in info or [] if s.get("name") == stanza), [])
+    backups_ = _sets(info, stanza)
     usable = [b for b in backups_ if _ended_before(b, point)]
     said = (f"restore point {point['name']} ({point['at'].replace('T', ' ').rstrip('Z')} UTC, "
             f"made before release {release} migrated)")
     if usable:
-        return Target("name", point["name"], said, usable[-1]["label"])
+        return Target("name", point["name"], said, usable[-1]["label"], "--before")
     first = (backups_[0].get("timestamp") or {}).get("stop") if backups_ else None
     oldest = datetime.fromtimestamp(first, timezone.utc) if first else None
     kept = (f"the oldest it keeps ended {oldest:%Y-%m-%d %H:%M:%S} UTC" if oldest
@@ -362,6 +482,106 @@ def point_target(point: dict, release: str, info: list, stanza: str) -> Target:
         "point. Nothing was changed"), "rewind to a later moment inside the retention window "
         "with `invoke restore --at TIME` (`invoke backup.status` shows the backups); to keep "
         "this far back next time, raise pgbackrest_retention_days")])
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster an in-place restore goes into: the major its unit starts and the system id
+    in its pg_control (None when that cannot be read, e.g. the data folder is gone)."""
+    major: str
+    system_id: int | None
+
+
+def info_script(stanza: str, data: str) -> list[str]:
+    """argv of one exec on the database server: the cluster's system id (the first 8 bytes of
+    pg_control, in the machine's byte order, as pgBackRest and stanzacheck.py read it; an empty
+    line when unreadable), then `pgbackrest info --output=json` of the stanza."""
+    control = f"{data}/global/pg_control"
+    q = shlex.join
+    script = f"""{q(['od', '-An', '-tu8', '-N8', '--', control])} 2>/dev/null | tr -d ' \\n'; echo
+exec {q(['runuser', '-u', 'postgres', '--', 'pgbackrest', f'--stanza={stanza}', '--output=json',
+         'info'])}
+"""
+    return ["sh", "-c", script]
+
+
+def parse_info(stdout: str) -> tuple[int | None, list]:
+    """(system id or None, pgbackrest info) from info_script's output. ValueError when the
+    info is no JSON."""
+    first, _, rest = stdout.partition("\n")
+    first = first.strip()
+    return (int(first) if first.isdigit() else None), jsonlib.loads(rest)
+
+
+def _stanza(info: list, stanza: str) -> dict:
+    return next((s for s in info or [] if isinstance(s, dict) and s.get("name") == stanza), {})
+
+
+def _db_of(stanza: dict, backup: dict) -> dict:
+    """The entry of the stanza's database history (`db`: one per cluster it followed, a new one
+    at each stanza-upgrade) that a backup set was taken of."""
+    ref = backup.get("database") or {}
+    return next((d for d in stanza.get("db") or [] if d.get("id") == ref.get("id")
+                 and d.get("repo-key", 1) == ref.get("repo-key", 1)), {})
+
+
+def _is_cluster(db: dict, cluster: Cluster) -> bool:
+    return str(db.get("version")) == cluster.major and (
+        cluster.system_id is None or db.get("system-id") == cluster.system_id)
+
+
+def _by_hand(stanza: str, to: Target, major: str) -> str:
+    argv = ["pgbackrest", f"--stanza={stanza}", f"--set={to.set}", f"--type={to.type}",
+            f"--target={to.value}", "--target-action=promote", "--archive-mode=off",
+            f"--pg1-path=/var/tmp/restore-{major}", "restore"]
+    return (f"restore set {to.set} by hand into a scratch cluster of PostgreSQL {major} (as "
+            f"postgres on {stanza}: `{shlex.join(argv)}`, then start it with "
+            f"/usr/lib/postgresql/{major}/bin/pg_ctl on a free port)")
+
+
+def check_restorable(info: list, stanza: str, to: Target, cluster: Cluster) -> None:
+    """Before anything is stopped: the set `to` replays from must be of the stanza's current
+    database (the newest entry of its history) and that entry the cluster the restore goes
+    into (same major, same system id). After a major upgrade (15 -> 17, then stanza-upgrade)
+    the repository keeps 15's sets until retention expires them, and pgBackRest restores
+    whatever set it is given: until the first backup of 17, a time only 15's sets cover would
+    put 15's files in 17's place. InputError naming the set, its major, the cluster's and what
+    to do instead."""
+    s = _stanza(info, stanza)
+    backup = next((b for b in s.get("backup") or [] if b.get("label") == to.set), {})
+    db = _db_of(s, backup)
+    current = max(s.get("db") or [{}], key=lambda d: d.get("id", 0))
+    if db and db is current and _is_cluster(db, cluster):
+        return
+    old = str(db.get("version", "?"))
+    sysid = f", system id {db['system-id']}" if db.get("system-id") is not None else ""
+    running = f"PostgreSQL {cluster.major}" + (
+        f" (system id {cluster.system_id})" if cluster.system_id is not None else "")
+    problem = (f"backup set {to.set} of stanza {stanza}, which {to.said} would be replayed "
+               f"from, is of PostgreSQL {old}{sysid}, and the cluster on {stanza} runs {running}"
+               f": restoring it would put {old}'s files in {cluster.major}'s place. Nothing "
+               "was changed")
+    hand = _by_hand(stanza, to, old)
+    if current.get("version") is not None and not _is_cluster(current, cluster):
+        problem += (f" (the stanza's current database is still PostgreSQL "
+                    f"{current['version']}: stanza-upgrade has not run since the cluster "
+                    "changed)")
+        fix = (f"run `invoke provision --limit {stanza}` (role pgbackrest runs stanza-upgrade), "
+               f"then `invoke backup --limit {stanza} --kind full`; the state in that set: {hand}")
+    else:
+        ours = [b for b in s.get("backup") or [] if _db_of(s, b) is current
+                and (b.get("timestamp") or {}).get("stop") is not None]
+        if ours:
+            first = datetime.fromtimestamp(ours[0]["timestamp"]["stop"], timezone.utc)
+            fix = (f"pick a time after {first:%Y-%m-%d %H:%M:%S} UTC, when the first backup of "
+                   f"PostgreSQL {cluster.major} on {stanza} ended (`invoke restore --at TIME`), "
+                   f"or {hand}")
+        else:
+            fix = (f"the repository holds no backup of PostgreSQL {cluster.major} on {stanza} "
+                   f"yet: take one now with `invoke backup --limit {stanza} --kind full` (due "
+                   "right after every major upgrade), and pick a time after it ends; for the "
+                   f"state in that set, {hand}")
+    raise InputError([Problem("command line", None, to.flag, problem, fix)])
 
 
 def restore_question(stanza: str, cluster: str, databases: list[str], to: Target) -> str:
@@ -381,7 +601,7 @@ def restore_script(stanza: str, unit: str, port: int, to: Target) -> list[str]:
     psql = ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-p", str(port), "-Atc"]
     restore = ["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza}", "--delta",
                f"--type={to.type}", f"--target={to.value}",
-               *([f"--set={to.set}"] if to.set else []), "--target-action=promote", "restore"]
+               f"--set={to.set}", "--target-action=promote", "restore"]
     q = shlex.join
     script = f"""set -e
 {q(psql + ['SELECT pg_switch_wal()'])} >/dev/null 2>&1 || true

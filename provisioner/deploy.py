@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from provisioner import backups
 from provisioner import balancers as lbs
 from provisioner import colours
+from provisioner import humanize
 from provisioner import lock as run_lock
 from provisioner.connection import Connection, Unreachable
 from provisioner.errors import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_UNREACHABLE, InputError,
@@ -135,6 +136,12 @@ class Fleet:
         self.owner = run_lock.owner(self.events.run_id, self.task, self.inv.env)
         job = f" ({self.owner['ci_job']})" if self.owner.get("ci_job") else ""
         self.owner["by"] = f"{self.owner['who']}@{self.owner['from']}{job}"
+        # a deploy that migrates may wait for a first full backup: its limit is checked now,
+        # before any server (bad input, exit 2)
+        self.stanza = backups.stanza_of(self.inv, self.app.database[0]) \
+            if self.app.migrate and self.app.database else None
+        self.first_backup_limit = backups.first_backup_limit(self.inv, self.stanza) \
+            if self.stanza and self.task == "deploy" else None
 
     def base(self, host: Host, op: str, **more) -> dict:
         v = self.inv.hostvars(host.name)
@@ -366,7 +373,7 @@ class Fleet:
         """Before `release` migrates, on the database host: when the env's pgbackrest role
         backs that host up, a restore point archived to the repository (db.restore rewinds
         the whole cluster to it); otherwise pg_dump -Fc of the app's database."""
-        stanza = backups.stanza_of(self.inv, self.db_host().name)
+        stanza = self.stanza
 
         def dump(h: Host):
             a = call(self.conn(h), {"op": "backup", "app": self.app.name, "release": release,
@@ -384,11 +391,11 @@ class Fleet:
             a = call(self.conn(h), req)
             first = ""
             if a.get("no_backup"):
-                problem = self.first_backup(stanza)
+                problem = self.first_backup(stanza, a.get("missing") or "no backup yet")
                 if problem:
                     return "failed", problem, {"ok": False, "error": problem}
-                first = (f"stanza {stanza.name} had no backup yet: took a full one on "
-                         f"{stanza.repo} first; ")
+                first = (f"stanza {stanza.name} had {a.get('missing') or 'no backup yet'}: "
+                         f"took a full one on {stanza.repo} first; ")
                 a = call(self.conn(h), req)
                 if a.get("no_backup"):
                     a["error"] = (f"{a['error']}, even after the full backup unit ran on "
@@ -405,16 +412,42 @@ class Fleet:
         return self.each([self.db_host()], "backup before migrating",
                          dump if stanza is None else point)[self.db_host().name]
 
-    def first_backup(self, stanza: backups.Stanza) -> str | None:
+    def first_backup(self, stanza: backups.Stanza, missing: str = "no backup yet") -> str | None:
         """A full backup of `stanza` now, by its timer's own unit on the repository host (the
-        database server cannot back itself up there): None, or what failed."""
+        database server cannot back itself up there), waited for in bounded polls up to
+        pgbackrest_first_backup_timeout (a first full backup may take longer than the host's
+        SSH command timeout), with a progress event after each: None, or what failed."""
         unit = backups.units(stanza, "full")
-        _, problem = backups.start_unit(self.conn(self.inv.hosts[stanza.repo]), unit)
-        if problem is None:
+        limit = self.first_backup_limit or backups.first_backup_limit(self.inv, stanza)
+        said = f"{unit} on {stanza.repo}"
+
+        def progress(seconds: float) -> None:
+            self.events.progress(host=stanza.repo, role=self.app.name,
+                                 resource="first full backup",
+                                 message=f"{said} still running after {humanize.age(seconds)} "
+                                         f"(waiting up to {humanize.age(limit)})")
+        run = backups.run_unit(self.conn(self.inv.hosts[stanza.repo]), unit, limit, progress)
+        if run.state == "ok":
             return None
-        return (f"stanza {stanza.name} has no backup in the repository yet, and its full backup "
-                f"({unit} on {stanza.repo}) failed: {problem}\nfix that, then run `invoke backup "
-                f"--env {self.inv.env} --limit {stanza.name} --kind full` and deploy again")
+        again = (f"run `invoke backup --env {self.inv.env} --limit {stanza.name} --kind full` and "
+                 "deploy again")
+        if run.state == "running":
+            return (f"stanza {stanza.name} has {missing} in the repository, and its full "
+                    f"backup ({said}) still runs after {humanize.age(run.seconds)} "
+                    f"(pgbackrest_first_backup_timeout: {limit} s): it goes on there, and this "
+                    "deploy stops before migrating. Deploy again once `invoke backup.status "
+                    f"--env {self.inv.env} --limit {stanza.name}` shows the full backup, or "
+                    "raise pgbackrest_first_backup_timeout (roles/pgbackrest/defaults.yml) for "
+                    "the repository host")
+        if run.state == "unknown":
+            return (f"stanza {stanza.name} has {missing} in the repository, and the wait for its "
+                    f"full backup ({said}) stopped after {humanize.age(run.seconds)}: "
+                    f"{run.problem}; the backup may still run there, and this deploy stops "
+                    f"before migrating. Deploy again once `invoke backup.status --env "
+                    f"{self.inv.env} --limit {stanza.name}` shows the full backup")
+        return (f"stanza {stanza.name} has {missing} in the repository, and its full backup "
+                f"({said}) failed after {humanize.age(run.seconds)}, so this deploy stops before "
+                f"migrating: {run.problem}\nfix that, then {again}")
 
     def migrate(self, host: Host, release: str, argv: tuple, env: dict | None = None) -> bool:
         """argv in `release` on `host`, as the app user with the app's env; its output goes

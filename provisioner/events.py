@@ -203,6 +203,15 @@ class Events:
             # people read an error once: not again when a failing step already said it
             self._human.host(ev, repeat=error_text is not None and error_text not in tally.said)
 
+    def progress(self, *, host: str, role: str | None, resource: str, message: str) -> None:
+        """A step still under way says how far it got (a long wait: a first full backup); no
+        count changes, the step's own result follows."""
+        body = {"host": _text(host), "role": None if role is None else _text(role),
+                "resource": _text(resource), "message": _text(message)}
+        with self._lock:
+            ev = self._emit("progress", body)
+            self._human.progress(ev)
+
     def warn(self, message: str, host: str | None = None) -> None:
         """Something a user should know that does not fail the run (stderr for humans)."""
         body = {"host": _text(host) if host is not None else None, "message": _text(message)}

@@ -164,6 +164,11 @@ class HumanWriter:
         lines = text_lines(message) or ["-"]
         return [(f"{prefix}: {lines[0]}", style)] + [(line, style) for line in lines[1:]]
 
+    def progress_lines(self, ev: dict) -> list[Line]:
+        """Shown at every verbosity: a long wait says it is still waiting."""
+        head = " | ".join(one_line(ev[k]) for k in ("host", "role", "resource"))
+        return [(f"{head} | {one_line(ev['message'])}", "cyan")]
+
     def warning_lines(self, ev: dict) -> list[Line]:
         prefix = f"warning: {one_line(ev['host'])}" if ev.get("host") else "warning"
         return self.message_lines(prefix, ev["message"], "yellow")
@@ -205,6 +210,7 @@ class HumanWriter:
     def start(self, ev: dict) -> None: ...
     def step(self, ev: dict, diff: str | None, output: str | None, tally: dict) -> None: ...
     def host(self, ev: dict, repeat: bool = True) -> None: ...
+    def progress(self, ev: dict) -> None: ...
     def warning(self, ev: dict) -> None: ...
     def drift(self, ev: dict) -> None: ...
     def error(self, ev: dict) -> None: ...
@@ -252,6 +258,9 @@ class PlainWriter(HumanWriter):
         if ev.get("error") and repeat:
             self.write_plain(self.err, self.host_error_lines(ev))
         self.write_plain(self.out, self.host_lines(ev))
+
+    def progress(self, ev: dict) -> None:
+        self.write_plain(self.out, self.progress_lines(ev))
 
     def warning(self, ev: dict) -> None:
         self.write_plain(self.err, self.warning_lines(ev))
@@ -362,6 +371,9 @@ class LiveWriter(HumanWriter):
         if ev.get("error") and repeat:
             self._print_err(self.host_error_lines(ev))
         self._print(self.host_lines(ev))
+
+    def progress(self, ev: dict) -> None:
+        self._print(self.progress_lines(ev))
 
     def warning(self, ev: dict) -> None:
         self._print_err(self.warning_lines(ev))

@@ -225,9 +225,24 @@ def test_the_restore_script_archives_stops_restores_in_place_and_waits_for_promo
         "pg_switch_wal", "systemctl stop postgresql@17-main", "pgbackrest --stanza=db1 --delta",
         "systemctl start postgresql@17-main", "pg_is_in_recovery")]
     assert order == sorted(order)
-    assert ("--type=time '--target=2026-12-01 18:40:00.000000+00' --target-action=promote "
-            "restore" in argv[2])
-    assert "--set" not in argv[2], "for a time pgBackRest picks the backup itself"
+    assert ("--type=time '--target=2026-12-01 18:40:00.000000+00' "
+            "--set=20261201-180000F_20261201-190000I --target-action=promote restore" in argv[2])
+
+
+def test_for_a_time_the_set_is_the_newest_that_stopped_before_it_as_pgbackrest_picks():
+    """Named with --set: the set restore_to checks is the one restored from. pgBackRest's own
+    rule for a time target: the newest set whose stop time (whole seconds) is below the time."""
+    full_stop, incr_stop = 1764612012, 1764615605
+    def at(ts):
+        return datetime.fromtimestamp(ts, timezone.utc)
+    assert backups.time_target(at(incr_stop + 1), INFO, "db1").set == \
+        "20261201-180000F_20261201-190000I"
+    assert backups.time_target(at(incr_stop), INFO, "db1").set == "20261201-180000F"
+    assert backups.time_target(at(incr_stop + 0.9), INFO, "db1").set == "20261201-180000F"
+    assert backups.time_target(at(full_stop + 1), INFO, "db1").set == "20261201-180000F"
+    # the second the full stopped is not after it: no set, as pgBackRest would say
+    with pytest.raises(InputError, match="before the oldest backup of db1"):
+        backups.time_target(at(full_stop + 0.5), INFO, "db1")
 
 
 # --- restore points made before a deploy migrates (db.restore --before) ------------------------
@@ -302,10 +317,312 @@ def test_the_restore_confirmation_without_a_terminal_names_what_yes_would_do(mon
            "the WHOLE PostgreSQL cluster on db1" in str(e.value)
 
 
+# --- a set of another cluster (a major upgrade in between) is never restored in place ----------
+
+SYS15, SYS17 = 7443182330010213476, 7512345678901234567
+UPGRADED_AT = 1764662400                        # 2025-12-02 08:00:00 UTC: 15 -> 17, stanza-upgrade
+
+
+def upgraded(with_17_backup=True, stanza_upgraded=True) -> list:
+    """The fixture's stanza after a major upgrade: its two sets are of 15 (db id 1), then,
+    once stanza-upgrade ran, 17 is the current database (db id 2), with a first full of 17
+    ending 2025-12-02 09:00:00 UTC."""
+    info = json.loads(json.dumps(INFO))
+    s = info[0]
+    s["db"] = [{"id": 1, "repo-key": 1, "system-id": SYS15, "version": "15"}]
+    if stanza_upgraded:
+        s["db"].append({"id": 2, "repo-key": 1, "system-id": SYS17, "version": "17"})
+    if with_17_backup:
+        s["backup"].append({"label": "20251202-083000F", "type": "full",
+                            "database": {"id": 2, "repo-key": 1},
+                            "lsn": {"start": "0/9000028", "stop": "0/9000100"},
+                            "timestamp": {"start": UPGRADED_AT + 1800, "stop": UPGRADED_AT + 3600}})
+    return info
+
+
+RUNS_17 = backups.Cluster("17", SYS17)
+
+
+def at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def refusal(info, to, cluster=RUNS_17) -> str:
+    with pytest.raises(InputError) as e:
+        backups.check_restorable(info, "db1", to, cluster)
+    return str(e.value)
+
+
+def test_a_time_covered_only_by_the_old_majors_sets_is_refused_naming_set_majors_and_fix():
+    info = upgraded()
+    to = backups.time_target(at(UPGRADED_AT + 60), info, "db1")      # after the upgrade, before
+    assert to.set == "20261201-180000F_20261201-190000I"            # 17's first full ended
+    text = refusal(info, to)
+    assert text.startswith("command line: --at: backup set 20261201-180000F_20261201-190000I of "
+                           "stanza db1, which 2025-12-02 08:01:00 UTC would be replayed from, is "
+                           f"of PostgreSQL 15, system id {SYS15}, and the cluster on db1 runs "
+                           f"PostgreSQL 17 (system id {SYS17}): restoring it would put 15's files "
+                           "in 17's place. Nothing was changed")
+    assert "fix: pick a time after 2025-12-02 09:00:00 UTC, when the first backup of PostgreSQL " \
+           "17 on db1 ended (`invoke restore --at TIME`), or restore set " \
+           "20261201-180000F_20261201-190000I by hand into a scratch cluster of PostgreSQL 15" in text
+    assert ("`pgbackrest --stanza=db1 --set=20261201-180000F_20261201-190000I --type=time "
+            "'--target=2025-12-02 08:01:00.000000+00' --target-action=promote --archive-mode=off "
+            "--pg1-path=/var/tmp/restore-15 restore`, then start it with "
+            "/usr/lib/postgresql/15/bin/pg_ctl") in text
+    # a time before the upgrade is 15's too: its state only fits a cluster of 15
+    assert "is of PostgreSQL 15" in refusal(info, backups.time_target(at(1764615606), info, "db1"))
+
+
+def test_a_time_after_the_first_backup_of_the_new_major_restores():
+    info = upgraded()
+    to = backups.time_target(at(UPGRADED_AT + 3601), info, "db1")
+    assert to.set == "20251202-083000F"
+    backups.check_restorable(info, "db1", to, RUNS_17)
+    # pg_control unreadable (the data folder gone): the stanza's current database decides
+    backups.check_restorable(info, "db1", to, backups.Cluster("17", None))
+
+
+def test_without_a_backup_of_the_new_major_the_fix_is_a_full_backup_now():
+    info = upgraded(with_17_backup=False)
+    text = refusal(info, backups.time_target(at(UPGRADED_AT + 60), info, "db1"))
+    assert "is of PostgreSQL 15" in text and "runs PostgreSQL 17" in text
+    assert "fix: the repository holds no backup of PostgreSQL 17 on db1 yet: take one now with " \
+           "`invoke backup --limit db1 --kind full` (due right after every major upgrade)" in text
+
+
+def test_a_stanza_not_upgraded_yet_is_refused_whatever_the_set():
+    info = upgraded(with_17_backup=False, stanza_upgraded=False)
+    text = refusal(info, backups.time_target(at(UPGRADED_AT + 60), info, "db1"))
+    assert "the stanza's current database is still PostgreSQL 15: stanza-upgrade has not run" \
+           in text
+    assert "fix: run `invoke provision --limit db1` (role pgbackrest runs stanza-upgrade), then " \
+           "`invoke backup --limit db1 --kind full`" in text
+
+
+def test_a_set_of_another_cluster_of_the_same_major_is_refused_by_its_system_id():
+    """The cluster made anew (initdb, or an upgrade done again) and the stanza upgraded to it:
+    the earlier cluster's sets are 17's too, but not this cluster's."""
+    info = upgraded()
+    info[0]["db"][0].update(version="17")
+    text = refusal(info, backups.time_target(at(UPGRADED_AT + 60), info, "db1"))
+    assert f"is of PostgreSQL 17, system id {SYS15}, and the cluster on db1 runs PostgreSQL 17 " \
+           f"(system id {SYS17})" in text
+    # and the current database must be this cluster: another system id than the stanza's
+    to = backups.time_target(at(UPGRADED_AT + 3601), info, "db1")
+    assert "stanza-upgrade has not run" in refusal(info, to, backups.Cluster("17", 42))
+
+
+def test_a_restore_point_whose_only_earlier_sets_are_the_old_majors_is_refused():
+    info = upgraded(with_17_backup=False)
+    point = dict(POINT, lsn="0/9000200", at="2025-12-02T08:05:00Z")
+    to = backups.point_target(point, RELEASE, info, "db1")
+    text = refusal(info, to)
+    assert text.startswith("command line: --before: backup set 20261201-180000F_20261201-190000I "
+                           f"of stanza db1, which restore point {POINT['name']}")
+    assert "--type=name --target=" + POINT["name"] in text
+
+
+def test_the_fixtures_own_sets_are_its_clusters():
+    """Nothing refused where no upgrade happened: the usual case costs nothing."""
+    to = backups.time_target(NOW, INFO, "db1")
+    backups.check_restorable(INFO, "db1", to, backups.Cluster("17", 7443182330010213476))
+
+
+def test_the_info_exec_reads_the_system_id_then_the_json():
+    argv = backups.info_script("db1", "/var/lib/postgresql/17/main")
+    assert argv[:2] == ["sh", "-c"]
+    assert "od -An -tu8 -N8 -- /var/lib/postgresql/17/main/global/pg_control" in argv[2]
+    assert "exec runuser -u postgres -- pgbackrest --stanza=db1 --output=json info" in argv[2]
+    assert backups.parse_info(f"{SYS17}\n[]") == (SYS17, [])
+    assert backups.parse_info("\n" + json.dumps(INFO)) == (None, INFO)
+    with pytest.raises(ValueError):
+        backups.parse_info("\nERROR: [056]: unable to find primary cluster")
+
+
+class FakeDbConn:
+    """db1 as restore_to sees it: Debian 13, the stanza after an upgrade; records each exec."""
+
+    def __init__(self, info, system_id=SYS17):
+        self.info, self.system_id, self.ran = info, system_id, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def run(self, argv, sudo=True, **kw):
+        from provisioner.connection import Result
+        self.ran.append(argv)
+        if "os-release" in argv[-1]:
+            return Result(0, b"13\n", b"", 0.1)
+        if "pgbackrest" in argv[-1] and argv[-1].rstrip().endswith("info"):
+            return Result(0, f"{self.system_id}\n{json.dumps(self.info)}".encode(), b"", 0.5)
+        return Result(0, b"", b"", 1.0)              # the restore itself
+
+
+def test_restore_refuses_an_old_majors_set_before_anything_is_stopped_or_asked(monkeypatch):
+    from provisioner.cli import backup as cli
+    from provisioner.inventory import load_inventory
+    conn, asked = FakeDbConn(upgraded(with_17_backup=False)), []
+    monkeypatch.setattr(cli, "_conn", lambda inv, name: conn)
+    with pytest.raises(InputError, match="is of PostgreSQL 15.*runs PostgreSQL 17"):
+        cli.restore_to(load_inventory("local"), backups.Stanza("db1", "vault"),
+                       lambda info: backups.time_target(at(UPGRADED_AT + 60), info, "db1"),
+                       lambda question: asked.append(question) or True, say=lambda text: None)
+    assert not asked, "refused before the confirmation"
+    assert len(conn.ran) == 2 and "od -An -tu8 -N8 -- /var/lib/postgresql/17/main/global/" \
+        "pg_control" in conn.ran[1][-1]
+    assert not [a for a in conn.ran if "systemctl" in " ".join(a)], "nothing stopped"
+
+
+def test_restore_of_a_set_of_the_running_cluster_goes_on(monkeypatch):
+    from provisioner.cli import backup as cli
+    from provisioner.inventory import load_inventory
+    conn = FakeDbConn(upgraded())
+    monkeypatch.setattr(cli, "_conn", lambda inv, name: conn)
+    cli.restore_to(load_inventory("local"), backups.Stanza("db1", "vault"),
+                   lambda info: backups.time_target(at(UPGRADED_AT + 3601), info, "db1"),
+                   lambda question: True, say=lambda text: None)
+    restore = conn.ran[-1][-1]
+    assert "systemctl stop postgresql@17-main" in restore and "--set=20251202-083000F" in restore
+
+
 def test_the_stanza_of_a_database_server(tmp_path):
     inv = make_inventory(tmp_path)
     assert backups.stanza_of(inv, "db1") == backups.Stanza("db1", "vault")
     assert backups.stanza_of(inv, "vault") is None and backups.stanza_of(inv, "web1") is None
+
+
+# --- a unit waited for in bounded polls (a deploy's first full backup) -------------------------
+
+class FakeSystemd:
+    """The repository host as run_unit sees it: a oneshot unit that runs `takes` seconds of a
+    fake clock and then ends with `result`. Each exec of unit_wait_script returns at once but
+    moves the clock by what the server would have waited; records every exec."""
+
+    RUNNING = "Job=4711\nActiveState=activating\nSubState=start\nResult=success\nExecMainStatus=0\n"
+    ENDED = {"success": "ActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n",
+             "exit-code": "ActiveState=failed\nSubState=failed\nResult=exit-code\n"
+                          "ExecMainStatus=1\n"}
+
+    def __init__(self, takes: float, result: str = "success", start_rc: int = 0,
+                 host: str = "vault"):
+        self.takes, self.result, self.start_rc, self.host = takes, result, start_rc, host
+        self.now, self.started_at, self.ran, self.timeouts = 1000.0, None, [], []
+        self.commands = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, argv, timeout=None, sudo=True, **kw):
+        from provisioner.connection import Result
+        self.ran.append(argv)
+        self.timeouts.append(timeout)
+        script = argv[-1]
+        if argv[0] == "journalctl":
+            return Result(0, b"backup job pgbackrest-db1-full FAILED: exit 1 after 61.0s\n", b"",
+                          0.1)
+        if "start --no-block" in script:
+            if self.start_rc:
+                return Result(self.start_rc, b"", b"Failed to start pgbackrest-db1-full.service: "
+                              b"Unit pgbackrest-db1-full.service not found.\n", 0.1)
+            self.started_at = self.now
+        wait = int(script.split("$(date +%s) + ")[1].split(" ")[0])
+        assert timeout is not None and wait <= backups.UNIT_POLL < timeout, "every exec bounded"
+        ends = self.started_at + self.takes
+        if self.now + wait < ends:
+            self.now += wait
+            return Result(0, self.RUNNING.encode(), b"", wait)
+        self.now = max(self.now, ends) + 1
+        return Result(0, self.ENDED[self.result].encode(), b"", 1.0)
+
+
+def test_a_unit_longer_than_the_command_timeout_is_waited_for_in_bounded_polls():
+    host, seen = FakeSystemd(takes=1000), []
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, seen.append, clock=host.clock)
+    assert (run.state, run.problem) == ("ok", None) and 1000 <= run.seconds <= 1002
+    assert "systemctl start --no-block -- pgbackrest-db1-full.service" in host.ran[0][-1]
+    assert all("--no-block" not in a[-1] for a in host.ran[1:]), "started once"
+    # 30 s per exec: 34 round trips for 1000 s, progress after each that found it running
+    assert len(host.ran) == 34 and seen == [30.0 * i for i in range(1, 34)]
+
+
+def test_a_unit_that_ends_within_the_first_poll_costs_one_exec():
+    host = FakeSystemd(takes=12)
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, clock=host.clock)
+    assert run.state == "ok" and len(host.ran) == 1
+
+
+def test_a_failed_unit_says_so_with_its_journal():
+    host = FakeSystemd(takes=61, result="exit-code")
+    run = backups.run_unit(host, "pgbackrest-db1-full", 3600, clock=host.clock)
+    assert run.state == "failed"
+    assert run.problem == ("pgbackrest-db1-full.service failed (failed), result exit-code, exit "
+                           "status 1\nbackup job pgbackrest-db1-full FAILED: exit 1 after 61.0s")
+    refused = FakeSystemd(takes=1, start_rc=5)
+    run = backups.run_unit(refused, "pgbackrest-db1-full", 3600, clock=refused.clock)
+    assert run.state == "failed" and "Unit pgbackrest-db1-full.service not found" in run.problem
+
+
+def test_at_the_limit_the_wait_ends_and_the_unit_goes_on():
+    host, seen = FakeSystemd(takes=10_000), []
+    run = backups.run_unit(host, "pgbackrest-db1-full", 100, seen.append, clock=host.clock)
+    assert run.state == "running" and run.seconds == 100 and run.problem is None
+    assert seen == [30, 60, 90], "the last poll waits only what is left of the limit"
+    assert not [a for a in host.ran if "stop" in a[-1] or "kill" in a[-1]]
+
+
+@pytest.mark.parametrize("show, state", [
+    (FakeSystemd.RUNNING, "running"),
+    ("ActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n", "ok"),
+    # queued, not started yet: the last run's success must not count
+    ("Job=12\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n",
+     "running"),
+    ("Job=\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n", "ok"),
+    ("ActiveState=failed\nSubState=failed\nResult=exit-code\nExecMainStatus=2\n", "failed"),
+    ("ActiveState=inactive\nSubState=dead\nResult=timeout\nExecMainStatus=0\n", "failed"),
+    ("", "failed"),
+])
+def test_the_units_state_from_systemctl_show(show, state):
+    assert backups.unit_state(show)[0] == state
+
+
+def test_the_wait_script_waits_while_the_start_job_is_there(tmp_path):
+    """The shell script itself, against a fake systemctl: it queues the start once, looks
+    again while the unit has a job or is activating, and prints the state it ended in."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    states = tmp_path / "states"
+    states.write_text(FakeSystemd.RUNNING.replace("\n", ";") + "\n"
+                      + "Job=9;ActiveState=inactive;SubState=dead;Result=success;\n"
+                      + "ActiveState=inactive;SubState=dead;Result=success;ExecMainStatus=0;\n")
+    log = tmp_path / "log"
+    (bin_ / "systemctl").write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+[ "$1" = show ] || exit 0
+line=$(head -n 1 {states}); [ $(wc -l < {states}) -gt 1 ] && sed -i 1d {states}
+printf '%s' "$line" | tr ';' '\\n'
+""")
+    (bin_ / "sleep").write_text("#!/bin/sh\nexec /bin/sleep 0.1\n")     # not 3 s a look
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    argv = backups.unit_wait_script("pgbackrest-db1-full", 30, start=True)
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert backups.unit_state(r.stdout) == ("ok", "inactive (dead), result success, exit status 0")
+    calls = log.read_text().splitlines()
+    assert calls[0] == "start --no-block -- pgbackrest-db1-full.service"
+    assert [c.split()[0] for c in calls[1:]] == ["show"] * 3
+    # a poll that is not the first starts nothing, and gives up at its own bound
+    states.write_text(FakeSystemd.RUNNING.replace("\n", ";") + "\n")
+    log.write_text("")
+    r = subprocess.run(backups.unit_wait_script("pgbackrest-db1-full", 1), env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert backups.unit_state(r.stdout)[0] == "running"
+    assert "start" not in log.read_text()
 
 
 # --- the CLI: bad input, exit 2, before any server ----------------------------------------------

@@ -24,6 +24,7 @@ from provisioner.remote import deploy as remote
 import test_blue_green as blue_green
 from test_canary import deploy_root, lb_root  # noqa: F401  (fixtures)
 from test_inventory import load, root  # noqa: F401  (fixture)
+from test_backups import FakeSystemd
 from test_releases import APPS
 
 MIGRATES = APPS + "    migrate: [node, migrate.js, up]\n    database: {host: db1, name: shop}\n"
@@ -236,41 +237,113 @@ def test_an_env_without_the_pgbackrest_role_dumps_as_before(tmp_path: Path, monk
     assert ("db1", "backup") in servers.log and "restore_point" not in ops_of(servers)
 
 
-def test_without_a_backup_set_a_full_backup_is_taken_first(monkeypatch):
-    servers = Servers(backup_sets=0)
-    started = []
+def on_vault(fleet, monkeypatch, host: FakeSystemd):
+    """The fleet's connection to vault is `host` (its clock drives run_unit's)."""
+    conn_of = flows.Fleet.conn
+    monkeypatch.setattr(flows.Fleet, "conn", lambda self, h: host if h.name == "vault"
+                        else conn_of(self, h))
+    run_unit = backups.run_unit
+    monkeypatch.setattr(flows.backups, "run_unit", lambda *a, **kw: run_unit(
+        *a, **{**kw, "clock": host.clock}))
 
-    def start_unit(conn, unit):
-        started.append((conn.host, unit))
-        servers.backup_sets = 1
-        return 12.5, None
-    monkeypatch.setattr(flows.backups, "start_unit", start_unit)
+
+def test_without_a_backup_set_a_full_backup_is_taken_first(monkeypatch):
+    """Longer than env local's 900 s command timeout: started, then polled (30 s an exec),
+    saying how long it has been running; the restore point follows."""
+    servers = Servers(backup_sets=0)
+    vault = FakeSystemd(takes=1000)
     fleet = local_fleet(servers, monkeypatch)
+    on_vault(fleet, monkeypatch, vault)
+    answer = servers.call
+
+    def call(host, req, data=b"", timeout=None):
+        if req["op"] == "restore_point" and vault.started_at is not None:
+            servers.backup_sets = 1                  # the unit ran: the repository has the set
+        return answer(host, req, data, timeout)
+    servers.call = call
     assert flows.deploy(fleet, ARTIFACT, 1) == 0
-    assert started == [("vault", "pgbackrest-db1-full")]
+    assert "systemctl start --no-block -- pgbackrest-db1-full.service" in vault.ran[0][-1]
+    assert len(vault.ran) == 34 and max(vault.timeouts) < 900
     assert ops_of(servers).count("restore_point") == 2
     assert "stanza db1 had no backup yet: took a full one on vault first; restore point " \
            "sample-r2" in fleet.lines()
+    progress = [e for e in events_of(fleet) if e["event"] == "progress"]
+    assert len(progress) == 33 and progress[0]["host"] == "vault"
+    assert progress[-1]["message"] == ("pgbackrest-db1-full on vault still running after 16 min "
+                                       "(waiting up to 60 min)")
+    assert "vault | sample | first full backup | pgbackrest-db1-full on vault still running " \
+           "after 30 s (waiting up to 60 min)" in fleet.lines()
 
 
-@pytest.mark.parametrize("problem, says", [
-    ("exit 1\nbackup job pgbackrest-db1-full FAILED", "stanza db1 has no backup in the "
-     "repository yet, and its full backup (pgbackrest-db1-full on vault) failed: exit 1"),
-    # the unit ran, but skipped: a timer's backup of the stanza still runs
-    (None, "even after the full backup unit ran on vault (it skips while another backup of "
-     "the stanza runs): wait for `invoke backup.status --env local --limit db1`"),
-])
-def test_no_base_backup_stops_the_deploy_before_it_migrates(problem, says, monkeypatch):
+def test_a_failed_first_backup_stops_the_deploy_before_it_migrates_with_its_journal(monkeypatch):
     servers = Servers(backup_sets=0)
-    monkeypatch.setattr(flows.backups, "start_unit", lambda conn, unit: (1.0, problem))
     fleet = local_fleet(servers, monkeypatch)
+    on_vault(fleet, monkeypatch, FakeSystemd(takes=61, result="exit-code"))
     assert flows.deploy(fleet, ARTIFACT, 1) == 1
     assert not {"migrate", "switch"} & set(ops_of(servers))
-    assert says in fleet.output()
-    if problem:
-        assert "backup job pgbackrest-db1-full FAILED" in fleet.output()
-        assert "run `invoke backup --env local --limit db1 --kind full` and deploy again" \
-            in fleet.output()
+    assert ("stanza db1 has no backup yet in the repository, and its full backup "
+            "(pgbackrest-db1-full on vault) failed after 62 s, so this deploy stops before "
+            "migrating: pgbackrest-db1-full.service failed (failed), result exit-code, exit "
+            "status 1") in fleet.output()
+    assert "backup job pgbackrest-db1-full FAILED: exit 1 after 61.0s" in fleet.output()
+    assert "run `invoke backup --env local --limit db1 --kind full` and deploy again" \
+        in fleet.output()
+
+
+def first_backup_limit_env(tmp_path: Path, value) -> object:
+    """env local with pgbackrest_first_backup_timeout set env-wide (as its defaults say)."""
+    text = derived_text((("  pgbackrest_repo_host: vault\n", "  pgbackrest_repo_host: vault\n"
+                          f"  pgbackrest_first_backup_timeout: {value}\n"),))
+    (tmp_path / "local.yml").write_text(text)
+    return load_inventory_file(tmp_path / "local.yml")
+
+
+def test_a_first_backup_past_its_limit_goes_on_and_the_deploy_stops_before_migrating(
+        monkeypatch, tmp_path):
+    servers = Servers(backup_sets=0)
+    fleet = local_fleet(servers, monkeypatch, first_backup_limit_env(tmp_path, 120))
+    vault = FakeSystemd(takes=5000)
+    on_vault(fleet, monkeypatch, vault)
+    assert fleet.first_backup_limit == 120
+    assert flows.deploy(fleet, ARTIFACT, 1) == 1
+    assert not {"migrate", "switch"} & set(ops_of(servers))
+    assert ("its full backup (pgbackrest-db1-full on vault) still runs after 2 min "
+            "(pgbackrest_first_backup_timeout: 120 s): it goes on there, and this deploy stops "
+            "before migrating") in fleet.output()
+    assert "raise pgbackrest_first_backup_timeout" in fleet.output()
+    assert len(vault.ran) == 4 and not [a for a in vault.ran if "stop" in a[-1]]
+
+
+def test_a_first_backup_that_skipped_stops_the_deploy_saying_another_backup_runs(monkeypatch):
+    """The unit ran, but skipped: a timer's backup of the stanza still runs."""
+    servers = Servers(backup_sets=0)
+    fleet = local_fleet(servers, monkeypatch)
+    on_vault(fleet, monkeypatch, FakeSystemd(takes=1))
+    assert flows.deploy(fleet, ARTIFACT, 1) == 1
+    assert not {"migrate", "switch"} & set(ops_of(servers))
+    assert "even after the full backup unit ran on vault (it skips while another backup of " \
+           "the stanza runs): wait for `invoke backup.status --env local --limit db1`" \
+           in fleet.output()
+
+
+@pytest.mark.parametrize("value, problem, fix", [
+    ("30", "30 is not in 60..604800", "write a whole number from 60 to 604800"),
+    ("604801", "604801 is not in 60..604800", "write a whole number from 60 to 604800"),
+    # the type, as for every var, when the inventory loads
+    ("1h", "must be an integer", "write a number without quotes"),
+])
+def test_a_bad_first_backup_limit_is_bad_input_naming_file_and_key(value, problem, fix,
+                                                                   monkeypatch, tmp_path):
+    """Checked when the deploy starts, before any server (exit 2), where the var was set."""
+    servers = Servers()
+    with pytest.raises(InputError) as e:
+        local_fleet(servers, monkeypatch, first_backup_limit_env(tmp_path, value))
+    text = str(e.value)
+    line = next(i for i, t in enumerate((tmp_path / "local.yml").read_text().splitlines(), 1)
+                if "pgbackrest_first_backup_timeout" in t)
+    assert text.startswith(f"{tmp_path / 'local.yml'}:{line}: vars.pgbackrest_first_backup_timeout:")
+    assert problem in text and f"fix: {fix}" in text
+    assert not servers.log
 
 
 def test_a_restore_points_name_fits_postgresqls_63_characters():
@@ -345,6 +418,50 @@ def test_op_restore_point_without_a_backup_set_makes_nothing(db_host, tmp_path):
     assert a["no_backup"] and not a["ok"] and "stanza db1 has no backup" in a["error"]
     assert [argv[0] for _, argv, _ in db_host.ran] == ["pgbackrest"]
     assert not list(tmp_path.joinpath("shop").glob("before-*"))
+
+
+# db1 after 15 -> 17 and stanza-upgrade: the repository keeps 15's full (db id 1)
+INFO_UPGRADED = [{"name": "db1",
+                  "db": [{"id": 1, "repo-key": 1, "system-id": 7443182330010213476, "version": "15"},
+                         {"id": 2, "repo-key": 1, "system-id": 7512345678901234567, "version": "17"}],
+                  "backup": [{"label": "20260601-090000F", "database": {"id": 1, "repo-key": 1}}]}]
+
+
+def test_op_restore_point_with_only_the_old_majors_sets_makes_nothing(db_host, tmp_path):
+    """Nothing of 17 can be replayed from 15's full: as with no set at all, the deploy first
+    takes a full backup (of 17)."""
+    db_host.answers["pgbackrest"] = json.dumps(INFO_UPGRADED)
+    a = remote.op_restore_point(remote.App(REQ), REQ, None)
+    assert a["no_backup"] and not a["ok"]
+    assert a["error"] == ("stanza db1 has no backup of its current cluster (PostgreSQL 17) yet, "
+                          "only of the one before it (a major upgrade) in the repository: a "
+                          "restore point would have nothing to be replayed from")
+    assert [argv[0] for _, argv, _ in db_host.ran] == ["pgbackrest"]
+    # once 17 has a full, the point is made on it
+    db_host.answers["pgbackrest"] = json.dumps([dict(INFO_UPGRADED[0], backup=[
+        *INFO_UPGRADED[0]["backup"], {"label": "20260601-100000F", "database": {"id": 2}}])])
+    db_host.answers["check"] = ""
+    assert remote.op_restore_point(remote.App(REQ), REQ, None)["base"] == "20260601-100000F"
+
+
+def test_a_deploy_after_a_major_upgrade_takes_the_new_majors_full_backup_first(monkeypatch):
+    servers = Servers(backup_sets=0)
+    answer = servers.call
+
+    def call(host, req, data=b"", timeout=None):
+        a = answer(host, req, data, timeout)
+        if a.get("no_backup"):
+            a["missing"] = ("no backup of its current cluster (PostgreSQL 17) yet, only of the "
+                            "one before it (a major upgrade)")
+        return a
+    servers.call = call
+    monkeypatch.setattr(flows.backups, "run_unit", lambda conn, unit, limit, progress: setattr(
+        servers, "backup_sets", 1) or backups.UnitRun("ok", 3.0))
+    fleet = local_fleet(servers, monkeypatch)
+    assert flows.deploy(fleet, ARTIFACT, 1) == 0
+    assert "stanza db1 had no backup of its current cluster (PostgreSQL 17) yet, only of the one " \
+           "before it (a major upgrade): took a full one on vault first; restore point" \
+           in fleet.lines()
 
 
 def test_op_restore_point_whose_wal_is_not_archived_fails_and_records_nothing(db_host, tmp_path):

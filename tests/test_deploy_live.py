@@ -310,6 +310,16 @@ def db_restore(env: str, release: str, *more: str):
                   timeout=900, stdin=subprocess.DEVNULL)
 
 
+def test_the_first_deploy_took_db1s_first_full_backup_before_its_restore_point(local_env):
+    """conftest's local_env deploys to fresh servers: the stanza has no backup yet, so the
+    deploy starts vault's full backup unit and waits for it in bounded polls (no exec as long
+    as the backup) before it makes the restore point and migrates."""
+    r = local_env["deploy"]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stanza db1 had no backup yet: took a full one on vault first; restore point " \
+        "sample-" in r.stdout, r.stdout[-3000:]
+
+
 def test_a_destructive_migration_is_undone_by_db_restore(fleet, repo):
     """The local env backs db1 up with pgBackRest: the deploy makes a restore point instead of
     a dump, and db.restore rewinds the whole cluster to it."""

@@ -120,6 +120,23 @@ def test_human_mode_writes_lines_to_stdout_and_warnings_to_stderr():
     assert "error: web1: gave up" in err.getvalue()
 
 
+def test_progress_is_an_event_and_a_line_at_every_verbosity_and_counts_nothing():
+    ev, out, err = make(json_out=True)
+    ev.start(["db1"])
+    ev.progress(host="vault", role="shop", resource="first full backup",
+                message="pgbackrest-db1-full still running after 30 s")
+    [_, progress] = lines(out)
+    assert {k: progress[k] for k in ("event", "host", "role", "resource", "message")} == {
+        "event": "progress", "host": "vault", "role": "shop", "resource": "first full backup",
+        "message": "pgbackrest-db1-full still running after 30 s"}
+    assert "vault | shop | first full backup | pgbackrest-db1-full still running after 30 s" \
+        in err.getvalue()
+    assert ev.recap()["ok"] == 0 and ev.exit_code(detailed=False) == 0
+    ev, out, _ = make(json_out=False, verbose=0)
+    ev.progress(host="vault", role=None, resource="wait", message="still running")
+    assert "vault | - | wait | still running" in out.getvalue()
+
+
 def test_diff_only_in_diff_mode():
     for diff_on in (False, True):
         ev, out, _ = make(diff=diff_on)

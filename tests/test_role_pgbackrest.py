@@ -110,6 +110,8 @@ def test_sides_come_from_the_inventory(tmp_path):
                              "incr": "hourly"}, "one line"),
     ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": "1"}, "one number of hours per"),
     ("pgbackrest_max_age_hours", {"full": 1, "diff": 1, "incr": 0}, "0 or less"),
+    ("pgbackrest_first_backup_timeout", 30, "30 is not in 60..604800"),
+    ("pgbackrest_first_backup_timeout", 604801, "604801 is not in 60..604800"),
 ])
 def test_bad_vars_are_refused_with_the_var_named(tmp_path, var, value, message):
     inv = make_inventory(tmp_path, **{var: value})

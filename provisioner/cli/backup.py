@@ -108,29 +108,34 @@ def restore_files(inv: Inventory, host: str, path: str, at: datetime | None, tar
 
 def restore_to(inv: Inventory, stanza: backups.Stanza, pick, confirm, say=_say) -> float:
     """Point-in-time restore of one database server, in place. `pick(pgbackrest info)` gives
-    the backups.Target (InputError when the repository cannot reach it), `confirm(question)`
-    whether to go on. Returns the seconds the restore took."""
+    the backups.Target (InputError when the repository cannot reach it), which must be a set
+    of the running cluster (backups.check_restorable), then `confirm(question)` whether to go
+    on. Returns the seconds the restore took."""
+    from roles.postgresql import DEBIAN_POSTGRESQL, _paths
     v = inv.hostvars(stanza.name)
     version = str(v["postgresql_version"])
     with _conn(inv, stanza.name) as conn:
         if not version:       # the server's Debian default, as the postgresql role picks it
-            from roles.postgresql import DEBIAN_POSTGRESQL
             r = conn.run(["sh", "-c", ". /etc/os-release && echo $VERSION_ID"], sudo=False)
             version = DEBIAN_POSTGRESQL.get(r.stdout.decode().strip(), "")
-        unit = f"postgresql@{version}-{v['postgresql_cluster']}"
-        info = conn.run(["runuser", "-u", "postgres", "--", "pgbackrest", f"--stanza={stanza.name}",
-                         "--output=json", "info"])
+        paths = _paths(version, v["postgresql_cluster"])
+        info = conn.run(backups.info_script(stanza.name, paths["data"]))
         if not info.ok:
             raise Failed(f"{stanza.name}: pgbackrest info failed: {backups.output(info)}")
-        to = pick(jsonlib.loads(info.stdout))
+        try:
+            system_id, answer = backups.parse_info(info.stdout.decode())
+        except ValueError:
+            raise Failed(f"{stanza.name}: pgbackrest info gave no JSON: "
+                         f"{backups.output(info)}") from None
+        to = pick(answer)
+        backups.check_restorable(answer, stanza.name, to, backups.Cluster(version, system_id))
         question = backups.restore_question(
             stanza.name, f"{version}/{v['postgresql_cluster']}",
             [d["name"] for d in v["postgresql_databases"] or []], to)
         if not confirm(question):
             raise Exit("restore not confirmed: nothing was changed", code=EXIT_FAILED)
-        say(f"{stanza.name}: restoring to {to.said}" + (f" from backup {to.set}" if to.set else "")
-            + " ...")
-        r = conn.run(backups.restore_script(stanza.name, unit, v["postgresql_port"], to))
+        say(f"{stanza.name}: restoring to {to.said} from backup {to.set} ...")
+        r = conn.run(backups.restore_script(stanza.name, paths["unit"], v["postgresql_port"], to))
         if not r.ok:
             raise Failed(f"{stanza.name}: the restore failed (exit {r.rc}): {backups.output(r)}")
         say(f"{stanza.name}: restored and promoted in {r.seconds:.1f}s")

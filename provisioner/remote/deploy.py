@@ -835,13 +835,29 @@ def point_name(app, release):
     return "%s-%s" % (app.name[:max(room, 1)], release)
 
 
+def current_sets(info, stanza):
+    """(the stanza's backup sets of its current database, that database's major or None) from
+    `pgbackrest info --output=json`. After a major upgrade and stanza-upgrade the older
+    major's sets stay until retention expires them, but nothing of the new cluster can be
+    replayed from them (db.restore refuses them: provisioner/backups.py check_restorable)."""
+    entry = next((s for s in info if s.get("name") == stanza), {})
+    sets = entry.get("backup") or []
+    dbs = [d for d in entry.get("db") or [] if isinstance(d, dict)]
+    if not dbs:                      # no history to tell them apart: every set counts
+        return sets, None
+    current = max(dbs, key=lambda d: d.get("id", 0))
+    return [b for b in sets if (b.get("database") or {}).get("id") == current.get("id")], \
+        str(current.get("version"))
+
+
 def op_restore_point(app, req, data):
     """Instead of a dump, when the env's pgBackRest backs the database server up: a named
     restore point, recorded beside the dumps, that `db.restore --before` rewinds the cluster
-    to. Without a backup set in the repository nothing could be replayed up to it: the
-    answer says so (no_backup) and makes nothing. `pgbackrest check` then switches the WAL
-    and waits, within archive_timeout seconds, until that segment is in the repository;
-    PostgreSQL archives segments in order, so the restore point's is there too."""
+    to. Without a backup set of the running cluster in the repository (none yet, or only the
+    sets of the major before an upgrade) nothing could be replayed up to it: the answer says
+    so (no_backup, and what is `missing`) and makes nothing. `pgbackrest check` then switches
+    the WAL and waits, within archive_timeout seconds, until that segment is in the
+    repository; PostgreSQL archives segments in order, so the restore point's is there too."""
     pg = backup_folder(app)
     stanza = req["stanza"]
 
@@ -850,11 +866,14 @@ def op_restore_point(app, req, data):
     # only the JSON on the output (as_user merges stderr into it): an error alone on stderr
     info = json.loads(postgres(["pgbackrest", "--stanza=" + stanza, "--log-level-console=off",
                                 "--log-level-stderr=error", "--output=json", "info"]) or "[]")
-    sets = next((s.get("backup") or [] for s in info if s.get("name") == stanza), [])
+    sets, major = current_sets(info, stanza)
     if not sets:
-        return {"ok": False, "no_backup": True,
-                "error": "stanza %s has no backup in the repository yet: a restore point would "
-                         "have nothing to be replayed from" % stanza}
+        older = next((s.get("backup") for s in info if s.get("name") == stanza), None)
+        missing = ("no backup of its current cluster (PostgreSQL %s) yet, only of the one "
+                   "before it (a major upgrade)" % major if older else "no backup yet")
+        return {"ok": False, "no_backup": True, "missing": missing,
+                "error": "stanza %s has %s in the repository: a restore point would have "
+                         "nothing to be replayed from" % (stanza, missing)}
     name = point_name(app, req["release"])
     out = postgres(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-p", str(req["port"]),
                     "-d", req["database"], "-c",

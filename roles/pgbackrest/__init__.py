@@ -106,9 +106,8 @@ def check(v, ctx) -> dict:
                f"choose one of {', '.join(COMPRESS)}")
     for var, lo, hi in (("pgbackrest_process_max", 1, 64), ("pgbackrest_archive_timeout", 0, 3600),
                         ("pgbackrest_drill_port", 1024, 65000)):
-        n = v[var]
-        if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
-            reject(var, f"{n!r} is not in {lo}..{hi}", f"write a whole number from {lo} to {hi}")
+        _whole(v, var, lo, hi)
+    first_backup_timeout(v)
     schedule = _per_kind(v, "pgbackrest_schedule", str, "calendar expression")
     for kind, cal in schedule.items():
         if not CALENDAR_RE.match(cal):
@@ -147,6 +146,19 @@ def check(v, ctx) -> dict:
     _known(inv, inv.hosts[repo].address, f"the repository host {repo}", ctx)
     return {"side": "db", "stanza": _stanza(host, inv, ctx), "repo": inv.hosts[repo],
             "ssh_group": ssh_group}
+
+
+def _whole(v, var: str, lo: int, hi: int) -> int:
+    n = v[var]
+    if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
+        reject(var, f"{n!r} is not in {lo}..{hi}", f"write a whole number from {lo} to {hi}")
+    return n
+
+
+def first_backup_timeout(v) -> int:
+    """pgbackrest_first_backup_timeout, checked: how long a deploy waits for a stanza's first
+    full backup (provisioner/backups.py first_backup_limit reads it through here)."""
+    return _whole(v, "pgbackrest_first_backup_timeout", 60, 604800)
 
 
 def block_incremental(v) -> bool:
