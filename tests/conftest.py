@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# A shell without job control starts background commands (`.ci/run &` from a script) with
+# SIGINT ignored, and Python then keeps it ignored, as does every `invoke` it starts: the tests
+# of what Ctrl-C does need the terminal's default, as a user at a terminal has it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def invoke(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
