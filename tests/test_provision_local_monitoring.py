@@ -73,18 +73,24 @@ def test_prometheus_scrapes_every_target_the_inventory_implies(monitored):
     expected = {("node", h) for h in ("web1", "web2", "db1", "vault", "lb1", "mon1")} | {
         ("postgres", "db1"), ("redis", "db1"), ("nginx", "lb1"), ("blackbox", "app@lb1"),
         ("prometheus", "prometheus"), ("alertmanager", "alertmanager")}
-    deadline, seen = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:
+    # Prometheus answers with each series' last scrape (every 30 s), and web2's pm2 figures are
+    # written every 30 s: right after the env's deploy, the probe through lb1 and the count of
+    # online instances can still say what was true before it. Wait for both to catch up.
+    deadline = time.monotonic() + 100
+    while True:
         seen = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1]
                 for s in api("/api/v1/query", query="up")["result"]}
-        if set(seen) == expected and set(seen.values()) == {"1"}:
+        [probe] = api("/api/v1/query", query='probe_success{site="app"}')["result"] or [None]
+        [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2",'
+                                              'app="sample"}')["result"] or [None]
+        settled = (set(seen) == expected and set(seen.values()) == {"1"} and probe and online
+                   and probe["value"][1] == "1" and online["value"][1] == "2")
+        if settled or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert set(seen) == expected and set(seen.values()) == {"1"}, seen
-    [probe] = api("/api/v1/query", query='probe_success{site="app"}')["result"]
-    assert probe["value"][1] == "1"
-    [online] = api("/api/v1/query", query='pm2_app_online_instances{instance="web2",app="sample"}')["result"]
-    assert online["value"][1] == "2"
+    assert probe and probe["value"][1] == "1", probe
+    assert online and online["value"][1] == "2", online
     # pm2-logrotate runs beside the app on web1 and web2, as a pm2 module: no app series for it
     apps = {s["metric"]["app"] for s in api("/api/v1/query", query='{__name__=~"pm2_.+", app!=""}')["result"]}
     assert "sample" in apps and "pm2-logrotate" not in apps, apps
