@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from sshpeers import closed_port, ed25519_key, known_line, write_private_key  # noqa: E402
 
-# The child runs the real invoke program on tasks.py's namespace from a throwaway checkout (as
-# tests/test_cli.py does); with a port, it ends at its first TCP connect to that port and prints
-# the monotonic clock (system-wide on Linux, so comparable with ours).
+# The child runs the real invoke program from a throwaway checkout, and invoke loads tasks.py
+# itself, after parsing its own flags, as the `invoke` command does (importing it first would
+# hide that invoke turns the bytecode cache off before it loads tasks.py); with a port, it ends
+# at its first TCP connect to that port and prints the monotonic clock (system-wide on Linux, so
+# comparable with ours).
 HARNESS = """
 import sys
 port = int(sys.argv[3])
@@ -45,9 +47,8 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import provisioner.cli.common as common
 common.REPO_ROOT = Path(sys.argv[2])
-import tasks
 from invoke import Program
-Program(namespace=tasks.ns, binary="invoke", name="invoke").run(["invoke", *sys.argv[4:]])
+Program(binary="invoke", name="invoke").run(["invoke", "--search-root", sys.argv[1], *sys.argv[4:]])
 """
 
 WEB1 = """env: bench
