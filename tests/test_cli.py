@@ -346,3 +346,18 @@ def test_connection_errors_keep_their_cause_and_say_what_to_check(error, says):
     from provisioner.connection import connect_error
     text = connect_error(error, "192.0.2.77", 22, 10)
     assert says in text and "Errno" not in text
+
+
+# --- start-up -------------------------------------------------------------------------------
+
+def test_the_command_line_loads_no_engine_before_a_task_runs():
+    """`invoke --list`, `--help` and every task's flag parsing import tasks.py and no more:
+    validation, templates, SSH and the vault's crypto are imported by the task that runs (the
+    start-up bench/startup.py measures)."""
+    heavy = ["pydantic", "jinja2", "paramiko", "fabric", "cryptography", "rich", "runpy",
+             "provisioner.inventory", "provisioner.runner", "provisioner.status"]
+    code = f"import sys, tasks; print([m for m in {heavy!r} if m in sys.modules])"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
