@@ -165,6 +165,26 @@ def test_provision_stops_before_connecting_when_a_host_key_is_not_on_record(tmp_
     assert f"hosts.web1: no key for host web1 ([127.0.0.1]:{peer.port})" in message
 
 
+def test_provision_stops_before_connecting_on_a_wrong_vault_password(tmp_path):
+    """The vault's key is derived while the engine loads (vault.open_env_vault_later): a wrong
+    password still stops the run before any server is touched, said with the other problems."""
+    from provisioner import vault
+    with Silent() as peer:
+        root = make_root(tmp_path, {"web1": peer.port}, known="",
+                         ssh="{user: root, connect_timeout: 1, sudo_password: !vault sudo_password}")
+        vault.save_vault(root / "inventories" / "test.vault", {"sudo_password": "s3cret-pw"}, "right")
+        password = root / "inventories" / "test.vault-password"
+        password.write_text("wrong\n")
+        password.chmod(0o600)
+        r = cli(root, "provision", "--env", "test", "--json")
+        assert peer.held == []                          # no server was touched
+    assert r.returncode == 2, r.stderr
+    message = events(r)[0]["message"]
+    assert "wrong vault password for inventories/test.vault" in message
+    assert f"hosts.web1: no key for host web1 ([127.0.0.1]:{peer.port})" in message
+    assert "s3cret-pw" not in r.stdout + r.stderr
+
+
 def test_check_success_names_the_inventory_as_typed(two_hosts):
     r = cli(two_hosts, "check", "--env", "test")
     assert r.returncode == 0, r.stderr
