@@ -242,7 +242,9 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
 
 
 def _engine() -> None:
-    """What a run needs after load(), imported while the vault's key is derived."""
+    """What a run needs after load(), imported while the vault's key is derived (Fabric: its
+    connections' own, else first imported by the first connection, in its thread)."""
+    import fabric  # noqa: F401
     import provisioner.runner  # noqa: F401
     import provisioner.varchecks  # noqa: F401
 
