@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import cryptography  # noqa: E402
 from sshpeers import closed_port, ed25519_key, known_line, write_private_key  # noqa: E402
 
 # The child runs the real invoke program from a throwaway checkout, and invoke loads tasks.py
@@ -150,7 +151,9 @@ def main() -> None:
                 cpus[what].append(cpu)
         print(f"medians of {a.rounds} runs each, {os.cpu_count()} cores, load average "
               f"{os.getloadavg()[0]:.2f} (a loaded machine stretches wall time; CPU less so); "
-              f"bytecode cache {'OFF (PYTHONDONTWRITEBYTECODE)' if env.get('PYTHONDONTWRITEBYTECODE') else 'on'}")
+              f"bytecode cache {'OFF (PYTHONDONTWRITEBYTECODE)' if env.get('PYTHONDONTWRITEBYTECODE') else 'on'}; "
+              f"cryptography {cryptography.__version__} (50+ derives the vault's key beside the "
+              "engine's import: provisioner/vault.py)")
         print(f"{'':<34} {'wall':>8} {'CPU':>8}")
         for what in walls:
             print(f"{what:<34} {statistics.median(walls[what]):>7.3f}s "
