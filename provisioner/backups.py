@@ -9,11 +9,11 @@ SFTP repository host or a source host, which runs its own restic jobs."""
 from __future__ import annotations
 
 import json as jsonlib
-import runpy
 import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cache
 from typing import TYPE_CHECKING
 
 from provisioner import humanize
@@ -27,13 +27,31 @@ KINDS = ("full", "diff", "incr")
 # a backup of a bigger kind also makes a smaller one fresh: a full is a diff and an incr too
 COVERED_BY = {"full": ("full",), "diff": ("full", "diff"), "incr": ("full", "diff", "incr")}
 JOB_TOOL = "/usr/local/lib/provisioner/backupjob.py"
-# the server-side job tool's own parser of `pgbackrest info`, the one its metrics use
-_job = runpy.run_path(str(REPO_ROOT / "roles" / "pgbackrest" / "backupjob.py"), run_name="backupjob")
-pgbackrest_summary = _job["pgbackrest_summary"]
-restic_summary = _job["restic_summary"]
-restic_time = _job["restic_time"]
 RESTIC_JOBS = ("backup", "check")         # what backup.status watches (forget is housekeeping)
 RESTIC_ENV = "/etc/restic/env"
+
+
+@cache
+def job_tool() -> dict:
+    """The namespace of roles/pgbackrest/backupjob.py, the job tool the servers run: its own
+    parsers of `pgbackrest info` and `restic snapshots` (the ones its metrics use) are read
+    here. Run when first needed: runpy compiles it anew each time, and every `invoke`
+    command (--list too) loads this module."""
+    import runpy
+    return runpy.run_path(str(REPO_ROOT / "roles" / "pgbackrest" / "backupjob.py"),
+                          run_name="backupjob")
+
+
+def pgbackrest_summary(info: list, stanza: str) -> dict:
+    return job_tool()["pgbackrest_summary"](info, stanza)
+
+
+def restic_summary(snapshots: list) -> dict:
+    return job_tool()["restic_summary"](snapshots)
+
+
+def restic_time(text: str | None) -> float | None:
+    return job_tool()["restic_time"](text)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,25 @@ def _wrap_filter(func, convert):
     return wrapped
 
 
+class _CompiledOnce(jinja2.BytecodeCache):
+    """The code a template compiles to, kept for the other environment of its root: the real
+    and the masked one compile every template to the same code (they differ in finalize and
+    filters, which that code looks up from its environment as it renders; a test holds that
+    for every template), and compiling is most of a rendering's time."""
+
+    def __init__(self) -> None:
+        self._code: dict[tuple[str, str], Any] = {}
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        bucket.code = self._code.get((bucket.key, bucket.checksum))    # the checksum of the source
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self._code[(bucket.key, bucket.checksum)] = bucket.code
+
+
+_COMPILED = _CompiledOnce()
+
+
 @lru_cache(maxsize=8)
 def environment(root: str | None = None, masked: bool = False) -> jinja2.Environment:
     """The Jinja2 environment over `root` (default: the repository's templates/).
@@ -108,6 +127,7 @@ def environment(root: str | None = None, masked: bool = False) -> jinja2.Environ
         lstrip_blocks=True,
         autoescape=False,
         finalize=_finalize_mask if masked else _finalize_real,
+        bytecode_cache=_COMPILED,
     )
     for name, func in list(env.filters.items()):
         env.filters[name] = _wrap_filter(func, convert)

@@ -54,7 +54,8 @@ import subprocess
 import tempfile
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,8 +68,8 @@ from provisioner.secret import Secret
 __all__ = [
     "VaultError", "Argon2idParams", "ScryptParams", "default_kdf", "encrypt", "decrypt",
     "load_vault", "save_vault", "vault_path", "password_file_path", "get_password",
-    "get_new_password", "configured_password", "open_env_vault", "validate_name", "validate_env",
-    "PASSWORD_ENV", "PASSWORD_FILE_ENV", "NEW_PASSWORD_ENV",
+    "get_new_password", "configured_password", "open_env_vault", "open_env_vault_later",
+    "validate_name", "validate_env", "PASSWORD_ENV", "PASSWORD_FILE_ENV", "NEW_PASSWORD_ENV",
 ]
 
 MAGIC = "$PROVISIONER_VAULT"
@@ -141,9 +142,12 @@ class Argon2idParams:
         return cls(m, t, p)
 
     def derive(self, password: bytes, salt: bytes) -> bytes:
+        return self.kdf(salt).derive(password)
+
+    def kdf(self, salt: bytes):
         from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
         return Argon2id(salt=salt, length=_KEY_BYTES, iterations=self.iterations,
-                        lanes=self.lanes, memory_cost=self.memory_kib).derive(password)
+                        lanes=self.lanes, memory_cost=self.memory_kib)
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,11 @@ class ScryptParams:
         return cls(n, r, p)
 
     def derive(self, password: bytes, salt: bytes) -> bytes:
+        return self.kdf(salt).derive(password)
+
+    def kdf(self, salt: bytes):
         from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-        return Scrypt(salt=salt, length=_KEY_BYTES, n=self.n, r=self.r, p=self.p).derive(password)
+        return Scrypt(salt=salt, length=_KEY_BYTES, n=self.n, r=self.r, p=self.p)
 
 
 KdfParams = Argon2idParams | ScryptParams
@@ -266,6 +273,16 @@ def encrypt(data: Mapping[str, str | Secret], password: str, *,
 
 def decrypt(blob: bytes, password: str, *, display: str = "vault") -> dict[str, str]:
     """The mapping inside a vault file's bytes. Raises VaultError, never InvalidTag."""
+    return _decrypt_later(blob, password, display)()
+
+
+def _decrypt_later(blob: bytes, password: str, display: str) -> Callable[[], dict[str, str]]:
+    """decrypt in two halves: the file is checked now and its key derived in a thread; the
+    function returned waits for the key and decrypts (a wrong password is its VaultError).
+    cryptography 50 and later release the GIL while a KDF runs (Argon2id: ~0.15 s of CPU), so
+    the caller's own work until the call runs beside it; with older ones the caller waits as
+    it would have. The thread makes that one call into cryptography and nothing else: no
+    import (two threads importing one package can see it half-initialised)."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -310,19 +327,26 @@ def decrypt(blob: bytes, password: str, *, display: str = "vault") -> dict[str, 
         raise VaultError(f"{display} uses argon2id, which this cryptography/OpenSSL build "
                          "does not support")
 
-    key = kdf.derive(_password_bytes(password), salt)
-    try:
-        plain = AESGCM(key).decrypt(nonce, body, header_line.encode("ascii"))
-    except InvalidTag:
-        raise VaultError(f"wrong vault password for {display}, or the file was modified") \
-            from None
-    try:
-        data = load_json_object(plain.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise invalid("the decrypted content is not JSON") from None
-    if not isinstance(data, dict):
-        raise invalid("the decrypted content is not a JSON object")
-    return _check_mapping(data, display)
+    derive = kdf.kdf(salt).derive
+    password_bytes = _password_bytes(password)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-kdf")
+    key = pool.submit(derive, password_bytes)
+    pool.shutdown(wait=False)                    # its thread ends with its one job
+
+    def finish() -> dict[str, str]:
+        try:
+            plain = AESGCM(key.result()).decrypt(nonce, body, header_line.encode("ascii"))
+        except InvalidTag:
+            raise VaultError(f"wrong vault password for {display}, or the file was modified") \
+                from None
+        try:
+            data = load_json_object(plain.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise invalid("the decrypted content is not JSON") from None
+        if not isinstance(data, dict):
+            raise invalid("the decrypted content is not a JSON object")
+        return _check_mapping(data, display)
+    return finish
 
 
 def _password_bytes(password: str | Secret) -> bytes:
@@ -356,6 +380,12 @@ def _display(path: Path) -> str:
 def load_vault(path: str | os.PathLike, password: str, *,
                display: str | None = None) -> dict[str, Secret]:
     """Decrypt the vault at ``path``: name -> Secret (registered for redaction)."""
+    return _load_vault_later(path, password, display)()
+
+
+def _load_vault_later(path: str | os.PathLike, password: str,
+                      display: str | None) -> Callable[[], dict[str, Secret]]:
+    """load_vault in two halves, as _decrypt_later."""
     path = Path(path)
     display = display or _display(path)
     try:
@@ -364,8 +394,8 @@ def load_vault(path: str | os.PathLike, password: str, *,
         raise VaultError(f"no vault at {display}") from None
     except OSError as e:
         raise VaultError(f"cannot read {display}: {e.strerror}") from None
-    return {name: Secret(value) for name, value in sorted(decrypt(blob, password,
-                                                                  display=display).items())}
+    opened = _decrypt_later(blob, password, display)
+    return lambda: {name: Secret(value) for name, value in sorted(opened().items())}
 
 
 def read_vault_bytes(path: Path) -> bytes:
@@ -574,8 +604,16 @@ def get_new_password(env: str, interactive: bool, *, env_var: str = NEW_PASSWORD
 
 def open_env_vault(env: str, root: str | os.PathLike, interactive: bool) -> dict[str, Secret]:
     """The secrets of ``env`` ({} if it has no vault). Asks for a password only if needed."""
+    return open_env_vault_later(env, root, interactive)()
+
+
+def open_env_vault_later(env: str, root: str | os.PathLike,
+                         interactive: bool) -> Callable[[], dict[str, Secret]]:
+    """open_env_vault in two halves (see _decrypt_later): the password is found (or asked
+    for) and the file checked now, its key derived in a thread; the function returned waits
+    for it and decrypts (a wrong password is its VaultError)."""
     path = vault_path(env, root)
     if not path.exists():
-        return {}
+        return dict
     password = get_password(env, root, interactive)
-    return load_vault(path, password, display=f"inventories/{path.name}")
+    return _load_vault_later(path, password, f"inventories/{path.name}")

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("forget_secrets")
 
 JOB = Path(__file__).resolve().parents[1] / "roles" / "pgbackrest" / "backupjob.py"
 INFO = json.loads((Path(__file__).parent / "fixtures" / "backup" / "pgbackrest-info.json").read_text())
-tool = backups._job
+tool = backups.job_tool()
 
 
 # --- parsing pgbackrest info --------------------------------------------------------------------

@@ -165,6 +165,26 @@ def test_provision_stops_before_connecting_when_a_host_key_is_not_on_record(tmp_
     assert f"hosts.web1: no key for host web1 ([127.0.0.1]:{peer.port})" in message
 
 
+def test_provision_stops_before_connecting_on_a_wrong_vault_password(tmp_path):
+    """The vault's key is derived while the engine loads (vault.open_env_vault_later): a wrong
+    password still stops the run before any server is touched, said with the other problems."""
+    from provisioner import vault
+    with Silent() as peer:
+        root = make_root(tmp_path, {"web1": peer.port}, known="",
+                         ssh="{user: root, connect_timeout: 1, sudo_password: !vault sudo_password}")
+        vault.save_vault(root / "inventories" / "test.vault", {"sudo_password": "s3cret-pw"}, "right")
+        password = root / "inventories" / "test.vault-password"
+        password.write_text("wrong\n")
+        password.chmod(0o600)
+        r = cli(root, "provision", "--env", "test", "--json")
+        assert peer.held == []                          # no server was touched
+    assert r.returncode == 2, r.stderr
+    message = events(r)[0]["message"]
+    assert "wrong vault password for inventories/test.vault" in message
+    assert f"hosts.web1: no key for host web1 ([127.0.0.1]:{peer.port})" in message
+    assert "s3cret-pw" not in r.stdout + r.stderr
+
+
 def test_check_success_names_the_inventory_as_typed(two_hosts):
     r = cli(two_hosts, "check", "--env", "test")
     assert r.returncode == 0, r.stderr
@@ -346,3 +366,18 @@ def test_connection_errors_keep_their_cause_and_say_what_to_check(error, says):
     from provisioner.connection import connect_error
     text = connect_error(error, "192.0.2.77", 22, 10)
     assert says in text and "Errno" not in text
+
+
+# --- start-up -------------------------------------------------------------------------------
+
+def test_the_command_line_loads_no_engine_before_a_task_runs():
+    """`invoke --list`, `--help` and every task's flag parsing import tasks.py and no more:
+    validation, templates, SSH and the vault's crypto are imported by the task that runs (the
+    start-up bench/startup.py measures)."""
+    heavy = ["pydantic", "jinja2", "paramiko", "fabric", "cryptography", "rich", "runpy",
+             "provisioner.inventory", "provisioner.runner", "provisioner.status"]
+    code = f"import sys, tasks; print([m for m in {heavy!r} if m in sys.modules])"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

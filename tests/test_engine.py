@@ -413,7 +413,7 @@ from invoke import Exit
 from engine_helpers import inventory
 from provisioner.cli import common
 inv = inventory(pathlib.Path(sys.argv[2]), ['db1'], ['opsdemo', 'base'], vars={'opsdemo_pause': 20})
-common.load = lambda env, interactive, limit=None: (inv, inv.select(limit))   # the task as run
+common.load = lambda env, interactive, limit=None, meanwhile=None: (inv, inv.select(limit))  # as run
 try:
     common.run_task('provision', env=inv.env, limit=None, check=False, diff=False, json=True,
                     yes=True, serial=0, forks=1, verbose=0)

@@ -100,7 +100,8 @@ def test_ctrl_c_during_invoke_provision_ends_json_with_error_and_recap(inv, monk
             while not self.stop and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    monkeypatch.setattr(common, "load", lambda env, interactive, limit=None: (inv, inv.select(limit)))
+    monkeypatch.setattr(common, "load",
+                        lambda env, interactive, limit=None, meanwhile=None: (inv, inv.select(limit)))
     monkeypatch.setattr(runner_module, "Runner", SignalledRunner)   # common imports it per run
     with pytest.raises(Exit) as e:
         common.run_task("provision", env=inv.env, limit=None, check=False, diff=False, json=True,
@@ -118,7 +119,7 @@ def test_ctrl_c_at_a_prompt_before_the_run_is_130_with_error_and_recap(monkeypat
 
     from provisioner.cli import common
 
-    def prompt(env, interactive, limit=None):   # e.g. the vault password prompt
+    def prompt(env, interactive, limit=None, meanwhile=None):   # e.g. the vault password prompt
         raise KeyboardInterrupt
     monkeypatch.setattr(common, "load", prompt)
     with pytest.raises(Exit) as e:

@@ -173,6 +173,17 @@ def test_render_strict_undefined_and_trailing_newline(tmp_path):
         templating.render("t.j2", {"on": True}, root=tmp_path)
 
 
+def test_both_environments_compile_every_template_to_the_same_code():
+    """What lets the masked rendering reuse the real one's code (templating._CompiledOnce)."""
+    real, masked = templating.environment(None, False), templating.environment(None, True)
+    paths = sorted(templating.TEMPLATES.rglob("*.j2"))
+    assert paths
+    for path in paths:
+        name = path.relative_to(templating.TEMPLATES).as_posix()
+        source = path.read_text()
+        assert real.compile(source, name, raw=True) == masked.compile(source, name, raw=True), name
+
+
 def test_rendered_outside_render_never_leaks():
     assert templating._sentinel_for(S("v")) == "***"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import invoke
 from invoke import Exit
@@ -71,15 +71,24 @@ def inventory(env: str) -> Inventory:
     return load_inventory(env, root=REPO_ROOT)
 
 
-def load(env: str, interactive: bool, limit: str | None = None) -> tuple[Inventory, list[Host]]:
+def load(env: str, interactive: bool, limit: str | None = None,
+         meanwhile: Callable[[], object] | None = None) -> tuple[Inventory, list[Host]]:
     """The validated inventory with its vault secrets resolved, and the hosts `limit` names,
     once everything a run needs that can be checked without a server holds (secrets, known
-    host keys); else InputError (exit 2) with every problem at once."""
+    host keys); else InputError (exit 2) with every problem at once. `meanwhile`: the caller's
+    own preparation (importing its engine), run while the vault's key is derived."""
     inv = inventory(env)
     hosts = inv.select(limit)
-    problems = inv.known_hosts_problems(hosts)
+    problems: list[Problem] = []
     try:
-        inv = with_secrets(inv, interactive)
+        secrets = secrets_later(inv, interactive)     # the vault's key is derived in a thread
+    except InputError as e:
+        problems, secrets = e.problems, (lambda: inv)
+    problems += inv.known_hosts_problems(hosts)       # while these run
+    if meanwhile is not None:
+        meanwhile()
+    try:
+        inv = secrets()
     except InputError as e:
         problems = e.problems + problems
     if problems:
@@ -94,13 +103,22 @@ def load(env: str, interactive: bool, limit: str | None = None) -> tuple[Invento
 
 def with_secrets(inv: Inventory, interactive: bool) -> Inventory:
     """`inv` with every `!vault NAME` replaced by its secret (asks for the password if needed)."""
+    return secrets_later(inv, interactive)()
+
+
+def secrets_later(inv: Inventory, interactive: bool) -> Callable[[], Inventory]:
+    """with_secrets in two halves (vault.open_env_vault_later): the password is found or asked
+    for now, the vault's key derived in a thread; the function returned waits for it and
+    returns `inv` with its secrets. Both raise InputError (no password, a wrong one, a secret
+    the vault does not hold)."""
     if not inv.vault_refs():
-        return inv
-    from provisioner.vault import open_env_vault, vault_path
+        return lambda: inv
+    from provisioner.vault import open_env_vault_later, vault_path
     path = vault_path(inv.env, REPO_ROOT)
     if not path.exists():
-        return inv.resolve({}, missing_vault=display_path(path))
-    return inv.resolve(open_env_vault(inv.env, REPO_ROOT, interactive))
+        return lambda: inv.resolve({}, missing_vault=display_path(path))
+    opened = open_env_vault_later(inv.env, REPO_ROOT, interactive)
+    return lambda: inv.resolve(opened())
 
 
 def int_flag(value, name: str, minimum: int) -> int:
@@ -156,8 +174,6 @@ def run_task(task: str, *, env, limit, check, diff, json, yes, serial, forks, ve
 def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
          detailed_exitcode, roles, max_fail_percentage, shard, extras: Extras) -> int:
     from provisioner.interrupt import on_signals
-    from provisioner.runner import Options, Runner
-    from provisioner.varchecks import check_vars
     try:
         serial_n = int_flag(serial, "serial", 0)
         forks_n = int_flag(forks, "forks", 1)
@@ -173,7 +189,10 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
             env = events.env = plan.env
             limit = ",".join(plan.hosts)
             roles = ",".join(plan.roles) if plan.roles is not None else None
-        inv, hosts = load(env, interactive, limit)      # flags first: no password asked in vain
+        # flags first: no password asked in vain; the engine is imported while the vault opens
+        inv, hosts = load(env, interactive, limit, meanwhile=_engine)
+        from provisioner.runner import Options, Runner
+        from provisioner.varchecks import check_vars
         if part:
             hosts = shards.pick(hosts, *part)
         role_list = None
@@ -220,6 +239,14 @@ def _run(events: Events, stop: Stop, *, env, limit, interactive, serial, forks,
                                "FILE`), then apply that one")
     events.recap()
     return events.exit_code(detailed=bool(detailed_exitcode))
+
+
+def _engine() -> None:
+    """What a run needs after load(), imported while the vault's key is derived (Fabric: its
+    connections' own, else first imported by the first connection, in its thread)."""
+    import fabric  # noqa: F401
+    import provisioner.runner  # noqa: F401
+    import provisioner.varchecks  # noqa: F401
 
 
 def _out_path(out: str | None, check: bool) -> Path | None:

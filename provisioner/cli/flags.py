@@ -12,6 +12,7 @@ import re
 
 from invoke import Exit
 from invoke.exceptions import ParseError
+from invoke.parser import ParserContext
 from invoke.program import Program
 
 from provisioner.errors import EXIT_BAD_INPUT
@@ -56,12 +57,12 @@ def _task(argv: list[str], program: Program) -> str | None:
 
 
 def _flags(program: Program, task: str | None) -> list[str]:
+    """The long flags of `task` (a name or alias) as invoke parses them: the parser context of
+    that one task (invoke's own parsing then builds every task's)."""
     if task is None:
         return []
-    for ctx in program.collection.to_contexts():
-        if task == ctx.name or task in ctx.aliases:
-            return sorted(name for name in ctx.flags if name.startswith("--"))
-    return []
+    ctx = ParserContext(name=task, args=program.collection[task].get_arguments())
+    return sorted(name for name in ctx.flags if name.startswith("--"))
 
 
 def _problem(error: Exception, argv: list[str], program: Program, task: str | None,

@@ -6,16 +6,20 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from invoke import Exit, task
 
 from provisioner.cli.common import FLAG_HELP, fail_input, int_flag, load
 from provisioner.connection import Connection, Unreachable
 from provisioner.errors import EXIT_UNREACHABLE, InputError
-from provisioner.status import PROBE, HostStatus, judge, probe_argv, probe_config, table, thresholds
+
+if TYPE_CHECKING:      # provisioner.status is imported by the task: it reads the probe's source
+    from provisioner.status import HostStatus
 
 
 def probe(inv, host, t: dict) -> HostStatus:
+    from provisioner.status import PROBE, HostStatus, judge, probe_argv, probe_config
     conn = Connection(host, inv.known_hosts, host.sudo_password)
     try:
         r = conn.run(probe_argv(probe_config(inv, host)), stdin=PROBE.encode(), timeout=60)
@@ -38,6 +42,7 @@ def probe(inv, host, t: dict) -> HostStatus:
             "forks": FLAG_HELP["forks"], "yes": FLAG_HELP["yes"]})
 def status(c, env="local", limit=None, json=False, forks=50, yes=False):
     """Every host's health in one table; exit 1 when something needs attention, 3 if unreachable."""
+    from provisioner.status import table, thresholds
     try:
         inv, hosts = load(env, interactive=not yes and sys.stdin.isatty(), limit=limit)
         forks_n = int_flag(forks, "forks", 1)
