@@ -381,3 +381,24 @@ def test_the_command_line_loads_no_engine_before_a_task_runs():
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("up", [True, False], ids=["testbed up", "never brought up"])
+def test_the_testbed_hint_comes_only_when_the_testbed_wrote_nothing(tmp_path, monkeypatch, up):
+    """`invoke testbed.up` as the fix of a wrong vault password would send a user to rebuild
+    servers that are up: the hint is for an env whose known_hosts or vault was never written."""
+    from provisioner import vault
+    from provisioner.cli import common
+    from provisioner.errors import InputError
+    from provisioner.testbed import config
+    root = make_root(tmp_path, {"web1": closed_port()}, known="" if up else None,
+                     ssh="{user: root, sudo_password: !vault sudo_password}")
+    vault.save_vault(root / "inventories" / "test.vault", {"sudo_password": "s3cret-pw"}, "right")
+    monkeypatch.setattr(common, "REPO_ROOT", root)
+    monkeypatch.setattr(config, "LOCAL_INVENTORY", root / "inventories" / "test.yml")
+    monkeypatch.setenv(vault.PASSWORD_ENV, "wrong")
+    with pytest.raises(InputError) as e:
+        common.load("test", interactive=False)
+    said = str(e.value)
+    assert "wrong vault password" in said
+    assert ("is the testbed's" in said) is not up

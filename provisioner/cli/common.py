@@ -93,7 +93,9 @@ def load(env: str, interactive: bool, limit: str | None = None,
         problems = e.problems + problems
     if problems:
         from provisioner.testbed.config import LOCAL_INVENTORY
-        if inv.path == LOCAL_INVENTORY:
+        from provisioner.vault import vault_path
+        written = inv.known_hosts.exists() and vault_path(env, REPO_ROOT).exists()
+        if inv.path == LOCAL_INVENTORY and not written:     # the testbed was never brought up
             problems.append(Problem(None, None, None, f"env '{env}' is the testbed's",
                                     "`invoke testbed.up` boots its servers and writes its "
                                     "known_hosts and vault"))
