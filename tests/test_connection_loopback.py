@@ -1,6 +1,7 @@
 """Connections against the loopback SSH peers of tests/sshpeers.py: each SSH packet leaves at
-once (TCP_NODELAY on the TCP socket that carries the connection), directly and behind a jump
-host; a host key that is not on record is refused (the live tests check a changed one)."""
+once (TCP_NODELAY on the TCP socket that carries the connection) and paramiko's transport threads
+wake seldom once connected, directly and behind a jump host, where commands still run; a host
+key that is not on record is refused (the live tests check a changed one)."""
 from __future__ import annotations
 
 import socket
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import paramiko
 import pytest
 
-from provisioner.connection import Connection, HostKeyError
+from provisioner.connection import IDLE_POLL, Connection, HostKeyError
 from sshpeers import SshServer, ed25519_key, known_line, write_private_key
 
 
@@ -22,7 +23,7 @@ def _nodelay(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
-def test_the_ssh_socket_sends_without_delay(tmp_path):
+def test_the_ssh_socket_sends_without_delay_and_wakes_its_thread_seldom(tmp_path):
     host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
     write_private_key(client_key, tmp_path / "id")
     with SshServer(host_key) as server:
@@ -30,9 +31,11 @@ def test_the_ssh_socket_sends_without_delay(tmp_path):
         with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
             conn.open()
             assert _nodelay(conn._conn.transport.sock)
+            assert conn._conn.transport.sock.gettimeout() == IDLE_POLL > 0.1
 
 
 def test_behind_a_jump_host_the_jump_host_s_socket_sends_without_delay(tmp_path):
+    """...and both transport threads (ours reads a channel of the jump host's) wake seldom."""
     jump_key, web_key, client_key = ed25519_key(), ed25519_key(), paramiko.ECDSAKey.generate()
     write_private_key(client_key, tmp_path / "id")
     with SshServer(jump_key, jump=True) as jump, SshServer(web_key) as web:
@@ -45,6 +48,8 @@ def test_behind_a_jump_host_the_jump_host_s_socket_sends_without_delay(tmp_path)
             assert jump.forwarded == [("127.0.0.1", web.port)]
             assert isinstance(conn._conn.transport.sock, paramiko.Channel)   # inside the jump's
             assert _nodelay(conn._conn.gateway.transport.sock)
+            assert conn._conn.transport.sock.gettimeout() == IDLE_POLL
+            assert conn._conn.gateway.transport.sock.gettimeout() == IDLE_POLL
 
 
 def test_an_unknown_host_key_is_refused_with_its_fingerprint(tmp_path):
@@ -56,3 +61,26 @@ def test_an_unknown_host_key_is_refused_with_its_fingerprint(tmp_path):
             with pytest.raises(HostKeyError, match="unknown host key \\(ssh-ed25519 SHA256:"):
                 conn.open()
             assert conn._conn is None
+
+
+def _reverse(command: str, stdin: bytes) -> tuple[int, bytes]:
+    return (3 if command == "fail" else 0), stdin[::-1]
+
+
+@pytest.mark.parametrize("via_jump", [False, True])
+def test_commands_run_on_a_connection_that_is_up(tmp_path, via_jump):
+    """Its transport thread still takes each packet as it comes; stdin, stdout and the exit
+    status travel whole, a command after another on the same connection."""
+    jump_key, web_key, client_key = ed25519_key(), ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(jump_key, jump=True) as jump, SshServer(web_key, execs=_reverse) as web:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{jump.port}", jump_key) +
+                                        known_line(f"[127.0.0.1]:{web.port}", web_key))
+        via = SimpleNamespace(name="jump", address="127.0.0.1", port=jump.port, user="jump",
+                              key=tmp_path / "id", connect_timeout=5) if via_jump else None
+        with Connection(_host(web.port, tmp_path / "id", via), tmp_path / "known") as conn:
+            data = bytes(range(256)) * 400                        # a few packets' worth
+            r = conn.run(["cat"], stdin=data)
+            assert (r.rc, r.stdout) == (0, data[::-1])
+            r = conn.run(["fail"], stdin=b"abc")
+            assert (r.rc, r.stdout, conn.commands) == (3, b"cba", 2)
