@@ -44,6 +44,12 @@ MAX_STDERR = 1024 * 1024       # only its tail is kept
 # wake it at once, a close is seen within IDLE_POLL (nothing waits for it), keepalives (15 s)
 # stay on time. Until then the handshake's timeouts keep paramiko's 0.1 s steps.
 IDLE_POLL = 1.0
+# paramiko's first choice of cipher, aes128-ctr, needs a MAC, which paramiko computes with a
+# Python HMAC object and compares byte by byte in Python for every packet; AES-GCM (an AEAD:
+# the cipher authenticates, in C) costs ~0.15 ms less CPU per exec. It goes first, the rest of
+# paramiko's list follows in its order: the same ciphers are offered, a server without GCM
+# (OpenSSH has it since 6.2) still gets aes*-ctr.
+FIRST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 # paramiko logs a failed handshake (a port that sends no SSH banner ...) with its traceback from
 # its transport thread; without a handler of ours Python prints that on stderr, inside the live
@@ -169,6 +175,16 @@ def host_keys_for(known_hosts: Path, host: str, port: int) -> paramiko.HostKeys:
     return keys
 
 
+def _transport(sock, **kwargs) -> paramiko.Transport:
+    """paramiko's Transport, offering FIRST_CIPHERS first (SSHClient's transport_factory)."""
+    import paramiko
+    t = paramiko.Transport(sock, **kwargs)
+    opts = t.get_security_options()
+    opts.ciphers = tuple(c for c in FIRST_CIPHERS if c in opts.ciphers) + \
+        tuple(c for c in opts.ciphers if c not in FIRST_CIPHERS)
+    return t
+
+
 def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
     import paramiko
     client = conn.client
@@ -248,7 +264,8 @@ class Connection:
     def _fabric(self, address, port, user, key, timeout, gateway=None) -> FabricConnection:
         from fabric import Config, Connection as FabricConnection
         kwargs = {"look_for_keys": key is None, "allow_agent": True,
-                  "banner_timeout": timeout, "auth_timeout": timeout}
+                  "banner_timeout": timeout, "auth_timeout": timeout,
+                  "transport_factory": _transport}
         if key:
             kwargs["key_filename"] = [str(key)]
         config = Config(overrides={"load_ssh_configs": False})

@@ -114,11 +114,12 @@ class _Iface(paramiko.ServerInterface):
 class SshServer(_Listener):
     """Presents `keys` as its host keys; with `jump`, forwards direct-tcpip channels (and lists
     where to in `forwarded`); with `execs`, runs each exec as execs(command, stdin) -> (exit
-    status, stdout), once the client has closed stdin. `transports` holds the server side of
-    each connection (what was negotiated)."""
+    status, stdout), once the client has closed stdin; with `ciphers`, offers only those.
+    `transports` holds the server side of each connection (what was negotiated)."""
 
-    def __init__(self, *keys: paramiko.PKey, jump: bool = False, execs=None) -> None:
-        self.keys, self.jump, self.execs = keys, jump, execs
+    def __init__(self, *keys: paramiko.PKey, jump: bool = False, execs=None,
+                 ciphers: tuple[str, ...] | None = None) -> None:
+        self.keys, self.jump, self.execs, self.ciphers = keys, jump, execs, ciphers
         self.transports: list[paramiko.Transport] = []
         self.forwarded: list[tuple[str, int]] = []
         super().__init__()
@@ -131,6 +132,8 @@ class SshServer(_Listener):
         self.transports.append(t)
         for k in self.keys:
             t.add_server_key(k)
+        if self.ciphers:
+            t.get_security_options().ciphers = self.ciphers
         iface = _Iface(self.execs)
         try:
             t.start_server(server=iface)
@@ -154,7 +157,8 @@ def _exec(chan: paramiko.Channel, command: str, execs) -> None:
         chan.send_exit_status(rc)
     except (OSError, EOFError, paramiko.SSHException):
         pass
-    chan.close()
+    finally:                            # the client waits for the close, even after a bug here
+        chan.close()
 
 
 def _forward(chan: paramiko.Channel, dest: tuple[str, int]) -> None:

@@ -1,7 +1,8 @@
 """Connections against the loopback SSH peers of tests/sshpeers.py: each SSH packet leaves at
 once (TCP_NODELAY on the TCP socket that carries the connection) and paramiko's transport threads
-wake seldom once connected, directly and behind a jump host, where commands still run; a host
-key that is not on record is refused (the live tests check a changed one)."""
+wake seldom once connected, directly and behind a jump host, where commands still run; AES-GCM
+is chosen where the server has it; a host key that is not on record is refused (the live tests
+check a changed one)."""
 from __future__ import annotations
 
 import socket
@@ -84,3 +85,20 @@ def test_commands_run_on_a_connection_that_is_up(tmp_path, via_jump):
             assert (r.rc, r.stdout) == (0, data[::-1])
             r = conn.run(["fail"], stdin=b"abc")
             assert (r.rc, r.stdout, conn.commands) == (3, b"cba", 2)
+
+
+@pytest.mark.parametrize("offered, chosen", [
+    (None, "aes128-gcm@openssh.com"),                  # paramiko's server offers ctr first
+    (("aes256-ctr", "aes128-ctr", "aes256-gcm@openssh.com"), "aes256-gcm@openssh.com"),
+    (("aes256-ctr", "aes128-ctr"), "aes128-ctr"),       # no GCM: paramiko's own order
+])
+def test_aes_gcm_is_chosen_where_the_server_has_it(tmp_path, offered, chosen):
+    host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(host_key, execs=_reverse, ciphers=offered) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
+        with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
+            assert conn.run(["cat"], stdin=b"gcm").stdout == b"mcg"
+            t = conn._conn.transport
+            assert (t.local_cipher, t.remote_cipher) == (chosen, chosen)
+            assert server.transports[0].local_cipher == chosen
