@@ -1,9 +1,9 @@
-"""SSH connections on Fabric, made strict: one per host for the whole run.
+"""SSH connections on paramiko, made strict: one per host for the whole run.
 
-Fabric accepts unknown host keys by default (AutoAddPolicy) and reads ~/.ssh/config and
-~/.ssh/known_hosts; here only the environment's own known_hosts counts, unknown keys are rejected
-and a changed key is refused with both fingerprints. Commands are argv lists; their data (agent
-source, file contents, secrets) travels on stdin, never on the command line.
+Only the environment's own known_hosts counts (not ~/.ssh/known_hosts nor ~/.ssh/config),
+unknown keys are rejected and a changed key is refused with both fingerprints. Commands are argv
+lists; their data (agent source, file contents, secrets) travels on stdin, never on the command
+line.
 """
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ from provisioner.secret import Secret
 
 if TYPE_CHECKING:
     import paramiko
-    from fabric import Connection as FabricConnection
 
-# paramiko and Fabric are imported where a connection is made or its errors are told apart:
-# the tasks that touch no server (`invoke check`, ...) load neither, and roles import this
-# module (through provisioner.api) for their guards.
+# paramiko is imported where a connection is made or its errors are told apart: the tasks that
+# touch no server (`invoke check`, ...) do not load it, and roles import this module (through
+# provisioner.api) for their guards.
 
 RETRIES = 2              # extra connection attempts on transient network errors
 RETRY_DELAY = 1.0
@@ -113,7 +112,7 @@ def connect_error(e: BaseException, address: str, port: int, timeout: float) -> 
     return f"{address} port {port}: {what}"
 
 
-def _as_seen(conn: FabricConnection, e: BaseException) -> BaseException:
+def _as_seen(conn: _Ssh, e: BaseException) -> BaseException:
     """paramiko sometimes reports a handshake that never got the server's banner as "No
     existing session" (its transport thread lost a race with the timeout): say what was seen."""
     import paramiko
@@ -185,7 +184,7 @@ def _transport(sock, **kwargs) -> paramiko.Transport:
     return t
 
 
-def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
+def _strict_client(conn: _Ssh, known_hosts: Path, label: str) -> None:
     import paramiko
     client = conn.client
     client._system_host_keys = paramiko.HostKeys()      # ignore ~/.ssh/known_hosts
@@ -193,17 +192,16 @@ def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> Non
     client.set_missing_host_key_policy(_Reject(label, known_hosts))
 
 
-def _hops(conn: FabricConnection):
+def _hops(conn: _Ssh):
     """What carries each SSH connection of the chain: our TCP socket, or behind a jump host a
     channel inside the jump host's connection, then the jump host's TCP socket."""
-    from fabric import Connection as FabricConnection
     while conn is not None:
         if conn.transport is not None:
             yield conn.transport.sock
-        conn = conn.gateway if isinstance(conn.gateway, FabricConnection) else None
+        conn = conn.gateway
 
 
-def _no_delay(conn: FabricConnection) -> None:
+def _no_delay(conn: _Ssh) -> None:
     """Send every SSH packet at once (TCP_NODELAY, as OpenSSH does for its sessions). With
     Nagle's algorithm, a command's small packets written back to back (exec request, stdin,
     EOF) wait for the server's delayed ACK: 40-70 ms per exec."""
@@ -215,10 +213,53 @@ def _no_delay(conn: FabricConnection) -> None:
                 pass
 
 
-def _idle_poll(conn: FabricConnection) -> None:
+def _idle_poll(conn: _Ssh) -> None:
     """The transport threads of a connection that is up wake every IDLE_POLL seconds."""
     for sock in _hops(conn):
         sock.settimeout(IDLE_POLL)
+
+
+class _Ssh:
+    """One SSH connection on paramiko's SSHClient, directly or through a jump host's (gateway,
+    which it opens and closes with it): all we used of Fabric's Connection, which cost ~1 ms of
+    CPU per connection, building an Invoke Config for each and merging it again. A Config
+    shared between connections is no way out: Fabric writes into it (inline_ssh_env), which
+    re-merges it while other threads read it."""
+
+    def __init__(self, address: str, port: int, user: str | None, key, timeout: float,
+                 gateway: _Ssh | None = None):
+        import paramiko
+        self.host, self.port, self.user, self.key = address, int(port), user, key
+        self.timeout, self.gateway = timeout, gateway
+        self.client = paramiko.SSHClient()
+        self.transport: paramiko.Transport | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.transport is not None and self.transport.active
+
+    def open(self) -> None:
+        if self.is_connected:
+            return
+        sock = None
+        if self.gateway is not None:
+            self.gateway.open()
+            sock = self.gateway.transport.open_channel("direct-tcpip", (self.host, self.port),
+                                                       ("", 0))
+        self.client.connect(
+            self.host, port=self.port, username=self.user, sock=sock,
+            key_filename=[str(self.key)] if self.key else None, look_for_keys=self.key is None,
+            allow_agent=True, timeout=self.timeout, banner_timeout=self.timeout,
+            auth_timeout=self.timeout, transport_factory=_transport)
+        self.transport = self.client.get_transport()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.transport = None
+            if self.gateway is not None:
+                self.gateway.close()
 
 
 class _SudoTalk:
@@ -255,23 +296,11 @@ class Connection:
         # the agent's cache on the server (provisioner/agent.py call()): True uses and fills
         # it, False only uses it (check mode writes nothing), None sends the agent every exec
         self.agent_cache: bool | None = True
-        self._conn: FabricConnection | None = None
+        self._conn: _Ssh | None = None
 
     @property
     def label(self) -> str:
         return f"{self.host.name} ({self.user}@{self.host.address}:{self.host.port})"
-
-    def _fabric(self, address, port, user, key, timeout, gateway=None) -> FabricConnection:
-        from fabric import Config, Connection as FabricConnection
-        kwargs = {"look_for_keys": key is None, "allow_agent": True,
-                  "banner_timeout": timeout, "auth_timeout": timeout,
-                  "transport_factory": _transport}
-        if key:
-            kwargs["key_filename"] = [str(key)]
-        config = Config(overrides={"load_ssh_configs": False})
-        conn = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
-                                connect_timeout=timeout, connect_kwargs=kwargs)
-        return conn
 
     def open(self) -> None:
         if self._conn is not None and self._conn.is_connected:
@@ -281,10 +310,10 @@ class Connection:
         gateway = None
         if h.jump:
             j = h.jump
-            gateway = self._fabric(j.address, j.port, j.user, getattr(j, "key", None) or h.key,
-                                   getattr(j, "connect_timeout", h.connect_timeout))
+            gateway = _Ssh(j.address, j.port, j.user, getattr(j, "key", None) or h.key,
+                           getattr(j, "connect_timeout", h.connect_timeout))
             _strict_client(gateway, self.known_hosts, f"jump host {j.address}")
-        conn = self._fabric(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
+        conn = _Ssh(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
         _strict_client(conn, self.known_hosts, self.label)
         last: Exception | None = None
         for attempt in range(RETRIES + 1):
