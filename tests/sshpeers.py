@@ -84,14 +84,15 @@ class Silent(_Listener):
 
 
 class _Iface(paramiko.ServerInterface):
-    def __init__(self, execs=None) -> None:
+    def __init__(self, execs=None, logins=None) -> None:
         self.destinations: dict[int, tuple[str, int]] = {}
-        self.execs = execs
+        self.execs, self.logins = execs, logins if logins is not None else []
 
     def get_allowed_auths(self, username):
         return "publickey"
 
     def check_auth_publickey(self, username, key):
+        self.logins.append((username, key))
         return paramiko.AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind, chanid):
@@ -115,12 +116,14 @@ class SshServer(_Listener):
     """Presents `keys` as its host keys; with `jump`, forwards direct-tcpip channels (and lists
     where to in `forwarded`); with `execs`, runs each exec as execs(command, stdin) -> (exit
     status, stdout), once the client has closed stdin; with `ciphers`, offers only those.
-    `transports` holds the server side of each connection (what was negotiated)."""
+    `transports` holds the server side of each connection (what was negotiated), `logins` the
+    user and public key of each login."""
 
     def __init__(self, *keys: paramiko.PKey, jump: bool = False, execs=None,
                  ciphers: tuple[str, ...] | None = None) -> None:
         self.keys, self.jump, self.execs, self.ciphers = keys, jump, execs, ciphers
         self.transports: list[paramiko.Transport] = []
+        self.logins: list[tuple[str, paramiko.PKey]] = []
         self.forwarded: list[tuple[str, int]] = []
         super().__init__()
 
@@ -134,7 +137,7 @@ class SshServer(_Listener):
             t.add_server_key(k)
         if self.ciphers:
             t.get_security_options().ciphers = self.ciphers
-        iface = _Iface(self.execs)
+        iface = _Iface(self.execs, self.logins)
         try:
             t.start_server(server=iface)
         except (paramiko.SSHException, EOFError, OSError):

@@ -1,16 +1,18 @@
 """Connections against the loopback SSH peers of tests/sshpeers.py: each SSH packet leaves at
 once (TCP_NODELAY on the TCP socket that carries the connection) and paramiko's transport threads
 wake seldom once connected, directly and behind a jump host, where commands still run; AES-GCM
-is chosen where the server has it; a host key that is not on record is refused (the live tests
-check a changed one)."""
+is chosen where the server has it; the login key file is read once for all connections; a host
+key that is not on record is refused (the live tests check a changed one)."""
 from __future__ import annotations
 
+import os
 import socket
 from types import SimpleNamespace
 
 import paramiko
 import pytest
 
+from provisioner import connection
 from provisioner.connection import IDLE_POLL, Connection, HostKeyError
 from sshpeers import SshServer, ed25519_key, known_line, write_private_key
 
@@ -112,3 +114,27 @@ def test_aes_gcm_is_chosen_where_the_server_has_it(tmp_path, offered, chosen):
             t = conn._conn.transport
             assert (t.local_cipher, t.remote_cipher) == (chosen, chosen)
             assert server.transports[0].local_cipher == chosen
+
+
+def test_the_login_key_file_is_read_once_for_all_connections(tmp_path):
+    """...and again once it changes; one that does not load without a passphrase, or is
+    missing, is left to paramiko, as before (which then tries the SSH agent, or says why)."""
+    host_key = ed25519_key()
+    first, second = ed25519_key(tmp_path / "id"), None
+    connection._loaded_key.cache_clear()
+    with SshServer(host_key) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
+        host = _host(server.port, tmp_path / "id")
+        for _ in range(3):
+            with Connection(host, tmp_path / "known") as conn:
+                conn.open()
+        assert connection._loaded_key.cache_info().misses == 1
+        second = ed25519_key(tmp_path / "id")
+        os.utime(tmp_path / "id", ns=(1, 1))              # another version, whatever the clock
+        with Connection(host, tmp_path / "known") as conn:
+            conn.open()
+    assert [(user, key.asbytes()) for user, key in server.logins] == \
+        [("root", first.asbytes())] * 3 + [("root", second.asbytes())]
+    paramiko.ECDSAKey.generate().write_private_key_file(str(tmp_path / "locked"), password="pw")
+    assert connection._client_key(tmp_path / "locked") is None
+    assert connection._client_key(tmp_path / "missing") is None
