@@ -1,7 +1,8 @@
 """The controller's CPU per host for what a converged run does over SSH, without the testbed.
 
     python3 bench/connection_cpu.py [--hosts 50] [--sequential 20] [--rounds 5] [--profile]
-        [--latency 0.1] [--parallel-latency 1.0] [--server-kex openssh-9.2|all] [--send-agent]
+        [--latency 0.1] [--parallel-latency 1.0] [--parallel-greeting 0.5]
+        [--server-kex openssh-9.2|all] [--send-agent]
 
 Per host, as the engine does on a converged server (provisioner/runner.py run_host): our
 Connection opens (TCP, key exchange, the host key checked against known_hosts, publickey auth
@@ -17,10 +18,11 @@ testbed's sshd), so the same algorithms are negotiated as there; they are printe
 
 Each round connects to --sequential servers one after the other, each exec taking --latency
 seconds on the server (one testbed host: ~0.1 s), then to --hosts at once in a thread pool of
---forks (as the engine's), each exec taking --parallel-latency: on the testbed 50 servers
-share the controller's cores, so an exec takes about a second, and a connection's life matters
-(paramiko's transport thread wakes while it waits). Set it to about a third of the wall time
-bench/fleet_cpu.py prints for 50 hosts. The medians over --rounds of the CPU per host are
+--forks (as the engine's), each exec taking --parallel-latency and the server's banner coming
+--parallel-greeting late: on the testbed 50 servers share the controller's cores, so an exec
+takes about a second and sshd is slow to answer, and how long a connection lives or waits
+matters (paramiko's threads wake every 0.1 s while they wait). Set the latency to about a third
+of the wall time bench/fleet_cpu.py prints for 50 hosts. The medians over --rounds of the CPU per host are
 printed with the load average (CPU time, not wall time, but a busy machine still inflates it a
 little). --profile then runs one more round of each under cProfile (one profile per thread, on
 the thread's CPU time, merged) and prints where the CPU goes.
@@ -54,10 +56,10 @@ OPENSSH_92_KEX = ("curve25519-sha256@libssh.org", "ecdh-sha2-nistp256", "ecdh-sh
                   "diffie-hellman-group-exchange-sha256", "diffie-hellman-group14-sha256")
 
 
-def serve(kex: str) -> None:
-    """The server process: says its port and known_hosts lines on stdout, serves until stdin
-    closes. Each exec answers, in the agent's format, after the time and with the size its
-    request asks for."""
+def serve(kex: str, greeting: float) -> None:
+    """The server process: says its two ports and known_hosts lines on stdout, serves until
+    stdin closes. Each exec answers, in the agent's format, after the time and with the size its
+    request asks for. The second port's server sends its banner `greeting` seconds late."""
     import logging
 
     import paramiko
@@ -76,11 +78,16 @@ def serve(kex: str) -> None:
         doc["facts"]["pad"] = "y" * max(0, want - len(json.dumps(doc)) - len(agent.MARKER))
         return 0, agent.MARKER + json.dumps(doc).encode()
 
+    class Busy(SshServer):
+        def _session(self, conn) -> None:
+            time.sleep(greeting)
+            super()._session(conn)
+
     keys = (paramiko.ECDSAKey.generate(), ed25519_key(), paramiko.RSAKey.generate(3072))
-    with SshServer(*keys, execs=execs) as server:
-        name = f"[127.0.0.1]:{server.port}"
-        print(json.dumps({"port": server.port,
-                          "known": "".join(known_line(name, k) for k in keys)}), flush=True)
+    with SshServer(*keys, execs=execs) as prompt, Busy(*keys, execs=execs) as busy:
+        ports = [prompt.port, busy.port]
+        print(json.dumps({"ports": ports, "known": "".join(
+            known_line(f"[127.0.0.1]:{p}", k) for p in ports for k in keys)}), flush=True)
         sys.stdin.read()
 
 
@@ -214,11 +221,14 @@ def main() -> None:
                     help="seconds an exec takes on the server, one host at a time")
     ap.add_argument("--parallel-latency", type=float, default=1.0,
                     help="seconds an exec takes on the server, --hosts at once")
+    ap.add_argument("--parallel-greeting", type=float, default=0.5,
+                    help="seconds the server takes to send its banner, --hosts at once")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
-        return serve(a.serve)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", a.server_kex],
+        return serve(a.serve, a.parallel_greeting)
+    server = subprocess.Popen([sys.executable, __file__, "--serve", a.server_kex,
+                               "--parallel-greeting", str(a.parallel_greeting)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         peer = json.loads(server.stdout.readline())
@@ -227,18 +237,20 @@ def main() -> None:
             key, known = Path(tmp) / "id_ed25519", Path(tmp) / "known_hosts"
             ed25519_key(key)
             known.write_text(peer["known"])
-            args = (peer["port"], key, known, a.send_agent)
+            args = (peer["ports"][0], key, known, a.send_agent)
+            busy = (peer["ports"][1], key, known, a.send_agent)
             algorithms = negotiated(*args, 0.0)              # warm-up: imports, first use
             sequential(3, 0.0, *args)
-            parallel(min(a.forks, 5), a.forks, 0.0, *args)
+            parallel(min(a.forks, 5), a.forks, 0.0, *busy)
             seq, par, wall = [], [], []
             for _ in range(a.rounds):                        # interleaved: drift hits both
                 seq.append(statistics.median(sequential(a.sequential, a.latency, *args)))
-                cpu, seconds = parallel(a.hosts, a.forks, a.parallel_latency, *args)
+                cpu, seconds = parallel(a.hosts, a.forks, a.parallel_latency, *busy)
                 par.append(cpu / a.hosts)
                 wall.append(seconds)
             print(f"{a.sequential} hosts one by one and {a.hosts} at once (forks {a.forks}), "
-                  f"{a.latency:g} s and {a.parallel_latency:g} s per exec, {a.rounds} rounds; negotiated: "
+                  f"{a.latency:g} s and {a.parallel_latency:g} s per exec (banner "
+                  f"{a.parallel_greeting:g} s late at once), {a.rounds} rounds; negotiated: "
                   + ", ".join(f"{k} {v}" for k, v in algorithms.items())
                   + (", the agent's source on every exec" if a.send_agent else ""))
             print(f"controller CPU per host, sequential: median {statistics.median(seq) * 1000:.2f} "
@@ -251,7 +263,7 @@ def main() -> None:
             if a.profile:
                 with ThreadProfiles() as prof:
                     sequential(a.sequential, a.latency, *args)
-                    parallel(a.hosts, a.forks, a.parallel_latency, *args)
+                    parallel(a.hosts, a.forks, a.parallel_latency, *busy)
                 stats = prof.stats()
                 print(f"\nprofile of {a.sequential + a.hosts} hosts (cProfile slows Python code more than C: "
                       "shares, not times), by own time:")
