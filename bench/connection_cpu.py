@@ -78,13 +78,9 @@ def serve(kex: str, greeting: float) -> None:
         doc["facts"]["pad"] = "y" * max(0, want - len(json.dumps(doc)) - len(agent.MARKER))
         return 0, agent.MARKER + json.dumps(doc).encode()
 
-    class Busy(SshServer):
-        def _session(self, conn) -> None:
-            time.sleep(greeting)
-            super()._session(conn)
-
     keys = (paramiko.ECDSAKey.generate(), ed25519_key(), paramiko.RSAKey.generate(3072))
-    with SshServer(*keys, execs=execs) as prompt, Busy(*keys, execs=execs) as busy:
+    with SshServer(*keys, execs=execs) as prompt, \
+            SshServer(*keys, execs=execs, greeting=greeting) as busy:
         ports = [prompt.port, busy.port]
         print(json.dumps({"ports": ports, "known": "".join(
             known_line(f"[127.0.0.1]:{p}", k) for p in ports for k in keys)}), flush=True)

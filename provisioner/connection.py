@@ -11,6 +11,7 @@ import base64
 import errno
 import hashlib
 import logging
+import math
 import os
 import secrets
 import select
@@ -18,7 +19,7 @@ import shlex
 import socket
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,18 +39,14 @@ RETRY_DELAY = 1.0
 MAX_STDOUT = 256 * 1024 * 1024
 MAX_STDERR = 1024 * 1024       # only its tail is kept
 # paramiko's transport thread waits for the server's packets in recv() with a 0.1 s timeout, and
-# on each timeout looks whether the connection was closed or a keepalive is due: ~50 us of CPU
-# per wake-up, 0.5 ms per host per second a connection lives (50 hosts at once on the testbed
-# live seconds). Once a connection is up it wakes every IDLE_POLL seconds instead; packets still
-# wake it at once, a close is seen within IDLE_POLL (nothing waits for it), keepalives (15 s)
-# stay on time. Until then the handshake's timeouts keep paramiko's 0.1 s steps.
+# on each timeout looks whether the connection was closed, a keepalive is due or the banner is
+# late: ~50-100 us of CPU per wake-up, 0.5-1 ms per host per second a connection lives or waits
+# for a busy sshd (50 hosts at once on the testbed live seconds). Ours wake every IDLE_POLL
+# seconds once connected, and during the handshake in the longest step of at most IDLE_POLL that
+# divides the connect timeout (the banner's: a missing banner is still noticed after exactly that
+# timeout). Packets still wake them at once; a close is seen within IDLE_POLL (nothing waits for
+# it); keepalives (15 s) stay on time.
 IDLE_POLL = 1.0
-# paramiko's first choice of cipher, aes128-ctr, needs a MAC, which paramiko computes with a
-# Python HMAC object and compares byte by byte in Python for every packet; AES-GCM (an AEAD:
-# the cipher authenticates, in C) costs ~0.15 ms less CPU per exec. It goes first, the rest of
-# paramiko's list follows in its order: the same ciphers are offered, a server without GCM
-# (OpenSSH has it since 6.2) still gets aes*-ctr.
-FIRST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 # paramiko logs a failed handshake (a port that sends no SSH banner ...) with its traceback from
 # its transport thread; without a handler of ours Python prints that on stderr, inside the live
@@ -175,14 +172,8 @@ def host_keys_for(known_hosts: Path, host: str, port: int) -> paramiko.HostKeys:
     return keys
 
 
-def _transport(sock, **kwargs) -> paramiko.Transport:
-    """paramiko's Transport, offering FIRST_CIPHERS first (SSHClient's transport_factory)."""
-    import paramiko
-    t = paramiko.Transport(sock, **kwargs)
-    opts = t.get_security_options()
-    opts.ciphers = tuple(c for c in FIRST_CIPHERS if c in opts.ciphers) + \
-        tuple(c for c in opts.ciphers if c not in FIRST_CIPHERS)
-    return t
+def _handshake_poll(timeout: float) -> float:
+    return timeout / max(1, math.ceil(timeout / IDLE_POLL)) if timeout else 0.1
 
 
 def _client_key(path) -> paramiko.PKey | None:
@@ -278,12 +269,14 @@ class _Ssh:
             self.gateway.open()
             sock = self.gateway.transport.open_channel("direct-tcpip", (self.host, self.port),
                                                        ("", 0))
+        from provisioner.sshtransport import Transport
         pkey = _client_key(self.key) if self.key else None
         self.client.connect(
             self.host, port=self.port, username=self.user, sock=sock, pkey=pkey,
             key_filename=[str(self.key)] if self.key and pkey is None else None,
             look_for_keys=self.key is None, allow_agent=True, timeout=self.timeout,
-            banner_timeout=self.timeout, auth_timeout=self.timeout, transport_factory=_transport)
+            banner_timeout=self.timeout, auth_timeout=self.timeout,
+            transport_factory=partial(Transport, poll=_handshake_poll(self.timeout)))
         self.transport = self.client.get_transport()
 
     def close(self) -> None:

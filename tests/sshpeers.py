@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import socket
 import threading
+import time
 from pathlib import Path
 
 import paramiko
@@ -84,16 +85,17 @@ class Silent(_Listener):
 
 
 class _Iface(paramiko.ServerInterface):
-    def __init__(self, execs=None, logins=None) -> None:
+    def __init__(self, execs=None, logins=None, refuse: bool = False) -> None:
         self.destinations: dict[int, tuple[str, int]] = {}
         self.execs, self.logins = execs, logins if logins is not None else []
+        self.refuse = refuse
 
     def get_allowed_auths(self, username):
         return "publickey"
 
     def check_auth_publickey(self, username, key):
         self.logins.append((username, key))
-        return paramiko.AUTH_SUCCESSFUL
+        return paramiko.AUTH_FAILED if self.refuse else paramiko.AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind, chanid):
         return paramiko.OPEN_SUCCEEDED if kind == "direct-tcpip" or \
@@ -115,13 +117,16 @@ class _Iface(paramiko.ServerInterface):
 class SshServer(_Listener):
     """Presents `keys` as its host keys; with `jump`, forwards direct-tcpip channels (and lists
     where to in `forwarded`); with `execs`, runs each exec as execs(command, stdin) -> (exit
-    status, stdout), once the client has closed stdin; with `ciphers`, offers only those.
+    status, stdout), once the client has closed stdin; with `ciphers`, offers only those; with
+    `greeting`, sends its banner that many seconds late; with `refuse`, refuses every key.
     `transports` holds the server side of each connection (what was negotiated), `logins` the
     user and public key of each login."""
 
     def __init__(self, *keys: paramiko.PKey, jump: bool = False, execs=None,
-                 ciphers: tuple[str, ...] | None = None) -> None:
+                 ciphers: tuple[str, ...] | None = None, greeting: float = 0.0,
+                 refuse: bool = False) -> None:
         self.keys, self.jump, self.execs, self.ciphers = keys, jump, execs, ciphers
+        self.greeting, self.refuse = greeting, refuse
         self.transports: list[paramiko.Transport] = []
         self.logins: list[tuple[str, paramiko.PKey]] = []
         self.forwarded: list[tuple[str, int]] = []
@@ -131,13 +136,14 @@ class SshServer(_Listener):
         threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
+        time.sleep(self.greeting)
         t = paramiko.Transport(conn)
         self.transports.append(t)
         for k in self.keys:
             t.add_server_key(k)
         if self.ciphers:
             t.get_security_options().ciphers = self.ciphers
-        iface = _Iface(self.execs, self.logins)
+        iface = _Iface(self.execs, self.logins, self.refuse)
         try:
             t.start_server(server=iface)
         except (paramiko.SSHException, EOFError, OSError):

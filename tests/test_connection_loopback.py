@@ -1,19 +1,22 @@
 """Connections against the loopback SSH peers of tests/sshpeers.py: each SSH packet leaves at
 once (TCP_NODELAY on the TCP socket that carries the connection) and paramiko's transport threads
 wake seldom once connected, directly and behind a jump host, where commands still run; AES-GCM
-is chosen where the server has it; the login key file is read once for all connections; a host
-key that is not on record is refused (the live tests check a changed one)."""
+is chosen where the server has it; the login key file is read once for all connections; the
+handshake and the login are waited for without polling, and end as paramiko's did; a host key
+that is not on record is refused (the live tests check a changed one)."""
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from types import SimpleNamespace
 
 import paramiko
 import pytest
 
 from provisioner import connection
-from provisioner.connection import IDLE_POLL, Connection, HostKeyError
+from provisioner.connection import IDLE_POLL, Connection, HostKeyError, Unreachable
 from sshpeers import SshServer, ed25519_key, known_line, write_private_key
 
 
@@ -138,3 +141,59 @@ def test_the_login_key_file_is_read_once_for_all_connections(tmp_path):
     paramiko.ECDSAKey.generate().write_private_key_file(str(tmp_path / "locked"), password="pw")
     assert connection._client_key(tmp_path / "locked") is None
     assert connection._client_key(tmp_path / "missing") is None
+
+
+def test_a_late_banner_and_the_login_are_waited_for_without_polling(tmp_path, monkeypatch):
+    """paramiko waited for the key exchange and the login in turns of Event.wait(0.1), each a
+    wake-up that costs CPU; ours wait once each. Its transport thread, until connected, wakes
+    in steps that divide the connect timeout (a missing banner is noticed after it, exactly)."""
+    host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    waits = []
+    wait = threading.Event.wait
+    monkeypatch.setattr(threading.Event, "wait", lambda self, timeout=None: waits.append(
+        (threading.get_ident(), timeout)) or wait(self, timeout))
+    with SshServer(host_key, greeting=0.3) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
+        host = _host(server.port, tmp_path / "id")
+        host.connect_timeout = 2.5
+        with Connection(host, tmp_path / "known") as conn:
+            started = time.monotonic()
+            conn.open()
+            assert time.monotonic() - started >= 0.3
+            assert conn._conn.transport.is_authenticated()
+    mine = [timeout for thread, timeout in waits if thread == threading.get_ident()]
+    assert mine.count(2.5) == 2                            # the exchange's, the login's
+    assert mine.count(0.1) <= 1          # paramiko's check of how the login ended: already set
+    assert connection._handshake_poll(2.5) == 2.5 / 3 and connection._handshake_poll(10) == 1
+    assert connection._handshake_poll(0.5) == 0.5
+
+
+def test_a_refused_login_and_a_server_gone_in_the_handshake_end_as_before(tmp_path):
+    host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
+    write_private_key(client_key, tmp_path / "id")
+    with SshServer(host_key, refuse=True) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
+        with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
+            with pytest.raises(Unreachable, match="authentication failed"):
+                conn.open()
+    assert len(server.logins) == 1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def hang_up_after_the_banner():
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            peer.sendall(b"SSH-2.0-gone\r\n")
+            peer.close()
+    threading.Thread(target=hang_up_after_the_banner, daemon=True).start()
+    try:
+        gone = _host(listener.getsockname()[1], tmp_path / "id")
+        with pytest.raises(Unreachable, match="closed the connection during the SSH handshake"):
+            connection.Connection(gone, tmp_path / "known").open()
+    finally:
+        listener.close()
