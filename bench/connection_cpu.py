@@ -22,10 +22,11 @@ seconds on the server (one testbed host: ~0.1 s), then to --hosts at once in a t
 --parallel-greeting late: on the testbed 50 servers share the controller's cores, so an exec
 takes about a second and sshd is slow to answer, and how long a connection lives or waits
 matters (paramiko's threads wake every 0.1 s while they wait). Set the latency to about a third
-of the wall time bench/fleet_cpu.py prints for 50 hosts. The medians over --rounds of the CPU per host are
-printed with the load average (CPU time, not wall time, but a busy machine still inflates it a
-little). --profile then runs one more round of each under cProfile (one profile per thread, on
-the thread's CPU time, merged) and prints where the CPU goes.
+of the wall time bench/fleet_cpu.py prints for 50 hosts. The medians over --rounds of the CPU
+per host are printed with the load average: CPU time, not wall time, yet a busy machine inflates
+it (by half and more at a load of 5 on 2 cores), so compare two versions in runs taken in turn.
+--profile then runs one more round of each under cProfile (one profile per thread, on the
+thread's CPU time, merged) and prints where the CPU goes.
 """
 from __future__ import annotations
 
@@ -249,11 +250,11 @@ def main() -> None:
                   f"{a.parallel_greeting:g} s late at once), {a.rounds} rounds; negotiated: "
                   + ", ".join(f"{k} {v}" for k, v in algorithms.items())
                   + (", the agent's source on every exec" if a.send_agent else ""))
-            print(f"controller CPU per host, sequential: median {statistics.median(seq) * 1000:.2f} "
-                  f"ms (rounds: {' '.join(f'{s * 1000:.2f}' for s in seq)})")
-            print(f"controller CPU per host, parallel:   median {statistics.median(par) * 1000:.2f} "
-                  f"ms (rounds: {' '.join(f'{s * 1000:.2f}' for s in par)}); wall per round "
-                  f"{statistics.median(wall):.2f} s")
+            for what, got in (("sequential:", seq), ("parallel:  ", par)):
+                print(f"controller CPU per host, {what} median "
+                      f"{statistics.median(got) * 1000:.2f} ms (rounds: "
+                      f"{' '.join(f'{s * 1000:.2f}' for s in got)})")
+            print(f"wall per round at once: {statistics.median(wall):.2f} s")
             print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on "
                   f"{os.cpu_count()} cores")
             if a.profile:
@@ -261,8 +262,8 @@ def main() -> None:
                     sequential(a.sequential, a.latency, *args)
                     parallel(a.hosts, a.forks, a.parallel_latency, *busy)
                 stats = prof.stats()
-                print(f"\nprofile of {a.sequential + a.hosts} hosts (cProfile slows Python code more than C: "
-                      "shares, not times), by own time:")
+                print(f"\nprofile of {a.sequential + a.hosts} hosts (cProfile slows Python code "
+                      "more than C: shares, not times), by own time:")
                 print(top(stats, "tottime", a.top))
                 print("\nby cumulative time:")
                 print(top(stats, "cumulative", a.top))

@@ -173,6 +173,7 @@ def host_keys_for(known_hosts: Path, host: str, port: int) -> paramiko.HostKeys:
 
 
 def _handshake_poll(timeout: float) -> float:
+    """How often a transport thread wakes until connected (see IDLE_POLL)."""
     return timeout / max(1, math.ceil(timeout / IDLE_POLL)) if timeout else 0.1
 
 
@@ -342,31 +343,37 @@ class Connection:
         conn = _Ssh(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
         _strict_client(conn, self.known_hosts, self.label)
         last: Exception | None = None
-        for attempt in range(RETRIES + 1):
-            try:
-                conn.open()
-                conn.transport.set_keepalive(15)
-                _no_delay(conn)
-                _idle_poll(conn)
-                self._conn = conn
-                return
-            except HostKeyError:
-                raise
-            except paramiko.BadHostKeyException as e:
-                raise HostKeyError(
-                    f"{self.label}: HOST KEY CHANGED. known_hosts ({self.known_hosts}) has "
-                    f"{e.expected_key.get_name()} {fingerprint(e.expected_key)}, the server now "
-                    f"presents {e.key.get_name()} {fingerprint(e.key)}. This is what a "
-                    "man-in-the-middle looks like; if the server was really rebuilt, remove its "
-                    "old line from known_hosts and run `invoke hosts.trust --env ENV`.") from None
-            except paramiko.AuthenticationException as e:
-                raise Unreachable(f"{self.label}: authentication failed ({e}); check the user and "
-                                  "key in the inventory's `ssh` settings") from None
-            except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
-                last = _as_seen(conn, e)
-                if attempt < RETRIES:
-                    time.sleep(RETRY_DELAY * (attempt + 1))
+        try:
+            for attempt in range(RETRIES + 1):
+                try:
+                    conn.open()
+                    conn.transport.set_keepalive(15)
+                    _no_delay(conn)
+                    _idle_poll(conn)
+                    self._conn = conn
+                    return
+                except HostKeyError:
+                    raise
+                except paramiko.BadHostKeyException as e:
+                    raise HostKeyError(
+                        f"{self.label}: HOST KEY CHANGED. known_hosts ({self.known_hosts}) has "
+                        f"{e.expected_key.get_name()} {fingerprint(e.expected_key)}, the server "
+                        f"now presents {e.key.get_name()} {fingerprint(e.key)}. This is what a "
+                        "man-in-the-middle looks like; if the server was really rebuilt, remove "
+                        "its old line from known_hosts and run `invoke hosts.trust --env ENV`."
+                    ) from None
+                except paramiko.AuthenticationException as e:
+                    raise Unreachable(f"{self.label}: authentication failed ({e}); check the user "
+                                      "and key in the inventory's `ssh` settings") from None
+                except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
+                    last = _as_seen(conn, e)
+                    if attempt < RETRIES:
+                        time.sleep(RETRY_DELAY * (attempt + 1))
+        except BaseException:           # refused: nothing of it is left open (the jump host's
+            conn.close()                # connection, a transport thread)
+            raise
         at_jump = gateway is not None and not gateway.is_connected
+        conn.close()
         where = (h.jump.address, h.jump.port) if at_jump else (h.address, h.port)
         why = connect_error(last, *where, h.connect_timeout) if last else "no answer"
         via = f" (through jump host {h.jump.address})" if h.jump else ""

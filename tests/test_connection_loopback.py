@@ -170,13 +170,21 @@ def test_a_late_banner_and_the_login_are_waited_for_without_polling(tmp_path, mo
 
 
 def test_a_refused_login_and_a_server_gone_in_the_handshake_end_as_before(tmp_path):
-    host_key, client_key = ed25519_key(), paramiko.ECDSAKey.generate()
+    """...and leave nothing open: behind a jump host, the jump host's connection is closed."""
+    jump_key, host_key, client_key = ed25519_key(), ed25519_key(), paramiko.ECDSAKey.generate()
     write_private_key(client_key, tmp_path / "id")
-    with SshServer(host_key, refuse=True) as server:
-        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{server.port}", host_key))
-        with Connection(_host(server.port, tmp_path / "id"), tmp_path / "known") as conn:
+    with SshServer(jump_key, jump=True) as jump, SshServer(host_key, refuse=True) as server:
+        (tmp_path / "known").write_text(known_line(f"[127.0.0.1]:{jump.port}", jump_key) +
+                                        known_line(f"[127.0.0.1]:{server.port}", host_key))
+        via = SimpleNamespace(name="jump", address="127.0.0.1", port=jump.port, user="jump",
+                              key=tmp_path / "id", connect_timeout=5)
+        with Connection(_host(server.port, tmp_path / "id", via), tmp_path / "known") as conn:
             with pytest.raises(Unreachable, match="authentication failed"):
                 conn.open()
+        deadline = time.monotonic() + 5
+        while jump.transports[0].is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not jump.transports[0].is_active()
     assert len(server.logins) == 1
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
