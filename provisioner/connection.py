@@ -1,9 +1,9 @@
-"""SSH connections on Fabric, made strict: one per host for the whole run.
+"""SSH connections on paramiko, made strict: one per host for the whole run.
 
-Fabric accepts unknown host keys by default (AutoAddPolicy) and reads ~/.ssh/config and
-~/.ssh/known_hosts; here only the environment's own known_hosts counts, unknown keys are rejected
-and a changed key is refused with both fingerprints. Commands are argv lists; their data (agent
-source, file contents, secrets) travels on stdin, never on the command line.
+Only the environment's own known_hosts counts (not ~/.ssh/known_hosts nor ~/.ssh/config),
+unknown keys are rejected and a changed key is refused with both fingerprints. Commands are argv
+lists; their data (agent source, file contents, secrets) travels on stdin, never on the command
+line.
 """
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import base64
 import errno
 import hashlib
 import logging
+import math
+import os
 import secrets
 import select
 import shlex
 import socket
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +27,10 @@ from provisioner.secret import Secret
 
 if TYPE_CHECKING:
     import paramiko
-    from fabric import Connection as FabricConnection
 
-# paramiko and Fabric are imported where a connection is made or its errors are told apart:
-# the tasks that touch no server (`invoke check`, ...) load neither, and roles import this
-# module (through provisioner.api) for their guards.
+# paramiko is imported where a connection is made or its errors are told apart: the tasks that
+# touch no server (`invoke check`, ...) do not load it, and roles import this module (through
+# provisioner.api) for their guards.
 
 RETRIES = 2              # extra connection attempts on transient network errors
 RETRY_DELAY = 1.0
@@ -37,6 +38,15 @@ RETRY_DELAY = 1.0
 # at most 256 KiB per file); a broken or hostile server must not fill the controller's memory
 MAX_STDOUT = 256 * 1024 * 1024
 MAX_STDERR = 1024 * 1024       # only its tail is kept
+# paramiko's transport thread waits for the server's packets in recv() with a 0.1 s timeout, and
+# on each timeout looks whether the connection was closed, a keepalive is due or the banner is
+# late: ~50-100 us of CPU per wake-up, 0.5-1 ms per host per second a connection lives or waits
+# for a busy sshd (50 hosts at once on the testbed live seconds). Ours wake every IDLE_POLL
+# seconds once connected, and during the handshake in the longest step of at most IDLE_POLL that
+# divides the connect timeout (the banner's: a missing banner is still noticed after exactly that
+# timeout). Packets still wake them at once; a close is seen within IDLE_POLL (nothing waits for
+# it); keepalives (15 s) stay on time.
+IDLE_POLL = 1.0
 
 # paramiko logs a failed handshake (a port that sends no SSH banner ...) with its traceback from
 # its transport thread; without a handler of ours Python prints that on stderr, inside the live
@@ -100,7 +110,7 @@ def connect_error(e: BaseException, address: str, port: int, timeout: float) -> 
     return f"{address} port {port}: {what}"
 
 
-def _as_seen(conn: FabricConnection, e: BaseException) -> BaseException:
+def _as_seen(conn: _Ssh, e: BaseException) -> BaseException:
     """paramiko sometimes reports a handshake that never got the server's banner as "No
     existing session" (its transport thread lost a race with the timeout): say what was seen."""
     import paramiko
@@ -162,7 +172,43 @@ def host_keys_for(known_hosts: Path, host: str, port: int) -> paramiko.HostKeys:
     return keys
 
 
-def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> None:
+def _handshake_poll(timeout: float) -> float:
+    """How often a transport thread wakes until connected (see IDLE_POLL)."""
+    return timeout / max(1, math.ceil(timeout / IDLE_POLL)) if timeout else 0.1
+
+
+def _client_key(path) -> paramiko.PKey | None:
+    """The private key file at `path` loaded as SSHClient's key_filename would load it (RSA,
+    ECDSA or Ed25519, its -cert.pub beside it if there is one), once per version of the files
+    for all connections: SSHClient read and parsed it for every connection, trying each key
+    type in turn (~0.13 ms). None when it cannot be loaded so (missing, needs a passphrase):
+    then SSHClient tries the file itself, and says why it fails, as before."""
+    def version(p: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+    path = str(path)
+    key = version(path)
+    return _loaded_key(path, key, version(path + "-cert.pub")) if key else None
+
+
+@lru_cache(maxsize=8)
+def _loaded_key(path: str, version: tuple, cert: tuple | None) -> paramiko.PKey | None:
+    import paramiko
+    for kind in (paramiko.RSAKey, paramiko.ECDSAKey, paramiko.Ed25519Key):
+        try:
+            key = kind.from_private_key_file(path)
+        except (paramiko.SSHException, OSError, ValueError):
+            continue
+        if cert is not None:
+            key.load_certificate(path + "-cert.pub")
+        return key
+    return None
+
+
+def _strict_client(conn: _Ssh, known_hosts: Path, label: str) -> None:
     import paramiko
     client = conn.client
     client._system_host_keys = paramiko.HostKeys()      # ignore ~/.ssh/known_hosts
@@ -170,20 +216,77 @@ def _strict_client(conn: FabricConnection, known_hosts: Path, label: str) -> Non
     client.set_missing_host_key_policy(_Reject(label, known_hosts))
 
 
-def _no_delay(conn: FabricConnection) -> None:
+def _hops(conn: _Ssh):
+    """What carries each SSH connection of the chain: our TCP socket, or behind a jump host a
+    channel inside the jump host's connection, then the jump host's TCP socket."""
+    while conn is not None:
+        if conn.transport is not None:
+            yield conn.transport.sock
+        conn = conn.gateway
+
+
+def _no_delay(conn: _Ssh) -> None:
     """Send every SSH packet at once (TCP_NODELAY, as OpenSSH does for its sessions). With
     Nagle's algorithm, a command's small packets written back to back (exec request, stdin,
-    EOF) wait for the server's delayed ACK: 40-70 ms per exec. Behind a jump host the TCP
-    socket is the jump host's connection; ours is a channel inside it."""
-    from fabric import Connection as FabricConnection
-    while conn is not None:
-        sock = conn.transport.sock if conn.transport is not None else None
+    EOF) wait for the server's delayed ACK: 40-70 ms per exec."""
+    for sock in _hops(conn):
         if isinstance(sock, socket.socket):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:           # not TCP (a proxy's unix socket): nothing to delay
                 pass
-        conn = conn.gateway if isinstance(conn.gateway, FabricConnection) else None
+
+
+def _idle_poll(conn: _Ssh) -> None:
+    """The transport threads of a connection that is up wake every IDLE_POLL seconds."""
+    for sock in _hops(conn):
+        sock.settimeout(IDLE_POLL)
+
+
+class _Ssh:
+    """One SSH connection on paramiko's SSHClient, directly or through a jump host's (gateway,
+    which it opens and closes with it): all we used of Fabric's Connection, which cost ~1 ms of
+    CPU per connection, building an Invoke Config for each and merging it again. A Config
+    shared between connections is no way out: Fabric writes into it (inline_ssh_env), which
+    re-merges it while other threads read it."""
+
+    def __init__(self, address: str, port: int, user: str | None, key, timeout: float,
+                 gateway: _Ssh | None = None):
+        import paramiko
+        self.host, self.port, self.user, self.key = address, int(port), user, key
+        self.timeout, self.gateway = timeout, gateway
+        self.client = paramiko.SSHClient()
+        self.transport: paramiko.Transport | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.transport is not None and self.transport.active
+
+    def open(self) -> None:
+        if self.is_connected:
+            return
+        sock = None
+        if self.gateway is not None:
+            self.gateway.open()
+            sock = self.gateway.transport.open_channel("direct-tcpip", (self.host, self.port),
+                                                       ("", 0))
+        from provisioner.sshtransport import Transport
+        pkey = _client_key(self.key) if self.key else None
+        self.client.connect(
+            self.host, port=self.port, username=self.user, sock=sock, pkey=pkey,
+            key_filename=[str(self.key)] if self.key and pkey is None else None,
+            look_for_keys=self.key is None, allow_agent=True, timeout=self.timeout,
+            banner_timeout=self.timeout, auth_timeout=self.timeout,
+            transport_factory=partial(Transport, poll=_handshake_poll(self.timeout)))
+        self.transport = self.client.get_transport()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.transport = None
+            if self.gateway is not None:
+                self.gateway.close()
 
 
 class _SudoTalk:
@@ -220,22 +323,11 @@ class Connection:
         # the agent's cache on the server (provisioner/agent.py call()): True uses and fills
         # it, False only uses it (check mode writes nothing), None sends the agent every exec
         self.agent_cache: bool | None = True
-        self._conn: FabricConnection | None = None
+        self._conn: _Ssh | None = None
 
     @property
     def label(self) -> str:
         return f"{self.host.name} ({self.user}@{self.host.address}:{self.host.port})"
-
-    def _fabric(self, address, port, user, key, timeout, gateway=None) -> FabricConnection:
-        from fabric import Config, Connection as FabricConnection
-        kwargs = {"look_for_keys": key is None, "allow_agent": True,
-                  "banner_timeout": timeout, "auth_timeout": timeout}
-        if key:
-            kwargs["key_filename"] = [str(key)]
-        config = Config(overrides={"load_ssh_configs": False})
-        conn = FabricConnection(address, user=user, port=port, config=config, gateway=gateway,
-                                connect_timeout=timeout, connect_kwargs=kwargs)
-        return conn
 
     def open(self) -> None:
         if self._conn is not None and self._conn.is_connected:
@@ -245,36 +337,43 @@ class Connection:
         gateway = None
         if h.jump:
             j = h.jump
-            gateway = self._fabric(j.address, j.port, j.user, getattr(j, "key", None) or h.key,
-                                   getattr(j, "connect_timeout", h.connect_timeout))
+            gateway = _Ssh(j.address, j.port, j.user, getattr(j, "key", None) or h.key,
+                           getattr(j, "connect_timeout", h.connect_timeout))
             _strict_client(gateway, self.known_hosts, f"jump host {j.address}")
-        conn = self._fabric(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
+        conn = _Ssh(h.address, h.port, self.user, h.key, h.connect_timeout, gateway)
         _strict_client(conn, self.known_hosts, self.label)
         last: Exception | None = None
-        for attempt in range(RETRIES + 1):
-            try:
-                conn.open()
-                conn.transport.set_keepalive(15)
-                _no_delay(conn)
-                self._conn = conn
-                return
-            except HostKeyError:
-                raise
-            except paramiko.BadHostKeyException as e:
-                raise HostKeyError(
-                    f"{self.label}: HOST KEY CHANGED. known_hosts ({self.known_hosts}) has "
-                    f"{e.expected_key.get_name()} {fingerprint(e.expected_key)}, the server now "
-                    f"presents {e.key.get_name()} {fingerprint(e.key)}. This is what a "
-                    "man-in-the-middle looks like; if the server was really rebuilt, remove its "
-                    "old line from known_hosts and run `invoke hosts.trust --env ENV`.") from None
-            except paramiko.AuthenticationException as e:
-                raise Unreachable(f"{self.label}: authentication failed ({e}); check the user and "
-                                  "key in the inventory's `ssh` settings") from None
-            except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
-                last = _as_seen(conn, e)
-                if attempt < RETRIES:
-                    time.sleep(RETRY_DELAY * (attempt + 1))
+        try:
+            for attempt in range(RETRIES + 1):
+                try:
+                    conn.open()
+                    conn.transport.set_keepalive(15)
+                    _no_delay(conn)
+                    _idle_poll(conn)
+                    self._conn = conn
+                    return
+                except HostKeyError:
+                    raise
+                except paramiko.BadHostKeyException as e:
+                    raise HostKeyError(
+                        f"{self.label}: HOST KEY CHANGED. known_hosts ({self.known_hosts}) has "
+                        f"{e.expected_key.get_name()} {fingerprint(e.expected_key)}, the server "
+                        f"now presents {e.key.get_name()} {fingerprint(e.key)}. This is what a "
+                        "man-in-the-middle looks like; if the server was really rebuilt, remove "
+                        "its old line from known_hosts and run `invoke hosts.trust --env ENV`."
+                    ) from None
+                except paramiko.AuthenticationException as e:
+                    raise Unreachable(f"{self.label}: authentication failed ({e}); check the user "
+                                      "and key in the inventory's `ssh` settings") from None
+                except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
+                    last = _as_seen(conn, e)
+                    if attempt < RETRIES:
+                        time.sleep(RETRY_DELAY * (attempt + 1))
+        except BaseException:           # refused: nothing of it is left open (the jump host's
+            conn.close()                # connection, a transport thread)
+            raise
         at_jump = gateway is not None and not gateway.is_connected
+        conn.close()
         where = (h.jump.address, h.jump.port) if at_jump else (h.address, h.port)
         why = connect_error(last, *where, h.connect_timeout) if last else "no answer"
         via = f" (through jump host {h.jump.address})" if h.jump else ""
