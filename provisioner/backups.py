@@ -384,9 +384,7 @@ def table(rows: list[Row]) -> str:
              _or_dash(humanize.size, r.size_bytes), _or_dash(humanize.size, r.repo_size_bytes),
              r.detail, "not yet due" if not r.due else "ok" if r.ok else f"STALE: {r.problem}")
             for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip()
-                     for line in (head, *body))
+    return "\n".join(humanize.columns([head, *body]))
 
 
 # --- restore ------------------------------------------------------------------------------------

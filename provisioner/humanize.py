@@ -1,4 +1,4 @@
-"""Figures as people read them in reports: ages and sizes."""
+"""Figures as people read them in reports: ages, sizes and columns."""
 from __future__ import annotations
 
 
@@ -21,3 +21,10 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def columns(rows) -> list[str]:
+    """Rows of cells as text lines, each column as wide as its widest cell, two spaces apart."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provisioner import humanize
 from provisioner.lock import AUDIT_LOG
 from provisioner.monitoring import SERVER_ROLE, TEXTFILE_DIR
 from provisioner.remote import with_helpers
@@ -125,9 +126,7 @@ HEADERS = ["host", "up", "load", "mem", "disk", "failed", "apps", "release", "ce
 
 
 def table(statuses: list[HostStatus]) -> str:
-    rows = [HEADERS] + [row(s) for s in statuses]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = humanize.columns([HEADERS] + [row(s) for s in statuses])
     for s in statuses:
         lines += [f"! {s.name}: {a}" for a in s.attention]
     return "\n".join(lines)

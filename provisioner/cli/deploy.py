@@ -15,6 +15,7 @@ from invoke import Collection, Exit, task
 from provisioner import lock as run_lock
 from provisioner.cli.common import FLAG_HELP, fail_input, int_flag, load
 from provisioner.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNREACHABLE, InputError, Problem
+from provisioner.humanize import columns, size
 
 HELP = {**{k: FLAG_HELP[k] for k in ("env", "json", "yes", "verbose")},
         "app": "the app of the inventory's `apps:` (default: the only one)",
@@ -171,14 +172,12 @@ def release_table(manifest: list[dict], current: str | None) -> list[str]:
     rows = [("", "RELEASE", "STATE", "COMMIT", "AT", "BY", "BACKUP BEFORE ITS MIGRATION")] + [
         ("*" if e["id"] == current else "", e["id"], e["state"], e["commit"][:12], e["at"],
          e["by"], backup_text(e.get("backup"))) for e in reversed(manifest)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  " + line for line in columns(rows)]
 
 
 def backup_text(backup: dict | None) -> str:
     """A release's pre-migration backup in a word or two and where it is; "-": none (the
     deploy ran no migration, or the manifest predates the record)."""
-    from provisioner.humanize import size
     if not backup:
         return "-"
     if backup["kind"] == "pgbackrest":
