@@ -1,11 +1,16 @@
 """The agent's cache on the server, run for real on this machine with the cache folder in
 tmp_path: the source is sent once per host and version, then only requests; a cache file is
-run only when its sha256 is the one asked for; a folder others can write is never written;
-check mode writes nothing. (tests/test_agent_cache_live.py checks the same on a server.)"""
+run only when its sha256 is the one asked for; the compiled code kept beside it only when no
+one else could have written it and its CRC matches; a folder others can write is never
+written; check mode writes nothing. (tests/test_agent_cache_live.py checks the same on a
+server.)"""
 from __future__ import annotations
 
+import binascii
+import hashlib
 import io
 import json
+import marshal
 import os
 import stat
 import subprocess
@@ -51,6 +56,25 @@ def cached_file(cache: Path) -> Path:
     return cache / f"{agent.source_sha()}.py"
 
 
+def compiled_file(cache: Path) -> Path:
+    return cache / f"{agent.source_sha()}.{remote._magic()}.code"
+
+
+def ran_from_cache(tmp_path: Path, answer: bool = True) -> dict | None:
+    """A request alone (no source): what the bootstrap does with the cache as it is."""
+    p = subprocess.run(agent.command(), input=agent.payload("facts", touching(tmp_path / "ran"),
+                                                            code=False),
+                       capture_output=True, timeout=60)
+    return agent.parse(p.stdout, p.stderr, p.returncode) if answer else None
+
+
+def plant_compiled(cache: Path, marker: Path, crc_ok: bool = True) -> None:
+    """Compiled code that only creates `marker`, where the agent's compiled code goes."""
+    body = marshal.dumps(compile(f"open({str(marker)!r}, 'w').close()", "planted", "exec"))
+    crc = binascii.crc32(body) ^ (0 if crc_ok else 1)
+    compiled_file(cache).write_bytes(crc.to_bytes(4, "big") + body)
+
+
 def test_the_agent_is_sent_once_then_run_from_the_cache(cache, tmp_path):
     conn = LocalConn()
     first = agent.call(conn, "facts", touching(tmp_path / "m1"))
@@ -61,8 +85,53 @@ def test_the_agent_is_sent_once_then_run_from_the_cache(cache, tmp_path):
     assert cached_file(cache).read_text() == agent.source()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert stat.S_IMODE(cached_file(cache).stat().st_mode) == 0o600
+    # and kept the code it compiled: later execs run that, without the source or a compile
+    body = compiled_file(cache).read_bytes()
+    assert binascii.crc32(body[4:]).to_bytes(4, "big") == body[:4]
+    assert stat.S_IMODE(compiled_file(cache).stat().st_mode) == 0o600
+    cached_file(cache).unlink()
     agent.call(conn, "facts", touching(tmp_path / "m2"))
     assert conn.commands == 3 and "code" not in conn.sent[2] and (tmp_path / "m2").exists()
+
+
+def test_a_source_cached_without_its_compiled_code_is_compiled_once_more_then_kept(cache, tmp_path):
+    conn = LocalConn()
+    agent.call(conn, "ping", {})
+    compiled_file(cache).unlink()         # e.g. the server's python3 got a new bytecode magic
+    agent.call(conn, "ping", {})
+    assert conn.commands == 3 and compiled_file(cache).exists()
+    conn.agent_cache = False              # check mode runs it, never writes it
+    compiled_file(cache).unlink()
+    agent.call(conn, "ping", {})
+    assert conn.commands == 4 and not compiled_file(cache).exists()
+
+
+def test_compiled_code_is_run_only_if_no_one_else_could_have_written_it(cache, tmp_path):
+    agent.call(LocalConn(), "ping", {})
+    marker = tmp_path / "planted-ran"
+    plant_compiled(cache, marker)          # as root's, in root's folder: trusted, as a .pyc is
+    ran_from_cache(tmp_path, answer=False)
+    assert marker.exists()
+    marker.unlink()
+    for name, spoil, mend in [
+            ("a torn file (CRC)", lambda: plant_compiled(cache, marker, crc_ok=False), lambda: None),
+            ("a file others can write", lambda: compiled_file(cache).chmod(0o622),
+             lambda: compiled_file(cache).chmod(0o600)),
+            ("another user's file", lambda: os.chown(compiled_file(cache), 65534, 65534),
+             lambda: os.chown(compiled_file(cache), 0, 0)),
+            ("a folder others can write", lambda: cache.chmod(0o703), lambda: cache.chmod(0o700)),
+            ("a parent others can write", lambda: cache.parent.chmod(0o777),
+             lambda: cache.parent.chmod(0o755))]:
+        plant_compiled(cache, marker)
+        spoil()
+        answer = ran_from_cache(tmp_path)
+        mend()
+        assert not marker.exists(), name
+        assert "facts" in answer, name      # the cached source ran instead (its hash matched)
+    os.symlink(compiled_file(cache), cache / "elsewhere.code")
+    compiled_file(cache).unlink()
+    (cache / "elsewhere.code").rename(compiled_file(cache))   # a symlink to it: not followed
+    assert "facts" in ran_from_cache(tmp_path)
 
 
 def test_a_miss_runs_nothing(cache, tmp_path):
@@ -77,6 +146,7 @@ def test_a_changed_cache_file_is_not_run_and_is_replaced(cache, tmp_path):
     conn = LocalConn()
     agent.call(conn, "facts", {})
     planted = tmp_path / "planted-ran"
+    compiled_file(cache).unlink()          # the source is what is read, and checked
     cached_file(cache).write_text(f"open({str(planted)!r}, 'w').close()\n" + agent.source())
     answer = agent.call(conn, "facts", {})
     assert "facts" in answer and not planted.exists()
@@ -139,13 +209,16 @@ def test_each_agent_version_keeps_its_file_and_only_the_newest_are_kept(tmp_path
     d = tmp_path / "agent"
     for i in range(remote.CACHE_KEEP + 3):
         code = f"# version {i}\n"
-        sha = remote.hashlib.sha256(code.encode()).hexdigest()
-        assert remote.cache_self({"code": code, "sha": sha}, str(d)) == {"cached": True}
+        sha = hashlib.sha256(code.encode()).hexdigest()
+        compiled = compile(code, "v", "exec")
+        assert remote.cache_self({"code": code, "sha": sha}, str(d), compiled) == {"cached": True}
         os.utime(d / f"{sha}.py", (1000 + i, 1000 + i))
-    versions = sorted(p.read_text() for p in d.iterdir())
+    versions = sorted(p.read_text() for p in d.glob("*.py"))
     assert versions == sorted(f"# version {i}\n" for i in range(3, remote.CACHE_KEEP + 3))
+    kept = {p.name.split(".")[0] for p in d.iterdir()}       # each with its compiled code only
+    assert len(list(d.glob("*.code"))) == remote.CACHE_KEEP and len(kept) == remote.CACHE_KEEP
     wrong = remote.cache_self({"code": "x", "sha": "0" * 64}, str(d))
-    assert not wrong["cached"] and len(list(d.iterdir())) == remote.CACHE_KEEP
+    assert not wrong["cached"] and len(list(d.iterdir())) == 2 * remote.CACHE_KEEP
 
 
 def test_a_check_run_tells_its_connections_to_write_no_cache(tmp_path):

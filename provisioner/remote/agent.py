@@ -20,21 +20,18 @@ Request and response formats are documented in provisioner/agent.py.
 from __future__ import annotations
 
 import base64
+import binascii
 import errno
 import grp
-import hashlib
 import json
 import os
 import pwd
 import re
 import shlex
-import socket
 import stat
-import shutil
 import subprocess
 import sys
 import time
-import traceback
 
 VERSION = 1
 MARKER = "\n--provisioner-agent-v1--\n"
@@ -51,6 +48,27 @@ CHILDREN = set()             # process groups of the commands running now (see _
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
+
+# Imported where used, not at the top: every exec starts this module, and hashlib (OpenSSL),
+# shutil and traceback cost 2-3 ms of a server's CPU each, for work most execs never do.
+
+def sha256(data=b""):
+    """hashlib.sha256 without hashlib's OpenSSL start-up: CPython's built-in module when there
+    is one (_sha2 from Python 3.12, _sha256 before), else hashlib's."""
+    try:
+        from _sha2 import sha256 as new
+    except ImportError:
+        try:
+            from _sha256 import sha256 as new
+        except ImportError:
+            from hashlib import sha256 as new
+    return new(data)
+
+
+def rmtree(path, ignore_errors=False):
+    import shutil
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
 
 def _env(extra=None):
     env = dict(os.environ)
@@ -249,7 +267,7 @@ def fact_os(_req):
     return {
         "id": info.get("ID"), "version_id": info.get("VERSION_ID"),
         "codename": info.get("VERSION_CODENAME"), "pretty_name": info.get("PRETTY_NAME"),
-        "virt": virt, "hostname": socket.gethostname(), "pid1": pid1,
+        "virt": virt, "hostname": os.uname().nodename, "pid1": pid1,
         "systemd": pid1 == "systemd", "arch": arch, "machine": machine,
         "python": "%d.%d.%d" % sys.version_info[:3], "uid": os.geteuid(),
     }
@@ -276,7 +294,7 @@ def file_fact(path):
         fact["type"] = "dir"
     elif stat.S_ISREG(st.st_mode):
         fact["type"] = "file"
-        h = hashlib.sha256()
+        h = sha256()
         head = b""
         try:
             with open(path, "rb") as f:
@@ -558,7 +576,7 @@ def fact_hashes(paths):
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 out[path] = None
                 continue
-            h = hashlib.sha256()
+            h = sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
@@ -767,7 +785,7 @@ def run_lock(req):
         # aside by one rename, then gone: no one ever sees a half-removed lock
         aside = "%s.stale-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
         os.rename(d, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        rmtree(aside, ignore_errors=True)
         out = take()
         out["stale"] = holder
         out["dead"] = dead
@@ -860,7 +878,7 @@ def finish(req):
             return {"released": False, "busy": True}
         aside = "%s.done-%d-%s" % (d, os.getpid(), os.urandom(4).hex())
         os.rename(d, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        rmtree(aside, ignore_errors=True)
     return {"released": True}
 
 
@@ -1080,9 +1098,9 @@ def step_fetch(step, log):
     except Exception as e:
         raise StepError("download of %s failed: %s" % (url, e))
     want = step.get("sha256")
-    if want and hashlib.sha256(data).hexdigest() != want:
+    if want and sha256(data).hexdigest() != want:
         raise StepError("download of %s: sha256 %s != expected %s"
-                        % (url, hashlib.sha256(data).hexdigest(), want))
+                        % (url, sha256(data).hexdigest(), want))
     write_file(step["path"], data, step.get("mode"), step.get("owner"), step.get("group"),
                step.get("validate"), log)
     log.append("fetched %s -> %s (%d bytes)" % (url, step["path"], len(data)))
@@ -1338,7 +1356,7 @@ def arm_switch(sw):
     Returns {"armed": True, "unit", "seconds"} or {"armed": False, "why"}."""
     d, unit = _switch_dir(sw["id"])
     if os.path.isdir(d):
-        shutil.rmtree(d)                    # a leftover of this same id: start afresh
+        rmtree(d)                    # a leftover of this same id: start afresh
     os.makedirs(d, 0o700)
     try:
         files = [_switch_snapshot(p, d, i) for i, p in enumerate(sw["paths"])]
@@ -1354,7 +1372,7 @@ def arm_switch(sw):
     except (OSError, StepError) as e:
         rc, out = None, str(e)
     if rc != 0:
-        shutil.rmtree(d, ignore_errors=True)
+        rmtree(d, ignore_errors=True)
         return {"armed": False, "why": ("systemd-run failed (exit %s): %s" % (rc, out.strip()))[-500:]}
     return {"armed": True, "unit": unit, "seconds": int(sw["seconds"]),
             "unrestorable": [f["path"] + " (" + f["kind"] + ")" for f in files
@@ -1376,14 +1394,14 @@ def switch(req):
                 fired = json.load(f)
         except (OSError, ValueError):
             pass
-        shutil.rmtree(d, ignore_errors=True)
+        rmtree(d, ignore_errors=True)
         return {"disarmed": fired is None, "fired": fired}
     try:
         result = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"restored": [], "failed": ["the revert script failed (exit %s): %s" % (rc, _tail(out, 500))],
                 "after": []}
-    shutil.rmtree(d, ignore_errors=True)
+    rmtree(d, ignore_errors=True)
     return result
 
 
@@ -1394,15 +1412,22 @@ CACHE_KEEP = 8               # agent versions kept: controllers of different ver
 CACHE_TMP_AGE = 600          # seconds after which a temp file left by a killed agent is removed
 
 
-def cache_self(req, cache_dir):
-    """Keep this agent's source (REQ["code"]) as <cache_dir>/<sha256>.py, for the bootstrap to
-    run from there next time instead of receiving it. Only into a folder that is ours alone
-    (owned by our user, no access for others) and never through a symlink, so that no other
-    local user can have us write elsewhere; the bootstrap checks each file's hash anyway.
-    Returns {"cached": bool, "why"?: str}; a failure only means the source is sent again."""
+def cache_self(req, cache_dir, compiled=None):
+    """Keep this agent in the cache for the bootstrap to run next time instead of receiving
+    it: its source (REQ["code"], when it was sent) as <cache_dir>/<sha256>.py, and the code
+    the bootstrap compiled from it (`compiled`) as <sha256>.<magic>.code, a CRC32 and the
+    marshalled code, which only this python (its bytecode magic) reads. Only into a folder
+    that is ours alone (owned by our user, no access for others) and never through a
+    symlink, so that no other local user can have us write elsewhere; the bootstrap checks
+    each source's hash anyway. Returns {"cached": bool, "why"?: str}, or None when there was
+    nothing to keep (the bootstrap ran the compiled code); a failure only means the source
+    is sent, or compiled, again."""
     code, sha = req.get("code"), req.get("sha", "")
-    data = code.encode("utf-8") if isinstance(code, str) else b""
-    if not cache_dir or hashlib.sha256(data).hexdigest() != sha:
+    if code is None and compiled is None:
+        return None
+    data = code.encode("utf-8") if isinstance(code, str) else None
+    if not cache_dir or len(sha) != 64 or sha.strip("0123456789abcdef") \
+            or data is not None and sha256(data).hexdigest() != sha:
         return {"cached": False, "why": "no cache folder, or the source does not match its hash"}
     try:
         os.makedirs(os.path.dirname(cache_dir), mode=0o755, exist_ok=True)
@@ -1418,14 +1443,13 @@ def cache_self(req, cache_dir):
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             return {"cached": False, "why": "%s is not ours alone (owner uid %d, mode %o)"
                                              % (cache_dir, st.st_uid, stat.S_IMODE(st.st_mode))}
-        tmp = ".%s.%d.tmp" % (sha, os.getpid())
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
-        try:
-            # no fsync: a file torn by a crash fails the bootstrap's hash check and is replaced
-            os.write(out, data)
-        finally:
-            os.close(out)
-        os.replace(tmp, sha + ".py", src_dir_fd=fd, dst_dir_fd=fd)
+        if data is not None:
+            _store(fd, sha + ".py", data)
+        magic = _magic()
+        if compiled is not None and magic:
+            import marshal
+            body = marshal.dumps(compiled)
+            _store(fd, "%s.%s.code" % (sha, magic), binascii.crc32(body).to_bytes(4, "big") + body)
         _prune_cache(fd)
         return {"cached": True}
     except OSError as e:
@@ -1434,19 +1458,45 @@ def cache_self(req, cache_dir):
         os.close(fd)
 
 
+def _magic():
+    """This python's bytecode magic number in hex (what the bootstrap names .code files by)."""
+    try:
+        from _frozen_importlib_external import MAGIC_NUMBER
+    except ImportError:        # not CPython: the bootstrap compiles the source every time
+        return None
+    return MAGIC_NUMBER.hex()
+
+
+def _store(fd, name, data):
+    """Write a cache file whole, under its final name only once written (a temp file, then a
+    rename). No fsync: a file torn by a crash fails the bootstrap's checks and is replaced."""
+    tmp = ".%s.%d.tmp" % (name, os.getpid())
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+    try:
+        os.write(out, data)
+    finally:
+        os.close(out)
+    os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+
+
 def _prune_cache(fd):
-    """Keep the CACHE_KEEP agent versions stored last, and no old temp file."""
-    kept, now = [], time.time()
+    """Keep the CACHE_KEEP agent versions stored last (their source and compiled code), and no
+    old temp file."""
+    sources, others, now = [], [], time.time()
     for name in os.listdir(fd):
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError:
             continue
         if name.endswith(".py"):
-            kept.append((st.st_mtime, name))
+            sources.append((st.st_mtime, name))
+        elif name.endswith(".code"):
+            others.append(name)
         elif name.endswith(".tmp") and now - st.st_mtime > CACHE_TMP_AGE:
             _unlink_quietly(name, fd)
-    for _, name in sorted(kept, reverse=True)[CACHE_KEEP:]:
+    sources.sort(reverse=True)
+    kept = {name[:-3] for _, name in sources[:CACHE_KEEP]}
+    for name in [n for _, n in sources[CACHE_KEEP:]] + [n for n in others if n.split(".")[0] not in kept]:
         _unlink_quietly(name, fd)
 
 
@@ -1480,9 +1530,13 @@ def main(req):
         else:
             body = {"error": "unknown op %r" % (op,)}
     except Exception:
+        import traceback
         body = {"error": "agent crashed", "traceback": traceback.format_exc()}
-    if req.get("store"):         # sent whole after a miss: keep it for the next execs
-        body["cache"] = cache_self(req, sys.argv[1] if len(sys.argv) > 1 else None)
+    if req.get("store"):         # sent whole after a miss, or compiled: keep it for the next execs
+        cached = cache_self(req, sys.argv[1] if len(sys.argv) > 1 else None,
+                            globals().get("COMPILED"))
+        if cached is not None:
+            body["cache"] = cached
     body["agent"] = {"version": VERSION, "op": req.get("op"), "commands": STATS["commands"],
                      "seconds": round(time.time() - started, 3)}
     out = MARKER + json.dumps(body, separators=(",", ":")) + "\n"
