@@ -7,14 +7,16 @@ across many hosts mostly measures their CPU; the cgroups tell the two apart, and
 this machine counts in neither.
 
     invoke testbed.up --count 50
-    python3 bench/fleet_cpu.py [--sizes 1,10,20,50] [--roles base,opsdemo] [--rounds 3]
+    python3 bench/fleet_cpu.py [--sizes 1,10,20,50] [--roles base,opsdemo] [--rounds 3] [--json]
 
 The first run converges every server (not measured; it also leaves the agent in each server's
-cache); then each size runs `--rounds` times, interleaved, and the medians are printed.
+cache); then each size runs `--rounds` times, interleaved, and the medians are printed
+(`--json`: then also as one JSON line, for bench/all.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -59,12 +61,26 @@ def measured(inv, names: list[str]) -> dict:
             "execs": max(run.host(n)["remote_commands"] for n in names)}
 
 
-def main() -> None:
+def medians(got: dict[int, list[dict]]) -> dict[str, dict]:
+    """Per size (a string: JSON's keys are), the medians per host: wall s, controller ms,
+    server CPU-s (None when the cgroups gave none) and execs."""
+    out = {}
+    for n, runs in got.items():
+        servers_s = [r["server"] for r in runs if r["server"] is not None]
+        out[str(n)] = {"wall": statistics.median(r["wall"] for r in runs),
+                       "controller_ms": statistics.median(r["controller"] for r in runs) / n * 1000,
+                       "server_cpu_s": statistics.median(servers_s) / n if servers_s else None,
+                       "execs": statistics.median(r["execs"] for r in runs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,10,20,50")
     ap.add_argument("--roles", default="base,opsdemo")
     ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
+    ap.add_argument("--json", action="store_true", help="also the medians as one JSON line")
+    a = ap.parse_args(argv)
     sizes = [int(n) for n in a.sizes.split(",")]
     names = [f"bench{i:02d}" for i in range(1, max(sizes) + 1)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,13 +97,15 @@ def main() -> None:
     print(f"converged runs, roles {a.roles}; medians of {a.rounds}")
     print(f"{'hosts':>5} {'wall s':>7} {'controller ms/host':>19} {'server CPU-s/host':>18} "
           f"{'execs/host':>10}")
+    per_size = medians(got)
     for n in sizes:
-        med = {k: statistics.median(r[k] for r in got[n]) for k in ("wall", "controller", "execs")}
-        servers_s = [r["server"] for r in got[n] if r["server"] is not None]
-        server = f"{statistics.median(servers_s) / n:.3f}" if servers_s else "n/a"
-        print(f"{n:>5} {med['wall']:>7.2f} {med['controller'] / n * 1000:>19.1f} {server:>18} "
-              f"{med['execs']:>10.0f}")
+        m = per_size[str(n)]
+        server = "n/a" if m["server_cpu_s"] is None else f"{m['server_cpu_s']:.3f}"
+        print(f"{n:>5} {m['wall']:>7.2f} {m['controller_ms']:>19.1f} {server:>18} "
+              f"{m['execs']:>10.0f}")
     print("targets: controller 15 ms per host, server 0.15 CPU-s per host, 3 execs per host")
+    if a.json:
+        print(json.dumps({"rounds": a.rounds, "roles": a.roles, "hosts": per_size}))
 
 
 if __name__ == "__main__":

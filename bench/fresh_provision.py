@@ -4,7 +4,7 @@ time, and SSH execs per host of the converged run. The issue's targets: web1 in 
 in 60 s, the converged run still 3 execs per host.
 
     invoke testbed.up
-    python3 bench/fresh_provision.py [--rounds 3] [--only web1,env] [--unbatched]
+    python3 bench/fresh_provision.py [--rounds 3] [--only web1,env] [--unbatched] [--json]
 
 Each fresh run first replaces the servers it provisions with never-provisioned ones
 (provisioner.testbed.reset: the same base image, new host keys): whatever was on them is gone.
@@ -13,11 +13,13 @@ One unmeasured fresh run of the env comes first: the testbed's apt proxy then ho
 with the package batch off (each role installs its own packages, as before provisioner/
 apt_batch.py), interleaved, so that one run shows what the batch is worth. After each fresh
 run it prints where the time went per host: the batch step and each role, from the run's
---json events.
+--json events. `--json` adds the medians and the converged runs as one JSON line (bench/all.py
+reads it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default="web1,env", help="web1, env or both")
     ap.add_argument("--unbatched", action="store_true",
                     help="also each fresh run with the package batch off")
+    ap.add_argument("--json", action="store_true",
+                    help="also the medians and converged runs as one JSON line")
     a = ap.parse_args(argv)
     a.only = [x for x in a.only.split(",") if x]
     if not a.only or any(x not in TARGETS for x in a.only):
@@ -112,6 +116,17 @@ def fresh(what: str, batched: bool) -> tuple[float, list[dict]]:
     return provision(what, batched)
 
 
+def results(walls: dict[tuple[str, bool], list[float]], converged: dict[str, tuple]) -> dict:
+    """{"fresh": {what: median s}, "unbatched": {what: median s}, "converged": {what: {"wall",
+    "changed", "execs": the distinct SSH execs per host}}}."""
+    out: dict = {"fresh": {}, "unbatched": {}}
+    for (what, batched), w in walls.items():
+        out["fresh" if batched else "unbatched"][what] = statistics.median(w)
+    out["converged"] = {what: {"wall": wall, "changed": changed, "execs": execs}
+                        for what, (wall, changed, execs) in converged.items()}
+    return out
+
+
 def main(argv_: list[str] | None = None) -> None:
     a = parse_args(argv_)
     variants = [True, False] if a.unbatched else [True]
@@ -139,6 +154,8 @@ def main(argv_: list[str] | None = None) -> None:
     for what, (wall, changed, execs) in converged.items():
         print(f"converged {what}: {wall:.2f} s, {changed} changed, SSH execs per host "
               f"{'/'.join(map(str, execs))} (target 3)")
+    if a.json:
+        print(json.dumps({"rounds": a.rounds, **results(walls, converged)}))
 
 
 if __name__ == "__main__":

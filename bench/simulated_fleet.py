@@ -1,7 +1,7 @@
 """One controller on a fleet of simulated servers that answer like converged ones: the
 controller's own cost per host (planning, requests, answers, events, recap), no server needed.
 
-    python3 bench/simulated_fleet.py [--hosts 500] [--forks 50] [--latency 0.1] [--rounds 3]
+    python3 bench/simulated_fleet.py [--hosts 500] [--forks 50] [--latency 0.1] [--rounds 3] [--json]
 
 The hosts get web1's roles (base, harden, node, pm2). Each simulated server answers every fact
 the roles ask for as a converged server would: the answers are learnt once, before timing, by
@@ -11,7 +11,8 @@ state after it (.expect(), what check mode uses), so a run plans only Noops. Eve
 connection `--latency`/2 more to open, with the GIL released, as a real one would.
 
 Prints the controller's CPU per host (target 15 ms), the wall time against the floor the
-latency sets for these forks, and what a run did (changed, execs per host).
+latency sets for these forks, and what a run did (changed, execs per host); `--json` adds
+them as one JSON line (bench/all.py reads it).
 """
 from __future__ import annotations
 
@@ -177,13 +178,31 @@ def one_run(inv, hosts, server, forks: int) -> tuple[float, float, dict, list]:
     return time.monotonic() - t0, cpu() - c0, recap, [r.remote_commands for r in results]
 
 
-def main() -> None:
+def results(runs: list[tuple[float, float, dict, list]], hosts: int, forks: int,
+            latency: float) -> dict:
+    """The figures of `runs` (one_run's answers): medians, and what the last run did."""
+    wall = statistics.median(r[0] for r in runs)
+    used = statistics.median(r[1] for r in runs)
+    recap, execs = runs[-1][2], runs[-1][3]
+    per_host_latency = latency / 2 + max(execs) * latency
+    converged = [h for h in recap.get("hosts", {}).values()
+                 if not (h["changed"] or h["failed"] or h["unreachable"])]
+    return {"hosts": hosts, "forks": forks, "latency": latency, "rounds": len(runs),
+            "wall_s": wall, "controller_cpu_s": used, "controller_ms_per_host": used / hosts * 1000,
+            "floor_s": math.ceil(hosts / forks) * per_host_latency,
+            "changed": recap.get("changed"), "failed": recap.get("failed"),
+            "unreachable": recap.get("unreachable"), "converged_hosts": len(converged),
+            "execs_min": min(execs), "execs_max": max(execs)}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=500)
     ap.add_argument("--forks", type=int, default=50, help="as --forks (the task caps it at 50)")
     ap.add_argument("--latency", type=float, default=0.1, help="seconds each exec waits")
     ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
+    ap.add_argument("--json", action="store_true", help="also the figures as one JSON line")
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         inv = fleet_inventory(Path(tmp), a.hosts)
         hosts = inv.select(None)
@@ -191,20 +210,19 @@ def main() -> None:
         server = SimulatedServer(known, a.latency)
         one_run(inv, hosts[:min(len(hosts), a.forks)], server, a.forks)   # warm-up: role code
         runs = [one_run(inv, hosts, server, a.forks) for _ in range(a.rounds)]
-    wall = statistics.median(r[0] for r in runs)
-    used = statistics.median(r[1] for r in runs)
-    recap, execs = runs[-1][2], runs[-1][3]
-    per_host_latency = a.latency / 2 + max(execs) * a.latency
-    floor = math.ceil(a.hosts / a.forks) * per_host_latency
+    r = results(runs, a.hosts, a.forks, a.latency)
     print(f"{a.hosts} simulated converged hosts (roles base, harden, node, pm2), forks "
           f"{a.forks}, {a.latency * 1000:.0f} ms per exec; medians of {a.rounds} runs")
-    print(f"controller CPU: {used:.2f} s, {used / a.hosts * 1000:.1f} ms per host (target 15 ms)")
-    print(f"wall time:      {wall:.2f} s (latency floor at these forks {floor:.2f} s; "
-          f"CPU {used:.2f} s on one GIL)")
-    print(f"per run: changed {recap.get('changed')}, failed {recap.get('failed')}, "
-          f"unreachable {recap.get('unreachable')}; execs per host {min(execs)}..{max(execs)}")
+    print(f"controller CPU: {r['controller_cpu_s']:.2f} s, {r['controller_ms_per_host']:.1f} ms "
+          "per host (target 15 ms)")
+    print(f"wall time:      {r['wall_s']:.2f} s (latency floor at these forks {r['floor_s']:.2f} s; "
+          f"CPU {r['controller_cpu_s']:.2f} s on one GIL)")
+    print(f"per run: changed {r['changed']}, failed {r['failed']}, "
+          f"unreachable {r['unreachable']}; execs per host {r['execs_min']}..{r['execs_max']}")
     if left:
         print(f"note: {left} change(s) per host the simulation could not predict were planned")
+    if a.json:
+        print(json.dumps({**r, "unpredicted_changes": left}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Start-up cost of the command line, measured without any server: what a user waits for before
 `invoke` does anything, and what a converged run spends before its first connection.
 
-    python3 bench/startup.py [--rounds 9] [--imports 12]
+    python3 bench/startup.py [--rounds 9] [--packages 12] [--json]
 
 Each command runs `--rounds` times in a fresh interpreter (interleaved, so drift on a loaded
 machine hits them alike), after one warm-up round; it prints the median wall time and the median
@@ -11,10 +11,12 @@ first line says whether PYTHONDONTWRITEBYTECODE makes every run compile our sour
 "Before the first connection" is `invoke provision` of one host with web1's roles (base, harden,
 node, pm2) and a vault, in a throwaway checkout: the time from starting the interpreter to its
 first TCP connect (seen by an audit hook, which imports nothing), after which the run stops.
+`--json` adds the medians as one JSON line (bench/all.py reads it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -122,11 +124,18 @@ def heaviest_packages(argv: list[str], cwd: Path, env: dict[str, str], top: int)
     return sorted(((us / 1000, name) for name, us in by_package.items()), reverse=True)[:top]
 
 
-def main() -> None:
+def medians(walls: dict[str, list[float]], cpus: dict[str, list[float]]) -> dict:
+    """{"wall": {command: median s}, "cpu": {command: median s}}."""
+    return {"wall": {k: statistics.median(v) for k, v in walls.items()},
+            "cpu": {k: statistics.median(v) for k, v in cpus.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--packages", type=int, default=12, help="heaviest packages to list")
-    a = ap.parse_args()
+    ap.add_argument("--json", action="store_true", help="also the medians as one JSON line")
+    a = ap.parse_args(argv)
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         port = closed_port()
@@ -154,14 +163,16 @@ def main() -> None:
               f"bytecode cache {'OFF (PYTHONDONTWRITEBYTECODE)' if env.get('PYTHONDONTWRITEBYTECODE') else 'on'}; "
               f"cryptography {cryptography.__version__} (50+ derives the vault's key beside the "
               "engine's import: provisioner/vault.py)")
+        med = medians(walls, cpus)
         print(f"{'':<34} {'wall':>8} {'CPU':>8}")
         for what in walls:
-            print(f"{what:<34} {statistics.median(walls[what]):>7.3f}s "
-                  f"{statistics.median(cpus[what]):>7.3f}s")
+            print(f"{what:<34} {med['wall'][what]:>7.3f}s {med['cpu'][what]:>7.3f}s")
         for what, argv in (("invoke --list", runs["invoke --list"]), ("provision web1", provision)):
             print(f"heaviest packages `{what}` imports (ms of import time, one run):")
             print("  " + ", ".join(f"{name} {ms:.0f}" for ms, name in
                                    heaviest_packages(argv, root, env, a.packages)))
+    if a.json:
+        print(json.dumps({"rounds": a.rounds, **med}))
 
 
 if __name__ == "__main__":

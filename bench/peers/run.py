@@ -3,7 +3,7 @@ testbed server, same workloads, in one run: medians and ratios against ours.
 
     invoke testbed.up --count 5       # bench01..bench05: one per tool (x --hosts)
     python3 bench/peers/run.py [--hosts 1] [--first 1] [--rounds 3] [--workloads small,provision]
-                               [--no-real-roles] [--check-peers]
+                               [--no-real-roles] [--check-peers] [--json]
 
 Workloads (bench/peers/workload.py), converged (each tool converges its own servers once, not
 measured, then `--rounds` runs each, interleaved so that drift on the machine hits all alike):
@@ -19,6 +19,7 @@ The peers come from the benchmark's own venv (bench/peers/.venv, git-ignored; ma
 peer_venv.py with pip's configured index), never the product's environment. `--check-peers`
 only makes the venv and checks the files the peers would run (ansible-playbook --syntax-check,
 pyinfra's operations and arguments) without any server.
+`--json` adds the medians and ratios as one JSON line at the end (bench/all.py reads it).
 
 Servers the real roles ran on are hardened afterwards (root cannot log in over SSH any more):
 `invoke testbed.reset benchNN` before another benchmark uses them.
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-real-roles", action="store_true", help="skip the row of our real roles")
     ap.add_argument("--check-peers", action="store_true",
                     help="make the venv and check the peers' files; no server is touched")
+    ap.add_argument("--json", action="store_true", help="also the results as one JSON line")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
     bad = [w for w in a.workloads if w not in WORKLOADS]
@@ -136,18 +138,28 @@ def run(job: Job, *, converged: bool) -> float:
     return wall
 
 
-def table(done: list[Job]) -> list[str]:
-    """The lines printed: per workload, each tool's median and its ratio to ours."""
-    lines = [f"{'workload':<10} {'tool':<11} {'median s':>9} {'x ours':>7}  runs"]
+def results(done: list[Job]) -> dict[str, dict[str, dict]]:
+    """{workload: {tool: {"median" s, "ratio" to ours (None without ours), "runs", "execs"}}}."""
+    out: dict[str, dict[str, dict]] = {}
     for w in WORKLOADS:
         rows = [j for j in done if j.workload == w]
         ours = next((statistics.median(j.walls) for j in rows if j.tool == "ours"), None)
         for j in rows:
             m = statistics.median(j.walls)
-            ratio = f"{m / ours:>7.2f}" if ours else f"{'-':>7}"
-            runs = " ".join(f"{x:.2f}" for x in j.walls)
-            extra = f"  ({j.execs} SSH execs per host)" if j.execs is not None else ""
-            lines.append(f"{w:<10} {j.tool:<11} {m:>9.2f} {ratio}  {runs}{extra}")
+            out.setdefault(w, {})[j.tool] = {"median": m, "ratio": m / ours if ours else None,
+                                             "runs": j.walls, "execs": j.execs}
+    return out
+
+
+def table(done: list[Job]) -> list[str]:
+    """The lines printed: per workload, each tool's median and its ratio to ours."""
+    lines = [f"{'workload':<10} {'tool':<11} {'median s':>9} {'x ours':>7}  runs"]
+    for w, tools_ in results(done).items():
+        for tool, r in tools_.items():
+            ratio = f"{r['ratio']:>7.2f}" if r["ratio"] is not None else f"{'-':>7}"
+            runs = " ".join(f"{x:.2f}" for x in r["runs"])
+            extra = f"  ({r['execs']} SSH execs per host)" if r["execs"] is not None else ""
+            lines.append(f"{w:<10} {tool:<11} {r['median']:>9.2f} {ratio}  {runs}{extra}")
     return lines
 
 
@@ -226,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     if "ours-roles" in where and "provision" in a.workloads:
         print(f"hardened by our real roles: {', '.join(where['ours-roles'])} (root cannot log in "
               "any more): `invoke testbed.reset NAME` before another benchmark uses them")
+    if a.json:
+        print(json.dumps({"rounds": a.rounds, "hosts": a.hosts, "servers": where,
+                          "results": results(todo)}))
 
 
 if __name__ == "__main__":
