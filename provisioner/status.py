@@ -17,10 +17,10 @@ from provisioner import humanize
 from provisioner.lock import AUDIT_LOG
 from provisioner.monitoring import SERVER_ROLE, TEXTFILE_DIR
 from provisioner.remote import with_helpers
-from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist
+from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist, pm2_processes
 
 PROBE = with_helpers((Path(__file__).parent / "remote" / "status_probe.py").read_text(encoding="utf-8"),
-                     pm2_jlist, pm2_app_procs)
+                     pm2_processes, pm2_jlist, pm2_app_procs)
 ALERTMANAGER_PORT = 9093
 DEFAULTS = {"monitoring_disk_percent": 85, "monitoring_memory_percent": 90, "monitoring_cert_days": 14}
 

@@ -17,8 +17,8 @@ import urllib.request
 
 if __name__ != "__main__":
     # imported on the controller (tests); on a server, provisioner/status.py sent the source
-    # of pm2_jlist and pm2_app_procs ahead of this file's
-    from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist
+    # of pm2_processes, pm2_jlist and pm2_app_procs ahead of this file's
+    from provisioner.remote.pm2 import pm2_app_procs, pm2_processes
 
 METRIC_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
 LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -77,12 +77,9 @@ def apps(cfg):
     if pm2:
         rc, _ = run(["systemctl", "is-active", "--quiet", f"pm2-{pm2['user']}.service"])
         if rc == 0:
-            rc, text = run(["runuser", "-u", pm2["user"], "--", "env", "-i", f"HOME={pm2['home']}",
-                            f"PM2_HOME={pm2['home']}/.pm2", "PATH=/usr/local/bin:/usr/bin:/bin",
-                            "/usr/local/bin/pm2", "jlist"], timeout=30)
             try:
-                procs = pm2_jlist(text) if rc == 0 else []
-            except ValueError:
+                procs = pm2_processes(pm2["user"], pm2["home"])
+            except (OSError, ValueError, subprocess.SubprocessError):
                 procs = []
     for name in cfg.get("apps") or []:
         env = [p.get("pm2_env") or {} for p in pm2_app_procs(procs, name)]

@@ -21,12 +21,12 @@ import json
 from pathlib import Path
 
 from provisioner.api import (EXPORTERS, TEXTFILE_DIR, apt, commands, exporters_of, file_group,
-                             files, handler, is_secret, pm2_app_procs, pm2_jlist,
+                             files, handler, is_secret, pm2_app_procs, pm2_jlist, pm2_processes,
                              private_address, reject, systemd, templates, with_helpers)
 
 HERE = Path(__file__).resolve().parent
-METRICS_SOURCE = with_helpers((HERE / "host_metrics.py").read_text(encoding="utf-8"), pm2_jlist,
-                              pm2_app_procs)
+METRICS_SOURCE = with_helpers((HERE / "host_metrics.py").read_text(encoding="utf-8"),
+                              pm2_processes, pm2_jlist, pm2_app_procs)
 TOOL_DIR = "/usr/local/lib/provisioner"
 METRICS_TOOL = f"{TOOL_DIR}/host_metrics.py"
 METRICS_CONFIG = "/etc/provisioner/host-metrics.json"

@@ -8,8 +8,8 @@ The JSON config says what this host has: {"out": "<dir>/provisioner_host.prom",
 "state": "<dir>", "pm2": {"user", "home", "unit", "apps": [names]} | null,
 "fail2ban": bool, "nginx_log": "/var/log/nginx/access.log" | null}.
 
-- pm2: per process online/restarts/memory/cpu from `pm2 jlist`, run as the app user only while
-  its daemon's unit is active (`pm2 jlist` would otherwise start a stray daemon), and per
+- pm2: per process online/restarts/memory/cpu from pm2's process list (pm2_processes: from
+  its daemon's RPC socket), asked only while its daemon's unit is active, and per
   expected app the number of online instances (0 when pm2 lost it: no series would not alert).
   pm2's own modules (pm2-logrotate) are left out (pm2_app_procs): they are no apps, and the
   app alerts would page for them.
@@ -19,7 +19,7 @@ The JSON config says what this host has: {"out": "<dir>/provisioner_host.prom",
   Prometheus can compute the 5xx rate and p99 latency (nginx's stub_status has neither).
 The output is written to a temporary file and renamed: the collector never reads half a file.
 Standard library only (it runs under the server's python3). The role installs it with
-pm2_jlist and pm2_app_procs (provisioner/remote/pm2.py) ahead of its code.
+pm2_processes, pm2_jlist and pm2_app_procs (provisioner/remote/pm2.py) ahead of its code.
 """
 import json
 import os
@@ -46,13 +46,9 @@ def pm2_lines(cfg):
     out = [f"pm2_daemon_up {int(active)}"]
     procs = []
     if active:
-        p = subprocess.run(["runuser", "-u", user, "--", "env", "-i", f"HOME={home}",
-                            f"PM2_HOME={home}/.pm2", "PATH=/usr/local/bin:/usr/bin:/bin",
-                            "/usr/local/bin/pm2", "jlist"],
-                           capture_output=True, text=True, timeout=30)
         try:
-            procs = pm2_jlist(p.stdout) if p.returncode == 0 else []
-        except ValueError:
+            procs = pm2_processes(user, home)
+        except (OSError, ValueError, subprocess.SubprocessError):
             procs = []
     online = {name: 0 for name in cfg["apps"]}
     for proc in pm2_app_procs(procs):

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
-                             is_secret, pm2_app_procs, pm2_jlist, render, run_step, sha256, systemd,
+                             is_secret, pm2_app_procs, pm2_jlist, pm2_processes, render, run_step, sha256, systemd,
                              templates, with_helpers, write_step)
 
 PREFIX = "/usr/local"
@@ -205,37 +205,32 @@ class Pm2Module:
 # (read-only: it never starts a pm2 daemon, which `pm2 jlist` would do if none runs) and after a
 # start, waiting up to `wait` seconds for every instance to be online for `min_up` seconds (a
 # script that crashes at start-up is "online" for a moment between restarts). Its exit status
-# says why; its output is shown when a start fails. pm2_jlist and pm2_app_procs
+# says why; its output is shown when a start fails. pm2_processes, pm2_jlist and pm2_app_procs
 # (provisioner/remote/pm2.py, shared with the other scripts that ask pm2) go ahead of its code.
 # By hand:
 #   pm2-app-status pm2-app.service app /home/app /usr/local/bin/pm2 sample 2
 STATUS_SCRIPT = "/usr/local/lib/provisioner/pm2-app-status"
 STATUS_WHY = {0: "online", 2: "status script not installed yet",
               3: "the pm2 daemon (service) is not running", 4: "not in pm2's process list",
-              5: "not every instance is online", 6: "pm2 could not be asked (pm2 jlist failed)"}
+              5: "not every instance is online", 6: "pm2 could not be asked"}
 STATUS_CODE = with_helpers(r"""#!/usr/bin/python3
 # managed by provisioner (role pm2): is a pm2 app online with all its instances?
 # usage: pm2-app-status UNIT USER HOME PM2 NAME INSTANCES [WAIT_SECONDS [MIN_UPTIME_SECONDS]]
 # exit 0 online, 3 pm2 daemon (UNIT) not active, 4 app unknown to pm2, 5 instances not
-# (all) online, 6 pm2 jlist failed. Never starts a pm2 daemon.
+# (all) online, 6 pm2 could not be asked. Never starts a pm2 daemon.
 import os, subprocess, sys, time
 
 unit, user, home, pm2, name, want = sys.argv[1:7]
 wait = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
 min_up = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
-JLIST = ["runuser", "-u", user, "--", "env", "-i", "--chdir=" + home, "HOME=" + home,
-         "PM2_HOME=" + home + "/.pm2", "PATH=" + os.path.dirname(pm2) + ":/usr/bin:/bin",
-         "LANG=C.UTF-8", pm2, "jlist"]
-
 
 def status():
     if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode != 0:
         return 3, unit + " is not active"
     try:
-        p = subprocess.run(JLIST, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
-        procs = pm2_jlist(p.stdout.decode("utf-8", "replace"))
+        procs = pm2_processes(user, home, pm2, timeout=60)
     except Exception as e:
-        return 6, "pm2 jlist failed: %s" % type(e).__name__
+        return 6, "pm2 could not be asked: %s" % type(e).__name__
     mine = [x.get("pm2_env") or {} for x in pm2_app_procs(procs, name)]
     if not mine:
         return 4, name + " is not in pm2's process list"
@@ -262,7 +257,7 @@ print(why)
 if rc:
     print("the app's logs: sudo -u %s PM2_HOME=%s/.pm2 pm2 logs %s --lines 50" % (user, home, name))
 sys.exit(rc)
-""", pm2_jlist, pm2_app_procs)
+""", pm2_processes, pm2_jlist, pm2_app_procs)
 
 
 @dataclass(frozen=True)
