@@ -1,4 +1,6 @@
 """provisioner's command line: `invoke --list` shows every task."""
+import atexit
+import gc
 import sys
 
 from invoke import Collection
@@ -7,6 +9,10 @@ from invoke import Collection
 # default), so every run would compile provisioner's modules again (~60 ms of each start-up):
 # back to Python's own setting (which PYTHONDONTWRITEBYTECODE or -B still turn off).
 sys.dont_write_bytecode = sys.flags.dont_write_bytecode
+# At exit, Python's last garbage collection walks every object the engine and its libraries
+# made (~80 ms of a 1 s converged run); frozen, they are freed without being walked. Exit
+# handlers still run, and nothing is left unflushed: it only skips the walk.
+atexit.register(gc.freeze)
 
 from provisioner.cli import (backup, deploy, flags, hostvars, logs, plans, provision,  # noqa: E402
                              report, status, testbed, vault)
