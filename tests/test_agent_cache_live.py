@@ -1,6 +1,6 @@
 """The agent's cache on a real server (live: needs the testbed): the source is sent once, kept
-in a folder only root can enter, then only requests go; a cache file that was changed is
-never executed and is replaced. (tests/test_agent_cache.py checks the protocol on this
+in a folder only root can enter with the code it compiled to, then only requests go and run
+that code; a cache file that was changed is never executed and is replaced. (tests/test_agent_cache.py checks the protocol on this
 machine, including symlinks, FIFOs, folders others can write and check mode.)"""
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def test_the_agent_is_sent_once_then_run_from_the_server_s_cache(conn):
     assert _out(conn, "stat", "-c", "%U %a %F", agent.CACHE_DIR, cached).splitlines() == \
         ["root 700 directory", "root 600 regular file"]
     assert _out(conn, "sha256sum", cached).split()[0] == agent.source_sha()
+    compiled = _out(conn, "sh", "-c", f"ls {agent.CACHE_DIR}/{agent.source_sha()}.*.code").strip()
+    assert _out(conn, "stat", "-c", "%U %a %F", compiled).strip() == "root 600 regular file"
+    # the compiled code is what runs: without the source the agent still answers, unsent
+    assert conn.run(["rm", cached]).ok
     before = conn.commands
     facts = agent.call(conn, "facts", {"files": ["/etc/hostname"]})
     assert facts["facts"]["files"]["/etc/hostname"]["exists"]
@@ -50,6 +54,7 @@ def test_a_changed_cache_file_is_not_executed_and_is_replaced(conn):
     agent.call(conn, "ping", {})
     planted = f"open({PLANTED!r}, 'w').close()\n" + agent.source()
     assert conn.run(["tee", cached], stdin=planted.encode()).ok
+    assert conn.run(["sh", "-c", f"rm {agent.CACHE_DIR}/*.code"]).ok   # so the source is read
     conn.run(["rm", "-f", PLANTED])
     answer = agent.call(conn, "ping", {})
     assert answer["pong"] and answer["cache"] == {"cached": True}     # sent again and kept
