@@ -34,8 +34,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-import jinja2
-
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MASK = "***"
 _SENTINEL = "\ue000{}\ue001"
@@ -91,23 +89,25 @@ def _wrap_filter(func, convert):
     return wrapped
 
 
-class _CompiledOnce(jinja2.BytecodeCache):
+@lru_cache(maxsize=1)
+def _compiled_once():
     """The code a template compiles to, kept for the other environment of its root: the real
     and the masked one compile every template to the same code (they differ in finalize and
     filters, which that code looks up from its environment as it renders; a test holds that
-    for every template), and compiling is most of a rendering's time."""
+    for every template), and compiling is most of a rendering's time. Made with the first
+    environment: jinja2 is imported only by a run that renders a template (~22 ms)."""
+    import jinja2
 
-    def __init__(self) -> None:
-        self._code: dict[tuple[str, str], Any] = {}
+    class CompiledOnce(jinja2.BytecodeCache):
+        def __init__(self) -> None:
+            self._code: dict[tuple[str, str], Any] = {}
 
-    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
-        bucket.code = self._code.get((bucket.key, bucket.checksum))    # the checksum of the source
+        def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            bucket.code = self._code.get((bucket.key, bucket.checksum))  # the source's checksum
 
-    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
-        self._code[(bucket.key, bucket.checksum)] = bucket.code
-
-
-_COMPILED = _CompiledOnce()
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            self._code[(bucket.key, bucket.checksum)] = bucket.code
+    return CompiledOnce()
 
 
 @lru_cache(maxsize=8)
@@ -118,6 +118,7 @@ def environment(root: str | None = None, masked: bool = False) -> jinja2.Environ
     Filters get a secret argument revealed (or masked), so `{{ obj.pw | urlencode }}` writes
     the real value into the file (the display is then withheld: a filter transformed it).
     """
+    import jinja2
     convert = _sentinel_for if masked else (lambda s: str(s.reveal()))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root or TEMPLATES)),
@@ -127,7 +128,7 @@ def environment(root: str | None = None, masked: bool = False) -> jinja2.Environ
         lstrip_blocks=True,
         autoescape=False,
         finalize=_finalize_mask if masked else _finalize_real,
-        bytecode_cache=_COMPILED,
+        bytecode_cache=_compiled_once(),
     )
     for name, func in list(env.filters.items()):
         env.filters[name] = _wrap_filter(func, convert)

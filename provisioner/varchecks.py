@@ -7,11 +7,10 @@ not a Resource) where the role's code says so. All of it is bad input: exit 2.""
 from __future__ import annotations
 
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable
-
-import jinja2
 
 from provisioner.api import NotAResource, RoleContext, VarContext, VarError
 from provisioner.errors import InputError, Problem
@@ -19,7 +18,13 @@ from provisioner.inventory import Host, Inventory
 from provisioner.roles import RoleCode
 
 VAR_RE = re.compile(r"[a-z][a-z0-9_]*")
-BUILD_ERRORS = (ValueError, TypeError, KeyError, jinja2.TemplateError)
+
+
+def _build_errors() -> tuple[type[Exception], ...]:
+    """What a resource that cannot be built raises. A template's errors are jinja2's, and
+    jinja2 is imported only when a template is rendered: then they are among them."""
+    jinja2 = sys.modules.get("jinja2")
+    return (ValueError, TypeError, KeyError) + ((jinja2.TemplateError,) if jinja2 else ())
 
 
 class _NeedsServer(Exception):
@@ -49,7 +54,7 @@ def check_vars(inv: Inventory, hosts: Iterable[Host], code: Callable[[str], Role
                 resource_list(role, v, RoleContext(host, inv, _OsNotYet(), True))
             except _NeedsServer:
                 pass
-            except BUILD_ERRORS as e:
+            except _build_errors() as e:
                 found.setdefault(_where(inv, host, role, v, e), []).append(host.name)
     if found:
         raise InputError([Problem(file, line, key, f"{problem} (for {', '.join(names)})", fix)

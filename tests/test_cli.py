@@ -383,6 +383,19 @@ def test_the_command_line_loads_no_engine_before_a_task_runs():
     assert p.stdout.strip() == "[]"
 
 
+def test_the_engine_imports_the_template_engine_only_when_a_template_is_rendered():
+    """A run whose roles render no template (the small workload) never pays for jinja2; one
+    that renders gets it, and a template's errors are still bad input (varchecks)."""
+    code = ("import sys; from provisioner import api, runner, varchecks; from provisioner.cli import common; "
+            "before = 'jinja2' in sys.modules; "
+            "from provisioner.templating import render; import jinja2; "
+            "print(before, jinja2.TemplateError in varchecks._build_errors())")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "True"]
+
+
 @pytest.mark.parametrize("up", [True, False], ids=["testbed up", "never brought up"])
 def test_the_testbed_hint_comes_only_when_the_testbed_wrote_nothing(tmp_path, monkeypatch, up):
     """`invoke testbed.up` as the fix of a wrong vault password would send a user to rebuild

@@ -174,7 +174,7 @@ def test_render_strict_undefined_and_trailing_newline(tmp_path):
 
 
 def test_both_environments_compile_every_template_to_the_same_code():
-    """What lets the masked rendering reuse the real one's code (templating._CompiledOnce)."""
+    """What lets the masked rendering reuse the real one's code (templating._compiled_once)."""
     real, masked = templating.environment(None, False), templating.environment(None, True)
     paths = sorted(templating.TEMPLATES.rglob("*.j2"))
     assert paths
