@@ -1,6 +1,6 @@
 """What `invoke status` reads on one server, in one exec: `python3 - CONFIG_JSON` with this
 file on stdin, as root. Prints one JSON document. Standard library only; read-only (pm2 is asked
-only while its daemon's unit is active: `pm2 jlist` would otherwise start a daemon).
+only while its daemon's unit is active: `pm2 jlist`, its fallback, would otherwise start one).
 
 CONFIG: {"apps": [names], "pm2": {"user", "home"} | null, "textfile": dir,
          "alertmanager": "http://addr:9093" | null, "audit_log": path}

@@ -25,7 +25,7 @@ Needs the `node` role on the same host (before it): Node.js, npm and the app use
 - Apps (`pm2_apps`): each gets /srv/<name>/ecosystem.config.js (mode 0600, owner the app user:
   it holds the env, vault secrets included) and is started with `pm2 start` + `pm2 save` when
   the ecosystem changed since it was last started (a sha256 stamp in PM2_HOME) or the app is not
-  online with its instances (`pm2 jlist`, read in the facts exec). A change restarts the app
+  online with its instances (pm2's process list, read in the facts exec). A change restarts the app
   (delete + start: instances and exec_mode changes apply too); zero-downtime reloads belong to
   deploys. An app whose script does not exist yet (no release deployed) is not started.
 
@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
-                             is_secret, pm2_app_procs, pm2_jlist, pm2_processes, render, run_step, sha256, systemd,
-                             templates, with_helpers, write_step)
+                             is_secret, pm2_app_procs, pm2_jlist, pm2_processes, render, run_step,
+                             sha256, systemd, templates, with_helpers, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -202,7 +202,7 @@ class Pm2Module:
 
 
 # The status check, installed on the server (STATUS_SCRIPT) and run by root: in the facts exec
-# (read-only: it never starts a pm2 daemon, which `pm2 jlist` would do if none runs) and after a
+# (read-only: it never starts a pm2 daemon, which asking `pm2 jlist` would if none runs) and after a
 # start, waiting up to `wait` seconds for every instance to be online for `min_up` seconds (a
 # script that crashes at start-up is "online" for a moment between restarts). Its exit status
 # says why; its output is shown when a start fails. pm2_processes, pm2_jlist and pm2_app_procs
