@@ -4,6 +4,7 @@ to web1 and web2 while a bounded load goes through lb1 (a fixed count of request
 timeout, stopped early once the last operation is done)."""
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
@@ -105,8 +106,18 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet(local_env):
-    """web1, web2, db1 and lb1 provisioned, the sample app live (conftest's shared env)."""
+    """web1, web2, db1 and lb1 provisioned, the sample app live (conftest's shared env) and
+    served through lb1. Until the env's first deploy, mon1's probes through lb1 found no app:
+    nginx counts both app servers failed and passes them nothing for its fail_timeout (10 s; 15 s were seen),
+    so a load begun right after that deploy gets "no live upstreams" (502) for a few seconds."""
     assert local_env["deploy"].returncode == 0, local_env["deploy"].stderr[-3000:]
+
+    def served() -> bool:
+        try:
+            return all(get(lb(), "/health").status == 200 for _ in range(4))
+        except OSError:
+            return False
+    wait_for("lb1 to pass requests to the app servers", served, 60, every=1)
     return WEB
 
 
@@ -216,6 +227,73 @@ def test_deploys_and_a_rollback_under_load_lose_no_request(fleet, repo):
     assert out2.count("pm2 reloaded") == 2 and "pm2 started" not in out2, out2
     states = {e["id"]: e["state"] for e in releases()["web2"]["releases"]}
     assert (states[new_v1], states[v2], states[v1]) == ("live", "rolled-back", "retired")
+
+
+# On the server: GETs on loopback, each on a connection of its own (every one handed to a pm2
+# worker), from 8 threads, each with a 4 s timeout, until /tmp/storm.stop exists or 120 s
+# passed; then one line of JSON: answered, unanswered (timed out), failed.
+STORM = r"""
+import json, os, socket, threading, time
+end, out, lock = time.monotonic() + 120, {"answered": 0, "unanswered": 0, "failed": []}, threading.Lock()
+def run():
+    while time.monotonic() < end and not os.path.exists("/tmp/storm.stop"):
+        try:
+            with socket.create_connection(("127.0.0.1", 3000), timeout=4) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: storm\r\nConnection: close\r\n\r\n")
+                data = b"".join(iter(lambda: s.recv(65536), b""))
+            key = "answered" if data.startswith(b"HTTP/1.1 200") else None
+        except socket.timeout:
+            key = "unanswered"
+        except OSError as e:
+            key, data = None, repr(e).encode()
+        with lock:
+            if key:
+                out[key] += 1
+            else:
+                out["failed"].append(data[:60].decode("utf-8", "replace"))
+threads = [threading.Thread(target=run) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(out))
+"""
+
+
+def test_pm2_reloads_under_a_storm_of_new_connections_leave_none_unanswered(fleet, repo):
+    """Each new connection to the app is accepted by a worker itself (the listening socket is
+    the workers', not pm2's daemon's): with Node's round-robin, pm2's daemon passed 15-24
+    connections in 20 reloads to a worker that was exiting, never answered. Eight reloads the
+    deploy's way (PM2_RELOAD) on both releases' web hosts at once, under that storm."""
+    from provisioner.remote.deploy import PM2_RELOAD
+    repo, commits = repo
+    assert deploy(repo, commits["v1"]).returncode == 0
+
+    def shipped(text, path):            # a file on the server, without quoting its text
+        return f"echo {base64.b64encode(text.encode()).decode()} | base64 -d > {path}"
+    script = " && ".join((
+        shipped(STORM, "/tmp/storm.py"), shipped(PM2_RELOAD, "/tmp/pm2-reload.js"),
+        "chmod 644 /tmp/pm2-reload.js", "rm -f /tmp/storm.stop")) + (
+        "; python3 /tmp/storm.py > /tmp/storm.out & storm=$!; sleep 1; cd /home/app;"
+        " for i in 1 2 3 4 5 6 7 8; do runuser -u app -- env -i HOME=/home/app"
+        " PM2_HOME=/home/app/.pm2 PATH=/usr/bin:/bin node -e \"$(cat /tmp/pm2-reload.js)\""
+        " /usr/local/lib/node_modules/pm2 sample /srv/sample/ecosystem.config.js || break; done;"
+        " touch /tmp/storm.stop; wait $storm; cat /tmp/storm.out; ss -Hltnp 'sport = :3000'")
+    outs = {}
+
+    def storm(host):
+        outs[host] = sh(host, script, timeout=300).stdout
+    threads = [threading.Thread(target=storm, args=(h,)) for h in WEB]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for host in WEB:
+        lines = outs[host].splitlines()
+        assert [json.loads(line) for line in lines if line.startswith('{"reloaded"')] \
+            == [{"reloaded": 2}] * 8, outs[host]
+        result = json.loads(next(line for line in lines if line.startswith('{"answered"')))
+        print(f"\n{host}: {result['answered']} answered during 8 reloads")
+        assert result["answered"] > 1000 and result["failed"] == [], (host, result)
+        assert result["unanswered"] == 0, (host, result)
+        listening = [line for line in lines if "LISTEN" in line]
+        assert len(listening) == 1 and listening[0].count('"node /srv/sampl') == 2, lines
 
 
 def test_a_failed_health_gate_switches_the_whole_fleet_back(fleet, repo):

@@ -190,6 +190,8 @@ def test_a_module_or_namesake_online_is_no_app_running_the_first_release_starts_
              proc("shop", 1, cwd="/home/app/tools")]
     app, eco, folder = reload_app(tmp_path, monkeypatch, procs)
     started = []
+    monkeypatch.setattr(app, "start_pm2", lambda: started.append("pm2-app.service"))
     monkeypatch.setattr(app, "pm2", lambda *args: started.append(args))
     assert remote.reload(app, "shop", eco) == "started"
-    assert started == [("start", eco), ("save",)] and reloaded(folder) == []
+    # the systemd unit's daemon first: no pm2 call starts a daemon of its own
+    assert started == ["pm2-app.service", ("start", eco), ("save",)] and reloaded(folder) == []

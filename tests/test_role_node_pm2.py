@@ -151,7 +151,9 @@ def test_pm2_plans_install_unit_logrotate_and_the_app():
     unit = rs[2].content.text
     for line in ("User=app", "Type=forking", "PIDFile=/home/app/.pm2/pm2.pid",
                  "ExecStart=/usr/local/bin/pm2 resurrect", "ExecStop=/usr/local/bin/pm2 kill",
-                 "Environment=PM2_HOME=/home/app/.pm2", "WantedBy=multi-user.target"):
+                 "Environment=PM2_HOME=/home/app/.pm2", "WantedBy=multi-user.target",
+                 # workers accept themselves: no connection is passed to an exiting one
+                 "Environment=NODE_CLUSTER_SCHED_POLICY=none"):
         assert line in unit.splitlines()
     assert rs[0].notify == ("restart pm2-app.service",) and rs[2].notify == ("restart pm2-app.service",)
     assert PM2.handlers(defaults(), None) == {"restart pm2-app.service": [

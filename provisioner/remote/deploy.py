@@ -174,6 +174,18 @@ class App:
         return self.as_user([PM2] + list(args), cwd=self.home,
                             env={"PM2_HOME": self.home + "/.pm2"})
 
+    def start_pm2(self):
+        """pm2's daemon as role pm2's systemd unit runs it (a no-op when it is up): were it
+        down, a pm2 call would start a daemon of its own, outside systemd, gone at the next
+        boot and without the unit's environment (its cluster scheduling)."""
+        unit = "pm2-%s.service" % self.user
+        r = subprocess.run(["systemctl", "start", unit], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=180)
+        if r.returncode != 0:
+            raise Fail("systemctl start %s exited %d: %s; provision the host (role pm2 writes "
+                       "the unit), or see `journalctl -u %s`" % (
+                           unit, r.returncode, r.stdout.decode("utf-8", "replace").strip(), unit))
+
     def reload_online(self, name, eco):
         """pm2 reload of every online instance of pm2 app `name` run from ecosystem file `eco`
         (PM2_RELOAD: no pm2 module, no other process of that name), all at once: the number
@@ -463,6 +475,7 @@ def reload(app, name, eco):
     its stamp so that the next provision sees it started from that file."""
     if not os.path.exists(eco):
         raise Fail("%s is missing: provision the host first (role pm2 writes it)" % eco)
+    app.start_pm2()
     if app.reload_online(name, eco):
         return "reloaded"
     app.pm2("start", eco)
