@@ -195,3 +195,19 @@ def test_a_module_or_namesake_online_is_no_app_running_the_first_release_starts_
     assert remote.reload(app, "shop", eco) == "started"
     # the systemd unit's daemon first: no pm2 call starts a daemon of its own
     assert started == ["pm2-app.service", ("start", eco), ("save",)] and reloaded(folder) == []
+
+
+def test_a_pm2_daemon_that_does_not_start_fails_the_reload_naming_its_unit_and_the_fix(
+        tmp_path, monkeypatch):
+    app = remote.App({"app": "shop", "user": "app", "home": str(tmp_path)})
+    ran = []
+
+    def run(argv, **kw):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 5, b"Unit pm2-app.service not found.\n")
+    monkeypatch.setattr(remote.subprocess, "run", run)
+    with pytest.raises(remote.Fail) as e:
+        app.start_pm2()
+    assert ran == [["systemctl", "start", "pm2-app.service"]]
+    assert str(e.value).startswith("systemctl start pm2-app.service exited 5: Unit pm2-app.service "
+                                   "not found.; provision the host (role pm2 writes the unit)")

@@ -15,7 +15,9 @@ Needs the `node` role on the same host (before it): Node.js, npm and the app use
   nothing runs pm2 as root to write it. It is what `pm2 startup systemd -u <user> --hp <home>`
   writes otherwise: Type=forking, PIDFile in PM2_HOME, `pm2 resurrect` / `pm2 kill`.
   A new unit or a new pm2 version restarts the daemon (handler): its apps come back from the
-  list `pm2 save` stored.
+  list `pm2 save` stored. The unit sets NODE_CLUSTER_SCHED_POLICY=none: cluster workers accept
+  from the shared socket themselves. With Node's round-robin the daemon accepts and passes each
+  connection to a worker, and one passed to a worker exiting after a reload is never answered.
 - Every pm2 command the role runs goes to that daemon (the service is started first); pm2 is
   never started outside systemd, where its apps would not come back after a reboot. Commands run
   as the app user with `runuser` and a clean environment (`env -i`): pm2 copies its caller's
