@@ -108,8 +108,8 @@ def repo(tmp_path_factory):
 def fleet(local_env):
     """web1, web2, db1 and lb1 provisioned, the sample app live (conftest's shared env) and
     served through lb1. Until the env's first deploy, mon1's probes through lb1 found no app:
-    nginx counts both app servers failed and passes them nothing for its fail_timeout (10 s; 15 s were seen),
-    so a load begun right after that deploy gets "no live upstreams" (502) for a few seconds."""
+    nginx counts both app servers failed and passes them nothing for its fail_timeout (10 s;
+    15 s were seen), so a load begun right after that deploy gets "no live upstreams" (502)."""
     assert local_env["deploy"].returncode == 0, local_env["deploy"].stderr[-3000:]
 
     def served() -> bool:
@@ -231,10 +231,12 @@ def test_deploys_and_a_rollback_under_load_lose_no_request(fleet, repo):
 
 # On the server: GETs on loopback, each on a connection of its own (every one handed to a pm2
 # worker), from 8 threads, each with a 4 s timeout, until /tmp/storm.stop exists or 120 s
-# passed; then one line of JSON: answered, unanswered (timed out), failed.
+# passed; then one line of JSON: answered, unanswered (timed out), failed (and the first
+# failures: an app that is down fails fast, so they are not all kept).
 STORM = r"""
 import json, os, socket, threading, time
-end, out, lock = time.monotonic() + 120, {"answered": 0, "unanswered": 0, "failed": []}, threading.Lock()
+end, lock = time.monotonic() + 120, threading.Lock()
+out = {"answered": 0, "unanswered": 0, "failed": 0, "first_failures": []}
 def run():
     while time.monotonic() < end and not os.path.exists("/tmp/storm.stop"):
         try:
@@ -247,10 +249,9 @@ def run():
         except OSError as e:
             key, data = None, repr(e).encode()
         with lock:
-            if key:
-                out[key] += 1
-            else:
-                out["failed"].append(data[:60].decode("utf-8", "replace"))
+            out[key or "failed"] += 1
+            if not key and len(out["first_failures"]) < 5:
+                out["first_failures"].append(data[:60].decode("utf-8", "replace"))
 threads = [threading.Thread(target=run) for _ in range(8)]
 [t.start() for t in threads]
 [t.join() for t in threads]
@@ -290,7 +291,7 @@ def test_pm2_reloads_under_a_storm_of_new_connections_leave_none_unanswered(flee
             == [{"reloaded": 2}] * 8, outs[host]
         result = json.loads(next(line for line in lines if line.startswith('{"answered"')))
         print(f"\n{host}: {result['answered']} answered during 8 reloads")
-        assert result["answered"] > 1000 and result["failed"] == [], (host, result)
+        assert result["answered"] > 1000 and result["failed"] == 0, (host, result)
         assert result["unanswered"] == 0, (host, result)
         listening = [line for line in lines if "LISTEN" in line]
         assert len(listening) == 1 and listening[0].count('"node /srv/sampl') == 2, lines
