@@ -49,7 +49,7 @@ __all__ = [
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
     "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "colours", "commands",
     "config_settings", "directory_step", "exporters_of", "file_fact", "file_group", "files", "handler",
-    "is_secret", "known_host_lines", "lines", "links", "monitoring_sources", "pm2_app_procs", "pm2_jlist", "pm2_processes", "private_address", "reject", "render", "run_step", "sha256", "sql_literal", "ssh_keypair", "sysctl", "systemd",
+    "is_secret", "known_host_lines", "package_version", "lines", "links", "monitoring_sources", "pm2_app_procs", "pm2_jlist", "pm2_processes", "private_address", "reject", "render", "run_step", "sha256", "sql_literal", "ssh_keypair", "sysctl", "systemd",
     "TEXTFILE_DIR", "templates", "ufw", "users", "with_helpers", "write_step",
 ]
 
@@ -92,6 +92,18 @@ class VarError(ValueError):
     def __init__(self, var: str, problem: str, fix: str):
         super().__init__(f"{var}: {problem}; {fix}")
         self.var, self.problem, self.fix = var, problem, fix
+
+
+def package_version(content: str | None) -> str | None:
+    """The "version" of a package.json's text (a files fact's content); None when absent or
+    unreadable."""
+    import json
+    try:
+        doc = json.loads(content or "")
+    except ValueError:
+        return None
+    v = doc.get("version") if isinstance(doc, dict) else None
+    return v if isinstance(v, str) else None
 
 
 def reject(var: str, problem: str, fix: str) -> VarError:

@@ -9,6 +9,19 @@ Debian's `npm` (which it conflicts with) is not installed then. An existing node
 major (e.g. Debian's 18 before the switch) is replaced: `apt.packages` alone would find "nodejs"
 present and keep it.
 
+npm: Debian's `npm` package by default (`node_npm: debian`), updated with Debian's security
+updates. It brings about 330 packages of JavaScript libraries, one dpkg install each: most of a
+fresh app server's apt time. `node_npm: registry` installs npm itself from its registry tarball
+instead, at the version pinned by `node_npm_version` and checked against `node_npm_integrity`
+(the registry's sha512; the role knows it for its default version), fetched on the server from
+`node_npm_registry` or, when that is null, the `registry` of the server's npm config
+(/etc/npmrc), through the proxy and CA that config names (roles/node/npm_install.py). It goes
+where `npm install -g npm` would put it (/usr/local/lib/node_modules/npm, links in
+/usr/local/bin) with the builtin config Debian's npm has: /etc/npmrc stays npm's global config
+and global packages go to /usr/local. Debian's `npm` package is then removed (its libraries stay,
+as packages `apt autoremove` may reap), so that one npm is on PATH. Its updates are then yours:
+a new pin in the inventory, or in this role. With NodeSource's nodejs, npm comes bundled with it.
+
 The app user is a system user with a home (pm2 keeps its state in <home>/.pm2), a locked
 password and the shell /usr/sbin/nologin: nothing needs to log in as it. pm2 itself does not
 need a login shell: systemd starts its daemon with User=, and the provisioner (like a deploy
@@ -16,16 +29,34 @@ user with sudo) runs pm2 as that user with runuser/sudo -u, which exec the comma
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from provisioner.api import apt, commands, files, templates, users
+from provisioner.api import (Change, Noop, apt, commands, file_fact, files, links,
+                             package_version, run_step, templates, users, write_step)
 
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*\Z")
 PREFERENCES = "/etc/apt/preferences.d/nodesource.pref"
 REPO_NAME = "nodesource"
 MIN_MAJOR = 18
+NPM_SOURCES = ("debian", "registry")
+# npm versions the role knows the registry's integrity of (`npm view npm@V dist.integrity`)
+NPM_PINS = {
+    "10.9.9": "sha512-1g+6jLQvaIuB4zwvHL7yrXuXcWZwDsCtBX8bbWDqbvJSSr9nPiDDWTHNgwXR27iIcTTW7v3A57hDW9RYv2W4Yg==",
+}
+NPM_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+\Z")
+INTEGRITY_RE = re.compile(r"^sha(256|384|512)-[A-Za-z0-9+/]+={0,2}\Z")
+NPM_PREFIX = "/usr/local"
+NPM_DIR = f"{NPM_PREFIX}/lib/node_modules/npm"
+# Debian's npm's builtin config (/usr/share/nodejs/npm/npmrc): the same global config file and
+# global prefix whichever npm a server has
+NPM_BUILTIN = "globalconfig=/etc/npmrc\nglobalignorefile=/etc/npmignore\nprefix=/usr/local\n"
+NPM_INSTALL_SOURCE = (Path(__file__).resolve().parent / "npm_install.py").read_text(encoding="utf-8")
+NPM_TIMEOUT = 300         # seconds for the download and unpacking (a slow proxy)
 
 
 def _major(v) -> int | None:
@@ -50,6 +81,86 @@ def nodesource_uri(v, major: int) -> str:
         raise ValueError(f"node_nodesource_uri: {uri!r} is not an http(s) URL; "
                          "write e.g. https://<host>/node_{major}.x")
     return uri
+
+
+def _npm(v, major: int | None) -> "NpmFromRegistry | None":
+    """npm from the registry as the vars pin it, or None for the package's own npm."""
+    source = v["node_npm"]
+    if source not in NPM_SOURCES:
+        raise ValueError(f"node_npm: {source!r} is not one of {', '.join(NPM_SOURCES)}")
+    if source == "debian":
+        return None
+    if major is not None:
+        raise ValueError("node_npm: registry is for Debian's nodejs: NodeSource's nodejs "
+                         "(node_nodesource_major) bundles its own npm; write node_npm: debian")
+    version, integrity, registry = v["node_npm_version"], v["node_npm_integrity"], v["node_npm_registry"]
+    if not isinstance(version, str) or not NPM_VERSION_RE.match(version):
+        raise ValueError(f"node_npm_version: {version!r} is not an exact version like 10.9.9")
+    if integrity is None:
+        integrity = NPM_PINS.get(version)
+        if integrity is None:
+            raise ValueError(f"node_npm_integrity: needed for npm {version} (the role pins "
+                             f"{', '.join(NPM_PINS)}): write the registry's "
+                             f"`npm view npm@{version} dist.integrity`")
+    elif not isinstance(integrity, str) or not INTEGRITY_RE.match(integrity):
+        raise ValueError(f"node_npm_integrity: {integrity!r} is not an integrity like "
+                         "sha512-<base64> (`npm view npm@<version> dist.integrity`)")
+    if registry is not None:
+        parts = urlsplit(registry) if isinstance(registry, str) else None
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"node_npm_registry: {registry!r} is not an http(s) URL; write "
+                             "your npm registry's URL, or null for the server's npm config")
+        if parts.username or parts.password:
+            raise ValueError("node_npm_registry: credentials do not belong in the URL (it is "
+                             "shown in reports); use a registry that serves npm anonymously")
+    return NpmFromRegistry(version, integrity, registry or "")
+
+
+@dataclass(frozen=True)
+class NpmFromRegistry:
+    """npm itself, unpacked from its registry tarball (roles/node/npm_install.py)."""
+    version: str
+    integrity: str
+    registry: str = ""           # "" = the one the server's npm config names
+
+    id = "npm from the registry"
+    manifest = f"{NPM_DIR}/package.json"
+    builtin = f"{NPM_DIR}/npmrc"
+
+    def facts(self) -> dict:
+        return {"files": [self.manifest, self.builtin]}
+
+    def plan(self, facts) -> list:
+        f, rc = facts.file(self.manifest), facts.file(self.builtin)
+        have = package_version(f.content) if f.exists else None
+        if have != self.version:
+            why = f"npm {have} != {self.version}" if have else f"{self.manifest} absent"
+            argv = ["python3", "-", NPM_PREFIX, self.version, self.integrity, self.registry,
+                    NPM_BUILTIN]
+            return [Change(self.id, "install", why, (run_step(
+                argv, stdin=NPM_INSTALL_SOURCE, env={"HOME": "/root"}, timeout=NPM_TIMEOUT,
+                attempts=2),))]
+        if not rc.exists or rc.content != NPM_BUILTIN:
+            return [Change(self.id, "configure", f"{self.builtin} differs from npm's builtin "
+                           "config (globalconfig /etc/npmrc, prefix /usr/local)",
+                           (write_step(self.builtin, NPM_BUILTIN, "0644", "root", "root"),))]
+        return [Noop(self.id, f"already installed: npm {have}")]
+
+    def expect(self, facts) -> dict:
+        manifest = json.dumps({"name": "npm", "version": self.version})
+        return {"files": {
+            self.manifest: file_fact(self.manifest, manifest, "0644", "root", "root",
+                                     facts.file(self.manifest)),
+            self.builtin: file_fact(self.builtin, NPM_BUILTIN, "0644", "root", "root",
+                                    facts.file(self.builtin))}}
+
+
+def npm_resources(npm: NpmFromRegistry):
+    """npm from the registry, its links on PATH, Debian's npm gone (pure: also the tests')."""
+    yield npm
+    for cmd in ("npm", "npx"):
+        yield links.link(f"{NPM_PREFIX}/bin/{cmd}", f"../lib/node_modules/npm/bin/{cmd}-cli.js")
+    yield apt.packages(["npm"], state="absent")
 
 
 def _check_apps(names) -> list[str]:
@@ -108,25 +219,31 @@ def nodesource_resources(v, major: int):
         name=f"nodejs {major}.x from NodeSource replaces another major")
 
 
-def check(v, ctx) -> tuple[int | None, list[str]]:
-    """The role's vars judged (ValueError naming the var): the NodeSource major, the apps."""
+def check(v, ctx) -> tuple[int | None, list[str], NpmFromRegistry | None]:
+    """The role's vars judged (ValueError naming the var): the NodeSource major, the apps, where
+    npm comes from."""
     major = _major(v)
     if major is not None:
         nodesource_uri(v, major)
+    npm = _npm(v, major)
     apps = _check_apps(v["node_apps"])
     _check_user(v)
-    return major, apps
+    return major, apps, npm
 
 
 def resources(v, ctx):
-    major, apps = check(v, ctx)
+    major, apps, npm = check(v, ctx)
     user, home = v["node_app_user"], v["node_app_home"]
     if major is None:
         debian = _debian_major(ctx)
         if debian is not None and debian < 12:
             raise ValueError(f"node_nodesource_major: Debian {debian} ships Node.js older than "
                              f"{MIN_MAJOR}; set a NodeSource major (e.g. 22), or use Debian 12")
-        yield apt.packages(["nodejs", "npm"])
+        if npm is None:
+            yield apt.packages(["nodejs", "npm"])
+        else:
+            yield apt.packages(["nodejs"])
+            yield from npm_resources(npm)
     else:
         yield from nodesource_resources(v, major)
     yield users.user(user, system=True, home=home, shell=v["node_app_shell"])

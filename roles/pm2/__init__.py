@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
-                             is_secret, pm2_app_procs, pm2_jlist, pm2_processes, render, run_step,
-                             sha256, systemd, templates, with_helpers, write_step)
+                             is_secret, package_version, pm2_app_procs, pm2_jlist, pm2_processes,
+                             render, run_step, sha256, systemd, templates, with_helpers,
+                             write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -83,18 +84,6 @@ def pm2_argv(user: str, home: str, *args: str, clean_env: bool = True) -> list[s
             f"PM2_HOME={home}/.pm2", f"PATH={PATH}", "LANG=C.UTF-8", PM2, *args]
 
 
-def _package_version(content: str | None) -> str | None:
-    """The "version" of a package.json's text (None when absent or unreadable)."""
-    if not content:
-        return None
-    try:
-        doc = json.loads(content)
-    except ValueError:
-        return None
-    v = doc.get("version") if isinstance(doc, dict) else None
-    return v if isinstance(v, str) else None
-
-
 # --- resources of this role (same contract as provisioner/ops: id, facts, plan, expect) -------
 
 @dataclass(frozen=True)
@@ -118,7 +107,7 @@ class NpmGlobal:
 
     def plan(self, facts) -> list:
         f = facts.file(self.manifest)
-        have = _package_version(f.content) if f.exists else None
+        have = package_version(f.content) if f.exists else None
         if have == self.version:
             return [Noop(self.id, f"already installed: {self.package} {have}")]
         why = (f"{self.package} {have} != {self.version}" if have else
@@ -172,7 +161,7 @@ class Pm2Module:
     def plan(self, facts) -> list:
         out: list = []
         f = facts.file(self.manifest)
-        have = _package_version(f.content) if f.exists else None
+        have = package_version(f.content) if f.exists else None
         if have != self.version:
             why = f"{self.name} {have} != {self.version}" if have else f"{self.name} absent"
             out.append(Change(self.id, "install", why, (run_step(pm2_argv(
