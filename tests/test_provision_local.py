@@ -146,6 +146,27 @@ def test_app_servers_have_node_and_pm2_as_the_app_user(provisioned):
         assert owners == {"app"}
 
 
+def test_app_servers_run_the_pinned_npm_from_the_registry_and_not_debians(provisioned):
+    """node_npm: registry (inventories/local.yml), on Debian 13 (web1) and 12 (web2)."""
+    for name in ("web1", "web2"):
+        h = deploy(name)
+        # what the app user, deploys (`npm ci`) and pm2 find first on PATH
+        assert h.check_output("runuser -u app -- env -i PATH=/usr/local/bin:/usr/bin:/bin "
+                              "sh -c 'command -v npm; npm --version'").split() == ["/usr/local/bin/npm", "10.9.9"]
+        assert h.file("/usr/local/bin/npm").linked_to == "/usr/local/lib/node_modules/npm/bin/npm-cli.js"
+        assert h.check_output("npx --version") == "10.9.9"
+        assert not h.package("npm").is_installed            # Debian's: one npm on PATH
+        # the same config files as Debian's npm: the global npmrc (the testbed's registry and
+        # proxy) and global packages under /usr/local
+        assert h.check_output("npm config get globalconfig") == "/etc/npmrc"
+        assert h.check_output("npm config get prefix") == "/usr/local"
+        assert h.file("/usr/local/lib/node_modules/pm2/package.json").exists
+        npm_dir = h.file("/usr/local/lib/node_modules/npm")
+        assert npm_dir.user == "root" and npm_dir.mode == 0o755
+        assert h.run("find /usr/local/lib/node_modules/npm \\( ! -user root -o -perm /022 \\)"
+                     " | head -3").stdout == ""                # nothing writable but by root
+
+
 def test_the_firewall_lets_app_servers_reach_the_database(provisioned):
     # PostgreSQL's and Redis' own rules (pg_hba, passwords) are the postgresql/redis role tests
     probe = ("import socket,sys; s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3); "

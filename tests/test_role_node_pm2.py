@@ -49,12 +49,14 @@ NODE = load_role(ROLES["node"])
 PM2 = load_role(ROLES["pm2"])
 
 
-def _module(name):
-    """The role's Python module (its resource classes), loaded the way the runner loads it."""
+def _module(name, file="__init__"):
+    """The role's Python module (its resource classes), loaded the way the runner loads it; or
+    another file of the role's folder."""
     import importlib.util
     info = ROLES[name]
-    spec = importlib.util.spec_from_file_location(f"test_roles_{name}", info.path / "__init__.py")
+    spec = importlib.util.spec_from_file_location(f"test_roles_{name}_{file}", info.path / f"{file}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod           # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -330,8 +332,9 @@ def th(name):
     return testinfra.get_host(f"ssh://{name}", ssh_config=str(REPO / ".testbed" / "ssh_config"))
 
 
-def write_inventory(tmp_path: Path, apps: list[str], name: str = "nodepm2") -> Path:
-    """An inventory (YAML: it holds a `!vault` tag) for SERVER with [node, pm2]."""
+def write_inventory(tmp_path: Path, apps: list[str], name: str = "nodepm2", more_vars: str = "") -> Path:
+    """An inventory (YAML: it holds a `!vault` tag) for SERVER with [node, pm2]; more_vars: YAML
+    lines of vars, indented by two."""
     path = tmp_path / f"{name}.yml"
     path.write_text(f"""env: {name}
 known_hosts: {REPO}/.testbed/known_hosts
@@ -340,7 +343,7 @@ hosts:
   {SERVER}: {{address: {ADDRESSES[SERVER]}}}
 vars:
   node_apps: [sample, other]
-  pm2_apps:
+{more_vars}  pm2_apps:
 {''.join(f'    - {a}{chr(10)}' for a in apps)}groups:
   app: {{hosts: [{SERVER}], roles: [node, pm2]}}
 """)
@@ -536,6 +539,28 @@ class TestLive:
         assert time.monotonic() - t0 < 90
         assert health()[1]["status"] == "ok"                     # the other app is untouched
         sh(SERVER, f"{PM2_AS_APP} delete crashy")
+
+    def test_switching_to_npm_from_the_registry_replaces_debians_and_keeps_pm2_and_the_app(self, provisioned):
+        """A server provisioned with Debian's npm (pm2 installed with it), then node_npm: registry
+        (Debian 12 here; the local env has it on 12 and 13 from the start)."""
+        h = th(SERVER)
+        assert h.package("npm").is_installed and h.check_output("command -v npm") == "/usr/bin/npm"
+        inv = load(write_inventory(provisioned.tmp, [app_yaml()], name="nodepm2npm",
+                                   more_vars="  node_npm: registry\n"))
+        run = Run(inv)
+        assert run.exit_code == 0, run.steps(status="failed")
+        changed = {e["resource"]: e["reason"] for e in run.steps(status="changed")}
+        assert changed == {"npm from the registry": "install: /usr/local/lib/node_modules/npm/package.json absent",
+                           "link /usr/local/bin/npm": "link: absent", "link /usr/local/bin/npx": "link: absent",
+                           "apt npm": "remove: installed: npm " + changed["apt npm"].rsplit(" ", 1)[-1]}, changed
+        assert not h.package("npm").is_installed
+        assert h.check_output("command -v npm; npm --version").split() == ["/usr/local/bin/npm", "10.9.9"]
+        # pm2 (installed by Debian's npm) still runs the app, and npm's global packages are the same
+        assert sh(SERVER, f"{PM2_AS_APP} --version").stdout.strip() == "6.0.14"
+        assert health()[1]["status"] == "ok"
+        assert "pm2@6.0.14" in h.check_output("npm ls --global --depth=0")
+        again = Run(inv)
+        assert again.exit_code == 0 and again.host(SERVER)["changed"] == 0, again.steps(status="changed")
 
 
 def _blue_green_ctx():

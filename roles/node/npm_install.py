@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 
 TMP_PREFIX = ".npm-provisioner-"      # a run that died mid-way leaves these: removed next time
+GLOBAL_NPMRC = "/etc/npmrc"
 
 
 def fail(rc, message):
@@ -52,7 +53,7 @@ def npm_config(key):
     for env in ("npm_config_" + key.replace("-", "_"), "NPM_CONFIG_" + key.replace("-", "_").upper()):
         if os.environ.get(env):
             return os.environ[env]
-    for path in (os.path.join(os.environ.get("HOME") or "/root", ".npmrc"), "/etc/npmrc"):
+    for path in (os.path.join(os.environ.get("HOME") or "/root", ".npmrc"), GLOBAL_NPMRC):
         value = npmrc_values(path).get(key)
         if value:
             return value
@@ -125,7 +126,8 @@ def main(prefix, version, integrity, registry, builtin):
         fail(2, "no npm registry is known to fetch npm %s from: set node_npm_registry in the "
                 "inventory (your npm registry's URL), or registry= in the server's /etc/npmrc"
                 % version)
-    url = registry.rstrip("/") + "/npm/-/npm-%s.tgz" % version
+    # credentials in the URL are not sent (nor shown): the tarball is fetched anonymously
+    url = shown(registry.rstrip("/") + "/npm/-/npm-%s.tgz" % version)
     data = download(url)
     check_integrity(data, integrity, url)
     modules = os.path.join(prefix, "lib", "node_modules")
