@@ -21,6 +21,9 @@ where `npm install -g npm` would put it (/usr/local/lib/node_modules/npm, links 
 and global packages go to /usr/local. Debian's `npm` package is then removed (its libraries stay,
 as packages `apt autoremove` may reap), so that one npm is on PATH. Its updates are then yours:
 a new pin in the inventory, or in this role. With NodeSource's nodejs, npm comes bundled with it.
+Going back to `node_npm: debian` installs Debian's npm but leaves this one, first on PATH: remove
+it by hand (/usr/local/lib/node_modules/npm, /usr/local/bin/npm and npx), since the role cannot
+tell it from an `npm install -g npm` of the user's own.
 
 The app user is a system user with a home (pm2 keeps its state in <home>/.pm2), a locked
 password and the shell /usr/sbin/nologin: nothing needs to log in as it. pm2 itself does not
