@@ -13,13 +13,16 @@ One unmeasured fresh run of the env comes first: the testbed's apt proxy then ho
 with the package batch off (each role installs its own packages, as before provisioner/
 apt_batch.py), interleaved, so that one run shows what the batch is worth. After each fresh
 run it prints where the time went per host: the batch step and each role, from the run's
---json events. `--json` adds the medians and the converged runs as one JSON line (bench/all.py
-reads it).
+--json events, and the CPU time the whole machine spent meanwhile (/proc/stat): the controller and
+every test server share its cores, so that time over the number of cores is the least the run
+could take here, however its work were overlapped. `--json` adds the medians and the converged
+runs as one JSON line (bench/all.py reads it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CPU: dict[tuple[str, bool], list[float]] = {}     # the machine's busy CPU-s of each run
+CORES = os.cpu_count() or 1
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from engine_helpers import json_events  # noqa: E402
 
@@ -91,10 +96,26 @@ def recap(evs: list[dict]) -> dict:
     return last
 
 
+def machine_busy_seconds(stat: str) -> float:
+    """CPU seconds every core of the machine spent busy, from /proc/stat's text: user, nice,
+    system, irq, softirq and steal of its "cpu" line (not idle, not iowait)."""
+    fields = stat.split("\n", 1)[0].split()
+    if fields[0] != "cpu":
+        raise ValueError("/proc/stat does not start with the cpu line")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy() -> float:
+    with open("/proc/stat", encoding="ascii") as f:
+        return machine_busy_seconds(f.read())
+
+
 def provision(what: str, batched: bool = True) -> tuple[float, list[dict]]:
-    t0 = time.monotonic()
+    busy0, t0 = _busy(), time.monotonic()
     p = subprocess.run(argv(what, batched), cwd=REPO, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
+    CPU.setdefault((what, batched), []).append(_busy() - busy0)
     evs = json_events(p.stdout)
     r = recap(evs)
     if p.returncode != 0 or r["failed"] or r["unreachable"]:
@@ -138,8 +159,10 @@ def main(argv_: list[str] | None = None) -> None:
             for batched in variants:
                 wall, evs = fresh(what, batched)
                 walls.setdefault((what, batched), []).append(wall)
+                cpu = CPU[(what, batched)][-1]
                 print(f"fresh {what}{'' if batched else ' (unbatched)'}: {wall:.1f} s, "
-                      f"{recap(evs)['changed']} changed", flush=True)
+                      f"{recap(evs)['changed']} changed; the machine busy {cpu:.0f} CPU-s, "
+                      f"{cpu / CORES:.1f} s on its {CORES} cores", flush=True)
                 print("\n".join(time_lines(evs)), flush=True)
     converged = {}
     for what in a.only:
@@ -149,8 +172,10 @@ def main(argv_: list[str] | None = None) -> None:
     print(f"medians of {a.rounds} fresh runs (warm package cache)")
     for (what, batched), w in walls.items():
         target = f" (target {TARGETS[what]:.0f} s)" if batched else " (package batch off)"
+        cpu = statistics.median(CPU[(what, batched)][-len(w):])
         print(f"fresh {what:<5}{'' if batched else ' unbatched'}: {statistics.median(w):6.1f} s{target}; "
-              f"runs {' '.join(f'{x:.1f}' for x in w)}")
+              f"runs {' '.join(f'{x:.1f}' for x in w)}; the machine busy {cpu:.0f} CPU-s: "
+              f"no less than {cpu / CORES:.1f} s on its {CORES} cores")
     for what, (wall, changed, execs) in converged.items():
         print(f"converged {what}: {wall:.2f} s, {changed} changed, SSH execs per host "
               f"{'/'.join(map(str, execs))} (target 3)")

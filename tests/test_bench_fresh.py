@@ -1,7 +1,8 @@
 """bench/fresh_provision.py without servers: its arguments, the commands it runs (with and
-without the package batch) and where it says the time of a fresh run went."""
+without the package batch), where it says the time of a fresh run went, and the machine's CPU."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,3 +49,12 @@ def test_where_the_time_of_a_fresh_run_went():
     assert fresh_provision.recap(evs)["changed"] == 70
     with pytest.raises(SystemExit, match="no recap"):
         fresh_provision.recap(evs[:-1])
+
+
+def test_the_machines_busy_cpu_seconds_count_every_core_but_idle_and_iowait():
+    tick = os.sysconf("SC_CLK_TCK")
+    stat = (f"cpu  {10 * tick} {1 * tick} {5 * tick} {999 * tick} {50 * tick} {2 * tick} {1 * tick} {1 * tick} 0 0\n"
+            "cpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n")
+    assert fresh_provision.machine_busy_seconds(stat) == 20.0
+    with pytest.raises(ValueError, match="cpu line"):
+        fresh_provision.machine_busy_seconds("intr 1\n")
