@@ -112,10 +112,9 @@ def _busy() -> float:
 
 
 def provision(what: str, batched: bool = True) -> tuple[float, list[dict]]:
-    busy0, t0 = _busy(), time.monotonic()
+    t0 = time.monotonic()
     p = subprocess.run(argv(what, batched), cwd=REPO, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
-    CPU.setdefault((what, batched), []).append(_busy() - busy0)
     evs = json_events(p.stdout)
     r = recap(evs)
     if p.returncode != 0 or r["failed"] or r["unreachable"]:
@@ -134,7 +133,10 @@ def reset(what: str) -> None:
 
 def fresh(what: str, batched: bool) -> tuple[float, list[dict]]:
     reset(what)
-    return provision(what, batched)
+    busy0 = _busy()
+    out = provision(what, batched)
+    CPU.setdefault((what, batched), []).append(_busy() - busy0)
+    return out
 
 
 def results(walls: dict[tuple[str, bool], list[float]], converged: dict[str, tuple]) -> dict:
