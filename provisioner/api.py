@@ -21,6 +21,7 @@ role imports anything but this module.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -97,7 +98,6 @@ class VarError(ValueError):
 def package_version(content: str | None) -> str | None:
     """The "version" of a package.json's text (a files fact's content); None when absent or
     unreadable."""
-    import json
     try:
         doc = json.loads(content or "")
     except ValueError:

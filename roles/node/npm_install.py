@@ -131,27 +131,31 @@ def main(prefix, version, integrity, registry, builtin):
     data = download(url)
     check_integrity(data, integrity, url)
     modules = os.path.join(prefix, "lib", "node_modules")
+    final = os.path.join(modules, "npm")
     os.makedirs(modules, 0o755, exist_ok=True)
     for name in os.listdir(modules):
         if name.startswith(TMP_PREFIX):
             shutil.rmtree(os.path.join(modules, name), ignore_errors=True)
     new = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=modules)
+    old = None
     try:
         unpack(data, new)
         with open(os.path.join(new, "npmrc"), "w", encoding="utf-8") as f:
             f.write(builtin)
         os.chmod(new, 0o755)
-        final = os.path.join(modules, "npm")
-        old = None
         if os.path.lexists(final):
             old = new + "-old"
             os.rename(final, old)
         os.rename(new, final)
     except BaseException:
+        if old and not os.path.lexists(final):
+            os.rename(old, final)               # the npm there before stays
         shutil.rmtree(new, ignore_errors=True)
         raise
-    if old:
-        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.unlink(old)
+    if old and os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    elif old:
+        os.unlink(old)                          # a link to an npm elsewhere: that one is kept
     print("npm %s from %s (%d bytes, %s checked) in %s"
           % (version, shown(url), len(data), integrity.partition("-")[0], final))
 
@@ -159,4 +163,5 @@ def main(prefix, version, integrity, registry, builtin):
 if __name__ == "__main__":
     if len(sys.argv) != 6:
         fail(2, "usage: python3 - PREFIX VERSION INTEGRITY REGISTRY BUILTIN_NPMRC")
+    os.umask(0o022)                             # readable by the app user that runs npm
     main(*sys.argv[1:])
