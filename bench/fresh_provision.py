@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CPU: dict[tuple[str, bool], list[float]] = {}     # the machine's busy CPU-s of each run
 CORES = os.cpu_count() or 1
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from engine_helpers import json_events  # noqa: E402
@@ -131,12 +130,12 @@ def reset(what: str) -> None:
         testbed.reset(name, log=lambda m: None)
 
 
-def fresh(what: str, batched: bool) -> tuple[float, list[dict]]:
+def fresh(what: str, batched: bool) -> tuple[float, list[dict], float]:
+    """Wall time, events and the machine's busy CPU-s of a fresh run."""
     reset(what)
     busy0 = _busy()
-    out = provision(what, batched)
-    CPU.setdefault((what, batched), []).append(_busy() - busy0)
-    return out
+    wall, evs = provision(what, batched)
+    return wall, evs, _busy() - busy0
 
 
 def results(walls: dict[tuple[str, bool], list[float]], converged: dict[str, tuple]) -> dict:
@@ -156,12 +155,13 @@ def main(argv_: list[str] | None = None) -> None:
     print("warming the package cache: one fresh run of the env (not measured)", flush=True)
     fresh("env", True)
     walls: dict[tuple[str, bool], list[float]] = {}
+    cpus: dict[tuple[str, bool], list[float]] = {}
     for _ in range(a.rounds):
         for what in a.only:
             for batched in variants:
-                wall, evs = fresh(what, batched)
+                wall, evs, cpu = fresh(what, batched)
                 walls.setdefault((what, batched), []).append(wall)
-                cpu = CPU[(what, batched)][-1]
+                cpus.setdefault((what, batched), []).append(cpu)
                 print(f"fresh {what}{'' if batched else ' (unbatched)'}: {wall:.1f} s, "
                       f"{recap(evs)['changed']} changed; the machine busy {cpu:.0f} CPU-s, "
                       f"{cpu / CORES:.1f} s on its {CORES} cores", flush=True)
@@ -174,7 +174,7 @@ def main(argv_: list[str] | None = None) -> None:
     print(f"medians of {a.rounds} fresh runs (warm package cache)")
     for (what, batched), w in walls.items():
         target = f" (target {TARGETS[what]:.0f} s)" if batched else " (package batch off)"
-        cpu = statistics.median(CPU[(what, batched)][-len(w):])
+        cpu = statistics.median(cpus[(what, batched)])
         print(f"fresh {what:<5}{'' if batched else ' unbatched'}: {statistics.median(w):6.1f} s{target}; "
               f"runs {' '.join(f'{x:.1f}' for x in w)}; the machine busy {cpu:.0f} CPU-s: "
               f"no less than {cpu / CORES:.1f} s on its {CORES} cores")
