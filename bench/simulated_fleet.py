@@ -90,14 +90,6 @@ def answer(request: dict, known: dict) -> dict:
     return out
 
 
-def _pm2_module_state(r) -> dict:
-    """pm2 modules predict nothing (.expect() is empty): their converged files, by hand."""
-    return {"files": {
-        r.manifest: {"exists": True, "type": "file", "content": json.dumps({"version": r.version})},
-        r.conf: {"exists": True, "type": "file",
-                 "content": json.dumps({r.name: dict(r.options)})}}}
-
-
 def learn_converged(runner: Runner, host) -> tuple[dict, int]:
     """(facts of a converged server for this host's roles, changes still planned against them:
     0 when the simulation is faithful)."""
@@ -113,8 +105,6 @@ def learn_converged(runner: Runner, host) -> tuple[dict, int]:
             if any(isinstance(c, Change) for c in r.plan(facts)):
                 expect = getattr(r, "expect", None)
                 facts = facts.overlay(expect(facts) if expect else {})
-            if type(r).__name__ == "Pm2Module":
-                facts = facts.overlay(_pm2_module_state(r))
     known = dict(facts.raw)
     left = sum(1 for p in plans for r in p.resources
                for c in r.plan(Facts(answer(request, known))) if isinstance(c, Change))

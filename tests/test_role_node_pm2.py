@@ -4,8 +4,9 @@ Live (on `web2` in CI; PROVISIONER_TEST_SERVER=benchNN while developing): from a
 server, provision [node, pm2] with the sample app (examples/sample-app, copied to /srv/sample
 the way a deploy would put a release there) and a vault secret in its env; a second run changes
 nothing; then what a user checks: node >= 18 and npm, pm2's list as the app user, processes
-owned by it, /health over the test network, pm2-logrotate, the secret nowhere in the output and
-the ecosystem file 0600; the app comes back after the server reboots; a stopped app and a
+owned by it, /health over the test network, a log past its max size rotated by logrotate while
+pm2 writes on (and a pm2-logrotate module from an earlier run removed), the secret nowhere in
+the output and the ecosystem file 0600; the app comes back after the server reboots; a stopped app and a
 changed env are repaired; an app that crashes at start-up fails the run.
 
 Pure: var validation, the ecosystem file's rendering (secret masked in the display), the plans
@@ -148,7 +149,10 @@ def test_pm2_plans_install_unit_logrotate_and_the_app():
     assert [r.id for r in rs] == [
         "npm -g pm2", "directory /home/app/.pm2", "template /etc/systemd/system/pm2-app.service",
         "service pm2-app.service", "directory /usr/local/lib/provisioner",
-        "file /usr/local/lib/provisioner/pm2-app-status", "pm2 module pm2-logrotate",
+        "file /usr/local/lib/provisioner/pm2-app-status", "apt logrotate",
+        "template /etc/logrotate.d/pm2-app", "directory /etc/systemd/system/logrotate.timer.d",
+        "template /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf",
+        "pm2 module pm2-logrotate",
         "directory /srv/sample", "template /srv/sample/ecosystem.config.js", "pm2 app sample"]
     unit = rs[2].content.text
     for line in ("User=app", "Type=forking", "PIDFile=/home/app/.pm2/pm2.pid",
@@ -158,8 +162,8 @@ def test_pm2_plans_install_unit_logrotate_and_the_app():
                  "Environment=NODE_CLUSTER_SCHED_POLICY=none"):
         assert line in unit.splitlines()
     assert rs[0].notify == ("restart pm2-app.service",) and rs[2].notify == ("restart pm2-app.service",)
-    assert PM2.handlers(defaults(), None) == {"restart pm2-app.service": [
-        {"run": ["systemctl", "restart", "--", "pm2-app.service"], "stdin": None, "env": {}, "ok": [0]}]}
+    assert PM2.handlers(defaults(), None)["restart pm2-app.service"] == [
+        {"run": ["systemctl", "restart", "--", "pm2-app.service"], "stdin": None, "env": {}, "ok": [0]}]
 
 
 def test_the_ecosystem_file_is_valid_js_holds_the_secret_and_shows_it_masked(tmp_path):
@@ -201,7 +205,8 @@ def test_pm2_refuses_bad_apps_naming_the_var(app, message):
 @pytest.mark.parametrize("over, message", [
     ({"pm2_version": "latest"}, "pm2_version: 'latest' is not an exact version"),
     ({"pm2_logrotate_max_size": "big"}, "pm2_logrotate_max_size"),
-    ({"pm2_logrotate_rotate_interval": "daily"}, "is not a cron expression"),
+    ({"pm2_logrotate_period": "0 0 * * *"}, "pm2_logrotate_period: '0 0 * * *': write one of hourly, daily"),
+    ({"pm2_logrotate_retain": 0}, "pm2_logrotate_retain: keep at least 1"),
     ({"pm2_apps": [SAMPLE_APP, SAMPLE_APP]}, "two apps have the same name"),
 ])
 def test_pm2_refuses_bad_vars(over, message):
@@ -235,24 +240,44 @@ def test_pm2_is_checked_from_its_package_json():
     assert fresh.why == "pm2 absent"
 
 
-def test_logrotate_options_are_set_only_where_module_conf_differs():
-    mod = pm2mod.Pm2Module("pm2-logrotate", "3.0.0", "app", "/home/app",
-                           (("max_size", "10M"), ("retain", "14"), ("compress", "true")))
-    manifest, conf = mod.facts()["files"]
-    installed = _file('{"version": "3.0.0"}')
-    same = json.dumps({"pm2-logrotate": {"max_size": "10M", "retain": "14", "compress": "true"}})
-    assert isinstance(mod.plan(Facts({"files": {manifest: installed, conf: _file(same)}}))[0], Noop)
-    # pm2 writes the module's own defaults at its first start: booleans unquoted
-    other = json.dumps({"pm2-logrotate": {"max_size": "10M", "retain": "30", "compress": False}})
-    change, = mod.plan(Facts({"files": {manifest: installed, conf: _file(other)}}))
-    assert change.why == "retain 30 != 14; compress false != true"
-    assert [s["run"][-2:] for s in change.steps] == [["pm2-logrotate:retain", "14"],
-                                                     ["pm2-logrotate:compress", "true"]]
-    assert change.steps[0]["run"][:5] == ["runuser", "-u", "app", "--", "env"]
-    install, options = mod.plan(Facts({"files": {manifest: _file(exists=False), conf: _file(exists=False)}}))
-    assert install.steps[0]["run"][-2:] == ["install", "pm2-logrotate@3.0.0"]
-    assert "-i" not in install.steps[0]["run"]          # npm inside needs the caller's proxies
-    assert len(options.steps) == 3
+def test_pm2_logs_are_rotated_by_logrotate_as_the_app_user_checked_hourly():
+    rs = {r.id: r for r in PM2.resources(defaults(pm2_logrotate_max_size="5K", pm2_logrotate_retain=3,
+                                                  pm2_logrotate_period="weekly"), CTX)}
+    conf = rs["template /etc/logrotate.d/pm2-app"]
+    lines = [ln.strip() for ln in conf.content.text.splitlines() if not ln.startswith("#")]
+    assert lines == ["/home/app/.pm2/logs/*.log /home/app/.pm2/pm2.log {", "su app app", "weekly",
+                     "maxsize 5K", "rotate 3", "compress", "copytruncate", "missingok",
+                     "notifempty", "}"]
+    assert conf.mode == "0644" and conf.owner == "root" and conf.validate == ("logrotate", "-d", "{path}")
+    dropin = rs["template /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf"]
+    assert {"OnCalendar=hourly", "RandomizedDelaySec=5min"} <= set(dropin.content.text.splitlines())
+    assert dropin.notify == ("restart logrotate.timer",)
+    assert [s["run"] for s in PM2.handlers(defaults(), None)["restart logrotate.timer"]] == [
+        ["systemctl", "daemon-reload"], ["systemctl", "restart", "--", "logrotate.timer"]]
+    plain = [r for r in PM2.resources(defaults(pm2_logrotate_compress=False), CTX)
+             if r.id == "template /etc/logrotate.d/pm2-app"][0]
+    assert "compress" not in plain.content.text.split()
+
+
+def test_without_pm2_logrotate_the_config_and_the_hourly_run_go_and_a_module_stays():
+    ids = [r.id for r in PM2.resources(defaults(pm2_logrotate=False), CTX)]
+    assert "absent /etc/logrotate.d/pm2-app" in ids
+    assert "absent /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf" in ids
+    # a pm2-logrotate the user installed is theirs when the role rotates nothing
+    assert "pm2 module pm2-logrotate" not in ids and "apt logrotate" not in ids
+
+
+def test_a_pm2_logrotate_module_left_by_an_earlier_run_is_uninstalled():
+    mod = pm2mod.Pm2ModuleAbsent("pm2-logrotate", "app", "/home/app", "logrotate rotates pm2's logs now")
+    manifest, = mod.facts()["files"]
+    assert manifest == "/home/app/.pm2/modules/pm2-logrotate/node_modules/pm2-logrotate/package.json"
+    gone, = mod.plan(Facts({"files": {manifest: _file(exists=False)}}))
+    assert isinstance(gone, Noop) and gone.why == "already absent"
+    change, = mod.plan(Facts({"files": {manifest: _file('{"version": "3.0.0"}')}}))
+    assert change.why == "installed; logrotate rotates pm2's logs now"
+    assert change.steps[0]["run"][:6] == ["runuser", "-u", "app", "--", "env", "-i"]
+    assert change.steps[0]["run"][-2:] == ["uninstall", "pm2-logrotate"]
+    assert mod.expect(Facts({})) == {"files": {manifest: {"exists": False}}}
 
 
 def test_an_app_is_started_when_its_ecosystem_changed_or_it_is_not_online():
@@ -467,12 +492,40 @@ class TestLive:
             f"'http://127.0.0.1:{PORT}/health').read().decode())\"")
         assert json.loads(inside)["status"] == "ok"
 
-    def test_pm2_logrotate_is_installed_and_configured(self, provisioned):
-        modules = [p for p in jlist() if p["module"]]
-        assert [(m["name"], m["status"], m["username"]) for m in modules] == [("pm2-logrotate", "online", "app")]
-        conf = json.loads(sh(SERVER, "cat /home/app/.pm2/module_conf.json").stdout)["pm2-logrotate"]
-        assert {k: conf[k] for k in ("max_size", "retain", "compress", "rotateInterval")} == {
-            "max_size": "10M", "retain": "14", "compress": "true", "rotateInterval": "0 0 * * *"}
+    def test_pm2_logs_past_their_max_size_are_rotated_and_pm2_writes_on(self, provisioned):
+        assert [p["name"] for p in jlist() if p["module"]] == []       # no pm2-logrotate beside the app
+        calendar = sh(SERVER, "systemctl show -P TimersCalendar logrotate.timer").stdout
+        assert "OnCalendar=*-*-* *:00:00" in calendar, calendar        # hourly, beside the daily run
+        h = th(SERVER)
+        log = "/home/app/.pm2/logs/sample-out.log"
+        sh(SERVER, f"head -c 11M /dev/zero | runuser -u app -- tee -a {log} >/dev/null")
+        sh(SERVER, "systemctl start logrotate.service")                # what the timer runs
+        rotated = h.file(f"{log}.1.gz")
+        assert rotated.exists and rotated.user == "app" and rotated.group == "app"
+        assert h.file(log).size < 64 * 1024                            # truncated, not a sparse 11M
+        # pm2 still writes into the same file: a reload's new instances log their start there
+        sh(SERVER, f"{PM2_AS_APP} reload sample")
+        deadline = time.monotonic() + 30
+        while "listening" not in h.file(log).content_string and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "listening" in h.file(log).content_string
+        assert wait_health(30)[0] == 200
+        # below its max size, and rotated today: the next run leaves it
+        sh(SERVER, "systemctl start logrotate.service")
+        assert not h.file(f"{log}.2.gz").exists and "listening" in h.file(log).content_string
+
+    def test_a_pm2_logrotate_module_an_earlier_run_installed_is_removed(self, provisioned):
+        sh(SERVER, f"{PM2_AS_APP} install pm2-logrotate@3.0.0 >/dev/null")
+        assert [p["name"] for p in jlist() if p["module"]] == ["pm2-logrotate"]
+        run = Run(provisioned.inv)
+        changed = {e["resource"]: e["reason"] for e in run.steps(status="changed")}
+        assert changed == {"pm2 module pm2-logrotate": "remove: installed; logrotate rotates pm2's logs now"}, \
+            run.steps(status="failed")
+        assert [p["name"] for p in jlist() if p["module"]] == []
+        assert not th(SERVER).file("/home/app/.pm2/modules/pm2-logrotate").exists
+        assert health()[0] == 200
+        again = Run(provisioned.inv)
+        assert again.exit_code == 0 and again.host(SERVER)["changed"] == 0, again.steps(status="changed")
 
     def test_the_secret_reaches_the_app_but_no_output_and_the_file_is_0600(self, provisioned):
         for run in (provisioned.first, provisioned.second):

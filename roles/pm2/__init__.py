@@ -1,5 +1,5 @@
-"""Role `pm2`: pm2 from npm, its daemon under systemd as the app user, pm2-logrotate, and an
-ecosystem file per app, started and saved.
+"""Role `pm2`: pm2 from npm, its daemon under systemd as the app user, its logs rotated by
+logrotate, and an ecosystem file per app, started and saved.
 
 Needs the `node` role on the same host (before it): Node.js, npm and the app user
 (`node_app_user`, `node_app_home`) come from there.
@@ -23,8 +23,14 @@ Needs the `node` role on the same host (before it): Node.js, npm and the app use
   never started outside systemd, where its apps would not come back after a reboot. Commands run
   as the app user with `runuser` and a clean environment (`env -i`): pm2 copies its caller's
   environment into the apps it starts.
-- pm2-logrotate: installed with `pm2 install` (version read from its package.json), options set
-  with `pm2 set` only where module_conf.json differs.
+- Logs (`pm2_logrotate`): the apps' logs and the daemon's own (PM2_HOME/logs/*.log, pm2.log) are
+  rotated by logrotate, from /etc/logrotate.d/pm2-<user> (checked with `logrotate -d` before it
+  is written), run as the app user, with copytruncate: pm2 keeps each log open and appends.
+  A drop-in has logrotate.timer also run hourly, so that `maxsize` is checked each hour.
+  Not the pm2-logrotate module: it installs `pm2@latest` and pmx beside itself (an unpinned
+  pm2 running in every app user's daemon), runs a node process per server, and costs a fresh
+  server about 9 s of npm and module restarts. A server that has that module gets it removed
+  (`pm2 uninstall`): two rotators would rotate the same files.
 - Apps (`pm2_apps`): each gets /srv/<name>/ecosystem.config.js (mode 0600, owner the app user:
   it holds the env, vault secrets included) and is started with `pm2 start` + `pm2 save` when
   the ecosystem changed since it was last started (a sha256 stamp in PM2_HOME) or the app is not
@@ -55,7 +61,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.api import (Change, Noop, Secret, abs_path, check_key, colours, file_fact, files,
+from provisioner.api import (Change, Noop, Secret, abs_path, apt, check_key, colours, file_fact, files,
                              is_secret, package_version, pm2_app_procs, pm2_jlist, pm2_processes,
                              render, run_step, sha256, systemd, templates, with_helpers,
                              write_step)
@@ -67,6 +73,8 @@ VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?\Z")
 APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")      # as node_apps: /srv/<name>
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 MEMORY_RE = re.compile(r"^\d+[KMG]?\Z")
+PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
+LOGROTATE_TIMER_DROPIN = "/etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf"
 APP_KEYS = ("name", "script", "cwd", "args", "instances", "exec_mode", "max_memory_restart", "env")
 NPM_TIMEOUT = 900        # seconds for one npm install (npm's own retries included)
 START_WAIT = 30          # seconds an app may take to be online after `pm2 start`
@@ -77,11 +85,10 @@ def unit_name(user: str) -> str:
     return f"pm2-{user}.service"
 
 
-def pm2_argv(user: str, home: str, *args: str, clean_env: bool = True) -> list[str]:
-    """`pm2 ARGS` as the app user, in its home, talking to its daemon. clean_env=False keeps
-    the caller's environment (proxies), for `pm2 install` which runs npm."""
-    env = ["env", "-i"] if clean_env else ["env"]
-    return ["runuser", "-u", user, "--", *env, f"--chdir={home}", f"HOME={home}",
+def pm2_argv(user: str, home: str, *args: str) -> list[str]:
+    """`pm2 ARGS` as the app user, in its home, talking to its daemon, in a clean environment
+    (pm2 copies its caller's into the apps it starts)."""
+    return ["runuser", "-u", user, "--", "env", "-i", f"--chdir={home}", f"HOME={home}",
             f"PM2_HOME={home}/.pm2", f"PATH={PATH}", "LANG=C.UTF-8", PM2, *args]
 
 
@@ -128,21 +135,14 @@ class NpmGlobal:
                                                      "root", facts.file(self.manifest))}}
 
 
-def _conf_text(value: Any) -> str:
-    """A module option as pm2 stores it in module_conf.json (`pm2 set` writes strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 @dataclass(frozen=True)
-class Pm2Module:
-    """A pm2 module (`pm2 install name@version`) and its options (`pm2 set name:key value`)."""
+class Pm2ModuleAbsent:
+    """A pm2 module the app user's daemon must not run (`pm2 uninstall name`), e.g. pm2-logrotate
+    left by an earlier version of this role, whose place logrotate took."""
     name: str
-    version: str
     user: str
     home: str
-    options: tuple[tuple[str, str], ...] = ()
+    why: str
 
     @property
     def id(self) -> str:
@@ -152,45 +152,17 @@ class Pm2Module:
     def manifest(self) -> str:
         return f"{self.home}/.pm2/modules/{self.name}/node_modules/{self.name}/package.json"
 
-    @property
-    def conf(self) -> str:
-        return f"{self.home}/.pm2/module_conf.json"
-
     def facts(self) -> dict:
-        return {"files": [self.manifest, self.conf]}
+        return {"files": [self.manifest]}
 
     def plan(self, facts) -> list:
-        out: list = []
-        f = facts.file(self.manifest)
-        have = package_version(f.content) if f.exists else None
-        if have != self.version:
-            why = f"{self.name} {have} != {self.version}" if have else f"{self.name} absent"
-            out.append(Change(self.id, "install", why, (run_step(pm2_argv(
-                self.user, self.home, "install", f"{self.name}@{self.version}",
-                clean_env=False), timeout=NPM_TIMEOUT, attempts=2),)))
-        c = facts.file(self.conf)
-        current: dict = {}
-        if c.exists and c.content:
-            try:
-                doc = json.loads(c.content)
-                current = doc.get(self.name) or {} if isinstance(doc, dict) else {}
-            except ValueError:
-                current = {}
-        steps, why = [], []
-        for key, want in self.options:
-            got = current.get(key)
-            if got is None or _conf_text(got) != want:
-                steps.append(run_step(pm2_argv(self.user, self.home, "set", f"{self.name}:{key}", want)))
-                why.append(f"{key} {_conf_text(got) if got is not None else 'unset'} != {want}")
-        if steps:
-            out.append(Change(f"{self.id} options", "configure", "; ".join(why), tuple(steps)))
-        if not out:
-            opts = ", ".join(f"{k}={v}" for k, v in self.options)
-            return [Noop(self.id, f"up to date: {self.name} {have}" + (f", {opts}" if opts else ""))]
-        return out
+        if not facts.file(self.manifest).exists:
+            return [Noop(self.id, "already absent")]
+        return [Change(self.id, "remove", f"installed; {self.why}",
+                       (run_step(pm2_argv(self.user, self.home, "uninstall", self.name)),))]
 
     def expect(self, facts) -> dict:
-        return {}
+        return {"files": {self.manifest: {"exists": False}}}
 
 
 # The status check, installed on the server (STATUS_SCRIPT) and run by root: in the facts exec
@@ -391,19 +363,18 @@ def check_app(app: Any, index: int) -> dict:
 
 
 def _check_vars(v) -> None:
-    for key in ("pm2_version", "pm2_logrotate_version"):
-        if not VERSION_RE.match(v[key]):
-            raise ValueError(f"{key}: {v[key]!r} is not an exact version like 6.0.14; a pinned "
-                             "version keeps runs repeatable (and lets a run tell what is installed)")
+    if not VERSION_RE.match(v["pm2_version"]):
+        raise ValueError(f"pm2_version: {v['pm2_version']!r} is not an exact version like 6.0.14; a "
+                         "pinned version keeps runs repeatable (and lets a run tell what is installed)")
     if not MEMORY_RE.match(v["pm2_logrotate_max_size"]):
         raise ValueError(f"pm2_logrotate_max_size: {v['pm2_logrotate_max_size']!r}: write a size "
                          "like 10M (a number with K, M or G)")
     if v["pm2_logrotate_retain"] < 1:
         raise ValueError("pm2_logrotate_retain: keep at least 1 rotated file")
-    fields = v["pm2_logrotate_rotate_interval"].split()
-    if len(fields) not in (5, 6) or not all(re.match(r"^[0-9*/,\-A-Za-z?LW#]+\Z", f) for f in fields):
-        raise ValueError(f"pm2_logrotate_rotate_interval: {v['pm2_logrotate_rotate_interval']!r} "
-                         "is not a cron expression; write 5 or 6 fields, e.g. \"0 0 * * *\"")
+    if v["pm2_logrotate_period"] not in PERIODS:
+        raise ValueError(f"pm2_logrotate_period: {v['pm2_logrotate_period']!r}: write one of "
+                         f"{', '.join(PERIODS)} (logrotate's periods; a log past "
+                         "pm2_logrotate_max_size is rotated within the hour anyway)")
     if not isinstance(v["pm2_apps"], list):
         raise ValueError("pm2_apps: expected a list of apps")
 
@@ -473,13 +444,21 @@ def resources(v, ctx):
     yield systemd.service(unit, enabled=True, running=True)
     yield files.directory(posixpath.dirname(STATUS_SCRIPT), mode="0755")
     yield files.file(STATUS_SCRIPT, STATUS_CODE, mode="0755")
+    config = f"/etc/logrotate.d/pm2-{user}"
     if v["pm2_logrotate"]:
-        yield Pm2Module("pm2-logrotate", v["pm2_logrotate_version"], user, home, (
-            ("max_size", v["pm2_logrotate_max_size"]),
-            ("retain", _conf_text(v["pm2_logrotate_retain"])),
-            ("compress", _conf_text(v["pm2_logrotate_compress"])),
-            ("rotateInterval", v["pm2_logrotate_rotate_interval"]),
-        ))
+        yield apt.packages(["logrotate"])
+        yield templates.template(config, "pm2/logrotate.j2", {
+            "user": user, "pm2_home": f"{home}/.pm2", "period": v["pm2_logrotate_period"],
+            "max_size": v["pm2_logrotate_max_size"], "retain": v["pm2_logrotate_retain"],
+            "compress": v["pm2_logrotate_compress"]}, mode="0644", validate=["logrotate", "-d", "{path}"])
+        yield files.directory(posixpath.dirname(LOGROTATE_TIMER_DROPIN), mode="0755")
+        yield templates.template(LOGROTATE_TIMER_DROPIN, "pm2/logrotate-timer.conf.j2",
+                                 {"config": config}, mode="0644", notify="restart logrotate.timer")
+        # two rotators of the same files: one renames a log under the other
+        yield Pm2ModuleAbsent("pm2-logrotate", user, home, "logrotate rotates pm2's logs now")
+    else:
+        yield files.absent(config)
+        yield files.absent(LOGROTATE_TIMER_DROPIN, notify="restart logrotate.timer")
     for raw, app in zip(v["pm2_apps"], apps):
         yield files.directory(f"/srv/{app['name']}", mode="0750", owner=user, group=user)
         for path, proc in processes(raw, app, ctx):
@@ -495,8 +474,11 @@ def handlers(v, ctx):
     if "node_app_user" not in v:
         return {}
     unit = unit_name(v["node_app_user"])
-    return {f"restart {unit}": systemd.handler("restart", unit)}
+    return {f"restart {unit}": systemd.handler("restart", unit),
+            # the timer's drop-in changed: systemd reads it again, then the timer's next elapse
+            "restart logrotate.timer": [run_step(["systemctl", "daemon-reload"]),
+                                        *systemd.handler("restart", "logrotate.timer")]}
 
 
-__all__ = ["resources", "handlers", "NpmGlobal", "Pm2Module", "Pm2App", "check_app", "ecosystem",
+__all__ = ["resources", "handlers", "NpmGlobal", "Pm2ModuleAbsent", "Pm2App", "check_app", "ecosystem",
            "pm2_argv", "unit_name"]
