@@ -14,14 +14,18 @@ import fresh_provision  # noqa: E402
 
 def test_fresh_provision_arguments_and_commands(capsys):
     a = fresh_provision.parse_args([])
-    assert (a.rounds, a.only, a.unbatched) == (3, ["web1", "env"], False)
+    assert (a.rounds, a.only, a.unbatched) == (3, ["web1", "web1-all", "env"], False)
     assert fresh_provision.parse_args(["--only", "env", "--unbatched"]).only == ["env"]
     for bad in (["--only", "db1"], ["--rounds", "0"], ["--only", ""]):
         with pytest.raises(SystemExit):
             fresh_provision.parse_args(bad)
     capsys.readouterr()
     batched = fresh_provision.argv("web1")
+    # web1 as the issue names it, and with every role the local inventory gives it
     assert batched[1:3] == ["-m", "invoke"] and batched[3:] == [
+        "provision", "--env", "local", "--limit", "web1", "--roles", "base,harden,node,pm2",
+        "--yes", "--json"]
+    assert fresh_provision.argv("web1-all")[3:] == [
         "provision", "--env", "local", "--limit", "web1", "--yes", "--json"]
     off = fresh_provision.argv("env", batched=False)
     assert off[1] == "-c" and "apt_batch.NOTHING" in off[2] and "--limit" not in off
