@@ -98,7 +98,7 @@ def pm2_file(path, src, cfg, pattern):
         time.sleep(0.5)
         try:
             if os.stat(path).st_size < pos:
-                pos = 0                                # rotated by pm2-logrotate
+                pos = 0                                # truncated: rotated (copytruncate)
             with open(path, "rb") as f:
                 f.seek(pos)
                 data = f.read()
