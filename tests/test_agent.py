@@ -381,6 +381,43 @@ def test_no_handler_when_nothing_notified(tmp_path):
     assert res["ok"] and res["handlers"] == [] and not log.exists()
 
 
+def _unit_write(tmp_path, name, counter, **extra):
+    return change(name, {"write": str(tmp_path / name), "b64": b64(name), "mode": "0644",
+                         "owner": None, "group": None,
+                         "after": [["sh", "-c", f"echo after {name} >> {counter}"]], **extra})
+
+
+def test_consecutive_writes_with_the_same_after_run_it_once_after_the_last(tmp_path):
+    counter = tmp_path / "reloads"
+    same = [["sh", "-c", f"echo reload >> {counter}"]]
+    writes = [change(n, {"write": str(tmp_path / n), "b64": b64(n), "after": same})
+              for n in ("a.service", "a.timer", "b.service", "b.timer")]
+    # a.service, a.timer: one reload; the command between them ends the run of writes
+    res = call("apply", {"changes": [writes[0], writes[1], change("start a", run("true")),
+                                     writes[2], writes[3]]})
+    assert res["ok"], res
+    assert counter.read_text() == "reload\nreload\n"
+    assert all((tmp_path / n).read_text() == n for n in ("a.service", "a.timer", "b.timer"))
+    # different after-commands are never merged
+    counter.unlink()
+    res = call("apply", {"changes": [_unit_write(tmp_path, "x", counter), _unit_write(tmp_path, "y", counter)]})
+    assert res["ok"] and counter.read_text() == "after x\nafter y\n"
+
+
+def test_a_failed_write_still_runs_the_after_the_writes_before_it_left(tmp_path):
+    counter = tmp_path / "reloads"
+    same = [["sh", "-c", f"echo reload >> {counter}"]]
+    res = call("apply", {"changes": [
+        change("ok", {"write": str(tmp_path / "ok.service"), "b64": b64("ok"), "after": same}),
+        change("bad", {"write": str(tmp_path / "bad.service"), "b64": b64("bad"), "after": same,
+                       "validate": "false {path}"}),
+        change("later", {"write": str(tmp_path / "later.service"), "b64": b64("l"), "after": same})]})
+    assert [r["status"] for r in res["results"]] == ["ok", "failed", "not_run"]
+    assert (tmp_path / "ok.service").read_text() == "ok" and not (tmp_path / "bad.service").exists()
+    assert counter.read_text() == "reload\n"          # systemd knows ok.service's new content
+    assert "echo reload" in res["results"][1]["output"]
+
+
 def test_handlers_after_a_failure(tmp_path):
     """The handler of the change that succeeded runs (its file is in place; the next run will
     not notify again); the handler of the failed change does not; the rest are not run."""

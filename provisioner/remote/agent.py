@@ -1203,6 +1203,16 @@ def run_steps(steps):
     return {"status": "ok", "rc": rc, "error": None, "output": _tail("\n".join(log))}
 
 
+def _after_of(change):
+    """The after-commands of a change that is one file write (a unit file's daemon-reload),
+    else None. Consecutive such changes with the same ones run them once, after the last: a
+    role's unit files, written one after the other, cost systemd one reload, not one each."""
+    steps = change.get("steps") or []
+    if len(steps) == 1 and "write" in steps[0] and steps[0].get("after"):
+        return steps[0]["after"]
+    return None
+
+
 def apply(request):
     """Run changes in order, stop at the first failure, then the notified handlers.
 
@@ -1214,6 +1224,10 @@ def apply(request):
     so a handler never loads an unvalidated file. With "handlers_on_failure": false the
     notified handlers are reported as not_run instead. A failing handler does not stop the
     other handlers.
+
+    Consecutive changes that each write one file with the same after-commands (unit files and
+    their daemon-reload) run those once, after the last of them (_after_of); if a later one
+    fails, they run then.
     """
     changes = request.get("changes") or []
     handlers = request.get("handlers") or {}
@@ -1221,20 +1235,34 @@ def apply(request):
     notified = set()
     failed = False
     armed = None
-    for ch in changes:
+    pending = None          # after-commands a write left to the next write's, the same ones
+    for i, ch in enumerate(changes):
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
                             "error": None, "output": ""})
             continue
         if ch.get("arm") and armed is None and request.get("switch"):
             armed = arm_switch(request["switch"])       # just before the first risky change
-        r = run_steps(ch.get("steps") or [])
+        steps = ch.get("steps") or []
+        later = _after_of(ch) is not None and _after_of(ch) == _after_of(
+            changes[i + 1] if i + 1 < len(changes) else {})
+        if later:
+            steps = [dict(steps[0], after=None)]
+        r = run_steps(steps)
         r["id"] = ch.get("id")
         results.append(r)
         if r["status"] == "ok":
             notified.update(ch.get("notify") or ())
+            pending = _after_of(ch) if later else None
         else:
             failed = True
+            if pending:                 # the writes before it still get theirs
+                log = []
+                try:
+                    _run_after(pending, log)
+                except StepError as e:
+                    log.append(str(e))
+                r["output"] = _tail(r["output"] + "\n" + "\n".join(log))
     hres = []
     unknown = sorted(n for n in notified if n not in handlers)
     for name in unknown:
