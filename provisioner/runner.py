@@ -456,6 +456,8 @@ class Runner:
         for h in answer.get("handlers", []):
             if h["status"] == "ok":
                 step(f"handler {h['name']}", "changed", "notified")
+            elif h["status"] == "superseded":
+                step(f"handler {h['name']}", "ok", h.get("output") or "not run")
             elif h["status"] == "failed":
                 res.failed += 1
                 step(f"handler {h['name']}", "failed", h.get("error") or "failed", output=h.get("output"))

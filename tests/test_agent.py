@@ -436,6 +436,51 @@ def test_handlers_after_a_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stay_up_checks_run_together_after_every_handler_acted(tmp_path):
+    """Each handler's stay-up check (systemd.stays_up) waits for its unit; the agent runs them
+    after the last handler's action, together: both checks here see both actions done."""
+    def handler(name, check_ok=True):
+        check = (f"test -e {tmp_path}/a-acted && test -e {tmp_path}/b-acted && "
+                 f"touch {tmp_path}/{name}-checked" + ("" if check_ok else "; echo died >&2; exit 1"))
+        return [run("touch", str(tmp_path / f"{name}-acted")),
+                {**run("sh", "-c", check), "settle": True}]
+    res = call("apply", {"changes": [change("c", run("true"), notify=["a", "b"])],
+                         "handlers": {"a": handler("a"), "b": handler("b", check_ok=False)}})
+    assert not res["ok"]
+    a, b = res["handlers"]
+    assert (a["name"], a["status"]) == ("a", "ok") and (b["name"], b["status"]) == ("b", "failed")
+    assert b["error"].startswith("step 2 (run): exit 1: sh -c") and "died" in b["output"]
+    assert (tmp_path / "a-checked").exists() and (tmp_path / "b-checked").exists()
+
+
+def test_a_bare_reload_gives_way_to_a_later_restart_of_the_same_unit():
+    reload = [{"run": ["systemctl", "reload", "--", "prometheus.service"]},
+              {"run": ["sh", "-c", "...", "stay-up"], "settle": True}]
+    restart = [{"run": ["systemctl", "restart", "--", "prometheus.service"]},
+               {"run": ["sh", "-c", "...", "stay-up"], "settle": True}]
+    assert remote._restarted_by(reload, [("restart prometheus", restart)]) == "restart prometheus"
+    # another unit's restart, a restart that validates first, a reload that validates first
+    other = [{"run": ["systemctl", "restart", "--", "alertmanager.service"]}]
+    checked = [{"run": ["promtool", "check", "config"]}, *restart]
+    assert remote._restarted_by(reload, [("x", other), ("y", checked)]) is None
+    assert remote._restarted_by([{"run": ["nginx", "-t"]}, *reload], [("r", restart)]) is None
+    assert remote._restarted_by(restart, [("r", restart)]) is None
+
+
+def test_the_reload_is_not_run_when_the_restart_follows(tmp_path):
+    (tmp_path / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    res = call("apply", {"changes": [change("c", run("true"), notify=["reload x", "restart x"])],
+                         "handlers": {
+                             "reload x": [run("systemctl", "reload", "--", "x.service", env=env)],
+                             "restart x": [run("systemctl", "restart", "--", "x.service", env=env)]}})
+    assert res["ok"], res
+    assert [(h["name"], h["status"]) for h in res["handlers"]] == [("reload x", "superseded"),
+                                                                   ("restart x", "ok")]
+    assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
+
+
 def test_failing_handler_does_not_stop_the_others(tmp_path):
     res = call("apply", {"changes": [change("a", run("true"), notify=["bad", "good"])],
                          "handlers": {"bad": [run("false")],

@@ -133,7 +133,9 @@ def stays_up(unit: str, seconds: int, after: str = "start") -> dict:
     """A step failing unless `unit` is still active `seconds` seconds later (see STAY_UP)."""
     if not isinstance(seconds, int) or isinstance(seconds, bool) or not 1 <= seconds <= 60:
         raise ValueError(f"stay_up must be 1 to 60 seconds, not {seconds!r}")
-    return b.run(["sh", "-c", STAY_UP, "stay-up", unit_name(unit), str(seconds), after])
+    # settle: the agent runs a handler's check with the other handlers' ones, after them all
+    return {**b.run(["sh", "-c", STAY_UP, "stay-up", unit_name(unit), str(seconds), after]),
+            "settle": True}
 
 
 def handler(action: str, unit: str, validate: Sequence[str] | None = None,

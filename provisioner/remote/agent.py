@@ -1213,6 +1213,45 @@ def _after_of(change):
     return None
 
 
+def _restarted_by(steps, later):
+    """The later notified handler that restarts the unit this handler only reloads, if any:
+    the restart reads the new configuration anyway. Only a bare reload (and its stay-up check)
+    gives way, and only to a bare restart: a handler that validates first keeps its order."""
+    acts = [s.get("run") for s in steps if not s.get("settle")]
+    if len(acts) != 1 or not acts[0] or acts[0][:3] != ["systemctl", "reload", "--"]:
+        return None
+    restart = ["systemctl", "restart", "--"] + acts[0][3:]
+    for name, other in later:
+        if [s.get("run") for s in other if not s.get("settle")] == [restart]:
+            return name
+    return None
+
+
+def _settle(checks):
+    """The handlers' stay-up checks (a restarted unit must stay active for a few seconds: see
+    provisioner/ops/systemd.py), run together once every handler acted: their waits overlap
+    instead of adding up, and each unit is still watched that long after its own action."""
+    if not checks:
+        return
+    import threading
+    done = {}
+
+    def watch(i, step):
+        done[i] = _run(step["run"], step.get("stdin"), step.get("env"), step.get("timeout"))
+
+    threads = [threading.Thread(target=watch, args=(i, c[1])) for i, c in enumerate(checks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (res, step, number) in enumerate(checks):
+        rc, out = done[i]
+        res["output"] = _tail(res["output"] + "\n$ %s\n%s" % (_cmdline(step["run"]), out))
+        if rc not in (step.get("ok") or [0]):
+            res.update(status="failed", rc=rc, error="step %d (run): exit %d: %s"
+                       % (number, rc, _cmdline(step["run"])))
+
+
 def apply(request):
     """Run changes in order, stop at the first failure, then the notified handlers.
 
@@ -1227,7 +1266,9 @@ def apply(request):
 
     Consecutive changes that each write one file with the same after-commands (unit files and
     their daemon-reload) run those once, after the last of them (_after_of); if a later one
-    fails, they run then.
+    fails, they run then. A handler that only reloads a unit gives way to a later one that
+    restarts it (_restarted_by); the handlers' stay-up checks run together after the last
+    handler (_settle).
     """
     changes = request.get("changes") or []
     handlers = request.get("handlers") or {}
@@ -1268,17 +1309,26 @@ def apply(request):
     for name in unknown:
         hres.append({"name": name, "status": "failed", "error": "no such handler", "output": ""})
     run_handlers = request.get("handlers_on_failure", True) or not failed
-    for name, steps in handlers.items():
-        if name not in notified:
-            continue
+    todo = [(name, steps or []) for name, steps in handlers.items() if name in notified]
+    settle = []             # (its handler's result, its stay-up check), watched together
+    for k, (name, steps) in enumerate(todo):
         if not run_handlers:
             hres.append({"name": name, "status": "not_run", "output": "",
                          "error": "skipped because a change failed (handlers_on_failure=false)"})
             continue
-        r = run_steps(steps or [])
+        by = _restarted_by(steps, todo[k + 1:])
+        if by:
+            hres.append({"name": name, "status": "superseded", "error": None, "rc": None,
+                         "output": "not run: handler %r restarts the unit after it" % by})
+            continue
+        watch = steps[-1] if steps and steps[-1].get("settle") else None
+        r = run_steps(steps[:-1] if watch else steps)
         hres.append({"name": name, "status": r["status"], "error": r["error"],
                      "output": r["output"], "rc": r["rc"]})
-    ok = not failed and all(h["status"] == "ok" for h in hres)
+        if watch and r["status"] == "ok":
+            settle.append((hres[-1], watch, len(steps)))
+    _settle(settle)
+    ok = not failed and all(h["status"] in ("ok", "superseded") for h in hres)
     out = {"ok": ok, "results": results, "handlers": hres}
     if armed is not None:
         out["switch"] = armed

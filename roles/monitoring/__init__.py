@@ -264,8 +264,10 @@ def handlers(v, ctx):
     """Handlers run in the order defined: a unit's reload before its restart. The other way
     round, a run that changed both a unit's /etc/default file and its config sent SIGHUP to the
     process the restart had just forked, before it handles SIGHUP: it died, and with the
-    packages' Restart=on-failure (SIGHUP is a clean exit to systemd) stayed dead. Each handler
-    then fails the run unless the unit is still active STAY_UP seconds later."""
+    packages' Restart=on-failure (SIGHUP is a clean exit to systemd) stayed dead. When both are
+    notified, the agent skips the reload: the restart reads the configuration too. Each handler
+    then fails the run unless the unit is still active STAY_UP seconds later (the checks of all
+    the handlers that ran are watched together, after the last one)."""
     out = {}
     for unit in PACKAGES:
         out[f"reload {unit}"] = handler("reload", unit, stay_up=STAY_UP)
