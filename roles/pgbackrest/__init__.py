@@ -235,6 +235,8 @@ class SameVersion:
 
 
 STANZA_WAIT = 600          # s: a first run of the whole env sets the database server up meanwhile
+STANZA_RETRY = 3           # s between tries: a try is one SSH login that fails at once; every
+                           # second waited after the database server is ready is the env's
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ class StanzaCreated:
         create = ["runuser", "-u", REPO_USER, "--", "pgbackrest", f"--stanza={self.stanza}",
                   "--log-level-console=warn", "stanza-create"]
         return [Change(self.id, "create", "not in the repository yet", (
-            run_step(create, attempts=STANZA_WAIT // 10, timeout=120) | {"delay": 10},))]
+            run_step(create, attempts=STANZA_WAIT // STANZA_RETRY, timeout=120)
+            | {"delay": STANZA_RETRY},))]
 
     def expect(self, facts) -> dict:
         return {}
@@ -424,6 +427,10 @@ def _repo(v, ctx, c, pair, groups):
          "stanzas": [{"name": s.name, "address": s.address, "data": s.data or "", "port": s.port}
                      for s in stanzas]},
         mode="0640", owner="root", group=REPO_USER)
+    if v["pgbackrest_drill"]:
+        # before the stanzas: on a fresh env their creation waits for the database servers,
+        # and the server binaries install meanwhile
+        yield from _drill_binaries(stanzas)
     for s in stanzas:
         yield StanzaCreated(s.name, home)
         for kind in KINDS:
@@ -435,15 +442,19 @@ def _repo(v, ctx, c, pair, groups):
         yield from _drill(v, stanzas)
 
 
-def _drill(v, stanzas):
-    """The server binaries of each stanza's PostgreSQL (never a cluster of their own: Debian
-    would create and start one when the package is installed), the drill tool, its scratch
-    folder, and one weekly drill per stanza."""
+def _drill_binaries(stanzas):
+    """The server binaries of each stanza's PostgreSQL for the drill, never a cluster of their
+    own: Debian would create and start one when the package is installed."""
     yield lines.line("/etc/postgresql-common/createcluster.conf", "create_main_cluster = false",
                      regexp=r"^#?\s*create_main_cluster\s*=")
     majors = sorted({s.version for s in stanzas if s.version})
     if majors:
         yield apt.packages([f"postgresql-{m}" for m in majors])
+
+
+def _drill(v, stanzas):
+    """The drill tool, its scratch folder, and one weekly drill per stanza (after
+    _drill_binaries)."""
     yield files.file(DRILL, DRILL_SOURCE, mode="0644")
     yield files.directory(DRILL_DIR, mode="0700", owner=REPO_USER, group=REPO_USER)
     for i, s in enumerate(stanzas):
