@@ -648,7 +648,12 @@ class _Checker:
                 continue
             role = self.declared.get(key)
             if role is None:
-                self.add(path + (key,), f"unknown var '{key}'", self.unknown_var_fix(key))
+                gone = next((r for r in self.roles.values() if key in r.retired), None)
+                if gone is not None:
+                    self.add(path + (key,), f"var '{key}' is no longer a var of role '{gone.name}'",
+                             gone.retired[key])
+                else:
+                    self.add(path + (key,), f"unknown var '{key}'", self.unknown_var_fix(key))
                 continue
             default = role.defaults[key]
             if not _type_fits(default, value):

@@ -35,6 +35,8 @@ class RoleInfo:
     path: Path                                   # the role folder
     defaults: dict[str, Any]                     # var -> default value, file order
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # vars the role had and no longer has (retired.yml): var -> what to write instead
+    retired: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def defaults_file(self) -> Path:
@@ -101,8 +103,37 @@ def discover_roles(roots: Roots, problems: list[Problem]) -> dict[str, RoleInfo]
                     declared_by[key] = name
                     defaults[key] = value
                     lines[key] = line
-            found[name] = RoleInfo(name, folder, defaults, lines)
+            retired = _retired(folder / "retired.yml", name, defaults, problems)
+            found[name] = RoleInfo(name, folder, defaults, lines, retired)
     return dict(sorted(found.items()))
+
+
+def _retired(path: Path, name: str, defaults: dict[str, Any],
+             problems: list[Problem]) -> dict[str, str]:
+    """A role's retired.yml, when it has one: `<name>_<var>: what to write instead` for each var
+    it no longer has, so that an inventory still setting one is told what to do."""
+    if not path.is_file():
+        return {}
+    doc = read_yaml(path, problems)
+    if doc is None or doc.data is None:
+        return {}
+    if not isinstance(doc.data, dict):
+        problems.append(Problem(path, doc.line(()), None, "expected a mapping of retired vars",
+                                f"write one `{name}_<var>: <what to write instead>` per line"))
+        return {}
+    out: dict[str, str] = {}
+    for key, why in doc.data.items():
+        line = doc.line((key,))
+        if not isinstance(key, str) or not key.startswith(f"{name}_") or not isinstance(why, str):
+            problems.append(Problem(path, line, str(key), f"'{key}' is not a retired var of role "
+                                    f"'{name}' with a text", f"write `{name}_<var>: <what to "
+                                    "write instead>`"))
+        elif key in defaults:
+            problems.append(Problem(path, line, key, f"var '{key}' is in defaults.yml too",
+                                    "a var is either declared or retired: remove one"))
+        else:
+            out[key] = why
+    return out
 
 
 def available_roles(roots: Roots = None) -> dict[str, RoleInfo]:

@@ -487,6 +487,35 @@ def test_unknown_var_suggests_declared_ones(root: Path) -> None:
     assert "must be declared, with its default, in the defaults.yml of a role" in p.fix
 
 
+def test_a_retired_var_says_what_to_write_instead(root: Path) -> None:
+    (root / "roles" / "node" / "retired.yml").write_text(
+        "node_old_port: write node_port instead\n")
+    text = edit("node_port: 3001", "node_old_port: 3001")
+    p = only(fail(root, text), "vars.node_old_port")
+    assert (p.line, p.message) == (line_of(text, "node_old_port"),
+                                   "var 'node_old_port' is no longer a var of role 'node'")
+    assert p.fix == "write node_port instead"
+
+
+@pytest.mark.parametrize("retired, message", [
+    ("node_port: gone\n", "var 'node_port' is in defaults.yml too"),
+    ("base_x: not this role's\n", "'base_x' is not a retired var of role 'node' with a text"),
+    ("node_x: [a list]\n", "'node_x' is not a retired var of role 'node' with a text"),
+])
+def test_a_bad_retired_yml_is_refused_where_it_is_wrong(root: Path, retired: str, message: str) -> None:
+    (root / "roles" / "node" / "retired.yml").write_text(retired)
+    err = fail(root, GOOD)
+    assert [p.message for p in err.problems] == [message]
+    assert err.problems[0].file == root / "roles" / "node" / "retired.yml"
+
+
+def test_the_pm2_roles_retired_vars_point_to_what_replaced_them() -> None:
+    from provisioner.roles import available_roles
+    retired = available_roles()["pm2"].retired
+    assert set(retired) == {"pm2_logrotate_version", "pm2_logrotate_rotate_interval"}
+    assert "pm2_logrotate_period" in retired["pm2_logrotate_rotate_interval"]
+
+
 def test_vars_of_any_role_may_be_set_anywhere(root: Path) -> None:
     # web1 does not run postgresql, but the app may read the database's settings
     text = edit("{address: 10.0.0.11}", "{address: 10.0.0.11, vars: {postgresql_max_connections: 5}}")
