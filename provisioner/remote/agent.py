@@ -1285,8 +1285,8 @@ def apply(request):
         if ch.get("arm") and armed is None and request.get("switch"):
             armed = arm_switch(request["switch"])       # just before the first risky change
         steps = ch.get("steps") or []
-        later = _after_of(ch) is not None and _after_of(ch) == _after_of(
-            changes[i + 1] if i + 1 < len(changes) else {})
+        after = _after_of(ch)
+        later = after is not None and i + 1 < len(changes) and after == _after_of(changes[i + 1])
         if later:
             steps = [dict(steps[0], after=None)]
         r = run_steps(steps)
@@ -1294,7 +1294,7 @@ def apply(request):
         results.append(r)
         if r["status"] == "ok":
             notified.update(ch.get("notify") or ())
-            pending = _after_of(ch) if later else None
+            pending = after if later else None
         else:
             failed = True
             if pending:                 # the writes before it still get theirs
