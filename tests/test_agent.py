@@ -481,6 +481,61 @@ def test_the_reload_is_not_run_when_the_restart_follows(tmp_path):
     assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
 
 
+def _fake_systemctl(tmp_path, monkeypatch, active="active"):
+    """A systemctl on PATH that logs its calls and, for `show`, reports the unit `active` with
+    the start time the file `began` holds (time.monotonic() in microseconds)."""
+    (tmp_path / "systemctl").write_text(
+        "#!/bin/sh\n"
+        f"if [ \"$1\" = show ]; then echo ActiveState={active}; "
+        f"echo InactiveExitTimestampMonotonic=$(cat {tmp_path}/began); exit 0; fi\n"
+        f"echo \"$@\" >> {tmp_path}/calls\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def _began_in(tmp_path, seconds):
+    """A step writing, as the unit's start, time.monotonic() plus `seconds` (microseconds)."""
+    return run(sys.executable, "-c", "import time; open(%r, 'w').write(str(int((time.monotonic() "
+               "+ %r) * 1e6)))" % (str(tmp_path / "began"), seconds))
+
+
+def test_a_restart_is_not_run_when_the_unit_started_after_the_change(tmp_path, monkeypatch):
+    _fake_systemctl(tmp_path, monkeypatch)
+    res = call("apply", {"changes": [change("config", _began_in(tmp_path, 0.2), notify=["restart x"])],
+                         "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service"),
+                                                    run("sh", "-c", f"touch {tmp_path}/watched",
+                                                        settle=True)]}})
+    assert res["ok"], res
+    (h,) = res["handlers"]
+    assert h["status"] == "superseded" and h["output"].startswith("not run: x.service started")
+    assert not (tmp_path / "calls").exists()
+    assert (tmp_path / "watched").exists()          # the stay-up check still watches the unit
+
+
+@pytest.mark.parametrize("active, began", [("active", -0.2), ("inactive", 0.2), ("activating", 0.2)])
+def test_the_restart_runs_unless_the_unit_is_up_since_after_the_change(tmp_path, monkeypatch,
+                                                                         active, began):
+    _fake_systemctl(tmp_path, monkeypatch, active)
+    res = call("apply", {"changes": [change("config", _began_in(tmp_path, began),
+                                            notify=["restart x"])],
+                         "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service")]}})
+    assert res["ok"] and res["handlers"][0]["status"] == "ok", res
+    assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
+
+
+def test_a_restart_that_a_reload_gave_way_to_counts_the_reloads_changes(tmp_path, monkeypatch):
+    """The unit started after the restart's change but before the reload's: the restart runs."""
+    _fake_systemctl(tmp_path, monkeypatch)
+    res = call("apply", {"changes": [change("a", _began_in(tmp_path, 0.1), notify=["restart x"]),
+                                     change("b", run("sleep", "0.5"), notify=["reload x"])],
+                         "handlers": {"reload x": [run("systemctl", "reload", "--", "x.service")],
+                                      "restart x": [run("systemctl", "restart", "--", "x.service")]}})
+    assert res["ok"], res
+    assert [(h["name"], h["status"]) for h in res["handlers"]] == [("reload x", "superseded"),
+                                                                   ("restart x", "ok")]
+    assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
+
+
 def test_failing_handler_does_not_stop_the_others(tmp_path):
     res = call("apply", {"changes": [change("a", run("true"), notify=["bad", "good"])],
                          "handlers": {"bad": [run("false")],

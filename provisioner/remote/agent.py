@@ -1213,18 +1213,49 @@ def _after_of(change):
     return None
 
 
+def _bare(steps):
+    """(action, unit) of a handler whose one action is a bare `systemctl reload|restart -- U`
+    (a stay-up check may follow), else None."""
+    acts = [s.get("run") for s in steps if not s.get("settle")]
+    if (len(acts) == 1 and acts[0] and len(acts[0]) == 4 and acts[0][0] == "systemctl"
+            and acts[0][1] in ("reload", "restart") and acts[0][2] == "--"):
+        return acts[0][1], acts[0][3]
+    return None
+
+
 def _restarted_by(steps, later):
     """The later notified handler that restarts the unit this handler only reloads, if any:
     the restart reads the new configuration anyway. Only a bare reload (and its stay-up check)
     gives way, and only to a bare restart: a handler that validates first keeps its order."""
-    acts = [s.get("run") for s in steps if not s.get("settle")]
-    if len(acts) != 1 or not acts[0] or acts[0][:3] != ["systemctl", "reload", "--"]:
+    act = _bare(steps)
+    if act is None or act[0] != "reload":
         return None
-    restart = ["systemctl", "restart", "--"] + acts[0][3:]
     for name, other in later:
-        if [s.get("run") for s in other if not s.get("settle")] == [restart]:
+        if [s.get("run") for s in other if not s.get("settle")] == [["systemctl", "restart", "--",
+                                                                      act[1]]]:
             return name
     return None
+
+
+def _started_after(steps, since):
+    """Why a bare reload or restart handler has nothing to do, else None: its unit is active and
+    its current run began after the last change that notified it finished (`since`, from
+    time.monotonic(): systemd's monotonic timestamps use the same clock), so the unit read those
+    files when it started. On a fresh server, a unit this run started after writing its config."""
+    act = _bare(steps)
+    if act is None or since is None:
+        return None
+    rc, out = _run(["systemctl", "show", "--property=ActiveState,InactiveExitTimestampMonotonic",
+                    "--", act[1]], timeout=30)
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    try:
+        began = int(props.get("InactiveExitTimestampMonotonic", "")) / 1e6
+    except ValueError:
+        return None
+    if rc != 0 or props.get("ActiveState") != "active" or began <= since:
+        return None
+    return ("not run: %s started %.1f s after the last change that notified this handler, "
+            "with it in place" % (act[1], began - since))
 
 
 def _settle(checks):
@@ -1267,8 +1298,9 @@ def apply(request):
     Consecutive changes that each write one file with the same after-commands (unit files and
     their daemon-reload) run those once, after the last of them (_after_of); if a later one
     fails, they run then. A handler that only reloads a unit gives way to a later one that
-    restarts it (_restarted_by); the handlers' stay-up checks run together after the last
-    handler (_settle).
+    restarts it (_restarted_by); a bare reload or restart is not run when its unit began its
+    current run after the changes that notified it (_started_after); the handlers' stay-up
+    checks run together after the last handler (_settle).
     """
     changes = request.get("changes") or []
     handlers = request.get("handlers") or {}
@@ -1277,6 +1309,7 @@ def apply(request):
     failed = False
     armed = None
     pending = None          # after-commands a write left to the next write's, the same ones
+    done_at = {}            # handler -> when the last change that notified it finished
     for i, ch in enumerate(changes):
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
@@ -1294,6 +1327,7 @@ def apply(request):
         results.append(r)
         if r["status"] == "ok":
             notified.update(ch.get("notify") or ())
+            done_at.update(dict.fromkeys(ch.get("notify") or (), time.monotonic()))
             pending = after if later else None
         else:
             failed = True
@@ -1320,12 +1354,18 @@ def apply(request):
         if by:
             hres.append({"name": name, "status": "superseded", "error": None, "rc": None,
                          "output": "not run: handler %r restarts the unit after it" % by})
+            done_at[by] = max(done_at[by], done_at[name])   # the restart covers its changes too
             continue
         watch = steps[-1] if steps and steps[-1].get("settle") else None
-        r = run_steps(steps[:-1] if watch else steps)
-        hres.append({"name": name, "status": r["status"], "error": r["error"],
-                     "output": r["output"], "rc": r["rc"]})
-        if watch and r["status"] == "ok":
+        why = _started_after(steps, done_at.get(name))
+        if why:     # still watched: the unit stays up after its start as after a restart
+            hres.append({"name": name, "status": "superseded", "error": None, "rc": None,
+                         "output": why})
+        else:
+            r = run_steps(steps[:-1] if watch else steps)
+            hres.append({"name": name, "status": r["status"], "error": r["error"],
+                         "output": r["output"], "rc": r["rc"]})
+        if watch and hres[-1]["status"] in ("ok", "superseded"):
             settle.append((hres[-1], watch, len(steps)))
     _settle(settle)
     ok = not failed and all(h["status"] in ("ok", "superseded") for h in hres)
