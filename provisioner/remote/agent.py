@@ -1231,8 +1231,7 @@ def _restarted_by(steps, later):
     if act is None or act[0] != "reload":
         return None
     for name, other in later:
-        if [s.get("run") for s in other if not s.get("settle")] == [["systemctl", "restart", "--",
-                                                                      act[1]]]:
+        if _bare(other) == ("restart", act[1]):
             return name
     return None
 
