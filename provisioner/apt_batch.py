@@ -30,6 +30,19 @@ cannot change what the run does. It stays in its role's own step when:
 - its role, or a role before it, cannot be planned: the run stops there, and a role that
   never runs must not have installed anything;
 - another role asks for the same package at another version.
+A role may write a file before its package on purpose: a service's settings, so that the
+package's install starts the service on them (the exporters' /etc/default files), or
+postgresql-common's settings before a server package creates its cluster. Such writes come
+along (`Carried`): the batch makes them first, then installs, as the role would have, and the
+package joins the batch instead of staying in its role. A write comes along only when it can
+be made before any role after the firewall's ran: a whole file or a folder, owned by root (a
+package's own user does not exist yet), with no command to validate it or to run after it (the
+package's tools are not there yet), in a folder that is there already or that a write before it
+makes, not under a guard of its role, and before its role's first package and first other
+change. The handlers it notifies run in its role, as they would have: their role's apply is
+told which ones and when the write was done, so a restart of a unit that the install started
+on the new file gives way (remote/agent.py), and one of a unit that did not start still runs.
+
 A run plans the batch when it gets there, from the facts as the roles before it left them (one
 facts exec for the batch's roles when one of those changed the host). Its roles are planned
 against those facts, as check mode does: a role's changes that only show after an earlier role
@@ -43,13 +56,15 @@ Everything here is pure: the runner applies the change in one exec and gathers t
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
 
 from provisioner.change import Change
-from provisioner.facts import Facts
-from provisioner.ops import apt, plan_all, ufw
+from provisioner.facts import Facts, merge_fragments
+from provisioner.ops import apt, files, plan_all, ufw
 
 RESOURCE = "apt batch: "      # its step's resource: the names follow
 PLAN_KEY = "(apt batch)"      # its change's key in a saved plan (no role can be named so)
@@ -70,12 +85,27 @@ class Left:
 
 
 @dataclass(frozen=True)
+class Carried:
+    """A write of a role that the batch makes before installing (see the module's doc)."""
+    role: str
+    change: Change
+
+
+@dataclass(frozen=True)
 class Batch:
     names: tuple[str, ...] = ()          # the package specs the batch installs
     roles: tuple[str, ...] = ()          # the roles they come from, in order
     left: tuple[Left, ...] = ()          # package resources with work left to their roles
-    change: Change | None = None         # None: nothing to install before its roles
-    expect: dict = dataclasses.field(default_factory=dict)   # packages after it (check mode)
+    change: Change | None = None         # None: nothing to install before its roles; else
+                                         # the carried writes' steps, then the install's
+    expect: dict = dataclasses.field(default_factory=dict)   # the host after it (check mode)
+    carried: tuple[Carried, ...] = ()    # the writes it makes first, in order
+    install: Change | None = None        # the install alone
+
+    @property
+    def changes(self) -> list[Change]:
+        """What the batch's apply sends: each carried write, then the install."""
+        return [c.change for c in self.carried] + ([self.install] if self.install else [])
 
 
 NOTHING = Batch()
@@ -111,8 +141,9 @@ def wanted(roles: Sequence[tuple[str, Sequence[Any] | None]]) -> bool:
     return False
 
 
-def foresee(roles: Sequence[tuple[str, Sequence[Any] | None]], at: int,
-            facts: Facts) -> tuple[Batch, Facts]:
+def foresee(roles: Sequence[tuple[str, Sequence[Any] | None]], at: int, facts: Facts,
+            guards: Mapping[str, Sequence[Any]] | None = None,
+            handlers: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Batch, Facts]:
     """The batch as check mode sees it at `at` (start(roles)), from the facts gathered before
     any role ran: the packages the roles before it install are counted as installed (with
     fresh lists when they refresh them), as they are when the batch runs. Also the facts the
@@ -127,8 +158,38 @@ def foresee(roles: Sequence[tuple[str, Sequence[Any] | None]], at: int,
                     before = before.overlay(r.expect(before))
     except Exception:                   # facts it cannot read: the roles' own steps report it
         return NOTHING, facts
-    batch = plan(roles[at:], before)
+    batch = plan(roles[at:], before, guards, handlers)
     return batch, before.overlay(batch.expect)
+
+
+def request(roles: Sequence[tuple[str, Sequence[Any] | None]]) -> dict:
+    """The folders of the roles' files and folders: a write comes along only into a folder
+    that is there already (its facts are gathered with the roles')."""
+    return {"files": sorted({posixpath.dirname(r.path) for _role, rs in roles if rs for r in rs
+                             if isinstance(r, (files.File, files.Directory))})}
+
+
+def _carriable(r: Any, changes: list[Change], facts: Facts, made: set[str],
+               guards: Sequence[Any], handlers: Mapping[str, Any]) -> bool:
+    """Whether this change of a role can be made before any role after the firewall's ran."""
+    if not isinstance(r, (files.File, files.Directory)):
+        return False
+    if r.owner not in (None, "root") or r.group not in (None, "root"):
+        return False
+    if isinstance(r, files.File) and (r.validate or r.after):
+        return False
+    if r.path.startswith(APT_SOURCES) or any(g.watches(c) for g in guards for c in changes):
+        return False
+    if any(n not in handlers for n in r.notify):
+        return False
+    parent = posixpath.dirname(r.path)
+    if parent in made:
+        return True
+    try:
+        f = facts.file(parent)
+    except KeyError:            # not gathered (a caller without request()): not known to be there
+        return False
+    return f.exists and f.type == "dir"
 
 
 def _installs(r: Any, facts: Facts) -> bool:
@@ -145,10 +206,13 @@ def _name(spec: str) -> str:
     return spec.split("=", 1)[0]
 
 
-def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Batch:
+def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts,
+         guards: Mapping[str, Sequence[Any]] | None = None,
+         handlers: Mapping[str, Mapping[str, Any]] | None = None) -> Batch:
     """The batch of the roles it covers, in run order (from start() on: (name, resources),
     None for a role that could not be prepared), planned from the facts as they are before
-    the first of them runs.
+    the first of them runs. `guards` and `handlers`: each role's, by its name (a write under a
+    guard, or notifying a handler its role lacks, does not come along).
 
     On a host where every plain package is installed (a converged one), this is a lookup per
     package and nothing more: no role is planned."""
@@ -162,6 +226,9 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Bat
     max_ages: list[int | None] = []
     from_roles: list[str] = []
     left: list[Left] = []
+    carried: list[Carried] = []
+    made: set[str] = set()                # the folders the carried writes make
+    expect: dict = {}
     sources_changed_by = None             # the first earlier resource that changes apt's sources
     for role, resources in roles:
         if resources is None:
@@ -171,11 +238,14 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Bat
         except Exception:                 # its run will report it; it stops there too
             break
         first_change = None               # the first resource of this role that changes something
+        ahead: list[tuple[Any, list[Change]]] = []  # writes before all that, that could come along
+        early = True                      # before this role's first package with a change
         for r, result in planned:
             changes = [c for c in result if isinstance(c, Change)]
             if not changes:
                 continue
             if isinstance(r, apt.Packages):
+                early = False
                 why = _why_not(r, sources_changed_by, first_change, names)
                 if why is None:
                     for spec in r.names:
@@ -183,9 +253,20 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Bat
                     max_ages.append(r.update_cache_max_age)
                     if role not in from_roles:
                         from_roles.append(role)
+                    for w, cs in ahead:   # made first: not changes of its role any more
+                        carried += [Carried(role, c) for c in cs]
+                        expect = merge_fragments(expect, w.expect(facts))
+                    made.update(_folders(ahead))
+                    ahead = []
                     continue              # it moves into the batch: not a change of its role
                 left.append(Left(role, r.id, why))
-            first_change = first_change or r.id
+            elif early and first_change is None and _carriable(
+                    r, changes, facts, made | _folders(ahead), (guards or {}).get(role, ()),
+                    (handlers or {}).get(role, {})):
+                ahead.append((r, changes))
+                continue
+            first_change = first_change or (ahead[0][0].id if ahead else r.id)
+            ahead = []                    # they stay in their role, before this change
             if _changes_apt_sources(r, changes):
                 sources_changed_by = sources_changed_by or r.id
     if not names:
@@ -195,12 +276,22 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts) -> Bat
     # wish of the batched resources: a refresh when any of them would refresh
     missing = [s for s in names.values() if _installs(apt.packages([s]), facts)]
     together = apt.packages(missing, update_cache_max_age=min(ages) if ages else None)
-    change = next(c for c in together.plan(facts) if isinstance(c, Change))
-    why = f"{change.why}; for role{'s' if len(from_roles) > 1 else ''} {', '.join(from_roles)}"
+    install = next(c for c in together.plan(facts) if isinstance(c, Change))
+    why = f"{install.why}; for role{'s' if len(from_roles) > 1 else ''} {', '.join(from_roles)}"
+    if carried:
+        why += "; written first: " + ", ".join(f"{c.change.resource} ({c.role})" for c in carried)
     if left:
         why += "; left to their roles: " + "; ".join(f"{x.resource} ({x.role}: {x.why})" for x in left)
-    change = dataclasses.replace(change, resource=RESOURCE + " ".join(together.names), why=why)
-    return Batch(together.names, tuple(from_roles), tuple(left), change, together.expect(facts))
+    install = dataclasses.replace(install, resource=RESOURCE + " ".join(together.names), why=why)
+    diffs = [c.change.diff for c in carried if c.change.diff]
+    change = dataclasses.replace(install, diff="".join(diffs) or None,
+                                 steps=tuple(st for c in carried for st in c.change.steps) + install.steps)
+    return Batch(together.names, tuple(from_roles), tuple(left), change,
+                 merge_fragments(expect, together.expect(facts)), tuple(carried), install)
+
+
+def _folders(writes) -> set[str]:
+    return {w.path for w, _changes in writes if isinstance(w, files.Directory)}
 
 
 def _why_not(r: apt.Packages, sources_changed_by: str | None, first_change: str | None,

@@ -6,6 +6,7 @@ server: no lock, no apply, no audit line; only the read-only facts execs run.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -161,7 +162,8 @@ class Runner:
                                      reason=refused, seconds=time.monotonic() - started)
                 plans = [] if refused else [self._prepare(host, name, ctx)
                                             for name in self.roles_for(host)]
-                merged = ops.merge_requests(p.request for p in plans if not isinstance(p, Exception))
+                merged = ops.merge_requests([*(p.request for p in plans if not isinstance(p, Exception)),
+                                             apt_batch.request(batch_input(plans))])
                 shared = Facts(self._facts(conn, merged)) if plans else None
                 if self.events.check:
                     res.facts = saved_plan.fact_items(shared.raw if shared else {})
@@ -174,17 +176,18 @@ class Runner:
                                      status="skipped", reason=f"refused: {why}",
                                      seconds=time.monotonic() - started)
                     plans = []
+                notified: dict = {}          # role -> its handlers the batch's writes notified
                 for i, p in enumerate(plans):
                     if self.stop:
                         self._skip_roles(host, plans[i:], f"not run: {self.stop.reason}")
                         break
                     if i == at:              # never before the firewall role (if any) is done
-                        shared = self._run_batch(conn, host, plans, at, shared, res)
+                        shared, notified = self._run_batch(conn, host, plans, at, shared, res)
                         if res.failed:
                             self._skip_roles(host, plans[i:], "not run: the package batch failed before it")
                             break
                     changed_before = res.changed
-                    self._run_role(conn, host, p, shared, res)
+                    self._run_role(conn, host, p, shared, res, notified.get(p.name))
                     if res.failed:                       # said, so that no one takes them as done
                         self._skip_roles(host, plans[i + 1:], f"not run: role {p.name} failed before it")
                         break
@@ -238,7 +241,7 @@ class Runner:
         if any(isinstance(p, RoleError) for p in plans):
             return None                  # the run reports it as the failure it is
         now = {}
-        batch, after = apt_batch.foresee(batch_input(plans), at, shared)
+        batch, after = apt_batch.foresee(batch_input(plans), at, shared, **batch_context(plans))
         if batch.change is not None:
             now[apt_batch.PLAN_KEY] = [batch.change]
         for i, p in enumerate(plans):
@@ -250,7 +253,7 @@ class Runner:
         return mine.refusal(shared.raw if shared else {}, now)
 
     def _run_batch(self, conn: Connection, host: Host, plans: list, at: int,
-                   shared: Facts | None, res: HostResult) -> Facts | None:
+                   shared: Facts | None, res: HostResult) -> tuple[Facts | None, dict]:
         """The package batch of the roles plans[at:], planned now: from `shared`, or when an
         earlier role made those stale, from their facts gathered in one exec (which they then
         plan from, instead of each gathering its own). Then the install in one apply exec and
@@ -258,12 +261,14 @@ class Runner:
         services). Check mode: planned as check mode plans (apt_batch.foresee), reported, and
         the roles plan as if it had run (their package steps say "installed by this run").
         `invoke apply`: a batch the saved plan does not hold (planned after the earlier roles'
-        changes) is not sent. Returns the facts the roles after it start from."""
+        changes) is not sent. Returns the facts the roles after it start from, and by role the
+        handlers its carried writes notified, with when they were done (on the server's clock)."""
         t0 = time.monotonic()
         later = batch_input(plans[at:])
         if not apt_batch.wanted(later):          # nothing it could take: not even a facts exec
-            return shared
-        request = ops.merge_requests(p.request for p in plans[at:] if not isinstance(p, RoleError))
+            return shared, {}
+        request = ops.merge_requests([*(p.request for p in plans[at:] if not isinstance(p, RoleError)),
+                                      apt_batch.request(later)])
 
         def gather() -> Facts | None:
             try:
@@ -276,45 +281,52 @@ class Runner:
                 return None
 
         if self.events.check:
-            batch, after = apt_batch.foresee(batch_input(plans), at, shared)
+            batch, after = apt_batch.foresee(batch_input(plans), at, shared, **batch_context(plans))
         else:
             after = shared if shared is not None else gather()
             if after is None:
-                return None
-            batch = apt_batch.plan(later, after)
+                return None, {}
+            batch = apt_batch.plan(later, after, **batch_context(plans[at:]))
         c = batch.change
         if c is None:
-            return after
+            return after, {}
 
-        def step(status: str, reason: str, output=None):
+        def step(status: str, reason: str, output=None, diff=None):
             self.events.step(host=host.name, role=None, resource=c.resource, status=status,
-                             reason=reason, seconds=time.monotonic() - t0, output=output)
+                             reason=reason, seconds=time.monotonic() - t0, output=output, diff=diff)
 
         if self.events.check:
             res.planned[apt_batch.PLAN_KEY] = [saved_plan.change_entry(c)]
             res.changed += 1
-            step("changed", f"would {c.action}: {c.why}")
-            return after
+            step("changed", f"would {c.action}: {c.why}", diff=c.diff)
+            return after, {}
         if (self.opts.saved is not None and saved_plan.change_digest(c)
                 not in self.opts.saved[host.name].allowed(apt_batch.PLAN_KEY)):
             res.failed += 1
             step("failed", "not in the plan (planned after the earlier roles' changes); nothing "
                  "was installed: make a new plan now that those are done")
-            return after
-        apply = agent.apply_request([c])
+            return after, {}
+        # the carried writes' handlers run in their roles: not sent here
+        sent = [dataclasses.replace(x, notify=()) for x in batch.changes]
+        apply = agent.apply_request(sent)
         apply["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
         try:
-            out = agent.call(conn, "apply", apply)["results"][0]
+            results = agent.call(conn, "apply", apply)["results"]
+            out = next((r for r in results if r.get("status") != "ok"), results[-1])
         except (agent.AgentError, KeyError, IndexError) as e:
-            out = {"status": "failed", "error": str(e)}
-        if out.get("status") != "ok":
+            results, out = [], {"status": "failed", "error": str(e)}
+        if out.get("status") != "ok" or len(results) != len(sent):
             res.failed += 1
             step("failed", apt_batch.failure(batch.names, out.get("output"), out.get("error"),
-                                             out.get("rc")), output=out.get("output"))
-            return after
+                                             out.get("rc")), output=out.get("output"), diff=c.diff)
+            return after, {}
         res.changed += 1
-        step("changed", f"{c.action}: {c.why}")
-        return gather()
+        step("changed", f"{c.action}: {c.why}", diff=c.diff)
+        notified: dict = {}
+        for x, r in zip(batch.carried, results):
+            for name in x.change.notify:
+                notified.setdefault(x.role, {})[name] = r["done_at"]
+        return gather(), notified
 
     def _skip_roles(self, host: Host, plans: list, why: str) -> None:
         for p in plans:
@@ -355,9 +367,12 @@ class Runner:
         except (ops.PlanError, ValueError, TypeError, KeyError) as e:
             return RoleError(name, f"{type(e).__name__}: {e}")
 
-    def _run_role(self, conn: Connection, host: Host, p, shared: Facts | None, res: HostResult) -> None:
+    def _run_role(self, conn: Connection, host: Host, p, shared: Facts | None, res: HostResult,
+                  notified: dict | None = None) -> None:
         """plan (pure, from facts) -> report what is done and what differs -> apply the changes
-        in one exec (handlers included) -> report each result -> guards over what changed."""
+        in one exec (handlers included) -> report each result -> guards over what changed.
+        `notified`: its handlers that the package batch's writes of this role notified (name ->
+        when, on the server's clock): they run here, even with nothing else to change."""
         t0 = time.monotonic()
 
         def step(resource: str, status: str, reason: str, diff=None, output=None):
@@ -388,7 +403,7 @@ class Runner:
                      "the earlier roles' changes); nothing of this role was applied: make a new "
                      "plan now that those are done")
                 return
-        if not changes:
+        if not changes and not notified:
             return
         if self.events.check:
             for c in changes:
@@ -396,6 +411,8 @@ class Runner:
                 step(c.resource, "changed", f"would {c.action}: {c.why}", diff=c.diff)
             return
         request = agent.apply_request(changes, p.handlers)
+        if notified:
+            request["notified"] = notified
         request["run_lock"] = lock.hold_request(self.events.run_id)     # held while it runs
         switch_id = self._arm_request(p.name, p.guards, changes, request)
         try:
@@ -542,6 +559,13 @@ def batch_input(plans: list) -> list[tuple[str, list | None]]:
     """The roles as the package batch plans them: (name, resources), None for one that
     failed to prepare (the run stops there)."""
     return [(p.name, None if isinstance(p, RoleError) else p.resources) for p in plans]
+
+
+def batch_context(plans: list) -> dict:
+    """Each prepared role's guards and handlers, by its name: the package batch carries none of
+    its writes that a guard watches or that notify a handler it does not define."""
+    ready = [p for p in plans if not isinstance(p, RoleError)]
+    return {"guards": {p.name: p.guards for p in ready}, "handlers": {p.name: p.handlers for p in ready}}
 
 
 def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:

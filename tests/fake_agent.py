@@ -56,17 +56,25 @@ def roles_inventory(tmp_path, env: str, roles: dict[str, tuple[str, str]]):
     return load_inventory_file(tmp_path / f"{env}.yml", roles_root=[tmp_path / "roles"])
 
 
-def fresh_server(request: dict, os_facts: dict) -> Facts:
+# folders of a fresh Debian image that roles write into
+DEBIAN_FOLDERS = ("/etc", "/etc/default", "/etc/systemd/system", "/usr/local/lib", "/usr/local/bin",
+                  "/var/lib", "/var/log", "/srv", "/opt")
+
+
+def fresh_server(request: dict, os_facts: dict, folders=()) -> Facts:
     """What a never-provisioned server answers to `request` (a facts request): nothing the
-    roles ask for exists."""
+    roles ask for exists, but these `folders` (e.g. DEBIAN_FOLDERS)."""
     absent = {"files": {"exists": False}, "sysctl": {"value": None, "persisted": []},
               "http": {"error": "connection refused"}}
+    there = {"exists": True, "type": "dir", "mode": "0755", "owner": "root", "group": "root"}
     d = {"os": os_facts}
     for kind, keys in request.items():
         if kind == "packages":
             d[kind] = {"installed": {k: None for k in keys}, "lists_age": None}
         elif kind == "checks":
             d[kind] = {check_key(k["argv"] if isinstance(k, dict) else k): 1 for k in keys}
+        elif kind == "files":
+            d[kind] = {k: dict(there) if k in folders else absent["files"] for k in keys}
         elif kind != "os":
             d[kind] = {k: absent.get(kind) for k in keys}
     return Facts(d)

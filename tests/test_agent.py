@@ -12,6 +12,7 @@ import pwd
 import grp
 import stat
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -443,7 +444,7 @@ def test_stay_up_checks_run_together_after_every_handler_acted(tmp_path):
         check = (f"test -e {tmp_path}/a-acted && test -e {tmp_path}/b-acted && "
                  f"touch {tmp_path}/{name}-checked" + ("" if check_ok else "; echo died >&2; exit 1"))
         return [run("touch", str(tmp_path / f"{name}-acted")),
-                {**run("sh", "-c", check), "settle": True}]
+                {**run("sh", "-c", check), "settle": 1}]
     res = call("apply", {"changes": [change("c", run("true"), notify=["a", "b"])],
                          "handlers": {"a": handler("a"), "b": handler("b", check_ok=False)}})
     assert not res["ok"]
@@ -455,9 +456,9 @@ def test_stay_up_checks_run_together_after_every_handler_acted(tmp_path):
 
 def test_a_bare_reload_gives_way_to_a_later_restart_of_the_same_unit():
     reload = [{"run": ["systemctl", "reload", "--", "prometheus.service"]},
-              {"run": ["sh", "-c", "...", "stay-up"], "settle": True}]
+              {"run": ["sh", "-c", "...", "stay-up"], "settle": 3}]
     restart = [{"run": ["systemctl", "restart", "--", "prometheus.service"]},
-               {"run": ["sh", "-c", "...", "stay-up"], "settle": True}]
+               {"run": ["sh", "-c", "...", "stay-up"], "settle": 3}]
     assert remote._restarted_by(reload, [("restart prometheus", restart)]) == "restart prometheus"
     # another unit's restart, a restart that validates first, a reload that validates first
     other = [{"run": ["systemctl", "restart", "--", "alertmanager.service"]}]
@@ -504,7 +505,7 @@ def test_a_restart_is_not_run_when_the_unit_started_after_the_change(tmp_path, m
     res = call("apply", {"changes": [change("config", _began_in(tmp_path, 0.2), notify=["restart x"])],
                          "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service"),
                                                     run("sh", "-c", f"touch {tmp_path}/watched",
-                                                        settle=True)]}})
+                                                        settle=3)]}})
     assert res["ok"], res
     (h,) = res["handlers"]
     assert h["status"] == "superseded" and h["output"].startswith("not run: x.service started")
@@ -521,6 +522,48 @@ def test_the_restart_runs_unless_the_unit_is_up_since_after_the_change(tmp_path,
                          "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service")]}})
     assert res["ok"] and res["handlers"][0]["status"] == "ok", res
     assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
+
+
+def _began(tmp_path, ago):
+    (tmp_path / "began").write_text(str(int((time.monotonic() - ago) * 1e6)))
+
+
+@pytest.mark.parametrize("up, watched", [(5, False), (1, True)])
+def test_a_unit_up_since_the_change_for_as_long_as_its_check_is_not_watched_again(
+        tmp_path, monkeypatch, up, watched):
+    """The change was made by an earlier exec ("notified": the package batch carried the write
+    ahead of its package, whose install started the unit): a unit up 5 s has stayed up for its
+    3 s check; one up 1 s is still watched."""
+    _fake_systemctl(tmp_path, monkeypatch)
+    _began(tmp_path, up)
+    res = call("apply", {"changes": [], "notified": {"restart x": time.monotonic() - 10},
+                         "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service"),
+                                                    run("sh", "-c", f"touch {tmp_path}/watched",
+                                                        settle=3)]}})
+    assert res["ok"], res
+    (h,) = res["handlers"]
+    assert h["status"] == "superseded" and h["output"].startswith(f"not run: x.service started {10 - up}.")
+    assert ("so it stayed up" in h["output"]) is not watched
+    assert (tmp_path / "watched").exists() is watched
+    assert not (tmp_path / "calls").exists()
+
+
+def test_a_handler_notified_by_an_earlier_exec_runs_when_its_unit_started_before(tmp_path,
+                                                                                 monkeypatch):
+    _fake_systemctl(tmp_path, monkeypatch)
+    _began(tmp_path, 20)
+    res = call("apply", {"changes": [], "notified": {"restart x": time.monotonic() - 10},
+                         "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service")],
+                                      "restart y": [run("systemctl", "restart", "--", "y.service")]}})
+    assert res["ok"] and [(h["name"], h["status"]) for h in res["handlers"]] == [("restart x", "ok")]
+    assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
+
+
+def test_a_change_says_when_it_was_done():
+    before = time.monotonic()
+    res = call("apply", {"changes": [change("a", run("true")), change("b", run("false"))]})
+    a, b = res["results"]
+    assert before < a["done_at"] < time.monotonic() and "done_at" not in b
 
 
 def test_a_restart_that_a_reload_gave_way_to_counts_the_reloads_changes(tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ import pytest
 from provisioner import apt_batch
 from provisioner.change import Change, Noop
 from provisioner.facts import Facts
-from provisioner.ops import PlanError, apt, files, request, templates, ufw
+from provisioner.ops import PlanError, apt, commands, files, merge_requests, request, templates, ufw
 
-from fake_agent import fresh_server
+from fake_agent import DEBIAN_FOLDERS, fresh_server
 
 KEY = "LS0tLS1CRUdJTiBQR1AgUFVCTElDIEtFWSBCTE9DSy0tLS0tCg=="     # "-----BEGIN PGP ..." base64
 
@@ -20,7 +20,7 @@ KEY = "LS0tLS1CRUdJTiBQR1AgUFVCTElDIEtFWSBCTE9DSy0tLS0tCg=="     # "-----BEGIN P
 def facts(roles, installed=(), lists_age=60, files_=()):
     """The server's answer to the roles' facts request: these packages installed (name ->
     version), these files present (path -> fact), nothing else."""
-    req = request(r for _role, rs in roles if rs for r in rs)
+    req = merge_requests([request(r for _role, rs in roles if rs for r in rs), apt_batch.request(roles)])
     have, on_disk = dict(installed), dict(files_)
     return Facts({"packages": {"installed": {n: have.get(n.split("=")[0]) for n in req.get("packages", [])},
                                "lists_age": lists_age},
@@ -326,23 +326,26 @@ def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch(t
     known.write_text("".join(f"{h.address} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOFdR8qAnLr1vYdyU6hv5d9UXpqt6tFLpdBz4Ba0qmoh\n"
                              for h in inv.select(None)))
     inv = dataclasses.replace(inv, known_hosts=known)
-    got = {}
+    got, carried = {}, {}
     for host in inv.select(None):
         os_facts = {"id": "debian", "version_id": "13" if host.name in ("web1", "db1", "vault", "lb1") else "12",
                     "virt": "systemd-nspawn"}
         ctx = RoleContext(host, inv, os_facts, False)
         v = dict(inv.hostvars(host.name))      # the testbed's key is not there without a testbed
         v["harden_deploy_keys"] = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOFdR8qAnLr1vYdyU6hv5d9UXpqt6tFLpdBz4Ba0qmoh t"]
-        roles = [(r, resource_list(load_role(inv.roles[r]), v, ctx)) for r in inv.roles_for(host.name)]
+        codes = {r: load_role(inv.roles[r]) for r in inv.roles_for(host.name)}
+        roles = [(r, resource_list(code, v, ctx)) for r, code in codes.items()]
         at = apt_batch.start(roles)
         # right after harden, found by its ufw resource
         assert roles[at - 1][0] == "harden" and any(map(apt_batch.brings_up_firewall, roles[at - 1][1]))
-        b, _after = apt_batch.foresee(roles, at, fresh_server(request(x for _r, rs in roles for x in rs), os_facts))
-        # vault's drill binaries stay in role pgbackrest's own step: createcluster.conf must
-        # say "no main cluster" before postgresql-15 is installed
-        assert [(x.role, x.resource) for x in b.left] == \
-            ([("pgbackrest", "apt postgresql-17")] if host.name == "vault" else []), b.left
+        server = fresh_server(merge_requests([request(x for _r, rs in roles for x in rs),
+                                              apt_batch.request(roles)]), os_facts, DEBIAN_FOLDERS)
+        b, _after = apt_batch.foresee(roles, at, server,
+                                      {r: list(c.guards(v, ctx) or []) for r, c in codes.items()},
+                                      {r: dict(c.handlers(v, ctx) or {}) for r, c in codes.items()})
+        assert b.left == (), b.left
         got[host.name] = (b.roles, set(b.names))
+        carried[host.name] = [(x.role, x.change.resource) for x in b.carried]
     agent = {"prometheus-node-exporter"}
     # node_npm: registry: npm comes from its tarball in role node's own step, not from apt
     app = (("node", "restic", "monitoring_agent"), {"nodejs", "restic", "openssh-client"} | agent)
@@ -352,8 +355,94 @@ def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch(t
                            "prometheus-redis-exporter"} | agent)
     assert got["lb1"][0] == ("nginx", "letsencrypt", "monitoring_agent")
     assert {"nginx", "certbot", "prometheus-nginx-exporter"} <= got["lb1"][1]
-    assert got["vault"] == (("pgbackrest", "monitoring_agent"), {"pgbackrest"} | agent)
+    assert got["vault"] == (("pgbackrest", "monitoring_agent"), {"pgbackrest", "postgresql-17"} | agent)
     assert got["mon1"] == (("monitoring", "monitoring_agent"),
                            {"prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter"} | agent)
     harden = {"ufw", "fail2ban", "unattended-upgrades"}
     assert not harden & set().union(*(names for _roles, names in got.values()))
+    # written before the packages that read them: the exporters' settings, and on vault
+    # postgresql-common's "no cluster" for the drill's server binaries
+    exporters = {h: [f"file /etc/default/prometheus-{e}-exporter" for e in es] for h, es in {
+        "web1": ["node"], "web2": ["node"], "mon1": ["node"], "vault": ["node"],
+        "lb1": ["node", "nginx"], "db1": ["node", "postgres", "redis"]}.items()}
+    exporters["db1"][-1] = exporters["db1"][-1].replace("file", "template")
+    for host, resources in carried.items():
+        assert [r for role, r in resources if role == "monitoring_agent"] == exporters[host]
+    assert [r for role, r in carried["vault"] if role == "pgbackrest"] == [
+        "directory /etc/postgresql-common", "directory /etc/postgresql-common/createcluster.d",
+        "file /etc/postgresql-common/createcluster.d/50-provisioner-drill.conf"]
+    assert {role for resources in carried.values() for role, _r in resources} == \
+        {"monitoring_agent", "pgbackrest"}
+
+
+# --- writes that come along -------------------------------------------------------------------
+
+DEFAULTS = "/etc/default/prometheus-node-exporter"
+THERE = {"exists": True, "type": "dir", "mode": "0755", "owner": "root", "group": "root"}
+
+
+def along(role, *, guards=None, handlers=None, folders=("/etc", "/etc/default")):
+    roles = [("base", [apt.packages(["curl"])]), ("agent", role)]
+    return apt_batch.plan(roles, facts(roles, files_=[(f, THERE) for f in folders]),
+                          {"agent": guards or []}, {"agent": handlers or {"restart x": []}})
+
+
+def test_a_write_before_its_package_comes_along_and_is_made_first():
+    b = along([files.file(DEFAULTS, "ARGS=x\n", notify="restart x"),
+               apt.packages(["prometheus-node-exporter"])])
+    assert b.names == ("curl", "prometheus-node-exporter") and b.left == ()
+    assert [(c.role, c.change.resource) for c in b.carried] == [("agent", f"file {DEFAULTS}")]
+    assert b.carried[0].change.notify == ("restart x",)     # its role's handler, run there
+    assert [c.resource for c in b.changes] == [f"file {DEFAULTS}", b.change.resource]
+    assert b.change.steps[0]["write"] == DEFAULTS and "install" in b.change.steps[-1]["run"]
+    assert f"written first: file {DEFAULTS} (agent)" in b.change.why
+    assert "+ARGS=x" in b.change.diff
+    assert Facts(b.expect).file(DEFAULTS).exists            # check mode: not written twice
+
+
+def test_a_folder_made_first_takes_the_files_in_it_along():
+    b = along([files.directory("/etc/postgresql-common"),
+               files.directory("/etc/postgresql-common/createcluster.d"),
+               files.file("/etc/postgresql-common/createcluster.d/50-drill.conf", "x\n"),
+               apt.packages(["postgresql-17"])], folders=("/etc",))
+    assert [c.change.resource for c in b.carried] == [
+        "directory /etc/postgresql-common", "directory /etc/postgresql-common/createcluster.d",
+        "file /etc/postgresql-common/createcluster.d/50-drill.conf"]
+    assert b.names == ("curl", "postgresql-17")
+
+
+NOT_ALONG = [
+    (files.file(DEFAULTS, "x\n", owner="prometheus"), "its owner comes with a package"),
+    (files.file(DEFAULTS, "x\n", validate="true {path}"), "it is validated by a command"),
+    (files.file(DEFAULTS, "x\n", after=[["systemctl", "daemon-reload"]]), "a command runs after it"),
+    (files.file(DEFAULTS, "x\n", notify="restart y"), "it notifies a handler its role lacks"),
+    (files.file("/etc/new/x.conf", "x\n"), "its folder is not there yet"),
+    (commands.command(["true"], name="t"), "it is a command"),
+]
+
+
+@pytest.mark.parametrize("write, why", NOT_ALONG, ids=[w for _r, w in NOT_ALONG])
+def test_a_write_that_needs_more_than_a_folder_stays_with_its_package_in_its_role(write, why):
+    b = along([write, apt.packages(["prometheus-node-exporter"])])
+    assert b.carried == () and b.names == ("curl",)
+    assert b.left == (apt_batch.Left("agent", "apt prometheus-node-exporter",
+                                     f"after {write.id} of its role, which changes something first"),)
+
+
+def test_a_guarded_write_stays_in_its_role():
+    from provisioner.api import Guard
+    guard = Guard("sshd", (DEFAULTS,), lambda host: None)
+    b = along([files.file(DEFAULTS, "x\n"), apt.packages(["prometheus-node-exporter"])], guards=[guard])
+    assert b.carried == () and b.names == ("curl",)
+
+
+def test_only_writes_before_the_roles_first_package_and_first_other_change_come_along():
+    later = along([apt.packages(["jq"]), files.file(DEFAULTS, "x\n"), apt.packages(["prometheus-node-exporter"])])
+    assert later.carried == () and later.names == ("curl", "jq")
+    after_other = along([files.file("/etc/default/a", "a\n"), commands.command(["true"], name="t"),
+                         files.file(DEFAULTS, "x\n"), apt.packages(["prometheus-node-exporter"])])
+    assert after_other.carried == () and after_other.left[0].why == \
+        "after file /etc/default/a of its role, which changes something first"
+    # two packages with nothing between them both join, as before
+    both = along([files.file(DEFAULTS, "x\n"), apt.packages(["a"]), apt.packages(["b"])])
+    assert both.names == ("curl", "a", "b") and len(both.carried) == 1

@@ -41,13 +41,16 @@ def resources(v, ctx):
 
 
 class FakeServer:
-    """Packages (name -> version) and files (path -> text); `missing` packages apt cannot find,
-    `pulls` the packages an install brings too (its dependencies), `failing` the resources whose
-    change fails. `applied`: the resources of the changes applied, in order."""
+    """Packages (name -> version), files (path -> text) and `folders`; `missing` packages apt
+    cannot find, `pulls` the packages an install brings too (its dependencies), `failing` the
+    resources whose change fails. `applied`: the resources of the changes applied, in order;
+    `handled`: per apply, the handlers it was told an earlier exec's writes notified."""
 
-    def __init__(self, packages=(), files=None, missing=(), pulls=None, failing=()):
+    def __init__(self, packages=(), files=None, missing=(), pulls=None, failing=(), folders=()):
         self.packages = {p: "1.0" for p in packages}
         self.files = dict(files or {})
+        self.folders = set(folders)
+        self.handled: list[dict] = []
         self.missing = set(missing)
         self.pulls = dict(pulls or {})
         self.failing = set(failing)
@@ -69,10 +72,17 @@ class FakeServer:
                 body["run_lock"] = {"acquired": True}
             return {"facts": body}
         if op == "apply":
-            return {"ok": True, "handlers": [], "results": [self._change(c) for c in req["changes"]]}
+            results = [self._change(c) for c in req["changes"]]
+            self.handled.append(dict(req.get("notified") or {}))
+            names = set(req.get("notified") or ()) | {n for c, r in zip(req["changes"], results)
+                                                      if r["status"] == "ok" for n in c["notify"]}
+            return {"ok": True, "results": results,
+                    "handlers": [{"name": n, "status": "ok"} for n in req["handlers"] if n in names]}
         return {"released": True}
 
     def _file(self, path):
+        if path in self.folders:
+            return {"exists": True, "type": "dir", "mode": "0755", "owner": "root", "group": "root"}
         if path not in self.files:
             return {"exists": False}
         data = self.files[path].encode()
@@ -101,7 +111,7 @@ class FakeServer:
                                 f"E: Unable to locate package {n}\n" for n in gone)}
                 self.packages.update({n: "1.0" for n in names + [d for n in names
                                                                  for d in self.pulls.get(n, [])]})
-        return {"id": change["id"], "status": "ok", "rc": 0}
+        return {"id": change["id"], "status": "ok", "rc": 0, "done_at": 100.0 + len(self.applied)}
 
     def _ufw(self, args):
         if args == ["--force", "enable"]:
@@ -296,3 +306,77 @@ def test_a_batch_the_saved_plan_does_not_hold_is_not_sent(walled, tmp_path):
     for role in ("one", "two"):
         assert applied.steps[(role, "role")]["status"] == "skipped"
     assert applied.events.exit_code(detailed=False) == 1
+
+
+# --- a role's write before its package comes along ---------------------------------------------
+
+SERVICE = '''from provisioner.ops import apt, files, systemd
+
+
+def resources(v, ctx):
+    yield files.file("/etc/default/pkg-svc", "ARGS=--fast\\n", notify="restart svc")
+    yield apt.packages(["pkg-svc"])
+    yield files.file("/etc/svc.conf", "svc\\n")
+
+
+def handlers(v, ctx):
+    return {"restart svc": systemd.handler("restart", "pkg-svc")}
+'''
+
+
+@pytest.fixture
+def service(tmp_path):
+    return roles_inventory(tmp_path, "svctest", {"one": (ROLE.replace("{name}", "one"), "one_x: 1"),
+                                                 "svc": (SERVICE, "svc_x: 1")})
+
+
+def test_a_write_before_its_package_is_made_by_the_batch_and_its_handler_runs_in_its_role(service):
+    server = FakeServer(folders={"/etc", "/etc/default"})
+    r = run(service, server)
+    # the service's settings are in place before its package is installed (and starts it)
+    assert server.applied[:2] == ["file /etc/default/pkg-svc", "apt batch: pkg-one pkg-svc"]
+    assert server.installs == [["pkg-one", "pkg-svc"]]
+    batch = r.steps[(None, "apt batch: pkg-one pkg-svc")]
+    assert batch["status"] == "changed"
+    assert "written first: file /etc/default/pkg-svc (svc)" in batch["reason"]
+    # in its role: nothing left to write; the restart runs there, told when the write was done
+    assert r.steps[("svc", "file /etc/default/pkg-svc")]["status"] == "ok"
+    assert r.steps[("svc", "file /etc/svc.conf")]["status"] == "changed"
+    assert r.steps[("svc", "handler restart svc")]["status"] == "changed"
+    assert server.handled == [{}, {}, {"restart svc": 101.0}]     # the batch, one, svc
+    assert r.result.changed == 3 and r.events.exit_code(detailed=False) == 0
+    # converged: nothing comes along, no handler, 3 execs
+    again = run(service, server)
+    assert again.execs == 3 and again.result.changed == 0
+
+
+def test_the_handler_runs_even_when_its_role_has_nothing_else_to_change(service):
+    server = FakeServer(folders={"/etc", "/etc/default"}, files={"/etc/svc.conf": "svc\n"})
+    r = run(service, server)
+    assert r.steps[("svc", "handler restart svc")]["status"] == "changed"
+    assert server.handled[-1] == {"restart svc": 101.0}
+
+
+def test_a_write_into_a_folder_that_is_not_there_yet_stays_with_its_package_in_its_role(service):
+    server = FakeServer(folders={"/etc"})           # a package would bring /etc/default
+    r = run(service, server)
+    assert server.installs == [["pkg-one"], ["pkg-svc"]]
+    batch = r.steps[(None, "apt batch: pkg-one")]
+    assert "written first" not in batch["reason"]
+    assert ("apt pkg-svc (svc: after file /etc/default/pkg-svc of its role, which changes "
+            "something first)") in batch["reason"]
+    assert r.steps[("svc", "file /etc/default/pkg-svc")]["status"] == "changed"
+    assert server.applied.index("file /etc/default/pkg-svc") < server.applied.index("apt pkg-svc")
+
+
+def test_check_mode_and_a_saved_plan_carry_the_write_as_the_run_does(service, tmp_path):
+    checked = run(service, FakeServer(folders={"/etc", "/etc/default"}), check=True)
+    batch = checked.steps[(None, "apt batch: pkg-one pkg-svc")]
+    assert "written first: file /etc/default/pkg-svc (svc)" in batch["reason"]
+    # the role plans after the batch: the file is not counted twice
+    assert checked.steps[("svc", "file /etc/default/pkg-svc")]["status"] == "ok"
+    path = tmp_path / "plan.json"
+    plan.write(path, plan.from_results(service.env, [checked.result], commit="c0ffee"))
+    server = FakeServer(folders={"/etc", "/etc/default"})
+    applied = run(service, server, saved=plan.read(path).hosts, task="apply")
+    assert applied.result.status == "changed" and server.files["/etc/default/pkg-svc"] == "ARGS=--fast\n"

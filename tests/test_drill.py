@@ -84,9 +84,11 @@ def test_the_repository_host_gets_a_drill_per_stanza_and_no_cluster_of_its_own(t
     v = inv.hostvars("vault")
     r = {x.id: x for x in pgrole.resources(v, RoleContext(inv.hosts["vault"], inv, TRIXIE, False))}
     ids = list(r)
-    line = next(x for k, x in r.items() if k.startswith("line /etc/postgresql-common/createcluster.conf"))
-    assert line.line == "create_main_cluster = false"
-    assert ids.index("apt pgbackrest") < ids.index(line.id) < ids.index("apt postgresql-17")
+    conf = r["file /etc/postgresql-common/createcluster.d/50-provisioner-drill.conf"]
+    assert "\ncreate_main_cluster = false\n" in conf.content.text
+    # before the server package, which installs with pgbackrest's
+    assert ids.index(conf.id) < ids.index("apt pgbackrest postgresql-17")
+    assert r["apt pgbackrest postgresql-17"].names == ("pgbackrest", "postgresql-17")
     service = r["file /etc/systemd/system/pgbackrest-db1-verify.service"].content.text
     assert ("--lock pgbackrest-db1 --user pgbackrest --drill -- /usr/bin/python3 "
             "/usr/local/lib/provisioner/drill.py pg --stanza db1 --bin /usr/lib/postgresql/17/bin "

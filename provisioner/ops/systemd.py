@@ -133,9 +133,10 @@ def stays_up(unit: str, seconds: int, after: str = "start") -> dict:
     """A step failing unless `unit` is still active `seconds` seconds later (see STAY_UP)."""
     if not isinstance(seconds, int) or isinstance(seconds, bool) or not 1 <= seconds <= 60:
         raise ValueError(f"stay_up must be 1 to 60 seconds, not {seconds!r}")
-    # settle: the agent runs a handler's check with the other handlers' ones, after them all
+    # settle: the agent runs a handler's check with the other handlers' ones, after them all;
+    # its seconds let it pass a unit that has been up that long already (a handler not run)
     return {**b.run(["sh", "-c", STAY_UP, "stay-up", unit_name(unit), str(seconds), after]),
-            "settle": True}
+            "settle": seconds}
 
 
 def handler(action: str, unit: str, validate: Sequence[str] | None = None,

@@ -1237,7 +1237,8 @@ def _restarted_by(steps, later):
 
 
 def _started_after(steps, since):
-    """Why a bare reload or restart handler has nothing to do, else None: its unit is active and
+    """(why, how long its unit has been up) when a bare reload or restart handler has nothing
+    to do, else None: its unit is active and
     its current run began after the last change that notified it finished (`since`, from
     time.monotonic(): systemd's monotonic timestamps use the same clock), so the unit read those
     files when it started. On a fresh server, a unit this run started after writing its config."""
@@ -1254,7 +1255,7 @@ def _started_after(steps, since):
     if rc != 0 or props.get("ActiveState") != "active" or began <= since:
         return None
     return ("not run: %s started %.1f s after the last change that notified this handler, "
-            "with it in place" % (act[1], began - since))
+            "with it in place" % (act[1], began - since), time.monotonic() - began)
 
 
 def _settle(checks):
@@ -1304,11 +1305,13 @@ def apply(request):
     changes = request.get("changes") or []
     handlers = request.get("handlers") or {}
     results = []
-    notified = set()
     failed = False
     armed = None
     pending = None          # after-commands a write left to the next write's, the same ones
-    done_at = {}            # handler -> when the last change that notified it finished
+    # handler -> when the last change that notified it finished; "notified": those of its
+    # role's writes that an earlier exec made (the package batch carries them ahead)
+    done_at = dict(request.get("notified") or {})
+    notified = set(done_at)
     for i, ch in enumerate(changes):
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
@@ -1325,8 +1328,9 @@ def apply(request):
         r["id"] = ch.get("id")
         results.append(r)
         if r["status"] == "ok":
+            r["done_at"] = time.monotonic()     # for handlers that a later exec runs
             notified.update(ch.get("notify") or ())
-            done_at.update(dict.fromkeys(ch.get("notify") or (), time.monotonic()))
+            done_at.update(dict.fromkeys(ch.get("notify") or (), r["done_at"]))
             pending = after if later else None
         else:
             failed = True
@@ -1356,8 +1360,12 @@ def apply(request):
             done_at[by] = max(done_at[by], done_at[name])   # the restart covers its changes too
             continue
         watch = steps[-1] if steps and steps[-1].get("settle") else None
-        why = _started_after(steps, done_at.get(name))
-        if why:     # still watched: the unit stays up after its start as after a restart
+        started = _started_after(steps, done_at.get(name))
+        if started:     # still watched: the unit stays up after its start as after a restart,
+            why, up = started       # unless it has been up that long already
+            if watch and up >= watch["settle"]:    # its seconds (ops/systemd.py stays_up)
+                why += "; up %.0f s since, so it stayed up" % up
+                watch = None
             hres.append({"name": name, "status": "superseded", "error": None, "rc": None,
                          "output": why})
         else:

@@ -74,27 +74,27 @@ def check(v: dict, ctx) -> dict:
 MOUNT_POINTS_EXCLUDE = "^/(dev|proc|run|sys|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)"
 
 
-def _env_file(exporter: str, body: str) -> files.File:
+def _env_file(exporter: str, body: str, **attrs) -> files.File:
     return files.file(f"/etc/default/{PACKAGES[exporter]}",
                       "# Managed by provisioner (role monitoring_agent)\n" + body,
-                      notify=restart(exporter))
+                      notify=restart(exporter), **attrs)
 
 
 def resources(v, ctx):
     c = check(v, ctx)
     addr, ex = c["address"], c["exporters"]
-    yield apt.packages([PACKAGES[e] for e in ex])
+    # the exporters' settings first: on a fresh host the package batch writes them before it
+    # installs the exporters, which then start on them (no restart, no stay-up wait)
     yield _env_file("node", f'ARGS="--web.listen-address={addr}:{EXPORTERS["node"][1]} '
                             f'--collector.textfile.directory={TEXTFILE_DIR} --collector.systemd '
                             f'--collector.filesystem.mount-points-exclude={MOUNT_POINTS_EXCLUDE}"\n')
     if "postgres" in ex:
-        yield commands.command(["runuser", "-u", "postgres", "--", "psql", "-X", "-v",
-                                "ON_ERROR_STOP=1", "-c", PG_ROLE_SQL],
-                               unless=["sh", "-c", PG_ROLE_CHECK],
-                               name="PostgreSQL role prometheus in pg_monitor")
+        # the package's configure makes it prometheus:prometheus 0640 at each install and
+        # upgrade (it may hold a password): that owner is left as it sets it
         yield _env_file("postgres", "DATA_SOURCE_NAME='user=prometheus host=/run/postgresql "
                                     "dbname=postgres sslmode=disable'\n"
-                                    f'ARGS="--web.listen-address={addr}:{EXPORTERS["postgres"][1]}"\n')
+                                    f'ARGS="--web.listen-address={addr}:{EXPORTERS["postgres"][1]}"\n',
+                        mode="0640", owner=None, group=None)
     if "redis" in ex:
         # holds the password: root-only (systemd reads it before dropping to user prometheus)
         yield templates.template(f"/etc/default/{PACKAGES['redis']}",
@@ -104,6 +104,15 @@ def resources(v, ctx):
                                   "redis_port": v.get("redis_port", 6379)},
                                  mode="0600", notify=restart("redis"))
     if "nginx" in ex:
+        yield _env_file("nginx", f'ARGS="--web.listen-address={addr}:{EXPORTERS["nginx"][1]} '
+                                 f'--nginx.scrape-uri=http://{STUB_STATUS}/stub_status"\n')
+    yield apt.packages([PACKAGES[e] for e in ex])
+    if "postgres" in ex:
+        yield commands.command(["runuser", "-u", "postgres", "--", "psql", "-X", "-v",
+                                "ON_ERROR_STOP=1", "-c", PG_ROLE_SQL],
+                               unless=["sh", "-c", PG_ROLE_CHECK],
+                               name="PostgreSQL role prometheus in pg_monitor")
+    if "nginx" in ex:
         yield file_group("nginx stub_status", [files.file(STUB_STATUS_CONF, (
             "# Managed by provisioner (role monitoring_agent): for prometheus-nginx-exporter\n"
             f"server {{\n    listen {STUB_STATUS};\n    server_name localhost;\n"
@@ -111,8 +120,6 @@ def resources(v, ctx):
             "        allow 127.0.0.1;\n        deny all;\n    }\n"
             "    location / {\n        return 404;\n    }\n}\n"))],
             check=["nginx", "-t", "-q"], notify="reload nginx")
-        yield _env_file("nginx", f'ARGS="--web.listen-address={addr}:{EXPORTERS["nginx"][1]} '
-                                 f'--nginx.scrape-uri=http://{STUB_STATUS}/stub_status"\n')
     for e in ex:
         yield systemd.service(PACKAGES[e], enabled=True, running=True)
 

@@ -46,6 +46,7 @@ DRILL = f"{TOOL_DIR}/drill.py"
 SSH_CONFIG = ("# Managed by provisioner (role pgbackrest)\nHost *\n    StrictHostKeyChecking yes\n"
               "    UpdateHostKeys no\n    BatchMode yes\n")
 DRILL_DIR = "/var/lib/pgbackrest-drill"
+CREATECLUSTER_D = "/etc/postgresql-common/createcluster.d"
 REPO_USER = "pgbackrest"
 KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
@@ -388,7 +389,11 @@ def resources(v, ctx):
     c = check(v, ctx)
     debian = (ctx.os or {}).get("version_id")
     yield SameVersion(str(v["pgbackrest_version"]), debian)
-    yield apt.packages(["pgbackrest"])
+    packages = ["pgbackrest"]
+    if c["side"] == "repo" and v["pgbackrest_drill"]:
+        yield from _no_main_cluster()
+        packages += _drill_packages(c["stanzas"])
+    yield apt.packages(packages)
     pair = keys(v, ctx.host.name)
     groups = [c["ssh_group"]] if c["ssh_group"] else []
     if c["side"] == "repo":
@@ -427,10 +432,6 @@ def _repo(v, ctx, c, pair, groups):
          "stanzas": [{"name": s.name, "address": s.address, "data": s.data or "", "port": s.port}
                      for s in stanzas]},
         mode="0640", owner="root", group=REPO_USER)
-    if v["pgbackrest_drill"]:
-        # before the stanzas: on a fresh env their creation waits for the database servers,
-        # and the server binaries install meanwhile
-        yield from _drill_binaries(stanzas)
     for s in stanzas:
         yield StanzaCreated(s.name, home)
         for kind in KINDS:
@@ -442,19 +443,24 @@ def _repo(v, ctx, c, pair, groups):
         yield from _drill(v, stanzas)
 
 
-def _drill_binaries(stanzas):
-    """The server binaries of each stanza's PostgreSQL for the drill, never a cluster of their
-    own: Debian would create and start one when the package is installed."""
-    yield lines.line("/etc/postgresql-common/createcluster.conf", "create_main_cluster = false",
-                     regexp=r"^#?\s*create_main_cluster\s*=")
-    majors = sorted({s.version for s in stanzas if s.version})
-    if majors:
-        yield apt.packages([f"postgresql-{m}" for m in majors])
+def _no_main_cluster():
+    """Debian creates and starts a cluster when a server package is installed: not on the
+    repository host, which needs the drill's server binaries only. Said in a file of
+    createcluster.conf's include folder, before the package (it comes with the package batch)."""
+    yield files.directory("/etc/postgresql-common")
+    yield files.directory(CREATECLUSTER_D)
+    yield files.file(f"{CREATECLUSTER_D}/50-provisioner-drill.conf",
+                     "# Managed by provisioner (role pgbackrest): the restore drill's server "
+                     "binaries, no cluster of their own\ncreate_main_cluster = false\n")
+
+
+def _drill_packages(stanzas) -> list[str]:
+    """The server binaries of each stanza's PostgreSQL for the drill."""
+    return [f"postgresql-{m}" for m in sorted({s.version for s in stanzas if s.version})]
 
 
 def _drill(v, stanzas):
-    """The drill tool, its scratch folder, and one weekly drill per stanza (after
-    _drill_binaries)."""
+    """The drill tool, its scratch folder, and one weekly drill per stanza."""
     yield files.file(DRILL, DRILL_SOURCE, mode="0644")
     yield files.directory(DRILL_DIR, mode="0700", owner=REPO_USER, group=REPO_USER)
     for i, s in enumerate(stanzas):
