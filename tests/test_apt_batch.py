@@ -371,8 +371,15 @@ def test_on_fresh_servers_every_package_after_hardens_firewall_joins_the_batch(t
     assert [r for role, r in carried["vault"] if role == "pgbackrest"] == [
         "directory /etc/postgresql-common", "directory /etc/postgresql-common/createcluster.d",
         "file /etc/postgresql-common/createcluster.d/50-provisioner-drill.conf"]
+    # db1's cluster starts on its settings and archiving: no restart for either after it
+    folders = ["directory /etc/postgresql-common", "directory /etc/postgresql-common/createcluster.d"]
+    assert [(role, r) for role, r in carried["db1"] if role != "monitoring_agent"] == [
+        *[("postgresql", f) for f in folders],
+        ("postgresql", "file /etc/postgresql-common/createcluster.d/50-provisioner.conf"),
+        *[("pgbackrest", f) for f in folders],
+        ("pgbackrest", "file /etc/postgresql-common/createcluster.d/60-pgbackrest.conf")]
     assert {role for resources in carried.values() for role, _r in resources} == \
-        {"monitoring_agent", "pgbackrest"}
+        {"monitoring_agent", "pgbackrest", "postgresql"}
 
 
 # --- writes that come along -------------------------------------------------------------------

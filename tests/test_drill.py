@@ -100,6 +100,23 @@ def test_the_repository_host_gets_a_drill_per_stanza_and_no_cluster_of_its_own(t
     assert not any("verify" in x or "postgresql-17" in x for x in r)
 
 
+def test_the_database_hosts_cluster_is_created_archiving(tmp_path):
+    """Before pgbackrest's package, so the cluster a fresh server's package creates starts with
+    archive_mode on: no restart for it after."""
+    inv = make_inventory(tmp_path)
+    r = {x.id: x for x in pgrole.resources(inv.hostvars("db1"), RoleContext(inv.hosts["db1"], inv, TRIXIE, False))}
+    ids = list(r)
+    conf = r["file /etc/postgresql-common/createcluster.d/60-pgbackrest.conf"]
+    assert ids.index(conf.id) < ids.index("apt pgbackrest")
+    lines = conf.content.text.splitlines()
+    assert "archive_mode = on" in lines and "wal_level = replica" in lines
+    assert "archive_command = 'pgbackrest --stanza=db1 archive-push %%p'" in lines
+    # the same settings as the cluster's own drop-in, which stays what the role manages
+    own = r["template /etc/postgresql/17/main/conf.d/60-pgbackrest.conf"].content.text
+    assert [x.replace("%", "%%") for x in own.splitlines() if not x.startswith("#")] == \
+        [x for x in lines if not x.startswith("#")]
+
+
 def test_the_drill_expects_the_databases_the_inventory_declares(tmp_path):
     inv = make_inventory(tmp_path)
     s = pgrole.check(inv.hostvars("vault"), RoleContext(inv.hosts["vault"], inv, TRIXIE,

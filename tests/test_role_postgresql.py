@@ -125,6 +125,25 @@ def test_hba_allows_the_app_group_and_sources_only(tmp_path):
     assert ADDRESSES[OTHER] not in text and ADDRESSES[DB] not in text
 
 
+def test_a_cluster_debian_creates_from_now_on_gets_the_settings_but_not_the_port(tmp_path):
+    """Written before the package (the package batch carries it): the cluster the package
+    creates starts on them, so the role's own drop-in needs no restart after it."""
+    v, ctx = ctx_for(tmp_path, postgresql_port=5433,
+                     postgresql_settings={"log_line_prefix": "%m [%p] "})
+    ids = [r.id for r in ROLE.resources(v, ctx)]
+    conf = {r.id: r for r in ROLE.resources(v, ctx)}[
+        "file /etc/postgresql-common/createcluster.d/50-provisioner.conf"]
+    assert ids.index("directory /etc/postgresql-common") < ids.index(conf.id) < \
+        ids.index(f"apt postgresql-{roles.postgresql.DEBIAN_POSTGRESQL[DEBIAN_VERSION]}")
+    text = conf.content.text
+    assert f"listen_addresses = 'localhost,{ADDRESSES[DB]}'" in text.splitlines()
+    assert "log_line_prefix = '%%m [%%p] '" in text.splitlines()      # pg_createcluster reads %v, %c
+    # pg_createcluster picks the port itself (pg_upgradecluster's new cluster takes a free one);
+    # ssl it sets up itself
+    assert not re.search(r"^(port|ssl) ", text, re.M)
+    assert (conf.owner, conf.group, conf.validate, conf.after, conf.notify) == ("root", "root", None, (), ())
+
+
 def test_no_secret_on_any_command_line_and_passwords_are_checked_on_stdin(tmp_path):
     v, ctx = ctx_for(tmp_path)
     res = list(ROLE.resources(v, ctx))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.api import (Change, Noop, PlanError, apt, files, handler, is_secret,
-                             known_host_lines, lines, reject, render, run_step, ssh_keypair, systemd, templates,
+                             known_host_lines, reject, render, run_step, ssh_keypair, systemd, templates,
                              users)
 from roles import postgresql as pg
 
@@ -46,7 +46,6 @@ DRILL = f"{TOOL_DIR}/drill.py"
 SSH_CONFIG = ("# Managed by provisioner (role pgbackrest)\nHost *\n    StrictHostKeyChecking yes\n"
               "    UpdateHostKeys no\n    BatchMode yes\n")
 DRILL_DIR = "/var/lib/pgbackrest-drill"
-CREATECLUSTER_D = "/etc/postgresql-common/createcluster.d"
 REPO_USER = "pgbackrest"
 KINDS = ("full", "diff", "incr")
 COMPRESS = ("zst", "lz4", "gz", "bz2", "none")
@@ -390,8 +389,14 @@ def resources(v, ctx):
     debian = (ctx.os or {}).get("version_id")
     yield SameVersion(str(v["pgbackrest_version"]), debian)
     packages = ["pgbackrest"]
-    if c["side"] == "repo" and v["pgbackrest_drill"]:
-        yield from _no_main_cluster()
+    if c["side"] == "db":
+        # on a fresh server the cluster starts archiving at once: no restart for archive_mode
+        yield from pg.createcluster_file("60-pgbackrest.conf", "role pgbackrest",
+                                         _archive(v, c["stanza"]).splitlines())
+    elif v["pgbackrest_drill"]:
+        # the drill's server binaries only: Debian would create and start a cluster with them
+        yield from pg.createcluster_file("50-provisioner-drill.conf", "role pgbackrest",
+                                         ["create_main_cluster = false"])
         packages += _drill_packages(c["stanzas"])
     yield apt.packages(packages)
     pair = keys(v, ctx.host.name)
@@ -441,17 +446,6 @@ def _repo(v, ctx, c, pair, groups):
                                  v["pgbackrest_schedule"][kind])
     if v["pgbackrest_drill"]:
         yield from _drill(v, stanzas)
-
-
-def _no_main_cluster():
-    """Debian creates and starts a cluster when a server package is installed: not on the
-    repository host, which needs the drill's server binaries only. Said in a file of
-    createcluster.conf's include folder, before the package (it comes with the package batch)."""
-    yield files.directory("/etc/postgresql-common")
-    yield files.directory(CREATECLUSTER_D)
-    yield files.file(f"{CREATECLUSTER_D}/50-provisioner-drill.conf",
-                     "# Managed by provisioner (role pgbackrest): the restore drill's server "
-                     "binaries, no cluster of their own\ncreate_main_cluster = false\n")
 
 
 def _drill_packages(stanzas) -> list[str]:
@@ -519,13 +513,24 @@ def _db(v, ctx, c, pair, groups):
         mode="0644", owner="root", group="root")
     yield StanzaUpgraded(s.name, version, cluster, pgc["data"])
     yield templates.template(
-        f"{pgc['etc']}/conf.d/60-pgbackrest.conf", "pgbackrest/archive.conf.j2",
-        {"stanza": s.name, "archive_timeout": v["pgbackrest_archive_timeout"]},
+        f"{pgc['etc']}/conf.d/60-pgbackrest.conf", ARCHIVE_TEMPLATE, _archive_vars(v, s),
         mode="0644", owner="postgres", group="postgres",
         validate=["runuser", "-u", "postgres", "--",
                   f"/usr/lib/postgresql/{pgc['version']}/bin/postgres", "-D", pgc["data"],
                   "--config-file={path}", "-C", "archive_mode"],
         notify=RESTART)
+
+
+ARCHIVE_TEMPLATE = "pgbackrest/archive.conf.j2"
+
+
+def _archive_vars(v, s: Stanza) -> dict:
+    return {"stanza": s.name, "archive_timeout": v["pgbackrest_archive_timeout"]}
+
+
+def _archive(v, s: Stanza) -> str:
+    """The archiving settings of a stanza's cluster."""
+    return render(ARCHIVE_TEMPLATE, _archive_vars(v, s)).text
 
 
 def handlers(v, ctx):

@@ -33,6 +33,12 @@ TOOL_DIR = "/usr/local/lib/provisioner"
 TOOL = f"{TOOL_DIR}/pgtool.py"
 HANDLER = "reload postgresql"
 
+CREATECLUSTER_D = "/etc/postgresql-common/createcluster.d"
+# not passed to new clusters: keys pg_createcluster acts on instead of copying them (where and
+# how it creates a cluster), and the port, which it picks itself (a free one for the new
+# cluster of pg_upgradecluster)
+NOT_FOR_NEW_CLUSTERS = {"start_conf", "data_directory", "waldir", "xlogdir", "initdb_options", "ssl",
+                        "port"}
 IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 MEMORY_RE = re.compile(r"^[0-9]+(B|kB|MB|GB|TB)\Z")
 SETTING_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?\Z")
@@ -348,6 +354,9 @@ def resources(v, ctx):
     c = config(v, ctx)
     cid = c["cluster_id"]
     yield NoOtherMajor(c["version"], c["cluster"], c["upgrade"])
+    # on a fresh server the cluster the package creates starts once, already on these settings
+    # (listen_addresses would otherwise need a restart right after)
+    yield from createcluster_file("50-provisioner.conf", "role postgresql", c["settings"])
     yield apt.packages([f"postgresql-{c['version']}"])
     if c["upgrade"]:
         yield UpgradeCluster(c["version"], c["cluster"])
@@ -377,6 +386,22 @@ def resources(v, ctx):
         yield commands.command(sql, stdin=database_sql(d),
                                unless=_tool("database", cid, d["name"], d["owner"], *d["users"]),
                                name=f"postgresql database {d['name']}")
+
+
+def createcluster_file(name: str, role: str, settings: list[str]):
+    """A drop-in of createcluster.conf's include folder, and its folders: settings ("name =
+    value") that pg_createcluster copies into the clusters it creates from now on, as the one
+    a server package creates when it is installed. Before that package in a role, the package
+    batch writes it first (apt_batch), so that cluster starts on them. The cluster's own
+    conf.d stays what the role manages; this only spares the restart its first change would
+    need. '%' is doubled: pg_createcluster reads %v and %c in these values."""
+    yield files.directory("/etc/postgresql-common")
+    yield files.directory(CREATECLUSTER_D)
+    kept = [x.replace("%", "%%") for x in settings if x.strip() and not x.startswith("#")
+            and x.split("=", 1)[0].strip() not in NOT_FOR_NEW_CLUSTERS]
+    yield files.file(f"{CREATECLUSTER_D}/{name}",
+                     f"# Managed by provisioner ({role}): for the clusters created from now on\n"
+                     + "".join(x + "\n" for x in kept))
 
 
 def handlers(v, ctx):
