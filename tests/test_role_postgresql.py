@@ -127,9 +127,11 @@ def test_hba_allows_the_app_group_and_sources_only(tmp_path):
 
 def test_a_cluster_debian_creates_from_now_on_gets_the_settings_but_not_the_port(tmp_path):
     """Written before the package (the package batch carries it): the cluster the package
-    creates starts on them, so the role's own drop-in needs no restart after it."""
-    v, ctx = ctx_for(tmp_path, postgresql_port=5433,
-                     postgresql_settings={"log_line_prefix": "%m [%p] "})
+    creates starts on them, so the role's own drop-in needs no restart after it. Only the
+    role's own settings, which it checks itself: postgresql_settings are checked by PostgreSQL
+    in the drop-in, and one it refuses must not reach a new cluster."""
+    v, ctx = ctx_for(tmp_path, postgresql_port=5433, postgresql_work_mem="8MB",
+                     postgresql_settings={"log_line_prefix": "%m [%p] ", "no_such_setting": 1})
     ids = [r.id for r in ROLE.resources(v, ctx)]
     conf = {r.id: r for r in ROLE.resources(v, ctx)}[
         "file /etc/postgresql-common/createcluster.d/50-provisioner.conf"]
@@ -137,7 +139,8 @@ def test_a_cluster_debian_creates_from_now_on_gets_the_settings_but_not_the_port
         ids.index(f"apt postgresql-{roles.postgresql.DEBIAN_POSTGRESQL[DEBIAN_VERSION]}")
     text = conf.content.text
     assert f"listen_addresses = 'localhost,{ADDRESSES[DB]}'" in text.splitlines()
-    assert "log_line_prefix = '%%m [%%p] '" in text.splitlines()      # pg_createcluster reads %v, %c
+    assert "work_mem = '8MB'" in text.splitlines()
+    assert "log_line_prefix" not in text and "no_such_setting" not in text
     # pg_createcluster picks the port itself (pg_upgradecluster's new cluster takes a free one);
     # ssl it sets up itself
     assert not re.search(r"^(port|ssl) ", text, re.M)

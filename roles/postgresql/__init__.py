@@ -180,8 +180,8 @@ def config(v: dict, ctx) -> dict:
                 "effective_cache_size": v["postgresql_effective_cache_size"],
                 "work_mem": v["postgresql_work_mem"], "password_encryption": "scram-sha-256",
                 "ssl": bool(v["postgresql_ssl"])}
-    lines = [f"{k} = {_conf_value(val)}" for k, val in settings.items()]
-    lines += [f"{k} = {val}" for k, val in config_settings(
+    own = [f"{k} = {_conf_value(val)}" for k, val in settings.items()]
+    lines = own + [f"{k} = {val}" for k, val in config_settings(
         "postgresql_settings", v["postgresql_settings"], file="postgresql.conf",
         name_re=SETTING_RE, managed=settings, bools=("on", "off"), quote=sql_literal).items()]
 
@@ -197,7 +197,7 @@ def config(v: dict, ctx) -> dict:
                 rules.append({"type": kind, "database": ",".join(u["databases"]),
                               "user": u["name"], "address": cidr, "why": why})
     return {"version": version, "cluster": cluster, **_paths(version, cluster),
-            "listen": listen, "port": port, "settings": lines, "rules": rules,
+            "listen": listen, "port": port, "settings": lines, "own_settings": own, "rules": rules,
             "hba_extra": list(extra), "upgrade": v["postgresql_upgrade"], "users": users, "databases": databases,
             "sources": sources}
 
@@ -355,8 +355,9 @@ def resources(v, ctx):
     cid = c["cluster_id"]
     yield NoOtherMajor(c["version"], c["cluster"], c["upgrade"])
     # on a fresh server the cluster the package creates starts once, already on these settings
-    # (listen_addresses would otherwise need a restart right after)
-    yield from createcluster_file("50-provisioner.conf", "role postgresql", c["settings"])
+    # (listen_addresses would otherwise need a restart right after); not postgresql_settings:
+    # PostgreSQL checks those in the drop-in below, before they are written anywhere
+    yield from createcluster_file("50-provisioner.conf", "role postgresql", c["own_settings"])
     yield apt.packages([f"postgresql-{c['version']}"])
     if c["upgrade"]:
         yield UpgradeCluster(c["version"], c["cluster"])
