@@ -13,6 +13,9 @@ then restarts only when a setting in the files needs it (pg_file_settings: "coul
 applied"), so a work_mem change does not drop connections and a listen_addresses change does
 restart. A pg_hba.conf that PostgreSQL rejects is rolled back by a guard (then reload + restart
 if needed run again, so the other settings of the run still take effect).
+
+A fresh server: the role's own settings also go to a createcluster.conf drop-in before the
+package, so the cluster the package creates starts on them (createcluster_file).
 """
 from __future__ import annotations
 
