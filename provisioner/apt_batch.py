@@ -61,7 +61,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-
 from provisioner.change import Change
 from provisioner.facts import Facts, merge_fragments
 from provisioner.ops import apt, files, plan_all, ufw

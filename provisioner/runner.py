@@ -317,8 +317,14 @@ class Runner:
             results, out = [], {"status": "failed", "error": str(e)}
         if out.get("status") != "ok" or len(results) != len(sent):
             res.failed += 1
-            step("failed", apt_batch.failure(batch.names, out.get("output"), out.get("error"),
-                                             out.get("rc")), output=out.get("output"), diff=c.diff)
+            i = results.index(out) if out in results else len(sent) - 1
+            if i < len(batch.carried):          # a write before the install: nothing installed
+                x = batch.carried[i]
+                why = (f"{x.change.resource} (role {x.role}) failed, so nothing was installed: "
+                       f"{out.get('error') or 'exit ' + str(out.get('rc'))}")
+            else:
+                why = apt_batch.failure(batch.names, out.get("output"), out.get("error"), out.get("rc"))
+            step("failed", why, output=out.get("output"), diff=c.diff)
             return after, {}
         res.changed += 1
         step("changed", f"{c.action}: {c.why}", diff=c.diff)

@@ -72,7 +72,10 @@ class FakeServer:
                 body["run_lock"] = {"acquired": True}
             return {"facts": body}
         if op == "apply":
-            results = [self._change(c) for c in req["changes"]]
+            results = []
+            for c in req["changes"]:        # as the agent: none after a failed one
+                failed = results and results[-1]["status"] != "ok"
+                results.append({"id": c["id"], "status": "not_run"} if failed else self._change(c))
             self.handled.append(dict(req.get("notified") or {}))
             names = set(req.get("notified") or ()) | {n for c, r in zip(req["changes"], results)
                                                       if r["status"] == "ok" for n in c["notify"]}
@@ -367,6 +370,15 @@ def test_a_write_into_a_folder_that_is_not_there_yet_stays_with_its_package_in_i
             "something first)") in batch["reason"]
     assert r.steps[("svc", "file /etc/default/pkg-svc")]["status"] == "changed"
     assert server.applied.index("file /etc/default/pkg-svc") < server.applied.index("apt pkg-svc")
+
+
+def test_a_failed_write_before_the_install_is_named_and_nothing_is_installed(service):
+    server = FakeServer(folders={"/etc", "/etc/default"}, failing={"file /etc/default/pkg-svc"})
+    r = run(service, server)
+    batch = r.steps[(None, "apt batch: pkg-one pkg-svc")]
+    assert batch["status"] == "failed" and batch["reason"] == (
+        "file /etc/default/pkg-svc (role svc) failed, so nothing was installed: step 1 (run): exit 1")
+    assert server.installs == [] and r.steps[("svc", "role")]["status"] == "skipped"
 
 
 def test_check_mode_and_a_saved_plan_carry_the_write_as_the_run_does(service, tmp_path):

@@ -1238,10 +1238,10 @@ def _restarted_by(steps, later):
 
 def _started_after(steps, since):
     """(why, how long its unit has been up) when a bare reload or restart handler has nothing
-    to do, else None: its unit is active and
-    its current run began after the last change that notified it finished (`since`, from
-    time.monotonic(): systemd's monotonic timestamps use the same clock), so the unit read those
-    files when it started. On a fresh server, a unit this run started after writing its config."""
+    to do, else None: its unit is active and its current run began after the last change that
+    notified it finished (`since`, from time.monotonic(): systemd's monotonic timestamps use the
+    same clock), so the unit read those files when it started. On a fresh server, a unit this
+    run started after writing its config."""
     act = _bare(steps)
     if act is None or since is None:
         return None
