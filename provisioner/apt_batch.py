@@ -42,6 +42,9 @@ makes, not under a guard of its role, and before its role's first package and fi
 change. The handlers it notifies run in its role, as they would have: their role's apply is
 told which ones and when the write was done, so a restart of a unit that the install started
 on the new file gives way (remote/agent.py), and one of a unit that did not start still runs.
+A write that notifies comes along only when every package it comes before is missing: none of
+their units runs on the old file yet, so none is owed a restart that a failed batch (its roles
+then not run) would lose.
 
 A run plans the batch when it gets there, from the facts as the roles before it left them (one
 facts exec for the batch's roles when one of those changed the host). Its roles are planned
@@ -245,6 +248,11 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts,
                 continue
             if isinstance(r, apt.Packages):
                 early = False
+                if any(w.notify for w, _cs in ahead) and not all(
+                        _installs(apt.packages([n]), facts) for n in r.names):
+                    # one of them runs already: should the batch fail after the writes, the
+                    # restart they owe it would be lost, so they stay in their role
+                    first_change, ahead = ahead[0][0].id, []
                 why = _why_not(r, sources_changed_by, first_change, names)
                 if why is None:
                     for spec in r.names:

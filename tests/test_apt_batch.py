@@ -436,6 +436,22 @@ def test_a_write_that_needs_more_than_a_folder_stays_with_its_package_in_its_rol
                                      f"after {write.id} of its role, which changes something first"),)
 
 
+def test_a_write_that_notifies_comes_along_only_when_its_packages_are_all_missing():
+    """With one of them installed, its unit runs on the old file: its restart must not depend
+    on the batch succeeding, so the write and the install stay in the role."""
+    role = [files.file(DEFAULTS, "ARGS=x\n", notify="restart x"),
+            apt.packages(["prometheus-node-exporter", "prometheus-redis-exporter"])]
+    roles = [("base", [apt.packages(["curl"])]), ("agent", role)]
+    on = facts(roles, {"prometheus-node-exporter": "1.9"}, files_=[(f, THERE) for f in ("/etc", "/etc/default")])
+    b = apt_batch.plan(roles, on, {}, {"agent": {"restart x": []}})
+    assert b.carried == () and b.names == ("curl",)
+    assert b.left == (apt_batch.Left("agent", "apt prometheus-node-exporter prometheus-redis-exporter",
+                                     f"after file {DEFAULTS} of its role, which changes something first"),)
+    # a write that notifies nothing still comes along
+    quiet = [files.file(DEFAULTS, "ARGS=x\n"), role[1]]
+    assert len(apt_batch.plan([("agent", quiet)], on, {}, {}).carried) == 1
+
+
 def test_a_guarded_write_stays_in_its_role():
     from provisioner.api import Guard
     guard = Guard("sshd", (DEFAULTS,), lambda host: None)
