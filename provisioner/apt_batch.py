@@ -98,16 +98,24 @@ class Batch:
     names: tuple[str, ...] = ()          # the package specs the batch installs
     roles: tuple[str, ...] = ()          # the roles they come from, in order
     left: tuple[Left, ...] = ()          # package resources with work left to their roles
-    change: Change | None = None         # None: nothing to install before its roles; else
-                                         # the carried writes' steps, then the install's
+    install: Change | None = None        # None: nothing to install before its roles
     expect: dict = dataclasses.field(default_factory=dict)   # the host after it (check mode)
     carried: tuple[Carried, ...] = ()    # the writes it makes first, in order
-    install: Change | None = None        # the install alone
 
     @property
     def changes(self) -> list[Change]:
         """What the batch's apply sends: each carried write, then the install."""
         return [c.change for c in self.carried] + ([self.install] if self.install else [])
+
+    @property
+    def change(self) -> Change | None:
+        """The batch as one change, for its report and a saved plan: the carried writes'
+        steps and diffs, then the install's."""
+        if self.install is None:
+            return None
+        diffs = "".join(c.change.diff for c in self.carried if c.change.diff)
+        return dataclasses.replace(self.install, diff=diffs or None, steps=tuple(
+            st for c in self.carried for st in c.change.steps) + self.install.steps)
 
 
 NOTHING = Batch()
@@ -198,6 +206,11 @@ def _installs(r: Any, facts: Facts) -> bool:
     return any(isinstance(c, Change) for c in r.plan(facts))
 
 
+def _missing(spec: str, facts: Facts) -> bool:
+    """Whether this package (name or name=version) is not installed as asked."""
+    return _installs(apt.packages([spec]), facts)
+
+
 def _changes_apt_sources(r: Any, changes: list[Change]) -> bool:
     if isinstance(r, apt.Repository):
         return True
@@ -248,8 +261,7 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts,
                 continue
             if isinstance(r, apt.Packages):
                 early = False
-                if any(w.notify for w, _cs in ahead) and not all(
-                        _installs(apt.packages([n]), facts) for n in r.names):
+                if any(w.notify for w, _cs in ahead) and not all(_missing(n, facts) for n in r.names):
                     # one of them runs already: should the batch fail after the writes, the
                     # restart they owe it would be lost, so they stay in their role
                     first_change, ahead = ahead[0][0].id, []
@@ -281,7 +293,7 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts,
     ages = [a for a in max_ages if a is not None]
     # only what is missing (a resource may list some installed ones too), and the strictest
     # wish of the batched resources: a refresh when any of them would refresh
-    missing = [s for s in names.values() if _installs(apt.packages([s]), facts)]
+    missing = [s for s in names.values() if _missing(s, facts)]
     together = apt.packages(missing, update_cache_max_age=min(ages) if ages else None)
     install = next(c for c in together.plan(facts) if isinstance(c, Change))
     why = f"{install.why}; for role{'s' if len(from_roles) > 1 else ''} {', '.join(from_roles)}"
@@ -290,11 +302,8 @@ def plan(roles: Sequence[tuple[str, Sequence[Any] | None]], facts: Facts,
     if left:
         why += "; left to their roles: " + "; ".join(f"{x.resource} ({x.role}: {x.why})" for x in left)
     install = dataclasses.replace(install, resource=RESOURCE + " ".join(together.names), why=why)
-    diffs = [c.change.diff for c in carried if c.change.diff]
-    change = dataclasses.replace(install, diff="".join(diffs) or None,
-                                 steps=tuple(st for c in carried for st in c.change.steps) + install.steps)
-    return Batch(together.names, tuple(from_roles), tuple(left), change,
-                 merge_fragments(expect, together.expect(facts)), tuple(carried), install)
+    return Batch(together.names, tuple(from_roles), tuple(left), install,
+                 merge_fragments(expect, together.expect(facts)), tuple(carried))
 
 
 def _folders(writes) -> set[str]:
