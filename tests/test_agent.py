@@ -482,14 +482,16 @@ def test_the_reload_is_not_run_when_the_restart_follows(tmp_path):
     assert (tmp_path / "calls").read_text() == "restart -- x.service\n"
 
 
-def _fake_systemctl(tmp_path, monkeypatch, active="active"):
+def _fake_systemctl(tmp_path, monkeypatch, active="active", enabled="disabled"):
     """A systemctl on PATH that logs its calls and, for `show`, reports the unit `active` with
-    the start time the file `began` holds (time.monotonic() in microseconds)."""
+    the start time the file `began` holds (time.monotonic() in microseconds); `is-enabled`
+    prints `enabled`."""
     (tmp_path / "systemctl").write_text(
         "#!/bin/sh\n"
         f"if [ \"$1\" = show ]; then echo ActiveState={active}; "
         f"echo InactiveExitTimestampMonotonic=$(cat {tmp_path}/began); exit 0; fi\n"
-        f"echo \"$@\" >> {tmp_path}/calls\n")
+        f"echo \"$@\" >> {tmp_path}/calls\n"
+        f"if [ \"$1\" = is-enabled ]; then echo {enabled}; fi\n")
     (tmp_path / "systemctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
 
@@ -735,3 +737,71 @@ def test_bootstrap_quotes_cleanly_for_a_remote_shell():
     argv = agent.command()
     assert "'" not in argv[2]                       # shlex.quote wraps it in single quotes
     assert shlex.split(shlex.join(argv)) == argv
+
+
+# --- systemd's daemon-reloads: as few as keep it right (agent.Reloads) -------------------------
+
+def _unit(tmp_path, name, notify=()):
+    return change(f"unit {name}", {"write": str(tmp_path / name), "b64": b64(name), "mode": "0644",
+                                   "owner": None, "group": None,
+                                   "after": [["systemctl", "daemon-reload"]]}, notify=notify)
+
+
+def _timer(name):
+    return change(f"service {name}", run("systemctl", "enable", "--", name),
+                  run("systemctl", "start", "--", name))
+
+
+def test_a_role_writing_and_enabling_two_timers_costs_systemd_two_reloads_not_six(tmp_path,
+                                                                                  monkeypatch):
+    """Four unit files, a plain file, then two timers enabled and started: one reload before
+    the first start (it must see the new files), one at the end for the second enablement."""
+    _fake_systemctl(tmp_path, monkeypatch)
+    plain = change("file env", {"write": str(tmp_path / "env"), "b64": b64("x"), "mode": "0600",
+                                "owner": None, "group": None})
+    res = call("apply", {"changes": [_unit(tmp_path, "a.service"), _unit(tmp_path, "a.timer"),
+                                     plain, _unit(tmp_path, "b.service"),
+                                     _unit(tmp_path, "b.timer"), _timer("a.timer"),
+                                     _timer("b.timer")]})
+    assert res["ok"], res
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "is-enabled -- a.timer", "enable --no-reload -- a.timer", "daemon-reload",
+        "start -- a.timer",
+        "is-enabled -- b.timer", "enable --no-reload -- b.timer", "start -- b.timer",
+        "daemon-reload"]
+    assert all((tmp_path / n).read_text() == n for n in ("a.service", "b.timer"))
+
+
+def test_a_unit_its_package_enabled_already_is_not_enabled_again(tmp_path, monkeypatch):
+    """Planned from the facts before the package was installed ("unit not found yet"): the
+    install enabled it, so nothing is run and systemd is not reloaded."""
+    _fake_systemctl(tmp_path, monkeypatch, enabled="enabled")
+    res = call("apply", {"changes": [_timer("fail2ban.service")]})
+    assert res["ok"], res
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "is-enabled -- fail2ban.service", "start -- fail2ban.service"]
+    assert "fail2ban.service is enabled already" in res["results"][0]["output"]
+
+
+def test_a_unit_file_is_reloaded_before_its_handler_and_after_a_failed_change(tmp_path,
+                                                                              monkeypatch):
+    _fake_systemctl(tmp_path, monkeypatch)
+    res = call("apply", {"changes": [_unit(tmp_path, "x.service", notify=["restart x"]),
+                                     change("bad", run("false")), _timer("x.service")],
+                         "handlers": {"restart x": [run("systemctl", "restart", "--", "x.service")]}})
+    assert [r["status"] for r in res["results"]] == ["ok", "failed", "not_run"]
+    # before `false`: it may act on a unit; then the handler runs on what systemd re-read
+    assert (tmp_path / "calls").read_text().splitlines() == ["daemon-reload",
+                                                            "restart -- x.service"]
+
+
+def test_a_failed_reload_at_the_end_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "systemctl").write_text("#!/bin/sh\n[ \"$1\" = daemon-reload ] && exit 1\nexit 0\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    res = call("apply", {"changes": [_unit(tmp_path, "x.service")]})
+    assert not res["ok"]
+    assert res["results"][0]["status"] == "ok"
+    (h,) = res["handlers"]
+    assert h["name"] == "systemctl daemon-reload" and h["status"] == "failed"
+    assert "exit 1" in h["error"]

@@ -1183,8 +1183,52 @@ STEPS = (("run", step_run), ("write", step_write), ("line", step_line), ("dir", 
          ("attrs", step_attrs), ("fetch", step_fetch), ("file_group", step_file_group))
 
 
-def run_steps(steps):
-    """Run steps in order; stop at the first failure. Returns a result dict (no id)."""
+RELOAD = ["systemctl", "daemon-reload"]
+# what `systemctl is-enabled` prints for a unit that enabling would not change (ops/systemd.py)
+ENABLED = ("enabled", "static", "indirect", "generated", "transient", "alias")
+
+
+class Reloads:
+    """systemd's daemon-reloads of one apply, as few as keep it right. Each costs systemd
+    0.1-0.3 CPU-s, and a role writing and enabling several timers made one per unit file run
+    and one per `systemctl enable`. Here:
+    - a unit file's reload waits for the next command that may act on a unit: several files,
+      and the writes and enables between them, cost one;
+    - `systemctl enable|disable -- U` runs with --no-reload, and is not run at all when U is
+      enabled already (its package enabled it on install, after the facts were read); the
+      enablement's reload is folded into the next one;
+    - whatever is left is done before the handlers run, so systemd knows every file and link
+      when the apply ends (`systemctl show` caches a unit's enablement until a reload)."""
+
+    def __init__(self):
+        self.units = False      # a unit file changed: reload before acting on any unit
+        self.links = False      # an enablement changed: reload before the apply ends
+
+    def run(self, step, log):
+        """Run a `run` step, reloading first when it needs it."""
+        argv = step["run"]
+        verb = argv[1] if len(argv) == 4 and argv[0] == "systemctl" and argv[2] == "--" else None
+        if verb not in ("enable", "disable"):
+            if self.units:
+                self.flush(log)
+            return step_run(step, log)
+        if verb == "enable":
+            rc, out = _run(["systemctl", "is-enabled", "--", argv[3]])
+            if out.strip() in ENABLED:
+                log.append("%s is %s already" % (argv[3], out.strip()))
+                return 0
+        rc = step_run(dict(step, run=[argv[0], verb, "--no-reload", "--", argv[3]]), log)
+        self.links = True
+        return rc
+
+    def flush(self, log):
+        self.units = self.links = False
+        _run_after([RELOAD], log)
+
+
+def run_steps(steps, reloads=None):
+    """Run steps in order; stop at the first failure. Returns a result dict (no id).
+    `reloads`: the apply's Reloads, which runs the `run` steps and defers the daemon-reloads."""
     log = []
     rc = 0
     for i, step in enumerate(steps):
@@ -1192,7 +1236,10 @@ def run_steps(steps):
         try:
             if kind is None:
                 raise StepError("unknown step type: %s" % sorted(step))
-            rc = dict(STEPS)[kind](step, log)
+            if kind == "run" and reloads is not None:
+                rc = reloads.run(step, log)
+            else:
+                rc = dict(STEPS)[kind](step, log)
         except StepError as e:
             return {"status": "failed", "rc": e.rc, "error": "step %d (%s): %s" % (i + 1, kind, e),
                     "output": _tail("\n".join(log)), "step": i}
@@ -1312,6 +1359,7 @@ def apply(request):
     # role's writes that an earlier exec made (the package batch carries them ahead)
     done_at = dict(request.get("notified") or {})
     notified = set(done_at)
+    reloads = Reloads()
     for i, ch in enumerate(changes):
         if failed:
             results.append({"id": ch.get("id"), "status": "not_run", "rc": None,
@@ -1322,16 +1370,17 @@ def apply(request):
         steps = ch.get("steps") or []
         after = _after_of(ch)
         later = after is not None and i + 1 < len(changes) and after == _after_of(changes[i + 1])
-        if later:
+        if later or after == [RELOAD]:
             steps = [dict(steps[0], after=None)]
-        r = run_steps(steps)
+        r = run_steps(steps, reloads)
         r["id"] = ch.get("id")
         results.append(r)
         if r["status"] == "ok":
             r["done_at"] = time.monotonic()     # for handlers that a later exec runs
             notified.update(ch.get("notify") or ())
             done_at.update(dict.fromkeys(ch.get("notify") or (), r["done_at"]))
-            pending = after if later else None
+            pending = after if later and after != [RELOAD] else None
+            reloads.units = reloads.units or after == [RELOAD]
         else:
             failed = True
             if pending:                 # the writes before it still get theirs
@@ -1342,6 +1391,14 @@ def apply(request):
                     log.append(str(e))
                 r["output"] = _tail(r["output"] + "\n" + "\n".join(log))
     hres = []
+    if reloads.units or reloads.links:      # systemd knows every file and link from here on
+        log = []
+        try:
+            reloads.flush(log)
+        except StepError as e:
+            log.append(str(e))
+            hres.append({"name": "systemctl daemon-reload", "status": "failed", "rc": e.rc,
+                         "error": str(e), "output": _tail("\n".join(log))})
     unknown = sorted(n for n in notified if n not in handlers)
     for name in unknown:
         hres.append({"name": name, "status": "failed", "error": "no such handler", "output": ""})

@@ -446,6 +446,8 @@ def _repo(v, ctx, c, pair, groups):
                                  v["pgbackrest_schedule"][kind])
     if v["pgbackrest_drill"]:
         yield from _drill(v, stanzas)
+    yield from job_timers([unit(s.name, kind) for s in stanzas
+                           for kind in KINDS + (("verify",) if v["pgbackrest_drill"] else ())])
 
 
 def _drill_packages(stanzas) -> list[str]:
@@ -476,8 +478,10 @@ def drill_command(v, s: Stanza, index: int) -> list[str]:
 
 def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str,
               environment_file: str | None = None):
-    """A scheduled job: `name`.service (a oneshot running argv, normally backupjob.py) and
-    `name`.timer, enabled and started. Shared with the restic role."""
+    """A scheduled job's unit files: `name`.service (a oneshot running argv, normally
+    backupjob.py) and `name`.timer, which `job_timers` enables and starts. A role yields all
+    its jobs' units, then their timers: systemd reloads once for them all, not once per job
+    (remote/agent.py Reloads). Shared with the restic role."""
     # Description= expands systemd's %-specifiers too ("5% of the data")
     common = {"role": role, "unit": name, "what": what, "description": what.replace("%", "%%")}
     yield systemd.unit_file(f"{name}.service", render("backup/job.service.j2", {
@@ -485,7 +489,11 @@ def job_units(role: str, name: str, what: str, argv: list[str], on_calendar: str
         "status_file": f"{backupjob['STATUS_DIR']}/{name}.json"}).text)
     yield systemd.unit_file(f"{name}.timer", render("backup/job.timer.j2", {
         **common, "on_calendar": on_calendar, "random_delay": "5min"}).text)
-    yield systemd.service(f"{name}.timer", enabled=True, running=True)
+
+
+def job_timers(names):
+    for name in names:
+        yield systemd.service(f"{name}.timer", enabled=True, running=True)
 
 
 def _db(v, ctx, c, pair, groups):

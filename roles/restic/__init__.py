@@ -214,3 +214,5 @@ def _source(v, ctx, c):
              "--drill", "--",
              "/usr/bin/python3", jobs.DRILL, "files", "--scratch", DRILL_DIR, *v["restic_paths"]],
             v["restic_drill_schedule"], environment_file="/etc/restic/env")
+    yield from jobs.job_timers([f"restic-{job}" for job in JOBS]
+                               + (["restic-verify"] if v["restic_drill"] else []))
