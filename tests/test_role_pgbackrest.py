@@ -434,3 +434,13 @@ def test_a_repository_host_that_does_not_answer_costs_its_timeout_and_leaves_no_
     assert time.monotonic() - t0 < 30
     state = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")
     assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"     # killed
+
+
+def test_every_job_unit_is_written_before_the_first_timer_starts(tmp_path):
+    """systemd then reloads once for all of them (remote/agent.py Reloads), not once per job."""
+    ids = list(built(make_inventory(tmp_path), "vault"))
+    units = [i for i, rid in enumerate(ids) if rid.startswith("file /etc/systemd/system/")]
+    timers = [i for i, rid in enumerate(ids) if rid.startswith("service ")]
+    assert len(units) == 8 and len(timers) == 4 and max(units) < min(timers)
+    assert ids[timers[0]:] == [f"service pgbackrest-db1-{k}.timer"
+                               for k in ("full", "diff", "incr", "verify")]

@@ -132,3 +132,11 @@ def test_bad_vars_are_refused(tmp_path, var, value, message):
     with pytest.raises(VarError, match=message) as e:
         role.check(inv.hostvars("web1"), RoleContext(inv.hosts["web1"], inv, TRIXIE, False))
     assert e.value.var == var
+
+
+def test_every_job_unit_is_written_before_the_first_timer_starts(tmp_path):
+    """systemd then reloads once for all of them (remote/agent.py Reloads), not once per job."""
+    ids = list(built(make_inventory(tmp_path), "web1"))
+    units = [i for i, rid in enumerate(ids) if rid.startswith("file /etc/systemd/system/")]
+    timers = [i for i, rid in enumerate(ids) if rid.startswith("service ")]
+    assert len(timers) == len(units) // 2 >= 3 and max(units) < min(timers)
