@@ -8,7 +8,8 @@ enabled/running None = not managed. "nginx" means "nginx.service". A unit the fa
 know yet (LoadState not-found: perhaps a package of the same role installs it) is planned
 anyway; systemctl reports the error at apply time if it still does not exist. A masked unit
 that must be enabled or running is unmasked first. Static/indirect/generated units have no
-enablement to manage: enabled=True is satisfied by them.
+enablement to manage: enabled=True is satisfied by them. The agent folds the daemon-reloads of
+a role's unit files and enables together (remote/agent.py Reloads).
 
 Handlers are plain steps the role names, e.g.
     handlers = {"reload nginx": systemd.handler("reload", "nginx", validate=["nginx", "-t"])}

@@ -1213,7 +1213,7 @@ class Reloads:
                 self.flush(log)
             return step_run(step, log)
         if verb == "enable":
-            rc, out = _run(["systemctl", "is-enabled", "--", argv[3]])
+            _, out = _run(["systemctl", "is-enabled", "--", argv[3]])
             if out.strip() in ENABLED:
                 log.append("%s is %s already" % (argv[3], out.strip()))
                 return 0
@@ -1251,9 +1251,9 @@ def run_steps(steps, reloads=None):
 
 
 def _after_of(change):
-    """The after-commands of a change that is one file write (a unit file's daemon-reload),
-    else None. Consecutive such changes with the same ones run them once, after the last: a
-    role's unit files, written one after the other, cost systemd one reload, not one each."""
+    """The after-commands of a change that is one file write, else None. Consecutive such
+    changes with the same ones run them once, after the last (a unit file's daemon-reload is
+    Reloads' to make)."""
     steps = change.get("steps") or []
     if len(steps) == 1 and "write" in steps[0] and steps[0].get("after"):
         return steps[0]["after"]
@@ -1342,9 +1342,10 @@ def apply(request):
     notified handlers are reported as not_run instead. A failing handler does not stop the
     other handlers.
 
-    Consecutive changes that each write one file with the same after-commands (unit files and
-    their daemon-reload) run those once, after the last of them (_after_of); if a later one
-    fails, they run then. A handler that only reloads a unit gives way to a later one that
+    A unit file's daemon-reload waits for the next command that may act on a unit, and an
+    enable's is folded into it (Reloads); every reload left is made before the handlers run.
+    Consecutive changes that each write one file with the same other after-commands run those
+    once, after the last of them (_after_of); if a later one fails, they run then. A handler that only reloads a unit gives way to a later one that
     restarts it (_restarted_by); a bare reload or restart is not run when its unit began its
     current run after the changes that notified it (_started_after); the handlers' stay-up
     checks run together after the last handler (_settle).
