@@ -37,7 +37,7 @@ from provisioner.ops.groups import group as file_group
 from provisioner.ops._base import (PlanError, abs_path, directory as directory_step, file_fact,
                                    run as run_step, sha256, write as write_step)
 from provisioner.remote import with_helpers
-from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist, pm2_processes
+from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist, pm2_processes, pm2_unit
 from provisioner.remote.sql import sql_literal
 from provisioner.secret import Secret
 from provisioner.sshkeys import known_host_lines, ssh_keypair
@@ -50,7 +50,7 @@ __all__ = [
     "Noop", "PlanError", "Rendered", "Resource", "RoleContext", "Secret", "USER_RE",
     "Unreachable", "VarContext", "VarError", "abs_path", "agent_hosts", "apt", "check_key", "colours", "commands",
     "config_settings", "directory_step", "exporters_of", "file_fact", "file_group", "files", "handler",
-    "is_secret", "known_host_lines", "package_version", "lines", "links", "monitoring_sources", "pm2_app_procs", "pm2_jlist", "pm2_processes", "private_address", "reject", "render", "run_step", "sha256", "sql_literal", "ssh_keypair", "sysctl", "systemd",
+    "is_secret", "known_host_lines", "package_version", "lines", "links", "monitoring_sources", "pm2_app_procs", "pm2_jlist", "pm2_processes", "pm2_unit", "private_address", "reject", "render", "run_step", "sha256", "sql_literal", "ssh_keypair", "sysctl", "systemd",
     "TEXTFILE_DIR", "templates", "ufw", "users", "with_helpers", "write_step",
 ]
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from provisioner import secret
+from provisioner.remote.pm2 import pm2_unit
 from provisioner.errors import InputError, Problem
 from provisioner.output import _ESCAPES
 
@@ -55,7 +56,7 @@ def reader_config(inv, host, *, since: str, app: str | None, unit: str | None,
             return None
         user = v.get("node_app_user", "app")
         cfg["app"] = {"name": app, "home": v.get("node_app_home", f"/home/{user}"),
-                      "unit": f"pm2-{user}.service"}
+                      "unit": pm2_unit(user)}
     return cfg
 
 

@@ -17,7 +17,7 @@ from provisioner import humanize
 from provisioner.lock import AUDIT_LOG
 from provisioner.monitoring import SERVER_ROLE, TEXTFILE_DIR
 from provisioner.remote import with_helpers
-from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist, pm2_processes
+from provisioner.remote.pm2 import pm2_app_procs, pm2_jlist, pm2_processes, pm2_unit
 
 PROBE = with_helpers((Path(__file__).parent / "remote" / "status_probe.py").read_text(encoding="utf-8"),
                      pm2_processes, pm2_jlist, pm2_app_procs)
@@ -53,7 +53,8 @@ def probe_config(inv, host) -> dict:
            "audit_log": AUDIT_LOG}
     if "pm2" in roles:
         cfg["apps"] = [a["name"] for a in v.get("pm2_apps") or [] if isinstance(a, dict)]
-        cfg["pm2"] = {"user": v.get("node_app_user", "app"), "home": v.get("node_app_home", "/home/app")}
+        user = v.get("node_app_user", "app")
+        cfg["pm2"] = {"user": user, "home": v.get("node_app_home", "/home/app"), "unit": pm2_unit(user)}
     if SERVER_ROLE in roles:
         address = v.get("monitoring_listen_address") or host.address
         cfg["alertmanager"] = f"http://{address}:{ALERTMANAGER_PORT}"

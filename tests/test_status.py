@@ -31,7 +31,8 @@ def run_probe(cfg: dict) -> dict:
 def test_the_inventory_says_what_each_host_probes():
     inv = local()
     web2 = status.probe_config(inv, inv.hosts["web2"])
-    assert web2["apps"] == ["sample"] and web2["pm2"] == {"user": "app", "home": "/home/app"}
+    assert web2["apps"] == ["sample"] and web2["pm2"] == {"user": "app", "home": "/home/app",
+                                                           "unit": "pm2-app.service"}
     assert web2["alertmanager"] is None
     assert status.probe_config(inv, inv.hosts["mon1"])["alertmanager"] == "http://10.77.0.16:9093"
     assert status.thresholds(inv) == {"monitoring_disk_percent": 85, "monitoring_memory_percent": 90,
@@ -61,7 +62,8 @@ def probe_apps(tmp_path, monkeypatch, procs: list[dict]) -> list[dict]:
     """The probe's apps on a host where app `sample`'s pm2 daemon runs and `pm2 jlist` lists
     `procs` after the lines of a daemon start."""
     monkeypatch.setenv("PATH", f"{pm2_host(tmp_path, jlist_output(procs))}:/usr/bin:/bin")
-    return run_probe({"apps": ["sample"], "pm2": {"user": "app", "home": "/home/app"},
+    return run_probe({"apps": ["sample"],
+                      "pm2": {"user": "app", "home": "/home/app", "unit": "pm2-app.service"},
                       "textfile": str(tmp_path), "alertmanager": None,
                       "audit_log": str(tmp_path / "audit.log")})["apps"]
 

@@ -3,6 +3,11 @@ check, role monitoring_agent's host metrics, `invoke status`'s probe): provision
 with_helpers() puts a helper's source ahead of each, so each helper imports what it uses."""
 
 
+def pm2_unit(user):
+    """The systemd unit that runs `user`'s pm2 daemon (role pm2 writes it)."""
+    return "pm2-%s.service" % user
+
+
 def pm2_jlist(output):
     """pm2's process list from `pm2 jlist`'s stdout: its last line that parses as a JSON list.
     pm2 writes the list as one line (JSON.stringify, no newline after it), and may print lines

@@ -75,7 +75,7 @@ def apps(cfg):
     procs = []
     pm2 = cfg.get("pm2")
     if pm2:
-        rc, _ = run(["systemctl", "is-active", "--quiet", f"pm2-{pm2['user']}.service"])
+        rc, _ = run(["systemctl", "is-active", "--quiet", pm2["unit"]])
         if rc == 0:
             try:
                 procs = pm2_processes(pm2["user"], pm2["home"])

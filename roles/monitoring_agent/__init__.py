@@ -22,7 +22,7 @@ from pathlib import Path
 
 from provisioner.api import (EXPORTERS, TEXTFILE_DIR, apt, commands, exporters_of, file_group,
                              files, handler, is_secret, pm2_app_procs, pm2_jlist, pm2_processes,
-                             private_address, reject, systemd, templates, with_helpers)
+                             pm2_unit, private_address, reject, systemd, templates, with_helpers)
 
 HERE = Path(__file__).resolve().parent
 METRICS_SOURCE = with_helpers((HERE / "host_metrics.py").read_text(encoding="utf-8"),
@@ -62,7 +62,7 @@ def check(v: dict, ctx) -> dict:
     pm2 = None
     if "pm2" in roles:
         user = v.get("node_app_user")
-        pm2 = {"user": user, "home": v.get("node_app_home"), "unit": f"pm2-{user}.service",
+        pm2 = {"user": user, "home": v.get("node_app_home"), "unit": pm2_unit(user),
                "apps": [a["name"] for a in v.get("pm2_apps") or [] if isinstance(a, dict)]}
     return {"address": str(ip), "exporters": exporters, "interval": interval, "pm2": pm2,
             "fail2ban": "harden" in roles, "nginx": "nginx" in exporters}

@@ -63,8 +63,8 @@ from typing import Any
 
 from provisioner.api import (Change, Noop, Secret, abs_path, apt, check_key, colours, file_fact, files,
                              is_secret, package_version, pm2_app_procs, pm2_jlist, pm2_processes,
-                             render, run_step, sha256, systemd, templates, with_helpers,
-                             write_step)
+                             pm2_unit, render, run_step, sha256, systemd, templates,
+                             with_helpers, write_step)
 
 PREFIX = "/usr/local"
 PM2 = f"{PREFIX}/bin/pm2"
@@ -79,10 +79,6 @@ APP_KEYS = ("name", "script", "cwd", "args", "instances", "exec_mode", "max_memo
 NPM_TIMEOUT = 900        # seconds for one npm install (npm's own retries included)
 START_WAIT = 30          # seconds an app may take to be online after `pm2 start`
 MIN_UPTIME = 2           # ... and stay online, so that a crash at start-up is not taken for a start
-
-
-def unit_name(user: str) -> str:
-    return f"pm2-{user}.service"
 
 
 def pm2_argv(user: str, home: str, *args: str) -> list[str]:
@@ -245,7 +241,7 @@ class Pm2App:
         return f"{self.home}/.pm2/provisioner-{self.name}.ecosystem.sha256"
 
     def status_argv(self, *wait: float) -> list[str]:
-        return ["python3", STATUS_SCRIPT, unit_name(self.user), self.user, self.home, PM2,
+        return ["python3", STATUS_SCRIPT, pm2_unit(self.user), self.user, self.home, PM2,
                 self.name, self.instances, *map(str, wait)]
 
     def facts(self) -> dict:
@@ -432,7 +428,7 @@ def check(v, ctx) -> list[dict]:
 def resources(v, ctx):
     apps = check(v, ctx)
     user, home = v["node_app_user"], v["node_app_home"]
-    unit = unit_name(user)
+    unit = pm2_unit(user)
     restart = f"restart {unit}"
 
     yield NpmGlobal("pm2", v["pm2_version"], notify=(restart,))
@@ -473,7 +469,7 @@ def resources(v, ctx):
 def handlers(v, ctx):
     if "node_app_user" not in v:
         return {}
-    unit = unit_name(v["node_app_user"])
+    unit = pm2_unit(v["node_app_user"])
     return {f"restart {unit}": systemd.handler("restart", unit),
             # the timer's drop-in changed: systemd reads it again, then the timer's next elapse
             "restart logrotate.timer": [run_step(["systemctl", "daemon-reload"]),
