@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from provisioner import secret
-from provisioner.remote.pm2 import pm2_unit
 from provisioner.errors import InputError, Problem
 from provisioner.output import _ESCAPES
+from provisioner.remote.pm2 import pm2_unit
 
 READER = (Path(__file__).parent / "remote" / "log_reader.py").read_text(encoding="utf-8")
 SINCE_RE = re.compile(r"([1-9][0-9]{0,5})([smhd])\Z")
