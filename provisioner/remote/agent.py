@@ -1345,10 +1345,11 @@ def apply(request):
     A unit file's daemon-reload waits for the next command that may act on a unit, and an
     enable's is folded into it (Reloads); every reload left is made before the handlers run.
     Consecutive changes that each write one file with the same other after-commands run those
-    once, after the last of them (_after_of); if a later one fails, they run then. A handler that only reloads a unit gives way to a later one that
-    restarts it (_restarted_by); a bare reload or restart is not run when its unit began its
-    current run after the changes that notified it (_started_after); the handlers' stay-up
-    checks run together after the last handler (_settle).
+    once, after the last of them (_after_of); if a later one fails, they run then. A handler
+    that only reloads a unit gives way to a later one that restarts it (_restarted_by); a
+    bare reload or restart is not run when its unit began its current run after the changes
+    that notified it (_started_after); the handlers' stay-up checks run together after the
+    last handler (_settle).
     """
     changes = request.get("changes") or []
     handlers = request.get("handlers") or {}
