@@ -147,21 +147,22 @@ def test_node_refuses_debian_11_without_nodesource():
 def test_pm2_plans_install_unit_logrotate_and_the_app():
     rs = list(PM2.resources(defaults(pm2_apps=[SAMPLE_APP]), CTX))
     assert [r.id for r in rs] == [
-        "npm -g pm2", "directory /home/app/.pm2", "template /etc/systemd/system/pm2-app.service",
-        "service pm2-app.service", "directory /usr/local/lib/provisioner",
-        "file /usr/local/lib/provisioner/pm2-app-status", "apt logrotate",
-        "template /etc/logrotate.d/pm2-app", "directory /etc/systemd/system/logrotate.timer.d",
+        "npm -g pm2", "directory /home/app/.pm2",
+        "apt logrotate", "template /etc/logrotate.d/pm2-app",
+        "directory /etc/systemd/system/logrotate.timer.d",
         "template /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf",
-        "pm2 module pm2-logrotate",
+        "template /etc/systemd/system/pm2-app.service",
+        "service pm2-app.service", "directory /usr/local/lib/provisioner",
+        "file /usr/local/lib/provisioner/pm2-app-status", "pm2 module pm2-logrotate",
         "directory /srv/sample", "template /srv/sample/ecosystem.config.js", "pm2 app sample"]
-    unit = rs[2].content.text
+    unit = rs[6].content.text
     for line in ("User=app", "Type=forking", "PIDFile=/home/app/.pm2/pm2.pid",
                  "ExecStart=/usr/local/bin/pm2 resurrect", "ExecStop=/usr/local/bin/pm2 kill",
                  "Environment=PM2_HOME=/home/app/.pm2", "WantedBy=multi-user.target",
                  # workers accept themselves: no connection is passed to an exiting one
                  "Environment=NODE_CLUSTER_SCHED_POLICY=none"):
         assert line in unit.splitlines()
-    assert rs[0].notify == ("restart pm2-app.service",) and rs[2].notify == ("restart pm2-app.service",)
+    assert rs[0].notify == ("restart pm2-app.service",) and rs[6].notify == ("restart pm2-app.service",)
     assert PM2.handlers(defaults(), None)["restart pm2-app.service"] == [
         {"run": ["systemctl", "restart", "--", "pm2-app.service"], "stdin": None, "env": {}, "ok": [0]}]
 
@@ -251,9 +252,12 @@ def test_pm2_logs_are_rotated_by_logrotate_as_the_app_user_checked_hourly():
     assert conf.mode == "0644" and conf.owner == "root" and conf.validate == ("logrotate", "-d", "{path}")
     dropin = rs["template /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf"]
     assert {"OnCalendar=hourly", "RandomizedDelaySec=5min"} <= set(dropin.content.text.splitlines())
+    # written before pm2's unit, both with a daemon-reload the agent makes once for the two
     assert dropin.notify == ("restart logrotate.timer",)
+    unit = rs["template /etc/systemd/system/pm2-app.service"]
+    assert dropin.after == unit.after == (("systemctl", "daemon-reload"),)
     assert [s["run"] for s in PM2.handlers(defaults(), None)["restart logrotate.timer"]] == [
-        ["systemctl", "daemon-reload"], ["systemctl", "restart", "--", "logrotate.timer"]]
+        ["systemctl", "restart", "--", "logrotate.timer"]]
     plain = [r for r in PM2.resources(defaults(pm2_logrotate_compress=False), CTX)
              if r.id == "template /etc/logrotate.d/pm2-app"][0]
     assert "compress" not in plain.content.text.split()
@@ -265,6 +269,10 @@ def test_without_pm2_logrotate_the_config_and_the_hourly_run_go_and_a_module_sta
     assert "absent /etc/systemd/system/logrotate.timer.d/50-provisioner-hourly.conf" in ids
     # a pm2-logrotate the user installed is theirs when the role rotates nothing
     assert "pm2 module pm2-logrotate" not in ids and "apt logrotate" not in ids
+    # a removed drop-in is no write: the handler makes systemd read the timer again itself
+    timer = PM2.handlers(defaults(pm2_logrotate=False), None)["restart logrotate.timer"]
+    assert [s["run"] for s in timer] == [
+        ["systemctl", "daemon-reload"], ["systemctl", "restart", "--", "logrotate.timer"]]
 
 
 def test_a_pm2_logrotate_module_left_by_an_earlier_run_is_uninstalled():

@@ -433,15 +433,10 @@ def resources(v, ctx):
 
     yield NpmGlobal("pm2", v["pm2_version"], notify=(restart,))
     yield files.directory(f"{home}/.pm2", mode="0700", owner=user, group=user)
-    yield templates.template(f"/etc/systemd/system/{unit}", "pm2/pm2.service.j2", {
-        "user": user, "group": user, "home": home, "pm2_home": f"{home}/.pm2",
-        "pm2": PM2, "bin_dir": f"{PREFIX}/bin"}, mode="0644",
-        after=[["systemctl", "daemon-reload"]], notify=restart)
-    yield systemd.service(unit, enabled=True, running=True)
-    yield files.directory(posixpath.dirname(STATUS_SCRIPT), mode="0755")
-    yield files.file(STATUS_SCRIPT, STATUS_CODE, mode="0755")
     config = f"/etc/logrotate.d/pm2-{user}"
     if v["pm2_logrotate"]:
+        # right before pm2's unit, with no command between (npm's would be one): the timer's
+        # drop-in and the unit then cost systemd one daemon-reload
         yield apt.packages(["logrotate"])
         yield templates.template(config, "pm2/logrotate.j2", {
             "user": user, "pm2_home": f"{home}/.pm2", "period": v["pm2_logrotate_period"],
@@ -449,12 +444,21 @@ def resources(v, ctx):
             "compress": v["pm2_logrotate_compress"]}, mode="0644", validate=["logrotate", "-d", "{path}"])
         yield files.directory(posixpath.dirname(LOGROTATE_TIMER_DROPIN), mode="0755")
         yield templates.template(LOGROTATE_TIMER_DROPIN, "pm2/logrotate-timer.conf.j2",
-                                 {"config": config}, mode="0644", notify="restart logrotate.timer")
-        # two rotators of the same files: one renames a log under the other
-        yield Pm2ModuleAbsent("pm2-logrotate", user, home, "logrotate rotates pm2's logs now")
+                                 {"config": config}, mode="0644",
+                                 after=[["systemctl", "daemon-reload"]], notify="restart logrotate.timer")
     else:
         yield files.absent(config)
         yield files.absent(LOGROTATE_TIMER_DROPIN, notify="restart logrotate.timer")
+    yield templates.template(f"/etc/systemd/system/{unit}", "pm2/pm2.service.j2", {
+        "user": user, "group": user, "home": home, "pm2_home": f"{home}/.pm2",
+        "pm2": PM2, "bin_dir": f"{PREFIX}/bin"}, mode="0644",
+        after=[["systemctl", "daemon-reload"]], notify=restart)
+    yield systemd.service(unit, enabled=True, running=True)
+    yield files.directory(posixpath.dirname(STATUS_SCRIPT), mode="0755")
+    yield files.file(STATUS_SCRIPT, STATUS_CODE, mode="0755")
+    if v["pm2_logrotate"]:
+        # two rotators of the same files: one renames a log under the other
+        yield Pm2ModuleAbsent("pm2-logrotate", user, home, "logrotate rotates pm2's logs now")
     for raw, app in zip(v["pm2_apps"], apps):
         yield files.directory(f"/srv/{app['name']}", mode="0750", owner=user, group=user)
         for path, proc in processes(raw, app, ctx):
@@ -470,10 +474,12 @@ def handlers(v, ctx):
     if "node_app_user" not in v:
         return {}
     unit = pm2_unit(v["node_app_user"])
-    return {f"restart {unit}": systemd.handler("restart", unit),
-            # the timer's drop-in changed: systemd reads it again, then the timer's next elapse
-            "restart logrotate.timer": [run_step(["systemctl", "daemon-reload"]),
-                                        *systemd.handler("restart", "logrotate.timer")]}
+    # the timer's next elapse from its drop-in. A written drop-in's daemon-reload comes with the
+    # write (the agent folds it with the unit's); a removed one's is the handler's own.
+    timer = systemd.handler("restart", "logrotate.timer")
+    if not v["pm2_logrotate"]:
+        timer = [run_step(["systemctl", "daemon-reload"]), *timer]
+    return {f"restart {unit}": systemd.handler("restart", unit), "restart logrotate.timer": timer}
 
 
 __all__ = ["resources", "handlers", "NpmGlobal", "Pm2ModuleAbsent", "Pm2App", "check_app", "ecosystem",
