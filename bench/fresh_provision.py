@@ -18,6 +18,13 @@ run it prints where the time went per host: the batch step and each role, from t
 every test server share its cores, so that time over the number of cores is the least the run
 could take here, however its work were overlapped. `--json` adds the medians and the converged
 runs as one JSON line (bench/all.py reads it).
+
+A cost of our machines that real servers do not have: the servers' writable layers sit on ext4
+without a journal, where the kernel does not reuse an inode freed in the last 60 s (360 s while
+its inode table block is unwritten) and checks each such inode again on every file it creates.
+A reset deletes a server's ~10,000 files just before its fresh run, so the run's package
+installs pay that check: about 9% of the machine's CPU samples (perf) in a fresh env. Syncing
+the disk after the reset did not remove it: the new server's own writes dirty those blocks again.
 """
 from __future__ import annotations
 
