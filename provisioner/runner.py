@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from provisioner import agent, apt_batch, lock, ops, platforms
+from provisioner import agent, apt_batch, lock, ops, oscache, platforms
 from provisioner import plan as saved_plan
 from provisioner.api import Guard, NotAResource, RoleContext, not_a_resource
 from provisioner.change import Change, Noop
@@ -122,6 +122,9 @@ class Runner:
         """Execs on a converged host: one for os facts (+ the run lock), one for every role's
         facts, one to release the lock; a role's facts are gathered again only when an earlier
         role changed this host, so later roles always plan against what earlier ones did.
+        With the os facts this host gave last time (oscache), the roles are planned from those
+        first and their facts asked in the first exec, after the lock: when the host gives the
+        same os facts, the second exec is not made.
         The package batch (apt_batch) takes place right after the role that brings the
         firewall up (before the first role when none does): the missing packages of the roles
         after it in one exec, after which their facts are gathered again."""
@@ -141,6 +144,10 @@ class Runner:
                 hello["run_lock"] = lock.request(owner)
             if self.opts.last_run:            # in the exec that is made anyway
                 hello["last_lines"] = [lock.AUDIT_LOG]
+            cached = oscache.load(self.inv.env, host.name)
+            guess = self._plan_roles(host, cached) if cached else None
+            if guess:          # after run_lock: the agent gathers in the request's order
+                hello.update(guess[1])
             first = self._facts(conn, hello)
             if self.opts.last_run:
                 res.last_run = Facts(first).last_line(lock.AUDIT_LOG)
@@ -148,23 +155,28 @@ class Runner:
                 dead = lock.dead_holder(first["run_lock"])
                 if dead:         # one more exec, only to recover from a killed run of ours
                     first = self._facts(conn, {"run_lock": lock.request(owner, dead["run_id"])})
+                    guess = None                  # gathered under the dead run's lock
                 took = lock.check(host.name, first["run_lock"])
                 if took.get("stale"):
                     why = "its run's process is gone" if took.get("dead") else "older than its TTL"
                     self.events.warn(f"took over the run lock of {lock.holder_text(took['stale'])}: "
                                      f"{why}", host=host.name)
             try:
-                ctx = RoleContext(host, self.inv, first["os"], self.events.check)
+                if first["os"] != cached:
+                    oscache.store(self.inv.env, host.name, first["os"])
                 refused = platforms.unsupported(first["os"])
                 if refused:                # nothing is planned, so nothing can half-apply
                     res.failed += 1
                     self.events.step(host=host.name, role=None, resource="os", status="failed",
                                      reason=refused, seconds=time.monotonic() - started)
-                plans = [] if refused else [self._prepare(host, name, ctx)
-                                            for name in self.roles_for(host)]
-                merged = ops.merge_requests([*(p.request for p in plans if not isinstance(p, Exception)),
-                                             apt_batch.request(batch_input(plans))])
-                shared = Facts(self._facts(conn, merged)) if plans else None
+                    plans, shared = [], None
+                elif guess and first["os"] == cached:
+                    plans = guess[0]
+                    shared = Facts({k: v for k, v in first.items()
+                                    if k not in ("run_lock", "last_lines")}) if plans else None
+                else:
+                    plans, merged = self._plan_roles(host, first["os"])
+                    shared = Facts(self._facts(conn, merged)) if plans else None
                 if self.events.check:
                     res.facts = saved_plan.fact_items(shared.raw if shared else {})
                 # the packages of the roles after the firewall's, in one apt transaction there
@@ -353,6 +365,14 @@ class Runner:
         boot.open()
         boot.commands += conn.commands
         return boot
+
+    def _plan_roles(self, host: Host, os_facts: dict) -> tuple[list, dict]:
+        """The host's roles prepared for these os facts, and their merged facts request (the
+        package batch's included)."""
+        ctx = RoleContext(host, self.inv, os_facts, self.events.check)
+        plans = [self._prepare(host, name, ctx) for name in self.roles_for(host)]
+        return plans, ops.merge_requests([*(p.request for p in plans if not isinstance(p, Exception)),
+                                          apt_batch.request(batch_input(plans))])
 
     @staticmethod
     def _facts(conn: Connection, request: dict) -> dict:

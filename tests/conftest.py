@@ -109,6 +109,19 @@ def redactor_guard(request):
         pytest.fail(f"this test {change} (put back); {how}", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def os_cache(tmp_path):
+    """Each test's in-process runs start with no os facts kept (provisioner/oscache.py): what a
+    run costs must not depend on which tests ran before it. `invoke` in a subprocess keeps the
+    user's cache, as a user's runs do. (Not monkeypatch: autouse fixtures are set up in name
+    order, and a monkeypatch set up before redactor_guard would undo a test's patches after
+    the guard looked.)"""
+    from provisioner import oscache
+    kept, oscache.DIR = oscache.DIR, tmp_path / "os-facts"
+    yield oscache.DIR
+    oscache.DIR = kept
+
+
 @pytest.fixture
 def forget_secrets():
     """For a test whose secrets must reach the process-wide redactor itself, as in a real run
