@@ -172,8 +172,7 @@ class Runner:
                     plans, shared = [], None
                 elif guess and first["os"] == cached:
                     plans = guess[0]
-                    shared = Facts({k: v for k, v in first.items()
-                                    if k not in ("run_lock", "last_lines")}) if plans else None
+                    shared = Facts(_roles_facts(first)) if plans else None
                 else:
                     plans, merged = self._plan_roles(host, first["os"])
                     shared = Facts(self._facts(conn, merged)) if plans else None
@@ -592,6 +591,15 @@ def batch_context(plans: list) -> dict:
     its writes that a guard watches or that notify a handler it does not define."""
     ready = [p for p in plans if not isinstance(p, RoleError)]
     return {"guards": {p.name: p.guards for p in ready}, "handlers": {p.name: p.handlers for p in ready}}
+
+
+def _roles_facts(answer: dict) -> dict:
+    """A first exec's facts without what only the run asked for in it (the lock, the audit
+    log's last line): the facts a separate exec for the roles would have given."""
+    out = {k: v for k, v in answer.items() if k not in ("run_lock", "last_lines")}
+    errors = {k: v for k, v in (answer.get("errors") or {}).items() if k != "last_lines"}
+    out.pop("errors", None)
+    return {**out, "errors": errors} if errors else out
 
 
 def resource_list(code: RoleCode, v: dict, ctx: RoleContext) -> list:

@@ -38,6 +38,8 @@ class Server:
         if op == "facts":
             self.requests.append(req)
             body = {"os": dict(self.os), "files": {p: self._file(p) for p in req.get("files", [])}}
+            if "last_lines" in req:
+                body["last_lines"] = {p: '{"result": "changed"}' for p in req["last_lines"]}
             if "run_lock" in req:
                 body["run_lock"] = ({"acquired": True} if self.holder is None else
                                     {"acquired": False, "holder": self.holder, "age": 5})
@@ -128,6 +130,22 @@ def test_check_mode_with_the_os_facts_kept_is_one_exec_and_plans_the_same(inv, o
                                          "would create: absent")]
     assert warm.result.facts == cold.result.facts and warm.result.facts
     assert server.files == set()                                     # nothing applied
+
+
+def test_drift_reads_the_audit_line_in_the_same_exec_and_keeps_it_out_of_the_facts(inv, os_cache):
+    def drift():
+        out = io.StringIO()
+        events = Events(task="drift", env=inv.env, json_out=True, verbose=0, diff=False,
+                        check=True, stream_out=out, stream_err=io.StringIO())
+        events.start(["web1"])
+        conn = AgentConn(server.answer)
+        return Runner(inv, events, Options(last_run=True), connect=lambda h: conn).run(
+            inv.select("web1"))[0], conn.commands
+    server = Server(TRIXIE, files=["/etc/trixie.conf"])
+    (cold, cold_execs), (warm, warm_execs) = drift(), drift()
+    assert (cold_execs, warm_execs) == (2, 1)
+    assert warm.last_run == cold.last_run == '{"result": "changed"}'
+    assert warm.facts == cold.facts and not [k for k in warm.facts if k.startswith("last_line")]
 
 
 def test_a_lock_held_by_another_run_stops_it_with_the_guess_unused(inv, os_cache):
