@@ -6,10 +6,11 @@
 
 Per host, as the engine does on a converged server (provisioner/runner.py run_host): our
 Connection opens (TCP, key exchange, the host key checked against known_hosts, publickey auth
-with an ed25519 key file, as the testbed's), runs the agent three times through agent.call
-(os facts + lock, every role's facts, finish), each with a request on stdin and a JSON answer
-back of the sizes web1's roles have (bench/simulated_fleet.py: 0.5/3.2/0.25 KB in, 0.3/28/0.1
-KB out; --send-agent adds the agent's source to every stdin, as on a cold cache), and closes.
+with an ed25519 key file, as the testbed's), runs the agent twice through agent.call (lock, os
+and every role's facts in one, as with the os facts kept from a run before (oscache); then
+finish), each with a request on stdin and a JSON answer back of the sizes web1's roles have
+(bench/simulated_fleet.py: 3.7/0.25 KB in, 29/0.1 KB out; --send-agent adds the agent's source
+to every stdin, as on a cold agent cache), and closes.
 The SSH server is tests/sshpeers.py's SshServer (paramiko) in a separate process, so that only
 this process's CPU counts: time.process_time(), every thread of it (paramiko's transport
 threads included). It presents ecdsa, ed25519 and rsa host keys, all in known_hosts (as the
@@ -49,8 +50,9 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-# (request bytes on stdin, answer bytes on stdout) of a converged run's three execs, web1's roles
-EXECS = ((469, 349), (3233, 28818), (246, 69))
+# (request bytes on stdin, answer bytes on stdout) of a converged run's two execs, web1's roles
+# (the first is what were the os + lock exec and the roles' facts exec without the os cache)
+EXECS = ((469 + 3233, 349 + 28818), (246, 69))
 # what OpenSSH 9.2's sshd (Debian 12) offers and paramiko implements, in paramiko's order
 OPENSSH_92_KEX = ("curve25519-sha256@libssh.org", "ecdh-sha2-nistp256", "ecdh-sha2-nistp384",
                   "ecdh-sha2-nistp521", "diffie-hellman-group16-sha512",
