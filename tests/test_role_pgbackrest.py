@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import roles.pgbackrest as role
-from provisioner.api import RoleContext, VarError
+from provisioner.api import RoleContext, VarError, apt
 from provisioner.facts import Facts, check_key
 from provisioner.inventory import load_inventory_file
 from provisioner.ops import PlanError
@@ -247,6 +247,13 @@ def plan_version(want, installed=None, candidate=None):
 def test_the_same_version_passes():
     assert "2.55-1" in plan_version("2.55", candidate="2.55-1")[0].why
     assert plan_version("2.55", installed="2.55-1+b1")
+
+
+def test_check_mode_on_a_fresh_server_judges_the_version_apt_would_install():
+    # the package batch, foreseen in check mode, counts pgbackrest as installed, at no version
+    assert "2.55-1" in plan_version("2.55", installed=apt.FORESEEN, candidate="2.55-1")[0].why
+    with pytest.raises(PlanError, match="2.45-1"):
+        plan_version("2.55", installed=apt.FORESEEN, candidate="2.45-1")
 
 
 def test_another_version_stops_the_run_before_anything_is_installed():

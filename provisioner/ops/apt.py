@@ -45,6 +45,9 @@ KEYRINGS = "/etc/apt/keyrings"
 SOURCES = "/etc/apt/sources.list.d"
 
 
+# the version expect() gives a package a step before installs, when no candidate says which:
+# check mode plans the roles after the batch against it (runner.foresee)
+FORESEEN = "(installed by this run)"
 STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"   # remote/agent.py APT_STAMP
 UPDATE_TIMEOUT = 420     # seconds: the 300 s lock wait plus a slow mirror
 
@@ -155,7 +158,7 @@ class Packages:
                         cand = facts.candidate(n)
                     except KeyError:
                         cand = None
-                inst[n] = cand or facts.package(n) or "(installed by this run)"
+                inst[n] = cand or facts.package(n) or FORESEEN
         frag: dict = {"packages": {"installed": inst}}
         if self.state != "absent" and any(isinstance(c, Change) for c in self.plan(facts)) \
                 and self._stale(facts):

@@ -216,7 +216,9 @@ class SameVersion:
         return {"packages": ["pgbackrest"], "package_candidates": ["pgbackrest"]}
 
     def plan(self, facts) -> list:
-        have = facts.package("pgbackrest") or facts.candidate("pgbackrest")
+        have = facts.package("pgbackrest")
+        if have in (None, apt.FORESEEN):       # check mode, a fresh server: what apt would take
+            have = facts.candidate("pgbackrest")
         if have is None:
             return [Noop(self.id, "no pgbackrest in this server's package lists yet: apt will "
                                   "say so when installing")]
