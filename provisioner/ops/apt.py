@@ -46,7 +46,7 @@ SOURCES = "/etc/apt/sources.list.d"
 
 
 # the version expect() gives a package a step before installs, when no candidate says which:
-# check mode plans the roles after the batch against it (runner.foresee)
+# check mode plans the roles after the batch against it (apt_batch.foresee)
 FORESEEN = "(installed by this run)"
 STAMP = "/var/lib/apt/periodic/provisioner-update-stamp"   # remote/agent.py APT_STAMP
 UPDATE_TIMEOUT = 420     # seconds: the 300 s lock wait plus a slow mirror
