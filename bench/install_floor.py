@@ -76,8 +76,9 @@ def commands(want: dict, npm: tuple[str, str, str], pm2_version: str) -> list[st
     return cmds
 
 
-def plan() -> tuple[dict[str, list[str]], list[str]]:
-    """{host: its floor's commands}, from a check run on reset servers; and the hosts."""
+def plan() -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """{host: its floor's commands} and {host: what it installs}, from a check run on reset
+    servers."""
     from provisioner.inventory import load_inventory_file
     from roles.node import NPM_BUILTIN, NPM_PINS
     reset("env")
@@ -87,13 +88,13 @@ def plan() -> tuple[dict[str, list[str]], list[str]]:
     if p.returncode not in (0, 5):
         raise SystemExit(f"check run exited {p.returncode}: {p.stderr[-2000:]}")
     inv = load_inventory_file(BENCH.parent / "inventories" / "local.yml")
-    out = {}
-    for host, want in installs(json_events(p.stdout)).items():
+    out, wants = {}, installs(json_events(p.stdout))
+    for host, want in wants.items():
         v = inv.hostvars(host)
         npm = (v["node_npm_version"], v["node_npm_integrity"] or NPM_PINS[v["node_npm_version"]],
                NPM_BUILTIN) if want["npm"] else ("", "", "")
         out[host] = commands(want, npm, v.get("pm2_version") or "")
-    return out, sorted(out)
+    return out, wants
 
 
 def floor(cmds: dict[str, list[str]]) -> tuple[float, float]:
@@ -128,9 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error("--rounds must be 1 or more")
-    cmds, hosts = plan()
-    for h in hosts:
-        print(f"{h}: " + "; ".join(c.split("\n")[0][:100] for c in cmds[h][2:]), flush=True)
+    cmds, wants = plan()
+    for h, want in sorted(wants.items()):
+        print(f"{h}: apt " + "; apt ".join(" ".join(p) for p in want["apt"] if p)
+              + ("; npm's tarball" if want["npm"] else "") + ("; npm -g pm2" if want["pm2"] else ""),
+              flush=True)
     runs: dict[str, list[tuple[float, float]]] = {"floor": [], "env": []}
     for _ in range(a.rounds):
         runs["floor"].append(floor(cmds))
