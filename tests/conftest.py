@@ -167,13 +167,15 @@ def provision_env(*args: str, timeout: float = 3000):
 
 @pytest.fixture(scope="session")
 def local_env(testbed):
-    """The whole local env from fresh servers, as a user brings it up: provision, deploy the
-    sample app (its migration's restore point first takes db1's first full backup on vault),
-    provision again. Shared by the modules in LOCAL_ENV_MODULES, each of which leaves the env
-    as it found it; run before them, never between, the tests that reset servers."""
+    """The whole local env from fresh servers, as a user brings it up: check what a provision
+    would do, provision, deploy the sample app (its migration's restore point first takes db1's
+    first full backup on vault), provision again. Shared by the modules in LOCAL_ENV_MODULES,
+    each of which leaves the env as it found it; run before them, never between, the tests that
+    reset servers."""
     from provisioner.testbed import config
     for server in config.inventory_servers():
         invoke("testbed.reset", server.name)
+    checked = provision_env("--check")
     t0 = time.monotonic()
     first = provision_env()
     first_s = time.monotonic() - t0
@@ -181,7 +183,7 @@ def local_env(testbed):
     t0 = time.monotonic()
     second = provision_env()
     print(f"\nlocal env: fresh provision {first_s:.0f} s, converged run {time.monotonic() - t0:.1f} s")
-    return {"first": first, "deploy": deployed, "second": second}
+    return {"checked": checked, "first": first, "deploy": deployed, "second": second}
 
 
 @pytest.fixture(scope="module")

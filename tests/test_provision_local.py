@@ -31,6 +31,16 @@ def provisioned(local_env):
     return local_env
 
 
+def test_check_mode_on_the_fresh_env_plans_every_host_without_failures(provisioned):
+    """Before the first run: every role plans, the ones after the package batch against the
+    packages it would install (pgBackRest's version guard among them)."""
+    r, events = provisioned["checked"]
+    recap = events[-1]
+    assert r.returncode == 0, report(events, "failed", "unreachable")
+    assert recap["failed"] == 0 and recap["unreachable"] == 0 and recap["changed"] > 0
+    assert all(recap["hosts"][h]["changed"] > 0 for h in HOSTS)
+
+
 def test_first_run_provisions_every_host_without_failures(provisioned):
     r, events = provisioned["first"]
     recap = events[-1]
