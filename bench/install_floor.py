@@ -35,9 +35,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 from fresh_provision import _busy, fresh, json_events, reset  # noqa: E402
+from provisioner.ops import apt  # noqa: E402
 
-APT = ("DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Options::=--force-confdef "
-       "-o Dpkg::Options::=--force-confold install --no-install-recommends")
+# the roles' own apt-get command line (provisioner/ops/apt.py Packages), its lock wait included
+APT = "DEBIAN_FRONTEND=noninteractive " + shlex.join([*apt.APT_GET, *apt.CONFFILES, "install",
+                                                      "--no-install-recommends"])
 NO_CLUSTER = ("mkdir -p /etc/postgresql-common/createcluster.d && echo 'create_main_cluster = "
               "false' > /etc/postgresql-common/createcluster.d/40-floor.conf")
 ABSENT_RE = re.compile(r"([a-z0-9][a-z0-9+.-]*) absent")
